@@ -1,0 +1,210 @@
+"""The ``similar-patients`` command line: references, neighbours, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pandas as pd
+
+from . import __version__, demo, schema
+from .errors import SimilarPatientsError
+from .reference import METHODS
+from .search import METRICS
+from .store import ReferenceStore
+
+#: Columns a person reads in a hit table; the rest are in --json.
+_HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "distance", "lesions", schema.COLLECTION]
+
+
+class _Bars:
+    """A tqdm bar per stage, on stderr, shown only for work that lasts over a second."""
+
+    def __init__(self):
+        self.bar = None
+        self.message = None
+
+    def __call__(self, done: float, total: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if message != self.message:
+            self.close()
+            self.message = message
+            unit = "B" if message.startswith("downloading") else "it"
+            self.bar = tqdm(
+                total=total or None,
+                desc=message,
+                unit=unit,
+                unit_scale=unit == "B",
+                delay=1.0,
+                file=sys.stderr,
+                leave=False,
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="similar-patients", description="Find the IDC patients whose tumor is most like a query tumor."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    references = verbs.add_parser("references", help="import, list or delete reference databases")
+    actions = references.add_subparsers(dest="action", required=True)
+    importing = actions.add_parser("import", help="import a reference from a file, folder, URL or 'nlst-sybil'")
+    importing.add_argument("name", help="name to store the reference under")
+    importing.add_argument(
+        "--source",
+        required=True,
+        help="Parquet/CSV file or URL, folder of upstream *_features.pkl files, or 'nlst-sybil'",
+    )
+    listing = actions.add_parser("list", help="list the stored references and their models")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    deleting = actions.add_parser("delete", help="delete a stored reference")
+    deleting.add_argument("name")
+
+    neighbors = verbs.add_parser("neighbors", help="nearest patients to a patient of a reference")
+    neighbors.add_argument("--reference", required=True)
+    neighbors.add_argument("--model", required=True)
+    neighbors.add_argument("--patient", required=True, help="PatientID of the query patient")
+    _search_options(neighbors)
+    neighbors.add_argument("--include-self", action="store_true", help="keep the query patient in the results")
+
+    demo_parser = verbs.add_parser("demo", help="NLST-Sybil: one patient's nearest patients under every model")
+    demo_parser.add_argument("--patient", help="query PatientID (default: a fixed single-lesion patient)")
+    demo_parser.add_argument("-k", type=int, default=5, help="patients per model (default 5)")
+    demo_parser.add_argument("--metric", choices=METRICS, default="cosine")
+    return parser
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-k", type=int, default=5, help="number of patients (default 5)")
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="cosine",
+        help="cosine (1 - cosine similarity, default), euclidean, or dot (negative inner product)",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="filter reference lesions: FIELD=V1,V2  FIELD!=V  FIELD>=N  FIELD<N  FIELD~TEXT (repeatable)",
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default="auto", help="exact scan, approximate index, or auto (by reference size)"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON array of hits")
+
+
+def _table(frame: pd.DataFrame, digits: int = 6) -> str:
+    """Left-aligned text columns, the last (a URL) unpadded so lines stay as short as they can."""
+    if not len(frame):
+        return "(no patient matches)"
+    cells = frame.astype(object).where(frame.notna(), "")
+    if "distance" in cells:
+        cells["distance"] = frame["distance"].map(lambda d: f"{d:.{digits}f}")
+    cells = cells.astype(str)
+    widths = [max(len(str(c)), cells[c].str.len().max()) for c in cells.columns]
+    lines = [[str(c) for c in cells.columns], *cells.to_numpy().tolist()]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1])) + "  " + line[-1] for line in lines)
+
+
+def _print_hits(hits: pd.DataFrame, label_fields: list[str]) -> None:
+    columns = _HUMAN_HIT_COLUMNS + [f for f in label_fields if f in hits.columns] + ["viewer_url"]
+    print(_table(hits[columns]))
+
+
+def _json(frame: pd.DataFrame) -> str:
+    return json.dumps(json.loads(frame.to_json(orient="records", double_precision=15)), indent=2)
+
+
+def _neighbors(args, store: ReferenceStore, progress: _Bars) -> None:
+    reference = store.open(args.reference)
+    hits = reference.search(
+        args.model,
+        patient=args.patient,
+        k=args.k,
+        metric=args.metric,
+        where=args.where,
+        exclude=[] if args.include_self else [args.patient],
+        method=args.method,
+        progress=progress,
+    )
+    progress.close()
+    if args.json:
+        print(_json(hits))
+        return
+    print(
+        f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', model {args.model}, "
+        f"{args.metric} distance:"
+    )
+    _print_hits(hits, reference.label_fields)
+
+
+def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
+    result = demo.run(store, patient=args.patient, k=args.k, metric=args.metric, progress=progress)
+    progress.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    labels = ", ".join(
+        f"{f} {result.query[f]}"
+        for f in ("histology", "stage", "age", "sex", "smoking")
+        if f in result.query and pd.notna(result.query[f])
+    )
+    print(f"Query patient {result.patient} (NLST-Sybil): {labels}\n")
+    for model, hits in result.hits.items():
+        print(f"== {model}: {len(hits)} nearest patients ({args.metric} distance)")
+        columns = ["rank", schema.PATIENT, "histology", "stage", "distance", "viewer_url"]
+        print(_table(hits[columns], digits=4) + "\n")
+    print(result.reading())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    store = ReferenceStore()
+    progress = _Bars()
+    try:
+        if args.verb == "references":
+            if args.action == "import":
+                reference = store.import_reference(args.name, args.source, progress)
+                progress.close()
+                for note in reference.manifest["notes"]:
+                    print(f"note: {note}")
+                print(f"Imported '{reference.name}' from {reference.manifest['source']}:")
+                print(store.summary().query("reference == @args.name").drop(columns="reference").to_string(index=False))
+            elif args.action == "list":
+                table = store.summary()
+                if args.json:
+                    print(_json(table))
+                else:
+                    print(
+                        table.to_string(index=False)
+                        if len(table)
+                        else "No references yet; try "
+                        "`similar-patients references import nlst-sybil --source nlst-sybil`."
+                    )
+            else:
+                store.delete(args.name)
+                print(f"Deleted '{args.name}'.")
+        elif args.verb == "neighbors":
+            _neighbors(args, store, progress)
+        else:
+            _demo(args, store, progress)
+    except SimilarPatientsError as error:
+        progress.close()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        progress.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,66 @@
+"""Metadata filters on reference lesions: ``field=value`` expressions or a mapping, to a row mask."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+
+from .errors import SimilarPatientsError
+
+_EXPRESSION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
+
+Filters = Union[Mapping[str, Any], Iterable[str], None]
+
+
+def parse(expression: str) -> tuple:
+    """``"stage=IA,IB"`` -> ("stage", "=", ["IA", "IB"]); operators = != > >= < <= and ~ (substring)."""
+    match = _EXPRESSION.match(expression)
+    if not match:
+        raise SimilarPatientsError(
+            f"Cannot read the filter '{expression}'; write FIELD=VALUE[,VALUE...], FIELD!=VALUE, FIELD>=NUMBER, "
+            f"FIELD<NUMBER or FIELD~TEXT (case-insensitive substring)."
+        )
+    field, operator, value = match.groups()
+    return field, operator, [v.strip() for v in value.split(",")] if operator in ("=", "!=") else value
+
+
+def row_mask(lesions: pd.DataFrame, filters: Filters) -> np.ndarray:
+    """Boolean mask of the lesion rows that pass every filter (all True without filters)."""
+    mask = np.ones(len(lesions), dtype=bool)
+    if not filters:
+        return mask
+    if isinstance(filters, Mapping):
+        terms = [(f, "=", v if isinstance(v, (list, tuple, set)) else [v]) for f, v in filters.items()]
+    else:
+        terms = [parse(f) for f in filters]
+    for field, operator, value in terms:
+        if field not in lesions.columns:
+            raise SimilarPatientsError(
+                f"No field '{field}' to filter on; this reference has: {', '.join(map(str, lesions.columns))}."
+            )
+        mask &= _term(lesions[field], operator, value)
+    return mask
+
+
+def _term(column: pd.Series, operator: str, value) -> np.ndarray:
+    if operator in ("=", "!="):
+        wanted = {str(v) for v in value}
+        numeric = pd.to_numeric(column, errors="coerce")
+        as_text = column.astype("string").fillna("")
+        if pd.api.types.is_numeric_dtype(column):  # "60" matches 60.0
+            as_text = numeric.map(lambda x: "" if pd.isna(x) else (str(int(x)) if float(x).is_integer() else str(x)))
+        hit = as_text.isin(wanted).to_numpy()
+        return hit if operator == "=" else ~hit
+    if operator == "~":
+        return column.astype("string").str.contains(value, case=False, regex=False).fillna(False).to_numpy(bool)
+    try:
+        bound = float(value)
+    except ValueError:
+        raise SimilarPatientsError(f"'{value}' is not a number; {operator} compares numbers.") from None
+    numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        return {">": numbers > bound, ">=": numbers >= bound, "<": numbers < bound, "<=": numbers <= bound}[operator]

@@ -1,0 +1,65 @@
+"""Search matches to the hit table a user reads: one row per patient with its IDC and label fields."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from . import schema
+from .idc import viewer_url
+from .search import LesionMatch
+
+_LESION_COLUMNS = (
+    schema.SERIES,
+    schema.STUDY,
+    schema.COLLECTION,
+    "Modality",
+    "SeriesDescription",
+    "series_size_MB",
+    "instanceCount",
+    *schema.CENTER,
+)
+#: Leading columns of every hit table (the JSON output has these keys too); label fields follow.
+HIT_COLUMNS = (
+    "rank",
+    schema.PATIENT,
+    "distance",
+    schema.MODEL,
+    "metric",
+    schema.LESION,
+    "query_lesion",
+    "lesions",
+    *_LESION_COLUMNS,
+    "viewer_url",
+)
+
+
+def hit_table(
+    matches: Sequence[LesionMatch],
+    lesions: pd.DataFrame,
+    metric: str,
+    query_lesions: Sequence[str] | None = None,
+    label_fields: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit."""
+    rows = lesions.iloc[[m.row for m in matches]].reset_index(drop=True)
+    counts = lesions.groupby(schema.PATIENT).size()
+    table = pd.DataFrame(
+        {
+            "rank": range(1, len(matches) + 1),
+            schema.PATIENT: [m.patient for m in matches],
+            "distance": [m.distance for m in matches],
+            schema.MODEL: rows[schema.MODEL].to_numpy() if len(rows) else [],
+            "metric": metric,
+            schema.LESION: rows[schema.LESION].to_numpy() if len(rows) else [],
+            "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
+            "lesions": [int(counts[m.patient]) for m in matches],
+        }
+    )
+    for column in _LESION_COLUMNS:
+        table[column] = rows[column].to_numpy() if column in rows.columns else None
+    table["viewer_url"] = [viewer_url(s, r) for s, r in zip(table[schema.STUDY], table[schema.SERIES])]
+    for field in label_fields:
+        table[field] = rows[field].to_numpy() if field in rows.columns else None
+    return table
