@@ -14,8 +14,9 @@ from typing import Any
 
 from .errors import SimilarPatientsError
 
-# (module, name) pairs a numpy array and a pandas Series with an Index need, across numpy 1.x/2.x and
-# pandas 1.x/2.x/3.x module layouts.
+# (module, name) pairs a numpy array and a pandas Series of numbers and object strings with an Index need,
+# across numpy 1.x/2.x and pandas 1.x-3.x module spellings. Arrow-backed strings (pandas 3 defaults) are
+# not part of the published format and stay refused.
 _ALLOWED = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -24,6 +25,9 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("pandas.core.series", "Series"),
+    ("pandas", "Series"),
+    ("pandas", "Index"),
+    ("pandas", "RangeIndex"),
     ("pandas.core.internals.managers", "SingleBlockManager"),
     ("pandas.core.indexes.base", "_new_Index"),
     ("pandas.core.indexes.base", "Index"),

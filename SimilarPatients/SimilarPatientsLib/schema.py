@@ -129,10 +129,9 @@ def from_arrow(table: pa.Table) -> ReferenceTable:
         offsets = column.offsets.to_numpy().astype(np.int64)
         offsets = offsets - offsets[0]
         flat = column.flatten()
-    if flat.null_count:
-        raise SimilarPatientsError("Some embeddings contain null values; every value must be a finite number.")
     meta = table.drop_columns([EMBEDDING]).to_pandas()
-    return from_parts(meta, offsets, flat.to_numpy(zero_copy_only=False))
+    values = flat.cast(pa.float32()).to_numpy(zero_copy_only=False)  # nulls become NaN: refused as non-finite
+    return from_parts(meta, offsets, values)
 
 
 def to_arrow(table: ReferenceTable) -> pa.Table:

@@ -1,0 +1,64 @@
+"""Shared fixtures: a throw-away data home, the real NLST-Sybil files, and small synthetic references."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+NLST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "nlst-sybil-embeddings"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty data home for one test."""
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def nlst_dir() -> Path:
+    """The shared real data; CI must have it, a bare checkout skips."""
+    if not (NLST_DIR / "upstream" / "embeddings").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the shared NLST-Sybil data at {NLST_DIR}")
+        pytest.skip(f"no shared NLST-Sybil data at {NLST_DIR}")
+    return NLST_DIR
+
+
+@pytest.fixture(scope="session")
+def nlst_home(tmp_path_factory, nlst_dir):
+    """A data home holding the NLST-Sybil reference, imported once for the session."""
+    from SimilarPatientsLib import ReferenceStore
+
+    path = tmp_path_factory.mktemp("nlst-home")
+    ReferenceStore(path).import_reference("nlst-sybil", str(nlst_dir))
+    return path
+
+
+@pytest.fixture(scope="session")
+def nlst(nlst_home):
+    from SimilarPatientsLib import ReferenceStore
+
+    return ReferenceStore(nlst_home).open("nlst-sybil")
+
+
+def synthetic_frame(n_patients=30, lesions=(1, 3), dim=16, models=("A",), seed=0) -> pd.DataFrame:
+    """Lesion rows in the canonical shape with random vectors and labels."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model in models:
+        for p in range(n_patients):
+            for lesion in range(rng.integers(lesions[0], lesions[1] + 1)):
+                rows.append({
+                    "model": model,
+                    "PatientID": f"P{p:03d}",
+                    "lesion_id": f"L{lesion}",
+                    "embedding": rng.standard_normal(dim).astype(np.float32),
+                    "histology": ["adeno", "squamous", "small cell"][p % 3],
+                    "age": 50 + p,
+                })
+    return pd.DataFrame(rows)

@@ -1,0 +1,193 @@
+"""Importers: each source, each refusal, and the restricted unpickler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import synthetic_frame
+
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, schema
+from SimilarPatientsLib.importers import read_source
+from SimilarPatientsLib.nlst_sybil import read_reference
+from SimilarPatientsLib.safe_pickle import RefusedPickle, restricted_loads
+
+MODELS = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
+DIMS = {"CTClipVit": 512, "CTFM": 512, "Merlin": 512, "PASTA": 1024, "SUPREME": 512, "VISTA3D": 768}
+
+
+def test_nlst_reference_has_every_model_lesion_and_label(nlst):
+    assert nlst.models == MODELS
+    for model in MODELS:
+        info = nlst.model_info(model)
+        # 734 upstream rows hold one lesion listed twice for two patients: 732 distinct lesions
+        assert (info["dim"], info["lesions"], info["patients"]) == (DIMS[model], 732, 464)
+        assert info["recipe"] == "tumorimagingbench"
+    lesions = nlst.lesions("CTFM")
+    assert set(lesions["stage"].dropna()) <= {"IA", "IB", "IIA", "IIB", "IIIA", "IIIB", "IV"}
+    assert (lesions["histology_code"] == 8140).sum() > 0
+    assert lesions.loc[lesions.histology_code == 8070, "histology"].eq("Squamous cell carcinoma, NOS").all()
+    # clinical fields of the 289 single-lesion patients ride along; IDC fields come from idc-index-data
+    assert lesions.dropna(subset=["age"]).PatientID.nunique() == 289
+    assert set(lesions["sex"].dropna()) == {"F", "M"}
+    assert (lesions["collection_id"] == "nlst").all() and (lesions["Modality"] == "CT").all()
+    assert lesions["StudyInstanceUID"].notna().all() and (lesions["instanceCount"] > 0).all()
+
+
+def test_nlst_matrix_equals_upstream_features(nlst, nlst_dir):
+    path = nlst_dir / "upstream" / "embeddings" / "PASTA_features.pkl"
+    with open(path, "rb") as stream:
+        upstream = pickle.load(stream)["all"]  # trusted here: the test compares against the plain loader
+    first = upstream[0]
+    lesions = nlst.lesions("PASTA")
+    row = np.flatnonzero(
+        (lesions.PatientID == str(first["row"]["PatientID"])) & np.isclose(lesions.center_x, first["row"]["coordX"])
+    )[0]
+    np.testing.assert_array_equal(nlst.space("PASTA").vectors[row], first["feature"][0])
+
+
+def test_single_upstream_file_imports(home, nlst_dir):
+    table, notes, _ = read_source(str(nlst_dir / "upstream" / "embeddings" / "Merlin_features.pkl"))
+    assert table.models == ["Merlin"] and table.embeddings["Merlin"].shape == (732, 512)
+    assert "dropped 2" in notes[0]
+
+
+def test_upstream_file_with_wrong_bytes_is_refused(tmp_path, nlst_dir):
+    data = (nlst_dir / "upstream" / "embeddings" / "CTFM_features.pkl").read_bytes()
+    broken = tmp_path / "CTFM_features.pkl"
+    broken.write_bytes(data[:-1000])
+    with pytest.raises(SimilarPatientsError, match="does not match its expected git-blob-sha1"):
+        read_reference({"CTFM": broken})
+
+
+def test_truncated_pickle_of_unknown_model_gives_clear_error(tmp_path, nlst_dir):
+    data = (nlst_dir / "upstream" / "embeddings" / "CTFM_features.pkl").read_bytes()
+    broken = tmp_path / "Mine_features.pkl"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SimilarPatientsError, match="truncated or corrupt"):
+        read_reference({"Mine": broken})
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_restricted_unpickler_refuses_code_and_runs_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload = pickle.dumps({"all": [{"feature": np.zeros((1, 4)), "row": _Boom()}]})
+    with pytest.raises(RefusedPickle, match="posix.system|os.system|nt.system"):
+        restricted_loads(payload)
+    assert not (tmp_path / "pwned").exists()
+    # the legitimate classes still load
+    row = pd.Series([1, 2.0], index=pd.Index(["PatientID", "x"], dtype=object), dtype=object)
+    good = {"all": [{"feature": np.ones((1, 3), np.float32), "row": row}]}
+    loaded = restricted_loads(pickle.dumps(good))
+    np.testing.assert_array_equal(loaded["all"][0]["feature"], good["all"][0]["feature"])
+    assert loaded["all"][0]["row"]["PatientID"] == 1
+
+
+def test_malicious_pkl_file_is_refused_by_the_importer(home, tmp_path):
+    path = tmp_path / "Evil_features.pkl"
+    path.write_bytes(pickle.dumps({"all": [_Boom()]}))
+    with pytest.raises(RefusedPickle):
+        ReferenceStore().import_reference("evil", str(path))
+    assert "evil" not in ReferenceStore()
+
+
+def test_parquet_import_round_trip(home, tmp_path):
+    frame = synthetic_frame(models=("A", "B"))
+    path = tmp_path / "mine.parquet"
+    frame.to_parquet(path)
+    reference = ReferenceStore().import_reference("mine", str(path))
+    assert reference.models == ["A", "B"]
+    lesions = reference.lesions("A")
+    expected = frame[frame.model == "A"].sort_values(["PatientID", "lesion_id"])
+    np.testing.assert_array_equal(reference.space("A").vectors, np.stack(expected.embedding))
+    assert list(lesions.PatientID) == list(expected.PatientID)
+    assert reference.label_fields == ["histology", "age"]
+    assert reference.model_info("A")["recipe"] == "unspecified"
+    # the stored Parquet is the canonical single table and imports again as it is
+    again = read_source(str(reference.path / "reference.parquet"))[0]
+    np.testing.assert_array_equal(again.embeddings["B"], reference.space("B").vectors)
+
+
+def test_csv_import_list_and_wide_columns(home, tmp_path):
+    frame = synthetic_frame(n_patients=5, dim=4)
+    listed = frame.assign(embedding=[" ".join(map(str, v)) for v in frame.embedding])
+    listed.to_csv(tmp_path / "listed.csv", index=False)
+    wide = frame.drop(columns="embedding").join(
+        pd.DataFrame(np.stack(frame.embedding), columns=[f"embedding_{i}" for i in range(4)])
+    )
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    a = read_source(str(tmp_path / "listed.csv"))[0]
+    b = read_source(str(tmp_path / "wide.csv"))[0]
+    np.testing.assert_allclose(a.embeddings["A"], b.embeddings["A"], rtol=1e-6)
+    assert a.embeddings["A"].shape == (len(frame), 4)
+
+
+def _refused(frame, match, tmp_path, home):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+    with pytest.raises(SimilarPatientsError, match=match):
+        ReferenceStore().import_reference("bad", str(path))
+    assert "bad" not in ReferenceStore()
+
+
+def test_refuses_missing_required_column(home, tmp_path):
+    _refused(synthetic_frame().drop(columns="PatientID"), r"required column.*PatientID", tmp_path, home)
+    _refused(synthetic_frame().drop(columns="embedding"), r"no 'embedding' column", tmp_path, home)
+
+
+def test_refuses_two_lengths_for_one_model(home, tmp_path):
+    frame = synthetic_frame()
+    frame.at[3, "embedding"] = frame.at[3, "embedding"][:-1]
+    _refused(frame, r"Model 'A' has embeddings of 2 lengths", tmp_path, home)
+
+
+def test_refuses_non_finite_values(home, tmp_path):
+    frame = synthetic_frame()
+    vector = frame.at[5, "embedding"].copy()
+    vector[2] = np.nan
+    frame.at[5, "embedding"] = vector
+    _refused(frame, r"1 embedding\(s\) hold NaN", tmp_path, home)
+
+
+def test_refuses_duplicate_lesion_rows(home, tmp_path):
+    frame = synthetic_frame()
+    _refused(pd.concat([frame, frame.iloc[[2]]]), r"duplicate lesions \(the same lesion_id", tmp_path, home)
+    # without ids or centres, the same vector twice for a patient is the duplicate
+    same = pd.concat([frame, frame.iloc[[2]]]).drop(columns="lesion_id")
+    _refused(same, r"duplicate lesions \(identical embeddings", tmp_path, home)
+
+
+def test_refuses_mixed_recipes_and_empty_tables(home, tmp_path):
+    frame = synthetic_frame().assign(recipe="r1")
+    frame.loc[0, "recipe"] = "r2"
+    _refused(frame, r"2 preprocessing recipes", tmp_path, home)
+    _refused(synthetic_frame().iloc[:0], r"no rows", tmp_path, home)
+
+
+def test_refuses_unknown_sources(home, tmp_path):
+    with pytest.raises(SimilarPatientsError, match="No such file or folder"):
+        read_source(str(tmp_path / "nothing.parquet"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SimilarPatientsError, match="Unsupported file type"):
+        read_source(str(tmp_path / "notes.txt"))
+    with pytest.raises(SimilarPatientsError, match="holds no"):
+        read_source(str(tmp_path))
+    with pytest.raises(SimilarPatientsError, match="not a usable reference name"):
+        ReferenceStore().import_reference("../escape", str(tmp_path / "notes.txt"))
+
+
+def test_schema_orders_rows_and_keeps_ids_as_text():
+    frame = synthetic_frame(n_patients=4).assign(PatientID=lambda f: f.PatientID.str[1:].astype(int))
+    table = schema.from_frame(frame.sample(frac=1, random_state=1))
+    lesions = table.model_lesions("A")
+    assert lesions.PatientID.tolist() == sorted(lesions.PatientID.tolist())
+    assert lesions.PatientID.iloc[0] == "0"

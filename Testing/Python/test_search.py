@@ -1,0 +1,159 @@
+"""Search: float64 brute force on every real model file, filters, roll-up, ties, exclusion, the HNSW path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import synthetic_frame
+
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, ann, schema
+from SimilarPatientsLib.search import METRICS
+
+
+def brute_force(vectors, patients, queries, metric, allowed=None):
+    """Float64 patient distances: nearest pair of (query lesion, reference lesion), as a sorted Series."""
+    x = np.asarray(vectors, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float64)
+    if metric == "cosine":
+        d = 1 - (x @ q.T) / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(q, axis=1))
+    elif metric == "dot":
+        d = -(x @ q.T)
+    else:
+        d = np.sqrt(((x[:, None, :] - q[None, :, :]) ** 2).sum(-1))
+    frame = pd.DataFrame({"PatientID": patients, "d": d.min(axis=1)})
+    if allowed is not None:
+        frame = frame[allowed]
+    best = frame.groupby("PatientID")["d"].min().reset_index()
+    return best.sort_values(["d", "PatientID"]).set_index("PatientID")["d"]
+
+
+@pytest.mark.parametrize("model", ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_float64_brute_force_on_every_model(nlst, model, metric):
+    lesions = nlst.lesions(model)
+    vectors = np.asarray(nlst.space(model).vectors)
+    counts = lesions.PatientID.value_counts()
+    queries = [counts.index[0], counts[counts == 1].index[0], counts[counts == 2].index[0]]  # 9, 1 and 2 lesions
+    for patient in queries:
+        hits = nlst.search(model, patient=patient, k=10, metric=metric, exclude=[patient])
+        mine = lesions.PatientID == patient
+        expected = brute_force(vectors, lesions.PatientID, vectors[mine.to_numpy()], metric, ~mine.to_numpy())
+        assert hits.PatientID.tolist() == expected.index[:10].tolist()
+        np.testing.assert_allclose(hits.distance, expected.iloc[:10], rtol=0, atol=1e-6)
+        assert hits["rank"].tolist() == list(range(1, 11))
+
+
+def test_external_embedding_query_and_self_match(nlst):
+    vectors, lesion_ids = nlst.patient_embeddings("CTFM", "100242")
+    hits = nlst.search("CTFM", embeddings=vectors[0], k=3)
+    assert hits.PatientID.iloc[0] == "100242" and abs(hits.distance.iloc[0]) < 1e-6
+    assert hits.query_lesion.isna().all()  # an external query has no lesion ids
+    by_patient = nlst.search("CTFM", patient="100242", k=1, exclude=[])
+    assert by_patient.query_lesion.iloc[0] == lesion_ids[0]
+
+
+def test_multi_lesion_query_rolls_up_to_nearest_pair(nlst):
+    lesions = nlst.lesions("VISTA3D")
+    patient = lesions.PatientID.value_counts().index[0]
+    vectors, _ = nlst.patient_embeddings("VISTA3D", patient)
+    together = nlst.search("VISTA3D", patient=patient, k=5, exclude=[patient])
+    # each hit's distance is the best over the query patient's single-lesion searches
+    singles = [nlst.search("VISTA3D", embeddings=v, k=len(lesions), exclude=[patient]) for v in vectors]
+    for _, hit in together.iterrows():
+        best = min(s.set_index("PatientID").distance[hit.PatientID] for s in singles)
+        assert hit.distance == pytest.approx(best, abs=1e-12)
+        assert hit.lesions == (lesions.PatientID == hit.PatientID).sum()
+
+
+def test_filters_restrict_to_matching_lesions(nlst):
+    hits = nlst.search("CTFM", patient="100242", k=20, exclude=["100242"], where=["stage=IIIA,IIIB,IV", "age>=65"])
+    assert len(hits) == 20
+    assert set(hits.stage) <= {"IIIA", "IIIB", "IV"} and (hits.age >= 65).all()
+    squamous = nlst.search("CTFM", patient="100242", k=5, where={"histology_code": 8070})
+    assert (squamous.histology == "Squamous cell carcinoma, NOS").all()
+    adeno = nlst.search("CTFM", patient="100242", k=5, where=["histology~ADENO"])
+    assert adeno.histology.str.contains("denocarcinoma").all()
+    none = nlst.search("CTFM", patient="100242", k=5, where=["collection_id=lidc-idri"])
+    assert none.empty
+    with pytest.raises(SimilarPatientsError, match="No field 'grade'"):
+        nlst.search("CTFM", patient="100242", where=["grade=3"])
+    with pytest.raises(SimilarPatientsError, match="Cannot read the filter"):
+        nlst.search("CTFM", patient="100242", where=["stage"])
+
+
+def test_viewer_url_and_idc_fields(nlst):
+    hit = nlst.search("Merlin", patient="100242", k=1, exclude=["100242"]).iloc[0]
+    assert hit.viewer_url == (
+        "https://viewer.imaging.datacommons.cancer.gov/v3/viewer/?StudyInstanceUIDs="
+        f"{hit.StudyInstanceUID}&SeriesInstanceUIDs={hit.SeriesInstanceUID}"
+    )
+    assert hit.collection_id == "nlst" and hit.Modality == "CT" and hit.series_size_MB > 1
+
+
+def _store_with(frame, home):
+    store = ReferenceStore(home)
+    table = schema.from_frame(frame)
+    return store.write("synthetic", table, "test")
+
+
+def test_ties_are_ordered_by_patient_id(tmp_path):
+    base = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    same = np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32)
+    frame = pd.DataFrame({
+        "model": "A",
+        "PatientID": ["Q", "P9", "P2", "P5", "P1"],
+        "embedding": [base, same, same * 2, same * 3, base + same],
+    })
+    reference = _store_with(frame, tmp_path)
+    hits = reference.search("A", patient="Q", k=4, exclude=["Q"])
+    assert hits.PatientID.tolist() == ["P1", "P2", "P5", "P9"]
+    assert hits.distance.iloc[1:].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_bad_queries_are_refused(nlst):
+    with pytest.raises(SimilarPatientsError, match="has 100 values but this model's reference embeddings have 512"):
+        nlst.search("CTFM", embeddings=np.ones(100))
+    with pytest.raises(SimilarPatientsError, match="NaN"):
+        nlst.search("CTFM", embeddings=np.full(512, np.nan))
+    with pytest.raises(SimilarPatientsError, match="all zeros"):
+        nlst.search("CTFM", embeddings=np.zeros(512))
+    with pytest.raises(SimilarPatientsError, match="Patient 999 is not in reference"):
+        nlst.search("CTFM", patient="999")
+    with pytest.raises(SimilarPatientsError, match="has no model 'FMCIB'"):
+        nlst.search("FMCIB", patient="100242")
+    with pytest.raises(SimilarPatientsError, match="Unknown metric"):
+        nlst.search("CTFM", patient="100242", metric="manhattan")
+    with pytest.raises(SimilarPatientsError, match="either an embedding or a reference patient"):
+        nlst.search("CTFM")
+
+
+def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((20, 32))
+    rows = []
+    for p in range(600):
+        for lesion in range(1 + p % 2):
+            vector = centres[p % 20] + 0.3 * rng.standard_normal(32)
+            rows.append({"model": "A", "PatientID": f"P{p:04d}", "lesion_id": str(lesion),
+                         "embedding": vector.astype(np.float32), "group": p % 3})
+    monkeypatch.setattr(ann, "APPROXIMATE_FROM", 500)
+    reference = _store_with(pd.DataFrame(rows), tmp_path)
+    assert (reference.path / "models" / "0" / "hnsw-cosine.faiss").exists()  # built at write, above the size
+    for metric in METRICS:
+        for patient in ["P0001", "P0100", "P0555"]:
+            kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"])
+            approximate = reference.search("A", method="approximate", **kwargs)
+            exact = reference.search("A", method="exact", **kwargs)
+            assert approximate.PatientID.tolist() == exact.PatientID.tolist()
+            np.testing.assert_allclose(approximate.distance, exact.distance, atol=1e-12)  # both float64
+            assert set(approximate.group) <= {0, 1}
+    auto = reference.search("A", patient="P0001", k=10)
+    assert auto.PatientID.tolist() == reference.search("A", patient="P0001", k=10, method="exact").PatientID.tolist()
+
+
+def test_k_larger_than_reference_returns_everyone(tmp_path):
+    reference = _store_with(synthetic_frame(n_patients=7), tmp_path)
+    hits = reference.search("A", patient="P000", k=50, exclude=["P000"])
+    assert sorted(hits.PatientID) == [f"P{i:03d}" for i in range(1, 7)]
+    assert hits.distance.is_monotonic_increasing

@@ -1,0 +1,171 @@
+"""Atomic writes of the store, and downloads: verified, resumable, cached, with clear errors offline."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_frame
+
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, nlst_sybil, schema, store
+from SimilarPatientsLib.download import Digest, download
+from SimilarPatientsLib.importers import read_source
+
+
+def test_failed_write_keeps_previous_version(home, monkeypatch):
+    references = ReferenceStore()
+    first = references.write("ref", schema.from_frame(synthetic_frame(seed=1)), "v1")
+    before = np.asarray(first.space("A").vectors).copy()
+
+    def crash(staging, *args, **kwargs):
+        staging.mkdir(parents=True)
+        (staging / "reference.parquet").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "_write_version", crash)
+    with pytest.raises(OSError, match="disk full"):
+        references.write("ref", schema.from_frame(synthetic_frame(seed=2)), "v2")
+    again = references.open("ref")
+    assert again.manifest["source"] == "v1"
+    np.testing.assert_array_equal(again.space("A").vectors, before)
+    assert [p.name for p in (home / "references" / "ref").iterdir() if p.name.endswith(".part")] == []
+
+
+def test_crash_before_pointer_swap_keeps_previous_version(home, monkeypatch):
+    references = ReferenceStore()
+    references.write("ref", schema.from_frame(synthetic_frame(seed=1)), "v1")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "CURRENT":
+            raise KeyboardInterrupt  # killed between writing the new version and switching to it
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        references.write("ref", schema.from_frame(synthetic_frame(seed=2)), "v2")
+    assert references.open("ref").manifest["source"] == "v1"
+    monkeypatch.setattr(store.os, "replace", real_replace)
+    references.write("ref", schema.from_frame(synthetic_frame(seed=3)), "v3")
+    assert references.open("ref").manifest["source"] == "v3"
+    versions = [p for p in (home / "references" / "ref").iterdir() if p.is_dir()]
+    assert len(versions) == 1  # the orphaned version was cleaned up
+
+
+def test_list_and_delete(home):
+    references = ReferenceStore()
+    references.write("one", schema.from_frame(synthetic_frame(models=("A", "B"))), "test")
+    summary = references.summary()
+    assert summary[["reference", "model", "dim"]].values.tolist() == [["one", "A", 16], ["one", "B", 16]]
+    references.delete("one")
+    assert references.names() == []
+    with pytest.raises(SimilarPatientsError, match="No reference named 'one'"):
+        references.open("one")
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves ``files`` with Range support; ``cut`` truncates the next response to that many bytes."""
+
+    files: dict = {}
+    cut: list = []
+    ranges: list = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            self.ranges.append(self.headers["Range"])
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.cut:
+            body = body[: self.cut.pop()]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Files.files, _Files.cut, _Files.ranges = {}, [], []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield _Files, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _serve_upstream(handler, base, nlst_dir, monkeypatch, models):
+    for model in models:
+        data = (nlst_dir / "upstream" / "embeddings" / f"{model}_features.pkl").read_bytes()
+        handler.files[f"/up/{model}_features.pkl"] = data
+    monkeypatch.setattr(nlst_sybil, "RAW_URL", base + "/up/{file}")
+    monkeypatch.setattr(nlst_sybil, "find_local_copy", lambda extra=(): None)
+
+
+def test_nlst_download_verifies_caches_and_imports(home, server, nlst_dir, monkeypatch):
+    handler, base = server
+    _serve_upstream(handler, base, nlst_dir, monkeypatch, ["CTFM", "PASTA"])
+    monkeypatch.setattr(nlst_sybil, "UPSTREAM_FILES", {m: nlst_sybil.UPSTREAM_FILES[m] for m in ("CTFM", "PASTA")})
+    reference = ReferenceStore().import_reference("nlst", "nlst-sybil")
+    assert reference.models == ["CTFM", "PASTA"] and reference.model_info("PASTA")["lesions"] == 732
+    assert "downloaded" in reference.manifest["source"]
+    assert any("no clinical table" in n for n in reference.manifest["notes"])
+    handler.files.clear()  # a second import reads the verified cache, not the network
+    again = ReferenceStore().import_reference("nlst2", "https://github.com/ImagingDataCommons/nlst-sybil-connectome")
+    assert again.models == ["CTFM", "PASTA"]
+
+
+def test_partial_download_resumes(home, server, nlst_dir, monkeypatch):
+    handler, base = server
+    _serve_upstream(handler, base, nlst_dir, monkeypatch, ["CTFM"])
+    handler.cut.append(700_000)
+    with pytest.raises(SimilarPatientsError, match="run the same command again to resume"):
+        nlst_sybil.download_upstream(["CTFM"])
+    paths = nlst_sybil.download_upstream(["CTFM"])
+    assert handler.ranges == ["bytes=700000-"]
+    assert Digest("git-blob-sha1", nlst_sybil.UPSTREAM_FILES["CTFM"]).matches(paths["CTFM"])
+
+
+def test_corrupt_download_is_refused_and_not_cached(home, server, tmp_path):
+    handler, base = server
+    handler.files["/x.pkl"] = b"not what was promised"
+    dest = tmp_path / "x.pkl"
+    with pytest.raises(SimilarPatientsError, match="does not match its expected sha256"):
+        download(base + "/x.pkl", dest, Digest("sha256", "0" * 64))
+    assert not dest.exists() and not Path(str(dest) + ".part").exists()
+
+
+def test_offline_without_local_copy_says_how_to_supply_files(home, monkeypatch):
+    monkeypatch.setattr(nlst_sybil, "RAW_URL", "http://127.0.0.1:9/{file}")  # the discard port: refused
+    monkeypatch.setattr(nlst_sybil, "find_local_copy", lambda extra=(): None)
+    with pytest.raises(SimilarPatientsError) as error:
+        read_source("nlst-sybil")
+    message = str(error.value)
+    assert "looks offline" in message and "--source FOLDER" in message and nlst_sybil.LOCAL_DIR_ENV in message
+
+
+def test_table_from_url(home, server, tmp_path):
+    handler, base = server
+    path = tmp_path / "mine.parquet"
+    synthetic_frame().to_parquet(path)
+    handler.files["/data/mine.parquet"] = path.read_bytes()
+    reference = ReferenceStore().import_reference("remote", base + "/data/mine.parquet")
+    assert reference.manifest["source"] == base + "/data/mine.parquet"
+    with pytest.raises(SimilarPatientsError, match="HTTP 404"):
+        ReferenceStore().import_reference("missing", base + "/data/none.parquet")
+    with pytest.raises(SimilarPatientsError, match="Cannot tell what"):
+        ReferenceStore().import_reference("odd", base + "/data/page.html")
