@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from . import schema
@@ -38,28 +39,26 @@ HIT_COLUMNS = (
 def hit_table(
     matches: Sequence[LesionMatch],
     lesions: pd.DataFrame,
+    lesion_counts: Mapping[str, int],
     metric: str,
     query_lesions: Sequence[str] | None = None,
     label_fields: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit."""
-    rows = lesions.iloc[[m.row for m in matches]].reset_index(drop=True)
-    counts = lesions.groupby(schema.PATIENT).size()
-    table = pd.DataFrame(
-        {
-            "rank": range(1, len(matches) + 1),
-            schema.PATIENT: [m.patient for m in matches],
-            "distance": [m.distance for m in matches],
-            schema.MODEL: rows[schema.MODEL].to_numpy() if len(rows) else [],
-            "metric": metric,
-            schema.LESION: rows[schema.LESION].to_numpy() if len(rows) else [],
-            "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
-            "lesions": [int(counts[m.patient]) for m in matches],
-        }
-    )
+    rows = lesions.iloc[[m.row for m in matches]]
+    columns = {
+        "rank": np.arange(1, len(matches) + 1),
+        schema.PATIENT: [m.patient for m in matches],
+        "distance": np.array([m.distance for m in matches], dtype=np.float64),
+        schema.MODEL: rows[schema.MODEL].to_numpy(),
+        "metric": [metric] * len(matches),
+        schema.LESION: rows[schema.LESION].to_numpy(),
+        "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
+        "lesions": [int(lesion_counts[m.patient]) for m in matches],
+    }
     for column in _LESION_COLUMNS:
-        table[column] = rows[column].to_numpy() if column in rows.columns else None
-    table["viewer_url"] = [viewer_url(s, r) for s, r in zip(table[schema.STUDY], table[schema.SERIES])]
-    for field in label_fields:
-        table[field] = rows[field].to_numpy() if field in rows.columns else None
-    return table
+        columns[column] = rows[column].to_numpy() if column in rows.columns else [None] * len(matches)
+    columns["viewer_url"] = [viewer_url(s, r) for s, r in zip(columns[schema.STUDY], columns[schema.SERIES])]
+    for name in label_fields:
+        columns[name] = rows[name].to_numpy() if name in rows.columns else [None] * len(matches)
+    return pd.DataFrame(columns)

@@ -145,4 +145,5 @@ class Reference:
         if method == "approximate" or (method == "auto" and len(space.norms) >= ann.APPROXIMATE_FROM):
             candidates = self.approximate_index(model, metric, progress).candidates
         matches = nearest_patients(space, embeddings, k, metric, allowed, candidates)
-        return hit_table(matches, lesions, metric, query_lesions, self.label_fields)
+        counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}
+        return hit_table(matches, lesions, counts, metric, query_lesions, self.label_fields)

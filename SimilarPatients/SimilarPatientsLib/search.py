@@ -8,7 +8,7 @@ A patient's distance is that of their nearest pair of (query lesion, reference l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,6 +27,11 @@ class EmbeddingSpace:
     norms: np.ndarray  # (n,) float64 L2 norms of the rows
     patient_codes: np.ndarray  # (n,) int, index into ``patient_ids``
     patient_ids: np.ndarray  # (p,) str, sorted
+
+    lesion_counts: np.ndarray = field(init=False)  # (p,) lesions per patient
+
+    def __post_init__(self):
+        self.lesion_counts = np.bincount(self.patient_codes, minlength=len(self.patient_ids))
 
     @property
     def dim(self) -> int:
