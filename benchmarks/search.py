@@ -52,12 +52,14 @@ def build(home: str, n: int, dim: int) -> dict:
     from SimilarPatientsLib import ReferenceStore, schema
 
     vectors = synthetic(n, dim, seed=0)
-    lesions = pd.DataFrame({
-        "model": "M",
-        "PatientID": [f"P{i // 2:07d}" for i in range(n)],
-        "lesion_id": [str(i % 2) for i in range(n)],
-        "recipe": "synthetic",
-    })
+    lesions = pd.DataFrame(
+        {
+            "model": "M",
+            "PatientID": [f"P{i // 2:07d}" for i in range(n)],
+            "lesion_id": [str(i % 2) for i in range(n)],
+            "recipe": "synthetic",
+        }
+    )
     started = time.perf_counter()
     reference = ReferenceStore(Path(home)).write("bench", schema.ReferenceTable(lesions, {"M": vectors}), "synthetic")
     seconds = time.perf_counter() - started
@@ -118,8 +120,9 @@ def run_child(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="*", default=SIZES, help="ROWSxDIM, e.g. 100000x512")
-    parser.add_argument("--approximate-from", type=int, default=100_000,
-                        help="also time the approximate index from this many rows")
+    parser.add_argument(
+        "--approximate-from", type=int, default=100_000, help="also time the approximate index from this many rows"
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -53,12 +53,14 @@ def synthetic_frame(n_patients=30, lesions=(1, 3), dim=16, models=("A",), seed=0
     for model in models:
         for p in range(n_patients):
             for lesion in range(rng.integers(lesions[0], lesions[1] + 1)):
-                rows.append({
-                    "model": model,
-                    "PatientID": f"P{p:03d}",
-                    "lesion_id": f"L{lesion}",
-                    "embedding": rng.standard_normal(dim).astype(np.float32),
-                    "histology": ["adeno", "squamous", "small cell"][p % 3],
-                    "age": 50 + p,
-                })
+                rows.append(
+                    {
+                        "model": model,
+                        "PatientID": f"P{p:03d}",
+                        "lesion_id": f"L{lesion}",
+                        "embedding": rng.standard_normal(dim).astype(np.float32),
+                        "histology": ["adeno", "squamous", "small cell"][p % 3],
+                        "age": 50 + p,
+                    }
+                )
     return pd.DataFrame(rows)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from SimilarPatientsLib.cli import main
 
 
@@ -27,8 +26,21 @@ def test_neighbors_json_has_the_promised_keys(on_nlst, capsys):
 
 
 def test_neighbors_table_filters_and_metric(on_nlst, capsys):
-    argv = ["neighbors", "--reference", "nlst-sybil", "--model", "PASTA", "--patient", "100242", "-k", "3",
-            "--metric", "euclidean", "--where", "sex=F"]
+    argv = [
+        "neighbors",
+        "--reference",
+        "nlst-sybil",
+        "--model",
+        "PASTA",
+        "--patient",
+        "100242",
+        "-k",
+        "3",
+        "--metric",
+        "euclidean",
+        "--where",
+        "sex=F",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Nearest 3 patients to 100242") and "euclidean" in out[0]
@@ -37,8 +49,19 @@ def test_neighbors_table_filters_and_metric(on_nlst, capsys):
 
 
 def test_include_self(on_nlst, capsys):
-    argv = ["neighbors", "--reference", "nlst-sybil", "--model", "CTFM", "--patient", "100242", "--include-self",
-            "--json", "-k", "1"]
+    argv = [
+        "neighbors",
+        "--reference",
+        "nlst-sybil",
+        "--model",
+        "CTFM",
+        "--patient",
+        "100242",
+        "--include-self",
+        "--json",
+        "-k",
+        "1",
+    ]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)[0]["PatientID"] == "100242"
 
@@ -82,6 +105,7 @@ def test_module_entry_point_runs_without_network_at_import(on_nlst):
         "import SimilarPatientsLib, SimilarPatientsLib.cli\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    done = subprocess.run([sys.executable, "-m", "SimilarPatientsLib", "references", "list"], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "SimilarPatientsLib", "references", "list"], capture_output=True, text=True, check=True
+    )
     assert "nlst-sybil" in done.stdout

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import synthetic_frame
-
 from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, ann, schema
 from SimilarPatientsLib.search import METRICS
 
@@ -100,11 +99,13 @@ def _store_with(frame, home):
 def test_ties_are_ordered_by_patient_id(tmp_path):
     base = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
     same = np.array([0.0, 1.0, 0.0, 0.0], dtype=np.float32)
-    frame = pd.DataFrame({
-        "model": "A",
-        "PatientID": ["Q", "P9", "P2", "P5", "P1"],
-        "embedding": [base, same, same * 2, same * 3, base + same],
-    })
+    frame = pd.DataFrame(
+        {
+            "model": "A",
+            "PatientID": ["Q", "P9", "P2", "P5", "P1"],
+            "embedding": [base, same, same * 2, same * 3, base + same],
+        }
+    )
     reference = _store_with(frame, tmp_path)
     hits = reference.search("A", patient="Q", k=4, exclude=["Q"])
     assert hits.PatientID.tolist() == ["P1", "P2", "P5", "P9"]
@@ -135,8 +136,15 @@ def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
     for p in range(600):
         for lesion in range(1 + p % 2):
             vector = centres[p % 20] + 0.3 * rng.standard_normal(32)
-            rows.append({"model": "A", "PatientID": f"P{p:04d}", "lesion_id": str(lesion),
-                         "embedding": vector.astype(np.float32), "group": p % 3})
+            rows.append(
+                {
+                    "model": "A",
+                    "PatientID": f"P{p:04d}",
+                    "lesion_id": str(lesion),
+                    "embedding": vector.astype(np.float32),
+                    "group": p % 3,
+                }
+            )
     monkeypatch.setattr(ann, "APPROXIMATE_FROM", 500)
     reference = _store_with(pd.DataFrame(rows), tmp_path)
     assert (reference.path / "models" / "0" / "hnsw-cosine.faiss").exists()  # built at write, above the size

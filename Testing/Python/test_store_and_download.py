@@ -6,11 +6,11 @@ import http.server
 import os
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 from conftest import synthetic_frame
-
 from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, nlst_sybil, schema, store
 from SimilarPatientsLib.download import Digest, download
 from SimilarPatientsLib.importers import read_source
@@ -70,11 +70,11 @@ def test_list_and_delete(home):
 class _Files(http.server.BaseHTTPRequestHandler):
     """Serves ``files`` with Range support; ``cut`` truncates the next response to that many bytes."""
 
-    files: dict = {}
-    cut: list = []
-    ranges: list = []
+    files: ClassVar[dict] = {}
+    cut: ClassVar[list] = []
+    ranges: ClassVar[list] = []
 
-    def do_GET(self):  # noqa: N802 - the http.server API
+    def do_GET(self):
         data = self.files.get(self.path)
         if data is None:
             self.send_error(404)

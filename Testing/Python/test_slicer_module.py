@@ -1,0 +1,97 @@
+"""The Slicer side, checked outside Slicer: packaging lists, Python 3.9 syntax, no Slicer imports in the
+library, and the module's logic adapter and self-test run against a stand-in for the Slicer application."""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import sys
+import types
+import unittest
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "SimilarPatients"
+LIB = MODULE / "SimilarPatientsLib"
+
+
+def test_cmake_lists_every_library_file_and_resource():
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", (MODULE / "CMakeLists.txt").read_text()))
+    on_disk = {"Lib/" + p.name for p in LIB.glob("*.py")} | {".py"}
+    assert {entry for entry in listed if entry.endswith(".py")} == on_disk
+    for resource in re.findall(r"(Resources/\S+)", (MODULE / "CMakeLists.txt").read_text()):
+        assert (MODULE / resource.replace("${MODULE_NAME}", "SimilarPatients")).exists(), resource
+
+
+@pytest.mark.parametrize("path", sorted([MODULE / "SimilarPatients.py", *LIB.glob("*.py")]), ids=lambda p: p.name)
+def test_slicer_python_39_syntax_and_no_gui_imports_in_library(path):
+    tree = ast.parse(path.read_text(), feature_version=(3, 9))
+    if path.parent == LIB:
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not imported & {"slicer", "qt", "vtk", "ctk"}
+
+
+def test_first_use_requirements_match_the_package():
+    text = (ROOT / "pyproject.toml").read_text()
+    dependencies = set(re.findall(r'^\s+"([^"]+)",$', text.split("[project.optional-dependencies]")[0], re.M))
+    module = ast.parse((MODULE / "SimilarPatients.py").read_text())
+    requirements = next(
+        ast.literal_eval(n.value)
+        for n in module.body
+        if isinstance(n, ast.AnnAssign | ast.Assign) and "REQUIREMENTS" in ast.unparse(n)
+    )
+    assert set(requirements) == dependencies - {"numpy>=1.24"}  # Slicer ships numpy
+
+
+@pytest.fixture
+def slicer_module(monkeypatch):
+    """Import SimilarPatients.py with minimal stand-ins for the Slicer application's Python modules."""
+    slicer = types.ModuleType("slicer")
+    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args):
+            pass
+
+    loadable.ScriptedLoadableModule = loadable.ScriptedLoadableModuleLogic = Base
+    loadable.ScriptedLoadableModuleWidget = Base
+    loadable.ScriptedLoadableModuleTest = unittest.TestCase
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = object
+    slicer.util, slicer.ScriptedLoadableModule = util, loadable
+    slicer.mrmlScene = types.SimpleNamespace(Clear=lambda: None)
+    for name, module in {
+        "slicer": slicer,
+        "slicer.util": util,
+        "slicer.ScriptedLoadableModule": loadable,
+        "qt": types.ModuleType("qt"),
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(str(MODULE))
+    monkeypatch.delitem(sys.modules, "SimilarPatients", raising=False)
+    import SimilarPatients
+
+    return SimilarPatients
+
+
+def test_self_test_passes_through_the_logic_adapter(slicer_module):
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(
+        slicer_module.SimilarPatientsTest("test_neighbors_through_logic")
+    )
+    assert result.wasSuccessful(), result.failures + result.errors
+
+
+def test_logic_adapter_on_real_reference(slicer_module, nlst_home):
+    logic = slicer_module.SimilarPatientsLogic(nlst_home)
+    assert logic.references() == ["nlst-sybil"]
+    assert "CTFM" in logic.models("nlst-sybil")
+    hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)
+    assert len(hits) == 3 and "100242" not in set(hits.PatientID)
