@@ -105,8 +105,8 @@ def run(
     hits, rankings = {}, {}
     for i, model in enumerate(models):
         report(progress, i, len(models), f"searching {model}")
-        hits[model] = reference.search(model, patient=patient, k=k, metric=metric, exclude=[patient])
         everyone = reference.search(model, patient=patient, k=10**9, metric=metric, exclude=[patient])
+        hits[model] = everyone.head(k)
         rankings[model] = everyone.set_index(schema.PATIENT)["distance"]
     report(progress, len(models), len(models), "searched")
     lesions = reference.lesions(models[0])
