@@ -1,14 +1,16 @@
-"""The ``similar-patients`` command line: references, neighbours, and the demo."""
+"""The ``similar-patients`` command line: references, neighbours, evaluation, maps and the demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import pandas as pd
 
-from . import __version__, demo, schema
+from . import __version__, demo, schema, tasks
 from .errors import SimilarPatientsError
 from .reference import METHODS
 from .search import METRICS
@@ -76,6 +78,33 @@ def _parser() -> argparse.ArgumentParser:
     neighbors.add_argument("--patient", required=True, help="PatientID of the query patient")
     _search_options(neighbors)
     neighbors.add_argument("--include-self", action="store_true", help="keep the query patient in the results")
+
+    evaluate = verbs.add_parser("evaluate", help="what the embeddings know: retrieval and classification report")
+    evaluate.add_argument("--reference", required=True)
+    evaluate.add_argument("--models", nargs="+", metavar="MODEL", help="models to evaluate (default: all)")
+    evaluate.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a preset task (repeatable): {', '.join(tasks.PRESETS)}; default: the presets this reference has",
+    )
+    evaluate.add_argument("--label", metavar="FIELD", help="a label field to split into a binary task")
+    evaluate.add_argument(
+        "--positive", nargs="+", default=[], metavar="VALUE", help="values (or ~TEXT, >=N terms) of the positive class"
+    )
+    evaluate.add_argument(
+        "--negative", nargs="+", metavar="VALUE", help="values of the negative class (default: the rest)"
+    )
+    evaluate.add_argument("--out", required=True, help="folder to write report.md, CSV tables and PNG charts to")
+    evaluate.add_argument("--folds", type=int, default=5)
+    evaluate.add_argument("--repeats", type=int, default=5)
+    evaluate.add_argument("--permutations", type=int, default=100, help="label shuffles of the permutation test")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: up to 2)"
+    )
 
     demo_parser = verbs.add_parser("demo", help="NLST-Sybil: one patient's nearest patients under every model")
     demo_parser.add_argument("--patient", help="query PatientID (default: a fixed single-lesion patient)")
@@ -168,6 +197,33 @@ def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
     print(result.reading())
 
 
+def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
+    from . import evaluation, report
+
+    reference = store.open(args.reference)
+    chosen = tasks.resolve(args.task)
+    if args.label:
+        chosen.append(tasks.task_from_arguments(args.label, args.positive, args.negative))
+    elif args.positive or args.negative:
+        raise SimilarPatientsError("--positive and --negative need --label FIELD.")
+    if not chosen:
+        fields = set(reference.lesions(reference.models[0]).columns)
+        chosen = [t for t in tasks.resolve(tasks.DEFAULT_TASKS) if t.field in fields]
+        if not chosen:
+            raise SimilarPatientsError(
+                f"Name a task: --label FIELD --positive VALUE ... (fields: {', '.join(reference.label_fields)})."
+            )
+    settings = evaluation.Settings(
+        folds=args.folds, repeats=args.repeats, permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed
+    )
+    result = evaluation.evaluate(reference, chosen, args.models, settings, progress, workers=args.workers)
+    progress.close()
+    path = report.write(result, Path(args.out))
+    for task in chosen:
+        print(f"{task.name}: {report.verdict(result, task)}\n")
+    print(f"Report: {path} ({result.seconds:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     store = ReferenceStore()
@@ -197,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Deleted '{args.name}'.")
         elif args.verb == "neighbors":
             _neighbors(args, store, progress)
+        elif args.verb == "evaluate":
+            _evaluate(args, store, progress)
         else:
             _demo(args, store, progress)
     except SimilarPatientsError as error:

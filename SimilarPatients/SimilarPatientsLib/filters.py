@@ -46,6 +46,20 @@ def row_mask(lesions: pd.DataFrame, filters: Filters) -> np.ndarray:
     return mask
 
 
+def value_mask(column: pd.Series, values: Iterable[str]) -> np.ndarray:
+    """Rows whose value matches any of ``values`` (plain values, or ``~TEXT``, ``!=V``, ``>=N``, ``<N`` ...
+    terms); a missing value matches nothing."""
+    mask = np.zeros(len(column), dtype=bool)
+    for value in values:
+        operator = next((o for o in ("!=", ">=", "<=", ">", "<", "~") if str(value).startswith(o)), None)
+        if operator is None:
+            mask |= _term(column, "=", [value])
+        else:
+            term = str(value)[len(operator) :].strip()
+            mask |= _term(column, operator, [term] if operator == "!=" else term)
+    return mask & column.notna().to_numpy()
+
+
 def _term(column: pd.Series, operator: str, value) -> np.ndarray:
     if operator in ("=", "!="):
         wanted = {str(v) for v in value}
