@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__, demo, schema, tasks
+from . import __version__, demo, projection, schema, tasks
 from .errors import SimilarPatientsError
 from .reference import METHODS
 from .search import METRICS
@@ -78,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     neighbors.add_argument("--patient", required=True, help="PatientID of the query patient")
     _search_options(neighbors)
     neighbors.add_argument("--include-self", action="store_true", help="keep the query patient in the results")
+
+    explore = verbs.add_parser("explore", help="interactive HTML map of a reference's embeddings (and a PNG)")
+    explore.add_argument("--reference", required=True)
+    explore.add_argument("--model", nargs="+", metavar="MODEL", help="models to map (default: all)")
+    explore.add_argument("--method", choices=projection.METHODS, default="umap", help="2-D projection (default umap)")
+    explore.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    explore.add_argument("--color-by", metavar="FIELD", help="label field to colour by (default histology)")
+    explore.add_argument(
+        "--graph", type=int, default=0, metavar="K", help="draw edges to each lesion's K nearest lesions (default 0)"
+    )
+    explore.add_argument("--neighbours", type=int, default=5, help="patients the search box highlights (default 5)")
+    explore.add_argument("--seed", type=int, default=0)
+    explore.add_argument("--out", required=True, help="the HTML file to write")
+    explore.add_argument("--png", metavar="FILE", help="also write a static figure (PNG, PDF or SVG)")
 
     evaluate = verbs.add_parser("evaluate", help="what the embeddings know: retrieval and classification report")
     evaluate.add_argument("--reference", required=True)
@@ -197,6 +211,29 @@ def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
     print(result.reading())
 
 
+def _explore(args, store: ReferenceStore, progress: _Bars) -> None:
+    from . import explore, map_figure, map_page
+
+    reference = store.open(args.reference)
+    embedding_map = explore.build(
+        reference,
+        args.model,
+        method=args.method,
+        metric=args.metric,
+        color_by=args.color_by,
+        graph=args.graph,
+        neighbours=args.neighbours,
+        seed=args.seed,
+        progress=progress,
+    )
+    progress.close()
+    page = map_page.write(embedding_map, Path(args.out))
+    lesions = sum(len(layer.rows) for layer in embedding_map.layers)
+    print(f"Map of {len(embedding_map.layers)} model(s), {lesions} points: {page}")
+    if args.png:
+        print(f"Figure: {map_figure.write(embedding_map, Path(args.png))}")
+
+
 def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
     from . import evaluation, report
 
@@ -253,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Deleted '{args.name}'.")
         elif args.verb == "neighbors":
             _neighbors(args, store, progress)
+        elif args.verb == "explore":
+            _explore(args, store, progress)
         elif args.verb == "evaluate":
             _evaluate(args, store, progress)
         else:

@@ -1,20 +1,17 @@
 """An evaluation, written down: ``report.md`` with plain-words verdicts, CSV tables and PNG bar charts.
 
 Every sentence of a verdict is computed from the figures, so the report stays true for any reference.
-Files are written to a temporary folder beside the target and moved in place, so a failed run never
-leaves half a report.
+The folder is written beside the target and swapped in, so a failed run never leaves half a report.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import atomic
 from .evaluation import PERMUTED, Evaluation
 
 CLASSIFIER_NAMES = {
@@ -31,24 +28,13 @@ ALPHA = 0.05
 def write(evaluation: Evaluation, out: Path) -> Path:
     """Write the report folder ``out`` (replacing one that is there); returns the report's path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic.replacing(out, directory=True) as staging:
         evaluation.cohorts.to_csv(staging / "cohorts.csv", index=False)
         evaluation.classification.to_csv(staging / "classification.csv", index=False, float_format="%.4f")
         evaluation.retrieval.to_csv(staging / "retrieval.csv", index=False, float_format="%.4f")
         evaluation.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.4f")
         figures = {task.name: _figures(evaluation, task, staging) for task in evaluation.tasks}
         (staging / "report.md").write_text(_markdown(evaluation, figures))
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out / "report.md"
 
 
