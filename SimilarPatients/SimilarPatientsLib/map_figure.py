@@ -24,7 +24,9 @@ def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
     layers = embedding_map.layers
     columns = min(3, len(layers))
     rows = math.ceil(len(layers) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows + 0.6), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4 * columns, 4 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     field = embedding_map.color_by
     values = embedding_map.points[field] if field else pd.Series([None] * len(embedding_map.points))
     numeric = pd.api.types.is_numeric_dtype(values) and values.nunique() > len(PALETTE) - 1
@@ -54,13 +56,12 @@ def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
         ]
         if len(categories) > len(shown):
             handles.append(plt.Line2D([], [], marker="o", linestyle="", color=PALETTE[-1], label="other"))
-        figure.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
     figure.suptitle(
         f"{embedding_map.reference}: {embedding_map.method.upper()} of lesion embeddings"
         + (f", coloured by {field}" if field else ""),
         fontsize=11,
     )
-    figure.tight_layout(rect=(0, 0.12 if field and not numeric else 0, 1, 0.96))
     try:
         with atomic.replacing(out) as temporary:
             figure.savefig(temporary, dpi=dpi, format=(out.suffix.lstrip(".") or "png"))

@@ -141,13 +141,21 @@ def verdict(evaluation: Evaluation, task) -> str:
             )
         if probe["auc_p_adjusted"].notna().any():
             adjusted = probe.set_index("model")["auc_p_adjusted"].dropna()
-            beating = adjusted[adjusted < ALPHA].index.tolist()
+            beating = adjusted[adjusted <= ALPHA].index.tolist()
             sentences.append(
                 f"{len(beating)} of {len(adjusted)} models beat chance with the linear probe "
-                f"(permutation test, {settings.permutations} permutations, p < {ALPHA} adjusted for the "
+                f"(permutation test, {settings.permutations} permutations, p ≤ {ALPHA} adjusted for the "
                 f"{len(adjusted)} models by the max-statistic method)"
                 + (f": {', '.join(beating)}." if beating else "; none does.")
             )
+        others = [
+            f"{CLASSIFIER_NAMES.get(c, c)}: {', '.join(g.model)}"
+            for c, g in primary[(primary.classifier != PRIMARY_CLASSIFIER) & (primary.auc_p_adjusted <= ALPHA)].groupby(
+                "classifier", sort=False
+            )
+        ]
+        if others:
+            sentences.append(f"Other classifiers that beat chance in the same sense: {'; '.join(others)}.")
     overall = primary.sort_values("auc", ascending=False).iloc[0]
     sentences.append(
         f"The best pairing of any classifier and model is {overall.model} with the "
@@ -309,16 +317,17 @@ def _aggregation_section(evaluation: Evaluation, task) -> str:
     table = auc.assign(**{f"P@{k} (cosine)": retrieval}).reindex(
         pd.MultiIndex.from_product([list(dict.fromkeys(rows["model"])), list(s.aggregations)])
     )
-    best = table.groupby(level=1).mean().mean(axis=1).idxmax()
+    means = table.groupby(level=1).mean().mean(axis=1).reindex(list(s.aggregations))
+    summary = ", ".join(f"{aggregation} {value:.3f}" for aggregation, value in means.items())
     return "\n".join(
         [
             "#### Several lesions per patient",
             "",
             "mean = mean of the lesion vectors; max = element-wise max-pooling; lesions = every lesion kept "
             "(patient distance = nearest lesion pair; classifiers trained on lesions, a patient scored by the "
-            f"mean of its lesions' scores). Averaged over models and measures, **{best}** does best here; "
-            "single-lesion patients are the same under all three, so differences come from the "
-            "several-lesion patients only.",
+            f"mean of its lesions' scores). Averaged over models and measures: {summary} (best: "
+            f"**{means.idxmax()}**). Single-lesion patients are the same under all three, so differences come "
+            "from the several-lesion patients only; compare them with the intervals of the tables above.",
             "",
             _md_table(table.reset_index(names=["model", "aggregation"]).round(3)),
         ]

@@ -64,3 +64,41 @@ def synthetic_frame(n_patients=30, lesions=(1, 3), dim=16, models=("A",), seed=0
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def planted_frame(n_patients=60, signal=3.0, lesions=(1, 3), dim=24, models=("A", "B"), seed=0) -> pd.DataFrame:
+    """Lesion rows whose label ``group`` (pos/neg) is written into the vectors with strength ``signal``
+    (0 = no signal) along one direction, the same for every lesion of a patient; model "B" carries half
+    the signal of "A". Rows have IDC UIDs, so they have viewer URLs."""
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim)
+    direction /= np.linalg.norm(direction)
+    rows = []
+    for p in range(n_patients):
+        positive = p % 3 == 0
+        count = int(rng.integers(lesions[0], lesions[1] + 1))
+        for model_index, model in enumerate(models):
+            strength = signal / (1 + model_index)
+            for lesion in range(count):
+                vector = rng.standard_normal(dim) + (strength if positive else 0.0) * direction
+                rows.append(
+                    {
+                        "model": model,
+                        "PatientID": f"P{p:03d}",
+                        "lesion_id": f"L{lesion}",
+                        "StudyInstanceUID": f"1.2.826.0.1.3680043.8.498.{p + 1}",
+                        "SeriesInstanceUID": f"1.2.826.0.1.3680043.8.498.{p + 1}.{lesion + 1}",
+                        "embedding": vector.astype(np.float32),
+                        "group": "pos" if positive else "neg",
+                        "histology": ["adeno", "squamous", "small cell"][p % 3],
+                        "age": 50.0 + (p * 7) % 30,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def store_frame(frame: pd.DataFrame, home: Path, name: str = "synthetic"):
+    """Write ``frame`` as reference ``name`` in a data home and open it."""
+    from SimilarPatientsLib import ReferenceStore, schema
+
+    return ReferenceStore(home).write(name, schema.from_frame(frame), "test")
