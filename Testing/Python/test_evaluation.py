@@ -268,3 +268,23 @@ def test_nlst_stage_task_end_to_end(nlst, tmp_path):
     text = report.write(result, tmp_path / "nlst").read_text()
     assert "#### Against the published figures" in text
     assert "| FMCIB | 0.724 | not in this reference |" in text
+
+
+def test_evaluate_command(tmp_path, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    store_frame(planted_frame(n_patients=45, signal=2.0), tmp_path / "home")
+    out = tmp_path / "out"
+    arguments = ["evaluate", "--reference", "synthetic", "--out", str(out), "--repeats", "1", "--bootstrap", "50"]
+    code = main([*arguments, "--label", "group", "--positive", "pos", "--permutations", "9", "--workers", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "group:pos-vs-rest: With the linear probe" in printed and f"Report: {out / 'report.md'}" in printed
+    assert (out / "classification.csv").exists()
+    assert main([*arguments, "--positive", "pos"]) == 2
+    assert "--positive and --negative need --label FIELD" in capsys.readouterr().err
+    assert main([*arguments, "--task", "nope"]) == 2
+    assert "presets are: adeno-vs-squamous" in capsys.readouterr().err
+    assert main(arguments) == 2  # no preset field in this reference, and no --label
+    assert "Name a task" in capsys.readouterr().err
