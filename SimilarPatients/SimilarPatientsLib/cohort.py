@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import schema
+from . import schema, search
 from .errors import SimilarPatientsError
 
 AGGREGATIONS = ("mean", "max", "lesions")
@@ -73,13 +73,11 @@ class Cohort:
 
 
 def pairwise_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """float64 cosine (1 − cos) or euclidean distances between the rows of ``a`` and ``b``."""
+    """float64 cosine (1 − cos) or euclidean distances between the rows of ``a`` and ``b``, as search
+    computes them."""
     if metric not in DISTANCES:
         raise SimilarPatientsError(f"Unknown distance '{metric}'; choose one of {', '.join(DISTANCES)}.")
-    if metric == "cosine":
-        return 1.0 - unit_rows(a) @ unit_rows(b).T
-    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(squared, 0.0))
+    return search.pairwise_distances(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), metric)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

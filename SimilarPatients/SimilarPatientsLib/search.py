@@ -75,7 +75,11 @@ def check_queries(space: EmbeddingSpace, queries: np.ndarray, metric: str) -> np
 
 def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
     """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries``."""
-    vectors = np.asarray(space.vectors[rows], dtype=np.float64)
+    return pairwise_distances(np.asarray(space.vectors[rows], dtype=np.float64), queries, metric)
+
+
+def pairwise_distances(vectors: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Float64 distances (len(vectors), len(queries)) between the rows of two float64 matrices."""
     products = vectors @ queries.T
     if metric == "dot":
         return -products
