@@ -298,13 +298,10 @@ def _adjusted_p_values(classification: pd.DataFrame, nulls: dict) -> pd.Series:
     task's models while keeping the dependence between models."""
     adjusted = pd.Series(np.nan, index=classification.index)
     for (task, classifier), group in classification.groupby(["task", "classifier"], sort=False):
-        keyed = [(i, nulls.get((task, row.model, classifier))) for i, row in group.iterrows()]
-        keyed = [(i, null) for i, null in keyed if null is not None]
-        if not keyed:
-            continue
-        maximum = np.max([null for _, null in keyed], axis=0)
-        for i, _ in keyed:
-            adjusted[i] = metrics.permutation_p_value(classification.at[i, "auc"], maximum)
+        tested = group[[(task, model, classifier) in nulls for model in group["model"]]]
+        if len(tested):
+            maximum = np.max([nulls[(task, model, classifier)] for model in tested["model"]], axis=0)
+            adjusted[tested.index] = [metrics.permutation_p_value(auc, maximum) for auc in tested["auc"]]
     return adjusted
 
 
@@ -317,8 +314,11 @@ def _comparisons(classification: pd.DataFrame, replicates: dict, settings: Setti
             continue
         ranked = group.sort_values("auc", ascending=False)
         best, runner = ranked.iloc[0], ranked.iloc[1]
-        key = (task, settings.primary_aggregation, classifier)
-        difference = replicates[(task, best.model, *key[1:])] - replicates[(task, runner.model, *key[1:])]
+        aggregation = settings.primary_aggregation
+        difference = (
+            replicates[(task, best.model, aggregation, classifier)]
+            - replicates[(task, runner.model, aggregation, classifier)]
+        )
         value = metrics.estimate(float(best.auc - runner.auc), difference)
         rows.append(
             {

@@ -47,56 +47,51 @@ def _figures(evaluation: Evaluation, task, folder: Path) -> list:
     primary = evaluation.settings.primary_aggregation
     table = _rows(evaluation.classification, task=task.name, aggregation=primary)
     models = list(dict.fromkeys(table["model"]))
-    classifiers = list(dict.fromkeys(table["classifier"]))
-    width = 0.8 / len(classifiers)
-    figure, axes = plt.subplots(figsize=(1.3 * len(models) + 2.5, 4))
     x = np.arange(len(models))
-    for i, classifier in enumerate(classifiers):
-        rows = table[table["classifier"] == classifier].set_index("model").loc[models]
-        errors = [rows["auc"] - rows["auc_low"], rows["auc_high"] - rows["auc"]]
-        axes.bar(
-            x + (i - (len(classifiers) - 1) / 2) * width,
-            rows["auc"],
-            width,
-            yerr=errors,
-            capsize=2,
-            label=CLASSIFIER_NAMES.get(classifier, classifier),
-        )
+    figure, axes = plt.subplots(figsize=(1.3 * len(models) + 2.5, 4))
+    _grouped_bars(axes, table, models, "classifier", "auc", "auc_low", "auc_high", CLASSIFIER_NAMES)
     published = [task.published.get(m, np.nan) for m in models]
     if np.isfinite(published).any():
         axes.plot(x, published, "kD", markersize=5, label="published (single split)")
     axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes.set_xticks(x, models)
     axes.set_ylim(0.3, 0.85)
     axes.set_ylabel("AUC (95% bootstrap CI)")
     axes.set_title(f"{task.name}: {task.description}", fontsize=9)
     axes.legend(fontsize=7, ncol=3, loc="upper left")
-    figure.tight_layout()
-    auc_file = f"auc-{task.name}.png"
-    figure.savefig(folder / auc_file, dpi=120)
-    plt.close(figure)
+    auc_file = _save(figure, folder / f"auc-{task.name}.png")
 
     k = max(evaluation.settings.ks)
     table = _rows(evaluation.retrieval, task=task.name, aggregation=primary, k=k, measure="precision")
-    distances = list(dict.fromkeys(table["distance"]))
     figure, axes = plt.subplots(figsize=(1.1 * len(models) + 2.5, 3.5))
-    width = 0.8 / len(distances)
-    for i, distance in enumerate(distances):
-        rows = table[table["distance"] == distance].set_index("model").loc[models]
-        errors = [rows["value"] - rows["low"], rows["high"] - rows["value"]]
-        axes.bar(
-            x + (i - (len(distances) - 1) / 2) * width, rows["value"], width, yerr=errors, capsize=2, label=distance
-        )
+    _grouped_bars(axes, table, models, "distance", "value", "low", "high", {})
     axes.axhline(table["chance"].iloc[0], color="grey", linestyle="--", linewidth=1, label="chance")
-    axes.set_xticks(x, models)
     axes.set_ylabel(f"precision@{k} (95% CI)")
     axes.set_title(f"{task.name}: do the {k} nearest patients share the label?", fontsize=9)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    retrieval_file = f"retrieval-{task.name}.png"
-    figure.savefig(folder / retrieval_file, dpi=120)
-    plt.close(figure)
+    retrieval_file = _save(figure, folder / f"retrieval-{task.name}.png")
     return [auc_file, retrieval_file]
+
+
+def _grouped_bars(axes, table: pd.DataFrame, models: list, group: str, value: str, low: str, high: str, names: dict):
+    """One bar per (model, ``group`` value) with its interval as whiskers; models on the x axis."""
+    groups = list(dict.fromkeys(table[group]))
+    width = 0.8 / len(groups)
+    x = np.arange(len(models))
+    for i, name in enumerate(groups):
+        rows = table[table[group] == name].set_index("model").loc[models]
+        errors = [rows[value] - rows[low], rows[high] - rows[value]]
+        offset = (i - (len(groups) - 1) / 2) * width
+        axes.bar(x + offset, rows[value], width, yerr=errors, capsize=2, label=names.get(name, name))
+    axes.set_xticks(x, models)
+
+
+def _save(figure, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path.name
 
 
 def _rows(frame: pd.DataFrame, **equal) -> pd.DataFrame:
