@@ -62,6 +62,8 @@ def build(
     ``neighbours`` patients per patient are stored for the page's search box (found with the reference's
     own search, so they are the patients ``similar-patients neighbors`` prints).
     """
+    if graph < 0 or neighbours < 1:
+        raise SimilarPatientsError(f"--graph must be ≥ 0 and --neighbours ≥ 1 (got {graph} and {neighbours}).")
     models = list(models or reference.models)
     for model in models:
         reference.model_info(model)

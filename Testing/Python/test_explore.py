@@ -156,6 +156,10 @@ def test_bad_map_requests_are_refused(reference):
         projection.project(np.ones((3, 3)), "pca")
     with pytest.raises(SimilarPatientsError, match="Cannot colour by 'stage'"):
         explore.build(reference, method="pca", color_by="stage")
+    with pytest.raises(SimilarPatientsError, match="--graph must be ≥ 0"):
+        explore.build(reference, method="pca", graph=-1)
+    with pytest.raises(SimilarPatientsError, match="no model 'C'"):
+        explore.build(reference, models=["C"], method="pca")
 
 
 @pytest.mark.parametrize("color_by", ["histology", "age"])
