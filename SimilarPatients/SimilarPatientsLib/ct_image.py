@@ -1,0 +1,125 @@
+"""Read the query CT (a DICOM series folder, NIfTI, NRRD, anything SimpleITK reads) and refuse what is
+not a 3D CT in Hounsfield units, before any crop is made from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SimilarPatientsError
+
+#: A CT in HU holds air (about -1000); an image whose darkest voxel is above this is not one.
+_MOST_AIR_HU = -300.0
+
+
+def read_ct(source, check_hounsfield: bool = True):
+    """``source`` (path or ``SimpleITK.Image``) as a validated 3D ``SimpleITK.Image`` in LPS, HU values."""
+    import SimpleITK as sitk
+
+    if isinstance(source, sitk.Image):
+        image, modality, where = source, None, "the image"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise SimilarPatientsError(f"The image {path} does not exist.")
+        image, modality = _read_dicom_series(path) if path.is_dir() or _is_dicom(path) else (_read_file(path), None)
+        where = str(path)
+    if modality is not None and modality != "CT":
+        raise SimilarPatientsError(
+            f"{where} is a {modality} series, not CT. The models and the reference were made from CT in "
+            f"Hounsfield units; give the CT series."
+        )
+    validate_ct(image, where, check_hounsfield)
+    return image
+
+
+def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) -> None:
+    """Refuse a 2D, multi-component or non-HU image with a message that says which."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+        raise SimilarPatientsError(
+            f"{where} is {image.GetDimension()}D with size {image.GetSize()}; a tumor crop needs a 3D CT volume "
+            f"(a DICOM series folder, not one slice)."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SimilarPatientsError(f"{where} has {image.GetNumberOfComponentsPerPixel()} values per voxel; a CT has 1.")
+    if check_hounsfield:
+        statistics = sitk.MinimumMaximumImageFilter()
+        statistics.Execute(image)
+        if statistics.GetMinimum() > _MOST_AIR_HU:
+            raise SimilarPatientsError(
+                f"{where} does not look like a CT in Hounsfield units: its darkest voxel is "
+                f"{statistics.GetMinimum():.0f}, but a CT holds air at about -1000 HU. Is it an MR or a "
+                f"rescaled image?"
+            )
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        stream.seek(128)
+        return stream.read(4) == b"DICM"
+
+
+def _read_file(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise SimilarPatientsError(f"Cannot read {path} as an image: {_first_line(error)}") from error
+
+
+def _read_dicom_series(path: Path):
+    """The one DICOM series in a folder (or the series of one DICOM file), with its modality."""
+    import pydicom
+    import SimpleITK as sitk
+
+    folder = path if path.is_dir() else path.parent
+    wanted = None if path.is_dir() else pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise SimilarPatientsError(f"{folder} holds no DICOM image series.")
+    if wanted is None and len(series) > 1:
+        raise SimilarPatientsError(
+            f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); give one file of the CT series "
+            f"or a folder with only that series."
+        )
+    uid = wanted or series[0]
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    modality = str(getattr(pydicom.dcmread(files[0], stop_before_pixels=True), "Modality", "")).upper() or None
+    if modality == "SEG":
+        raise SimilarPatientsError(f"{path} is a DICOM SEG (a segmentation); give it as the tumor mask.")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise SimilarPatientsError(f"Cannot read the DICOM series in {folder}: {_first_line(error)}") from error
+    if len(files) < 2:
+        raise SimilarPatientsError(f"The series in {folder} has one slice; a tumor crop needs a 3D CT volume.")
+    _check_slice_spacing(files, image, folder)
+    return image, modality
+
+
+def _check_slice_spacing(files, image, folder: Path) -> None:
+    """Refuse a series with missing slices (a partial download): uneven gaps would shift every crop."""
+    import pydicom
+
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    positions = sorted(
+        float(np.dot(normal, [float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient]))
+        for f in files
+    )
+    gaps = np.diff(positions)
+    if len(gaps) and (gaps.max() - gaps.min()) > 0.01 * max(abs(gaps.min()), 1e-6) + 1e-3:
+        raise SimilarPatientsError(
+            f"The series in {folder} has uneven slice gaps ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are "
+            f"missing (a partial download?). Fetch the whole series again."
+        )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,125 @@
+"""Turn (CT, tumor) into an embedding comparable with a reference: crop as the model's recipe says, run
+the network (batched, on CUDA when present, falling back to CPU when the GPU runs out of memory)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoints, descriptor, models, weights
+from .crop import Crop, crop
+from .errors import SimilarPatientsError
+from .progress import ProgressCallback, report
+from .tumor import Tumor
+
+
+@dataclass
+class Embedding:
+    """One tumor's embedding and where it came from (the model and recipe name the space it lives in)."""
+
+    vector: np.ndarray
+    model: str
+    recipe: str
+    seed: tuple[float, float, float]
+    timings: dict = field(default_factory=dict)
+
+
+class Embedder:
+    """One model, loaded once, that embeds tumors.
+
+    Args:
+        model: a registry name (``similar-patients models list``).
+        recipe: the recipe to run (default: the one the model's NLST-Sybil embeddings were made with).
+        weights: a weights file or folder to use instead of the cache or a download.
+        accept_licence: accept a non-commercial weight licence for this download.
+        device: ``"cuda"``, ``"cpu"`` or None for CUDA when present.
+        batch_size: crops per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        recipe: str | None = None,
+        weights: Path | str | None = None,
+        accept_licence: bool = False,
+        device: str | None = None,
+        batch_size: int = 8,
+        progress: ProgressCallback | None = None,
+    ):
+        self.spec = models.get(model)
+        self.recipe = self.spec.with_recipe(recipe)
+        self.batch_size = max(int(batch_size), 1)
+        self.network = None
+        self.device = "cpu"
+        self.load_seconds = 0.0
+        if self.spec.build is not None:
+            self._load(weights, accept_licence, device, progress)
+
+    def _load(self, given, accept_licence: bool, device: str | None, progress: ProgressCallback | None) -> None:
+        import torch
+
+        path = weights.resolve(self.spec.name, self.spec.weights, given, accept_licence, progress)
+        start = time.perf_counter()
+        report(progress, 0, 1, f"loading {self.spec.name}")
+        network = self.spec.build()
+        state = checkpoints.encoder_state(checkpoints.read_tensors(path), self.spec.checkpoint)
+        checkpoints.load_strict(network, state, str(path))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.network = network.eval().to(self.device)
+        self.load_seconds = time.perf_counter() - start
+
+    def embed(self, image, tumors: Tumor | Sequence[Tumor]) -> list[Embedding]:
+        """Embeddings of ``tumors`` (one or several) in ``image`` (a validated CT, see ``ct_image``)."""
+        tumors = [tumors] if isinstance(tumors, Tumor) else list(tumors)
+        if not tumors:
+            raise SimilarPatientsError("No tumor to embed.")
+        start = time.perf_counter()
+        crops = [crop(image, t.seed, self.recipe, t.mask, t.box) for t in tumors]
+        crop_seconds = (time.perf_counter() - start) / len(crops)
+        start = time.perf_counter()
+        vectors = self.embed_crops(crops, [t.mask is None and t.box is not None for t in tumors])
+        forward_seconds = (time.perf_counter() - start) / len(crops)
+        return [
+            Embedding(v, self.spec.name, self.recipe.name, t.seed, {"crop": crop_seconds, "forward": forward_seconds})
+            for v, t in zip(vectors, tumors)
+        ]
+
+    def embed_crops(self, crops: Sequence[Crop], boxed: Sequence[bool] | None = None) -> np.ndarray:
+        """The ``(n, dimension)`` float32 embeddings of prepared crops."""
+        if self.network is None:
+            boxed = boxed or [False] * len(crops)
+            return np.stack(
+                [
+                    descriptor.describe(c.image, None if b else c.mask, c.mask if b else None)
+                    for c, b in zip(crops, boxed)
+                ]
+            )
+        batch = np.stack([c.image for c in crops])[:, None]
+        return np.concatenate(
+            [self.forward(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        )
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on a ``(B, 1, X, Y, Z)`` batch; on CUDA out-of-memory, move to CPU and retry."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                output = self.network(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self.network = self.network.to("cpu")
+            self.device = "cpu"
+            return self.forward(batch)
+        vectors = output.float().cpu().numpy()
+        if vectors.shape[1] != self.spec.dimension:
+            raise SimilarPatientsError(
+                f"{self.spec.name} gave {vectors.shape[1]} values per crop, not {self.spec.dimension}: the crop size "
+                f"does not fit the model's recipe."
+            )
+        return vectors
+
