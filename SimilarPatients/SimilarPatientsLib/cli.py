@@ -1,4 +1,5 @@
-"""The ``similar-patients`` command line: references, neighbours, evaluation, maps and the demo."""
+"""The ``similar-patients`` command line: references, neighbours, image queries, embedding models,
+evaluation, maps and the demo."""
 
 from __future__ import annotations
 
@@ -120,11 +121,45 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: up to 2)"
     )
 
+    embed = verbs.add_parser("embed", help="embed a tumor in a CT with one model")
+    _image_options(embed)
+    embed.add_argument("--patient", default="query", help="PatientID written to --out (default 'query')")
+    embed.add_argument(
+        "--out", metavar="FILE", help="write the embedding: .json, or .parquet/.csv as a reference row (importable)"
+    )
+
+    query = verbs.add_parser("query", help="nearest reference patients to a tumor in a CT")
+    _image_options(query)
+    query.add_argument("--reference", required=True)
+    _search_options(query)
+
+    models_parser = verbs.add_parser("models", help="list the embedding models, or accept a weight licence")
+    model_actions = models_parser.add_subparsers(dest="action", required=True)
+    models_list = model_actions.add_parser("list", help="models, recipes, licences and whether weights are here")
+    models_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    accept = model_actions.add_parser("accept", help="accept a model's weight licence (needed before download)")
+    accept.add_argument("name")
+
     demo_parser = verbs.add_parser("demo", help="NLST-Sybil: one patient's nearest patients under every model")
     demo_parser.add_argument("--patient", help="query PatientID (default: a fixed single-lesion patient)")
     demo_parser.add_argument("-k", type=int, default=5, help="patients per model (default 5)")
     demo_parser.add_argument("--metric", choices=METRICS, default="cosine")
     return parser
+
+
+def _image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, help="the CT: DICOM series folder (or one of its files), NIfTI, NRRD")
+    tumor = parser.add_mutually_exclusive_group(required=True)
+    tumor.add_argument("--mask", metavar="PATH", help="tumor mask: labelmap, Slicer .seg.nrrd or DICOM SEG")
+    tumor.add_argument("--point", nargs="+", metavar="X,Y,Z", help="a point on the tumor, LPS mm (--point=X,Y,Z)")
+    tumor.add_argument("--box", nargs="+", metavar="X0,Y0,Z0,X1,Y1,Z1", help="two opposite box corners, LPS mm")
+    parser.add_argument("--segment", help="the mask's segment: name or label value (.seg.nrrd), number (DICOM SEG)")
+    parser.add_argument("--ras", action="store_true", help="--point/--box are RAS mm (as Slicer shows them)")
+    parser.add_argument("--model", required=True, help="embedding model (see `similar-patients models list`)")
+    parser.add_argument("--recipe", help="preprocessing recipe (default: the model's reference recipe)")
+    parser.add_argument("--weights", metavar="PATH", help="weights file or folder to use instead of a download")
+    parser.add_argument("--accept-licence", action="store_true", help="accept a non-commercial weight licence")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: CUDA when present")
 
 
 def _search_options(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +226,95 @@ def _neighbors(args, store: ReferenceStore, progress: _Bars) -> None:
         f"{args.metric} distance:"
     )
     _print_hits(hits, reference.label_fields)
+
+
+def _numbers(tokens: list[str], count: int, option: str) -> list[float]:
+    values = [t for token in tokens for t in token.split(",") if t.strip()]
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        numbers = []
+    if len(numbers) != count:
+        raise SimilarPatientsError(f"{option} needs {count} numbers (mm), e.g. {option}=-10.5,20,-130; got {tokens}.")
+    return numbers
+
+
+def _tumor_and_image(args):
+    from . import ct_image, tumor
+
+    image = ct_image.read_ct(args.image)
+    if args.mask:
+        mark = tumor.from_mask(args.mask, args.segment)
+    elif args.point:
+        mark = tumor.from_point(_numbers(args.point, 3, "--point"), ras=args.ras)
+    else:
+        corners = _numbers(args.box, 6, "--box")
+        mark = tumor.from_box(corners[:3], corners[3:], ras=args.ras)
+    return image, mark
+
+
+def _embedder(args, progress: _Bars):
+    from .embedder import Embedder
+
+    return Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
+
+
+def _embed(args, progress: _Bars) -> None:
+    from . import embedding_file
+
+    image, mark = _tumor_and_image(args)
+    embedding = _embedder(args, progress).embed(image, mark)[0]
+    progress.close()
+    if args.out:
+        path = embedding_file.write(embedding, Path(args.out), args.patient)
+        print(
+            f"{embedding.model} ({embedding.recipe}), {len(embedding.vector)} values, seed LPS "
+            f"{', '.join(f'{v:.1f}' for v in embedding.seed)} mm: {path}"
+        )
+    else:
+        print(json.dumps(embedding_file.as_record(embedding)))
+
+
+def _query(args, store: ReferenceStore, progress: _Bars) -> None:
+    from . import models, query
+
+    reference = store.open(args.reference)
+    spec = models.get(args.model)
+    query.check_compatible(reference, spec.name, spec.with_recipe(args.recipe).name, spec.dimension)
+    image, mark = _tumor_and_image(args)
+    embedding, hits = query.search_image(
+        reference, _embedder(args, progress), image, mark, args.k, args.metric, args.where, args.method
+    )
+    progress.close()
+    if args.json:
+        print(_json(hits))
+        return
+    seed = ", ".join(f"{v:.1f}" for v in embedding.seed)
+    print(
+        f"Nearest {len(hits)} patients to the tumor at LPS ({seed}) mm in '{reference.name}', model "
+        f"{embedding.model} ({embedding.recipe}), {args.metric} distance:"
+    )
+    _print_hits(hits, reference.label_fields)
+
+
+def _models(args) -> None:
+    from . import models, weights
+
+    if args.action == "accept":
+        spec = models.get(args.name)
+        if spec.weights is None:
+            print(f"{spec.name} needs no weights.")
+            return
+        weights.acknowledge(spec.name)
+        print(f"Accepted for {spec.name}: {spec.weights.licence} ({spec.weights.url}).")
+        return
+    table = models.summary()
+    if args.json:
+        print(_json(table))
+    else:
+        print(table.to_string(index=False))
+        for name, reason in models.NOT_AVAILABLE.items():
+            print(f"not available: {name}: {reason}")
 
 
 def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
@@ -294,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             _explore(args, store, progress)
         elif args.verb == "evaluate":
             _evaluate(args, store, progress)
+        elif args.verb == "embed":
+            _embed(args, progress)
+        elif args.verb == "query":
+            _query(args, store, progress)
+        elif args.verb == "models":
+            _models(args)
         else:
             _demo(args, store, progress)
     except SimilarPatientsError as error:

@@ -35,6 +35,8 @@ class Crop:
     mask: np.ndarray | None
     seed: tuple[float, float, float]
     recipe: Recipe
+    #: Where the seed lies in ``image`` (continuous voxel index): the centre, unless clamped at a border.
+    seed_index: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def check_inside(image, point: Sequence[float], what: str = "The point") -> None:
@@ -69,11 +71,11 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
     shape = np.round((corners_ras.max(axis=0) - origin) / spacing + 1.0).astype(int)
     seed_ras = np.asarray(seed, dtype=float) * _GRID_SIGNS
     index = np.array([math.trunc(v) for v in (seed_ras - origin) / spacing])
-    box = np.zeros(3, dtype=int)
+    roi = np.zeros(3, dtype=int)
     for array_axis, (axis, _) in enumerate(recipe.axis_order()):
-        box[axis] = recipe.size[array_axis]
-    low = np.maximum(index - box // 2, 0)
-    high = np.minimum(index + box // 2, shape)
+        roi[axis] = recipe.size[array_axis]
+    low = np.maximum(index - roi // 2, 0)
+    high = np.minimum(index + roi // 2, shape)
     if np.any(high <= low):
         raise SimilarPatientsError(f"The seed {tuple(seed)} gives an empty crop; it lies outside the image.")
 
@@ -100,11 +102,17 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         inside = [(p >= min(ras[0][a], ras[1][a])) & (p <= max(ras[0][a], ras[1][a])) for a, p in enumerate(points)]
         grid_mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
         patch_mask = _to_recipe_axes(grid_mask.transpose(2, 1, 0), recipe).astype(np.uint8)
+    seed_in_box = (seed_ras - origin) / spacing - low
+    seed_index = []
+    for array_axis, (axis, sign) in enumerate(recipe.axis_order()):
+        position = seed_in_box[axis] if sign == _GRID_SIGNS[axis] else (high - low)[axis] - 1 - seed_in_box[axis]
+        seed_index.append(float(position + max(recipe.size[array_axis] - (high - low)[axis], 0) // 2))
     return Crop(
         _pad_symmetric(patch, recipe.size),
         None if patch_mask is None else _pad_symmetric(patch_mask, recipe.size),
         tuple(float(v) for v in seed),
         recipe,
+        tuple(seed_index),
     )
 
 

@@ -44,14 +44,16 @@ FEATURES = (
 DIMENSION = len(FEATURES)
 
 
-def describe(hu: np.ndarray, mask: np.ndarray | None, box_mask: np.ndarray | None = None) -> np.ndarray:
-    """The descriptor (float32, ``DIMENSION``) of a 1 mm HU crop centred on the tumor, with its ``mask``
-    (grown from the centre if None; ``box_mask`` bounds the growth)."""
+def describe(
+    hu: np.ndarray, mask: np.ndarray | None, box_mask: np.ndarray | None = None, seed_index=None
+) -> np.ndarray:
+    """The descriptor (float32, ``DIMENSION``) of a 1 mm HU crop around the tumor, with its ``mask``
+    (grown from ``seed_index``, default the centre, if None; ``box_mask`` bounds the growth)."""
     import SimpleITK as sitk
 
     hu = np.asarray(hu, dtype=np.float32)
     if mask is None:
-        mask = grow_mask(hu, box_mask)
+        mask = grow_mask(hu, box_mask, seed_index)
     mask = np.asarray(mask) > 0
     if mask.sum() < 8:
         raise SimilarPatientsError(
@@ -101,8 +103,9 @@ def describe(hu: np.ndarray, mask: np.ndarray | None, box_mask: np.ndarray | Non
     return ((np.asarray(values, dtype=np.float64) - centres) / scales).astype(np.float32)
 
 
-def grow_mask(hu: np.ndarray, box_mask: np.ndarray | None = None) -> np.ndarray:
-    """The soft-tissue component nearest the crop centre, holes filled (a cavity is part of its tumor)."""
+def grow_mask(hu: np.ndarray, box_mask: np.ndarray | None = None, seed_index=None) -> np.ndarray:
+    """The soft-tissue component nearest the seed (default: the crop centre), holes filled (a cavity is
+    part of its tumor)."""
     import SimpleITK as sitk
 
     tissue = hu > _SOFT_TISSUE_HU
@@ -113,7 +116,7 @@ def grow_mask(hu: np.ndarray, box_mask: np.ndarray | None = None) -> np.ndarray:
         raise SimilarPatientsError(
             "No soft tissue (above -650 HU) near the point: is it on the tumor? Draw a mask to describe it."
         )
-    centre = (np.array(hu.shape) - 1) / 2.0
+    centre = (np.array(hu.shape) - 1) / 2.0 if seed_index is None else np.asarray(seed_index, dtype=float)
     labelled = np.argwhere(components > 0)
     nearest = labelled[np.argmin(np.linalg.norm(labelled - centre, axis=1))]
     if np.linalg.norm(nearest - centre) > 10:

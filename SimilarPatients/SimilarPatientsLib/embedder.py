@@ -94,7 +94,7 @@ class Embedder:
             boxed = boxed or [False] * len(crops)
             return np.stack(
                 [
-                    descriptor.describe(c.image, None if b else c.mask, c.mask if b else None)
+                    descriptor.describe(c.image, None if b else c.mask, c.mask if b else None, c.seed_index)
                     for c, b in zip(crops, boxed)
                 ]
             )
@@ -122,4 +122,3 @@ class Embedder:
                 f"does not fit the model's recipe."
             )
         return vectors
-

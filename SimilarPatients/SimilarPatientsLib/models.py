@@ -108,8 +108,9 @@ MODELS: dict[str, ModelSpec] = {
             recipes.tumorimagingbench("RAS"),
             512,
             networks.UNet3DEncoder,
-            CheckpointFormat(containers=("net", "state_dict"), prefixes=("module.backbone.", "backbone."),
-                             ignore=("up_tr", "out_tr")),
+            CheckpointFormat(
+                containers=("net", "state_dict"), prefixes=("module.backbone.", "backbone."), ignore=("up_tr", "out_tr")
+            ),
             WeightSource(
                 _HF.format(repo="MrGiovanni/SuPreM", file="supervised_suprem_unet_2100.pth"),
                 "supervised_suprem_unet_2100.pth",
@@ -137,8 +138,9 @@ MODELS: dict[str, ModelSpec] = {
             recipes.tumorimagingbench("RAS", size=64),
             3072,
             networks.SwinEncoder,
-            CheckpointFormat(containers=("state_dict", "model"), prefixes=("swinViT.", "module.swinViT.",
-                                                                          "backbone.swinViT.")),
+            CheckpointFormat(
+                containers=("state_dict", "model"), prefixes=("swinViT.", "module.swinViT.", "backbone.swinViT.")
+            ),
             WeightSource(
                 _HF.format(repo="Luffy503/VoCo", file="VoCo_H_SSL_head.pt"),
                 "VoCo_H_SSL_head.pt",
@@ -175,3 +177,29 @@ def get(name: str) -> ModelSpec:
     if name in NOT_AVAILABLE:
         raise SimilarPatientsError(f"{name} cannot be run here: {NOT_AVAILABLE[name]}.")
     raise SimilarPatientsError(f"Unknown model '{name}'; available: {', '.join(MODELS)}.")
+
+
+def summary():
+    """One row per model: embedding length, recipe, licence, weights size and whether they are here."""
+    import pandas as pd
+
+    from . import weights
+
+    rows = []
+    for spec in MODELS.values():
+        source = spec.weights
+        present = "not needed" if source is None else ("yes" if weights.find_present(spec.name, source) else "no")
+        rows.append(
+            {
+                "model": spec.name,
+                "dim": spec.dimension,
+                "recipes": ", ".join(r.name for r in (spec.recipe, *spec.other_recipes)),
+                "licence": "none (no weights)" if source is None else source.licence,
+                "accept": ""
+                if source is None or not source.needs_acknowledgement
+                else ("accepted" if weights.acknowledged(spec.name) else "required"),
+                "size_MB": "" if source is None or source.size is None else f"{source.size / 1e6:.0f}",
+                "weights": present,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,9 +1,13 @@
-"""Shared fixtures: a throw-away data home, the real NLST-Sybil files, and small synthetic references."""
+"""Shared fixtures: a throw-away data home, the real NLST-Sybil files, small synthetic references, and a
+local HTTP server with Range support (downloads are tested against it, never the internet)."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -102,3 +106,44 @@ def store_frame(frame: pd.DataFrame, home: Path, name: str = "synthetic"):
     from SimilarPatientsLib import ReferenceStore, schema
 
     return ReferenceStore(home).write(name, schema.from_frame(frame), "test")
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves ``files`` with Range support; ``cut`` truncates the next response to that many bytes."""
+
+    files: ClassVar[dict] = {}
+    cut: ClassVar[list] = []
+    ranges: ClassVar[list] = []
+
+    def do_GET(self):
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            self.ranges.append(self.headers["Range"])
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.cut:
+            body = body[: self.cut.pop()]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Files.files, _Files.cut, _Files.ranges = {}, [], []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield _Files, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()

@@ -23,7 +23,7 @@ def blank_ct(
     size=(96, 96, 64),
     spacing=(0.8, 0.8, 1.25),
     origin=(-38.0, -38.0, -40.0),
-    direction=np.eye(3),
+    direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
     background: float = LUNG_HU,
 ) -> sitk.Image:
     """Lung-like HU background; ``size`` and ``spacing`` are in SimpleITK (x, y, z) order."""
@@ -123,9 +123,9 @@ def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", pa
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID, ds.PatientName = modality, patient, patient
+        ds.Modality, ds.PatientID, ds.PatientName = modality, patient, f"{patient}^TEST"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, k + 1
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20260101", "120000", 1, k + 1
         ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
         ds.PatientBirthDate, ds.PatientSex, ds.Manufacturer = "", "O", "SimilarPatients tests"
         ds.PositionReferenceIndicator = ""
