@@ -1,0 +1,313 @@
+"""The encoders are the upstream architectures (same state-dict names and shapes), load each upstream
+checkpoint layout strictly, embed deterministically, and their weights are fetched only as they should be."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from SimilarPatientsLib import SimilarPatientsError, checkpoints, models, networks, weights
+from SimilarPatientsLib.cli import main
+from SimilarPatientsLib.crop import crop
+from SimilarPatientsLib.embedder import Embedder
+from SimilarPatientsLib.tumor import from_binary_mask
+from synthetic_ct import tumor_ct
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def shapes(state: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_fmcib_is_monai_resnet50_width_2_without_classifier():
+    state = shapes(networks.fmcib_resnet().state_dict())
+    assert state["conv1.weight"] == (128, 1, 7, 7, 7)  # 64 x widen 2, one input channel
+    assert state["layer1.0.downsample.0.bias"] == (512,)  # bias_downsample, as FMCIB trained it
+    assert state["layer4.2.conv3.weight"][0] == 4096
+    assert not [k for k in state if k.startswith("fc.")]
+    assert len(state) == 322
+
+
+def test_ct_fm_encoder_keys_are_those_under_encoder_in_the_ct_fm_segresnet():
+    from monai.networks.nets import SegResNetDS
+
+    upstream = SegResNetDS(init_filters=32, in_channels=1, blocks_down=(1, 2, 2, 4, 4)).state_dict()
+    encoder = {k[len("encoder.") :]: v for k, v in upstream.items() if k.startswith("encoder.")}
+    assert shapes(networks.segres_encoder().state_dict()) == shapes(encoder)
+
+
+def test_vista3d_encoder_keys_are_those_under_image_encoder_encoder_in_monai_vista3d():
+    from monai.networks.nets import vista3d132
+
+    upstream = vista3d132().state_dict()
+    prefix = "image_encoder.encoder."
+    encoder = {k[len(prefix) :]: v for k, v in upstream.items() if k.startswith(prefix)}
+    assert shapes(models.get("VISTA3D").build().state_dict()) == shapes(encoder)
+
+
+def test_unet3d_encoder_keys_are_the_models_genesis_names():
+    expected = {}
+    for name, depth, channels_in in (
+        ("down_tr64", 0, 1),
+        ("down_tr128", 1, 64),
+        ("down_tr256", 2, 128),
+        ("down_tr512", 3, 256),
+    ):
+        width = 32 * 2**depth
+        for i, (cin, cout) in enumerate(((channels_in, width), (width, 2 * width))):
+            stem = f"{name}.ops.{i}"
+            expected[f"{stem}.conv1.weight"] = (cout, cin, 3, 3, 3)
+            expected[f"{stem}.conv1.bias"] = (cout,)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                expected[f"{stem}.bn1.{buffer}"] = (cout,)
+            expected[f"{stem}.bn1.num_batches_tracked"] = ()
+    for head in ("global", "genesis"):
+        assert shapes(networks.UNet3DEncoder(head).state_dict()) == expected
+
+
+def test_voco_encoder_keys_are_those_of_swin_unetr_v2_swinvit():
+    from monai.networks.nets import SwinUNETR
+
+    upstream = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True).swinViT.state_dict()
+    assert shapes(networks.SwinEncoder(feature_size=12).state_dict()) == shapes(upstream)
+
+
+def test_every_network_makes_its_registered_embedding_length():
+    crops = {}
+    for spec in models.MODELS.values():
+        if spec.build is None or spec.name == "Voco":
+            continue  # VoCo's 295M parameters: covered by the checkpoint test below
+        network = spec.build().eval()
+        size = spec.recipe.size
+        with torch.inference_mode():
+            out = network(torch.rand(2, 1, *size))
+        crops[spec.name] = tuple(out.shape)
+    assert crops == {
+        "FMCIB": (2, 4096),
+        "CTFM": (2, 512),
+        "VISTA3D": (2, 768),
+        "SUPREME": (2, 512),
+        "ModelsGen": (2, 4096),
+    }
+
+
+def _upstream_checkpoint(name: str, state: dict, folder):
+    """``state`` laid out as the model's published weights file is, with the parts we do not run."""
+    other = torch.zeros(3)
+    if name == "FMCIB":
+        payload, file = {"trunk_state_dict": state, "head_state_dict": {}}, "model_weights.torch"
+    elif name == "CTFM":
+        from safetensors.torch import save_file
+
+        tensors = {f"encoder.{k}": v.contiguous() for k, v in state.items()}
+        tensors["up_layers.0.upsample.deconv.weight"] = other
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder / "model.safetensors"
+    elif name == "VISTA3D":
+        payload = {f"image_encoder.encoder.{k}": v for k, v in state.items()}
+        payload |= {"image_encoder.up_layers.0.weight": other, "class_head.mlp.0.weight": other}
+        file = "model_vista3d.pt"
+    elif name == "SUPREME":
+        inner = {f"module.backbone.{k}": v for k, v in state.items()}
+        inner |= {"module.backbone.up_tr256.up_conv.weight": other, "module.organ_embedding": other}
+        payload, file = {"net": inner, "epoch": 2100}, "supervised_suprem_unet_2100.pth"
+    elif name == "ModelsGen":
+        inner = {f"module.{k}": v for k, v in state.items()}
+        inner |= {"module.up_tr64.up_conv.weight": other, "module.out_tr.final_conv.weight": other}
+        payload, file = {"state_dict": inner}, "Genesis_Chest_CT.pt"
+    else:
+        payload = {"state_dict": {f"swinViT.{k}": v for k, v in state.items()} | {"encoder1.layer.conv1.weight": other}}
+        file = "VoCo_H_SSL_head.pt"
+    torch.save(payload, folder / file)
+    return folder / file
+
+
+@pytest.fixture(scope="module")
+def tumor_image():
+    image, mask, _ = tumor_ct("lobulated", np.random.default_rng(11), size=(80, 80, 56), spacing=(0.9, 0.9, 1.25))
+    return image, from_binary_mask(mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["FMCIB", "CTFM", "VISTA3D", "SUPREME", "ModelsGen", "Voco"])
+def test_a_checkpoint_in_the_upstream_layout_loads_strictly_and_is_what_runs(name, tmp_path, home, tumor_image):
+    spec = models.get(name)
+    torch.manual_seed(0)
+    original = spec.build().eval()
+    path = _upstream_checkpoint(name, original.state_dict(), tmp_path)
+    embedder = Embedder(name, weights=path)
+    image, tumor = tumor_image
+    prepared = crop(image, tumor.seed, spec.recipe, tumor.mask)
+    with torch.inference_mode():
+        expected = original(torch.from_numpy(prepared.image)[None, None]).numpy()
+    got = embedder.embed(image, tumor)[0]
+    assert got.vector.shape == (spec.dimension,) and got.model == name and got.recipe == "tumorimagingbench"
+    np.testing.assert_allclose(got.vector, expected[0], rtol=1e-4, atol=1e-5)
+    assert embedder.load_seconds > 0
+
+
+def test_strict_loading_lists_missing_unexpected_and_misshapen_keys():
+    network = networks.UNet3DEncoder()
+    state = dict(network.state_dict())
+    state.pop("down_tr64.ops.0.conv1.bias")
+    state["down_tr64.ops.0.extra.weight"] = torch.zeros(1)
+    state["down_tr128.ops.1.conv1.bias"] = torch.zeros(7)
+    with pytest.raises(SimilarPatientsError) as error:
+        checkpoints.load_strict(network, state, "x.pt")
+    message = str(error.value)
+    assert "1 missing: down_tr64.ops.0.conv1.bias" in message
+    assert "1 unexpected: down_tr64.ops.0.extra.weight" in message
+    assert "1 of another shape: down_tr128.ops.1.conv1.bias (7,) != (128,)" in message
+
+
+def test_a_foreign_checkpoint_is_refused_by_name(tmp_path, home):
+    torch.save({"net": {"module.backbone.down_tr64.ops.0.conv1.weight": torch.zeros(1)}}, tmp_path / "x.pt")
+    with pytest.raises(SimilarPatientsError, match="not this model's checkpoint"):
+        Embedder("VISTA3D", weights=tmp_path / "x.pt")
+
+
+def test_corrupt_or_partial_weights_are_refused_with_what_to_do(tmp_path, home):
+    torch.manual_seed(0)
+    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SimilarPatientsError, match="corrupt, partial or not a checkpoint; delete it"):
+        Embedder("SUPREME", weights=path)
+    path.write_bytes(b"<html>not found</html>")
+    with pytest.raises(SimilarPatientsError, match="Cannot read the weights"):
+        Embedder("SUPREME", weights=path)
+    sized = weights.WeightSource("http://x/w.pt", "w.pt", "Apache-2.0", False, size=len(whole))
+    (tmp_path / "w.pt").write_bytes(whole[:100])
+    with pytest.raises(SimilarPatientsError, match="partial or another file"):
+        weights.resolve("SUPREME", sized, tmp_path)
+
+
+def test_offline_without_weights_says_how_to_supply_them(home, monkeypatch):
+    monkeypatch.setitem(models.MODELS, "CTFM", _with_url(models.MODELS["CTFM"], "http://127.0.0.1:9/model.safetensors"))
+    with pytest.raises(SimilarPatientsError) as error:
+        Embedder("CTFM")
+    message = str(error.value)
+    assert "looks offline" in message and "--weights" in message and weights.WEIGHTS_DIR_ENV in message
+
+
+def _with_url(spec, url, size=None):
+    import dataclasses
+
+    source = dataclasses.replace(spec.weights, url=url, size=size)
+    return dataclasses.replace(spec, weights=source)
+
+
+def test_noncommercial_weights_need_acknowledgement_then_download_resumes_and_caches(
+    home, server, tmp_path, monkeypatch
+):
+    handler, base = server
+    torch.manual_seed(0)
+    path = _upstream_checkpoint("ModelsGen", networks.UNet3DEncoder("genesis").state_dict(), tmp_path)
+    data = path.read_bytes()
+    handler.files["/Genesis_Chest_CT.pt"] = data
+    monkeypatch.setitem(
+        models.MODELS, "ModelsGen", _with_url(models.MODELS["ModelsGen"], base + "/Genesis_Chest_CT.pt", len(data))
+    )
+    with pytest.raises(SimilarPatientsError, match=r"non-commercial.*similar-patients models accept ModelsGen"):
+        Embedder("ModelsGen")
+    assert handler.ranges == [] and not weights.weights_dir().joinpath("ModelsGen").exists()  # nothing fetched
+
+    assert main(["models", "accept", "ModelsGen"]) == 0
+    handler.cut.append(len(data) // 3)
+    with pytest.raises(SimilarPatientsError, match="run the same command again to resume"):
+        Embedder("ModelsGen")
+    embedder = Embedder("ModelsGen")
+    assert handler.ranges == [f"bytes={len(data) // 3}-"]
+    cached = weights.cached_path("ModelsGen", models.get("ModelsGen").weights)
+    assert cached.read_bytes() == data
+    handler.files.clear()  # from now on the cache serves
+    again = Embedder("ModelsGen")
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(2))
+    tumor = from_binary_mask(mask)
+    np.testing.assert_array_equal(embedder.embed(image, tumor)[0].vector, again.embed(image, tumor)[0].vector)
+
+
+def test_accept_licence_flag_records_the_acknowledgement(home, server, tmp_path, monkeypatch):
+    handler, base = server
+    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    handler.files["/s.pth"] = path.read_bytes()
+    monkeypatch.setitem(models.MODELS, "SUPREME", _with_url(models.MODELS["SUPREME"], base + "/s.pth"))
+    Embedder("SUPREME", accept_licence=True)
+    assert weights.acknowledged("SUPREME")
+
+
+def test_weights_folder_from_the_environment_serves_offline_sites(home, tmp_path, monkeypatch):
+    (tmp_path / "site" / "SUPREME").mkdir(parents=True)
+    _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path / "site" / "SUPREME")
+    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "site"))
+    Embedder("SUPREME")  # no licence prompt and no download: the site's copy is used
+
+
+def test_embeddings_are_deterministic_and_independent_of_batching(home, tmp_path):
+    torch.manual_seed(0)
+    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    embedder = Embedder("SUPREME", weights=path, batch_size=3)
+    rng = np.random.default_rng(7)
+    cases = [tumor_ct(kind, rng) for kind in ("smooth", "cavitary", "part-solid")]
+    together = [embedder.embed(image, from_binary_mask(mask))[0].vector for image, mask, _ in cases]
+    prepared = [crop(image, from_binary_mask(mask).seed, embedder.recipe) for image, mask, _ in cases]
+    batched = embedder.embed_crops(prepared)
+    np.testing.assert_allclose(batched, np.stack(together), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(embedder.embed_crops(prepared), batched)
+
+
+def test_out_of_gpu_memory_falls_back_to_cpu(home, tmp_path):
+    torch.manual_seed(0)
+    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    embedder = Embedder("SUPREME", weights=path)
+    network = embedder.network
+
+    class Exhausted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = network
+
+        def forward(self, x):
+            if x.device.type != "cpu":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x)
+
+    expected = embedder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
+    embedder.network, embedder.device = Exhausted(), "meta"
+    got = embedder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
+    assert embedder.device == "cpu"
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_models_list_shows_licence_size_and_presence(home, tmp_path, capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("FMCIB", "CTFM", "VISTA3D", "SUPREME", "ModelsGen", "Voco", "TumorDescriptor"):
+        assert name in out
+    assert "NVIDIA OneWay Noncommercial License" in out and "not available: PASTA" in out
+    assert main(["models", "list", "--json"]) == 0
+    rows = {row["model"]: row for row in __import__("json").loads(capsys.readouterr().out)}
+    assert rows["CTFM"]["weights"] == "no" and rows["TumorDescriptor"]["weights"] == "not needed"
+    assert rows["VISTA3D"]["accept"] == "required"
+    _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    cached = weights.cached_path("SUPREME", models.get("SUPREME").weights)
+    cached.parent.mkdir(parents=True)
+    (tmp_path / "supervised_suprem_unet_2100.pth").rename(cached)
+    assert main(["models", "list", "--json"]) == 0
+    rows = {row["model"]: row for row in __import__("json").loads(capsys.readouterr().out)}
+    assert rows["SUPREME"]["weights"] == "yes"
+
+
+def test_unknown_and_unavailable_models_and_recipes_are_named():
+    with pytest.raises(SimilarPatientsError, match="Unknown model 'ResNet'; available: FMCIB"):
+        models.get("ResNet")
+    with pytest.raises(SimilarPatientsError, match="PASTA cannot be run here"):
+        models.get("PASTA")
+    assert models.get("fmcib").with_recipe("fmcib-original").size == (50, 50, 50)
+    with pytest.raises(
+        SimilarPatientsError, match="FMCIB has no recipe 'x'; it has: tumorimagingbench, fmcib-original"
+    ):
+        models.get("FMCIB").with_recipe("x")
