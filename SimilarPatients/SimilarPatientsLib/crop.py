@@ -85,10 +85,11 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         outputSpacing=[float(v) for v in spacing],
         outputDirection=[float(v) for v in np.diag(_GRID_SIGNS).reshape(-1)],
     )
-    # A one-voxel zero border makes linear interpolation past the last voxel blend toward 0, as the
-    # reference's zero-padded resampling does.
-    padded = sitk.ConstantPad(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1], [1, 1, 1], 0.0)
-    values = sitk.Resample(padded, interpolator=sitk.sitkLinear, defaultPixelValue=0.0, **grid)
+    # A one-voxel border of ``outside_hu`` makes linear interpolation past the last voxel blend toward it,
+    # as the reference's zero-padded resampling does (toward 0 HU).
+    outside = float(recipe.outside_hu)
+    padded = sitk.ConstantPad(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1], [1, 1, 1], outside)
+    values = sitk.Resample(padded, interpolator=sitk.sitkLinear, defaultPixelValue=outside, **grid)
     patch = recipe.scale(_to_recipe_axes(sitk.GetArrayViewFromImage(values), recipe)).astype(np.float32)
     patch_mask = None
     if mask is not None:
@@ -108,7 +109,7 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         position = seed_in_box[axis] if sign == _GRID_SIGNS[axis] else (high - low)[axis] - 1 - seed_in_box[axis]
         seed_index.append(float(position + max(recipe.size[array_axis] - (high - low)[axis], 0) // 2))
     return Crop(
-        _pad_symmetric(patch, recipe.size),
+        _pad_symmetric(patch, recipe.size, recipe.pad_value),
         None if patch_mask is None else _pad_symmetric(patch_mask, recipe.size),
         tuple(float(v) for v in seed),
         recipe,
@@ -137,8 +138,8 @@ def _to_recipe_axes(zyx: np.ndarray, recipe: Recipe) -> np.ndarray:
     return np.flip(array, flips) if flips else array
 
 
-def _pad_symmetric(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def _pad_symmetric(array: np.ndarray, size: Sequence[int], value: float = 0) -> np.ndarray:
     missing = [max(int(s) - n, 0) for s, n in zip(size, array.shape)]
     if not any(missing):
         return np.ascontiguousarray(array)
-    return np.pad(array, [(m // 2, m - m // 2) for m in missing])
+    return np.pad(array, [(m // 2, m - m // 2) for m in missing], constant_values=value)

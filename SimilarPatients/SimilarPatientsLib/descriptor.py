@@ -15,8 +15,9 @@ import numpy as np
 from .errors import SimilarPatientsError
 from .recipes import Recipe
 
-#: 1 mm voxels, LPS array axes, HU values unchanged (no window), 64³: room for nodules up to 6 cm.
-RECIPE = Recipe("descriptor-v1", "LPS", (1.0, 1.0, 1.0), (64, 64, 64), (0.0, 1.0), (0.0, 1.0), clip=False)
+#: 1 mm voxels, LPS array axes, HU values unchanged (no window), 64³: room for nodules up to 6 cm; what lies
+#: outside the image is air.
+RECIPE = Recipe("descriptor-v1", "LPS", (1.0, 1.0, 1.0), (64, 64, 64), (0.0, 1.0), (0.0, 1.0), False, -1024.0, -1024.0)
 _SOFT_TISSUE_HU = -650.0
 _SHELLS = (0.0, 0.35, 0.7, 1.0, 1.3)
 
@@ -66,13 +67,13 @@ def describe(
     volume = float(mask.sum())
     radius = shape.GetEquivalentSphericalRadius(1)
 
-    opened = sitk.GetArrayViewFromImage(sitk.BinaryMorphologicalOpening(label, [2, 2, 2])) > 0
-    closed = sitk.GetArrayViewFromImage(sitk.BinaryMorphologicalClosing(label, [3, 3, 3])) > 0
+    opened = sitk.GetArrayFromImage(sitk.BinaryMorphologicalOpening(label, [2, 2, 2])) > 0
+    closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(label, [3, 3, 3])) > 0
     inside = hu[mask]
     coords = np.argwhere(mask).astype(np.float64)
     centre = coords.mean(axis=0)
     distance = np.linalg.norm(np.moveaxis(np.indices(mask.shape), 0, -1) - centre, axis=-1) / radius
-    surface = mask & ~(sitk.GetArrayViewFromImage(sitk.BinaryErode(label, [1, 1, 1])) > 0)
+    surface = mask & ~(sitk.GetArrayFromImage(sitk.BinaryErode(label, [1, 1, 1])) > 0)
     surface_radii = np.linalg.norm(np.argwhere(surface) - centre, axis=1)
     shells = []
     for low, high in zip(_SHELLS[:-1], _SHELLS[1:]):

@@ -27,6 +27,8 @@ class Recipe:
         window: the HU range mapped linearly to ``output_range``.
         output_range: the values ``window`` maps to.
         clip: clip to ``output_range`` after the mapping (TumorImagingBench does; FMCIB's original does not).
+        outside_hu: the HU of points outside the image (TumorImagingBench resamples with zero padding: 0 HU).
+        pad_value: the value, after windowing, that pads a crop clamped at the image border to ``size``.
     """
 
     name: str
@@ -36,6 +38,8 @@ class Recipe:
     window: tuple[float, float]
     output_range: tuple[float, float] = (0.0, 1.0)
     clip: bool = True
+    outside_hu: float = 0.0
+    pad_value: float = 0.0
 
     def __post_init__(self):
         letters = self.axes.upper()

@@ -1,0 +1,146 @@
+"""End to end: a reference built from synthetic tumors with the weight-free model, queried from images
+through the library and the CLI; recipe mismatches refused; embeddings written and imported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from conftest import store_frame, synthetic_frame
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, schema
+from SimilarPatientsLib.cli import main
+from SimilarPatientsLib.embedder import Embedder
+from SimilarPatientsLib.hits import HIT_COLUMNS
+from SimilarPatientsLib.query import search_image
+from SimilarPatientsLib.tumor import from_binary_mask
+from synthetic_ct import KINDS, tumor_ct, write_dicom_seg, write_dicom_series
+
+PER_KIND = 8
+
+
+@pytest.fixture(scope="module")
+def tumor_reference(tmp_path_factory):
+    """A data home with reference 'tumors': 8 patients per tumor kind, one tumor each, TumorDescriptor."""
+    home = tmp_path_factory.mktemp("tumor-home")
+    embedder = Embedder("TumorDescriptor")
+    rng = np.random.default_rng(2026)
+    rows = []
+    for i in range(PER_KIND):
+        for kind in KINDS:
+            image, mask, _ = tumor_ct(kind, rng)
+            embedding = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append(
+                {
+                    schema.MODEL: embedding.model,
+                    schema.RECIPE: embedding.recipe,
+                    schema.PATIENT: f"{kind}-{i}",
+                    "kind": kind,
+                    **dict(zip(schema.CENTER, embedding.seed)),
+                    schema.EMBEDDING: embedding.vector,
+                }
+            )
+    store_frame(pd.DataFrame(rows), home, "tumors")
+    return home
+
+
+def test_new_tumors_find_their_own_kind(tumor_reference):
+    reference = ReferenceStore(tumor_reference).open("tumors")
+    embedder = Embedder("TumorDescriptor")
+    rng = np.random.default_rng(7)
+    precision = {}
+    for kind in KINDS:
+        scores = []
+        for _ in range(3):
+            image, mask, _ = tumor_ct(kind, rng)
+            _, hits = search_image(reference, embedder, image, from_binary_mask(mask), k=5)
+            assert list(hits.columns[: len(HIT_COLUMNS)]) == list(HIT_COLUMNS)
+            scores.append(float((hits["kind"] == kind).mean()))
+        precision[kind] = float(np.mean(scores))
+    assert np.mean(list(precision.values())) >= 0.9, precision
+    assert min(precision.values()) >= 0.7, precision
+
+
+def test_query_cli_from_a_dicom_series_and_seg(tumor_reference, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tumor_reference))
+    image, mask, centre = tumor_ct("cavitary", np.random.default_rng(99))
+    datasets = write_dicom_series(image, tmp_path / "ct")
+    write_dicom_seg(datasets, mask, tmp_path / "seg.dcm")
+    base = ["query", "--image", str(tmp_path / "ct"), "--model", "TumorDescriptor", "--reference", "tumors"]
+    assert main([*base, "--mask", str(tmp_path / "seg.dcm"), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 5 and sum(h["kind"] == "cavitary" for h in hits) >= 4
+    assert all(h["model"] == "TumorDescriptor" and h["metric"] == "cosine" for h in hits)
+
+    assert main([*base, "--mask", str(tmp_path / "seg.dcm"), "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Nearest 3 patients to the tumor at LPS" in out and "TumorDescriptor (descriptor-v1)" in out
+
+    ras = f"{-centre[0]},{-centre[1]},{centre[2]}"
+    assert main([*base, f"--point={ras}", "--ras", "--json"]) == 0
+    by_point = json.loads(capsys.readouterr().out)
+    assert sum(h["kind"] == "cavitary" for h in by_point) >= 4
+    assert main([*base, "--point", f"{centre[0]}", f"{centre[1]}", f"{centre[2]}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_point  # LPS point = the same point given in RAS
+
+    assert main([*base, "--point=1,2"]) == 2
+    assert "--point needs 3 numbers" in capsys.readouterr().err
+    assert main([*base, "--point=900,0,0"]) == 2
+    assert "outside the image" in capsys.readouterr().err
+
+
+def test_a_model_or_recipe_the_reference_was_not_built_with_is_refused(nlst_home, tmp_path, monkeypatch, capsys):
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(1))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    base = ["query", "--image", str(tmp_path / "ct.nrrd"), "--mask", str(tmp_path / "mask.nrrd"), "--reference"]
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    assert main([*base, "nlst-sybil", "--model", "TumorDescriptor"]) == 2
+    error = capsys.readouterr().err
+    assert "has no model 'TumorDescriptor'" in error and "CTFM (tumorimagingbench)" in error
+
+    home = tmp_path / "home"
+    frame = synthetic_frame(n_patients=12, dim=512, models=("CTFM",))
+    frame[schema.RECIPE] = "another-pipeline"
+    store_frame(frame, home, "other")
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(home))
+    assert main([*base, "other", "--model", "CTFM"]) == 2  # refused before any weights are looked for
+    error = capsys.readouterr().err
+    assert "CTFM embeddings made with recipe 'another-pipeline'" in error and "'tumorimagingbench'" in error
+    assert "not comparable" in error
+
+
+def test_embed_writes_an_importable_reference_row(tumor_reference, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    image, mask, _ = tumor_ct("part-solid", np.random.default_rng(5))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    base = ["embed", "--image", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz")]
+    assert main([*base, "--model", "TumorDescriptor"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["model"] == "TumorDescriptor" and len(record["embedding"]) == 21
+    for suffix in ("parquet", "csv"):
+        out = tmp_path / f"row.{suffix}"
+        assert main([*base, "--model", "TumorDescriptor", "--patient", "P1", "--out", str(out)]) == 0
+        assert "TumorDescriptor (descriptor-v1), 21 values" in capsys.readouterr().out
+        assert main(["references", "import", f"mine-{suffix}", "--source", str(out)]) == 0
+        reference = ReferenceStore().open(f"mine-{suffix}")
+        assert reference.model_info("TumorDescriptor")["recipe"] == "descriptor-v1"
+        vectors, _ = reference.patient_embeddings("TumorDescriptor", "P1")
+        np.testing.assert_allclose(vectors[0], record["embedding"], rtol=1e-6, atol=1e-6)
+    assert main([*base, "--model", "TumorDescriptor", "--out", str(tmp_path / "row.txt")]) == 2
+    assert ".json, .parquet or .csv" in capsys.readouterr().err
+
+
+def test_a_point_off_the_tumor_and_an_empty_mask_are_refused(tmp_path):
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(8))
+    embedder = Embedder("TumorDescriptor")
+    corner = image.TransformIndexToPhysicalPoint([2, 2, 2])
+    from SimilarPatientsLib.tumor import from_point
+
+    with pytest.raises(SimilarPatientsError, match="No soft tissue"):
+        embedder.embed(image, from_point(corner))
+    with pytest.raises(SimilarPatientsError, match="mask is empty"):
+        from_binary_mask(mask * 0)
