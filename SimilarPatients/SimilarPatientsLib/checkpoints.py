@@ -68,7 +68,8 @@ def encoder_state(checkpoint: dict, layout: CheckpointFormat) -> dict:
 
 
 def load_strict(network, state: dict, source: str) -> None:
-    """Load ``state`` into ``network``; any missing, unexpected or misshapen key is an error listing them."""
+    """Load ``state`` into ``network`` (which may be a skeleton on the meta device); any missing, unexpected
+    or misshapen key is an error listing them."""
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -87,4 +88,5 @@ def load_strict(network, state: dict, source: str) -> None:
             f"The weights in {source} do not fit the network: {'; '.join(parts)}. It is another model's "
             f"checkpoint or another version."
         )
-    network.load_state_dict(state, strict=True)
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    network.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the weights

@@ -85,16 +85,24 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         outputSpacing=[float(v) for v in spacing],
         outputDirection=[float(v) for v in np.diag(_GRID_SIGNS).reshape(-1)],
     )
-    # A one-voxel border of ``outside_hu`` makes linear interpolation past the last voxel blend toward it,
-    # as the reference's zero-padded resampling does (toward 0 HU).
+    corners = [
+        (origin + (low + np.array(offset) * (high - low - 1)) * spacing) * _GRID_SIGNS for offset in np.ndindex(2, 2, 2)
+    ]
+    # Only the voxels around the box are cast and resampled. A one-voxel border of ``outside_hu`` makes
+    # interpolation past the image's last voxel blend toward it, as the reference's zero-padded resampling
+    # does (toward 0 HU); inside the image the region's margin keeps that border out of reach.
     outside = float(recipe.outside_hu)
-    padded = sitk.ConstantPad(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1], [1, 1, 1], outside)
+    region = sitk.Cast(_region(image, corners), sitk.sitkFloat32)
+    padded = sitk.ConstantPad(region, [1, 1, 1], [1, 1, 1], outside)
     values = sitk.Resample(padded, interpolator=sitk.sitkLinear, defaultPixelValue=outside, **grid)
     patch = recipe.scale(_to_recipe_axes(sitk.GetArrayViewFromImage(values), recipe)).astype(np.float32)
     patch_mask = None
     if mask is not None:
         labels = sitk.Resample(
-            sitk.Cast(mask > 0, sitk.sitkUInt8), interpolator=sitk.sitkNearestNeighbor, defaultPixelValue=0, **grid
+            sitk.Cast(_region(mask, corners) > 0, sitk.sitkUInt8),
+            interpolator=sitk.sitkNearestNeighbor,
+            defaultPixelValue=0,
+            **grid,
         )
         patch_mask = _to_recipe_axes(sitk.GetArrayViewFromImage(labels), recipe).astype(np.uint8)
     elif box is not None:
@@ -115,6 +123,15 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         recipe,
         tuple(seed_index),
     )
+
+
+def _region(image, corners: Sequence[np.ndarray], margin: int = 2):
+    """The part of ``image`` that holds the LPS ``corners`` plus ``margin`` voxels (clamped to the image)."""
+    index = np.array([image.TransformPhysicalPointToContinuousIndex([float(v) for v in c]) for c in corners])
+    size = np.asarray(image.GetSize())
+    low = np.clip(np.floor(index.min(axis=0)).astype(int) - margin, 0, size - 1)
+    high = np.clip(np.ceil(index.max(axis=0)).astype(int) + margin + 1, low + 1, size)
+    return image[int(low[0]) : int(high[0]), int(low[1]) : int(high[1]), int(low[2]) : int(high[2])]
 
 
 def _voxel_centre_corners(image) -> np.ndarray:

@@ -3,6 +3,7 @@ the network (batched, on CUDA when present, falling back to CPU when the GPU run
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Embedder:
         accept_licence: accept a non-commercial weight licence for this download.
         device: ``"cuda"``, ``"cpu"`` or None for CUDA when present.
         batch_size: crops per forward pass.
+        precision: ``"fp32"``, or ``"bf16"`` (autocast; for throughput on GPUs, embeddings then differ
+            from fp32 ones by about 1e-2 relative).
     """
 
     def __init__(
@@ -48,8 +51,12 @@ class Embedder:
         accept_licence: bool = False,
         device: str | None = None,
         batch_size: int = 8,
+        precision: str = "fp32",
         progress: ProgressCallback | None = None,
     ):
+        if precision not in ("fp32", "bf16"):
+            raise SimilarPatientsError(f"Precision '{precision}' is not one of fp32, bf16.")
+        self.precision = precision
         self.spec = models.get(model)
         self.recipe = self.spec.with_recipe(recipe)
         self.batch_size = max(int(batch_size), 1)
@@ -65,7 +72,7 @@ class Embedder:
         path = weights.resolve(self.spec.name, self.spec.weights, given, accept_licence, progress)
         start = time.perf_counter()
         report(progress, 0, 1, f"loading {self.spec.name}")
-        network = self.spec.build()
+        network = _skeleton(self.spec.build)
         state = checkpoints.encoder_state(checkpoints.read_tensors(path), self.spec.checkpoint)
         checkpoints.load_strict(network, state, str(path))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,8 +114,13 @@ class Embedder:
         """Run the network on a ``(B, 1, X, Y, Z)`` batch; on CUDA out-of-memory, move to CPU and retry."""
         import torch
 
+        reduced = (
+            torch.autocast(torch.device(self.device).type, torch.bfloat16)
+            if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), reduced:
                 output = self.network(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -122,3 +134,15 @@ class Embedder:
                 f"does not fit the model's recipe."
             )
         return vectors
+
+
+def _skeleton(build):
+    """The network without initialised weights (on the meta device: no time spent drawing random weights
+    that the checkpoint replaces), or built normally where the constructor computes with its tensors."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError):
+        return build()

@@ -34,10 +34,11 @@ def blank_ct(
     return image
 
 
-def physical_grid(image: sitk.Image) -> np.ndarray:
-    """LPS mm of every voxel, shaped like the numpy view ([z, y, x, 3])."""
-    size = image.GetSize()
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij"), axis=-1)[..., ::-1]
+def physical_grid(image: sitk.Image, low=(0, 0, 0), high=None) -> np.ndarray:
+    """LPS mm of the voxels with (x, y, z) index in [low, high), shaped like the numpy view ([z, y, x, 3])."""
+    high = image.GetSize() if high is None else high
+    axes = [np.arange(a, b) for a, b in zip(low, high)]
+    index = np.stack(np.meshgrid(*axes[::-1], indexing="ij"), axis=-1)[..., ::-1]
     matrix = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
     return index @ matrix.T + np.asarray(image.GetOrigin())
 
@@ -75,9 +76,19 @@ def tumor_values(kind: str, offsets: np.ndarray, radius: float, rng: np.random.G
 
 def add_tumor(image: sitk.Image, kind: str, centre, radius: float, rng: np.random.Generator):
     """``image`` with a tumor at ``centre`` (LPS mm), and its mask (a ``SimpleITK.Image``)."""
-    values = sitk.GetArrayFromImage(image).astype(np.float32)
-    inside, hu = tumor_values(kind, physical_grid(image) - np.asarray(centre, dtype=float), radius, rng)
-    values[inside] = hu[inside]
+    reach = 2.2 * radius  # spicules reach 1.8 radii
+    corners = [np.asarray(centre, dtype=float) + reach * (2 * np.array(o) - 1) for o in np.ndindex(2, 2, 2)]
+    index = np.array([image.TransformPhysicalPointToContinuousIndex(c.tolist()) for c in corners])
+    size = np.asarray(image.GetSize())
+    low = np.clip(np.floor(index.min(axis=0)).astype(int) - 1, 0, size)
+    high = np.clip(np.ceil(index.max(axis=0)).astype(int) + 2, low, size)
+    values = sitk.GetArrayFromImage(image)
+    inside = np.zeros(values.shape, dtype=bool)
+    box = tuple(slice(a, b) for a, b in zip(low[::-1], high[::-1]))
+    offsets = physical_grid(image, low, high) - np.asarray(centre, dtype=float)
+    inside_box, hu = tumor_values(kind, offsets, radius, rng)
+    inside[box] = inside_box
+    values[box][inside_box] = hu[inside_box]
     out = sitk.GetImageFromArray(values.astype(np.int16))
     out.CopyInformation(image)
     mask = sitk.GetImageFromArray(inside.astype(np.uint8))

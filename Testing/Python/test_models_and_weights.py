@@ -14,6 +14,7 @@ from SimilarPatientsLib.crop import crop
 from SimilarPatientsLib.embedder import Embedder
 from SimilarPatientsLib.tumor import from_binary_mask
 from synthetic_ct import tumor_ct
+from synthetic_weights import upstream_checkpoint
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -94,37 +95,6 @@ def test_every_network_makes_its_registered_embedding_length():
     }
 
 
-def _upstream_checkpoint(name: str, state: dict, folder):
-    """``state`` laid out as the model's published weights file is, with the parts we do not run."""
-    other = torch.zeros(3)
-    if name == "FMCIB":
-        payload, file = {"trunk_state_dict": state, "head_state_dict": {}}, "model_weights.torch"
-    elif name == "CTFM":
-        from safetensors.torch import save_file
-
-        tensors = {f"encoder.{k}": v.contiguous() for k, v in state.items()}
-        tensors["up_layers.0.upsample.deconv.weight"] = other
-        save_file(tensors, str(folder / "model.safetensors"))
-        return folder / "model.safetensors"
-    elif name == "VISTA3D":
-        payload = {f"image_encoder.encoder.{k}": v for k, v in state.items()}
-        payload |= {"image_encoder.up_layers.0.weight": other, "class_head.mlp.0.weight": other}
-        file = "model_vista3d.pt"
-    elif name == "SUPREME":
-        inner = {f"module.backbone.{k}": v for k, v in state.items()}
-        inner |= {"module.backbone.up_tr256.up_conv.weight": other, "module.organ_embedding": other}
-        payload, file = {"net": inner, "epoch": 2100}, "supervised_suprem_unet_2100.pth"
-    elif name == "ModelsGen":
-        inner = {f"module.{k}": v for k, v in state.items()}
-        inner |= {"module.up_tr64.up_conv.weight": other, "module.out_tr.final_conv.weight": other}
-        payload, file = {"state_dict": inner}, "Genesis_Chest_CT.pt"
-    else:
-        payload = {"state_dict": {f"swinViT.{k}": v for k, v in state.items()} | {"encoder1.layer.conv1.weight": other}}
-        file = "VoCo_H_SSL_head.pt"
-    torch.save(payload, folder / file)
-    return folder / file
-
-
 @pytest.fixture(scope="module")
 def tumor_image():
     image, mask, _ = tumor_ct("lobulated", np.random.default_rng(11), size=(80, 80, 56), spacing=(0.9, 0.9, 1.25))
@@ -137,7 +107,7 @@ def test_a_checkpoint_in_the_upstream_layout_loads_strictly_and_is_what_runs(nam
     spec = models.get(name)
     torch.manual_seed(0)
     original = spec.build().eval()
-    path = _upstream_checkpoint(name, original.state_dict(), tmp_path)
+    path = upstream_checkpoint(name, original.state_dict(), tmp_path)
     embedder = Embedder(name, weights=path)
     image, tumor = tumor_image
     prepared = crop(image, tumor.seed, spec.recipe, tumor.mask)
@@ -171,7 +141,7 @@ def test_a_foreign_checkpoint_is_refused_by_name(tmp_path, home):
 
 def test_corrupt_or_partial_weights_are_refused_with_what_to_do(tmp_path, home):
     torch.manual_seed(0)
-    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(SimilarPatientsError, match="corrupt, partial or not a checkpoint; delete it"):
@@ -205,7 +175,7 @@ def test_noncommercial_weights_need_acknowledgement_then_download_resumes_and_ca
 ):
     handler, base = server
     torch.manual_seed(0)
-    path = _upstream_checkpoint("ModelsGen", networks.UNet3DEncoder("genesis").state_dict(), tmp_path)
+    path = upstream_checkpoint("ModelsGen", networks.UNet3DEncoder("genesis").state_dict(), tmp_path)
     data = path.read_bytes()
     handler.files["/Genesis_Chest_CT.pt"] = data
     monkeypatch.setitem(
@@ -232,7 +202,7 @@ def test_noncommercial_weights_need_acknowledgement_then_download_resumes_and_ca
 
 def test_accept_licence_flag_records_the_acknowledgement(home, server, tmp_path, monkeypatch):
     handler, base = server
-    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     handler.files["/s.pth"] = path.read_bytes()
     monkeypatch.setitem(models.MODELS, "SUPREME", _with_url(models.MODELS["SUPREME"], base + "/s.pth"))
     Embedder("SUPREME", accept_licence=True)
@@ -241,14 +211,14 @@ def test_accept_licence_flag_records_the_acknowledgement(home, server, tmp_path,
 
 def test_weights_folder_from_the_environment_serves_offline_sites(home, tmp_path, monkeypatch):
     (tmp_path / "site" / "SUPREME").mkdir(parents=True)
-    _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path / "site" / "SUPREME")
+    upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path / "site" / "SUPREME")
     monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "site"))
     Embedder("SUPREME")  # no licence prompt and no download: the site's copy is used
 
 
 def test_embeddings_are_deterministic_and_independent_of_batching(home, tmp_path):
     torch.manual_seed(0)
-    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     embedder = Embedder("SUPREME", weights=path, batch_size=3)
     rng = np.random.default_rng(7)
     cases = [tumor_ct(kind, rng) for kind in ("smooth", "cavitary", "part-solid")]
@@ -261,7 +231,7 @@ def test_embeddings_are_deterministic_and_independent_of_batching(home, tmp_path
 
 def test_out_of_gpu_memory_falls_back_to_cpu(home, tmp_path):
     torch.manual_seed(0)
-    path = _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     embedder = Embedder("SUPREME", weights=path)
     network = embedder.network
 
@@ -292,7 +262,7 @@ def test_models_list_shows_licence_size_and_presence(home, tmp_path, capsys):
     rows = {row["model"]: row for row in __import__("json").loads(capsys.readouterr().out)}
     assert rows["CTFM"]["weights"] == "no" and rows["TumorDescriptor"]["weights"] == "not needed"
     assert rows["VISTA3D"]["accept"] == "required"
-    _upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     cached = weights.cached_path("SUPREME", models.get("SUPREME").weights)
     cached.parent.mkdir(parents=True)
     (tmp_path / "supervised_suprem_unet_2100.pth").rename(cached)
