@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import networks, recipes
+from . import recipes
 from .checkpoints import CheckpointFormat
 from .descriptor import DIMENSION as DESCRIPTOR_DIMENSION
 from .descriptor import RECIPE as DESCRIPTOR_RECIPE
@@ -18,6 +18,17 @@ from .recipes import Recipe
 from .weights import WeightSource
 
 _NONCOMMERCIAL = True
+
+
+def _network(builder: str, **arguments) -> Callable:
+    """A builder that imports torch and MONAI only when a network is built (``models list`` needs neither)."""
+
+    def build():
+        from . import networks
+
+        return getattr(networks, builder)(**arguments)
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ MODELS: dict[str, ModelSpec] = {
             "FMCIB",
             recipes.tumorimagingbench("SPL"),
             4096,
-            networks.fmcib_resnet,
+            _network("fmcib_resnet"),
             CheckpointFormat(containers=("trunk_state_dict", "state_dict"), prefixes=("model.trunk.", "")),
             WeightSource(
                 "https://zenodo.org/records/10528450/files/model_weights.torch?download=1",
@@ -79,7 +90,7 @@ MODELS: dict[str, ModelSpec] = {
             "CTFM",
             recipes.tumorimagingbench("SPL"),
             512,
-            networks.segres_encoder,
+            _network("segres_encoder"),
             CheckpointFormat(prefixes=("encoder.", "model.encoder.", "")),
             WeightSource(
                 _HF.format(repo="project-lighter/ct_fm_feature_extractor", file="model.safetensors"),
@@ -93,7 +104,7 @@ MODELS: dict[str, ModelSpec] = {
             "VISTA3D",
             recipes.tumorimagingbench("RAS"),
             768,
-            lambda: networks.segres_encoder(init_filters=48, norm="instance"),
+            _network("segres_encoder", init_filters=48, norm="instance"),
             CheckpointFormat(containers=("state_dict",), prefixes=("image_encoder.encoder.",)),
             WeightSource(
                 "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_vista3d.pt",
@@ -107,7 +118,7 @@ MODELS: dict[str, ModelSpec] = {
             "SUPREME",
             recipes.tumorimagingbench("RAS"),
             512,
-            networks.UNet3DEncoder,
+            _network("UNet3DEncoder"),
             CheckpointFormat(
                 containers=("net", "state_dict"), prefixes=("module.backbone.", "backbone."), ignore=("up_tr", "out_tr")
             ),
@@ -123,7 +134,7 @@ MODELS: dict[str, ModelSpec] = {
             "ModelsGen",
             recipes.tumorimagingbench("RAS"),
             4096,
-            lambda: networks.UNet3DEncoder(head="genesis"),
+            _network("UNet3DEncoder", head="genesis"),
             CheckpointFormat(containers=("state_dict",), prefixes=("module.", ""), ignore=("up_tr", "out_tr")),
             WeightSource(
                 _HF.format(repo="MrGiovanni/ModelsGenesis", file="Genesis_Chest_CT.pt"),
@@ -137,7 +148,7 @@ MODELS: dict[str, ModelSpec] = {
             "Voco",
             recipes.tumorimagingbench("RAS", size=64),
             3072,
-            networks.SwinEncoder,
+            _network("SwinEncoder"),
             CheckpointFormat(
                 containers=("state_dict", "model"), prefixes=("swinViT.", "module.swinViT.", "backbone.swinViT.")
             ),

@@ -227,6 +227,10 @@ def test_embeddings_are_deterministic_and_independent_of_batching(home, tmp_path
     batched = embedder.embed_crops(prepared)
     np.testing.assert_allclose(batched, np.stack(together), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(embedder.embed_crops(prepared), batched)
+    reduced = Embedder("SUPREME", weights=path, precision="bf16").embed_crops(prepared)
+    assert np.abs(reduced - batched).max() <= 0.05 * np.abs(batched).max()  # bf16 autocast: close, not equal
+    with pytest.raises(SimilarPatientsError, match="Precision 'fp8'"):
+        Embedder("SUPREME", weights=path, precision="fp8")
 
 
 def test_out_of_gpu_memory_falls_back_to_cpu(home, tmp_path):
