@@ -7,6 +7,7 @@ import os
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -23,6 +24,14 @@ REQUIREMENTS = {
     "idc-index-data>=20": "idc_index_data",
     "faiss-cpu>=1.8": "faiss",
     "tqdm>=4.60": "tqdm",
+}
+#: What querying from an image adds. torch comes from Slicer's PyTorch extension; SimpleITK and pydicom
+#: ship with Slicer.
+EMBED_REQUIREMENTS = {
+    "monai>=1.4": "monai",
+    "einops>=0.7": "einops",
+    "highdicom>=0.22": "highdicom",
+    "safetensors>=0.4": "safetensors",
 }
 
 
@@ -42,15 +51,15 @@ class SimilarPatients(ScriptedLoadableModule):
         )
 
 
-def missing_requirements() -> list:
+def missing_requirements(requirements: dict = REQUIREMENTS) -> list:
     import importlib.util
 
-    return [req for req, module in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    return [req for req, module in requirements.items() if importlib.util.find_spec(module) is None]
 
 
-def ensure_requirements(ask: bool = True) -> bool:
+def ensure_requirements(ask: bool = True, requirements: dict = REQUIREMENTS) -> bool:
     """Install missing Python packages into Slicer's Python, with the user's consent."""
-    missing = missing_requirements()
+    missing = missing_requirements(requirements)
     if not missing:
         return True
     if ask and not slicer.util.confirmOkCancelDisplay(
@@ -61,7 +70,24 @@ def ensure_requirements(ask: bool = True) -> bool:
         return False
     with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
         slicer.util.pip_install(missing)
-    return not missing_requirements()
+    return not missing_requirements(requirements)
+
+
+def ensure_torch(ask: bool = True) -> bool:
+    """PyTorch through Slicer's PyTorch extension (it picks the build for this computer's GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return True
+    try:
+        import PyTorchUtils
+    except ImportError:
+        slicer.util.errorDisplay(
+            "Querying from an image needs PyTorch: install the 'PyTorch' extension from the Extensions Manager, "
+            "restart Slicer, and try again."
+        )
+        return False
+    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask) is not None
 
 
 class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -76,6 +102,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.referenceComboBox.currentTextChanged.connect(self.updateModels)
         self.ui.importNlstButton.clicked.connect(self.onImportNlst)
         self.ui.findButton.clicked.connect(self.onFind)
+        self.ui.imageFindButton.clicked.connect(self.onFindFromImage)
         self.ui.resultsTable.cellDoubleClicked.connect(self.onOpenViewer)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
@@ -136,6 +163,54 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             self.showHits(self.hits)
 
+    def onFindFromImage(self):
+        model, reference = self.ui.modelComboBox.currentText, self.ui.referenceComboBox.currentText
+        volume, point = self.ui.volumeSelector.currentNode(), self.ui.pointSelector.currentNode()
+        segmentation, segment = self.ui.segmentSelector.currentNode(), self.ui.segmentSelector.currentSegmentID()
+        if volume is None or not (segment or point):
+            slicer.util.errorDisplay("Choose the CT volume, and the tumor as a segment or a point.")
+            return
+        if not (ensure_requirements() and ensure_requirements(requirements=EMBED_REQUIREMENTS) and ensure_torch()):
+            return
+        with slicer.util.tryWithErrorDisplay("Search failed.", waitCursor=False):
+            licence = self.logic.licenceToAccept(model)
+            if licence and not slicer.util.confirmOkCancelDisplay(
+                f"{model}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
+            ):
+                return
+            if licence:
+                self.logic.acceptLicence(model)
+            source = self.logic.weightsToDownload(model)
+            if source and not slicer.util.confirmOkCancelDisplay(
+                f"Download the {model} weights from {source}? Only the weights are fetched; nothing about your "
+                "data is sent.",
+                "Download model weights?",
+            ):
+                return
+            dialog = slicer.util.createProgressDialog(
+                windowTitle="Similar Patients", labelText=f"Embedding the tumor with {model}...", maximum=0
+            )
+
+            def cancelled():
+                slicer.app.processEvents()
+                return dialog.wasCanceled
+
+            try:
+                self.hits = self.logic.queryFromImage(
+                    volume,
+                    reference,
+                    model,
+                    segmentation=segmentation if segment else None,
+                    segment=segment or None,
+                    point=None if segment else point,
+                    k=self.ui.kSpinBox.value,
+                    metric=self.ui.metricComboBox.currentText,
+                    cancelled=cancelled,
+                )
+            finally:
+                dialog.close()
+            self.showHits(self.hits)
+
     def showHits(self, hits):
         columns = [
             c
@@ -190,6 +265,90 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def neighbors(self, reference, model, patient, k=5, metric="cosine"):
         return self.store().open(reference).search(model, patient=patient, k=k, metric=metric, exclude=[patient])
 
+    def licenceToAccept(self, model):
+        """The weight licence the user must accept before ``model``'s weights are fetched, or None."""
+        from SimilarPatientsLib import models, weights
+
+        source = models.get(model).weights
+        if source is None or not source.needs_acknowledgement or weights.acknowledged(model):
+            return None
+        return None if weights.find_present(model, source) else source.licence
+
+    def acceptLicence(self, model):
+        from SimilarPatientsLib import weights
+
+        weights.acknowledge(model)
+
+    def weightsToDownload(self, model):
+        """The URL ``model``'s weights would be downloaded from, or None when they are here (or not needed)."""
+        from SimilarPatientsLib import models, weights
+
+        source = models.get(model).weights
+        return None if source is None or weights.find_present(model, source) else source.url
+
+    def queryFromImage(self, volume, reference, model, segmentation=None, segment=None, point=None, **options):
+        """Nearest reference patients to a tumor in a volume node, marked by a segment or the first point of a
+        point list. The nodes are written to a temporary folder and the query runs in a child process."""
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="SimilarPatients-")
+        try:
+            image, mask, point_ras = self.exportQueryInputs(volume, segmentation, segment, point, folder)
+            return self.queryFiles(image, reference, model, mask=mask, point_ras=point_ras, **options)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def exportQueryInputs(self, volume, segmentation, segment, point, folder):
+        """(image file, mask file or None, RAS point or None) for the nodes; refuses untransformed-only data."""
+        from SimilarPatientsLib import SimilarPatientsError
+
+        for node in (volume, segmentation, point):
+            if node is not None and node.GetParentTransformNode() is not None:
+                raise SimilarPatientsError(f"'{node.GetName()}' is under a transform: harden it first.")
+        image = os.path.join(folder, "image.nrrd")
+        if not slicer.util.saveNode(volume, image):
+            raise SimilarPatientsError(f"Could not write '{volume.GetName()}' to {folder}.")
+        if segmentation is not None:
+            labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            try:
+                segment_ids = vtk.vtkStringArray()
+                segment_ids.InsertNextValue(segment)
+                slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+                    segmentation, segment_ids, labelmap, volume
+                )
+                mask = os.path.join(folder, "mask.nrrd")
+                slicer.util.saveNode(labelmap, mask)
+            finally:
+                slicer.mrmlScene.RemoveNode(labelmap)
+            return image, mask, None
+        if point.GetNumberOfControlPoints() < 1:
+            raise SimilarPatientsError(f"The point list '{point.GetName()}' has no point: place one on the tumor.")
+        position = [0.0, 0.0, 0.0]
+        point.GetNthControlPointPositionWorld(0, position)
+        return image, None, position
+
+    def queryFiles(self, image, reference, model, mask=None, point_ras=None, k=5, metric="cosine", cancelled=None):
+        """Run the image query in a child process (Slicer's Python) and return its hits."""
+        import shutil
+
+        from SimilarPatientsLib.query_process import query_command, run_query
+
+        command = query_command(
+            image,
+            model,
+            reference,
+            mask=mask,
+            point_ras=point_ras,
+            k=k,
+            metric=metric,
+            python=shutil.which("PythonSlicer"),
+        )
+        environment = dict(os.environ)
+        if self.home is not None:
+            environment["SIMILARPATIENTS_HOME"] = str(self.home)
+        return run_query(command, cancelled, environment)
+
 
 class SimilarPatientsTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: the library imports in Slicer's Python and answers a search through the logic."""
@@ -200,6 +359,8 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_neighbors_through_logic()
+        self.setUp()
+        self.test_query_from_image_through_logic()
 
     def test_neighbors_through_logic(self):
         import tempfile
@@ -229,3 +390,47 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
         self.assertNotIn("P3", list(hits.PatientID))
         self.assertTrue(hits.distance.is_monotonic_increasing)
         logging.info("SimilarPatients self-test passed in %s", os.path.basename(home))
+
+    def test_query_from_image_through_logic(self):
+        """Volume and segment nodes → files → child-process query, with the weight-free model."""
+        import tempfile
+
+        import numpy as np
+        import pandas as pd
+        import SimpleITK as sitk
+
+        self.assertTrue(ensure_requirements(ask=False))
+        from SimilarPatientsLib import ReferenceStore, schema
+        from SimilarPatientsLib.embedder import Embedder
+        from SimilarPatientsLib.tumor import from_binary_mask
+
+        def ct_with_sphere(radius):
+            z, y, x = np.mgrid[:48, :64, :64]
+            inside = (x - 32) ** 2 + (y - 32) ** 2 + ((z - 24) * 1.5) ** 2 <= radius**2
+            return np.where(inside, 40, -850).astype(np.int16), inside.astype(np.uint8)
+
+        embedder, rows = Embedder("TumorDescriptor"), []
+        for radius in (5, 6, 9, 10):
+            values, inside = ct_with_sphere(radius)
+            image, mask = sitk.GetImageFromArray(values), sitk.GetImageFromArray(inside)
+            for item in (image, mask):
+                item.SetSpacing((0.8, 0.8, 1.2))
+            vector = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append({"model": vector.model, "recipe": vector.recipe, "PatientID": f"R{radius}"})
+            rows[-1]["embedding"] = vector.vector
+        home = tempfile.mkdtemp()
+        ReferenceStore(home).write("selftest-image", schema.from_frame(pd.DataFrame(rows)), "self-test")
+
+        values, inside = ct_with_sphere(9.5)
+        volume = slicer.util.addVolumeFromArray(values, ijkToRAS=None, name="SelfTestCT")
+        volume.SetSpacing(0.8, 0.8, 1.2)
+        labelmap = slicer.util.addVolumeFromArray(inside, nodeClassName="vtkMRMLLabelMapVolumeNode")
+        labelmap.SetSpacing(0.8, 0.8, 1.2)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        segment = segmentation.GetSegmentation().GetNthSegmentID(0)
+        hits = SimilarPatientsLogic(home).queryFromImage(
+            volume, "selftest-image", "TumorDescriptor", segmentation=segmentation, segment=segment, k=2
+        )
+        self.assertEqual(set(hits.PatientID), {"R9", "R10"})
+        logging.info("SimilarPatients image-query self-test passed")

@@ -49,6 +49,16 @@ def test_first_use_requirements_match_the_package():
         if isinstance(n, ast.AnnAssign | ast.Assign) and "REQUIREMENTS" in ast.unparse(n)
     )
     assert set(requirements) == dependencies - {"numpy>=1.24"}  # Slicer ships numpy
+    extra = text.split("embed = [")[1].split("]")[0]
+    embed = set(re.findall(r'"([^"]+)"', extra))
+    embed_requirements = next(
+        ast.literal_eval(n.value)
+        for n in module.body
+        if isinstance(n, ast.AnnAssign | ast.Assign)
+        and "EMBED_REQUIREMENTS" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target)
+    )
+    # torch comes from Slicer's PyTorch extension; SimpleITK and pydicom ship with Slicer
+    assert set(embed_requirements) == embed - {"torch>=2.1", "SimpleITK>=2.2", "pydicom>=2.4"}
 
 
 @pytest.fixture
@@ -73,6 +83,7 @@ def slicer_module(monkeypatch):
         "slicer.util": util,
         "slicer.ScriptedLoadableModule": loadable,
         "qt": types.ModuleType("qt"),
+        "vtk": types.ModuleType("vtk"),
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.syspath_prepend(str(MODULE))
@@ -95,3 +106,51 @@ def test_logic_adapter_on_real_reference(slicer_module, nlst_home):
     assert "CTFM" in logic.models("nlst-sybil")
     hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)
     assert len(hits) == 3 and "100242" not in set(hits.PatientID)
+
+
+def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module, tmp_path):
+    """The adapter's file-level query (what the widget runs after writing the nodes to files)."""
+    import numpy as np
+    import pandas as pd
+    import SimpleITK as sitk
+    from conftest import store_frame
+    from SimilarPatientsLib import SimilarPatientsError
+    from SimilarPatientsLib.embedder import Embedder
+    from SimilarPatientsLib.tumor import from_binary_mask
+    from synthetic_ct import KINDS, tumor_ct
+
+    embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(3), []
+    for i in range(3):
+        for kind in KINDS:
+            image, mask, _ = tumor_ct(kind, rng)
+            embedding = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append(
+                {"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}", "kind": kind}
+                | {"embedding": embedding.vector}
+            )
+    store_frame(pd.DataFrame(rows), tmp_path / "home", "tumors")
+    image, mask, centre = tumor_ct("cavitary", rng)
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    logic = slicer_module.SimilarPatientsLogic(tmp_path / "home")
+    hits = logic.queryFiles(tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", k=3)
+    assert len(hits) == 3 and (hits["kind"] == "cavitary").sum() >= 2
+    ras = [-centre[0], -centre[1], centre[2]]
+    by_point = logic.queryFiles(tmp_path / "image.nrrd", "tumors", "TumorDescriptor", point_ras=ras, k=3)
+    assert list(by_point.columns[:3]) == ["rank", "PatientID", "distance"]
+    with pytest.raises(SimilarPatientsError, match="has no model 'CTFM'"):  # the child's own message
+        logic.queryFiles(tmp_path / "image.nrrd", "tumors", "CTFM", mask=tmp_path / "mask.nrrd")
+    with pytest.raises(SimilarPatientsError, match="Cancelled"):
+        logic.queryFiles(
+            tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", cancelled=lambda: True
+        )
+    assert logic.weightsToDownload("TumorDescriptor") is None and logic.licenceToAccept("TumorDescriptor") is None
+
+
+def test_licence_and_download_prompts_follow_the_weights_state(slicer_module, home):
+    logic = slicer_module.SimilarPatientsLogic(home)
+    assert "Noncommercial" in logic.licenceToAccept("VISTA3D")
+    logic.acceptLicence("VISTA3D")
+    assert logic.licenceToAccept("VISTA3D") is None
+    assert logic.licenceToAccept("CTFM") is None  # Apache-2.0: nothing to accept
+    assert logic.weightsToDownload("CTFM").startswith("https://huggingface.co/project-lighter/")
