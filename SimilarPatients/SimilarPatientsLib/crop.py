@@ -37,6 +37,8 @@ class Crop:
     recipe: Recipe
     #: Where the seed lies in ``image`` (continuous voxel index): the centre, unless clamped at a border.
     seed_index: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: True when ``mask`` is the box the tumor was marked with, not its drawn outline.
+    mask_is_box: bool = False
 
 
 def check_inside(image, point: Sequence[float], what: str = "The point") -> None:
@@ -122,6 +124,7 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         tuple(float(v) for v in seed),
         recipe,
         tuple(seed_index),
+        mask is None and box is not None,
     )
 
 

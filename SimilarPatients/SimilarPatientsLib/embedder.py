@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ class Embedding:
     model: str
     recipe: str
     seed: tuple[float, float, float]
-    timings: dict = field(default_factory=dict)
 
 
 class Embedder:
@@ -84,25 +83,19 @@ class Embedder:
         tumors = [tumors] if isinstance(tumors, Tumor) else list(tumors)
         if not tumors:
             raise SimilarPatientsError("No tumor to embed.")
-        start = time.perf_counter()
         crops = [crop(image, t.seed, self.recipe, t.mask, t.box) for t in tumors]
-        crop_seconds = (time.perf_counter() - start) / len(crops)
-        start = time.perf_counter()
-        vectors = self.embed_crops(crops, [t.mask is None and t.box is not None for t in tumors])
-        forward_seconds = (time.perf_counter() - start) / len(crops)
-        return [
-            Embedding(v, self.spec.name, self.recipe.name, t.seed, {"crop": crop_seconds, "forward": forward_seconds})
-            for v, t in zip(vectors, tumors)
-        ]
+        vectors = self.embed_crops(crops)
+        return [Embedding(v, self.spec.name, self.recipe.name, t.seed) for v, t in zip(vectors, tumors)]
 
-    def embed_crops(self, crops: Sequence[Crop], boxed: Sequence[bool] | None = None) -> np.ndarray:
+    def embed_crops(self, crops: Sequence[Crop]) -> np.ndarray:
         """The ``(n, dimension)`` float32 embeddings of prepared crops."""
         if self.network is None:
-            boxed = boxed or [False] * len(crops)
             return np.stack(
                 [
-                    descriptor.describe(c.image, None if b else c.mask, c.mask if b else None, c.seed_index)
-                    for c, b in zip(crops, boxed)
+                    descriptor.describe(
+                        c.image, None if c.mask_is_box else c.mask, c.mask if c.mask_is_box else None, c.seed_index
+                    )
+                    for c in crops
                 ]
             )
         batch = np.stack([c.image for c in crops])[:, None]

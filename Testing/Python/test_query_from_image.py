@@ -85,6 +85,10 @@ def test_query_cli_from_a_dicom_series_and_seg(tumor_reference, tmp_path, monkey
     assert main([*base, "--point", f"{centre[0]}", f"{centre[1]}", f"{centre[2]}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == by_point  # LPS point = the same point given in RAS
 
+    box = ",".join(f"{c + d:.2f}" for d in (-14, 14) for c in centre)
+    assert main([*base, f"--box={box}", "--json"]) == 0  # the box bounds the mask grown from its centre
+    assert sum(h["kind"] == "cavitary" for h in json.loads(capsys.readouterr().out)) >= 4
+
     assert main([*base, "--point=1,2"]) == 2
     assert "--point needs 3 numbers" in capsys.readouterr().err
     assert main([*base, "--point=900,0,0"]) == 2
