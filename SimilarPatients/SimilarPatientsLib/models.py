@@ -43,6 +43,8 @@ class ModelSpec:
         checkpoint: how the upstream weights file holds the network.
         weights: where the weights come from (None: weight-free).
         description: one line for ``models list``.
+        encoder_mb: the encoder's float32 weights in MB (a test checks it against the network): what a
+            download holds at least (the upstream file may add a decoder or heads).
         other_recipes: further recipes the same network can be run with (e.g. FMCIB's own).
     """
 
@@ -53,6 +55,7 @@ class ModelSpec:
     checkpoint: CheckpointFormat | None
     weights: WeightSource | None
     description: str
+    encoder_mb: int = 0
     other_recipes: tuple[Recipe, ...] = field(default=())
 
     def with_recipe(self, name: str | None) -> Recipe:
@@ -84,6 +87,7 @@ MODELS: dict[str, ModelSpec] = {
                 needs_acknowledgement=False,
             ),
             "FMCIB: MONAI 3D ResNet-50 (width x2), self-supervised on 11k CT lesions",
+            738,
             other_recipes=(recipes.FMCIB_ORIGINAL,),
         ),
         ModelSpec(
@@ -99,6 +103,7 @@ MODELS: dict[str, ModelSpec] = {
                 needs_acknowledgement=False,
             ),
             "CT-FM: MONAI SegResEncoder, self-supervised on 148k CT scans",
+            311,
         ),
         ModelSpec(
             "VISTA3D",
@@ -113,6 +118,7 @@ MODELS: dict[str, ModelSpec] = {
                 _NONCOMMERCIAL,
             ),
             "VISTA3D image encoder (MONAI SegResEncoder, 48 filters), segmentation foundation model",
+            700,
         ),
         ModelSpec(
             "SUPREME",
@@ -129,6 +135,7 @@ MODELS: dict[str, ModelSpec] = {
                 _NONCOMMERCIAL,
             ),
             "SuPreM: 3D U-Net encoder, supervised on AbdomenAtlas (2,100 CTs)",
+            28,
         ),
         ModelSpec(
             "ModelsGen",
@@ -143,6 +150,7 @@ MODELS: dict[str, ModelSpec] = {
                 _NONCOMMERCIAL,
             ),
             "Models Genesis: 3D U-Net encoder, self-supervised on chest CT",
+            28,
         ),
         ModelSpec(
             "Voco",
@@ -159,6 +167,7 @@ MODELS: dict[str, ModelSpec] = {
                 needs_acknowledgement=True,
             ),
             "VoCo-H: MONAI Swin transformer (SwinUNETR v2, 192 features), self-supervised on 160k CTs",
+            1187,
         ),
         ModelSpec(
             "TumorDescriptor",
@@ -209,7 +218,11 @@ def summary():
                 "accept": ""
                 if source is None or not source.needs_acknowledgement
                 else ("accepted" if weights.acknowledged(spec.name) else "required"),
-                "size_MB": "" if source is None or source.size is None else f"{source.size / 1e6:.0f}",
+                "weights_MB": ""
+                if source is None
+                else f"≥{spec.encoder_mb}"
+                if source.size is None
+                else f"{source.size / 1e6:.0f}",
                 "weights": present,
             }
         )

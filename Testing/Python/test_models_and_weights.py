@@ -107,6 +107,8 @@ def test_a_checkpoint_in_the_upstream_layout_loads_strictly_and_is_what_runs(nam
     spec = models.get(name)
     torch.manual_seed(0)
     original = spec.build().eval()
+    size = sum(t.numel() * t.element_size() for t in original.state_dict().values())
+    assert round(size / 1e6) == spec.encoder_mb  # what `models list` shows as the least a download holds
     path = upstream_checkpoint(name, original.state_dict(), tmp_path)
     embedder = Embedder(name, weights=path)
     image, tumor = tumor_image
@@ -265,7 +267,7 @@ def test_models_list_shows_licence_size_and_presence(home, tmp_path, capsys):
     assert main(["models", "list", "--json"]) == 0
     rows = {row["model"]: row for row in __import__("json").loads(capsys.readouterr().out)}
     assert rows["CTFM"]["weights"] == "no" and rows["TumorDescriptor"]["weights"] == "not needed"
-    assert rows["VISTA3D"]["accept"] == "required"
+    assert rows["VISTA3D"]["accept"] == "required" and rows["FMCIB"]["weights_MB"] == "≥738"
     upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     cached = weights.cached_path("SUPREME", models.get("SUPREME").weights)
     cached.parent.mkdir(parents=True)
