@@ -77,18 +77,26 @@ def _read_dicom_series(path: Path):
     import SimpleITK as sitk
 
     folder = path if path.is_dir() else path.parent
-    wanted = None if path.is_dir() else pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise SimilarPatientsError(f"{folder} holds no DICOM image series.")
-    if wanted is None and len(series) > 1:
-        raise SimilarPatientsError(
-            f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); give one file of the CT series "
-            f"or a folder with only that series."
-        )
-    uid = wanted or series[0]
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-    modality = str(getattr(pydicom.dcmread(files[0], stop_before_pixels=True), "Modality", "")).upper() or None
+    files_of = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    modality_of = {uid: _modality(files[0]) for uid, files in files_of.items()}
+    if not path.is_dir():
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+    else:
+        ct = [uid for uid in series if modality_of[uid] == "CT"]
+        if len(ct) == 1 or len(series) == 1:
+            uid = ct[0] if ct else series[0]
+        else:
+            listed = ", ".join(f"{uid} ({modality_of[uid] or '?'})" for uid in series)
+            raise SimilarPatientsError(
+                f"{folder} holds {len(series)} DICOM series, {len(ct)} of them CT: {listed}. Give one file of the "
+                f"CT series, or a folder with only that series."
+            )
+    files, modality = files_of.get(uid, []), modality_of.get(uid)
+    if not files:
+        raise SimilarPatientsError(f"{path} is not part of an image series that can be read.")
     if modality == "SEG":
         raise SimilarPatientsError(f"{path} is a DICOM SEG (a segmentation); give it as the tumor mask.")
     reader = sitk.ImageSeriesReader()
@@ -101,6 +109,12 @@ def _read_dicom_series(path: Path):
         raise SimilarPatientsError(f"The series in {folder} has one slice; a tumor crop needs a 3D CT volume.")
     _check_slice_spacing(files, image, folder)
     return image, modality
+
+
+def _modality(file: str) -> str | None:
+    import pydicom
+
+    return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")).upper() or None
 
 
 def _check_slice_spacing(files, image, folder: Path) -> None:

@@ -173,5 +173,8 @@ def _read_dicom_seg(path: Path, segment):
         number = labels[segment]
     if number not in numbers:
         raise SimilarPatientsError(f"{path} has no segment {number}; it has: {described}.")
-    volume = seg.get_volume(segment_numbers=[number], combine_segments=True, dtype="uint8")
+    try:
+        volume = seg.get_volume(segment_numbers=[number], combine_segments=True, dtype="uint8")
+    except (ValueError, RuntimeError) as error:
+        raise SimilarPatientsError(f"Segment {number} of {path} does not form a 3D volume: {error}") from error
     return volume.to_simpleitk()

@@ -305,10 +305,18 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         ct_image.read_ct(tmp_path / "nowhere.nii.gz")
 
     shutil.copytree(tmp_path / "mr", tmp_path / "two" / "mr")
-    write_dicom_series(image, tmp_path / "two" / "ct")
+    datasets = write_dicom_series(image, tmp_path / "two" / "ct")
+    write_dicom_seg(datasets, mask, tmp_path / "two" / "seg.dcm")
     for path in (tmp_path / "two").glob("*/*.dcm"):
         path.rename(tmp_path / "two" / f"{path.parent.name}-{path.name}")
-    with pytest.raises(SimilarPatientsError, match="holds 2 DICOM series"):
+    # one CT among an MR series and a SEG: the CT is the image
+    assert ct_image.read_ct(tmp_path / "two").GetSize() == image.GetSize()
+    write_dicom_series(image, tmp_path / "two" / "ct2")
+    for path in (tmp_path / "two" / "ct2").glob("*.dcm"):
+        path.rename(tmp_path / "two" / f"ct2-{path.name}")
+    with pytest.raises(SimilarPatientsError, match="holds 4 DICOM series, 2 of them CT"):
         ct_image.read_ct(tmp_path / "two")
     ct_file = next((tmp_path / "two").glob("ct-*.dcm"))
     assert ct_image.read_ct(ct_file).GetSize() == image.GetSize()  # one file names its series
+    with pytest.raises(SimilarPatientsError, match="DICOM SEG"):
+        ct_image.read_ct(tmp_path / "two" / "seg.dcm")
