@@ -151,9 +151,18 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="the CT: DICOM series folder (or one of its files), NIfTI, NRRD")
     tumor = parser.add_mutually_exclusive_group(required=True)
     tumor.add_argument("--mask", metavar="PATH", help="tumor mask: labelmap, Slicer .seg.nrrd or DICOM SEG")
-    tumor.add_argument("--point", nargs="+", metavar="X,Y,Z", help="a point on the tumor, LPS mm (--point=X,Y,Z)")
-    tumor.add_argument("--box", nargs="+", metavar="X0,Y0,Z0,X1,Y1,Z1", help="two opposite box corners, LPS mm")
-    parser.add_argument("--segment", help="the mask's segment: name or label value (.seg.nrrd), number (DICOM SEG)")
+    tumor.add_argument(
+        "--point", nargs="+", action="append", metavar="X,Y,Z", help="a point on the tumor, LPS mm (repeatable)"
+    )
+    tumor.add_argument(
+        "--box", nargs="+", action="append", metavar="X0,Y0,Z0,X1,Y1,Z1", help="opposite box corners (repeatable)"
+    )
+    parser.add_argument(
+        "--segment",
+        action="append",
+        help="the mask's segment: name or label value (.seg.nrrd, labelmap), number (DICOM SEG); repeat it for "
+        "several tumors of one patient",
+    )
     parser.add_argument("--ras", action="store_true", help="--point/--box are RAS mm (as Slicer shows them)")
     parser.add_argument("--model", required=True, help="embedding model (see `similar-patients models list`)")
     parser.add_argument("--recipe", help="preprocessing recipe (default: the model's reference recipe)")
@@ -239,18 +248,19 @@ def _numbers(tokens: list[str], count: int, option: str) -> list[float]:
     return numbers
 
 
-def _tumor_and_image(args):
+def _image_and_tumors(args):
+    """The CT and the query patient's tumors (one per --segment, --point or --box)."""
     from . import ct_image, tumor
 
     image = ct_image.read_ct(args.image)
     if args.mask:
-        mark = tumor.from_mask(args.mask, args.segment)
-    elif args.point:
-        mark = tumor.from_point(_numbers(args.point, 3, "--point"), ras=args.ras)
-    else:
-        corners = _numbers(args.box, 6, "--box")
-        mark = tumor.from_box(corners[:3], corners[3:], ras=args.ras)
-    return image, mark
+        return image, [tumor.from_mask(args.mask, segment) for segment in args.segment or [None]]
+    if args.segment:
+        raise SimilarPatientsError("--segment names a segment of --mask; give the mask too.")
+    if args.point:
+        return image, [tumor.from_point(_numbers(p, 3, "--point"), ras=args.ras) for p in args.point]
+    boxes = [_numbers(b, 6, "--box") for b in args.box]
+    return image, [tumor.from_box(c[:3], c[3:], ras=args.ras) for c in boxes]
 
 
 def _embedder(args, progress: _Bars):
@@ -262,17 +272,19 @@ def _embedder(args, progress: _Bars):
 def _embed(args, progress: _Bars) -> None:
     from . import embedding_file
 
-    image, mark = _tumor_and_image(args)
-    embedding = _embedder(args, progress).embed(image, mark)[0]
+    image, tumors = _image_and_tumors(args)
+    embeddings = _embedder(args, progress).embed(image, tumors)
     progress.close()
     if args.out:
-        path = embedding_file.write(embedding, Path(args.out), args.patient)
-        print(
-            f"{embedding.model} ({embedding.recipe}), {len(embedding.vector)} values, seed LPS "
-            f"{', '.join(f'{v:.1f}' for v in embedding.seed)} mm: {path}"
-        )
+        path = embedding_file.write(embeddings, Path(args.out), args.patient)
+        for embedding in embeddings:
+            print(
+                f"{embedding.model} ({embedding.recipe}), {len(embedding.vector)} values, seed LPS "
+                f"{', '.join(f'{v:.1f}' for v in embedding.seed)} mm: {path}"
+            )
     else:
-        print(json.dumps(embedding_file.as_record(embedding)))
+        records = [embedding_file.as_record(e) for e in embeddings]
+        print(json.dumps(records[0] if len(records) == 1 else records))
 
 
 def _query(args, store: ReferenceStore, progress: _Bars) -> None:
@@ -281,18 +293,19 @@ def _query(args, store: ReferenceStore, progress: _Bars) -> None:
     reference = store.open(args.reference)
     spec = models.get(args.model)
     query.check_compatible(reference, spec.name, spec.with_recipe(args.recipe).name, spec.dimension)
-    image, mark = _tumor_and_image(args)
-    embedding, hits = query.search_image(
-        reference, _embedder(args, progress), image, mark, args.k, args.metric, args.where, args.method
+    image, tumors = _image_and_tumors(args)
+    embeddings, hits = query.search_image(
+        reference, _embedder(args, progress), image, tumors, args.k, args.metric, args.where, args.method
     )
     progress.close()
     if args.json:
         print(_json(hits))
         return
-    seed = ", ".join(f"{v:.1f}" for v in embedding.seed)
+    seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in embeddings)
+    what = "the tumor" if len(embeddings) == 1 else f"the {len(embeddings)} tumors"
     print(
-        f"Nearest {len(hits)} patients to the tumor at LPS ({seed}) mm in '{reference.name}', model "
-        f"{embedding.model} ({embedding.recipe}), {args.metric} distance:"
+        f"Nearest {len(hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', model "
+        f"{embeddings[0].model} ({embeddings[0].recipe}), {args.metric} distance:"
     )
     _print_hits(hits, reference.label_fields)
 

@@ -6,6 +6,9 @@ and have the same length; anything else is refused before any work is done.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pandas as pd
 
 from .embedder import Embedder, Embedding
@@ -35,16 +38,16 @@ def search_image(
     reference: Reference,
     embedder: Embedder,
     image,
-    tumor: Tumor,
+    tumors: Tumor | Sequence[Tumor],
     k: int = 5,
     metric: str = "cosine",
     where=None,
     method: str = "auto",
-) -> tuple[Embedding, pd.DataFrame]:
-    """The tumor's embedding and its ``k`` nearest reference patients (the ``neighbors`` hit table)."""
+) -> tuple[list[Embedding], pd.DataFrame]:
+    """The embeddings of the query patient's tumor(s) and its ``k`` nearest reference patients (the
+    ``neighbors`` hit table; with several tumors, patients are ranked as in a search by patient)."""
     check_compatible(reference, embedder.spec.name, embedder.recipe.name, embedder.spec.dimension)
-    embedding = embedder.embed(image, tumor)[0]
-    hits = reference.search(
-        embedder.spec.name, embeddings=embedding.vector[None, :], k=k, metric=metric, where=where, method=method
-    )
-    return embedding, hits
+    embeddings = embedder.embed(image, tumors)
+    vectors = np.stack([e.vector for e in embeddings])
+    hits = reference.search(embedder.spec.name, embeddings=vectors, k=k, metric=metric, where=where, method=method)
+    return embeddings, hits

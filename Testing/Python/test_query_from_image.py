@@ -16,7 +16,7 @@ from SimilarPatientsLib.embedder import Embedder
 from SimilarPatientsLib.hits import HIT_COLUMNS
 from SimilarPatientsLib.query import search_image
 from SimilarPatientsLib.tumor import from_binary_mask
-from synthetic_ct import KINDS, tumor_ct, write_dicom_seg, write_dicom_series
+from synthetic_ct import KINDS, add_tumor, tumor_ct, write_dicom_seg, write_dicom_series
 
 PER_KIND = 8
 
@@ -136,6 +136,34 @@ def test_embed_writes_an_importable_reference_row(tumor_reference, tmp_path, mon
         np.testing.assert_allclose(vectors[0], record["embedding"], rtol=1e-6, atol=1e-6)
     assert main([*base, "--model", "TumorDescriptor", "--out", str(tmp_path / "row.txt")]) == 2
     assert ".json, .parquet or .csv" in capsys.readouterr().err
+
+
+def test_a_patient_with_two_tumors_queries_with_both(tumor_reference, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tumor_reference))
+    rng = np.random.default_rng(31)
+    image, cavity_mask, cavity = tumor_ct("cavitary", rng, size=(128, 96, 64))
+    shifted = np.asarray(cavity) - np.array([40.0, 0.0, 0.0])
+    image, solid_mask = add_tumor(image, "part-solid", shifted, 9.0, rng)
+    labels = sitk.Cast(cavity_mask, sitk.sitkUInt8) + sitk.Cast(solid_mask, sitk.sitkUInt8) * 2
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
+    base = ["--image", str(tmp_path / "ct.nrrd"), "--model", "TumorDescriptor"]
+    two = ["--mask", str(tmp_path / "labels.nrrd"), "--segment", "1", "--segment", "2"]
+    assert main(["query", *base, *two, "--reference", "tumors", "-k", "6", "--json"]) == 0
+    kinds = [h["kind"] for h in json.loads(capsys.readouterr().out)]
+    assert set(kinds) <= {"cavitary", "part-solid"} and len(set(kinds)) == 2, kinds
+    points = [f"--point={c[0]},{c[1]},{c[2]}" for c in (cavity, shifted)]
+    assert main(["query", *base, *points, "--reference", "tumors", "-k", "3"]) == 0
+    assert "Nearest 3 patients to the 2 tumors at LPS" in capsys.readouterr().out
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    assert main(["embed", *base, *two, "--patient", "P2", "--out", str(tmp_path / "p2.parquet")]) == 0
+    assert main(["references", "import", "mine", "--source", str(tmp_path / "p2.parquet")]) == 0
+    vectors, lesions = ReferenceStore().open("mine").patient_embeddings("TumorDescriptor", "P2")
+    assert vectors.shape == (2, 21) and lesions == ["1", "2"]
+    capsys.readouterr()
+    assert main(["embed", *base, points[0], "--segment", "1"]) == 2
+    assert "--segment names a segment of --mask" in capsys.readouterr().err
 
 
 def test_a_point_off_the_tumor_and_an_empty_mask_are_refused(tmp_path):
