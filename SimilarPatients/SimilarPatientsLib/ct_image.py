@@ -23,7 +23,9 @@ def read_ct(source, check_hounsfield: bool = True):
         path = Path(source)
         if not path.exists():
             raise SimilarPatientsError(f"The image {path} does not exist.")
-        image, modality = _read_dicom_series(path) if path.is_dir() or _is_dicom(path) else (_read_file(path), None)
+        image, modality = (
+            _read_dicom_series(path) if path.is_dir() or is_dicom_file(path) else (read_image_file(path), None)
+        )
         where = str(path)
     if modality is not None and modality != "CT":
         raise SimilarPatientsError(
@@ -56,19 +58,21 @@ def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) 
             )
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """True for a DICOM Part 10 file (the "DICM" marker after the 128-byte preamble)."""
     with open(path, "rb") as stream:
         stream.seek(128)
         return stream.read(4) == b"DICM"
 
 
-def _read_file(path: Path):
+def read_image_file(path: Path, what: str = "an image"):
+    """One image file read by SimpleITK; a file it cannot read is our error, naming the file and why."""
     import SimpleITK as sitk
 
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise SimilarPatientsError(f"Cannot read {path} as an image: {_first_line(error)}") from error
+        raise SimilarPatientsError(f"Cannot read {path} as {what}: {_first_line(error)}") from error
 
 
 def _read_dicom_series(path: Path):
@@ -101,13 +105,20 @@ def _read_dicom_series(path: Path):
         raise SimilarPatientsError(f"{path} is a DICOM SEG (a segmentation); give it as the tumor mask.")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice-gap check (no second read)
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise SimilarPatientsError(f"Cannot read the DICOM series in {folder}: {_first_line(error)}") from error
     if len(files) < 2:
         raise SimilarPatientsError(f"The series in {folder} has one slice; a tumor crop needs a 3D CT volume.")
-    _check_slice_spacing(files, image, folder)
+    position = "0020|0032"  # ImagePositionPatient
+    if not all(reader.HasMetaDataKey(i, position) for i in range(len(files))):
+        raise SimilarPatientsError(
+            f"Some slices in {folder} have no ImagePositionPatient; the series cannot be placed."
+        )
+    positions = [[float(v) for v in reader.GetMetaData(i, position).split("\\")] for i in range(len(files))]
+    _check_slice_spacing(positions, image, folder)
     return image, modality
 
 
@@ -117,16 +128,11 @@ def _modality(file: str) -> str | None:
     return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")).upper() or None
 
 
-def _check_slice_spacing(files, image, folder: Path) -> None:
-    """Refuse a series with missing slices (a partial download): uneven gaps would shift every crop."""
-    import pydicom
-
+def _check_slice_spacing(positions: list, image, folder: Path) -> None:
+    """Refuse a series with missing slices (a partial download): uneven gaps would shift every crop.
+    ``positions``: each slice's ImagePositionPatient (LPS mm)."""
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    positions = sorted(
-        float(np.dot(normal, [float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient]))
-        for f in files
-    )
-    gaps = np.diff(positions)
+    gaps = np.diff(sorted(float(np.dot(normal, p)) for p in positions))
     if len(gaps) and (gaps.max() - gaps.min()) > 0.01 * max(abs(gaps.min()), 1e-6) + 1e-3:
         raise SimilarPatientsError(
             f"The series in {folder} has uneven slice gaps ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ct_image import is_dicom_file, read_image_file
 from .errors import SimilarPatientsError
 
 
@@ -50,7 +51,7 @@ def from_mask(source, segment: str | int | None = None) -> Tumor:
         path = Path(source)
         if not path.is_file():
             raise SimilarPatientsError(f"The mask {path} does not exist.")
-        mask = _read_dicom_seg(path, segment) if _is_dicom(path) else _read_labelmap(path, segment)
+        mask = _read_dicom_seg(path, segment) if is_dicom_file(path) else _read_labelmap(path, segment)
     return from_binary_mask(mask)
 
 
@@ -77,19 +78,8 @@ def _lps(point: Sequence[float], ras: bool) -> tuple[float, float, float]:
     return tuple(values)
 
 
-def _is_dicom(path: Path) -> bool:
-    with open(path, "rb") as stream:
-        stream.seek(128)
-        return stream.read(4) == b"DICM"
-
-
 def _read_labelmap(path: Path, segment: str | int | None):
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise SimilarPatientsError(f"Cannot read the mask {path}: {str(error).strip().splitlines()[-1]}") from error
+    image = read_image_file(path, "a tumor mask")
     segments = _slicer_segments(image)
     if segments:
         return _select_slicer_segment(image, segments, segment, path)
