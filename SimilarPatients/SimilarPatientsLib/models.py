@@ -69,7 +69,10 @@ class ModelSpec:
         raise SimilarPatientsError(f"{self.name} has no recipe '{name}'; it has: {known}.")
 
 
-_HF = "https://huggingface.co/{repo}/resolve/main/{file}"
+def _hugging_face(repo: str, file: str, licence: str, needs_acknowledgement: bool) -> WeightSource:
+    """A weights file at the head of a Hugging Face model repository."""
+    return WeightSource(f"https://huggingface.co/{repo}/resolve/main/{file}", file, licence, needs_acknowledgement)
+
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -96,8 +99,8 @@ MODELS: dict[str, ModelSpec] = {
             512,
             _network("segres_encoder"),
             CheckpointFormat(prefixes=("encoder.", "model.encoder.", "")),
-            WeightSource(
-                _HF.format(repo="project-lighter/ct_fm_feature_extractor", file="model.safetensors"),
+            _hugging_face(
+                "project-lighter/ct_fm_feature_extractor",
                 "model.safetensors",
                 "Apache-2.0",
                 needs_acknowledgement=False,
@@ -128,8 +131,8 @@ MODELS: dict[str, ModelSpec] = {
             CheckpointFormat(
                 containers=("net", "state_dict"), prefixes=("module.backbone.", "backbone."), ignore=("up_tr", "out_tr")
             ),
-            WeightSource(
-                _HF.format(repo="MrGiovanni/SuPreM", file="supervised_suprem_unet_2100.pth"),
+            _hugging_face(
+                "MrGiovanni/SuPreM",
                 "supervised_suprem_unet_2100.pth",
                 "SuPreM weights: non-commercial research use (see the source page)",
                 _NONCOMMERCIAL,
@@ -143,8 +146,8 @@ MODELS: dict[str, ModelSpec] = {
             4096,
             _network("UNet3DEncoder", head="genesis"),
             CheckpointFormat(containers=("state_dict",), prefixes=("module.", ""), ignore=("up_tr", "out_tr")),
-            WeightSource(
-                _HF.format(repo="MrGiovanni/ModelsGenesis", file="Genesis_Chest_CT.pt"),
+            _hugging_face(
+                "MrGiovanni/ModelsGenesis",
                 "Genesis_Chest_CT.pt",
                 "Models Genesis: non-commercial research use (see the source page)",
                 _NONCOMMERCIAL,
@@ -160,8 +163,8 @@ MODELS: dict[str, ModelSpec] = {
             CheckpointFormat(
                 containers=("state_dict", "model"), prefixes=("swinViT.", "module.swinViT.", "backbone.swinViT.")
             ),
-            WeightSource(
-                _HF.format(repo="Luffy503/VoCo", file="VoCo_H_SSL_head.pt"),
+            _hugging_face(
+                "Luffy503/VoCo",
                 "VoCo_H_SSL_head.pt",
                 "not confirmed offline: read the source page before use",
                 needs_acknowledgement=True,
