@@ -124,11 +124,13 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
 
         def progress(done, total, message):
+            from SimilarPatientsLib import Cancelled
+
             dialog.labelText = message
             dialog.value = int(100 * done / total) if total else 0
             slicer.app.processEvents()
             if dialog.wasCanceled:
-                raise RuntimeError("Cancelled.")
+                raise Cancelled()
 
         return dialog, progress
 
@@ -212,11 +214,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showHits(self.hits)
 
     def showHits(self, hits):
-        columns = [
-            c
-            for c in ["rank", "PatientID", "distance", "histology", "stage", "age", "sex", "smoking", "collection_id"]
-            if c in hits.columns
-        ]
+        fields = self.logic.displayFields(self.ui.referenceComboBox.currentText)
+        columns = [c for c in ["rank", "PatientID", "distance", *fields, "collection_id"] if c in hits.columns]
         table = self.ui.resultsTable
         table.clear()
         table.setColumnCount(len(columns))
@@ -254,8 +253,12 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def models(self, reference):
         return self.store().open(reference).models
 
+    def displayFields(self, reference):
+        """The label fields the reference declares for people to see, in order."""
+        return self.store().open(reference).display_fields if reference else []
+
     def nlstLocalCopy(self):
-        from SimilarPatientsLib.nlst_sybil import find_local_copy
+        from SimilarPatientsLib.references.nlst_sybil import find_local_copy
 
         return find_local_copy()
 
@@ -265,26 +268,25 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def neighbors(self, reference, model, patient, k=5, metric="cosine"):
         return self.store().open(reference).search(model, patient=patient, k=k, metric=metric, exclude=[patient])
 
+    def weightStatus(self, model):
+        from SimilarPatientsLib import models
+
+        return models.status(model, models.get(model).weights)
+
     def licenceToAccept(self, model):
         """The weight licence the user must accept before ``model``'s weights are fetched, or None."""
-        from SimilarPatientsLib import models, weights
-
-        source = models.get(model).weights
-        if source is None or not source.needs_acknowledgement or weights.acknowledged(model):
-            return None
-        return None if weights.find_present(model, source) else source.licence
+        state = self.weightStatus(model)
+        return state.source.licence if state.needs_acceptance else None
 
     def acceptLicence(self, model):
-        from SimilarPatientsLib import weights
+        from SimilarPatientsLib.models import weights
 
         weights.acknowledge(model)
 
     def weightsToDownload(self, model):
         """The URL ``model``'s weights would be downloaded from, or None when they are here (or not needed)."""
-        from SimilarPatientsLib import models, weights
-
-        source = models.get(model).weights
-        return None if source is None or weights.find_present(model, source) else source.url
+        state = self.weightStatus(model)
+        return state.source.url if state.needs_download else None
 
     def queryFromImage(self, volume, reference, model, segmentation=None, segment=None, point=None, **options):
         """Nearest reference patients to a tumor in a volume node, marked by a segment or the first point of a
@@ -332,7 +334,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         """Run the image query in a child process (Slicer's Python) and return its hits."""
         import shutil
 
-        from SimilarPatientsLib.query_process import query_command, run_query
+        from SimilarPatientsLib.scene.process import query_command, run_query
 
         command = query_command(
             image,
@@ -369,7 +371,8 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
         import pandas as pd
 
         self.assertTrue(ensure_requirements(ask=False))
-        from SimilarPatientsLib import ReferenceStore, schema
+        from SimilarPatientsLib import ReferenceStore
+        from SimilarPatientsLib.references import schema
 
         home = tempfile.mkdtemp()
         rng = np.random.default_rng(0)
@@ -400,9 +403,10 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
         import SimpleITK as sitk
 
         self.assertTrue(ensure_requirements(ask=False))
-        from SimilarPatientsLib import ReferenceStore, schema
-        from SimilarPatientsLib.embedder import Embedder
-        from SimilarPatientsLib.tumor import from_binary_mask
+        from SimilarPatientsLib import ReferenceStore
+        from SimilarPatientsLib.imaging.tumor import from_binary_mask
+        from SimilarPatientsLib.models.embedder import Embedder
+        from SimilarPatientsLib.references import schema
 
         def ct_with_sphere(radius):
             z, y, x = np.mgrid[:48, :64, :64]

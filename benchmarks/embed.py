@@ -50,10 +50,10 @@ def make_study(folder: Path) -> list:
 def cache_weights(name: str) -> None:
     """Random weights in the model's upstream layout, in the data home's cache (as a download leaves them)."""
     import torch
-    from SimilarPatientsLib import models, weights
+    from SimilarPatientsLib.models import registry, weights
     from synthetic_weights import upstream_checkpoint
 
-    spec = models.get(name)
+    spec = registry.get(name)
     if spec.weights is None:
         return
     torch.manual_seed(0)
@@ -65,16 +65,17 @@ def cache_weights(name: str) -> None:
 def run_model(name: str, folder: Path, tumors: list, repeats: int) -> dict:
     """Time one model in this process (called in a child process per model)."""
     import torch
-    from SimilarPatientsLib import ct_image, models, tumor
-    from SimilarPatientsLib.crop import crop
-    from SimilarPatientsLib.embedder import Embedder
+    from SimilarPatientsLib.imaging import ct_image, tumor
+    from SimilarPatientsLib.imaging.crop import crop
+    from SimilarPatientsLib.models import registry
+    from SimilarPatientsLib.models.embedder import Embedder
 
     torch.set_num_threads(2)
-    spec = models.get(name)
+    spec = registry.get(name)
     start = time.perf_counter()
     if spec.build is not None:
         import monai.networks.nets  # noqa: F401  (imported once per process, timed apart from the load)
-        import SimilarPatientsLib.networks  # noqa: F401
+        import SimilarPatientsLib.models.networks  # noqa: F401
     imports = time.perf_counter() - start
     start = time.perf_counter()
     embedder = Embedder(name, accept_licence=True)
@@ -148,8 +149,8 @@ def reference_pipeline(folder: Path, tumors: list, repeats: int = 3) -> dict:
     crop, orient, window, pad; the read excluded) against ours, on the same CT and seeds, one process."""
     import warnings
 
-    from SimilarPatientsLib import ct_image, recipes, tumor
-    from SimilarPatientsLib.crop import crop
+    from SimilarPatientsLib.imaging import ct_image, recipes, tumor
+    from SimilarPatientsLib.imaging.crop import crop
     from test_crop_and_inputs import tumorimagingbench_pipeline
 
     warnings.filterwarnings("ignore")
@@ -174,10 +175,10 @@ def gpu_throughput(name: str, batches=(1, 32, 128), seconds: float = 3.0) -> lis
     from functools import partial
 
     import torch
-    from SimilarPatientsLib import models
-    from SimilarPatientsLib.embedder import Embedder
+    from SimilarPatientsLib.models import registry
+    from SimilarPatientsLib.models.embedder import Embedder
 
-    spec = models.get(name)
+    spec = registry.get(name)
     rows = []
     for precision in ("fp32", "bf16"):
         embedder = Embedder(name, accept_licence=True, device="cuda", precision=precision, batch_size=max(batches))

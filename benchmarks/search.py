@@ -49,7 +49,8 @@ def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def build(home: str, n: int, dim: int) -> dict:
-    from SimilarPatientsLib import ReferenceStore, schema
+    from SimilarPatientsLib import ReferenceStore
+    from SimilarPatientsLib.references import schema
 
     vectors = synthetic(n, dim, seed=0)
     lesions = pd.DataFrame(

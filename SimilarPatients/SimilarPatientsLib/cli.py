@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__, demo, projection, schema, tasks
+from . import __version__, demo
 from .errors import SimilarPatientsError
-from .reference import METHODS
-from .search import METRICS
-from .store import ReferenceStore
+from .evaluation import tasks
+from .maps import projection
+from .references import schema
+from .references.reference import METHODS
+from .references.store import ReferenceStore
+from .search.distances import METRICS
 
 #: Columns a person reads in a hit table; the rest are in --json.
 _HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "distance", "lesions", schema.COLLECTION]
@@ -85,11 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     explore.add_argument("--model", nargs="+", metavar="MODEL", help="models to map (default: all)")
     explore.add_argument("--method", choices=projection.METHODS, default="umap", help="2-D projection (default umap)")
     explore.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
-    explore.add_argument("--color-by", metavar="FIELD", help="label field to colour by (default histology)")
+    explore.add_argument(
+        "--color-by", metavar="FIELD", help="label field to colour by (default: the reference's first display field)"
+    )
     explore.add_argument(
         "--graph", type=int, default=0, metavar="K", help="draw edges to each lesion's K nearest lesions (default 0)"
     )
-    explore.add_argument("--neighbours", type=int, default=5, help="patients the search box highlights (default 5)")
+    explore.add_argument(
+        "--neighbors",
+        "--neighbours",
+        dest="neighbors",
+        type=int,
+        default=5,
+        help="patients the search box highlights (default 5)",
+    )
     explore.add_argument("--seed", type=int, default=0)
     explore.add_argument("--out", required=True, help="the HTML file to write")
     explore.add_argument("--png", metavar="FILE", help="also write a static figure (PNG, PDF or SVG)")
@@ -248,32 +260,27 @@ def _numbers(tokens: list[str], count: int, option: str) -> list[float]:
     return numbers
 
 
-def _image_and_tumors(args):
-    """The CT and the query patient's tumors (one per --segment, --point or --box)."""
-    from . import ct_image, tumor
+def _tumors(args) -> list:
+    """The query patient's tumors as the options mark them (one per --segment, --point or --box)."""
+    from .imaging.tumor import tumors_from
 
-    image = ct_image.read_ct(args.image)
-    if args.mask:
-        return image, [tumor.from_mask(args.mask, segment) for segment in args.segment or [None]]
-    if args.segment:
-        raise SimilarPatientsError("--segment names a segment of --mask; give the mask too.")
-    if args.point:
-        return image, [tumor.from_point(_numbers(p, 3, "--point"), ras=args.ras) for p in args.point]
-    boxes = [_numbers(b, 6, "--box") for b in args.box]
-    return image, [tumor.from_box(c[:3], c[3:], ras=args.ras) for c in boxes]
-
-
-def _embedder(args, progress: _Bars):
-    from .embedder import Embedder
-
-    return Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
+    return tumors_from(
+        mask=args.mask,
+        segments=args.segment,
+        points=[_numbers(p, 3, "--point") for p in args.point or []],
+        boxes=[_numbers(b, 6, "--box") for b in args.box or []],
+        ras=args.ras,
+    )
 
 
 def _embed(args, progress: _Bars) -> None:
-    from . import embedding_file
+    from .imaging.ct_image import read_ct
+    from .models import embedding_file
+    from .models.embedder import Embedder
 
-    image, tumors = _image_and_tumors(args)
-    embeddings = _embedder(args, progress).embed(image, tumors)
+    image, tumors = read_ct(args.image), _tumors(args)
+    embedder = Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
+    embeddings = embedder.embed(image, tumors)
     progress.close()
     if args.out:
         path = embedding_file.write(embeddings, Path(args.out), args.patient)
@@ -288,45 +295,54 @@ def _embed(args, progress: _Bars) -> None:
 
 
 def _query(args, store: ReferenceStore, progress: _Bars) -> None:
-    from . import models, query
+    from .query import query_image
 
     reference = store.open(args.reference)
-    spec = models.get(args.model)
-    query.check_compatible(reference, spec.name, spec.with_recipe(args.recipe).name, spec.dimension)
-    image, tumors = _image_and_tumors(args)
-    embeddings, hits = query.search_image(
-        reference, _embedder(args, progress), image, tumors, args.k, args.metric, args.where, args.method
+    result = query_image(
+        args.image,
+        _tumors(args),
+        args.model,
+        reference,
+        args.k,
+        args.metric,
+        args.where,
+        args.method,
+        recipe=args.recipe,
+        weights=args.weights,
+        accept_licence=args.accept_licence,
+        device=args.device,
+        progress=progress,
     )
     progress.close()
     if args.json:
-        print(_json(hits))
+        print(_json(result.hits))
         return
-    seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in embeddings)
-    what = "the tumor" if len(embeddings) == 1 else f"the {len(embeddings)} tumors"
+    seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in result.embeddings)
+    what = "the tumor" if len(result.embeddings) == 1 else f"the {len(result.embeddings)} tumors"
     print(
-        f"Nearest {len(hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', model "
-        f"{embeddings[0].model} ({embeddings[0].recipe}), {args.metric} distance:"
+        f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', model "
+        f"{result.model} ({result.recipe}), {args.metric} distance:"
     )
-    _print_hits(hits, reference.label_fields)
+    _print_hits(result.hits, reference.label_fields)
 
 
 def _models(args) -> None:
-    from . import models, weights
+    from .models import registry, weights
 
     if args.action == "accept":
-        spec = models.get(args.name)
+        spec = registry.get(args.name)
         if spec.weights is None:
             print(f"{spec.name} needs no weights.")
             return
         weights.acknowledge(spec.name)
         print(f"Accepted for {spec.name}: {spec.weights.licence} ({spec.weights.url}).")
         return
-    table = models.summary()
+    table = registry.summary()
     if args.json:
         print(_json(table))
     else:
         print(table.to_string(index=False))
-        for name, reason in models.NOT_AVAILABLE.items():
+        for name, reason in registry.NOT_AVAILABLE.items():
             print(f"not available: {name}: {reason}")
 
 
@@ -336,43 +352,41 @@ def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
     for note in result.notes:
         print(f"note: {note}")
     labels = ", ".join(
-        f"{f} {result.query[f]}"
-        for f in ("histology", "stage", "age", "sex", "smoking")
-        if f in result.query and pd.notna(result.query[f])
+        f"{f} {result.query[f]}" for f in result.display_fields if f in result.query and pd.notna(result.query[f])
     )
     print(f"Query patient {result.patient} (NLST-Sybil): {labels}\n")
     for model, hits in result.hits.items():
         print(f"== {model}: {len(hits)} nearest patients ({args.metric} distance)")
-        columns = ["rank", schema.PATIENT, "histology", "stage", "distance", "viewer_url"]
+        columns = ["rank", schema.PATIENT, *result.display_fields[:2], "distance", "viewer_url"]
         print(_table(hits[columns], digits=4) + "\n")
     print(result.reading())
 
 
 def _explore(args, store: ReferenceStore, progress: _Bars) -> None:
-    from . import explore, map_figure, map_page
+    from .maps import embedding_map, figure, page
 
     reference = store.open(args.reference)
-    embedding_map = explore.build(
+    the_map = embedding_map.build(
         reference,
         args.model,
         method=args.method,
         metric=args.metric,
         color_by=args.color_by,
         graph=args.graph,
-        neighbours=args.neighbours,
+        neighbours=args.neighbors,
         seed=args.seed,
         progress=progress,
     )
     progress.close()
-    page = map_page.write(embedding_map, Path(args.out))
-    lesions = sum(len(layer.rows) for layer in embedding_map.layers)
-    print(f"Map of {len(embedding_map.layers)} model(s), {lesions} points: {page}")
+    written = page.write(the_map, Path(args.out))
+    lesions = sum(len(layer.rows) for layer in the_map.layers)
+    print(f"Map of {len(the_map.layers)} model(s), {lesions} points: {written}")
     if args.png:
-        print(f"Figure: {map_figure.write(embedding_map, Path(args.png))}")
+        print(f"Figure: {figure.write(the_map, Path(args.png))}")
 
 
 def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
-    from . import evaluation, report
+    from .evaluation import report, run
 
     reference = store.open(args.reference)
     chosen = tasks.resolve(args.task)
@@ -387,10 +401,10 @@ def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
             raise SimilarPatientsError(
                 f"Name a task: --label FIELD --positive VALUE ... (fields: {', '.join(reference.label_fields)})."
             )
-    settings = evaluation.Settings(
+    settings = run.Settings(
         folds=args.folds, repeats=args.repeats, permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed
     )
-    result = evaluation.evaluate(reference, chosen, args.models, settings, progress, workers=args.workers)
+    result = run.evaluate(reference, chosen, args.models, settings, progress, workers=args.workers)
     progress.close()
     path = report.write(result, Path(args.out))
     for task in chosen:

@@ -8,11 +8,11 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from . import schema
 from .errors import SimilarPatientsError
 from .progress import ProgressCallback, report
-from .reference import Reference
-from .store import ReferenceStore
+from .references import schema
+from .references.reference import Reference
+from .references.store import ReferenceStore
 
 REFERENCE = "nlst-sybil"
 
@@ -36,10 +36,12 @@ class DemoResult:
     hits: dict[str, pd.DataFrame]
     agreement: Agreement
     notes: list[str] = field(default_factory=list)
+    display_fields: list[str] = field(default_factory=list)  # the reference's, in order
+    label: str | None = None  # the field the neighbours' agreement with the query is measured on
 
-    def reading(self, label: str = "histology") -> str:
+    def reading(self) -> str:
         """One paragraph in plain words on how much the models agree."""
-        a, models = self.agreement, list(self.hits)
+        a, models, label = self.agreement, list(self.hits), self.label
         k = max(len(h) for h in self.hits.values())
         pairs = sorted(a.spearman.items(), key=lambda item: item[1])
         rhos = np.array([r for _, r in pairs])
@@ -91,10 +93,11 @@ def run(
     patient: str | None = None,
     k: int = 5,
     metric: str = "cosine",
-    label: str = "histology",
+    label: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> DemoResult:
-    """Import NLST-Sybil if needed, then query every model with one patient."""
+    """Import NLST-Sybil if needed, then query every model with one patient. ``label``: the field whose
+    agreement with the query is reported (default: the reference's first display field)."""
     notes = []
     if REFERENCE not in store:
         reference = store.import_reference(REFERENCE, REFERENCE, progress)
@@ -111,7 +114,10 @@ def run(
     report(progress, len(models), len(models), "searched")
     lesions = reference.lesions(models[0])
     query = lesions[lesions[schema.PATIENT] == patient].iloc[0]
-    return DemoResult(patient, query, hits, _agreement(hits, rankings, lesions, query, label, k), notes)
+    fields = reference.display_fields
+    label = label or (fields[0] if fields else None)
+    agreement = _agreement(hits, rankings, lesions, query, label, k)
+    return DemoResult(patient, query, hits, agreement, notes, fields, label)
 
 
 def _agreement(
@@ -119,7 +125,7 @@ def _agreement(
     rankings: dict[str, pd.Series],
     lesions: pd.DataFrame,
     query: pd.Series,
-    label: str,
+    label: str | None,
     k: int,
 ) -> Agreement:
     models = list(hits)
@@ -134,7 +140,7 @@ def _agreement(
         joined = pd.concat([rankings[a], rankings[b]], axis=1, join="inner").rank()
         spearman[(a, b)] = float(np.corrcoef(joined.iloc[:, 0], joined.iloc[:, 1])[0, 1])
     match = base = None
-    if label in lesions.columns and pd.notna(query.get(label)):
+    if label is not None and label in lesions.columns and pd.notna(query.get(label)):
         listed = pd.concat([hits[m][label] for m in models])
         match = float((listed == query[label]).mean())
         per_patient = lesions.drop_duplicates(schema.PATIENT)

@@ -103,7 +103,8 @@ def planted_frame(n_patients=60, signal=3.0, lesions=(1, 3), dim=24, models=("A"
 
 def store_frame(frame: pd.DataFrame, home: Path, name: str = "synthetic"):
     """Write ``frame`` as reference ``name`` in a data home and open it."""
-    from SimilarPatientsLib import ReferenceStore, schema
+    from SimilarPatientsLib import ReferenceStore
+    from SimilarPatientsLib.references import schema
 
     return ReferenceStore(home).write(name, schema.from_frame(frame), "test")
 

@@ -10,8 +10,9 @@ import warnings
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from SimilarPatientsLib import SimilarPatientsError, ct_image, recipes, tumor
-from SimilarPatientsLib.crop import crop
+from SimilarPatientsLib import SimilarPatientsError
+from SimilarPatientsLib.imaging import ct_image, recipes, tumor
+from SimilarPatientsLib.imaging.crop import crop
 from synthetic_ct import blank_ct, physical_grid, tumor_ct, write_dicom_seg, write_dicom_series
 
 RECIPES = {

@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import planted_frame, store_frame
-from SimilarPatientsLib import SimilarPatientsError, evaluation, metrics, report, tasks
-from SimilarPatientsLib.classifiers import FoldInput
-from SimilarPatientsLib.cohort import Cohort
-from SimilarPatientsLib.folds import patient_folds
-from SimilarPatientsLib.tasks import Task
+from SimilarPatientsLib import SimilarPatientsError, evaluation
+from SimilarPatientsLib.evaluation import metrics, report, tasks
+from SimilarPatientsLib.evaluation.classifiers import FoldInput
+from SimilarPatientsLib.evaluation.cohort import Cohort
+from SimilarPatientsLib.evaluation.folds import patient_folds
+from SimilarPatientsLib.evaluation.tasks import Task
 from sklearn.metrics import roc_auc_score
 
 FAST = evaluation.Settings(repeats=2, permutations=19, bootstrap=200, chance_draws=5)

@@ -12,10 +12,11 @@ import time
 import numpy as np
 import pytest
 from conftest import planted_frame, store_frame
-from SimilarPatientsLib import SimilarPatientsError, explore, map_figure, map_page, projection
+from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cli import main
-from SimilarPatientsLib.cohort import pairwise_distances
 from SimilarPatientsLib.idc import viewer_url
+from SimilarPatientsLib.maps import embedding_map, figure, page, projection
+from SimilarPatientsLib.search import pairwise_distances
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -54,9 +55,9 @@ def _page_data(path) -> dict:
 
 
 def test_map_layers_hold_every_lesion_and_real_nearest_edges(reference):
-    embedding_map = explore.build(reference, method="pca", graph=3, neighbours=4)
-    assert [layer.model for layer in embedding_map.layers] == ["A", "B"]
-    for layer in embedding_map.layers:
+    the_map = embedding_map.build(reference, method="pca", graph=3, neighbours=4)
+    assert [layer.model for layer in the_map.layers] == ["A", "B"]
+    for layer in the_map.layers:
         lesions = reference.lesions(layer.model)
         assert sorted(layer.rows.tolist()) == list(range(len(lesions)))
         assert layer.xy.shape == (len(lesions), 2) and np.isfinite(layer.xy).all()
@@ -73,7 +74,7 @@ def test_map_layers_hold_every_lesion_and_real_nearest_edges(reference):
 
 
 def test_page_holds_every_point_and_url_and_needs_no_network(reference, tmp_path):
-    path = map_page.write(explore.build(reference, method="pca", graph=2), tmp_path / "map.html")
+    path = page.write(embedding_map.build(reference, method="pca", graph=2), tmp_path / "map.html")
     text = path.read_text()
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", text)  # plotly.js and data are inline
     data = _page_data(path)
@@ -89,7 +90,7 @@ def test_page_opens_clicks_and_searches_in_chromium(reference, tmp_path, browser
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    path = map_page.write(explore.build(reference, method="pca", graph=2), tmp_path / "map.html")
+    path = page.write(embedding_map.build(reference, method="pca", graph=2), tmp_path / "map.html")
     data = _page_data(path)
     browser.get(path.as_uri())
     deadline = time.time() + 30
@@ -155,17 +156,17 @@ def test_bad_map_requests_are_refused(reference):
     with pytest.raises(SimilarPatientsError, match="at least 4 lesions"):
         projection.project(np.ones((3, 3)), "pca")
     with pytest.raises(SimilarPatientsError, match="Cannot colour by 'stage'"):
-        explore.build(reference, method="pca", color_by="stage")
+        embedding_map.build(reference, method="pca", color_by="stage")
     with pytest.raises(SimilarPatientsError, match="--graph must be ≥ 0"):
-        explore.build(reference, method="pca", graph=-1)
+        embedding_map.build(reference, method="pca", graph=-1)
     with pytest.raises(SimilarPatientsError, match="no model 'C'"):
-        explore.build(reference, models=["C"], method="pca")
+        embedding_map.build(reference, models=["C"], method="pca")
 
 
 @pytest.mark.parametrize("color_by", ["histology", "age"])
 def test_figure_is_written(reference, tmp_path, color_by):
-    embedding_map = explore.build(reference, method="pca", color_by=color_by)
-    path = map_figure.write(embedding_map, tmp_path / "figures" / "map.png", dpi=60)
+    the_map = embedding_map.build(reference, method="pca", color_by=color_by)
+    path = figure.write(the_map, tmp_path / "figures" / "map.png", dpi=60)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["map.png"]
 

@@ -8,11 +8,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from SimilarPatientsLib import SimilarPatientsError, checkpoints, models, networks, weights
+from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cli import main
-from SimilarPatientsLib.crop import crop
-from SimilarPatientsLib.embedder import Embedder
-from SimilarPatientsLib.tumor import from_binary_mask
+from SimilarPatientsLib.imaging.crop import crop
+from SimilarPatientsLib.imaging.tumor import from_binary_mask
+from SimilarPatientsLib.models import checkpoints, networks, registry, weights
+from SimilarPatientsLib.models.embedder import Embedder
 from synthetic_ct import tumor_ct
 from synthetic_weights import upstream_checkpoint
 
@@ -46,7 +47,7 @@ def test_vista3d_encoder_keys_are_those_under_image_encoder_encoder_in_monai_vis
     upstream = vista3d132().state_dict()
     prefix = "image_encoder.encoder."
     encoder = {k[len(prefix) :]: v for k, v in upstream.items() if k.startswith(prefix)}
-    assert shapes(models.get("VISTA3D").build().state_dict()) == shapes(encoder)
+    assert shapes(registry.get("VISTA3D").build().state_dict()) == shapes(encoder)
 
 
 def test_unet3d_encoder_keys_are_the_models_genesis_names():
@@ -78,7 +79,7 @@ def test_voco_encoder_keys_are_those_of_swin_unetr_v2_swinvit():
 
 def test_every_network_makes_its_registered_embedding_length():
     crops = {}
-    for spec in models.MODELS.values():
+    for spec in registry.MODELS.values():
         if spec.build is None or spec.name == "Voco":
             continue  # VoCo's 295M parameters: covered by the checkpoint test below
         network = spec.build().eval()
@@ -104,7 +105,7 @@ def tumor_image():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["FMCIB", "CTFM", "VISTA3D", "SUPREME", "ModelsGen", "Voco"])
 def test_a_checkpoint_in_the_upstream_layout_loads_strictly_and_is_what_runs(name, tmp_path, home, tumor_image):
-    spec = models.get(name)
+    spec = registry.get(name)
     torch.manual_seed(0)
     original = spec.build().eval()
     size = sum(t.numel() * t.element_size() for t in original.state_dict().values())
@@ -158,7 +159,9 @@ def test_corrupt_or_partial_weights_are_refused_with_what_to_do(tmp_path, home):
 
 
 def test_offline_without_weights_says_how_to_supply_them(home, monkeypatch):
-    monkeypatch.setitem(models.MODELS, "CTFM", _with_url(models.MODELS["CTFM"], "http://127.0.0.1:9/model.safetensors"))
+    monkeypatch.setitem(
+        registry.MODELS, "CTFM", _with_url(registry.MODELS["CTFM"], "http://127.0.0.1:9/model.safetensors")
+    )
     with pytest.raises(SimilarPatientsError) as error:
         Embedder("CTFM")
     message = str(error.value)
@@ -181,7 +184,7 @@ def test_noncommercial_weights_need_acknowledgement_then_download_resumes_and_ca
     data = path.read_bytes()
     handler.files["/Genesis_Chest_CT.pt"] = data
     monkeypatch.setitem(
-        models.MODELS, "ModelsGen", _with_url(models.MODELS["ModelsGen"], base + "/Genesis_Chest_CT.pt", len(data))
+        registry.MODELS, "ModelsGen", _with_url(registry.MODELS["ModelsGen"], base + "/Genesis_Chest_CT.pt", len(data))
     )
     with pytest.raises(SimilarPatientsError, match=r"non-commercial.*similar-patients models accept ModelsGen"):
         Embedder("ModelsGen")
@@ -193,7 +196,7 @@ def test_noncommercial_weights_need_acknowledgement_then_download_resumes_and_ca
         Embedder("ModelsGen")
     embedder = Embedder("ModelsGen")
     assert handler.ranges == [f"bytes={len(data) // 3}-"]
-    cached = weights.cached_path("ModelsGen", models.get("ModelsGen").weights)
+    cached = weights.cached_path("ModelsGen", registry.get("ModelsGen").weights)
     assert cached.read_bytes() == data
     handler.files.clear()  # from now on the cache serves
     again = Embedder("ModelsGen")
@@ -206,7 +209,7 @@ def test_accept_licence_flag_records_the_acknowledgement(home, server, tmp_path,
     handler, base = server
     path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     handler.files["/s.pth"] = path.read_bytes()
-    monkeypatch.setitem(models.MODELS, "SUPREME", _with_url(models.MODELS["SUPREME"], base + "/s.pth"))
+    monkeypatch.setitem(registry.MODELS, "SUPREME", _with_url(registry.MODELS["SUPREME"], base + "/s.pth"))
     Embedder("SUPREME", accept_licence=True)
     assert weights.acknowledged("SUPREME")
 
@@ -239,7 +242,8 @@ def test_out_of_gpu_memory_falls_back_to_cpu(home, tmp_path):
     torch.manual_seed(0)
     path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
     embedder = Embedder("SUPREME", weights=path)
-    network = embedder.network
+    encoder = embedder.encoder
+    network = encoder.network
 
     class Exhausted(torch.nn.Module):
         def __init__(self):
@@ -251,9 +255,9 @@ def test_out_of_gpu_memory_falls_back_to_cpu(home, tmp_path):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             return self.inner(x)
 
-    expected = embedder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
-    embedder.network, embedder.device = Exhausted(), "meta"
-    got = embedder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
+    expected = encoder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
+    encoder.network, encoder.device = Exhausted(), "meta"
+    got = encoder.forward(np.zeros((1, 1, 48, 48, 48), np.float32))
     assert embedder.device == "cpu"
     np.testing.assert_array_equal(got, expected)
 
@@ -269,7 +273,7 @@ def test_models_list_shows_licence_size_and_presence(home, tmp_path, capsys):
     assert rows["CTFM"]["weights"] == "no" and rows["TumorDescriptor"]["weights"] == "not needed"
     assert rows["VISTA3D"]["accept"] == "required" and rows["FMCIB"]["weights_MB"] == "≥738"
     upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
-    cached = weights.cached_path("SUPREME", models.get("SUPREME").weights)
+    cached = weights.cached_path("SUPREME", registry.get("SUPREME").weights)
     cached.parent.mkdir(parents=True)
     (tmp_path / "supervised_suprem_unet_2100.pth").rename(cached)
     assert main(["models", "list", "--json"]) == 0
@@ -279,11 +283,11 @@ def test_models_list_shows_licence_size_and_presence(home, tmp_path, capsys):
 
 def test_unknown_and_unavailable_models_and_recipes_are_named():
     with pytest.raises(SimilarPatientsError, match="Unknown model 'ResNet'; available: FMCIB"):
-        models.get("ResNet")
+        registry.get("ResNet")
     with pytest.raises(SimilarPatientsError, match="PASTA cannot be run here"):
-        models.get("PASTA")
-    assert models.get("fmcib").with_recipe("fmcib-original").size == (50, 50, 50)
+        registry.get("PASTA")
+    assert registry.get("fmcib").with_recipe("fmcib-original").size == (50, 50, 50)
     with pytest.raises(
         SimilarPatientsError, match="FMCIB has no recipe 'x'; it has: tumorimagingbench, fmcib-original"
     ):
-        models.get("FMCIB").with_recipe("x")
+        registry.get("FMCIB").with_recipe("x")

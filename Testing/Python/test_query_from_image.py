@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from conftest import store_frame, synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, schema
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, query_image
 from SimilarPatientsLib.cli import main
-from SimilarPatientsLib.embedder import Embedder
-from SimilarPatientsLib.hits import HIT_COLUMNS
-from SimilarPatientsLib.query import search_image
-from SimilarPatientsLib.tumor import from_binary_mask
+from SimilarPatientsLib.imaging.tumor import from_binary_mask
+from SimilarPatientsLib.models.embedder import Embedder
+from SimilarPatientsLib.references import schema
+from SimilarPatientsLib.references.hits import HIT_COLUMNS
 from synthetic_ct import KINDS, add_tumor, tumor_ct, write_dicom_seg, write_dicom_series
 
 PER_KIND = 8
@@ -55,7 +55,7 @@ def test_new_tumors_find_their_own_kind(tumor_reference):
         scores = []
         for _ in range(3):
             image, mask, _ = tumor_ct(kind, rng)
-            _, hits = search_image(reference, embedder, image, from_binary_mask(mask), k=5)
+            hits = query_image(image, from_binary_mask(mask), embedder, reference, k=5).hits
             assert list(hits.columns[: len(HIT_COLUMNS)]) == list(HIT_COLUMNS)
             scores.append(float((hits["kind"] == kind).mean()))
         precision[kind] = float(np.mean(scores))
@@ -131,8 +131,8 @@ def test_embed_writes_an_importable_reference_row(tumor_reference, tmp_path, mon
         assert "TumorDescriptor (descriptor-v1), 21 values" in capsys.readouterr().out
         assert main(["references", "import", f"mine-{suffix}", "--source", str(out)]) == 0
         reference = ReferenceStore().open(f"mine-{suffix}")
-        assert reference.model_info("TumorDescriptor")["recipe"] == "descriptor-v1"
-        vectors, _ = reference.patient_embeddings("TumorDescriptor", "P1")
+        assert reference.model_info("TumorDescriptor").recipe == "descriptor-v1"
+        vectors = reference.patient_embeddings("TumorDescriptor", "P1").vectors
         np.testing.assert_allclose(vectors[0], record["embedding"], rtol=1e-6, atol=1e-6)
     assert main([*base, "--model", "TumorDescriptor", "--out", str(tmp_path / "row.txt")]) == 2
     assert ".json, .parquet or .csv" in capsys.readouterr().err
@@ -159,7 +159,8 @@ def test_a_patient_with_two_tumors_queries_with_both(tumor_reference, tmp_path, 
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
     assert main(["embed", *base, *two, "--patient", "P2", "--out", str(tmp_path / "p2.parquet")]) == 0
     assert main(["references", "import", "mine", "--source", str(tmp_path / "p2.parquet")]) == 0
-    vectors, lesions = ReferenceStore().open("mine").patient_embeddings("TumorDescriptor", "P2")
+    own = ReferenceStore().open("mine").patient_embeddings("TumorDescriptor", "P2")
+    vectors, lesions = own.vectors, own.lesion_ids
     assert vectors.shape == (2, 21) and lesions == ["1", "2"]
     capsys.readouterr()
     assert main(["embed", *base, points[0], "--segment", "1"]) == 2
@@ -170,7 +171,7 @@ def test_a_point_off_the_tumor_and_an_empty_mask_are_refused(tmp_path):
     image, mask, _ = tumor_ct("smooth", np.random.default_rng(8))
     embedder = Embedder("TumorDescriptor")
     corner = image.TransformIndexToPhysicalPoint([2, 2, 2])
-    from SimilarPatientsLib.tumor import from_point
+    from SimilarPatientsLib.imaging.tumor import from_point
 
     with pytest.raises(SimilarPatientsError, match="No soft tissue"):
         embedder.embed(image, from_point(corner))

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, schema
-from SimilarPatientsLib.importers import read_source
-from SimilarPatientsLib.nlst_sybil import read_reference
-from SimilarPatientsLib.safe_pickle import RefusedPickle, restricted_loads
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError
+from SimilarPatientsLib.references import schema
+from SimilarPatientsLib.references.importers import read_source
+from SimilarPatientsLib.references.nlst_sybil import read_reference
+from SimilarPatientsLib.references.safe_pickle import RefusedPickle, restricted_loads
 
 MODELS = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
 DIMS = {"CTClipVit": 512, "CTFM": 512, "Merlin": 512, "PASTA": 1024, "SUPREME": 512, "VISTA3D": 768}
@@ -25,8 +26,8 @@ def test_nlst_reference_has_every_model_lesion_and_label(nlst):
     for model in MODELS:
         info = nlst.model_info(model)
         # 734 upstream rows hold one lesion listed twice for two patients: 732 distinct lesions
-        assert (info["dim"], info["lesions"], info["patients"]) == (DIMS[model], 732, 464)
-        assert info["recipe"] == "tumorimagingbench"
+        assert (info.dim, info.lesions, info.patients) == (DIMS[model], 732, 464)
+        assert info.recipe == "tumorimagingbench"
     lesions = nlst.lesions("CTFM")
     assert set(lesions["stage"].dropna()) <= {"IA", "IB", "IIA", "IIB", "IIIA", "IIIB", "IV"}
     assert (lesions["histology_code"] == 8140).sum() > 0
@@ -51,7 +52,8 @@ def test_nlst_matrix_equals_upstream_features(nlst, nlst_dir):
 
 
 def test_single_upstream_file_imports(home, nlst_dir):
-    table, notes, _ = read_source(str(nlst_dir / "upstream" / "embeddings" / "Merlin_features.pkl"))
+    read = read_source(str(nlst_dir / "upstream" / "embeddings" / "Merlin_features.pkl"))
+    table, notes = read.table, read.notes
     assert table.models == ["Merlin"] and table.embeddings["Merlin"].shape == (732, 512)
     assert "dropped 2" in notes[0]
 
@@ -110,9 +112,9 @@ def test_parquet_import_round_trip(home, tmp_path):
     np.testing.assert_array_equal(reference.space("A").vectors, np.stack(expected.embedding))
     assert list(lesions.PatientID) == list(expected.PatientID)
     assert reference.label_fields == ["histology", "age"]
-    assert reference.model_info("A")["recipe"] == "unspecified"
+    assert reference.model_info("A").recipe == "unspecified"
     # the stored Parquet is the canonical single table and imports again as it is
-    again = read_source(str(reference.path / "reference.parquet"))[0]
+    again = read_source(str(reference.path / "reference.parquet")).table
     np.testing.assert_array_equal(again.embeddings["B"], reference.space("B").vectors)
 
 
@@ -124,8 +126,8 @@ def test_csv_import_list_and_wide_columns(home, tmp_path):
         pd.DataFrame(np.stack(frame.embedding), columns=[f"embedding_{i}" for i in range(4)])
     )
     wide.to_csv(tmp_path / "wide.csv", index=False)
-    a = read_source(str(tmp_path / "listed.csv"))[0]
-    b = read_source(str(tmp_path / "wide.csv"))[0]
+    a = read_source(str(tmp_path / "listed.csv")).table
+    b = read_source(str(tmp_path / "wide.csv")).table
     np.testing.assert_allclose(a.embeddings["A"], b.embeddings["A"], rtol=1e-6)
     assert a.embeddings["A"].shape == (len(frame), 4)
 

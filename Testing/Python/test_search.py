@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, ann, schema
-from SimilarPatientsLib.search import METRICS
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError
+from SimilarPatientsLib.references import schema
+from SimilarPatientsLib.search import METRICS, approximate
 
 
 def brute_force(vectors, patients, queries, metric, allowed=None):
@@ -44,7 +45,8 @@ def test_matches_float64_brute_force_on_every_model(nlst, model, metric):
 
 
 def test_external_embedding_query_and_self_match(nlst):
-    vectors, lesion_ids = nlst.patient_embeddings("CTFM", "100242")
+    own = nlst.patient_embeddings("CTFM", "100242")
+    vectors, lesion_ids = own.vectors, own.lesion_ids
     hits = nlst.search("CTFM", embeddings=vectors[0], k=3)
     assert hits.PatientID.iloc[0] == "100242" and abs(hits.distance.iloc[0]) < 1e-6
     assert hits.query_lesion.isna().all()  # an external query has no lesion ids
@@ -55,7 +57,7 @@ def test_external_embedding_query_and_self_match(nlst):
 def test_multi_lesion_query_rolls_up_to_nearest_pair(nlst):
     lesions = nlst.lesions("VISTA3D")
     patient = lesions.PatientID.value_counts().index[0]
-    vectors, _ = nlst.patient_embeddings("VISTA3D", patient)
+    vectors = nlst.patient_embeddings("VISTA3D", patient).vectors
     together = nlst.search("VISTA3D", patient=patient, k=5, exclude=[patient])
     # each hit's distance is the best over the query patient's single-lesion searches
     singles = [nlst.search("VISTA3D", embeddings=v, k=len(lesions), exclude=[patient]) for v in vectors]
@@ -145,17 +147,17 @@ def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
                     "group": p % 3,
                 }
             )
-    monkeypatch.setattr(ann, "APPROXIMATE_FROM", 500)
+    monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 500)
     reference = _store_with(pd.DataFrame(rows), tmp_path)
     assert (reference.path / "models" / "0" / "hnsw-cosine.faiss").exists()  # built at write, above the size
     for metric in METRICS:
         for patient in ["P0001", "P0100", "P0555"]:
             kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"])
-            approximate = reference.search("A", method="approximate", **kwargs)
+            approximated = reference.search("A", method="approximate", **kwargs)
             exact = reference.search("A", method="exact", **kwargs)
-            assert approximate.PatientID.tolist() == exact.PatientID.tolist()
-            np.testing.assert_allclose(approximate.distance, exact.distance, atol=1e-12)  # both float64
-            assert set(approximate.group) <= {0, 1}
+            assert approximated.PatientID.tolist() == exact.PatientID.tolist()
+            np.testing.assert_allclose(approximated.distance, exact.distance, atol=1e-12)  # both float64
+            assert set(approximated.group) <= {0, 1}
     auto = reference.search("A", patient="P0001", k=10)
     assert auto.PatientID.tolist() == reference.search("A", patient="P0001", k=10, method="exact").PatientID.tolist()
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, nlst_sybil, schema, store
-from SimilarPatientsLib.download import Digest, download
-from SimilarPatientsLib.importers import read_source
+from SimilarPatientsLib import ReferenceStore, SimilarPatientsError
+from SimilarPatientsLib.references import nlst_sybil, schema, store
+from SimilarPatientsLib.references.importers import read_source
+from SimilarPatientsLib.util.download import Digest, download
 
 
 def test_failed_write_keeps_previous_version(home, monkeypatch):
@@ -77,7 +78,7 @@ def test_nlst_download_verifies_caches_and_imports(home, server, nlst_dir, monke
     _serve_upstream(handler, base, nlst_dir, monkeypatch, ["CTFM", "PASTA"])
     monkeypatch.setattr(nlst_sybil, "UPSTREAM_FILES", {m: nlst_sybil.UPSTREAM_FILES[m] for m in ("CTFM", "PASTA")})
     reference = ReferenceStore().import_reference("nlst", "nlst-sybil")
-    assert reference.models == ["CTFM", "PASTA"] and reference.model_info("PASTA")["lesions"] == 732
+    assert reference.models == ["CTFM", "PASTA"] and reference.model_info("PASTA").lesions == 732
     assert "downloaded" in reference.manifest["source"]
     assert any("no clinical table" in n for n in reference.manifest["notes"])
     handler.files.clear()  # a second import reads the verified cache, not the network

@@ -1,0 +1,336 @@
+"""What a reference's embeddings know about a label: retrieval and classification, per model and task.
+
+For every task and model:
+
+- retrieval, leave one patient out: each patient queries all the others; precision@k, AP@k and
+  Recall@k against the same metrics on random rankings (chance);
+- classification, repeated stratified cross-validation over patients: k-NN, class mean, linear probe
+  and MLP; AUC and balanced accuracy with patient-bootstrap intervals, and a permutation test (labels
+  shuffled across patients, the whole cross-validation re-run) for the classifiers cheap enough to
+  re-fit hundreds of times;
+
+each under every patient aggregation of :mod:`cohort`. The bootstrap draws the same patients for every
+model of a task, so differences between models come with paired intervals.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import SimilarPatientsError
+from ..progress import ProgressCallback, report
+from ..util.optional import optional_import, require
+from . import classifiers as classifier_module
+from . import metrics
+from .cohort import AGGREGATIONS, DISTANCES, Cohort
+from .folds import patient_folds
+from .tasks import Task
+
+#: Classifiers whose permutation test runs by default: re-fitting them is cheap (the MLP is not).
+PERMUTED = ("knn", "centroid", "linear")
+
+
+@dataclass
+class Settings:
+    """How an evaluation is run; the defaults are those of the committed NLST-Sybil report."""
+
+    folds: int = 5
+    repeats: int = 5
+    permutations: int = 100
+    bootstrap: int = 1000
+    ks: tuple = (5, 10)
+    distances: tuple = DISTANCES
+    aggregations: tuple = AGGREGATIONS
+    primary_aggregation: str = "mean"
+    classifiers: tuple = classifier_module.CLASSIFIERS
+    #: Classifiers also run under the other aggregations (the MLP is left to the primary one: it costs most).
+    secondary_classifiers: tuple = ("knn", "centroid", "linear")
+    knn_k: int = 15
+    probe_c: float = 0.01
+    chance_draws: int = 20
+    seed: int = 0
+
+    def check(self) -> None:
+        unknown = set(self.classifiers) - set(classifier_module.CLASSIFIERS)
+        if unknown:
+            raise SimilarPatientsError(
+                f"Unknown classifier(s) {', '.join(sorted(unknown))}; "
+                f"choose from {', '.join(classifier_module.CLASSIFIERS)}."
+            )
+        if self.primary_aggregation not in self.aggregations:
+            raise SimilarPatientsError(f"The primary aggregation '{self.primary_aggregation}' must be evaluated.")
+        if self.repeats < 1 or self.bootstrap < 10 or self.permutations < 0 or min(self.ks) < 1:
+            raise SimilarPatientsError("repeats ≥ 1, bootstrap ≥ 10, permutations ≥ 0 and every k ≥ 1, please.")
+
+
+@dataclass
+class Evaluation:
+    """Tables of one evaluation run (one row per measured figure), ready for :mod:`report`."""
+
+    reference: str
+    settings: Settings
+    tasks: list
+    cohorts: pd.DataFrame  # task, model, patients, positives, negatives, lesions, several-lesion patients
+    retrieval: pd.DataFrame  # task, model, aggregation, distance, k, measure, value, low, high, chance
+    classification: pd.DataFrame  # task, model, aggregation, classifier, auc(+low/high/p), bacc(+low/high)
+    comparisons: pd.DataFrame  # task, best, runner_up, classifier, difference, low, high
+    seconds: float = 0.0
+    replicates: dict = field(default_factory=dict, repr=False)  # (task, model, aggregation, classifier) -> AUCs
+
+
+def evaluate(
+    reference,
+    tasks: list,
+    models: list | None = None,
+    settings: Settings | None = None,
+    progress: ProgressCallback | None = None,
+    workers: int = 1,
+) -> Evaluation:
+    """Evaluate ``models`` (default: all) of an opened :class:`~SimilarPatientsLib.reference.Reference`.
+
+    ``workers`` > 1 evaluates (task, model) pairs in that many processes, each single-threaded; the result
+    does not depend on it.
+    """
+    require("analysis")
+    settings = settings or Settings()
+    settings.check()
+    models = list(models or reference.models)
+    for model in models:
+        reference.model_info(model)
+    started = time.perf_counter()
+    jobs = []
+    for task in tasks:
+        labels = task.patient_labels(reference.lesions(models[0]))
+        plan = _TaskPlan.draw(labels, settings)
+        for model in models:
+            if not task.patient_labels(reference.lesions(model)).equals(labels):
+                raise SimilarPatientsError(
+                    f"Model '{model}' covers other patients than '{models[0]}' for task '{task.name}'; "
+                    f"evaluate the models separately."
+                )
+            jobs.append((task, model, plan))
+    results = []
+    report(progress, 0, len(jobs), "evaluating")
+    if workers > 1:
+        with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
+            futures = [pool.submit(_evaluate_model, str(reference.path), *job, settings) for job in jobs]
+            for done, future in enumerate(futures, 1):
+                results.append(future.result())
+                report(progress, done, len(jobs), "evaluating")
+    else:
+        for done, job in enumerate(jobs, 1):
+            results.append(_evaluate_model(reference, *job, settings))
+            report(progress, done, len(jobs), "evaluating")
+    classification = pd.DataFrame([row for result in results for row in result["classification"]])
+    replicates = {key: value for result in results for key, value in result["replicates"].items()}
+    nulls = {key: value for result in results for key, value in result["nulls"].items()}
+    primary = classification["aggregation"] == settings.primary_aggregation
+    classification.insert(
+        classification.columns.get_loc("auc_p") + 1,
+        "auc_p_adjusted",
+        _adjusted_p_values(classification[primary], nulls).reindex(classification.index),
+    )
+    return Evaluation(
+        reference=reference.name,
+        settings=settings,
+        tasks=tasks,
+        cohorts=pd.DataFrame([result["cohort"] for result in results]),
+        retrieval=pd.DataFrame([row for result in results for row in result["retrieval"]]),
+        classification=classification,
+        comparisons=_comparisons(classification, replicates, settings),
+        seconds=time.perf_counter() - started,
+        replicates=replicates,
+    )
+
+
+@dataclass
+class _TaskPlan:
+    """What every model of a task shares: labels, folds, bootstrap draws and random rankings."""
+
+    labels: pd.Series
+    folds: list
+    counts: np.ndarray
+    chance_orders: np.ndarray
+
+    @classmethod
+    def draw(cls, labels: pd.Series, settings: Settings) -> _TaskPlan:
+        rng = np.random.default_rng(settings.seed)
+        return cls(
+            labels=labels,
+            folds=patient_folds(labels.to_numpy(), settings.folds, settings.repeats, settings.seed),
+            counts=metrics.bootstrap_counts(len(labels), settings.bootstrap, rng),
+            chance_orders=metrics.random_rankings(len(labels), max(settings.ks), settings.chance_draws, rng),
+        )
+
+
+def _single_threaded() -> None:
+    torch = optional_import("torch", "analysis")
+    threadpool_limits = optional_import("threadpoolctl", "analysis").threadpool_limits
+
+    threadpool_limits(1)
+    torch.set_num_threads(1)
+
+
+def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings: Settings) -> dict:
+    """Retrieval and classification rows of one model on one task, under every aggregation."""
+    if isinstance(reference, str):
+        from ..references.reference import Reference
+
+        reference = Reference(reference)
+    cohort = Cohort.build(reference.lesions(model), reference.space(model).vectors, plan.labels)
+    retrieval, classification, replicates, nulls = [], [], {}, {}
+    for aggregation in settings.aggregations:
+        distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
+        for distance, matrix in distances.items():
+            retrieval += _retrieval(task, model, aggregation, distance, matrix, cohort, settings, plan)
+        rows, row_patient = cohort.instances(aggregation)
+        cosine = distances["cosine"] if "cosine" in distances else cohort.distances(aggregation, "cosine")
+        names = [
+            c
+            for c in settings.classifiers
+            if aggregation == settings.primary_aggregation or c in settings.secondary_classifiers
+        ]
+        for classifier in classifier_module.build(names, settings.knn_k, settings.probe_c):
+            scores, decisions = _cross_validate(
+                classifier, cosine, rows, row_patient, cohort.labels, plan.folds, settings.seed
+            )
+            auc, bacc, boot = metrics.classification_estimates(scores, decisions, cohort.labels, plan.counts)
+            if aggregation == settings.primary_aggregation and classifier.name in PERMUTED and settings.permutations:
+                null = _permutation_null(classifier, cosine, rows, row_patient, cohort.labels, settings)
+                auc.p_value = metrics.permutation_p_value(auc.value, null)
+                nulls[(task.name, model, classifier.name)] = null
+            replicates[(task.name, model, aggregation, classifier.name)] = boot
+            classification.append(
+                {"task": task.name, "model": model, "aggregation": aggregation, "classifier": classifier.name}
+                | {f"auc{s}": v for s, v in _fields(auc).items()}
+                | {f"bacc{s}": v for s, v in _fields(bacc).items() if s != "_p"}
+                | {"auc_fold_sd": _fold_spread(scores, cohort.labels, plan.folds)}
+            )
+    return {
+        "cohort": _cohort_row(task, model, cohort),
+        "retrieval": retrieval,
+        "classification": classification,
+        "replicates": replicates,
+        "nulls": nulls,
+    }
+
+
+def _fields(estimate: metrics.Estimate) -> dict:
+    return {"": estimate.value, "_low": estimate.low, "_high": estimate.high, "_p": estimate.p_value}
+
+
+def _cohort_row(task: Task, model: str, cohort: Cohort) -> dict:
+    lesions = np.bincount(cohort.lesion_patient)
+    return {
+        "task": task.name,
+        "model": model,
+        "patients": len(cohort.labels),
+        "positives": int(cohort.labels.sum()),
+        "negatives": int((1 - cohort.labels).sum()),
+        "lesions": int(lesions.sum()),
+        "several_lesions": int((lesions > 1).sum()),
+    }
+
+
+def _retrieval(task, model, aggregation, distance, matrix, cohort, settings, plan) -> list:
+    order = np.argsort(matrix, axis=1, kind="stable")[:, : max(settings.ks)]
+    found = metrics.retrieval_at_k(order, cohort.labels, settings.ks)
+    chance = [metrics.retrieval_at_k(o, cohort.labels, settings.ks) for o in plan.chance_orders]
+    rows = []
+    for k in settings.ks:
+        for measure in ("precision", "ap", "recall"):
+            value = metrics.mean_estimate(found[k][measure], plan.counts)
+            rows.append(
+                {
+                    "task": task.name,
+                    "model": model,
+                    "aggregation": aggregation,
+                    "distance": distance,
+                    "k": k,
+                    "measure": measure,
+                    "value": value.value,
+                    "low": value.low,
+                    "high": value.high,
+                    "chance": float(np.mean([c[k][measure].mean() for c in chance])),
+                }
+            )
+    return rows
+
+
+def _cross_validate(classifier, distances, rows, row_patient, labels, folds, seed) -> tuple:
+    """Out-of-fold (scores, decisions), each (repeats, patients)."""
+    scores = np.zeros((len(folds), len(labels)))
+    decisions = np.zeros((len(folds), len(labels)), dtype=bool)
+    for r, repeat in enumerate(folds):
+        for f, test in enumerate(repeat):
+            train = np.setdiff1d(np.arange(len(labels)), test)
+            fold = classifier_module.FoldInput(distances, rows, row_patient, train, np.sort(test))
+            scores[r, fold.test], decisions[r, fold.test] = classifier(fold, labels, seed + 1000 * r + f)
+    return scores, decisions
+
+
+def _fold_spread(scores: np.ndarray, labels: np.ndarray, folds: list) -> float:
+    """Standard deviation of the AUC over single test folds: how much one held-out split can vary."""
+    per_fold = [metrics.auc(scores[r, test], labels[test]) for r, repeat in enumerate(folds) for test in repeat]
+    return float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else float("nan")
+
+
+def _permutation_null(classifier, cosine, rows, row_patient, labels, settings) -> np.ndarray:
+    """AUCs with the labels shuffled across patients, stratified folds re-drawn and one repeat of the
+    cross-validation re-run. The shuffles depend only on the seed, so every model of a task sees the same
+    ones, which is what the max-statistic adjustment needs."""
+    rng = np.random.default_rng(settings.seed + 1)
+    null = np.empty(settings.permutations)
+    for i in range(settings.permutations):
+        shuffled = rng.permutation(labels)
+        folds = patient_folds(shuffled, settings.folds, 1, settings.seed + 7919 * (i + 1))
+        scores, _ = _cross_validate(classifier, cosine, rows, row_patient, shuffled, folds, settings.seed)
+        null[i] = metrics.auc(scores[0], shuffled)
+    return null
+
+
+def _adjusted_p_values(classification: pd.DataFrame, nulls: dict) -> pd.Series:
+    """Westfall–Young max-statistic p-values: each model's AUC against the best AUC any model of the task
+    reaches under the same shuffles, which controls the chance of any false "beats chance" claim among a
+    task's models while keeping the dependence between models."""
+    adjusted = pd.Series(np.nan, index=classification.index)
+    for (task, classifier), group in classification.groupby(["task", "classifier"], sort=False):
+        tested = group[[(task, model, classifier) in nulls for model in group["model"]]]
+        if len(tested):
+            maximum = np.max([nulls[(task, model, classifier)] for model in tested["model"]], axis=0)
+            adjusted[tested.index] = [metrics.permutation_p_value(auc, maximum) for auc in tested["auc"]]
+    return adjusted
+
+
+def _comparisons(classification: pd.DataFrame, replicates: dict, settings: Settings) -> pd.DataFrame:
+    """Per task and classifier (primary aggregation): the best model against the runner-up, paired."""
+    rows = []
+    primary = classification[classification["aggregation"] == settings.primary_aggregation]
+    for (task, classifier), group in primary.groupby(["task", "classifier"], sort=False):
+        if len(group) < 2:
+            continue
+        ranked = group.sort_values("auc", ascending=False)
+        best, runner = ranked.iloc[0], ranked.iloc[1]
+        aggregation = settings.primary_aggregation
+        difference = (
+            replicates[(task, best.model, aggregation, classifier)]
+            - replicates[(task, runner.model, aggregation, classifier)]
+        )
+        value = metrics.estimate(float(best.auc - runner.auc), difference)
+        rows.append(
+            {
+                "task": task,
+                "classifier": classifier,
+                "best": best.model,
+                "runner_up": runner.model,
+                "difference": value.value,
+                "low": value.low,
+                "high": value.high,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,147 @@
+"""Read the query CT (a DICOM series folder, NIfTI, NRRD, anything SimpleITK reads) and refuse what is
+not a 3D CT in Hounsfield units, before any crop is made from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SimilarPatientsError
+from ..util.optional import optional_import, require
+
+#: A CT in HU holds air (about -1000); an image whose darkest voxel is above this is not one.
+_MOST_AIR_HU = -300.0
+
+
+def read_ct(source, check_hounsfield: bool = True):
+    """``source`` (path or ``SimpleITK.Image``) as a validated 3D ``SimpleITK.Image`` in LPS, HU values."""
+    require("embed")
+    sitk = optional_import("SimpleITK", "embed")
+
+    if isinstance(source, sitk.Image):
+        image, modality, where = source, None, "the image"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise SimilarPatientsError(f"The image {path} does not exist.")
+        image, modality = (
+            _read_dicom_series(path) if path.is_dir() or is_dicom_file(path) else (read_image_file(path), None)
+        )
+        where = str(path)
+    if modality is not None and modality != "CT":
+        raise SimilarPatientsError(
+            f"{where} is a {modality} series, not CT. The models and the reference were made from CT in "
+            f"Hounsfield units; give the CT series."
+        )
+    validate_ct(image, where, check_hounsfield)
+    return image
+
+
+def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) -> None:
+    """Refuse a 2D, multi-component or non-HU image with a message that says which."""
+    sitk = optional_import("SimpleITK", "embed")
+
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+        raise SimilarPatientsError(
+            f"{where} is {image.GetDimension()}D with size {image.GetSize()}; a tumor crop needs a 3D CT volume "
+            f"(a DICOM series folder, not one slice)."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SimilarPatientsError(f"{where} has {image.GetNumberOfComponentsPerPixel()} values per voxel; a CT has 1.")
+    if check_hounsfield:
+        statistics = sitk.MinimumMaximumImageFilter()
+        statistics.Execute(image)
+        if statistics.GetMinimum() > _MOST_AIR_HU:
+            raise SimilarPatientsError(
+                f"{where} does not look like a CT in Hounsfield units: its darkest voxel is "
+                f"{statistics.GetMinimum():.0f}, but a CT holds air at about -1000 HU. Is it an MR or a "
+                f"rescaled image?"
+            )
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a DICOM Part 10 file (the "DICM" marker after the 128-byte preamble)."""
+    with open(path, "rb") as stream:
+        stream.seek(128)
+        return stream.read(4) == b"DICM"
+
+
+def read_image_file(path: Path, what: str = "an image"):
+    """One image file read by SimpleITK; a file it cannot read is our error, naming the file and why."""
+    sitk = optional_import("SimpleITK", "embed")
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise SimilarPatientsError(f"Cannot read {path} as {what}: {_first_line(error)}") from error
+
+
+def _read_dicom_series(path: Path):
+    """The one DICOM series in a folder (or the series of one DICOM file), with its modality."""
+    pydicom = optional_import("pydicom", "embed")
+    sitk = optional_import("SimpleITK", "embed")
+
+    folder = path if path.is_dir() else path.parent
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise SimilarPatientsError(f"{folder} holds no DICOM image series.")
+    files_of = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    modality_of = {uid: _modality(files[0]) for uid, files in files_of.items()}
+    if not path.is_dir():
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+    else:
+        ct = [uid for uid in series if modality_of[uid] == "CT"]
+        if len(ct) == 1 or len(series) == 1:
+            uid = ct[0] if ct else series[0]
+        else:
+            listed = ", ".join(f"{uid} ({modality_of[uid] or '?'})" for uid in series)
+            raise SimilarPatientsError(
+                f"{folder} holds {len(series)} DICOM series, {len(ct)} of them CT: {listed}. Give one file of the "
+                f"CT series, or a folder with only that series."
+            )
+    files, modality = files_of.get(uid, []), modality_of.get(uid)
+    if not files:
+        raise SimilarPatientsError(f"{path} is not part of an image series that can be read.")
+    if modality == "SEG":
+        raise SimilarPatientsError(f"{path} is a DICOM SEG (a segmentation); give it as the tumor mask.")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice-gap check (no second read)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise SimilarPatientsError(f"Cannot read the DICOM series in {folder}: {_first_line(error)}") from error
+    if len(files) < 2:
+        raise SimilarPatientsError(f"The series in {folder} has one slice; a tumor crop needs a 3D CT volume.")
+    position = "0020|0032"  # ImagePositionPatient
+    if not all(reader.HasMetaDataKey(i, position) for i in range(len(files))):
+        raise SimilarPatientsError(
+            f"Some slices in {folder} have no ImagePositionPatient; the series cannot be placed."
+        )
+    positions = [[float(v) for v in reader.GetMetaData(i, position).split("\\")] for i in range(len(files))]
+    _check_slice_spacing(positions, image, folder)
+    return image, modality
+
+
+def _modality(file: str) -> str | None:
+    pydicom = optional_import("pydicom", "embed")
+
+    return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")).upper() or None
+
+
+def _check_slice_spacing(positions: list, image, folder: Path) -> None:
+    """Refuse a series with missing slices (a partial download): uneven gaps would shift every crop.
+    ``positions``: each slice's ImagePositionPatient (LPS mm)."""
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.diff(sorted(float(np.dot(normal, p)) for p in positions))
+    if len(gaps) and (gaps.max() - gaps.min()) > 0.01 * max(abs(gaps.min()), 1e-6) + 1e-3:
+        raise SimilarPatientsError(
+            f"The series in {folder} has uneven slice gaps ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are "
+            f"missing (a partial download?). Fetch the whole series again."
+        )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,91 @@
+"""Read upstream checkpoint files and load them strictly into our encoders.
+
+Each upstream publishes its weights in its own layout: a nested dict (``trunk_state_dict``, ``net``,
+``state_dict``), key prefixes from the training wrapper (``module.``, ``encoder.``), and the parts of the
+network we do not run (decoders, heads). A :class:`CheckpointFormat` names those; what remains must match
+the encoder's keys and shapes exactly, or the load fails with the keys that differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SimilarPatientsError
+from ..util.optional import optional_import
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How one upstream file holds the encoder.
+
+    Args:
+        containers: nested dict keys to descend into, tried in order (the file itself if none is there).
+        prefixes: key prefixes before the encoder's own names, tried in order; the first that some key
+            has is used, and keys without it belong to other parts of the upstream network.
+        ignore: encoder-relative name prefixes of parts we do not run (e.g. a U-Net's decoder).
+    """
+
+    containers: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ("",)
+    ignore: tuple[str, ...] = ()
+
+
+def read_tensors(path: Path) -> dict:
+    """The tensors of a ``.safetensors`` or a torch checkpoint (read with ``weights_only``: no code runs)."""
+    torch = optional_import("torch", "embed")
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return optional_import("safetensors.torch", "embed").load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch/safetensors raise many types for a truncated or foreign file
+        raise SimilarPatientsError(
+            f"Cannot read the weights {path}: {str(error).strip().splitlines()[0][:200]}. The file is corrupt, "
+            f"partial or not a checkpoint; delete it and fetch it again."
+        ) from error
+
+
+def encoder_state(checkpoint: dict, layout: CheckpointFormat) -> dict:
+    """The encoder's tensors from an upstream checkpoint, under the encoder's own key names."""
+    state = checkpoint
+    for name in layout.containers:
+        if isinstance(state, dict) and isinstance(state.get(name), dict):
+            state = state[name]
+            break
+    if not isinstance(state, dict):
+        raise SimilarPatientsError("The weights file holds no state dict.")
+    prefix = next((p for p in layout.prefixes if any(str(k).startswith(p) for k in state)), None)
+    if prefix is None:
+        raise SimilarPatientsError(
+            f"No weight in the file has a key under {' or '.join(repr(p) for p in layout.prefixes)}; it is not "
+            f"this model's checkpoint (first keys: {list(state)[:5]})."
+        )
+    selected = {str(k)[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+    return {k: v for k, v in selected.items() if not k.startswith(layout.ignore)}
+
+
+def load_strict(network, state: dict, source: str) -> None:
+    """Load ``state`` into ``network`` (which may be a skeleton on the meta device); any missing, unexpected
+    or misshapen key is an error listing them."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or misshapen:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise SimilarPatientsError(
+            f"The weights in {source} do not fit the network: {'; '.join(parts)}. It is another model's "
+            f"checkpoint or another version."
+        )
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    network.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the weights

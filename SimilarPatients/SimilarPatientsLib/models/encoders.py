@@ -1,0 +1,116 @@
+"""Encoders: what turns prepared crops into embedding vectors, one kind per way a model computes.
+
+Every registry entry names its encoder class; the :class:`~.embedder.Embedder` opens it once and calls
+:meth:`encode` with crops, whatever the model. :class:`NetworkEncoder` runs a torch network with verified
+weights (batched, on CUDA when present, on the CPU when the GPU runs out of memory); the weight-free
+:class:`~.descriptor.DescriptorEncoder` measures the crop and its mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ..errors import SimilarPatientsError
+from ..imaging.crop import Crop
+from ..progress import ProgressCallback, report
+from ..util.optional import optional_import
+from . import checkpoints
+
+if TYPE_CHECKING:
+    from .registry import ModelSpec
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16")
+
+
+class Encoder(Protocol):
+    """Crops in, ``(n, dimension)`` float32 embeddings out."""
+
+    device: str
+    load_seconds: float
+
+    def encode(self, crops: Sequence[Crop]) -> np.ndarray: ...
+
+
+class NetworkEncoder:
+    """A model's network with its weights loaded strictly, in inference mode on one device.
+
+    Args:
+        spec: the registry entry (its ``build`` makes the network, its ``checkpoint`` reads the file).
+        weights: the verified weights file.
+        device: ``"cuda"``, ``"cpu"`` or None for CUDA when present.
+        precision: ``"fp32"``, or ``"bf16"`` (autocast; for throughput on GPUs, embeddings then differ
+            from fp32 ones by about 1e-2 relative).
+        batch_size: crops per forward pass.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Path,
+        device: str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 8,
+        progress: ProgressCallback | None = None,
+    ):
+        torch = optional_import("torch", "embed")
+        start = time.perf_counter()
+        report(progress, 0, 1, f"loading {spec.name}")
+        network = _skeleton(spec.build)
+        state = checkpoints.encoder_state(checkpoints.read_tensors(weights), spec.checkpoint)
+        checkpoints.load_strict(network, state, str(weights))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.network = network.eval().to(self.device)
+        self.precision = precision
+        self.batch_size = batch_size
+        self.load_seconds = time.perf_counter() - start
+        log.info("%s loaded from %s on %s in %.2f s", spec.name, weights, self.device, self.load_seconds)
+
+    def encode(self, crops: Sequence[Crop]) -> np.ndarray:
+        batch = np.stack([c.image for c in crops])[:, None]
+        return np.concatenate(
+            [self.forward(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        )
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on a ``(B, 1, X, Y, Z)`` batch; on CUDA out-of-memory, move to CPU and retry."""
+        torch = optional_import("torch", "embed")
+        reduced = (
+            torch.autocast(torch.device(self.device).type, torch.bfloat16)
+            if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        try:
+            with torch.inference_mode(), reduced:
+                output = self.network(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory on a batch of %d: moving the network to the CPU", len(batch))
+            torch.cuda.empty_cache()
+            self.network = self.network.to("cpu")
+            self.device = "cpu"
+            return self.forward(batch)
+        return output.float().cpu().numpy()
+
+
+def _skeleton(build):
+    """The network without initialised weights (on the meta device: no time spent drawing random weights
+    that the checkpoint replaces), or built normally where the constructor computes with its tensors."""
+    torch = optional_import("torch", "embed")
+    optional_import("monai", "embed")
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError):
+        return build()
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise SimilarPatientsError(f"Precision '{precision}' is not one of {', '.join(PRECISIONS)}.")

@@ -1,0 +1,236 @@
+"""The registry of embedding models: architecture, recipe, embedding length, weights and licence.
+
+Names are those of the NLST-Sybil reference's models, so that a query embeds exactly as the reference
+was built. An entry is data: the encoder class and its arguments (network builder, checkpoint layout,
+weight source), the recipe and the embedding length. ``TumorDescriptor`` needs no weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..errors import SimilarPatientsError
+from ..imaging import recipes
+from ..imaging.recipes import Recipe
+from . import descriptor, weights
+from .checkpoints import CheckpointFormat
+from .encoders import NetworkEncoder
+from .weights import WeightSource
+
+_NONCOMMERCIAL = True
+
+
+def _network(builder: str, **arguments) -> Callable:
+    """A builder that imports torch and MONAI only when a network is built (``models list`` needs neither)."""
+
+    def build():
+        from . import networks
+
+        return getattr(networks, builder)(**arguments)
+
+    return build
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One embedding model.
+
+    Args:
+        name: the model's name in references.
+        recipe: the preprocessing its embeddings were made with.
+        dimension: the embedding length.
+        build: returns the network (None for the weight-free descriptor).
+        checkpoint: how the upstream weights file holds the network.
+        weights: where the weights come from (None: weight-free).
+        description: one line for ``models list``.
+        encoder: the class that turns crops into embeddings (:class:`NetworkEncoder` for networks).
+        encoder_mb: the encoder's float32 weights in MB (a test checks it against the network): what a
+            download holds at least (the upstream file may add a decoder or heads).
+        other_recipes: further recipes the same network can be run with (e.g. FMCIB's own).
+    """
+
+    name: str
+    recipe: Recipe
+    dimension: int
+    build: Callable | None
+    checkpoint: CheckpointFormat | None
+    weights: WeightSource | None
+    description: str
+    encoder_mb: int = 0
+    other_recipes: tuple[Recipe, ...] = field(default=())
+    encoder: Callable = NetworkEncoder
+
+    def with_recipe(self, name: str | None) -> Recipe:
+        """The recipe called ``name`` (the model's reference recipe when None)."""
+        if name is None:
+            return self.recipe
+        for recipe in (self.recipe, *self.other_recipes):
+            if recipe.name == name:
+                return recipe
+        known = ", ".join(r.name for r in (self.recipe, *self.other_recipes))
+        raise SimilarPatientsError(f"{self.name} has no recipe '{name}'; it has: {known}.")
+
+
+def _hugging_face(repo: str, file: str, licence: str, needs_acknowledgement: bool) -> WeightSource:
+    """A weights file at the head of a Hugging Face model repository."""
+    return WeightSource(f"https://huggingface.co/{repo}/resolve/main/{file}", file, licence, needs_acknowledgement)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "FMCIB",
+            recipes.tumorimagingbench("SPL"),
+            4096,
+            _network("fmcib_resnet"),
+            CheckpointFormat(containers=("trunk_state_dict", "state_dict"), prefixes=("model.trunk.", "")),
+            WeightSource(
+                "https://zenodo.org/records/10528450/files/model_weights.torch?download=1",
+                "model_weights.torch",
+                "as stated on Zenodo record 10528450",
+                needs_acknowledgement=False,
+            ),
+            "FMCIB: MONAI 3D ResNet-50 (width x2), self-supervised on 11k CT lesions",
+            738,
+            other_recipes=(recipes.FMCIB_ORIGINAL,),
+        ),
+        ModelSpec(
+            "CTFM",
+            recipes.tumorimagingbench("SPL"),
+            512,
+            _network("segres_encoder"),
+            CheckpointFormat(prefixes=("encoder.", "model.encoder.", "")),
+            _hugging_face(
+                "project-lighter/ct_fm_feature_extractor",
+                "model.safetensors",
+                "Apache-2.0",
+                needs_acknowledgement=False,
+            ),
+            "CT-FM: MONAI SegResEncoder, self-supervised on 148k CT scans",
+            311,
+        ),
+        ModelSpec(
+            "VISTA3D",
+            recipes.tumorimagingbench("RAS"),
+            768,
+            _network("segres_encoder", init_filters=48, norm="instance"),
+            CheckpointFormat(containers=("state_dict",), prefixes=("image_encoder.encoder.",)),
+            WeightSource(
+                "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_vista3d.pt",
+                "model_vista3d.pt",
+                "NVIDIA OneWay Noncommercial License",
+                _NONCOMMERCIAL,
+            ),
+            "VISTA3D image encoder (MONAI SegResEncoder, 48 filters), segmentation foundation model",
+            700,
+        ),
+        ModelSpec(
+            "SUPREME",
+            recipes.tumorimagingbench("RAS"),
+            512,
+            _network("UNet3DEncoder"),
+            CheckpointFormat(
+                containers=("net", "state_dict"), prefixes=("module.backbone.", "backbone."), ignore=("up_tr", "out_tr")
+            ),
+            _hugging_face(
+                "MrGiovanni/SuPreM",
+                "supervised_suprem_unet_2100.pth",
+                "SuPreM weights: non-commercial research use (see the source page)",
+                _NONCOMMERCIAL,
+            ),
+            "SuPreM: 3D U-Net encoder, supervised on AbdomenAtlas (2,100 CTs)",
+            28,
+        ),
+        ModelSpec(
+            "ModelsGen",
+            recipes.tumorimagingbench("RAS"),
+            4096,
+            _network("UNet3DEncoder", head="genesis"),
+            CheckpointFormat(containers=("state_dict",), prefixes=("module.", ""), ignore=("up_tr", "out_tr")),
+            _hugging_face(
+                "MrGiovanni/ModelsGenesis",
+                "Genesis_Chest_CT.pt",
+                "Models Genesis: non-commercial research use (see the source page)",
+                _NONCOMMERCIAL,
+            ),
+            "Models Genesis: 3D U-Net encoder, self-supervised on chest CT",
+            28,
+        ),
+        ModelSpec(
+            "Voco",
+            recipes.tumorimagingbench("RAS", size=64),
+            3072,
+            _network("SwinEncoder"),
+            CheckpointFormat(
+                containers=("state_dict", "model"), prefixes=("swinViT.", "module.swinViT.", "backbone.swinViT.")
+            ),
+            _hugging_face(
+                "Luffy503/VoCo",
+                "VoCo_H_SSL_head.pt",
+                "not confirmed offline: read the source page before use",
+                needs_acknowledgement=True,
+            ),
+            "VoCo-H: MONAI Swin transformer (SwinUNETR v2, 192 features), self-supervised on 160k CTs",
+            1187,
+        ),
+        ModelSpec(
+            "TumorDescriptor",
+            descriptor.RECIPE,
+            descriptor.DIMENSION,
+            None,
+            None,
+            None,
+            "weight-free baseline: size, shape, intensity and texture of the tumor (SimpleITK/numpy)",
+            encoder=descriptor.DescriptorEncoder,
+        ),
+    )
+}
+
+#: Models of the NLST-Sybil reference that cannot be run here, and why (see docs/embedding.md).
+NOT_AVAILABLE = {
+    "PASTA": "its network is the authors' own U-Net code, not on PyPI",
+    "Merlin": "its I3D ResNet-152 is inflated from torchvision, which this platform does not provide",
+    "CTClipVit": "CT-CLIP's CTViT needs the authors' transformer code, not on PyPI",
+}
+
+
+def get(name: str) -> ModelSpec:
+    """The model called ``name`` (case-insensitive), or an error that lists what there is."""
+    for key, spec in MODELS.items():
+        if key.lower() == str(name).lower():
+            return spec
+    if name in NOT_AVAILABLE:
+        raise SimilarPatientsError(f"{name} cannot be run here: {NOT_AVAILABLE[name]}.")
+    raise SimilarPatientsError(f"Unknown model '{name}'; available: {', '.join(MODELS)}.")
+
+
+def summary() -> pd.DataFrame:
+    """One row per model: embedding length, recipe, licence, weights size and whether they are here."""
+    rows = []
+    for spec in MODELS.values():
+        state = weights.status(spec.name, spec.weights)
+        source = state.source
+        rows.append(
+            {
+                "model": spec.name,
+                "dim": spec.dimension,
+                "recipes": ", ".join(r.name for r in (spec.recipe, *spec.other_recipes)),
+                "licence": "none (no weights)" if source is None else source.licence,
+                "accept": "required"
+                if state.needs_acceptance
+                else "accepted"
+                if source is not None and source.needs_acknowledgement and state.accepted
+                else "",
+                "weights_MB": ""
+                if source is None
+                else f"≥{spec.encoder_mb}"
+                if source.size is None
+                else f"{source.size / 1e6:.0f}",
+                "weights": "not needed" if source is None else "yes" if state.present else "no",
+            }
+        )
+    return pd.DataFrame(rows)

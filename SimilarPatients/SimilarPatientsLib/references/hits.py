@@ -1,0 +1,64 @@
+"""Search matches to the hit table a user reads: one row per patient with its IDC and label fields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..idc.viewer import viewer_url
+from ..search.nearest import LesionMatch
+from . import schema
+
+_LESION_COLUMNS = (
+    schema.SERIES,
+    schema.STUDY,
+    schema.COLLECTION,
+    "Modality",
+    "SeriesDescription",
+    "series_size_MB",
+    "instanceCount",
+    *schema.CENTER,
+)
+#: Leading columns of every hit table (the JSON output has these keys too); label fields follow.
+HIT_COLUMNS = (
+    "rank",
+    schema.PATIENT,
+    "distance",
+    schema.MODEL,
+    "metric",
+    schema.LESION,
+    "query_lesion",
+    "lesions",
+    *_LESION_COLUMNS,
+    "viewer_url",
+)
+
+
+def hit_table(
+    matches: Sequence[LesionMatch],
+    lesions: pd.DataFrame,
+    lesion_counts: Mapping[str, int],
+    metric: str,
+    query_lesions: Sequence[str] | None = None,
+    label_fields: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit."""
+    rows = lesions.iloc[[m.row for m in matches]]
+    columns = {
+        "rank": np.arange(1, len(matches) + 1),
+        schema.PATIENT: [m.patient for m in matches],
+        "distance": np.array([m.distance for m in matches], dtype=np.float64),
+        schema.MODEL: rows[schema.MODEL].to_numpy(),
+        "metric": [metric] * len(matches),
+        schema.LESION: rows[schema.LESION].to_numpy(),
+        "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
+        "lesions": [int(lesion_counts[m.patient]) for m in matches],
+    }
+    for column in _LESION_COLUMNS:
+        columns[column] = rows[column].to_numpy() if column in rows.columns else [None] * len(matches)
+    columns["viewer_url"] = [viewer_url(s, r) for s, r in zip(columns[schema.STUDY], columns[schema.SERIES])]
+    for name in label_fields:
+        columns[name] = rows[name].to_numpy() if name in rows.columns else [None] * len(matches)
+    return pd.DataFrame(columns)

@@ -1,0 +1,187 @@
+"""One stored reference database, opened: its lesion table, per-model memory-mapped matrices, and search.
+
+Files of one version (written once by :mod:`store`, never modified, except that an approximate index
+may be added beside a model's matrix)::
+
+    manifest.json              name, source, models (dimension, recipe, counts), label fields
+    reference.parquet          the canonical table (interchange format)
+    models/<i>/vectors.npy     float32 matrix of model i's lesions, in table order (memory-mapped)
+    models/<i>/norms.npy       their float64 L2 norms
+    models/<i>/hnsw-<metric>.faiss   approximate index, built for large references
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ..errors import SimilarPatientsError
+from ..progress import ProgressCallback
+from ..search import approximate, filters
+from ..search.nearest import EmbeddingSpace, nearest_patients
+from . import schema
+from .hits import hit_table
+
+METHODS = ("auto", "exact", "approximate")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model of a reference, as its manifest records it."""
+
+    name: str
+    dim: int  #: embedding length
+    lesions: int
+    patients: int
+    recipe: str  #: the preprocessing its embeddings were made with (a query must use the same)
+    folder: str  #: where its matrix lies, under ``models/``
+
+
+@dataclass(frozen=True)
+class PatientEmbeddings:
+    """One reference patient's lesion vectors in one model, and their lesion ids (same order)."""
+
+    vectors: np.ndarray
+    lesion_ids: list
+
+
+class Reference:
+    """A reference database: lesions of one or more models, searchable by patient or by embedding."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest: dict = json.loads((self.path / "manifest.json").read_text())
+        self.name: str = self.manifest["name"]
+        self._table: pd.DataFrame | None = None
+        self._model_lesions: dict[str, pd.DataFrame] = {}
+        self._spaces: dict[str, EmbeddingSpace] = {}
+        self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r}, models={self.models})"
+
+    @property
+    def models(self) -> list:
+        return list(self.manifest["models"])
+
+    @property
+    def label_fields(self) -> list:
+        """Every column that is not structural: what rides along into results, filters and evaluation."""
+        return list(self.manifest["label_fields"])
+
+    @property
+    def display_fields(self) -> list:
+        """The label fields a person sees first (hit tables, the demo, a map's colours), as the source
+        declared them at import; all label fields when it declared none."""
+        return list(self.manifest.get("display_fields") or self.label_fields)
+
+    def model_info(self, model: str) -> ModelInfo:
+        if model not in self.manifest["models"]:
+            raise SimilarPatientsError(
+                f"Reference '{self.name}' has no model '{model}'; it has: {', '.join(self.models)}."
+            )
+        info = self.manifest["models"][model]
+        return ModelInfo(
+            model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], info["folder"]
+        )
+
+    def lesions(self, model: str | None = None) -> pd.DataFrame:
+        """Lesion rows (no vectors): all models, or one model's in the row order of its matrix."""
+        if self._table is None:
+            path = self.path / "reference.parquet"
+            columns = [c for c in pq.read_schema(path).names if c != schema.EMBEDDING]
+            self._table = pd.read_parquet(path, columns=columns)
+        if model is None:
+            return self._table
+        if model not in self._model_lesions:
+            self.model_info(model)
+            rows = self._table[schema.MODEL] == model
+            self._model_lesions[model] = self._table[rows].reset_index(drop=True)
+        return self._model_lesions[model]
+
+    def space(self, model: str) -> EmbeddingSpace:
+        """The model's vectors, memory-mapped read-only, with norms and patient codes."""
+        if model not in self._spaces:
+            folder = self.path / "models" / self.model_info(model).folder
+            lesions = self.lesions(model)
+            codes, patients = pd.factorize(lesions[schema.PATIENT], sort=True)
+            self._spaces[model] = EmbeddingSpace(
+                vectors=np.load(folder / "vectors.npy", mmap_mode="r"),
+                norms=np.load(folder / "norms.npy"),
+                patient_codes=codes,
+                patient_ids=np.asarray(patients, dtype=object),
+            )
+        return self._spaces[model]
+
+    def patient_embeddings(self, model: str, patient: str) -> PatientEmbeddings:
+        """One reference patient's lesion vectors and lesion ids in ``model``."""
+        lesions = self.lesions(model)
+        rows = np.flatnonzero((lesions[schema.PATIENT] == str(patient)).to_numpy())
+        if len(rows) == 0:
+            raise SimilarPatientsError(
+                f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
+                f"({self.model_info(model).patients} patients there)."
+            )
+        return PatientEmbeddings(
+            np.asarray(self.space(model).vectors[rows]), lesions[schema.LESION].iloc[rows].tolist()
+        )
+
+    def approximate_index(
+        self, model: str, metric: str, progress: ProgressCallback | None = None
+    ) -> approximate.ApproximateIndex:
+        """The model's HNSW index for ``metric``: loaded if built, else built now and saved."""
+        key = (model, metric)
+        if key not in self._indexes:
+            path = self.path / "models" / self.model_info(model).folder / f"hnsw-{metric}.faiss"
+            if path.exists():
+                self._indexes[key] = approximate.ApproximateIndex.load(path, metric)
+            else:
+                log.info("building the approximate %s index of %s in '%s'", metric, model, self.name)
+                index = approximate.ApproximateIndex.build(self.space(model), metric, progress)
+                index.save(path)
+                self._indexes[key] = index
+        return self._indexes[key]
+
+    def search(
+        self,
+        model: str,
+        embeddings: np.ndarray | None = None,
+        patient: str | None = None,
+        k: int = 5,
+        metric: str = "cosine",
+        where: filters.Filters = None,
+        exclude: Sequence[str] = (),
+        method: str = "auto",
+        progress: ProgressCallback | None = None,
+    ) -> pd.DataFrame:
+        """The ``k`` nearest patients to ``embeddings`` (one or several lesions) or to a reference
+        ``patient``'s lesions; ``where`` filters reference lesions, ``exclude`` drops patients."""
+        if (embeddings is None) == (patient is None):
+            raise SimilarPatientsError("Search with either an embedding or a reference patient, not both.")
+        if method not in METHODS:
+            raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
+        space = self.space(model)
+        lesions = self.lesions(model)
+        query_lesions = None
+        if patient is not None:
+            own = self.patient_embeddings(model, str(patient))
+            embeddings, query_lesions = own.vectors, own.lesion_ids
+        allowed = None
+        if where or exclude:
+            allowed = filters.row_mask(lesions, where)
+            if exclude:
+                allowed &= ~lesions[schema.PATIENT].isin([str(p) for p in exclude]).to_numpy()
+        candidates = None
+        if method == "approximate" or (method == "auto" and len(space.norms) >= approximate.APPROXIMATE_FROM):
+            candidates = self.approximate_index(model, metric, progress).candidates
+        matches = nearest_patients(space, embeddings, k, metric, allowed, candidates)
+        counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}
+        return hit_table(matches, lesions, counts, metric, query_lesions, self.label_fields)

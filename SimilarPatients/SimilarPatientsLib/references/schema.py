@@ -1,0 +1,287 @@
+"""The canonical reference table (one row per lesion per model) and its validation.
+
+In memory a reference is a :class:`ReferenceTable`: the lesion metadata as a DataFrame without the vectors,
+plus one float32 matrix per model whose rows follow that model's lesion rows. On disk (Parquet, BigQuery)
+it is one table with an ``embedding`` list column; :func:`to_arrow` and :func:`from_arrow` convert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..errors import SimilarPatientsError
+from ..idc.index import COLLECTION, IDC_FIELDS, SERIES, STUDY
+
+MODEL = "model"
+PATIENT = "PatientID"
+EMBEDDING = "embedding"
+LESION = "lesion_id"
+RECIPE = "recipe"
+CENTER = ("center_x", "center_y", "center_z")  # lesion centre, LPS millimetres
+
+REQUIRED = (MODEL, PATIENT, EMBEDDING)
+#: Columns with a fixed meaning; every other column is a label field that rides along into results.
+STRUCTURAL = frozenset({MODEL, PATIENT, EMBEDDING, LESION, RECIPE, SERIES, "SOPInstanceUID", *CENTER, *IDC_FIELDS})
+UNKNOWN_RECIPE = "unspecified"
+
+
+@dataclass
+class ReferenceTable:
+    """Lesion rows sorted by (model, PatientID, lesion_id), and each model's embedding matrix."""
+
+    lesions: pd.DataFrame
+    embeddings: dict[str, np.ndarray]
+
+    @property
+    def models(self) -> list:
+        return sorted(self.embeddings)
+
+    def model_lesions(self, model: str) -> pd.DataFrame:
+        """The lesion rows of ``model``, in the row order of its embedding matrix."""
+        return self.lesions[self.lesions[MODEL] == model].reset_index(drop=True)
+
+    @property
+    def label_fields(self) -> list:
+        return [c for c in self.lesions.columns if c not in STRUCTURAL]
+
+
+def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> ReferenceTable:
+    """Validate rows whose embedding ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` and build the table."""
+    missing = [c for c in (MODEL, PATIENT) if c not in meta.columns]
+    if missing:
+        raise SimilarPatientsError(
+            f"The table lacks the required column(s) {missing}; a reference needs {list(REQUIRED)} "
+            f"(found: {list(meta.columns)[:20]})."
+        )
+    meta = meta.reset_index(drop=True).copy()
+    n = len(meta)
+    if n == 0:
+        raise SimilarPatientsError("The table has no rows: nothing to import.")
+    for column in (MODEL, PATIENT):
+        if meta[column].isna().any():
+            bad = int(meta[column].isna().sum())
+            raise SimilarPatientsError(f"{bad} row(s) have no {column}; every lesion row needs one.")
+        meta[column] = meta[column].map(_as_id).astype(str)
+        if (meta[column] == "").any():
+            raise SimilarPatientsError(f"Some rows have an empty {column}; every lesion row needs one.")
+
+    lengths = np.diff(offsets)
+    _check_lengths(meta, lengths)
+    values = np.asarray(flat, dtype=np.float32)
+    _check_finite(meta, offsets, values)
+    identified_by_order = _normalise_metadata(meta)
+
+    order = np.lexsort((meta[LESION].to_numpy(), meta[PATIENT].to_numpy(), meta[MODEL].to_numpy()))
+    meta = meta.iloc[order].reset_index(drop=True)
+    embeddings = {}
+    for model, rows in meta.groupby(MODEL, sort=True).indices.items():
+        embeddings[str(model)] = _gather_rows(values, offsets[order[rows]], int(lengths[order[rows[0]]]))
+    if identified_by_order:
+        _refuse_identical_vectors(meta, embeddings)
+    return ReferenceTable(meta, embeddings)
+
+
+def from_frame(frame: pd.DataFrame) -> ReferenceTable:
+    """Build from a DataFrame whose ``embedding`` column holds sequences, or with ``embedding_0..N`` columns."""
+    wide = [c for c in frame.columns if str(c).startswith(f"{EMBEDDING}_") and str(c)[10:].isdigit()]
+    if EMBEDDING not in frame.columns and wide:
+        wide.sort(key=lambda c: int(str(c)[10:]))
+        matrix = frame[wide].to_numpy(dtype=np.float64)
+        meta = frame.drop(columns=wide)
+        offsets = np.arange(len(frame) + 1, dtype=np.int64) * len(wide)
+        return from_parts(meta, offsets, matrix.reshape(-1))
+    if EMBEDDING not in frame.columns:
+        raise SimilarPatientsError(
+            f"The table has no '{EMBEDDING}' column (nor '{EMBEDDING}_0', '{EMBEDDING}_1', ... columns); "
+            f"a reference needs {list(REQUIRED)}."
+        )
+    vectors = [_as_vector(v, i) for i, v in enumerate(frame[EMBEDDING].tolist())]
+    lengths = np.array([len(v) for v in vectors], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.concatenate(vectors) if vectors else np.zeros(0)
+    return from_parts(frame.drop(columns=[EMBEDDING]), offsets, flat)
+
+
+def from_arrow(table: pa.Table) -> ReferenceTable:
+    """Build from an Arrow table with an ``embedding`` list column (as Parquet and BigQuery hold it)."""
+    if EMBEDDING not in table.column_names:
+        return from_frame(table.to_pandas())
+    column = table.column(EMBEDDING).combine_chunks()
+    if not (
+        pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
+    ):
+        return from_frame(table.to_pandas())
+    if column.null_count:
+        raise SimilarPatientsError(f"{column.null_count} row(s) have no embedding.")
+    if pa.types.is_fixed_size_list(column.type):
+        offsets = np.arange(len(column) + 1, dtype=np.int64) * column.type.list_size
+        flat = column.flatten()
+    else:
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        offsets = offsets - offsets[0]
+        flat = column.flatten()
+    meta = table.drop_columns([EMBEDDING]).to_pandas()
+    values = flat.cast(pa.float32()).to_numpy(zero_copy_only=False)  # nulls become NaN: refused as non-finite
+    return from_parts(meta, offsets, values)
+
+
+def to_arrow(table: ReferenceTable) -> pa.Table:
+    """The canonical single table: the lesion columns plus ``embedding`` as list<float32>."""
+    arrow = pa.Table.from_pandas(table.lesions, preserve_index=False)
+    flats, lengths = [], []
+    for model in table.models:
+        matrix = table.embeddings[model]
+        flats.append(matrix.reshape(-1))
+        lengths.append(np.full(matrix.shape[0], matrix.shape[1], dtype=np.int32))
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int32)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flats)))
+    return arrow.append_column(EMBEDDING, vectors)
+
+
+def concat(tables: Sequence[ReferenceTable]) -> ReferenceTable:
+    """One table from several (e.g. one per upstream model file), validated together."""
+    metas, flats, offsets, start = [], [], [np.zeros(1, dtype=np.int64)], 0
+    for table in tables:
+        for model in table.models:
+            matrix = table.embeddings[model]
+            metas.append(table.model_lesions(model))
+            flats.append(matrix.reshape(-1))
+            ends = start + np.arange(1, matrix.shape[0] + 1, dtype=np.int64) * matrix.shape[1]
+            offsets.append(ends)
+            start = int(ends[-1]) if len(ends) else start
+    return from_parts(pd.concat(metas, ignore_index=True), np.concatenate(offsets), np.concatenate(flats))
+
+
+def _as_id(value) -> str:
+    """IDs arrive as int, float (from CSV) or str; keep them as the string IDC uses."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _as_vector(value, row: int) -> np.ndarray:
+    if isinstance(value, str):
+        text = value.strip().strip("[]").replace(",", " ")
+        try:
+            return np.array([float(t) for t in text.split()], dtype=np.float64)
+        except ValueError:
+            raise SimilarPatientsError(
+                f"Row {row}: the embedding '{value[:40]}...' is not a list of numbers."
+            ) from None
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        raise SimilarPatientsError(f"Row {row} has no embedding.")
+    try:
+        return np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise SimilarPatientsError(f"Row {row}: the embedding is not a list of numbers.") from None
+
+
+def _check_lengths(meta: pd.DataFrame, lengths: np.ndarray) -> None:
+    if (lengths == 0).any():
+        first = int(np.flatnonzero(lengths == 0)[0])
+        raise SimilarPatientsError(f"Row {first} (patient {meta[PATIENT].iloc[first]}) has an empty embedding.")
+    for model, rows in meta.groupby(MODEL).indices.items():
+        counts = pd.Series(lengths[rows]).value_counts()
+        if len(counts) > 1:
+            usual = int(counts.index[0])
+            odd = rows[lengths[rows] != usual]
+            raise SimilarPatientsError(
+                f"Model '{model}' has embeddings of {len(counts)} lengths ({dict(counts.astype(int))}); "
+                f"one model needs one length. First row of another length than {usual}: row {int(odd[0])} "
+                f"(patient {meta[PATIENT].iloc[odd[0]]})."
+            )
+
+
+def _check_finite(meta: pd.DataFrame, offsets: np.ndarray, values: np.ndarray) -> None:
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    bad_rows = np.unique(np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1)
+    raise SimilarPatientsError(
+        f"{len(bad_rows)} embedding(s) hold NaN or infinite values (or values beyond float32); first: row "
+        f"{int(bad_rows[0])}, patient {meta[PATIENT].iloc[bad_rows[0]]}. Remove or recompute them."
+    )
+
+
+def _normalise_metadata(meta: pd.DataFrame) -> bool:
+    """Fill the optional canonical columns and refuse duplicate lesions and mixed recipes. True when lesions
+    have no identity but their order (no lesion ids, no centres): then equal vectors mark duplicates."""
+    if RECIPE not in meta.columns:
+        meta[RECIPE] = UNKNOWN_RECIPE
+    meta[RECIPE] = meta[RECIPE].fillna(UNKNOWN_RECIPE).astype(str)
+    recipes = meta.groupby(MODEL)[RECIPE].nunique()
+    if (recipes > 1).any():
+        model = recipes[recipes > 1].index[0]
+        found = sorted(meta.loc[meta[MODEL] == model, RECIPE].unique())
+        raise SimilarPatientsError(
+            f"Model '{model}' rows come from {len(found)} preprocessing recipes {found}; embeddings of "
+            f"different recipes are not comparable. Import them as separate references or model names."
+        )
+    for column in CENTER:
+        if column in meta.columns:
+            meta[column] = pd.to_numeric(meta[column], errors="raise").astype(float)
+    for column in (SERIES, STUDY, COLLECTION):
+        if column in meta.columns:
+            meta[column] = meta[column].astype("string")
+    identified_by_order = LESION not in meta.columns and not all(c in meta.columns for c in CENTER)
+    if LESION not in meta.columns:
+        meta[LESION] = _derived_lesion_ids(meta)
+    meta[LESION] = meta[LESION].map(_as_id).astype(str)
+
+    duplicated = meta.duplicated([MODEL, PATIENT, LESION], keep=False)
+    if duplicated.any():
+        _refuse_duplicates(meta, duplicated, f"the same {LESION}")
+    return identified_by_order
+
+
+def _gather_rows(values: np.ndarray, starts: np.ndarray, dim: int, chunk: int = 65536) -> np.ndarray:
+    """Rows ``values[s:s + dim]`` for each start, in bounded-memory chunks."""
+    matrix = np.empty((len(starts), dim), dtype=np.float32)
+    step = np.arange(dim)[None, :]
+    for begin in range(0, len(starts), chunk):
+        matrix[begin : begin + chunk] = values[starts[begin : begin + chunk, None] + step]
+    return matrix
+
+
+def _refuse_identical_vectors(meta: pd.DataFrame, embeddings: dict[str, np.ndarray]) -> None:
+    """Rows without lesion identity: two of one patient and model with the same vector are one lesion
+    entered twice. (With ids or centres, equal vectors can be real: two seeds 0.6 mm apart may crop alike.)"""
+    probe = np.random.default_rng(0)
+    for model, matrix in embeddings.items():
+        rows = np.flatnonzero((meta[MODEL] == model).to_numpy())
+        fingerprint = matrix.astype(np.float64) @ probe.standard_normal(matrix.shape[1])
+        keys = pd.DataFrame({PATIENT: meta[PATIENT].to_numpy()[rows], "f": fingerprint})
+        suspects = np.flatnonzero(keys.duplicated(keep=False).to_numpy())
+        if len(suspects) == 0:
+            continue
+        exact = pd.Series([matrix[i].tobytes() for i in suspects])
+        patients = keys[PATIENT].to_numpy()[suspects]
+        same = pd.DataFrame({PATIENT: patients, "v": exact}).duplicated(keep=False).to_numpy()
+        if same.any():
+            flags = pd.Series(False, index=meta.index)
+            flags.iloc[rows[suspects[same]]] = True
+            _refuse_duplicates(meta, flags, "identical embeddings")
+
+
+def _derived_lesion_ids(meta: pd.DataFrame) -> Iterable[str]:
+    """Without lesion ids: the series and centre name a lesion; failing those, its order in the patient."""
+    if all(c in meta.columns for c in CENTER):
+        series = meta[SERIES].fillna("") if SERIES in meta.columns else pd.Series("", index=meta.index)
+        return [
+            f"{s}@{x:.2f},{y:.2f},{z:.2f}"
+            for s, x, y, z in zip(series, meta[CENTER[0]], meta[CENTER[1]], meta[CENTER[2]])
+        ]
+    return (meta.groupby([MODEL, PATIENT]).cumcount() + 1).astype(str)
+
+
+def _refuse_duplicates(meta: pd.DataFrame, duplicated: pd.Series, what: str) -> None:
+    first = meta[duplicated].iloc[0]
+    raise SimilarPatientsError(
+        f"{int(duplicated.sum())} rows are duplicate lesions ({what} for one patient and model); first: model "
+        f"'{first[MODEL]}', patient {first[PATIENT]}, lesion {first[LESION]}. Keep one row per lesion."
+    )

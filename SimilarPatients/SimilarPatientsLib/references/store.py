@@ -1,0 +1,187 @@
+"""The local reference store: named reference databases as Parquet under the data home.
+
+Every write builds a complete new version folder and then swaps a one-line ``CURRENT`` pointer with an
+atomic rename, so a crash at any point leaves the previous version whole and in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ..errors import SimilarPatientsError
+from ..idc.index import COLLECTION, SERIES, IDCIndex
+from ..progress import ProgressCallback, report
+from ..search import approximate
+from ..util.home import data_home
+from . import schema
+from .importers import read_source
+from .reference import Reference
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+log = logging.getLogger(__name__)
+
+
+class ReferenceStore:
+    """Reference databases kept under ``<data home>/references``: list, import, open, delete."""
+
+    def __init__(self, home: Path | None = None):
+        self.root = Path(home or data_home()) / "references"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "CURRENT").is_file())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def summary(self) -> pd.DataFrame:
+        """One row per reference and model: lesions, patients, embedding length, recipe, source."""
+        rows = []
+        for name in self.names():
+            reference = self.open(name)
+            for model in reference.models:
+                info = reference.model_info(model)
+                rows.append(
+                    {
+                        "reference": name,
+                        "model": model,
+                        "dim": info.dim,
+                        "lesions": info.lesions,
+                        "patients": info.patients,
+                        "recipe": info.recipe,
+                        "source": reference.manifest["source"],
+                        "created": reference.manifest["created"],
+                    }
+                )
+        columns = ["reference", "model", "dim", "lesions", "patients", "recipe", "source", "created"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def open(self, name: str) -> Reference:
+        pointer = self.root / _checked(name) / "CURRENT"
+        if not pointer.is_file():
+            known = ", ".join(self.names()) or "none yet"
+            raise SimilarPatientsError(
+                f"No reference named '{name}' (have: {known}). Import one with "
+                f"`similar-patients references import {name} --source PATH_OR_URL`."
+            )
+        return Reference(self.root / name / pointer.read_text().strip())
+
+    def delete(self, name: str) -> None:
+        folder = self.root / _checked(name)
+        if not (folder / "CURRENT").is_file():
+            raise SimilarPatientsError(f"No reference named '{name}' to delete.")
+        (folder / "CURRENT").unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def import_reference(self, name: str, source: str, progress: ProgressCallback | None = None) -> Reference:
+        """Read ``source`` (see :func:`importers.read_source`), stamp IDC metadata, and store it as ``name``."""
+        _checked(name)
+        read = read_source(source, progress)
+        return self.write(name, read.table, read.origin, read.notes, progress, read.display_fields)
+
+    def write(
+        self,
+        name: str,
+        table: schema.ReferenceTable,
+        source: str,
+        notes: list[str] | None = None,
+        progress: ProgressCallback | None = None,
+        display_fields: list[str] | None = None,
+    ) -> Reference:
+        """Store ``table`` as the new version of ``name``, atomically, with IDC fields filled in.
+        ``display_fields``: the label fields a person should see first (default: all)."""
+        folder = self.root / _checked(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        version = f"v{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        staging = folder / f".{version}.part"
+        try:
+            idc = IDCIndex()
+            report(progress, 0, 1, "adding IDC metadata")
+            table = schema.ReferenceTable(idc.enrich(table.lesions), table.embeddings)
+            notes = list(notes or []) + _idc_notes(table.lesions)
+            manifest = _write_version(staging, name, table, source, notes, idc.version, display_fields, progress)
+            os.replace(staging, folder / version)
+            pointer = folder / "CURRENT.part"
+            pointer.write_text(version + "\n")
+            os.replace(pointer, folder / "CURRENT")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in folder.iterdir():
+            if old.is_dir() and old.name != version:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("stored reference '%s' version %s from %s", name, version, source)
+        reference = Reference(folder / version)
+        for model, info in manifest["models"].items():
+            if info["lesions"] >= approximate.APPROXIMATE_FROM:
+                reference.approximate_index(model, "cosine", progress)
+        return reference
+
+
+def _checked(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise SimilarPatientsError(
+            f"'{name}' is not a usable reference name: use letters, digits, '.', '_' or '-' (up to 100)."
+        )
+    return name
+
+
+def _idc_notes(lesions: pd.DataFrame) -> list[str]:
+    if SERIES not in lesions.columns:
+        return ["no SeriesInstanceUID column: IDC fields and viewer links are unavailable"]
+    missing = lesions.loc[lesions[COLLECTION].isna(), SERIES].nunique()
+    return [f"{missing} series not found in the IDC index: their IDC fields are empty"] if missing else []
+
+
+def _write_version(
+    staging: Path,
+    name: str,
+    table: schema.ReferenceTable,
+    source: str,
+    notes: list[str],
+    idc_version: str,
+    display_fields: list[str] | None,
+    progress: ProgressCallback | None,
+) -> dict:
+    staging.mkdir(parents=True)
+    report(progress, 0, 1, "writing Parquet")
+    pq.write_table(schema.to_arrow(table), staging / "reference.parquet")
+    models = {}
+    for i, model in enumerate(table.models):
+        matrix = table.embeddings[model]
+        lesions = table.model_lesions(model)
+        out = staging / "models" / str(i)
+        out.mkdir(parents=True)
+        np.save(out / "vectors.npy", matrix)
+        np.save(out / "norms.npy", np.linalg.norm(matrix.astype(np.float64), axis=1))
+        models[model] = {
+            "folder": str(i),
+            "dim": int(matrix.shape[1]),
+            "lesions": int(matrix.shape[0]),
+            "patients": int(lesions[schema.PATIENT].nunique()),
+            "recipe": str(lesions[schema.RECIPE].iloc[0]),
+        }
+    manifest = {
+        "name": name,
+        "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "models": models,
+        "label_fields": table.label_fields,
+        "display_fields": [f for f in display_fields or table.label_fields if f in table.label_fields],
+        "idc_index": idc_version,
+        "notes": notes,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

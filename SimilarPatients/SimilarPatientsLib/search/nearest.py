@@ -1,0 +1,192 @@
+"""k-nearest patients in one model's embedding space: candidates in float32, answers in float64.
+
+A scan (or the approximate index) ranks lesions in float32; every lesion that could belong to the k
+nearest patients, given a bound on float32 rounding, is then re-scored in float64. Reported distances are
+therefore float64 distances, and the order is decided in float64 with ties broken by PatientID.
+A patient's distance is that of their nearest pair of (query lesion, reference lesion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import SimilarPatientsError
+from .distances import check_metric, pairwise_distances
+
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+@dataclass
+class EmbeddingSpace:
+    """One model's lesion vectors (rows may be a read-only memory map) and their patients."""
+
+    vectors: np.ndarray  # (n, D) float32
+    norms: np.ndarray  # (n,) float64 L2 norms of the rows
+    patient_codes: np.ndarray  # (n,) int, index into ``patient_ids``
+    patient_ids: np.ndarray  # (p,) str, sorted
+
+    lesion_counts: np.ndarray = field(init=False)  # (p,) lesions per patient
+
+    def __post_init__(self):
+        self.lesion_counts = np.bincount(self.patient_codes, minlength=len(self.patient_ids))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass
+class LesionMatch:
+    """The nearest lesion pair of one hit patient."""
+
+    patient: str
+    distance: float
+    row: int  # reference lesion row in the space
+    query_row: int  # which query vector matched
+
+
+#: ``candidates(queries32, m, allowed) -> rows``: the approximate index's m nearest rows per query, merged.
+CandidateSource = Callable[[np.ndarray, int, Optional[np.ndarray]], np.ndarray]
+
+
+def check_queries(space: EmbeddingSpace, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Queries as a float64 (q, D) array, or a clear error."""
+    check_metric(metric)
+    queries = np.asarray(queries, dtype=np.float64)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[0] == 0:
+        raise SimilarPatientsError("The query must be one embedding or a (lesions × length) array of them.")
+    if queries.shape[1] != space.dim:
+        raise SimilarPatientsError(
+            f"The query embedding has {queries.shape[1]} values but this model's reference embeddings have "
+            f"{space.dim}: it was made by another model, or another version of it."
+        )
+    if not np.isfinite(queries).all():
+        raise SimilarPatientsError("The query embedding holds NaN or infinite values.")
+    if metric == "cosine" and (np.linalg.norm(queries, axis=1) == 0).any():
+        raise SimilarPatientsError("A query embedding is all zeros: its cosine distance to anything is undefined.")
+    return queries
+
+
+def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries``."""
+    return pairwise_distances(np.asarray(space.vectors[rows], dtype=np.float64), queries, metric)
+
+
+def scan_scores(
+    space: EmbeddingSpace, queries: np.ndarray, metric: str, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """Float32 scores (monotone in distance) of all rows, or of ``rows``, to the nearest query, and the
+    bound on their rounding error."""
+    q32 = queries.astype(np.float32)
+    vectors = space.vectors if rows is None else space.vectors[rows]
+    norms = space.norms if rows is None else space.norms[rows]
+    products = vectors @ q32.T
+    query_norms = np.linalg.norm(queries, axis=1)
+    max_norm = float(norms.max()) if len(norms) else 0.0
+    slack = 4.0 * space.dim * _EPS32
+    if metric == "dot":
+        scores = -products
+        bound = slack * max_norm * float(query_norms.max())
+    elif metric == "cosine":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inverse = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
+        scores = 1.0 - products * inverse[:, None] * (1.0 / query_norms).astype(np.float32)[None, :]
+        bound = 2.0 * slack
+    else:
+        scores = (norms * norms).astype(np.float32)[:, None] + (query_norms**2).astype(np.float32)[None, :]
+        scores -= 2.0 * products
+        bound = slack * (max_norm + float(query_norms.max())) ** 2
+    best = scores.min(axis=1) if scores.shape[1] > 1 else scores[:, 0]
+    return best, bound
+
+
+def nearest_patients(
+    space: EmbeddingSpace,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    allowed: np.ndarray | None = None,
+    candidates: CandidateSource | None = None,
+) -> list:
+    """The ``k`` nearest patients as :class:`LesionMatch`, nearest first, ties by PatientID.
+
+    ``allowed`` is a boolean row mask (filters, excluded patients). ``candidates`` switches the float32
+    stage from a full scan to an approximate index.
+    """
+    if k < 1:
+        raise SimilarPatientsError("k must be at least 1.")
+    queries = check_queries(space, queries, metric)
+    allowed_rows = np.flatnonzero(allowed) if allowed is not None else None
+    if allowed_rows is not None and len(allowed_rows) == 0:
+        return []
+    if candidates is None:
+        rows = _scan_candidates(space, queries, k, metric, allowed_rows)
+    else:
+        rows = _index_candidates(space, queries, k, allowed, candidates)
+    return _rank_exactly(space, rows, queries, k, metric)
+
+
+def _scan_candidates(
+    space: EmbeddingSpace, queries: np.ndarray, k: int, metric: str, allowed_rows: np.ndarray | None
+) -> np.ndarray:
+    """Rows that can hold the k nearest patients: within the rounding bound of the k-th patient's score."""
+    subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
+    scores, bound = scan_scores(space, queries, metric, allowed_rows if subset else None)
+    row_ids = allowed_rows if subset else np.arange(len(scores))
+    if allowed_rows is not None and not subset:
+        mask = np.zeros(len(scores), dtype=bool)
+        mask[allowed_rows] = True
+        scores = np.where(mask, scores, np.inf)
+    finite = np.isfinite(scores)
+    n = int(finite.sum())
+    m = min(n, max(8 * k, 64))
+    while True:
+        top = np.argpartition(scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
+        top = top[np.isfinite(scores[top])]
+        codes = space.patient_codes[row_ids[top]]
+        if len(np.unique(codes)) >= k or m >= n:
+            break
+        m = min(n, m * 4)
+    per_patient = {}
+    for score, code in zip(scores[top], codes):
+        if score < per_patient.get(code, np.inf):
+            per_patient[code] = score
+    kth = np.sort(np.fromiter(per_patient.values(), dtype=np.float64))[:k][-1]
+    return row_ids[np.flatnonzero(scores <= kth + bound)]
+
+
+def _index_candidates(
+    space: EmbeddingSpace, queries: np.ndarray, k: int, allowed: np.ndarray | None, candidates: CandidateSource
+) -> np.ndarray:
+    """Ask the index for more neighbours until they span k patients (or the whole allowed set)."""
+    q32 = np.ascontiguousarray(queries, dtype=np.float32)
+    total = int(allowed.sum()) if allowed is not None else len(space.norms)
+    m = max(4 * k, 40)
+    while True:
+        rows = np.unique(candidates(q32, m, allowed))
+        rows = rows[rows >= 0]
+        if len(np.unique(space.patient_codes[rows])) >= k or m >= total:
+            return rows
+        m = min(total, m * 4)
+
+
+def _rank_exactly(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, k: int, metric: str) -> list:
+    distances = exact_distances(space, rows, queries, metric)
+    best_query = distances.argmin(axis=1)
+    best = distances[np.arange(len(rows)), best_query]
+    codes = space.patient_codes[rows]
+    # nearest lesion per patient: sort by (patient, distance, row) and keep each patient's first
+    order = np.lexsort((rows, best, codes))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = codes[order][1:] != codes[order][:-1]
+    keep = order[first]
+    names = space.patient_ids[codes[keep]]
+    ranked = keep[np.lexsort((names, best[keep]))][:k]
+    return [
+        LesionMatch(str(space.patient_ids[codes[i]]), float(best[i]), int(rows[i]), int(best_query[i])) for i in ranked
+    ]

@@ -1,0 +1,77 @@
+"""Optional packages: one way to import what an install extra provides, so that a missing one is a
+:class:`SimilarPatientsError` naming the extra to install, not a bare ``ModuleNotFoundError``.
+
+The base install searches references and prints hits. Reading CT and running the encoders needs the
+``embed`` extra; maps and evaluation need ``analysis``. Heavy modules are imported on first use, never at
+import time, so every module of the library imports on the base install. Entry points call
+:func:`require` before any work, so a missing package stops them at once rather than minutes in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from ..errors import SimilarPatientsError
+
+#: extra -> (what it is for, {pip requirement name: module it provides}); pyproject.toml's extras match.
+EXTRAS = {
+    "embed": (
+        "reading CT images and running the embedding models",
+        {
+            "torch": "torch",
+            "monai": "monai",
+            "einops": "einops",
+            "SimpleITK": "SimpleITK",
+            "pydicom": "pydicom",
+            "highdicom": "highdicom",
+            "safetensors": "safetensors",
+        },
+    ),
+    "analysis": (
+        "maps and evaluation of embeddings",
+        {
+            "scikit-learn": "sklearn",
+            "umap-learn": "umap",
+            "plotly": "plotly",
+            "matplotlib": "matplotlib",
+            "torch": "torch",
+        },
+    ),
+}
+
+
+def optional_import(module: str, extra: str) -> ModuleType:
+    """Import ``module``, which the install extra ``extra`` provides; a clear error if it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise missing_extra(extra, error.name or module) from error
+
+
+def require(extra: str) -> None:
+    """Raise the missing-extra error unless every package of ``extra`` can be imported (nothing is imported)."""
+    for module in EXTRAS[extra][1].values():
+        try:
+            found = importlib.util.find_spec(module)
+        except ImportError:  # a finder may refuse outright
+            found = None
+        if found is None:
+            raise missing_extra(extra, module)
+
+
+def missing_extra(extra: str, module: str) -> SimilarPatientsError:
+    """The error for a missing package of ``extra``: what it is needed for and the install command."""
+    purpose = EXTRAS[extra][0]
+    return SimilarPatientsError(
+        f"{purpose[0].upper()}{purpose[1:]} needs the '{extra}' extra, and the package '{module}' is not installed. "
+        f"Install torch first (the build for this machine: a CPU-only build where there is no GPU), then "
+        f"`pip install 'similar-patients[{extra}]'`. In 3D Slicer, the module installs it on first use."
+    )
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend (no window; safe off the GUI thread)."""
+    optional_import("matplotlib", "analysis").use("Agg")
+    return optional_import("matplotlib.pyplot", "analysis")

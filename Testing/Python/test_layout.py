@@ -1,0 +1,181 @@
+"""The library's layout holds: every file packaged for Slicer, Python 3.9 grammar, no GUI imports, imports
+only downward between the stages, the extras' packages named once, and a base install (no extras) that
+imports every module and stops each extra-needing command with the extra to install."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import store_frame, synthetic_frame
+from SimilarPatientsLib.util.optional import EXTRAS
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "SimilarPatients"
+LIB = MODULE / "SimilarPatientsLib"
+LIB_FILES = sorted(LIB.rglob("*.py"))
+
+#: Which subpackages each subpackage may import (errors and progress: anyone). The top-level modules
+#: (query, cli, demo) sit above all of them; nothing below imports them.
+MAY_IMPORT = {
+    "util": set(),
+    "idc": {"util"},
+    "search": {"util"},
+    "imaging": {"util"},
+    "references": {"util", "idc", "search"},
+    "models": {"util", "imaging", "references"},
+    "evaluation": {"util", "search", "references"},
+    "maps": {"util", "search", "references", "idc"},
+    "scene": {"util"},
+}
+BASE = {"errors", "progress"}
+
+
+def test_cmake_lists_every_library_file_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", text))
+    on_disk = {"Lib/" + p.relative_to(LIB).as_posix() for p in LIB_FILES} | {".py"}
+    assert {entry for entry in listed if entry.endswith(".py")} == on_disk
+    for resource in re.findall(r"(Resources/\S+)", text):
+        assert (MODULE / resource.replace("${MODULE_NAME}", "SimilarPatients")).exists(), resource
+
+
+def _imports(path: Path) -> set:
+    """Top-level names of the packages a file imports (absolute imports only)."""
+    tree = ast.parse(path.read_text())
+    nodes = list(ast.walk(tree))
+    names = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    return names | {
+        node.module.split(".")[0]
+        for node in nodes
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+    }
+
+
+@pytest.mark.parametrize(
+    "path", [MODULE / "SimilarPatients.py", *LIB_FILES], ids=lambda p: p.relative_to(MODULE).as_posix()
+)
+def test_slicer_python_39_syntax_and_no_gui_imports_in_library(path):
+    ast.parse(path.read_text(), feature_version=(3, 9))
+    if path.is_relative_to(LIB):
+        assert not _imports(path) & {"slicer", "qt", "vtk", "ctk"}
+
+
+def _stage(path: Path) -> str:
+    """The subpackage a library file belongs to ('' for the top level)."""
+    parts = path.relative_to(LIB).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+def _imported_stages(path: Path) -> set:
+    """The library's subpackages (or top-level modules) that ``path`` imports, relative or absolute."""
+    here = path.relative_to(LIB).parent.parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - (node.level - 1)]
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            found |= {target[0]} if target else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("SimilarPatientsLib."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in LIB_FILES if _stage(p)], ids=lambda p: p.relative_to(LIB).as_posix())
+def test_stages_import_only_downward(path):
+    stage = _stage(path)
+    upward = _imported_stages(path) - {stage} - MAY_IMPORT[stage] - BASE
+    assert not upward, f"{stage}/ must not import {sorted(upward)}"
+
+
+def test_every_stage_is_in_the_import_rules():
+    assert {p.name for p in LIB.iterdir() if (p / "__init__.py").exists()} == set(MAY_IMPORT)
+
+
+def test_extras_name_the_packages_pyproject_installs():
+    text = (ROOT / "pyproject.toml").read_text()
+    for extra, (_, packages) in EXTRAS.items():
+        listed = re.search(rf"^{extra} = \[(.*?)\]", text, re.M | re.S).group(1)
+        names = {re.split(r"[<>=!~\[]", requirement)[0] for requirement in re.findall(r'"([^"]+)"', listed)}
+        assert names == set(packages), extra
+
+
+#: Runs before the code under test in a child: every package of an extra is "not installed".
+_WITHOUT_EXTRAS = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def _base_install(code: str, home: Path) -> subprocess.CompletedProcess:
+    blocked = sorted({m for _, packages in EXTRAS.values() for m in packages.values()} | {"threadpoolctl", "nibabel"})
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS.format(blocked=blocked) + code],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SIMILARPATIENTS_HOME": str(home)},
+    )
+
+
+def test_a_base_install_imports_every_module(tmp_path):
+    modules = [
+        ".".join(("SimilarPatientsLib", *p.relative_to(LIB).with_suffix("").parts)).removesuffix(".__init__")
+        for p in LIB_FILES
+        if p.name != "__main__.py"
+    ]
+    code = f"""
+import importlib, json
+from SimilarPatientsLib import SimilarPatientsError
+failed = {{}}
+for name in {modules!r}:
+    try:
+        importlib.import_module(name)
+    except SimilarPatientsError as error:
+        failed[name] = str(error)
+print(json.dumps(failed))
+"""
+    done = _base_install(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    failed = json.loads(done.stdout)
+    # the networks subclass torch's Module at import: the one module that needs its extra to load
+    assert list(failed) == ["SimilarPatientsLib.models.networks"]
+    assert "needs the 'embed' extra" in failed["SimilarPatientsLib.models.networks"]
+
+
+def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_path):
+    store_frame(synthetic_frame(n_patients=12, dim=8, models=("CTFM",)), tmp_path / "home", "mine")
+    (tmp_path / "ct.nrrd").write_bytes(b"")
+    commands = {
+        "analysis": [
+            ["evaluate", "--reference", "mine", "--label", "histology", "--positive", "adeno", "--out", "report"],
+            ["explore", "--reference", "mine", "--out", str(tmp_path / "map.html")],
+        ],
+        "embed": [
+            ["query", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "CTFM", "--reference", "mine"],
+            ["embed", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "TumorDescriptor"],
+        ],
+    }
+    for extra, argvs in commands.items():
+        for argv in argvs:
+            code = f"import sys\nfrom SimilarPatientsLib.cli import main\nsys.exit(main({argv!r}))"
+            done = _base_install(code, tmp_path / "home")
+            assert done.returncode == 2, (argv, done.stderr)
+            assert "error: " in done.stderr and f"needs the '{extra}' extra" in done.stderr, (argv, done.stderr)
+            assert f"pip install 'similar-patients[{extra}]'" in done.stderr
+            assert "Traceback" not in done.stderr
+    # what the base install is for still works
+    neighbors = ["neighbors", "--reference", "mine", "--model", "CTFM", "--patient", "P001"]
+    for argv in (["references", "list"], ["models", "list"], neighbors):
+        code = f"import sys\nfrom SimilarPatientsLib.cli import main\nsys.exit(main({argv!r}))"
+        done = _base_install(code, tmp_path / "home")
+        assert done.returncode == 0, (argv, done.stderr)
