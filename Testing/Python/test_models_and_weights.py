@@ -291,3 +291,28 @@ def test_unknown_and_unavailable_models_and_recipes_are_named():
         SimilarPatientsError, match="FMCIB has no recipe 'x'; it has: tumorimagingbench, fmcib-original"
     ):
         registry.get("FMCIB").with_recipe("x")
+
+
+def test_one_weight_status_answers_licence_and_download(home, tmp_path, monkeypatch):
+    descriptor = weights.status("TumorDescriptor", None)
+    assert not descriptor.needs_download and not descriptor.needs_acceptance
+    vista = weights.status("VISTA3D", registry.get("VISTA3D").weights)
+    assert vista.needs_download and vista.needs_acceptance and vista.present is None
+    ct_fm = weights.status("CTFM", registry.get("CTFM").weights)
+    assert ct_fm.needs_download and not ct_fm.needs_acceptance  # Apache-2.0: nothing to accept
+    weights.acknowledge("VISTA3D")
+    assert not weights.status("VISTA3D", registry.get("VISTA3D").weights).needs_acceptance
+    (tmp_path / "site" / "SUPREME").mkdir(parents=True)
+    upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path / "site" / "SUPREME")
+    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "site"))
+    here = weights.status("SUPREME", registry.get("SUPREME").weights)
+    assert here.present is not None and not here.needs_download and not here.needs_acceptance
+
+
+def test_the_descriptor_is_an_encoder_like_the_networks(home, tumor_image):
+    embedder = Embedder("TumorDescriptor")
+    image, tumor = tumor_image
+    crops = embedder.crops(image, tumor)
+    assert embedder.encoder.encode(crops).shape == (1, registry.get("TumorDescriptor").dimension)
+    assert embedder.device == "cpu" and embedder.load_seconds == 0.0
+    np.testing.assert_array_equal(embedder.embed_crops(crops), embedder.embed(image, tumor)[0].vector[None])

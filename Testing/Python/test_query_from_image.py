@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from conftest import store_frame, synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, query_image
+from SimilarPatientsLib import ImageQuery, ReferenceStore, SimilarPatientsError, query_image
 from SimilarPatientsLib.cli import main
 from SimilarPatientsLib.imaging.tumor import from_binary_mask
 from SimilarPatientsLib.models.embedder import Embedder
@@ -177,3 +177,44 @@ def test_a_point_off_the_tumor_and_an_empty_mask_are_refused(tmp_path):
         embedder.embed(image, from_point(corner))
     with pytest.raises(SimilarPatientsError, match="mask is empty"):
         from_binary_mask(mask * 0)
+
+
+def test_an_image_query_is_one_library_call(tumor_reference, tmp_path):
+    image, mask, _ = tumor_ct("cavitary", np.random.default_rng(12))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    store = ReferenceStore(tumor_reference)
+    result = query_image(tmp_path / "ct.nrrd", from_binary_mask(mask), "TumorDescriptor", "tumors", k=4, store=store)
+    assert isinstance(result, ImageQuery) and len(result.hits) == 4
+    assert (result.reference, result.model, result.recipe, result.metric) == (
+        "tumors",
+        "TumorDescriptor",
+        "descriptor-v1",
+        "cosine",
+    )
+    assert result.crops[0].image.shape == (64, 64, 64) and result.crops[0].mask.any()
+    direct = Embedder("TumorDescriptor").embed(image, from_binary_mask(mask))[0]
+    np.testing.assert_array_equal(result.embeddings[0].vector, direct.vector)
+    seconds = result.seconds
+    assert min(seconds.read, seconds.crop, seconds.embed, seconds.search) > 0
+    assert seconds.total == pytest.approx(seconds.read + seconds.load + seconds.crop + seconds.embed + seconds.search)
+    again = query_image(image, from_binary_mask(mask), Embedder("TumorDescriptor"), store.open("tumors"), k=4)
+    assert again.hits.PatientID.tolist() == result.hits.PatientID.tolist() and again.seconds.load == 0.0
+
+
+def test_an_incompatible_model_is_refused_before_the_image_is_read(tumor_reference, tmp_path):
+    with pytest.raises(SimilarPatientsError, match="has no model 'CTFM'"):
+        query_image(tmp_path / "missing.nrrd", [], "CTFM", "tumors", store=ReferenceStore(tumor_reference))
+
+
+def test_tumor_marks_from_the_library(tmp_path):
+    from SimilarPatientsLib.imaging import tumors_from
+
+    boxes = tumors_from(boxes=[[0, 0, 0, 10, 10, 10]], ras=True)
+    assert boxes[0].seed == (-5.0, -5.0, 5.0) and boxes[0].box == ((-10.0, -10.0, 0.0), (0.0, 0.0, 10.0))
+    assert [t.seed for t in tumors_from(points=[[1, 2, 3], [4, 5, 6]])] == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)]
+    with pytest.raises(SimilarPatientsError, match="one of a mask, points or boxes"):
+        tumors_from(points=[[1, 2, 3]], boxes=[[0, 0, 0, 1, 1, 1]])
+    with pytest.raises(SimilarPatientsError, match="six numbers"):
+        tumors_from(boxes=[[0, 0, 0, 1]])
+    with pytest.raises(SimilarPatientsError, match="give the mask too"):
+        tumors_from(points=[[1, 2, 3]], segments=["1"])

@@ -28,6 +28,8 @@ def test_nlst_reference_has_every_model_lesion_and_label(nlst):
         # 734 upstream rows hold one lesion listed twice for two patients: 732 distinct lesions
         assert (info.dim, info.lesions, info.patients) == (DIMS[model], 732, 464)
         assert info.recipe == "tumorimagingbench"
+    assert nlst.display_fields == ["histology", "stage", "age", "sex", "smoking"]  # declared by the importer
+    assert set(nlst.display_fields) < set(nlst.label_fields)
     lesions = nlst.lesions("CTFM")
     assert set(lesions["stage"].dropna()) <= {"IA", "IB", "IIA", "IIB", "IIIA", "IIIB", "IV"}
     assert (lesions["histology_code"] == 8140).sum() > 0
@@ -112,6 +114,7 @@ def test_parquet_import_round_trip(home, tmp_path):
     np.testing.assert_array_equal(reference.space("A").vectors, np.stack(expected.embedding))
     assert list(lesions.PatientID) == list(expected.PatientID)
     assert reference.label_fields == ["histology", "age"]
+    assert reference.display_fields == ["histology", "age"]  # a table declares none: all label fields
     assert reference.model_info("A").recipe == "unspecified"
     # the stored Parquet is the canonical single table and imports again as it is
     again = read_source(str(reference.path / "reference.parquet")).table

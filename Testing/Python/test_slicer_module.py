@@ -93,7 +93,7 @@ def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module,
     import pandas as pd
     import SimpleITK as sitk
     from conftest import store_frame
-    from SimilarPatientsLib import SimilarPatientsError
+    from SimilarPatientsLib import Cancelled, SimilarPatientsError
     from SimilarPatientsLib.imaging.tumor import from_binary_mask
     from SimilarPatientsLib.models.embedder import Embedder
     from synthetic_ct import KINDS, tumor_ct
@@ -119,7 +119,7 @@ def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module,
     assert list(by_point.columns[:3]) == ["rank", "PatientID", "distance"]
     with pytest.raises(SimilarPatientsError, match="has no model 'CTFM'"):  # the child's own message
         logic.queryFiles(tmp_path / "image.nrrd", "tumors", "CTFM", mask=tmp_path / "mask.nrrd")
-    with pytest.raises(SimilarPatientsError, match="Cancelled"):
+    with pytest.raises(Cancelled, match="Cancelled"):
         logic.queryFiles(
             tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", cancelled=lambda: True
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import synthetic_frame
-from SimilarPatientsLib import ReferenceStore, SimilarPatientsError
+from SimilarPatientsLib import Cancelled, ReferenceStore, SimilarPatientsError
 from SimilarPatientsLib.references import nlst_sybil, schema, store
 from SimilarPatientsLib.references.importers import read_source
 from SimilarPatientsLib.util.download import Digest, download
@@ -70,7 +70,7 @@ def _serve_upstream(handler, base, nlst_dir, monkeypatch, models):
         data = (nlst_dir / "upstream" / "embeddings" / f"{model}_features.pkl").read_bytes()
         handler.files[f"/up/{model}_features.pkl"] = data
     monkeypatch.setattr(nlst_sybil, "RAW_URL", base + "/up/{file}")
-    monkeypatch.setattr(nlst_sybil, "find_local_copy", lambda extra=(): None)
+    monkeypatch.delenv(nlst_sybil.LOCAL_DIR_ENV, raising=False)
 
 
 def test_nlst_download_verifies_caches_and_imports(home, server, nlst_dir, monkeypatch):
@@ -126,3 +126,28 @@ def test_table_from_url(home, server, tmp_path):
         ReferenceStore().import_reference("missing", base + "/data/none.parquet")
     with pytest.raises(SimilarPatientsError, match="Cannot tell what"):
         ReferenceStore().import_reference("odd", base + "/data/page.html")
+
+
+def test_the_nlst_setting_is_the_only_place_a_local_copy_is_looked_for(home, nlst_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(nlst_sybil.LOCAL_DIR_ENV, raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # a checkout beside ../shared: not looked at
+    assert nlst_sybil.find_local_copy() is None
+    monkeypatch.setenv(nlst_sybil.LOCAL_DIR_ENV, str(nlst_dir))
+    assert nlst_sybil.find_local_copy() == nlst_dir
+    monkeypatch.setenv(nlst_sybil.LOCAL_DIR_ENV, str(tmp_path))
+    with pytest.raises(SimilarPatientsError, match="holds no NLST-Sybil"):  # a setting that cannot match
+        read_source("nlst-sybil")
+
+
+def test_a_cancelled_import_leaves_no_reference_and_no_staging(home, tmp_path):
+    path = tmp_path / "mine.parquet"
+    synthetic_frame().to_parquet(path)
+
+    def cancel(done, total, message):
+        if message == "writing Parquet":
+            raise Cancelled()
+
+    with pytest.raises(Cancelled, match="Cancelled"):
+        ReferenceStore().import_reference("mine", str(path), progress=cancel)
+    assert "mine" not in ReferenceStore()
+    assert [p.name for p in (home / "references" / "mine").iterdir()] == []
