@@ -103,7 +103,8 @@ def test_no_fold_splits_a_patient(tmp_path):
     reference = store_frame(planted_frame(n_patients=30, lesions=(1, 4)), tmp_path)
     labels = GROUP.patient_labels(reference.lesions("A"))
     cohort = Cohort.build(reference.lesions("A"), reference.space("A").vectors, labels)
-    rows, row_patient = cohort.instances("lesions")
+    instances = cohort.instances("lesions")
+    rows, row_patient = instances.rows, instances.row_patient
     assert len(rows) > len(labels)  # several lesions per patient, so the check means something
     for repeat in patient_folds(cohort.labels, 5, 2, seed=0):
         for test in repeat:
@@ -152,8 +153,8 @@ def test_aggregations_by_hand():
         lesion_vectors=np.array([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]),
         lesion_patient=np.array([0, 0, 1]),
     )
-    np.testing.assert_allclose(cohort.instances("mean")[0], [[0.5, 1.5], [2.0, 2.0]])
-    np.testing.assert_allclose(cohort.instances("max")[0], [[1.0, 3.0], [2.0, 2.0]])
+    np.testing.assert_allclose(cohort.instances("mean").rows, [[0.5, 1.5], [2.0, 2.0]])
+    np.testing.assert_allclose(cohort.instances("max").rows, [[1.0, 3.0], [2.0, 2.0]])
     # nearest lesion pair under euclidean: |(0,3)-(2,2)| = sqrt(5) < |(1,0)-(2,2)| = sqrt(5)... equal; both sqrt(5)
     distances = cohort.distances("lesions", "euclidean")
     assert distances[0, 1] == pytest.approx(np.sqrt(5))

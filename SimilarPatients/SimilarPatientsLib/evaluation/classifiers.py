@@ -1,9 +1,10 @@
 """Classifiers on frozen embeddings, as practitioners compare them: nearest neighbours, class means, a
 regularised linear probe, and a small MLP adapter.
 
-Each one answers one cross-validation fold: given the training patients' labels, a score per test patient
-(higher = more likely positive) and a 0/1 decision. They see a :class:`FoldInput`, so the same code serves
-mean/max-pooled patients (one row per patient) and lesion-level data (several rows per patient).
+Each one answers one cross-validation fold: given the training patients' labels, a :class:`Prediction`
+(a score per test patient, higher = more likely positive, and a 0/1 decision). They see a
+:class:`FoldInput`, so the same code serves mean/max-pooled patients (one row per patient) and
+lesion-level data (several rows per patient).
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from ..search.distances import unit_rows
 from ..util.optional import optional_import
 
 CLASSIFIERS = ("knn", "centroid", "linear", "mlp")
+
+
+@dataclass
+class Prediction:
+    """A classifier's answer for a fold's test patients (ascending): a score (higher = more likely
+    positive) and a 0/1 decision each."""
+
+    scores: np.ndarray
+    decisions: np.ndarray
 
 
 @dataclass
@@ -47,13 +57,13 @@ class NearestNeighbours:
     def __init__(self, k: int = 15):
         self.k = k
 
-    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> tuple:
+    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> Prediction:
         distances = fold.distances[np.ix_(fold.test, fold.train)]
         k = min(self.k, len(fold.train))
         nearest = np.argpartition(distances, k - 1, axis=1)[:, :k]
         train_labels = labels[fold.train]
         scores = train_labels[nearest].mean(axis=1)
-        return scores, scores > train_labels.mean()
+        return Prediction(scores, scores > train_labels.mean())
 
 
 class ClassMean:
@@ -62,7 +72,7 @@ class ClassMean:
 
     name = "centroid"
 
-    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> tuple:
+    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> Prediction:
         train_rows = fold.rows_of(fold.train)
         units = unit_rows(fold.rows[train_rows])
         row_labels = labels[fold.row_patient[train_rows]].astype(bool)
@@ -70,7 +80,7 @@ class ClassMean:
         test_rows = fold.rows_of(fold.test)
         similarity = unit_rows(fold.rows[test_rows]) @ prototypes.T
         scores = _per_patient_mean(similarity[:, 0] - similarity[:, 1], fold.row_patient[test_rows])
-        return scores, scores > 0
+        return Prediction(scores, scores > 0)
 
 
 class LinearProbe:
@@ -85,7 +95,7 @@ class LinearProbe:
     def __init__(self, C: float = 0.01):
         self.C = C
 
-    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> tuple:
+    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> Prediction:
         LogisticRegression = optional_import("sklearn.linear_model", "analysis").LogisticRegression
         StandardScaler = optional_import("sklearn.preprocessing", "analysis").StandardScaler
 
@@ -95,7 +105,7 @@ class LinearProbe:
         model.fit(scaler.transform(fold.rows[train_rows]), labels[fold.row_patient[train_rows]])
         row_scores = model.decision_function(scaler.transform(fold.rows[test_rows]))
         scores = _per_patient_mean(row_scores, fold.row_patient[test_rows])
-        return scores, scores > 0
+        return Prediction(scores, scores > 0)
 
 
 class MLPAdapter:
@@ -110,7 +120,7 @@ class MLPAdapter:
     ):
         self.hidden, self.dropout, self.epochs, self.lr, self.decay = hidden, dropout, epochs, lr, decay
 
-    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> tuple:
+    def __call__(self, fold: FoldInput, labels: np.ndarray, seed: int) -> Prediction:
         torch = optional_import("torch", "analysis")
 
         train_rows, test_rows = fold.rows_of(fold.train), fold.rows_of(fold.test)
@@ -144,7 +154,7 @@ class MLPAdapter:
             test = torch.as_tensor((fold.rows[test_rows] - mean) / std, dtype=torch.float32)
             row_scores = network(test).squeeze(1).double().numpy()
         scores = _per_patient_mean(row_scores, fold.row_patient[test_rows])
-        return scores, scores > 0
+        return Prediction(scores, scores > 0)
 
 
 def build(names, knn_k: int = 15, probe_c: float = 0.01) -> list:

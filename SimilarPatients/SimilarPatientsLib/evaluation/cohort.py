@@ -26,6 +26,14 @@ DISTANCES = ("cosine", "euclidean")
 
 
 @dataclass
+class Instances:
+    """What a classifier sees under one aggregation: rows, and the patient of each row (non-decreasing)."""
+
+    rows: np.ndarray  # (r, D)
+    row_patient: np.ndarray  # (r,)
+
+
+@dataclass
 class Cohort:
     """Lesion vectors (float64, grouped by patient) and one 0/1 label per patient."""
 
@@ -52,20 +60,20 @@ class Cohort:
         """Index of each patient's first lesion row."""
         return np.searchsorted(self.lesion_patient, np.arange(len(self.patient_ids)))
 
-    def instances(self, aggregation: str) -> tuple:
-        """(rows (r, D), patient index per row): patient vectors for mean/max, lesion vectors for lesions."""
+    def instances(self, aggregation: str) -> Instances:
+        """Patient vectors for mean/max, lesion vectors for lesions."""
         _check(aggregation)
         if aggregation == "lesions":
-            return self.lesion_vectors, self.lesion_patient
+            return Instances(self.lesion_vectors, self.lesion_patient)
         reduce = np.add if aggregation == "mean" else np.maximum
         pooled = reduce.reduceat(self.lesion_vectors, self.starts, axis=0)
         if aggregation == "mean":
             pooled /= np.bincount(self.lesion_patient)[:, None]
-        return pooled, np.arange(len(self.patient_ids))
+        return Instances(pooled, np.arange(len(self.patient_ids)))
 
     def distances(self, aggregation: str, metric: str) -> np.ndarray:
         """(n, n) patient distance matrix, the diagonal set to +inf (a patient is not its own neighbour)."""
-        rows, _ = self.instances(aggregation)
+        rows = self.instances(aggregation).rows
         distance = pairwise_distances(rows, rows, check_metric(metric, DISTANCES))
         if aggregation == "lesions":
             distance = np.minimum.reduceat(np.minimum.reduceat(distance, self.starts, axis=0), self.starts, axis=1)

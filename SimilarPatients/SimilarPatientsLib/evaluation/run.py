@@ -188,7 +188,8 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
         distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
         for distance, matrix in distances.items():
             retrieval += _retrieval(task, model, aggregation, distance, matrix, cohort, settings, plan)
-        rows, row_patient = cohort.instances(aggregation)
+        instances = cohort.instances(aggregation)
+        rows, row_patient = instances.rows, instances.row_patient
         cosine = distances["cosine"] if "cosine" in distances else cohort.distances(aggregation, "cosine")
         names = [
             c
@@ -270,7 +271,8 @@ def _cross_validate(classifier, distances, rows, row_patient, labels, folds, see
         for f, test in enumerate(repeat):
             train = np.setdiff1d(np.arange(len(labels)), test)
             fold = classifier_module.FoldInput(distances, rows, row_patient, train, np.sort(test))
-            scores[r, fold.test], decisions[r, fold.test] = classifier(fold, labels, seed + 1000 * r + f)
+            prediction = classifier(fold, labels, seed + 1000 * r + f)
+            scores[r, fold.test], decisions[r, fold.test] = prediction.scores, prediction.decisions
     return scores, decisions
 
 

@@ -47,7 +47,7 @@ def check_inside(image, point: Sequence[float], what: str = "The point") -> None
     index = np.asarray(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point]))
     size = np.asarray(image.GetSize())
     if np.any(index < -0.5) or np.any(index > size - 0.5):
-        low, high = physical_bounds(image)
+        low, high = _physical_bounds(image)
         raise SimilarPatientsError(
             f"{what} ({', '.join(f'{v:.1f}' for v in point)}) LPS mm is outside the image, which spans "
             f"x {low[0]:.1f}…{high[0]:.1f}, y {low[1]:.1f}…{high[1]:.1f}, z {low[2]:.1f}…{high[2]:.1f} (LPS mm). "
@@ -55,7 +55,7 @@ def check_inside(image, point: Sequence[float], what: str = "The point") -> None
         )
 
 
-def physical_bounds(image) -> tuple[np.ndarray, np.ndarray]:
+def _physical_bounds(image) -> tuple[np.ndarray, np.ndarray]:
     """The LPS bounding box of the image's voxel centres."""
     corners = _voxel_centre_corners(image)
     return corners.min(axis=0), corners.max(axis=0)

@@ -77,7 +77,7 @@ def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray
     return pairwise_distances(np.asarray(space.vectors[rows], dtype=np.float64), queries, metric)
 
 
-def scan_scores(
+def _scan_scores(
     space: EmbeddingSpace, queries: np.ndarray, metric: str, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
     """Float32 scores (monotone in distance) of all rows, or of ``rows``, to the nearest query, and the
@@ -136,7 +136,7 @@ def _scan_candidates(
 ) -> np.ndarray:
     """Rows that can hold the k nearest patients: within the rounding bound of the k-th patient's score."""
     subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
-    scores, bound = scan_scores(space, queries, metric, allowed_rows if subset else None)
+    scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None)
     row_ids = allowed_rows if subset else np.arange(len(scores))
     if allowed_rows is not None and not subset:
         mask = np.zeros(len(scores), dtype=bool)

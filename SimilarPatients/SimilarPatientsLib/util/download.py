@@ -7,6 +7,7 @@ against its expected digest, and only then renamed to ``dest``: a cached file is
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 
 _CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def download(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    log.info("downloading %s to %s%s", url, dest, " (resuming)" if part.exists() else "")
     for attempt in (1, 2):
         _fetch_to(url, part, progress, timeout)
         if digest is None or digest.matches(part):
