@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import __version__, demo
@@ -205,21 +206,37 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _table(frame: pd.DataFrame, digits: int = 6) -> str:
-    """Left-aligned text columns, the last (a URL) unpadded so lines stay as short as they can."""
+    """Left-aligned text columns, the last (a URL) unpadded so lines stay as short as they can. Distances
+    get ``digits`` decimals, or as many more as it takes to tell two different distances apart."""
     if not len(frame):
         return "(no patient matches)"
     cells = frame.astype(object).where(frame.notna(), "")
     if "distance" in cells:
-        cells["distance"] = frame["distance"].map(lambda d: f"{d:.{digits}f}")
+        decimals = _decimals(frame["distance"], digits)
+        cells["distance"] = frame["distance"].map(lambda d: f"{d:.{decimals}f}")
     cells = cells.astype(str)
     widths = [max(len(str(c)), cells[c].str.len().max()) for c in cells.columns]
     lines = [[str(c) for c in cells.columns], *cells.to_numpy().tolist()]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1])) + "  " + line[-1] for line in lines)
 
 
-def _print_hits(hits: pd.DataFrame, label_fields: list[str]) -> None:
-    columns = _HUMAN_HIT_COLUMNS + [f for f in label_fields if f in hits.columns] + ["viewer_url"]
+def _decimals(values: pd.Series, least: int) -> int:
+    """Decimals (``least`` to 12) at which the distinct ``values`` print distinct."""
+    distinct = np.unique(values.to_numpy(dtype=float))
+    decimals = least
+    while decimals < 12 and len({f"{v:.{decimals}f}" for v in distinct}) < len(distinct):
+        decimals += 1
+    return decimals
+
+
+def _print_hits(hits: pd.DataFrame, reference, model: str, metric: str) -> None:
+    columns = _HUMAN_HIT_COLUMNS + [f for f in reference.label_fields if f in hits.columns] + ["viewer_url"]
     print(_table(hits[columns]))
+    if len(hits) and hits["search"].iloc[0] == "approximate":
+        calibration = reference.approximate_index(model, metric).calibration
+        print(f"search: approximate, {calibration.describe()}; --method exact compares every lesion")
+    elif len(hits):
+        print("search: exact (every lesion compared)")
 
 
 def _json(frame: pd.DataFrame) -> str:
@@ -246,7 +263,7 @@ def _neighbors(args, store: ReferenceStore, progress: _Bars) -> None:
         f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', model {args.model}, "
         f"{args.metric} distance:"
     )
-    _print_hits(hits, reference.label_fields)
+    _print_hits(hits, reference, args.model, args.metric)
 
 
 def _numbers(tokens: list[str], count: int, option: str) -> list[float]:
@@ -323,7 +340,7 @@ def _query(args, store: ReferenceStore, progress: _Bars) -> None:
         f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', model "
         f"{result.model} ({result.recipe}), {args.metric} distance:"
     )
-    _print_hits(result.hits, reference.label_fields)
+    _print_hits(result.hits, reference, result.model, args.metric)
 
 
 def _models(args) -> None:
@@ -365,6 +382,8 @@ def _demo(args, store: ReferenceStore, progress: _Bars) -> None:
 def _explore(args, store: ReferenceStore, progress: _Bars) -> None:
     from .maps import embedding_map, figure, page
 
+    if args.png:
+        figure.check_format(Path(args.png))  # before minutes of projection, not after
     reference = store.open(args.reference)
     the_map = embedding_map.build(
         reference,
@@ -457,8 +476,26 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        _silence_stdout()
+        return 0
+    except OSError as error:  # a file system that refuses a write the library does not know is ours
+        progress.close()
+        print(f"error: {error.strerror or error} ({error.filename or 'no file name'}).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         progress.close()
         print("interrupted", file=sys.stderr)
         return 130
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

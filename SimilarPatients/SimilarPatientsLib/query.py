@@ -61,7 +61,12 @@ def check_compatible(reference: Reference, model: str, recipe: str, dimension: i
     """Refuse a model/recipe the reference was not built with, naming the recipes it has."""
     have = ", ".join(f"{m} ({reference.model_info(m).recipe})" for m in reference.models)
     if model not in reference.models:
-        raise SimilarPatientsError(f"Reference '{reference.name}' has no model '{model}'; it has: {have}.")
+        raise SimilarPatientsError(
+            f"Reference '{reference.name}' has no model '{model}'; it has: {have}. Query it with one of those "
+            f"models (their weights can be given with --weights where they cannot be downloaded), or build a "
+            f"reference with {model}: `similar-patients embed --model {model} --out rows.parquet` per tumor, then "
+            f"`similar-patients references import NAME --source rows.parquet`."
+        )
     info = reference.model_info(model)
     if info.recipe != recipe:
         raise SimilarPatientsError(

@@ -45,7 +45,8 @@ def test_neighbors_table_filters_and_metric(on_nlst, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Nearest 3 patients to 100242") and "euclidean" in out[0]
     assert out[1].split()[:4] == ["rank", "PatientID", "distance", "lesions"]
-    assert len(out) == 5 and all("  F  " in line for line in out[2:])
+    assert len(out) == 6 and all("  F  " in line for line in out[2:5])
+    assert out[5] == "search: exact (every lesion compared)"
 
 
 def test_include_self(on_nlst, capsys):
@@ -92,6 +93,10 @@ def test_demo_prints_every_model_and_a_reading(on_nlst, capsys):
     for model in ("CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"):
         assert f"== {model}: 5 nearest patients" in out
     assert out.count("https://viewer.imaging.datacommons.cancer.gov/v3/viewer/") == 30
+    for block in out.split("== ")[1:]:  # distances with enough digits to tell the neighbours apart
+        distances = [line.split()[-2] for line in block.splitlines()[2:7]]
+        assert len(set(distances)) == len(set(map(float, distances))), block
+    assert "0.001473" in out and "0.001474" in out  # SuPreM's two nearest, 1e-6 apart
     reading = out.strip().splitlines()[-1]
     assert reading.startswith("Across 6 models, the top-5 lists for patient 100158 share on average")
     assert "Spearman" in reading and "base rate" in reading
@@ -109,3 +114,70 @@ def test_module_entry_point_runs_without_network_at_import(on_nlst):
         [sys.executable, "-m", "SimilarPatientsLib", "references", "list"], capture_output=True, text=True, check=True
     )
     assert "nlst-sybil" in done.stdout
+
+
+def test_a_read_only_data_home_is_an_error_not_a_traceback(home, tmp_path, capsys):
+    """The data home bind-mounted read-only (a user and mount namespace: no privileges needed)."""
+    import shlex
+    import shutil
+
+    from conftest import synthetic_frame
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) to mount the data home read-only")
+    path = tmp_path / "mine.parquet"
+    synthetic_frame().to_parquet(path)
+    assert main(["references", "import", "mine", "--source", str(path)]) == 0
+    capsys.readouterr()
+    for argv in (
+        ["references", "import", "other", "--source", str(path)],
+        ["references", "import", "mine", "--source", str(path)],
+        ["references", "delete", "mine"],
+        ["models", "accept", "VISTA3D"],
+        ["neighbors", "--reference", "mine", "--model", "A", "--patient", "P001"],
+    ):
+        cli = shlex.join([sys.executable, "-m", "SimilarPatientsLib", *argv])
+        script = f"mount --bind -o ro {shlex.quote(str(home))} {shlex.quote(str(home))} && exec {cli}"
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True)
+        if "mount" in done.stderr and done.returncode not in (0, 2):
+            pytest.skip(f"cannot mount read-only here: {done.stderr.strip()}")
+        if argv[0] == "neighbors":  # reading a read-only data home works
+            assert done.returncode == 0 and "search: exact" in done.stdout, done.stderr
+            continue
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr.startswith("error: Cannot write") and "Read-only file system" in done.stderr, done.stderr
+        assert "SIMILARPATIENTS_HOME" in done.stderr and "Traceback" not in done.stderr
+    assert main(["references", "list"]) == 0 and "mine" in capsys.readouterr().out  # nothing was lost
+
+
+def test_a_refused_write_names_what_and_how_to_fix(home, monkeypatch, capsys):
+    """What the file system says for a read-only mount (EROFS), as root meets it too."""
+    import errno
+
+    from SimilarPatientsLib.models import weights
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(home / "weights"))
+
+    monkeypatch.setattr(weights, "replacing", read_only)
+    assert main(["models", "accept", "VISTA3D"]) == 2
+    error = capsys.readouterr().err
+    assert "error: Cannot write the licence acceptance: Read-only file system" in error
+    assert "SIMILARPATIENTS_HOME" in error and "Traceback" not in error
+
+
+def test_a_closed_pipe_ends_quietly(on_nlst):
+    command = [sys.executable, "-m", "SimilarPatientsLib", "neighbors", "--reference", "nlst-sybil"]
+    command += ["--model", "CTFM", "--patient", "100242", "-k", "400"]
+    pipeline = subprocess.run(
+        " ".join(command) + " | head -n 2", shell=True, capture_output=True, text=True, check=True
+    )
+    assert len(pipeline.stdout.splitlines()) == 2
+    assert "Traceback" not in pipeline.stderr and "BrokenPipeError" not in pipeline.stderr, pipeline.stderr
+
+
+def test_a_figure_format_that_cannot_be_written_is_refused_before_the_work(on_nlst, tmp_path, capsys):
+    argv = ["explore", "--reference", "nlst-sybil", "--out", str(tmp_path / "map.html"), "--png", "map.bmp"]
+    assert main(argv) == 2
+    assert "name it .png, .pdf or .svg" in capsys.readouterr().err
+    assert not (tmp_path / "map.html").exists()

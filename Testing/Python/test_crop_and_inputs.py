@@ -321,3 +321,37 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     assert ct_image.read_ct(ct_file).GetSize() == image.GetSize()  # one file names its series
     with pytest.raises(SimilarPatientsError, match="DICOM SEG"):
         ct_image.read_ct(tmp_path / "two" / "seg.dcm")
+
+
+@pytest.mark.parametrize("name", ["ct.nii", "ct.nii.gz", "ct.nrrd", "ct.mha"])
+def test_a_cut_image_file_is_refused_not_read_as_zeros(tmp_path, name, capfd):
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(4))
+    sitk.WriteImage(image, str(tmp_path / name))
+    assert ct_image.read_ct(tmp_path / name).GetSize() == image.GetSize()  # the whole file reads
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SimilarPatientsError, match=r"Cannot read .*(cut short|damaged|fread got only)") as error:
+        ct_image.read_ct(tmp_path / name)
+    assert "Copy or download it again" in str(error.value) or "fread" in str(error.value)
+    assert "WARNING" not in capfd.readouterr().err  # ITK's own lines stay off the terminal
+
+
+def test_a_gzip_stream_with_a_bad_checksum_is_refused(tmp_path):
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(4))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    data = bytearray((tmp_path / "ct.nii.gz").read_bytes())
+    data[-6] ^= 0xFF  # the CRC32 in the gzip trailer: the bytes decompress, but are not what was written
+    (tmp_path / "ct.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(SimilarPatientsError, match="damaged"):
+        ct_image.read_ct(tmp_path / "ct.nii.gz")
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_cut_slice_at_either_end_of_a_dicom_series_is_refused(tmp_path, which):
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(4))
+    write_dicom_series(image, tmp_path / "ct")
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    cut = files[0] if which == "first" else files[-1]
+    cut.write_bytes(cut.read_bytes()[:-100])  # without this check the volume would just be one slice shorter
+    with pytest.raises(SimilarPatientsError, match=f"{cut.name} belongs to the series but its image cannot be read"):
+        ct_image.read_ct(tmp_path / "ct")

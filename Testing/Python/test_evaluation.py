@@ -290,3 +290,20 @@ def test_evaluate_command(tmp_path, monkeypatch, capsys):
     assert "presets are: adeno-vs-squamous" in capsys.readouterr().err
     assert main(arguments) == 2  # no preset field in this reference, and no --label
     assert "Name a task" in capsys.readouterr().err
+
+
+def test_one_model_is_evaluated_and_reported(tmp_path, monkeypatch, capsys):
+    """Library and CLI, on a one-model reference: no comparison to make, the report is written all the same."""
+    from SimilarPatientsLib.cli import main
+
+    frame = planted_frame(n_patients=45, signal=2.0, models=("A",))
+    reference = store_frame(frame, tmp_path / "home")
+    result = evaluation.evaluate(reference, [GROUP], settings=FAST)
+    assert result.comparisons.empty and list(result.comparisons.columns)[:2] == ["task", "classifier"]
+    text = report.write(result, tmp_path / "library").read_text()
+    assert "**A** (the only model evaluated) reaches AUC" in text
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    argv = ["evaluate", "--reference", "synthetic", "--label", "group", "--positive", "pos", "--out"]
+    argv += [str(tmp_path / "cli"), "--repeats", "2", "--permutations", "9", "--bootstrap", "100", "--workers", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "cli" / "report.md").is_file() and "Report:" in capsys.readouterr().out

@@ -151,7 +151,9 @@ def test_refuses_missing_required_column(home, tmp_path):
 def test_refuses_two_lengths_for_one_model(home, tmp_path):
     frame = synthetic_frame()
     frame.at[3, "embedding"] = frame.at[3, "embedding"][:-1]
-    _refused(frame, r"Model 'A' has embeddings of 2 lengths", tmp_path, home)
+    _refused(
+        frame, r"Model 'A' has embeddings of 2 lengths \(\d+ rows of length 16, 1 rows of length 15\)", tmp_path, home
+    )
 
 
 def test_refuses_non_finite_values(home, tmp_path):
@@ -195,3 +197,37 @@ def test_schema_orders_rows_and_keeps_ids_as_text():
     lesions = table.model_lesions("A")
     assert lesions.PatientID.tolist() == sorted(lesions.PatientID.tolist())
     assert lesions.PatientID.iloc[0] == "0"
+
+
+def test_refuses_wide_embedding_columns_with_a_gap(home, tmp_path):
+    frame = synthetic_frame(dim=6)
+    wide = frame.drop(columns="embedding").join(
+        pd.DataFrame(np.stack(frame.embedding), columns=[f"embedding_{i}" for i in range(6)])
+    )
+    wide = wide.drop(columns="embedding_3")  # one component lost in an export
+    path = tmp_path / "wide.csv"
+    wide.to_csv(path, index=False)
+    with pytest.raises(SimilarPatientsError, match=r"embedding_0…embedding_5 but embedding_3 is missing"):
+        ReferenceStore().import_reference("wide", str(path))
+    assert "wide" not in ReferenceStore()
+
+
+def test_refuses_an_all_zero_embedding_naming_its_row(home, tmp_path):
+    frame = synthetic_frame()
+    frame.at[4, "embedding"] = np.zeros(16, dtype=np.float32)
+    _refused(frame, rf"1 embedding\(s\) are all zeros; first: row 4, patient {frame.PatientID[4]}", tmp_path, home)
+
+
+def test_a_null_embedding_names_its_row(home, tmp_path):
+    frame = synthetic_frame()
+    table = pa.Table.from_pandas(frame.assign(embedding=[list(v) for v in frame.embedding]), preserve_index=False)
+    embedding = table.column("embedding").to_pylist()
+    embedding[6] = None
+    table = table.set_column(
+        table.column_names.index("embedding"), "embedding", pa.array(embedding, pa.list_(pa.float32()))
+    )
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    with pytest.raises(
+        SimilarPatientsError, match=rf"1 row\(s\) have no embedding; first: row 6, patient {frame.PatientID[6]}"
+    ):
+        ReferenceStore().import_reference("nulls", str(tmp_path / "nulls.parquet"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,8 +77,8 @@ def test_filters_restrict_to_matching_lesions(nlst):
     assert (squamous.histology == "Squamous cell carcinoma, NOS").all()
     adeno = nlst.search("CTFM", patient="100242", k=5, where=["histology~ADENO"])
     assert adeno.histology.str.contains("denocarcinoma").all()
-    none = nlst.search("CTFM", patient="100242", k=5, where=["collection_id=lidc-idri"])
-    assert none.empty
+    with pytest.raises(SimilarPatientsError, match=r"No lesion has collection_id = 'lidc-idri'.*holds: nlst"):
+        nlst.search("CTFM", patient="100242", k=5, where=["collection_id=lidc-idri"])  # never an empty answer
     with pytest.raises(SimilarPatientsError, match="No field 'grade'"):
         nlst.search("CTFM", patient="100242", where=["grade=3"])
     with pytest.raises(SimilarPatientsError, match="Cannot read the filter"):
@@ -127,8 +129,10 @@ def test_bad_queries_are_refused(nlst):
         nlst.search("FMCIB", patient="100242")
     with pytest.raises(SimilarPatientsError, match="Unknown metric"):
         nlst.search("CTFM", patient="100242", metric="manhattan")
-    with pytest.raises(SimilarPatientsError, match="either an embedding or a reference patient"):
+    with pytest.raises(SimilarPatientsError, match=r"an embedding \(embeddings=...\) or a reference patient.*neither"):
         nlst.search("CTFM")
+    with pytest.raises(SimilarPatientsError, match="got both"):
+        nlst.search("CTFM", embeddings=np.ones(512), patient="100242")
 
 
 def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
@@ -167,3 +171,90 @@ def test_k_larger_than_reference_returns_everyone(tmp_path):
     hits = reference.search("A", patient="P000", k=50, exclude=["P000"])
     assert sorted(hits.PatientID) == [f"P{i:03d}" for i in range(1, 7)]
     assert hits.distance.is_monotonic_increasing
+
+
+def test_numeric_fields_compare_as_numbers(nlst):
+    ages = nlst.lesions("CTFM").drop_duplicates("PatientID").set_index("PatientID").age
+    sixty_five = set(ages[ages == 65].index)
+    for where in (["age=65"], ["age=65.0"], {"age": 65.0}, {"age": 65}, "age=65"):
+        hits = nlst.search("CTFM", patient="100242", k=500, where=where)
+        assert set(hits.PatientID) == sixty_five, where
+    codes = nlst.search("CTFM", patient="100242", k=500, where=["histology_code=8140.0"])
+    assert (codes.histology_code == 8140).all() and len(codes) > 100
+    others = nlst.search("CTFM", patient="100242", k=500, where=["age!=65.0"])
+    assert not set(others.PatientID) & sixty_five and len(others) == len(ages) - len(sixty_five)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("stage=XYZ", r"No lesion has stage = 'XYZ'. 'stage' holds: IA, IB, IIA, IIB, IIIA, IIIB, IV"),
+        ("stage=ia", r"Did you mean 'IA'\?"),
+        ("stage=IA,XYZ", r"No lesion has stage = 'XYZ'"),
+        ("age=200", r"No lesion has age = 200; 'age' holds numbers from \d+ to \d+"),
+        ("age=old", r"'age' holds numbers; 'old' is not one"),
+        ("stage==IA", r"'==' is not an operator; write stage=IA"),
+        ("age=>65", r"'=>' is not an operator; write age>=65"),
+        ("age=<65", r"'=<' is not an operator; write age<=65"),
+    ],
+)
+def test_a_filter_that_cannot_match_is_refused_with_what_the_field_holds(nlst, where, message):
+    with pytest.raises(SimilarPatientsError, match=message):
+        nlst.search("CTFM", patient="100242", where=[where])
+
+
+def test_several_query_embeddings_say_which_one_each_hit_matched(nlst):
+    vectors = np.stack([nlst.patient_embeddings("CTFM", p).vectors[0] for p in ("100242", "100158")])
+    hits = nlst.search("CTFM", embeddings=vectors, k=2)
+    assert dict(zip(hits.PatientID, hits.query_lesion)) == {"100242": "1", "100158": "2"}
+    named = nlst.search("CTFM", embeddings=vectors, k=2, query_lesions=["left", "right"])
+    assert set(named.query_lesion) == {"left", "right"}
+
+
+def _unstructured(n_patients: int, dim: int, seed: int = 5) -> pd.DataFrame:
+    """Gaussian vectors with no cluster structure: where HNSW at its default effort recalls least."""
+    vectors = np.random.default_rng(seed).standard_normal((n_patients, dim)).astype(np.float32)
+    return pd.DataFrame(
+        {"model": "A", "PatientID": [f"P{i:05d}" for i in range(n_patients)], "embedding": list(vectors)}
+    )
+
+
+def test_the_index_proves_its_recall_on_the_data_it_serves(tmp_path, monkeypatch):
+    monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 1000)
+    monkeypatch.setattr(approximate, "SEARCH_BREADTHS", (16, 64, 512))  # a low first effort, as on large data
+    reference = _store_with(_unstructured(6000, 128), tmp_path)
+    index = reference.approximate_index("A", "cosine")
+    calibration = index.calibration
+    assert calibration.queries == approximate.CHECK_QUERIES and calibration.k == 10
+    assert calibration.breadth > 16  # the first effort did not reach the target on unstructured vectors
+    assert calibration.reached and calibration.recall >= 0.99
+    stored = json.loads((reference.path / "models" / "0" / "hnsw-cosine.json").read_text())
+    assert stored["recall"] == calibration.recall and stored["breadth"] == calibration.breadth
+    again = ReferenceStore(tmp_path).open("synthetic").approximate_index("A", "cosine")
+    assert again.breadth == calibration.breadth  # the tuned effort is what later searches use
+    hits = reference.search("A", patient="P00001", k=10)
+    assert set(hits.search) == {"approximate"} and (hits.index_recall == calibration.recall).all()
+
+
+def test_an_index_that_cannot_reach_the_target_falls_back_to_exact(tmp_path, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 1000)
+    monkeypatch.setattr(approximate, "SEARCH_BREADTHS", (4,))  # no effort that can reach 0.99 here
+    reference = _store_with(_unstructured(6000, 128), tmp_path)
+    calibration = reference.approximate_index("A", "cosine").calibration
+    assert not calibration.reached and calibration.recall < 0.99
+    auto = reference.search("A", patient="P00001", k=10)
+    exact = reference.search("A", patient="P00001", k=10, method="exact")
+    assert set(auto.search) == {"exact"} and auto.index_recall.isna().all()
+    assert auto.PatientID.tolist() == exact.PatientID.tolist()
+    asked = reference.search("A", patient="P00001", k=10, method="approximate")  # asked for: given, and labelled
+    assert set(asked.search) == {"approximate"} and (asked.index_recall == calibration.recall).all()
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path))
+    argv = ["neighbors", "--reference", "synthetic", "--model", "A", "--patient", "P00001", "--method"]
+    assert main([*argv, "approximate"]) == 0
+    footer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert footer.startswith("search: approximate, index recall@10 ") and "measured on 300" in footer
+    assert main([*argv, "approximate", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["search"] == "approximate" and record["index_recall"] == pytest.approx(calibration.recall)

@@ -115,8 +115,9 @@ def verdict(evaluation: Evaluation, task) -> str:
     sentences = []
     if len(probe):
         best = probe.iloc[0]
+        place = "ranks first at" if len(probe) > 1 else "(the only model evaluated) reaches"
         sentences.append(
-            f"With the linear probe (the pre-declared primary classifier), **{best.model}** ranks first at "
+            f"With the linear probe (the pre-declared primary classifier), **{best.model}** {place} "
             f"AUC {_ci(best.auc, best.auc_low, best.auc_high)}."
         )
         comparison = _rows(evaluation.comparisons, task=task.name, classifier=PRIMARY_CLASSIFIER)

@@ -310,7 +310,8 @@ def _adjusted_p_values(classification: pd.DataFrame, nulls: dict) -> pd.Series:
 
 
 def _comparisons(classification: pd.DataFrame, replicates: dict, settings: Settings) -> pd.DataFrame:
-    """Per task and classifier (primary aggregation): the best model against the runner-up, paired."""
+    """Per task and classifier (primary aggregation): the best model against the runner-up, paired (no rows
+    when one model is evaluated)."""
     rows = []
     primary = classification[classification["aggregation"] == settings.primary_aggregation]
     for (task, classifier), group in primary.groupby(["task", "classifier"], sort=False):
@@ -335,4 +336,4 @@ def _comparisons(classification: pd.DataFrame, replicates: dict, settings: Setti
                 "high": value.high,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["task", "classifier", "best", "runner_up", "difference", "low", "high"])

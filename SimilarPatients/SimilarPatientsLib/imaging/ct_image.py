@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import, require
+from .integrity import check_whole, itk_warnings
 
 #: A CT in HU holds air (about -1000); an image whose darkest voxel is above this is not one.
 _MOST_AIR_HU = -300.0
@@ -68,11 +69,13 @@ def is_dicom_file(path: Path) -> bool:
 
 
 def read_image_file(path: Path, what: str = "an image"):
-    """One image file read by SimpleITK; a file it cannot read is our error, naming the file and why."""
+    """One image file read by SimpleITK; a file it cannot read, or a damaged one, is our error naming the
+    file and why (ITK's own warnings stay off the terminal)."""
     sitk = optional_import("SimpleITK", "embed")
-
+    check_whole(Path(path))
     try:
-        return sitk.ReadImage(str(path))
+        with itk_warnings(str(path)):
+            return sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise SimilarPatientsError(f"Cannot read {path} as {what}: {_first_line(error)}") from error
 
@@ -105,11 +108,13 @@ def _read_dicom_series(path: Path):
         raise SimilarPatientsError(f"{path} is not part of an image series that can be read.")
     if modality == "SEG":
         raise SimilarPatientsError(f"{path} is a DICOM SEG (a segmentation); give it as the tumor mask.")
+    _check_no_damaged_slice(folder, uid, {f for listed in files_of.values() for f in listed})
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice-gap check (no second read)
     try:
-        image = reader.Execute()
+        with itk_warnings(f"the DICOM series in {folder}"):
+            image = reader.Execute()
     except RuntimeError as error:
         raise SimilarPatientsError(f"Cannot read the DICOM series in {folder}: {_first_line(error)}") from error
     if len(files) < 2:
@@ -122,6 +127,27 @@ def _read_dicom_series(path: Path):
     positions = [[float(v) for v in reader.GetMetaData(i, position).split("\\")] for i in range(len(files))]
     _check_slice_spacing(positions, image, folder)
     return image, modality
+
+
+def _check_no_damaged_slice(folder: Path, uid: str, read: set) -> None:
+    """Refuse a series with a slice file GDCM left out (it could not parse it): a cut first or last slice
+    would otherwise shorten the volume without a trace."""
+    pydicom = optional_import("pydicom", "embed")
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and str(p) not in read):
+        try:
+            if not is_dicom_file(path):
+                continue
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as error:  # pydicom raises many types for a damaged file
+            raise SimilarPatientsError(
+                f"{path} is a damaged DICOM file ({type(error).__name__}); the series may be incomplete. "
+                f"Fetch the whole series again."
+            ) from error
+        if str(getattr(dataset, "SeriesInstanceUID", "")) == uid:
+            raise SimilarPatientsError(
+                f"{path} belongs to the series but its image cannot be read (a cut or damaged file). Fetch "
+                f"the whole series again."
+            )
 
 
 def _modality(file: str) -> str | None:

@@ -9,16 +9,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import SimilarPatientsError
 from ..util import atomic
 from ..util.optional import pyplot
 from .embedding_map import EmbeddingMap
 from .page import PALETTE
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def check_format(out: Path) -> str:
+    """The figure format named by ``out``'s suffix, or a clear error."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise SimilarPatientsError(
+            f"Cannot write a figure as '{Path(out).name}': name it .png, .pdf or .svg (the suffix picks the format)."
+        )
+    return suffix
 
 
 def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
     plt = pyplot()
 
     out = Path(out)
+    suffix = check_format(out)
     layers = embedding_map.layers
     columns = min(3, len(layers))
     rows = math.ceil(len(layers) / columns)
@@ -62,7 +76,7 @@ def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
     )
     try:
         with atomic.replacing(out) as temporary:
-            figure.savefig(temporary, dpi=dpi, format=(out.suffix.lstrip(".") or "png"))
+            figure.savefig(temporary, dpi=dpi, format=suffix)
     finally:
         plt.close(figure)
     return out

@@ -18,7 +18,7 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..util.atomic import replacing
 from ..util.download import Digest, download
-from ..util.home import data_home
+from ..util.home import data_home, writing
 
 WEIGHTS_DIR_ENV = "SIMILARPATIENTS_WEIGHTS_DIR"
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def acknowledge(model: str) -> None:
     accepted = _acknowledgements()
     accepted[model] = True
     path = weights_dir() / "licences-accepted.json"
-    with replacing(path) as temporary:
+    with writing("the licence acceptance"), replacing(path) as temporary:
         temporary.write_text(json.dumps(accepted, indent=1, sort_keys=True))
 
 

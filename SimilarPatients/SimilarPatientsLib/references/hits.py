@@ -33,6 +33,8 @@ HIT_COLUMNS = (
     "lesions",
     *_LESION_COLUMNS,
     "viewer_url",
+    "search",
+    "index_recall",
 )
 
 
@@ -43,8 +45,11 @@ def hit_table(
     metric: str,
     query_lesions: Sequence[str] | None = None,
     label_fields: Sequence[str] = (),
+    index_recall: float | None = None,
 ) -> pd.DataFrame:
-    """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit."""
+    """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit; and on
+    every row how the hits were found: ``search`` "exact", or "approximate" with the index's measured
+    ``index_recall`` (given for approximate searches only)."""
     rows = lesions.iloc[[m.row for m in matches]]
     columns = {
         "rank": np.arange(1, len(matches) + 1),
@@ -59,6 +64,8 @@ def hit_table(
     for column in _LESION_COLUMNS:
         columns[column] = rows[column].to_numpy() if column in rows.columns else [None] * len(matches)
     columns["viewer_url"] = [viewer_url(s, r) for s, r in zip(columns[schema.STUDY], columns[schema.SERIES])]
+    columns["search"] = ["exact" if index_recall is None else "approximate"] * len(matches)
+    columns["index_recall"] = np.full(len(matches), np.nan if index_recall is None else index_recall)
     for name in label_fields:
         columns[name] = rows[name].to_numpy() if name in rows.columns else [None] * len(matches)
     return pd.DataFrame(columns)

@@ -56,8 +56,11 @@ class PatientEmbeddings:
 class Reference:
     """A reference database: lesions of one or more models, searchable by patient or by embedding."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock=None):
+        """``path``: a version folder. ``lock``: what keeps it from being deleted while open (see
+        :meth:`ReferenceStore.open`), released when the reference is."""
         self.path = Path(path)
+        self._lock = lock
         self.manifest: dict = json.loads((self.path / "manifest.json").read_text())
         self.name: str = self.manifest["name"]
         self._table: pd.DataFrame | None = None
@@ -142,7 +145,11 @@ class Reference:
         if key not in self._indexes:
             path = self.path / "models" / self.model_info(model).folder / f"hnsw-{metric}.faiss"
             if path.exists():
-                self._indexes[key] = approximate.ApproximateIndex.load(path, metric)
+                index = approximate.ApproximateIndex.load(path, metric)
+                if index.calibration is None:  # built before indexes checked themselves: check it now
+                    index.calibrate(self.space(model), progress=progress)
+                    index.save(path)
+                self._indexes[key] = index
             else:
                 log.info("building the approximate %s index of %s in '%s'", metric, model, self.name)
                 index = approximate.ApproximateIndex.build(self.space(model), metric, progress)
@@ -161,27 +168,42 @@ class Reference:
         exclude: Sequence[str] = (),
         method: str = "auto",
         progress: ProgressCallback | None = None,
+        query_lesions: Sequence[str] | None = None,
     ) -> pd.DataFrame:
-        """The ``k`` nearest patients to ``embeddings`` (one or several lesions) or to a reference
-        ``patient``'s lesions; ``where`` filters reference lesions, ``exclude`` drops patients."""
+        """The ``k`` nearest patients to ``embeddings`` (one or several lesions of one patient) or to a
+        reference ``patient``'s lesions; ``where`` filters reference lesions (expressions, one expression,
+        or a mapping), ``exclude`` drops patients. ``query_lesions`` names the rows of ``embeddings`` in the
+        ``query_lesion`` column (default with several rows: "1", "2", ... in their order).
+
+        ``method``: ``exact`` scans; ``approximate`` asks the reference's index; ``auto`` uses the index
+        above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
+        ``search`` and ``index_recall`` columns say which answered."""
         if (embeddings is None) == (patient is None):
-            raise SimilarPatientsError("Search with either an embedding or a reference patient, not both.")
+            given = "both an embedding and a patient" if patient is not None else "neither"
+            raise SimilarPatientsError(
+                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
+            )
         if method not in METHODS:
             raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
         space = self.space(model)
         lesions = self.lesions(model)
-        query_lesions = None
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids
+        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
+            query_lesions = [str(i + 1) for i in range(len(embeddings))]
         allowed = None
         if where or exclude:
             allowed = filters.row_mask(lesions, where)
             if exclude:
                 allowed &= ~lesions[schema.PATIENT].isin([str(p) for p in exclude]).to_numpy()
-        candidates = None
+        index = None
         if method == "approximate" or (method == "auto" and len(space.norms) >= approximate.APPROXIMATE_FROM):
-            candidates = self.approximate_index(model, metric, progress).candidates
-        matches = nearest_patients(space, embeddings, k, metric, allowed, candidates)
+            index = self.approximate_index(model, metric, progress)
+            if method == "auto" and not index.calibration.reached:
+                log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
+                index = None
+        matches = nearest_patients(space, embeddings, k, metric, allowed, index.candidates if index else None)
         counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}
-        return hit_table(matches, lesions, counts, metric, query_lesions, self.label_fields)
+        recall = index.calibration.recall if index is not None else None
+        return hit_table(matches, lesions, counts, metric, query_lesions, self.label_fields, recall)

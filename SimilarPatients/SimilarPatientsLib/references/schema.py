@@ -91,6 +91,15 @@ def from_frame(frame: pd.DataFrame) -> ReferenceTable:
     wide = [c for c in frame.columns if str(c).startswith(f"{EMBEDDING}_") and str(c)[10:].isdigit()]
     if EMBEDDING not in frame.columns and wide:
         wide.sort(key=lambda c: int(str(c)[10:]))
+        numbers = [int(str(c)[10:]) for c in wide]
+        if numbers != list(range(len(numbers))):
+            gaps = sorted(set(range(max(numbers) + 1)) - set(numbers))
+            raise SimilarPatientsError(
+                f"The embedding columns run {EMBEDDING}_0…{EMBEDDING}_{max(numbers)} but "
+                f"{', '.join(f'{EMBEDDING}_{g}' for g in gaps[:5]) or 'a repeated number'} "
+                f"{'is' if len(gaps) == 1 else 'are'} missing: the table is cut or was exported wrongly. Export "
+                f"every component, {EMBEDDING}_0 to {EMBEDDING}_{{D-1}}."
+            )
         matrix = frame[wide].to_numpy(dtype=np.float64)
         meta = frame.drop(columns=wide)
         offsets = np.arange(len(frame) + 1, dtype=np.int64) * len(wide)
@@ -117,7 +126,10 @@ def from_arrow(table: pa.Table) -> ReferenceTable:
     ):
         return from_frame(table.to_pandas())
     if column.null_count:
-        raise SimilarPatientsError(f"{column.null_count} row(s) have no embedding.")
+        first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        patients = table.column(PATIENT).to_pylist() if PATIENT in table.column_names else None
+        who = f", patient {patients[first]}" if patients is not None else ""
+        raise SimilarPatientsError(f"{column.null_count} row(s) have no embedding; first: row {first}{who}.")
     if pa.types.is_fixed_size_list(column.type):
         offsets = np.arange(len(column) + 1, dtype=np.int64) * column.type.list_size
         flat = column.flatten()
@@ -190,22 +202,32 @@ def _check_lengths(meta: pd.DataFrame, lengths: np.ndarray) -> None:
         if len(counts) > 1:
             usual = int(counts.index[0])
             odd = rows[lengths[rows] != usual]
+            spread = ", ".join(f"{int(n)} rows of length {int(length)}" for length, n in counts.items())
             raise SimilarPatientsError(
-                f"Model '{model}' has embeddings of {len(counts)} lengths ({dict(counts.astype(int))}); "
+                f"Model '{model}' has embeddings of {len(counts)} lengths ({spread}); "
                 f"one model needs one length. First row of another length than {usual}: row {int(odd[0])} "
                 f"(patient {meta[PATIENT].iloc[odd[0]]})."
             )
 
 
 def _check_finite(meta: pd.DataFrame, offsets: np.ndarray, values: np.ndarray) -> None:
+    """Refuse NaN, infinite and all-zero embeddings (a zero vector has no direction: its cosine distance to
+    everything is undefined, and it would sit at distance 1 in every result)."""
     finite = np.isfinite(values)
-    if finite.all():
-        return
-    bad_rows = np.unique(np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1)
-    raise SimilarPatientsError(
-        f"{len(bad_rows)} embedding(s) hold NaN or infinite values (or values beyond float32); first: row "
-        f"{int(bad_rows[0])}, patient {meta[PATIENT].iloc[bad_rows[0]]}. Remove or recompute them."
-    )
+    if not finite.all():
+        bad_rows = np.unique(np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1)
+        raise SimilarPatientsError(
+            f"{len(bad_rows)} embedding(s) hold NaN or infinite values (or values beyond float32); first: row "
+            f"{int(bad_rows[0])}, patient {meta[PATIENT].iloc[bad_rows[0]]}. Remove or recompute them."
+        )
+    nonzero = np.logical_or.reduceat(values != 0, offsets[:-1]) if len(values) else np.zeros(0, dtype=bool)
+    zero_rows = np.flatnonzero(~nonzero)
+    if len(zero_rows):
+        raise SimilarPatientsError(
+            f"{len(zero_rows)} embedding(s) are all zeros; first: row {int(zero_rows[0])}, patient "
+            f"{meta[PATIENT].iloc[zero_rows[0]]}. A zero vector is not an embedding (a failed or empty crop): "
+            f"remove or recompute it."
+        )
 
 
 def _normalise_metadata(meta: pd.DataFrame) -> bool:

@@ -1,7 +1,10 @@
 """The local reference store: named reference databases as Parquet under the data home.
 
 Every write builds a complete new version folder and then swaps a one-line ``CURRENT`` pointer with an
-atomic rename, so a crash at any point leaves the previous version whole and in use.
+atomic rename, so a crash at any point leaves the previous version whole and in use. Writers of one name
+swap and clean up one at a time (a lock per reference); an opened reference holds a shared lock on its
+version, and a version is deleted only when no reader or writer holds it, so concurrent imports and
+searches of one name each see a whole version, and the last write wins.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from ..errors import SimilarPatientsError
 from ..idc.index import COLLECTION, SERIES, IDCIndex
 from ..progress import ProgressCallback, report
 from ..search import approximate
-from ..util.home import data_home
+from ..util.home import data_home, writing
+from ..util.locks import FileLock, fcntl, try_exclusive
 from . import schema
 from .importers import read_source
 from .reference import Reference
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VERSION = re.compile(r"^\.?(v\d{8}T\d{6}-[0-9a-f]{8})(\.part|\.lock)?$")
+_OPEN_ATTEMPTS = 20
 log = logging.getLogger(__name__)
 
 
@@ -69,21 +75,33 @@ class ReferenceStore:
         return pd.DataFrame(rows, columns=columns)
 
     def open(self, name: str) -> Reference:
-        pointer = self.root / _checked(name) / "CURRENT"
-        if not pointer.is_file():
-            known = ", ".join(self.names()) or "none yet"
-            raise SimilarPatientsError(
-                f"No reference named '{name}' (have: {known}). Import one with "
-                f"`similar-patients references import {name} --source PATH_OR_URL`."
-            )
-        return Reference(self.root / name / pointer.read_text().strip())
+        """The current version of ``name``, held (shared) so that no writer deletes it while it is open."""
+        folder = self.root / _checked(name)
+        for _ in range(_OPEN_ATTEMPTS):
+            pointer = folder / "CURRENT"
+            if not pointer.is_file():
+                known = ", ".join(self.names()) or "none yet"
+                raise SimilarPatientsError(
+                    f"No reference named '{name}' (have: {known}). Import one with "
+                    f"`similar-patients references import {name} --source PATH_OR_URL`."
+                )
+            version = pointer.read_text().strip()
+            lock = _hold(folder, version, shared=True)
+            if (folder / version / "manifest.json").is_file():
+                return Reference(folder / version, lock)
+            lock.release()  # replaced and removed between reading the pointer and holding it: read it again
+        raise SimilarPatientsError(f"Reference '{name}' kept changing while it was opened; try again.")
 
     def delete(self, name: str) -> None:
         folder = self.root / _checked(name)
         if not (folder / "CURRENT").is_file():
             raise SimilarPatientsError(f"No reference named '{name}' to delete.")
-        (folder / "CURRENT").unlink()
-        shutil.rmtree(folder, ignore_errors=True)
+        with writing(f"reference '{name}'"), FileLock(folder / ".writer.lock"):
+            (folder / "CURRENT").unlink()
+            _remove_unused(folder, keep=None)
+        if fcntl is None:  # no shared locks to respect (Windows): what is open stays, the rest goes
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("deleted reference '%s'", name)
 
     def import_reference(self, name: str, source: str, progress: ProgressCallback | None = None) -> Reference:
         """Read ``source`` (see :func:`importers.read_source`), stamp IDC metadata, and store it as ``name``."""
@@ -103,31 +121,59 @@ class ReferenceStore:
         """Store ``table`` as the new version of ``name``, atomically, with IDC fields filled in.
         ``display_fields``: the label fields a person should see first (default: all)."""
         folder = self.root / _checked(name)
-        folder.mkdir(parents=True, exist_ok=True)
         version = f"v{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         staging = folder / f".{version}.part"
-        try:
-            idc = IDCIndex()
-            report(progress, 0, 1, "adding IDC metadata")
-            table = schema.ReferenceTable(idc.enrich(table.lesions), table.embeddings)
-            notes = list(notes or []) + _idc_notes(table.lesions)
-            manifest = _write_version(staging, name, table, source, notes, idc.version, display_fields, progress)
-            os.replace(staging, folder / version)
-            pointer = folder / "CURRENT.part"
-            pointer.write_text(version + "\n")
-            os.replace(pointer, folder / "CURRENT")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        for old in folder.iterdir():
-            if old.is_dir() and old.name != version:
-                shutil.rmtree(old, ignore_errors=True)
+        with writing(f"reference '{name}'"):
+            folder.mkdir(parents=True, exist_ok=True)
+            own = _hold(folder, version, shared=False)  # no one removes our staging or new version
+            try:
+                idc = IDCIndex()
+                report(progress, 0, 1, "adding IDC metadata")
+                table = schema.ReferenceTable(idc.enrich(table.lesions), table.embeddings)
+                notes = list(notes or []) + _idc_notes(table.lesions)
+                manifest = _write_version(staging, name, table, source, notes, idc.version, display_fields, progress)
+                os.replace(staging, folder / version)
+                with FileLock(folder / ".writer.lock"):  # one writer at a time swaps the pointer and cleans up
+                    pointer = folder / f"CURRENT.{uuid.uuid4().hex[:8]}.part"
+                    pointer.write_text(version + "\n")
+                    os.replace(pointer, folder / "CURRENT")
+                    _remove_unused(folder, keep=version)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                own.release()
+                raise
+        own.release()
         log.info("stored reference '%s' version %s from %s", name, version, source)
-        reference = Reference(folder / version)
+        reference = self.open(name)
+        if reference.path.name != version:
+            log.warning("reference '%s' was replaced by another write at the same moment", name)
         for model, info in manifest["models"].items():
             if info["lesions"] >= approximate.APPROXIMATE_FROM:
                 reference.approximate_index(model, "cosine", progress)
         return reference
+
+
+def _hold(folder: Path, version: str, shared: bool) -> FileLock:
+    return FileLock(folder / f".{version}.lock", shared=shared)
+
+
+def _remove_unused(folder: Path, keep: str | None) -> None:
+    """Delete the versions, staging folders and stale pointer files of one reference that no reader or
+    writer holds, except version ``keep``. Called with the reference's writer lock held."""
+    versions = set()
+    for entry in folder.iterdir():
+        if entry.name.startswith("CURRENT.") and entry.name.endswith(".part"):
+            entry.unlink(missing_ok=True)  # a writer died before swapping: writers hold the lock to swap
+        elif _VERSION.match(entry.name):
+            versions.add(_VERSION.match(entry.name).group(1))
+    for version in sorted(versions - {keep}):
+        lock = folder / f".{version}.lock"
+        with try_exclusive(lock) as free:
+            if not free:
+                continue
+            for path in (folder / version, folder / f".{version}.part"):
+                shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
 
 
 def _checked(name: str) -> str:

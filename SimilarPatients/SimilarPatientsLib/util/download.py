@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
+from .home import writing
 
 _CHUNK = 1 << 20
 log = logging.getLogger(__name__)
@@ -64,11 +65,12 @@ def download(
     dest = Path(dest)
     if dest.exists() and (digest is None or digest.matches(dest)):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     log.info("downloading %s to %s%s", url, dest, " (resuming)" if part.exists() else "")
     for attempt in (1, 2):
-        _fetch_to(url, part, progress, timeout)
+        with writing(f"the download of {url}"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _fetch_to(url, part, progress, timeout)
         if digest is None or digest.matches(part):
             os.replace(part, dest)
             return dest

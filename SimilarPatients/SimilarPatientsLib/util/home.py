@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import SimilarPatientsError
+
 HOME_ENV = "SIMILARPATIENTS_HOME"
+#: Errors that mean "this place cannot be written", as opposed to a bug.
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def data_home() -> Path:
@@ -26,3 +33,18 @@ def data_home() -> Path:
 def downloads_dir() -> Path:
     """Verified downloads (upstream embedding files, later weights and images) are cached here."""
     return data_home() / "downloads"
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn a write that the file system refuses (read-only, no permission, full) into our error, saying
+    what could not be written and how to fix it; nothing half-written is kept by the callers."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _NOT_WRITABLE:
+            raise
+        raise SimilarPatientsError(
+            f"Cannot write {what}: {error.strerror} ({error.filename}). The data home is {data_home()}: make it "
+            f"writable, free some space, or set {HOME_ENV} to another folder."
+        ) from error

@@ -1,0 +1,123 @@
+"""Refuse damaged image files before their voxels are used: a file with fewer bytes than its header
+declares, a gzip stream that ends early or fails its checksum, and what ITK only warns about.
+
+SimpleITK reads a truncated NIfTI (plain or gzipped) without an error, filling the missing half with
+zeros, which would become 0 HU of tissue in the crop: a plausible, wrong query. NRRD and MetaImage readers
+fail on their own; their messages come through as ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import re
+import struct
+import sys
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import SimilarPatientsError
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 22
+#: ITK warnings that mean the data read is not the data written.
+_DAMAGE = re.compile(r"truncat|premature|not read completely|only \d+|short read|corrupt|unexpected end", re.I)
+
+
+def check_whole(path: Path) -> None:
+    """Raise if ``path`` is a NIfTI file (``.nii``, ``.nii.gz``) holding fewer voxel bytes than its header
+    declares, or a gzip stream that is cut short or corrupt."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz", ".gz")):
+        return
+    compressed = name.endswith(".gz")
+    try:
+        header = _head(path, 540, compressed)
+        declared = _nifti_bytes(header) if name.endswith((".nii", ".nii.gz")) else None
+        present = _gzip_length(path) if compressed else path.stat().st_size
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise SimilarPatientsError(
+            f"Cannot read {path}: the file is damaged ({error}); it is cut short or corrupt. Copy or download it "
+            f"again."
+        ) from error
+    if declared is not None and present < declared:
+        raise SimilarPatientsError(
+            f"Cannot read {path}: it holds {present} bytes but its header declares {declared}, so the file is "
+            f"cut short ({100 * present / declared:.0f}% there). Copy or download it again."
+        )
+
+
+def _head(path: Path, size: int, compressed: bool) -> bytes:
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as stream:
+        return stream.read(size)
+
+
+def _gzip_length(path: Path) -> int:
+    """Decompressed length of a whole gzip file; gzip raises on a cut stream or a bad checksum."""
+    length = 0
+    with gzip.open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(_CHUNK), b""):
+            length += len(block)
+    return length
+
+
+def _nifti_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1 or NIfTI-2 single file declares (None if it is not one)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = 1
+    for extent in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
+        count *= max(int(extent), 1)
+    return max(offset, 348) + count * bitpix // 8
+
+
+@contextlib.contextmanager
+def itk_warnings(where: str) -> Iterator[list]:
+    """Collect what ITK writes to this process's stderr during the block (its warnings), off the terminal.
+    Lines that mean damaged data become our error (also when ITK failed as well); the rest are logged."""
+    collected: list[str] = []
+    fd = 2  # ITK writes to the C library's stderr, whatever Python's sys.stderr is now
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no stderr at all (some GUIs): ITK's output goes elsewhere
+        yield collected
+        return
+    failure = None
+    with tempfile.TemporaryFile("w+b") as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield collected
+        except RuntimeError as error:
+            failure = error
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+    collected += [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    for line in collected:
+        log.info("ITK: %s", line)
+    damage = [line for line in collected if _DAMAGE.search(line)]
+    if damage:
+        raise SimilarPatientsError(
+            f"Cannot read {where}: the image data is damaged ({damage[0]}). Copy or download it again."
+        ) from failure
+    if failure is not None:
+        raise failure
