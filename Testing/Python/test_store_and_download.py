@@ -151,3 +151,69 @@ def test_a_cancelled_import_leaves_no_reference_and_no_staging(home, tmp_path):
         ReferenceStore().import_reference("mine", str(path), progress=cancel)
     assert "mine" not in ReferenceStore()
     assert [p.name for p in (home / "references" / "mine").iterdir()] == []
+
+
+_WRITER = """
+import sys
+import numpy as np, pandas as pd
+from SimilarPatientsLib import ReferenceStore
+from SimilarPatientsLib.references import schema
+home, first = sys.argv[1], int(sys.argv[2])
+for write in range(first, first + 3):
+    vectors = np.random.default_rng(write).standard_normal((40, 8)).astype(np.float32)
+    vectors[:, 0] = write  # every row says which write it belongs to
+    frame = pd.DataFrame({"model": "A", "PatientID": [f"P{i:02d}" for i in range(40)], "embedding": list(vectors)})
+    ReferenceStore(home).write("shared", schema.from_frame(frame.assign(write=write)), f"write-{write}")
+"""
+
+_READER = """
+import sys, time
+import numpy as np
+from SimilarPatientsLib import ReferenceStore
+home, seconds = sys.argv[1], float(sys.argv[2])
+reads, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    reference = ReferenceStore(home).open("shared")
+    write = int(reference.manifest["source"].split("-")[1])
+    lesions, vectors = reference.lesions("A"), np.asarray(reference.space("A").vectors)
+    assert len(lesions) == 40 and (lesions["write"] == write).all(), "a torn version"
+    assert vectors.shape == (40, 8) and (vectors[:, 0] == write).all(), "vectors of another write"
+    assert len(reference.search("A", patient="P07", k=5)) == 5
+    reads += 1
+print(reads)
+"""
+
+
+def test_concurrent_writers_and_readers_of_one_name(home, tmp_path):
+    import subprocess
+    import sys
+
+    from SimilarPatientsLib.references.schema import from_frame
+
+    (tmp_path / "writer.py").write_text(_WRITER)
+    subprocess.run([sys.executable, str(tmp_path / "writer.py"), str(home), "0"], check=True)  # writes 0, 1, 2
+    (tmp_path / "reader.py").write_text(_READER)
+    run = [sys.executable]
+    readers = [
+        subprocess.Popen(
+            [*run, str(tmp_path / "reader.py"), str(home), "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    writers = [
+        subprocess.Popen([*run, str(tmp_path / "writer.py"), str(home), str(first)], stderr=subprocess.PIPE)
+        for first in (100, 200, 300, 400)
+    ]
+    for writer in writers:
+        assert writer.wait(120) == 0, writer.stderr.read().decode()
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err.decode()
+        assert int(out) > 0
+    final = ReferenceStore().open("shared")
+    assert final.manifest["source"] in {f"write-{w}" for f in (100, 200, 300, 400) for w in range(f, f + 3)}
+    del final
+    ReferenceStore().write("shared", from_frame(synthetic_frame(dim=8).assign(write=1)), "write-last")
+    folder = home / "references" / "shared"
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == [(folder / "CURRENT").read_text().strip()]
+    assert not [p for p in folder.iterdir() if p.name.endswith(".part")]
