@@ -9,8 +9,13 @@ product or a chunked sum, whichever is faster. Synthetic vectors: 2 lesions per 
 clusters in a 64-dimensional latent space mapped linearly to ``dim`` plus isotropic noise (real embeddings
 have low intrinsic dimension: 90% of CT-FM's NLST variance lies in 38 components).
 
+With ``--data unstructured`` the vectors are isotropic Gaussian noise instead (no cluster structure: the
+hardest case for a graph index), which shows the index's self-check at work: the recall it measured on the
+reference's own lesions, the search effort it settled on, and what ``auto`` search then does.
+
     python benchmarks/search.py                 # the full table (about 10 minutes on 2 cores)
     python benchmarks/search.py --sizes 10000x512
+    python benchmarks/search.py --sizes 200000x512 --data clustered unstructured
 """
 
 from __future__ import annotations
@@ -48,11 +53,18 @@ def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def build(home: str, n: int, dim: int) -> dict:
+def unstructured(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+
+
+DATA = {"clustered": synthetic, "unstructured": unstructured}
+
+
+def build(home: str, n: int, dim: int, data: str) -> dict:
     from SimilarPatientsLib import ReferenceStore
     from SimilarPatientsLib.references import schema
 
-    vectors = synthetic(n, dim, seed=0)
+    vectors = DATA[data](n, dim, seed=0)
     lesions = pd.DataFrame(
         {
             "model": "M",
@@ -82,13 +94,13 @@ def floor_seconds(matrix: np.ndarray, repeats: int = 5) -> float:
     return best
 
 
-def measure(home: str, dim: int, approximate: bool) -> dict:
+def measure(home: str, dim: int, approximate: bool, data: str) -> dict:
     from SimilarPatientsLib import ReferenceStore
 
     reference = ReferenceStore(Path(home)).open("bench")
     space = reference.space("M")
     np.asarray(space.vectors).sum()  # bring the memory map into the page cache, as a second query finds it
-    queries = synthetic(QUERIES, dim, seed=1)
+    queries = DATA[data](QUERIES, dim, seed=1)
     result = {"floor_s": floor_seconds(space.vectors)}
     exact, exact_hits = [], []
     for q in queries:
@@ -109,6 +121,17 @@ def measure(home: str, dim: int, approximate: bool) -> dict:
             recalls.append(len(truth & set(hits.PatientID)) / K)
         result["approx_p50_s"] = float(np.median(times))
         result["recall_at_10"] = float(np.mean(recalls))
+        calibration = reference.approximate_index("M", "cosine").calibration
+        result["self_check_recall"] = calibration.recall
+        result["effort"] = calibration.breadth
+        auto, methods = [], set()
+        for q in queries:
+            started = time.perf_counter()
+            hits = reference.search("M", embeddings=q, k=K)
+            auto.append(time.perf_counter() - started)
+            methods |= set(hits.search)
+        result["auto_p50_s"] = float(np.median(auto))
+        result["auto_search"] = "/".join(sorted(methods))
     result["search_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -124,29 +147,30 @@ def main() -> None:
     parser.add_argument(
         "--approximate-from", type=int, default=100_000, help="also time the approximate index from this many rows"
     )
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--data", nargs="+", choices=list(DATA), default=["clustered"], help="synthetic vectors")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        step, home, n, dim = args.child
+        step, home, n, dim, data = args.child
         n, dim = int(n), int(dim)
-        out = build(home, n, dim) if step == "build" else measure(home, dim, step == "measure-approx")
+        out = build(home, n, dim, data) if step == "build" else measure(home, dim, step == "measure-approx", data)
         print(json.dumps(out))
         return
     rows = []
-    for size in args.sizes:
+    for size, data in [(s, d) for s in args.sizes for d in args.data]:
         n, dim = (int(v) for v in size.lower().split("x"))
         with tempfile.TemporaryDirectory() as home:
-            built = run_child("--child", "build", home, str(n), str(dim))
+            built = run_child("--child", "build", home, str(n), str(dim), data)
             step = "measure-approx" if n >= args.approximate_from else "measure"
-            measured = run_child("--child", step, home, str(n), str(dim))
-        row = {"rows": n, "dim": dim, **built, **measured}
+            measured = run_child("--child", step, home, str(n), str(dim), data)
+        row = {"rows": n, "dim": dim, "data": data, **built, **measured}
         row["exact/floor"] = row["exact_p50_s"] / row["floor_s"]
         if "approx_p50_s" in row:
             row["exact/approx"] = row["exact_p50_s"] / row["approx_p50_s"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
-    for column in ("floor_s", "exact_p50_s", "approx_p50_s"):
+    for column in ("floor_s", "exact_p50_s", "approx_p50_s", "auto_p50_s"):
         if column in table:
             table[column.replace("_s", "_ms")] = table.pop(column) * 1000
     print(f"machine: {os.cpu_count()} CPUs; k={K}, {QUERIES} queries per size, cosine")

@@ -41,8 +41,7 @@ def check_whole(path: Path) -> None:
         present = _gzip_length(path) if compressed else path.stat().st_size
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise SimilarPatientsError(
-            f"Cannot read {path}: the file is damaged ({error}); it is cut short or corrupt. Copy or download it "
-            f"again."
+            f"Cannot read {path}: the file is damaged ({error}); it is cut short or corrupt. Copy or download it again."
         ) from error
     if declared is not None and present < declared:
         raise SimilarPatientsError(

@@ -141,6 +141,7 @@ class ReferenceStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 own.release()
+                own.path.unlink(missing_ok=True)
                 raise
         own.release()
         log.info("stored reference '%s' version %s from %s", name, version, source)
