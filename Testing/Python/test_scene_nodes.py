@@ -1,0 +1,156 @@
+"""Slicer nodes → the library's LPS image and tumors, on a real MRML scene (slicer-core): the same image
+and tumors the CLI reads from the equivalent files, oblique and transformed volumes included, and the
+user's nodes and storage untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from SimilarPatientsLib import SimilarPatientsError
+from SimilarPatientsLib.imaging import ct_image, tumor
+from SimilarPatientsLib.scene import nodes
+from synthetic_ct import tumor_ct
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Python >= 3.10) provides the MRML scene")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module here is not slicer-core's", allow_module_level=True)
+
+OBLIQUE = (0.94, -0.2, 0.28, 0.26, 0.95, -0.17, -0.23, 0.23, 0.95)
+
+
+@pytest.fixture
+def scene():
+    """A scene as Slicer's application sets it up: the Segmentations logic registers its converters."""
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    scene.segmentations_logic = logic  # kept alive with the scene
+    return scene
+
+
+def _orthonormal(direction):
+    u, _, vt = np.linalg.svd(np.asarray(direction, dtype=float).reshape(3, 3))
+    return tuple((u @ vt).reshape(-1))
+
+
+def _load(scene, path, class_name="vtkMRMLScalarVolumeNode"):
+    """Read a file into a new node the way Slicer does: through its archetype storage node."""
+    node = scene.AddNewNodeByClass(class_name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def _same_image(got, expected):
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+    np.testing.assert_allclose(got.GetSpacing(), expected.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(got.GetOrigin(), expected.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(got.GetDirection(), expected.GetDirection(), atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), _orthonormal(OBLIQUE)], ids=["axial", "oblique"])
+def test_a_volume_node_is_the_image_the_cli_reads_from_its_file(scene, tmp_path, direction):
+    image, _mask, _ = tumor_ct("lobulated", np.random.default_rng(2), direction=direction)
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    volume = _load(scene, tmp_path / "ct.nrrd")
+    _same_image(nodes.volume_image(volume), ct_image.read_ct(tmp_path / "ct.nrrd"))
+
+
+def test_a_linear_parent_transform_moves_the_image_not_the_node(scene, tmp_path):
+    import vtk
+
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(3))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    volume = _load(scene, tmp_path / "ct.nrrd")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)  # 10 mm toward R: -10 mm in LPS x
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    moved = nodes.volume_image(volume)
+    np.testing.assert_allclose(np.subtract(moved.GetOrigin(), image.GetOrigin()), (-10.0, 0.0, 0.0), atol=1e-5)
+    assert volume.GetParentTransformNode() is transform  # not hardened
+
+
+def test_segments_points_and_rois_are_the_tumors_the_cli_reads(scene, tmp_path):
+    _image, mask, centre = tumor_ct("spiculated", np.random.default_rng(4), direction=_orthonormal(OBLIQUE))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    labelmap = _load(scene, tmp_path / "mask.nrrd", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    from_node = nodes.segment_tumors(segmentation, [segment_id])[0]
+    from_file = tumor.from_mask(tmp_path / "mask.nrrd")
+    np.testing.assert_allclose(from_node.seed, from_file.seed, atol=1e-4)
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(from_node.mask)
+    assert stats.GetSum() == sitk.GetArrayViewFromImage(mask).sum()
+
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(-centre[0], -centre[1], centre[2])  # Slicer's RAS
+    assert nodes.point_tumors(points)[0].seed == pytest.approx(tumor.from_point(centre).seed)
+
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(-centre[0], -centre[1], centre[2])
+    roi.SetSize(20.0, 30.0, 10.0)
+    boxed = nodes.roi_tumor(roi)
+    assert boxed.seed == pytest.approx(centre) and np.allclose(np.subtract(*boxed.box[::-1]), (20, 30, 10))
+
+
+def test_two_segments_sharing_one_layer_are_two_tumors(scene, tmp_path):
+    _, first, _ = tumor_ct("smooth", np.random.default_rng(5), size=(128, 96, 64))
+    voxels = sitk.GetArrayFromImage(first).astype(np.uint8)
+    labels = sitk.GetImageFromArray(voxels + 2 * np.roll(voxels, 40, axis=2))  # a second tumor 32 mm away
+    labels.CopyInformation(first)
+    sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
+    labelmap = _load(scene, tmp_path / "labels.nrrd", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    ids = [segmentation.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
+    got = nodes.segment_tumors(segmentation, ids)
+    expected = [tumor.from_mask(tmp_path / "labels.nrrd", label) for label in (1, 2)]
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.seed, b.seed, atol=1e-4)
+
+
+def test_the_users_nodes_and_storage_are_untouched_and_the_scene_saves(scene, tmp_path):
+    image, _mask, _ = tumor_ct("cavitary", np.random.default_rng(6))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    before = (tmp_path / "ct.nrrd").read_bytes()
+    volume = _load(scene, tmp_path / "ct.nrrd")
+    count = scene.GetNumberOfNodes()
+    nodes.volume_image(volume)
+    assert scene.GetNumberOfNodes() == count  # no helper node left behind
+    assert volume.GetStorageNode().GetFileName() == str(tmp_path / "ct.nrrd")
+    assert (tmp_path / "ct.nrrd").read_bytes() == before
+    scene.SetRootDirectory(str(tmp_path))
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Import()
+    again = reloaded.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+    again.GetStorageNode().ReadData(again)
+    _same_image(nodes.volume_image(again), ct_image.read_ct(tmp_path / "ct.nrrd"))
+
+
+def test_nodes_that_cannot_be_used_are_refused(scene):
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(SimilarPatientsError, match="holds no image"):
+        nodes.volume_image(empty)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    with pytest.raises(SimilarPatientsError, match="has no point"):
+        nodes.point_tumors(points)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    blank = segmentation.GetSegmentation().AddEmptySegment("", "Tumor")
+    with pytest.raises(SimilarPatientsError, match="is empty"):
+        nodes.segment_tumors(segmentation, [blank])
+    with pytest.raises(SimilarPatientsError, match="has no segment 'nope'; it has: Tumor"):
+        nodes.segment_tumors(segmentation, ["nope"])
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetSize(10.0, 0.0, 10.0)
+    with pytest.raises(SimilarPatientsError, match="empty or flat"):
+        nodes.roi_tumor(roi)
