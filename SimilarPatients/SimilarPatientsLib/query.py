@@ -21,7 +21,7 @@ from .imaging.ct_image import read_ct
 from .imaging.tumor import Tumor
 from .models import registry
 from .models.embedder import Embedder, Embedding
-from .progress import ProgressCallback
+from .progress import ProgressCallback, report
 from .references.reference import Reference
 from .references.store import ReferenceStore
 from .search.filters import Filters
@@ -117,6 +117,7 @@ def query_image(
         chosen = spec.with_recipe(recipe)
     check_compatible(reference, spec.name, chosen.name, spec.dimension)
     seconds = Timings()
+    report(progress, 0, 4, "reading the CT")
     started = time.perf_counter()
     image = read_ct(image)
     seconds.read = _lap(started)
@@ -125,16 +126,20 @@ def query_image(
         started = time.perf_counter()
         embedder = Embedder(spec.name, chosen.name, weights, accept_licence, device, progress=progress)
         seconds.load = _lap(started)
+    report(progress, 1, 4, "cropping the tumor")
     started = time.perf_counter()
     crops = embedder.crops(image, tumors)
     seconds.crop = _lap(started)
+    report(progress, 2, 4, f"embedding with {spec.name}")
     started = time.perf_counter()
     embeddings = embedder.embed_prepared(crops)
     seconds.embed = _lap(started)
+    report(progress, 3, 4, "searching")
     started = time.perf_counter()
     vectors = np.stack([e.vector for e in embeddings])
     hits = reference.search(spec.name, embeddings=vectors, k=k, metric=metric, where=where, method=method)
     seconds.search = _lap(started)
+    report(progress, 4, 4, "searching")
     return ImageQuery(hits, embeddings, crops, reference.name, spec.name, chosen.name, metric, seconds)
 
 

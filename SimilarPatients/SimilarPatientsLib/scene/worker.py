@@ -1,0 +1,286 @@
+"""A persistent query worker: one child process, started on first use, that keeps its loaded models
+between queries, so a GUI pays torch's import and a model's weights once, not per click.
+
+The protocol is JSON lines. The client writes one request per line on the worker's stdin::
+
+    {"id": 1, "op": "query", "image": "ct.nrrd", "tumors": {"mask": "m.nrrd", "segments": ["1"]},
+     "model": "CTFM", "reference": "nlst-sybil", "k": 5, "metric": "cosine", "where": [], "home": null}
+
+and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
+
+    {"id": 1, "event": "progress", "done": 2, "total": 4, "message": "embedding with CTFM"}
+    {"id": 1, "event": "result", "hits": [...], "seconds": {...}, "loaded": false}
+    {"id": 1, "event": "error", "message": "...", "cancelled": false}
+
+Cancel ends the worker's whole process tree (the ``PythonSlicer`` launcher and the Python it starts are
+one process group), and the next request starts a fresh worker; so does a worker that died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import Cancelled, SimilarPatientsError
+from ..progress import ProgressCallback, report
+
+#: The SimilarPatientsLib folder (imported before any of its modules): its parent goes on the child's path.
+_PACKAGE = Path(sys.modules[__name__.split(".")[0]].__file__).resolve().parent
+
+
+class WorkerClient:
+    """The GUI's end: starts the worker when first asked, sends requests, relays progress, cancels.
+
+    Args:
+        python: the interpreter to run the worker with (in Slicer: ``PythonSlicer``).
+        environment: the worker's environment (default: this process's), e.g. with ``SIMILARPATIENTS_HOME``.
+        poll_seconds: how often ``cancelled()`` is asked while waiting (a GUI processes its events there).
+    """
+
+    def __init__(self, python: str | None = None, environment: dict | None = None, poll_seconds: float = 0.05):
+        self.python = python or sys.executable
+        if not Path(self.python).exists():
+            raise SimilarPatientsError(
+                f"The Python to run queries with was not found ({self.python}); in Slicer it is PythonSlicer, "
+                f"next to the Slicer executable. Reinstall Slicer or the extension."
+            )
+        self.environment = dict(os.environ if environment is None else environment)
+        self.environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_PACKAGE.parent), self.environment.get("PYTHONPATH", "")) if p
+        )
+        self.poll_seconds = poll_seconds
+        self._process: subprocess.Popen | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._stderr = None
+        self._next_id = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id while it runs."""
+        return self._process.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def query(
+        self,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        **request,
+    ) -> dict:
+        """Run one query in the worker (``request``: the fields above, without ``id`` and ``op``) and
+        return its ``result`` event. Raises our error with the worker's message, :class:`Cancelled` when
+        ``cancelled()`` turned True (the worker is then ended), or an error if the worker died."""
+        return self.request("query", progress, cancelled, **request)
+
+    def request(self, op: str, progress=None, cancelled=None, **fields) -> dict:
+        self._start()
+        self._next_id += 1
+        ident = self._next_id
+        line = json.dumps({"id": ident, "op": op, **fields})
+        try:
+            self._process.stdin.write(line + "\n")
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._died()
+        while True:
+            if cancelled is not None and cancelled():
+                self.stop()
+                raise Cancelled()
+            try:
+                event = self._events.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                if not self.running:
+                    self._died()
+                continue
+            if event is None:  # the worker's stdout closed: it is gone
+                self._died()
+            if event.get("id") != ident:
+                continue
+            if event["event"] == "progress":
+                report(progress, event["done"], event["total"], event["message"])
+            elif event["event"] == "result":
+                return event
+            else:
+                raise (Cancelled if event.get("cancelled") else SimilarPatientsError)(event["message"])
+
+    def stop(self) -> None:
+        """End the worker and every process it started."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            _kill_tree(self._process)
+        self._process.wait()
+        self._process = None
+
+    def _start(self) -> None:
+        if self.running:
+            return
+        self._process = None
+        self._stderr = tempfile.TemporaryFile("w+")
+        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000200}
+        self._process = subprocess.Popen(
+            [self.python, "-m", "SimilarPatientsLib.scene.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+            env=self.environment,
+            **group,
+        )
+        self._events = queue.Queue()
+        threading.Thread(target=_read_events, args=(self._process.stdout, self._events), daemon=True).start()
+
+    def _died(self):
+        code = self._process.wait() if self._process is not None else None
+        self._stderr.seek(0)
+        lines = [line for line in self._stderr.read().splitlines() if line.strip()]
+        self._process = None
+        detail = f": {lines[-1][:300]}" if lines else ""
+        raise SimilarPatientsError(
+            f"The query worker stopped unexpectedly (exit code {code}){detail}. The next query starts a new one."
+        )
+
+    def __del__(self):
+        try:
+            self.stop()
+        except Exception:  # interpreter shutdown: nothing more to do
+            pass
+
+
+def _read_events(stream, events: queue.Queue) -> None:
+    for line in stream:
+        try:
+            events.put(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a stray print of a third-party package: not an event
+    events.put(None)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    if os.name == "posix":
+        try:
+            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    else:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+
+
+# --- the worker's end ---------------------------------------------------------------------------------
+
+
+class _Worker:
+    """Answers requests one at a time, keeping loaded embedders and opened references between them."""
+
+    def __init__(self, out):
+        self.out = out
+        self.embedders: dict = {}
+
+    def send(self, **event) -> None:
+        self.out.write(json.dumps(event, default=_plain) + "\n")
+        self.out.flush()
+
+    def handle(self, request: dict) -> None:
+        ident = request.get("id")
+        try:
+            if request.get("op") == "ping":
+                self.send(id=ident, event="result", pid=os.getpid(), models=sorted(self.embedders))
+            elif request.get("op") == "query":
+                self.send(id=ident, event="result", **self.query(request, ident))
+            else:
+                raise SimilarPatientsError(f"Unknown worker request '{request.get('op')}'.")
+        except SimilarPatientsError as error:
+            self.send(id=ident, event="error", message=str(error), cancelled=isinstance(error, Cancelled))
+        except Exception as error:  # a bug, not the user's input: say what broke and keep serving
+            traceback.print_exc(file=sys.stderr)
+            self.send(id=ident, event="error", message=f"The query failed: {type(error).__name__}: {error}")
+
+    def query(self, request: dict, ident) -> dict:
+        from ..imaging.tumor import tumors_from
+        from ..models import registry
+        from ..models.embedder import Embedder
+        from ..query import check_compatible, query_image
+        from ..references.store import ReferenceStore
+
+        def progress(done, total, message):
+            self.send(id=ident, event="progress", done=done, total=total, message=message)
+
+        marks = request.get("tumors") or {}
+        tumors = tumors_from(
+            mask=marks.get("mask"), segments=marks.get("segments"), points=marks.get("points"), boxes=marks.get("boxes")
+        )
+        reference = ReferenceStore(request.get("home")).open(request["reference"])
+        spec = registry.get(request["model"])
+        check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
+        key = (spec.name, request.get("recipe"), request.get("weights"), request.get("device"))
+        loaded = key in self.embedders
+        if not loaded:
+            started = time.perf_counter()
+            self.embedders[key] = Embedder(
+                spec.name,
+                request.get("recipe"),
+                request.get("weights"),
+                bool(request.get("accept_licence")),
+                request.get("device"),
+                progress=progress,
+            )
+            load = time.perf_counter() - started
+        result = query_image(
+            request["image"],
+            tumors,
+            self.embedders[key],
+            reference,
+            k=int(request.get("k", 5)),
+            metric=request.get("metric", "cosine"),
+            where=request.get("where"),
+            method=request.get("method", "auto"),
+            progress=progress,
+        )
+        seconds = dict(vars(result.seconds), load=0.0 if loaded else load)
+        return {
+            "hits": json.loads(result.hits.to_json(orient="records", double_precision=15)),
+            "seconds": seconds,
+            "loaded": loaded,
+            "embeddings": [e.vector.tolist() for e in result.embeddings],
+            "seeds": [list(e.seed) for e in result.embeddings],
+        }
+
+
+def _plain(value):
+    """JSON for numpy scalars and paths in events."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def main() -> None:
+    """Serve requests from stdin until it closes. Only events go to stdout; anything else printed by a
+    package goes to stderr."""
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    worker = _Worker(out)
+    for line in sys.stdin:
+        if line.strip():
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                worker.send(id=None, event="error", message=f"Not a request: {line[:80]!r}", cancelled=False)
+                continue
+            worker.handle(request)
+
+
+if __name__ == "__main__":
+    main()

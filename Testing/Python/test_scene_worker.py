@@ -1,0 +1,119 @@
+"""The persistent query worker: a query, a second one reusing the loaded model, cancel mid-query with no
+process left behind, a worker that dies surfaced as a clear error and replaced by a fresh one."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from conftest import store_frame
+from SimilarPatientsLib import Cancelled, SimilarPatientsError
+from SimilarPatientsLib.imaging.tumor import from_binary_mask
+from SimilarPatientsLib.models.embedder import Embedder
+from SimilarPatientsLib.scene.worker import WorkerClient
+from synthetic_ct import KINDS, tumor_ct
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups as on Linux and macOS")
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A data home with reference 'tumors' (weight-free model, 3 per kind) and a query CT with its mask."""
+    folder = tmp_path_factory.mktemp("worker")
+    embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(17), []
+    for i in range(3):
+        for kind in KINDS:
+            image, mask, _ = tumor_ct(kind, rng)
+            embedding = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append(
+                {"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}", "kind": kind}
+                | {"embedding": embedding.vector}
+            )
+    store_frame(pd.DataFrame(rows), folder / "home", "tumors")
+    image, mask, _ = tumor_ct("cavitary", rng)
+    sitk.WriteImage(image, str(folder / "ct.nrrd"))
+    sitk.WriteImage(mask, str(folder / "mask.nrrd"))
+    request = dict(
+        image=str(folder / "ct.nrrd"),
+        tumors={"mask": str(folder / "mask.nrrd")},
+        model="TumorDescriptor",
+        reference="tumors",
+        k=3,
+        home=str(folder / "home"),
+    )
+    return folder, request
+
+
+@pytest.fixture
+def client():
+    worker = WorkerClient()
+    yield worker
+    worker.stop()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_second_query_reuses_the_loaded_model(client, setting):
+    _, request = setting
+    messages = []
+    first = client.query(progress=lambda done, total, message: messages.append(message), **request)
+    assert len(first["hits"]) == 3 and sum(h["kind"] == "cavitary" for h in first["hits"]) >= 2
+    assert first["loaded"] is False and {"reading the CT", "embedding with TumorDescriptor"} <= set(messages)
+    pid = client.pid
+    second = client.query(**request)
+    assert second["loaded"] is True and client.pid == pid  # the same process, the model kept
+    assert [h["PatientID"] for h in second["hits"]] == [h["PatientID"] for h in first["hits"]]
+
+
+def test_cancel_mid_query_ends_the_whole_worker_and_the_next_query_starts_fresh(client, setting):
+    _, request = setting
+    client.query(**request)
+    pid = client.pid
+    seen = []
+    with pytest.raises(Cancelled):
+        client.query(
+            progress=lambda done, total, message: seen.append(message),
+            cancelled=lambda: "embedding with TumorDescriptor" in seen,
+            **request,
+        )
+    assert _gone(pid) and not client.running
+    again = client.query(**request)
+    assert client.pid != pid and len(again["hits"]) == 3
+
+
+def test_a_worker_that_dies_is_a_clear_error_and_is_replaced(client, setting):
+    _, request = setting
+    client.query(**request)
+    pid = client.pid
+
+    def crash(done, total, message):
+        os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(SimilarPatientsError, match=r"stopped unexpectedly \(exit code -9\).*starts a new one"):
+        client.query(progress=crash, **request)
+    assert len(client.query(**request)["hits"]) == 3 and client.pid != pid
+
+
+def test_errors_come_back_with_the_libraries_message_and_the_worker_stays(client, setting):
+    _, request = setting
+    with pytest.raises(SimilarPatientsError, match="Reference 'tumors' has no model 'CTFM'"):
+        client.query(**{**request, "model": "CTFM"})
+    pid = client.pid
+    with pytest.raises(SimilarPatientsError, match="mask .* does not exist"):
+        client.query(**{**request, "tumors": {"mask": "/nowhere/mask.nrrd"}})
+    assert client.pid == pid and len(client.query(**request)["hits"]) == 3
+
+
+def test_a_missing_python_is_named():
+    with pytest.raises(SimilarPatientsError, match="PythonSlicer"):
+        WorkerClient(python="/opt/Slicer/bin/PythonSlicer-missing")
