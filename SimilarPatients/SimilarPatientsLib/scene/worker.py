@@ -18,6 +18,7 @@ one process group), and the next request starts a fresh worker; so does a worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -128,7 +129,7 @@ class WorkerClient:
         if self.running:
             return
         self._process = None
-        self._stderr = tempfile.TemporaryFile("w+")
+        self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the worker it records)
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000200}
         self._process = subprocess.Popen(
             [self.python, "-m", "SimilarPatientsLib.scene.worker"],
@@ -154,10 +155,8 @@ class WorkerClient:
         )
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing more to do
             self.stop()
-        except Exception:  # interpreter shutdown: nothing more to do
-            pass
 
 
 def _read_events(stream, events: queue.Queue) -> None:
