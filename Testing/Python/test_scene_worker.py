@@ -109,7 +109,7 @@ def test_errors_come_back_with_the_libraries_message_and_the_worker_stays(client
     with pytest.raises(SimilarPatientsError, match="Reference 'tumors' has no model 'CTFM'"):
         client.query(**{**request, "model": "CTFM"})
     pid = client.pid
-    with pytest.raises(SimilarPatientsError, match="mask .* does not exist"):
+    with pytest.raises(SimilarPatientsError, match=r"mask .* does not exist"):
         client.query(**{**request, "tumors": {"mask": "/nowhere/mask.nrrd"}})
     assert client.pid == pid and len(client.query(**request)["hits"]) == 3
 

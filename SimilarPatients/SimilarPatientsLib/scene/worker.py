@@ -170,10 +170,8 @@ def _read_events(stream, events: queue.Queue) -> None:
 
 def _kill_tree(process: subprocess.Popen) -> None:
     if os.name == "posix":
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(process.pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     else:
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
 
