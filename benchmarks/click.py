@@ -1,0 +1,136 @@
+"""Click → results table: what a Slicer user waits for after pressing *Find*, outside Slicer.
+
+One "click" is what the module does: write the CT and the tumor mask it has in memory to a temporary
+folder (uncompressed NRRD), then query. Two ways, timed in the same run on the same inputs:
+
+- **worker** (the module's way now): the persistent worker of ``scene/worker.py``; the first click starts it
+  (Python, torch and MONAI imports, the weights load), later clicks reuse it;
+- **child per click** (the module's way before): ``scene/process.py`` runs ``similar-patients query`` in a
+  fresh process for every click, paying imports and the weights load each time.
+
+The CT is a synthetic 512 × 512 × 160 chest CT; the reference is the real NLST-Sybil one (CT-FM's 732
+lesions) for CT-FM, whose weights are random tensors in the upstream layout in the data home's cache
+(timings do not depend on their values), and 40 synthetic tumors for the weight-free model.
+
+    python benchmarks/click.py                # CTFM and TumorDescriptor, 10 warm clicks, 3 per-click children
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "Testing" / "Python"), str(ROOT / "benchmarks")]
+NLST = ROOT.parent / "shared" / "data" / "nlst-sybil-embeddings"
+
+
+def prepare(home: Path) -> tuple:
+    """The query image and mask (in memory, as the module has them) and the two references."""
+    import SimpleITK as sitk
+    from embed import cache_weights
+    from SimilarPatientsLib import ReferenceStore
+    from SimilarPatientsLib.imaging.tumor import from_binary_mask
+    from SimilarPatientsLib.models.embedder import Embedder
+    from SimilarPatientsLib.references import schema
+    from synthetic_ct import KINDS, add_noise, add_tumor, blank_ct, tumor_ct
+
+    os.environ["SIMILARPATIENTS_HOME"] = str(home)
+    store = ReferenceStore(home)
+    store.import_reference("nlst-sybil", str(NLST))
+    cache_weights("CTFM")
+    embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(5), []
+    for i in range(8):
+        for kind in KINDS:
+            image, mask, _ = tumor_ct(kind, rng)
+            embedding = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append({"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}"})
+            rows[-1]["embedding"] = embedding.vector
+    store.write("tumors", schema.from_frame(pd.DataFrame(rows)), "benchmark")
+    image = blank_ct(size=(512, 512, 160), spacing=(0.7, 0.7, 1.25), origin=(-179.0, -179.0, -100.0))
+    image, mask = add_tumor(image, "spiculated", (20.0, -30.0, 10.0), 9.0, rng)
+    return add_noise(image, rng), sitk.Cast(mask, sitk.sitkUInt8)
+
+
+def write_inputs(image, mask, folder: Path) -> tuple:
+    """What the module does with the nodes' images before a query: temporary uncompressed NRRDs."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(folder / "ct.nrrd"), False)
+    sitk.WriteImage(mask, str(folder / "mask.nrrd"), False)
+    return folder / "ct.nrrd", folder / "mask.nrrd"
+
+
+def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int) -> dict:
+    from SimilarPatientsLib.scene.worker import WorkerClient
+
+    client, times, hits = WorkerClient(), [], None
+    try:
+        for _ in range(1 + warm):
+            started = time.perf_counter()
+            ct, tumor = write_inputs(image, mask, folder)
+            result = client.query(image=str(ct), tumors={"mask": str(tumor)}, model=model, reference=reference, k=5)
+            times.append(time.perf_counter() - started)
+            hits = [h["PatientID"] for h in result["hits"]]
+        return {"cold_s": times[0], "warm_p50_s": float(np.median(times[1:])), "hits": hits, "last": result}
+    finally:
+        client.stop()
+
+
+def time_child_per_click(image, mask, model: str, reference: str, folder: Path, clicks: int) -> dict:
+    from SimilarPatientsLib.scene.process import query_command, run_query
+
+    times, hits = [], None
+    for _ in range(clicks):
+        started = time.perf_counter()
+        ct, tumor = write_inputs(image, mask, folder)
+        found = run_query(query_command(ct, model, reference, mask=tumor, k=5))
+        times.append(time.perf_counter() - started)
+        hits = found.PatientID.tolist()
+    return {"per_click_p50_s": float(np.median(times)), "hits": hits}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["CTFM", "TumorDescriptor"])
+    parser.add_argument("--warm", type=int, default=10, help="warm clicks after the first (default 10)")
+    parser.add_argument("--children", type=int, default=3, help="clicks of the per-click child (default 3)")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        image, mask = prepare(work / "home")
+        for model in args.models:
+            reference = "nlst-sybil" if model != "TumorDescriptor" else "tumors"
+            worker = time_worker(image, mask, model, reference, work, args.warm)
+            child = time_child_per_click(image, mask, model, reference, work, args.children)
+            assert worker["hits"] == child["hits"], (worker["hits"], child["hits"])  # the same answer both ways
+            stages = worker["last"]["seconds"]
+            rows.append(
+                {
+                    "model": model,
+                    "worker cold (s)": worker["cold_s"],
+                    "worker warm p50 (s)": worker["warm_p50_s"],
+                    "child per click p50 (s)": child["per_click_p50_s"],
+                    "per click / warm": child["per_click_p50_s"] / worker["warm_p50_s"],
+                    "warm: read+crop+embed+search (s)": stages["read"]
+                    + stages["crop"]
+                    + stages["embed"]
+                    + stages["search"],
+                }
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(f"machine: {os.cpu_count()} CPUs; 512 x 512 x 160 CT, one tumor, k = 5; {args.warm} warm clicks")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
