@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,14 +25,18 @@ REQUIREMENTS = {
     "faiss-cpu>=1.8": "faiss",
     "tqdm>=4.60": "tqdm",
 }
-#: What querying from an image adds. torch comes from Slicer's PyTorch extension; SimpleITK and pydicom
-#: ship with Slicer.
+#: What querying from an image adds. torch comes from Slicer's PyTorch extension (installed first, so that
+#: nothing here pulls a torch build from PyPI); SimpleITK and pydicom ship with Slicer; highdicom (DICOM SEG
+#: files) is not needed: in Slicer the tumor comes from a segmentation node.
 EMBED_REQUIREMENTS = {
     "monai>=1.4": "monai",
     "einops>=0.7": "einops",
-    "highdicom>=0.22": "highdicom",
     "safetensors>=0.4": "safetensors",
 }
+#: The torch the library needs (its MONAI networks and meta-device loading).
+MINIMUM_TORCH = "2.1"
+#: Packages Slicer ships that an install must never replace: pinned to the installed versions.
+SLICER_PACKAGES = ("numpy", "SimpleITK", "pydicom", "requests", "vtk")
 
 
 class SimilarPatients(ScriptedLoadableModule):
@@ -57,8 +61,27 @@ def missing_requirements(requirements: dict = REQUIREMENTS) -> list:
     return [req for req, module in requirements.items() if importlib.util.find_spec(module) is None]
 
 
+def slicer_constraints(folder: str) -> str:
+    """A pip constraints file pinning the packages Slicer ships at their installed versions."""
+    from importlib import metadata
+
+    lines = []
+    for name in SLICER_PACKAGES:
+        try:
+            lines.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    path = os.path.join(folder, "slicer-constraints.txt")
+    with open(path, "w") as stream:
+        stream.write("\n".join(lines) + "\n")
+    return path
+
+
 def ensure_requirements(ask: bool = True, requirements: dict = REQUIREMENTS) -> bool:
-    """Install missing Python packages into Slicer's Python, with the user's consent."""
+    """Install missing Python packages into Slicer's Python, with the user's consent, never replacing the
+    packages Slicer ships (a constraints file). Slicer >= 5.12: ``slicer.packaging.pip_ensure``."""
+    import tempfile
+
     missing = missing_requirements(requirements)
     if not missing:
         return True
@@ -68,8 +91,15 @@ def ensure_requirements(ask: bool = True, requirements: dict = REQUIREMENTS) -> 
         "Install Python packages?",
     ):
         return False
-    with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-        slicer.util.pip_install(missing)
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True),
+    ):
+        constraints = slicer_constraints(folder)
+        if hasattr(slicer, "packaging"):
+            slicer.packaging.pip_ensure(missing, requester="Similar Patients", constraints=constraints)
+        else:
+            slicer.util.pip_install([*missing, "--constraint", constraints])
     return not missing_requirements(requirements)
 
 
@@ -87,13 +117,18 @@ def ensure_torch(ask: bool = True) -> bool:
             "restart Slicer, and try again."
         )
         return False
-    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask) is not None
+    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=ask, torchVersionRequirement=f">={MINIMUM_TORCH}"
+    )
+    return installed is not None
 
 
 class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        self.ui = slicer.util.childWidgetVariables(slicer.util.loadUI(self.resourcePath("UI/SimilarPatients.ui")))
+        widget = slicer.util.loadUI(self.resourcePath("UI/SimilarPatients.ui"))
+        widget.setMRMLScene(slicer.mrmlScene)  # the node selectors list the scene's nodes
+        self.ui = slicer.util.childWidgetVariables(widget)
         self.layout.addWidget(self.ui.SimilarPatients)
         self.layout.addStretch(1)
         self.logic = SimilarPatientsLogic()
@@ -110,6 +145,16 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateReferences()
         else:
             self.ui.statusLabel.text = "Python packages are installed when you first import or search."
+
+    def cleanup(self):
+        self.logic.cleanup()
+
+    def onReload(self):
+        """Reload the library's packages too, not only this file (a developer's edit takes effect)."""
+        self.logic.cleanup()
+        for name in [n for n in sys.modules if n == "SimilarPatientsLib" or n.startswith("SimilarPatientsLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def updateReferences(self):
         self.ui.referenceComboBox.clear()
@@ -238,9 +283,11 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     """Adapter from the GUI to SimilarPatientsLib; nothing here but calls into the library."""
 
-    def __init__(self, home=None):
+    def __init__(self, home=None, python=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.home = home
+        self.python = python  # the worker's interpreter (default: PythonSlicer)
+        self._worker = None
 
     def store(self):
         from SimilarPatientsLib import ReferenceStore
@@ -289,67 +336,88 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         return state.source.url if state.needs_download else None
 
     def queryFromImage(self, volume, reference, model, segmentation=None, segment=None, point=None, **options):
-        """Nearest reference patients to a tumor in a volume node, marked by a segment or the first point of a
-        point list. The nodes are written to a temporary folder and the query runs in a child process."""
+        """Nearest reference patients to a tumor in a volume node, marked by a segment or by the points of
+        a point list. The nodes' voxels are copied out in memory (the user's nodes and their storage are
+        not touched) to a temporary folder the worker reads; the query runs in the persistent worker."""
         import shutil
         import tempfile
 
+        import SimpleITK as sitk
+        from SimilarPatientsLib.scene import nodes
+
         folder = tempfile.mkdtemp(prefix="SimilarPatients-")
         try:
-            image, mask, point_ras = self.exportQueryInputs(volume, segmentation, segment, point, folder)
-            return self.queryFiles(image, reference, model, mask=mask, point_ras=point_ras, **options)
+            image = os.path.join(folder, "image.nrrd")
+            sitk.WriteImage(nodes.volume_image(volume), image, False)
+            if segmentation is not None:
+                mask = os.path.join(folder, "mask.nrrd")
+                sitk.WriteImage(nodes.segment_mask(segmentation, segment), mask, False)
+                return self.queryFiles(image, reference, model, mask=mask, **options)
+            tumors = nodes.point_tumors(point)
+            return self.queryFiles(image, reference, model, points_lps=[t.seed for t in tumors], **options)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def exportQueryInputs(self, volume, segmentation, segment, point, folder):
-        """(image file, mask file or None, RAS point or None) for the nodes; refuses untransformed-only data."""
-        from SimilarPatientsLib import SimilarPatientsError
+    def worker(self):
+        """The persistent query worker, started on first use with Slicer's own Python (PythonSlicer)."""
+        if self._worker is None:
+            import shutil
 
-        for node in (volume, segmentation, point):
-            if node is not None and node.GetParentTransformNode() is not None:
-                raise SimilarPatientsError(f"'{node.GetName()}' is under a transform: harden it first.")
-        image = os.path.join(folder, "image.nrrd")
-        if not slicer.util.saveNode(volume, image):
-            raise SimilarPatientsError(f"Could not write '{volume.GetName()}' to {folder}.")
-        if segmentation is not None:
-            labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            try:
-                segment_ids = vtk.vtkStringArray()
-                segment_ids.InsertNextValue(segment)
-                slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
-                    segmentation, segment_ids, labelmap, volume
+            from SimilarPatientsLib.scene.worker import WorkerClient
+
+            python = self.python or shutil.which("PythonSlicer")
+            if python is None:
+                from SimilarPatientsLib import SimilarPatientsError
+
+                raise SimilarPatientsError(
+                    "PythonSlicer was not found next to Slicer; it runs the queries. Reinstall Slicer."
                 )
-                mask = os.path.join(folder, "mask.nrrd")
-                slicer.util.saveNode(labelmap, mask)
-            finally:
-                slicer.mrmlScene.RemoveNode(labelmap)
-            return image, mask, None
-        if point.GetNumberOfControlPoints() < 1:
-            raise SimilarPatientsError(f"The point list '{point.GetName()}' has no point: place one on the tumor.")
-        position = [0.0, 0.0, 0.0]
-        point.GetNthControlPointPositionWorld(0, position)
-        return image, None, position
+            environment = dict(os.environ)
+            if self.home is not None:
+                environment["SIMILARPATIENTS_HOME"] = str(self.home)
+            self._worker = WorkerClient(python, environment)
+        return self._worker
 
-    def queryFiles(self, image, reference, model, mask=None, point_ras=None, k=5, metric="cosine", cancelled=None):
-        """Run the image query in a child process (Slicer's Python) and return its hits."""
-        import shutil
+    def queryFiles(
+        self,
+        image,
+        reference,
+        model,
+        mask=None,
+        point_ras=None,
+        points_lps=None,
+        k=5,
+        metric="cosine",
+        cancelled=None,
+        progress=None,
+    ):
+        """Run the image query in the worker and return its hits (a DataFrame); the tumor is a mask file, a
+        point in RAS (Slicer's world) or points in LPS."""
+        import pandas as pd
+        from SimilarPatientsLib.imaging.tumor import from_point
 
-        from SimilarPatientsLib.scene.process import query_command, run_query
-
-        command = query_command(
-            image,
-            model,
-            reference,
-            mask=mask,
-            point_ras=point_ras,
-            k=k,
+        if mask is not None:
+            tumors = {"mask": str(mask)}
+        else:
+            points = points_lps if points_lps is not None else [from_point(point_ras, ras=True).seed]
+            tumors = {"points": [list(p) for p in points]}
+        result = self.worker().query(
+            progress=progress,
+            cancelled=cancelled,
+            image=str(image),
+            tumors=tumors,
+            model=model,
+            reference=reference,
+            k=int(k),
             metric=metric,
-            python=shutil.which("PythonSlicer"),
         )
-        environment = dict(os.environ)
-        if self.home is not None:
-            environment["SIMILARPATIENTS_HOME"] = str(self.home)
-        return run_query(command, cancelled, environment)
+        return pd.DataFrame(result["hits"])
+
+    def cleanup(self):
+        """End the worker (module reload, Slicer closing)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
 
 class SimilarPatientsTest(ScriptedLoadableModuleTest):

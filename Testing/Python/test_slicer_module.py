@@ -36,8 +36,9 @@ def test_first_use_requirements_match_the_package():
         if isinstance(n, ast.AnnAssign | ast.Assign)
         and "EMBED_REQUIREMENTS" in ast.unparse(n.targets[0] if isinstance(n, ast.Assign) else n.target)
     )
-    # torch comes from Slicer's PyTorch extension; SimpleITK and pydicom ship with Slicer
-    assert set(embed_requirements) == embed - {"torch>=2.1", "SimpleITK>=2.2", "pydicom>=2.4"}
+    # torch comes from Slicer's PyTorch extension; SimpleITK and pydicom ship with Slicer; highdicom reads
+    # DICOM SEG files, and in Slicer the tumor is a segmentation node
+    assert set(embed_requirements) == embed - {"torch>=2.1", "SimpleITK>=2.2", "pydicom>=2.4", "highdicom>=0.22"}
 
 
 @pytest.fixture
@@ -56,15 +57,26 @@ def slicer_module(monkeypatch):
     util = types.ModuleType("slicer.util")
     util.VTKObservationMixin = object
     slicer.util, slicer.ScriptedLoadableModule = util, loadable
+    try:  # Slicer's own module holds the MRML classes: take them from slicer-core where it is installed
+        import slicer as core
+
+        slicer.__dict__.update(
+            {k: v for k, v in vars(core).items() if k.startswith(("vtkMRML", "vtkSlicer", "vtkOriented"))}
+        )
+    except ImportError:
+        pass
     slicer.mrmlScene = types.SimpleNamespace(Clear=lambda: None)
     for name, module in {
         "slicer": slicer,
         "slicer.util": util,
         "slicer.ScriptedLoadableModule": loadable,
         "qt": types.ModuleType("qt"),
-        "vtk": types.ModuleType("vtk"),
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
+    try:  # Slicer ships vtk; slicer-core brings the same
+        import vtk  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "vtk", types.ModuleType("vtk"))
     monkeypatch.syspath_prepend(str(MODULE))
     monkeypatch.delitem(sys.modules, "SimilarPatients", raising=False)
     import SimilarPatients
@@ -111,7 +123,7 @@ def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module,
     image, mask, centre = tumor_ct("cavitary", rng)
     sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
     sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
-    logic = slicer_module.SimilarPatientsLogic(tmp_path / "home")
+    logic = slicer_module.SimilarPatientsLogic(tmp_path / "home", python=sys.executable)
     hits = logic.queryFiles(tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", k=3)
     assert len(hits) == 3 and (hits["kind"] == "cavitary").sum() >= 2
     ras = [-centre[0], -centre[1], centre[2]]
@@ -124,6 +136,52 @@ def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module,
             tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", cancelled=lambda: True
         )
     assert logic.weightsToDownload("TumorDescriptor") is None and logic.licenceToAccept("TumorDescriptor") is None
+    first = logic.queryFiles(tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", k=3)
+    pid = logic.worker().pid  # a fresh worker after the cancel
+    again = logic.queryFiles(tmp_path / "image.nrrd", "tumors", "TumorDescriptor", mask=tmp_path / "mask.nrrd", k=3)
+    assert (
+        first.PatientID.tolist() == hits.PatientID.tolist()
+        and logic.worker().pid == pid
+        and again.PatientID.tolist() == hits.PatientID.tolist()
+    )  # one worker, kept
+
+    # from the nodes, as the widget calls it: a volume read by Slicer's storage node, a segment, a point list
+    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
+    scene = core.vtkMRMLScene()
+    segmentations = core.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "image.nrrd"))
+    assert storage.ReadData(volume)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    mask_storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    mask_storage.SetFileName(str(tmp_path / "mask.nrrd"))
+    assert mask_storage.ReadData(labelmap)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segment = segmentation.GetSegmentation().GetNthSegmentID(0)
+    from_nodes = logic.queryFromImage(
+        volume, "tumors", "TumorDescriptor", segmentation=segmentation, segment=segment, k=3
+    )
+    assert from_nodes.PatientID.tolist() == hits.PatientID.tolist()  # the nodes are the files
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(*ras)
+    assert logic.queryFromImage(volume, "tumors", "TumorDescriptor", point=points, k=3).PatientID.tolist() == (
+        by_point.PatientID.tolist()
+    )
+    assert volume.GetStorageNode().GetFileName() == str(tmp_path / "image.nrrd")  # the user's storage kept
+    logic.cleanup()
+    assert logic._worker is None
+
+
+def test_no_python_slicer_is_a_clear_error(slicer_module, home, monkeypatch):
+    from SimilarPatientsLib import SimilarPatientsError
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SimilarPatientsError, match="PythonSlicer was not found"):
+        slicer_module.SimilarPatientsLogic(home).worker()
 
 
 def test_licence_and_download_prompts_follow_the_weights_state(slicer_module, home):
