@@ -288,6 +288,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         self.home = home
         self.python = python  # the worker's interpreter (default: PythonSlicer)
         self._worker = None
+        self._image_key = None  # the volume whose voxels the worker holds
 
     def store(self):
         from SimilarPatientsLib import ReferenceStore
@@ -344,17 +345,28 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
 
         import SimpleITK as sitk
         from SimilarPatientsLib.scene import nodes
+        from SimilarPatientsLib.scene.worker import ImageNotHeld
 
         folder = tempfile.mkdtemp(prefix="SimilarPatients-")
         try:
+            marks = {}
+            if segmentation is not None:
+                marks["mask"] = os.path.join(folder, "mask.nrrd")
+                sitk.WriteImage(nodes.segment_mask(segmentation, segment), marks["mask"], False)
+            else:
+                marks["points_lps"] = [t.seed for t in nodes.point_tumors(point)]
+            # the CT goes to the worker only when it changed since the last query: its key says which voxels
+            key = f"{volume.GetID()}:{volume.GetMTime()}:{volume.GetImageData().GetMTime()}"
+            if key == self._image_key and self._worker is not None and self._worker.running:
+                try:
+                    return self.queryFiles(None, reference, model, image_key=key, **marks, **options)
+                except ImageNotHeld:
+                    pass
             image = os.path.join(folder, "image.nrrd")
             sitk.WriteImage(nodes.volume_image(volume), image, False)
-            if segmentation is not None:
-                mask = os.path.join(folder, "mask.nrrd")
-                sitk.WriteImage(nodes.segment_mask(segmentation, segment), mask, False)
-                return self.queryFiles(image, reference, model, mask=mask, **options)
-            tumors = nodes.point_tumors(point)
-            return self.queryFiles(image, reference, model, points_lps=[t.seed for t in tumors], **options)
+            hits = self.queryFiles(image, reference, model, image_key=key, **marks, **options)
+            self._image_key = key
+            return hits
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -390,6 +402,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         metric="cosine",
         cancelled=None,
         progress=None,
+        image_key=None,
     ):
         """Run the image query in the worker and return its hits (a DataFrame); the tumor is a mask file, a
         point in RAS (Slicer's world) or points in LPS."""
@@ -404,7 +417,8 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         result = self.worker().query(
             progress=progress,
             cancelled=cancelled,
-            image=str(image),
+            image=None if image is None else str(image),
+            image_key=image_key,
             tumors=tumors,
             model=model,
             reference=reference,

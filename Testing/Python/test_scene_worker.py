@@ -117,3 +117,17 @@ def test_errors_come_back_with_the_libraries_message_and_the_worker_stays(client
 def test_a_missing_python_is_named():
     with pytest.raises(SimilarPatientsError, match="PythonSlicer"):
         WorkerClient(python="/opt/Slicer/bin/PythonSlicer-missing")
+
+
+def test_a_ct_named_by_its_key_is_sent_once(client, setting):
+    from SimilarPatientsLib.scene.worker import ImageNotHeld
+
+    _, request = setting
+    with pytest.raises(ImageNotHeld, match="send it again"):  # a fresh worker holds no image
+        client.query(**{**request, "image": None, "image_key": "ct-1"})
+    first = client.query(**{**request, "image_key": "ct-1"})
+    again = client.query(**{**request, "image": None, "image_key": "ct-1"})  # the voxels are not sent again
+    assert [h["PatientID"] for h in again["hits"]] == [h["PatientID"] for h in first["hits"]]
+    assert again["seconds"]["read"] < first["seconds"]["read"]
+    with pytest.raises(ImageNotHeld):
+        client.query(**{**request, "image": None, "image_key": "ct-2"})  # another volume: send it

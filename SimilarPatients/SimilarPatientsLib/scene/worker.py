@@ -35,6 +35,11 @@ from pathlib import Path
 from ..errors import Cancelled, SimilarPatientsError
 from ..progress import ProgressCallback, report
 
+
+class ImageNotHeld(SimilarPatientsError):
+    """A request named its CT by key only, and the worker (new, or given another CT since) lacks it."""
+
+
 #: The SimilarPatientsLib folder (imported before any of its modules): its parent goes on the child's path.
 _PACKAGE = Path(sys.modules[__name__.split(".")[0]].__file__).resolve().parent
 
@@ -113,6 +118,8 @@ class WorkerClient:
                 report(progress, event["done"], event["total"], event["message"])
             elif event["event"] == "result":
                 return event
+            elif event.get("missing_image"):
+                raise ImageNotHeld(event["message"])
             else:
                 raise (Cancelled if event.get("cancelled") else SimilarPatientsError)(event["message"])
 
@@ -185,6 +192,7 @@ class _Worker:
     def __init__(self, out):
         self.out = out
         self.embedders: dict = {}
+        self.image: tuple | None = None  # (key, validated CT): the last image, reused while its key holds
 
     def send(self, **event) -> None:
         self.out.write(json.dumps(event, default=_plain) + "\n")
@@ -200,10 +208,30 @@ class _Worker:
             else:
                 raise SimilarPatientsError(f"Unknown worker request '{request.get('op')}'.")
         except SimilarPatientsError as error:
-            self.send(id=ident, event="error", message=str(error), cancelled=isinstance(error, Cancelled))
+            self.send(
+                id=ident,
+                event="error",
+                message=str(error),
+                cancelled=isinstance(error, Cancelled),
+                missing_image=isinstance(error, ImageNotHeld),
+            )
         except Exception as error:  # a bug, not the user's input: say what broke and keep serving
             traceback.print_exc(file=sys.stderr)
             self.send(id=ident, event="error", message=f"The query failed: {type(error).__name__}: {error}")
+
+    def _image(self, request: dict):
+        """The request's CT: read from ``image`` (and kept under ``image_key`` when one is given), or the
+        kept one when only its key comes (a GUI sends the voxels again only when the volume changed)."""
+        from ..imaging.ct_image import read_ct
+
+        key = request.get("image_key")
+        if request.get("image") is None:
+            if key is None or self.image is None or self.image[0] != key:
+                raise ImageNotHeld("The worker does not hold that image any more; send it again.")
+            return self.image[1]
+        image = read_ct(request["image"])
+        self.image = (key, image) if key is not None else None
+        return image
 
     def query(self, request: dict, ident) -> dict:
         from ..imaging.tumor import tumors_from
@@ -236,7 +264,7 @@ class _Worker:
             )
             load = time.perf_counter() - started
         result = query_image(
-            request["image"],
+            self._image(request),
             tumors,
             self.embedders[key],
             reference,
