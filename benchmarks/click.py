@@ -41,6 +41,7 @@ def prepare(home: Path) -> tuple:
     from SimilarPatientsLib.imaging.tumor import from_binary_mask
     from SimilarPatientsLib.models.embedder import Embedder
     from SimilarPatientsLib.references import schema
+    from SimilarPatientsLib.scene.nodes import around_tumor
     from synthetic_ct import KINDS, add_noise, add_tumor, blank_ct, tumor_ct
 
     os.environ["SIMILARPATIENTS_HOME"] = str(home)
@@ -57,7 +58,7 @@ def prepare(home: Path) -> tuple:
     store.write("tumors", schema.from_frame(pd.DataFrame(rows)), "benchmark")
     image = blank_ct(size=(512, 512, 160), spacing=(0.7, 0.7, 1.25), origin=(-179.0, -179.0, -100.0))
     image, mask = add_tumor(image, "spiculated", (20.0, -30.0, 10.0), 9.0, rng)
-    return add_noise(image, rng), sitk.Cast(mask, sitk.sitkUInt8)
+    return add_noise(image, rng), around_tumor(sitk.Cast(mask, sitk.sitkUInt8))  # the mask the module writes
 
 
 def write_inputs(image, mask, folder: Path) -> tuple:
