@@ -6,8 +6,8 @@ folder (uncompressed NRRD), then query. Two ways, timed in the same run on the s
 - **worker** (the module's way now): the persistent worker of ``scene/worker.py``; the first click starts it
   (Python, torch and MONAI imports, the weights load), later clicks reuse it; the CT's voxels go to it only
   when the volume changed (a key names them), so a click on the same CT writes only the tumor mask;
-- **child per click** (the module's way before): ``scene/process.py`` runs ``similar-patients query`` in a
-  fresh process for every click, paying imports and the weights load each time.
+- **child per click** (the module's way before the worker): ``similar-patients query --json`` in a fresh
+  process for every click, paying imports and the weights load each time.
 
 The CT is a synthetic 512 × 512 × 160 chest CT; the reference is the real NLST-Sybil one (CT-FM's 732
 lesions) for CT-FM, whose weights are random tensors in the upstream layout in the data home's cache
@@ -106,15 +106,18 @@ def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int
 
 
 def time_child_per_click(image, mask, model: str, reference: str, folder: Path, clicks: int) -> dict:
-    from SimilarPatientsLib.scene.process import query_command, run_query
+    import json
+    import subprocess
 
     times, hits = [], None
     for _ in range(clicks):
         started = time.perf_counter()
         ct, tumor = write_inputs(image, mask, folder)
-        found = run_query(query_command(ct, model, reference, mask=tumor, k=5))
+        command = [sys.executable, "-m", "SimilarPatientsLib", "query", "--image", str(ct), "--mask", str(tumor)]
+        command += ["--model", model, "--reference", reference, "-k", "5", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
         times.append(time.perf_counter() - started)
-        hits = found.PatientID.tolist()
+        hits = [h["PatientID"] for h in json.loads(done.stdout)]
     return {"per_click_p50_s": float(np.median(times)), "hits": hits}
 
 
