@@ -123,6 +123,28 @@ def ensure_torch(ask: bool = True) -> bool:
     return installed is not None
 
 
+#: Column titles a clinician reads in the results table.
+HEADERS = {
+    "rank": "#",
+    "PatientID": "Patient",
+    "closer_than": "Similarity",
+    "distance": "Distance",
+    "collection_id": "Collection",
+    "series_size_MB": "Series MB",
+}
+
+
+def cellText(name, value):
+    """A results-table cell: similarity as a sentence, distances with their digits, blanks for missing."""
+    if value is None or value != value:
+        return ""
+    if name == "closer_than":
+        return f"closer than {value:.0f}% of nearest matches"
+    if name == "distance":
+        return f"{value:.4g}"
+    return str(value)
+
+
 class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -260,7 +282,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showHits(self, hits):
         fields = self.logic.displayFields(self.ui.referenceComboBox.currentText)
-        columns = [c for c in ["rank", "PatientID", "distance", *fields, "collection_id"] if c in hits.columns]
+        wanted = ["rank", "PatientID", "closer_than", "distance", *fields, "collection_id", "series_size_MB"]
+        columns = [c for c in wanted if c in hits.columns]
         table = self.ui.resultsTable
         table.clear()
         table.setColumnCount(len(columns))
@@ -268,9 +291,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setHorizontalHeaderLabels(columns)
         for row, (_, hit) in enumerate(hits.iterrows()):
             for column, name in enumerate(columns):
-                value = hit[name]
-                text = f"{value:.4f}" if name == "distance" else ("" if value is None or value != value else str(value))
-                table.setItem(row, column, qt.QTableWidgetItem(text))
+                table.setItem(row, column, qt.QTableWidgetItem(cellText(name, hit[name])))
+        table.setHorizontalHeaderLabels([HEADERS.get(c, c) for c in columns])
         table.resizeColumnsToContents()
         self.ui.statusLabel.text = f"{len(hits)} patients. Double-click a row to open it in the IDC viewer."
 
@@ -314,7 +336,10 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         return self.store().import_reference("nlst-sybil", "nlst-sybil", progress)
 
     def neighbors(self, reference, model, patient, k=5, metric="cosine"):
-        return self.store().open(reference).search(model, patient=patient, k=k, metric=metric, exclude=[patient])
+        """A reference patient's nearest patients, each with its similarity (closeness percentile)."""
+        opened = self.store().open(reference)
+        hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient])
+        return hits.assign(closer_than=opened.closeness(model, metric, hits.distance))
 
     def weightStatus(self, model):
         from SimilarPatientsLib import models

@@ -258,3 +258,14 @@ def test_an_index_that_cannot_reach_the_target_falls_back_to_exact(tmp_path, mon
     assert main([*argv, "approximate", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)[0]
     assert record["search"] == "approximate" and record["index_recall"] == pytest.approx(calibration.recall)
+
+
+def test_closeness_places_a_distance_on_the_references_nearest_matches(nlst, tmp_path):
+    hits = nlst.search("CTFM", patient="100242", k=20, exclude=["100242"])
+    closeness = nlst.closeness("CTFM", "cosine", hits.distance)
+    assert np.all(np.diff(closeness) <= 0) and closeness[0] > closeness[-1]  # farther is less similar
+    assert nlst.closeness("CTFM", "cosine", [0.0])[0] == 100.0 and nlst.closeness("CTFM", "cosine", [2.0])[0] == 0.0
+    nearest = np.load(nlst.path / "models" / "1" / "nearest-cosine.npy")  # kept with the version
+    assert len(nearest) == 464 and np.all(np.diff(nearest) >= 0)
+    # by hand: each patient's nearest other patient, the median of those is "closer than about half"
+    assert nlst.closeness("CTFM", "cosine", [np.median(nearest)])[0] == pytest.approx(50, abs=0.5)

@@ -97,6 +97,14 @@ def test_logic_adapter_on_real_reference(slicer_module, nlst_home):
     assert "CTFM" in logic.models("nlst-sybil")
     hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)
     assert len(hits) == 3 and "100242" not in set(hits.PatientID)
+    assert hits.closer_than.is_monotonic_decreasing and hits.closer_than.between(0, 100).all()
+    assert slicer_module.cellText("closer_than", 97.2) == "closer than 97% of nearest matches"
+
+
+def test_every_ui_name_the_module_uses_is_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "SimilarPatients.py").read_text()))
+    declared = set(re.findall(r'name="(\w+)"', (MODULE / "Resources" / "UI" / "SimilarPatients.ui").read_text()))
+    assert used and used <= declared, used - declared
 
 
 def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module, tmp_path):

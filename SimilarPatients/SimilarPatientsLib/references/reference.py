@@ -23,13 +23,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
-from ..progress import ProgressCallback
+from ..progress import ProgressCallback, report
 from ..search import approximate, filters
 from ..search.nearest import EmbeddingSpace, nearest_patients
+from ..util.atomic import replacing
 from . import schema
 from .hits import hit_table
 
 METHODS = ("auto", "exact", "approximate")
+#: Patients whose nearest-match distance makes the distribution :meth:`Reference.closeness` reads.
+CLOSENESS_SAMPLE = 1000
 log = logging.getLogger(__name__)
 
 
@@ -136,6 +139,37 @@ class Reference:
         return PatientEmbeddings(
             np.asarray(self.space(model).vectors[rows]), lesions[schema.LESION].iloc[rows].tolist()
         )
+
+    def closeness(self, model: str, metric: str, distances, progress: ProgressCallback | None = None) -> np.ndarray:
+        """Each distance placed on this reference's own distribution of nearest-match distances (each
+        reference patient's distance to its nearest other patient): the percentage of those that are
+        larger, so 97 reads "closer than 97% of nearest matches in this reference". The distribution is
+        computed once per model and metric (on up to 1,000 patients, seeded) and kept with the version."""
+        nearest = self._nearest_match_distances(model, metric, progress)
+        values = np.asarray(distances, dtype=np.float64)
+        return 100.0 * (len(nearest) - np.searchsorted(nearest, values, side="right")) / len(nearest)
+
+    def _nearest_match_distances(self, model: str, metric: str, progress: ProgressCallback | None) -> np.ndarray:
+        """Sorted distances from (a sample of) the reference's patients to their nearest other patient."""
+        path = self.path / "models" / self.model_info(model).folder / f"nearest-{metric}.npy"
+        if path.is_file():
+            return np.load(path)
+        space = self.space(model)
+        patients = len(space.patient_ids)
+        if patients < 2:
+            raise SimilarPatientsError(f"Reference '{self.name}' has one patient in {model}: nothing to compare with.")
+        sample = np.sort(np.random.default_rng(0).choice(patients, size=min(patients, CLOSENESS_SAMPLE), replace=False))
+        rows_of = pd.Series(np.arange(len(space.patient_codes))).groupby(space.patient_codes).agg(list)
+        nearest = np.empty(len(sample))
+        for i, code in enumerate(sample):
+            report(progress, i, len(sample), "measuring this reference's nearest-match distances")
+            allowed = space.patient_codes != code
+            match = nearest_patients(space, space.vectors[rows_of[code]], 1, metric, allowed)
+            nearest[i] = match[0].distance
+        nearest.sort()
+        with replacing(path) as temporary, open(temporary, "wb") as stream:
+            np.save(stream, nearest)
+        return nearest
 
     def approximate_index(
         self, model: str, metric: str, progress: ProgressCallback | None = None

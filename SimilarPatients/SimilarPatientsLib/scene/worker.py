@@ -9,7 +9,7 @@ The protocol is JSON lines. The client writes one request per line on the worker
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
     {"id": 1, "event": "progress", "done": 2, "total": 4, "message": "embedding with CTFM"}
-    {"id": 1, "event": "result", "hits": [...], "seconds": {...}, "loaded": false}
+    {"id": 1, "event": "result", "hits": [...], "seconds": {...}, "loaded": false, "image_reused": false}
     {"id": 1, "event": "error", "message": "...", "cancelled": false}
 
 Cancel ends the worker's whole process tree (the ``PythonSlicer`` launcher and the Python it starts are
@@ -275,8 +275,10 @@ class _Worker:
             progress=progress,
         )
         seconds = dict(vars(result.seconds), load=0.0 if loaded else load)
+        hits = result.hits.assign(closer_than=reference.closeness(spec.name, result.metric, result.hits.distance))
         return {
-            "hits": json.loads(result.hits.to_json(orient="records", double_precision=15)),
+            "image_reused": request.get("image") is None,
+            "hits": json.loads(hits.to_json(orient="records", double_precision=15)),
             "seconds": seconds,
             "loaded": loaded,
             "embeddings": [e.vector.tolist() for e in result.embeddings],
