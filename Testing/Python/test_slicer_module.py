@@ -199,3 +199,21 @@ def test_licence_and_download_prompts_follow_the_weights_state(slicer_module, ho
     assert logic.licenceToAccept("VISTA3D") is None
     assert logic.licenceToAccept("CTFM") is None  # Apache-2.0: nothing to accept
     assert logic.weightsToDownload("CTFM").startswith("https://huggingface.co/project-lighter/")
+
+
+def test_the_extension_is_packaged_for_the_catalogue():
+    import json
+
+    import jsonschema
+
+    schema = json.loads(
+        (ROOT.parent / "shared" / "slicer" / "slicer-extension-catalog-entry-schema-v1.0.1.json").read_text()
+    )
+    entry = json.loads((ROOT / "SimilarPatients.json").read_text())
+    jsonschema.validate(entry, schema)
+    assert entry["build_dependencies"] == ["PyTorch"]
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and 'EXTENSION_SCREENSHOTURLS "https://' in cmake
+    for setting in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
+        assert re.search(rf'set\(EXTENSION_{setting} "[^"]+"\)', cmake), setting
+    assert (ROOT / "LICENSE").read_text().startswith("                                 Apache License")
