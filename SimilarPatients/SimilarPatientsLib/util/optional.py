@@ -29,6 +29,7 @@ EXTRAS = {
             "safetensors": "safetensors",
         },
     ),
+    "download": ("downloading matched series from IDC", {"idc-index": "idc_index"}),
     "analysis": (
         "maps and evaluation of embeddings",
         {

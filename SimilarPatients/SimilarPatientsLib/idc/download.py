@@ -1,0 +1,133 @@
+"""Matched series onto this machine: their size first, then a download through ``idc-index`` into a cache,
+verified and kept whole, or a local DICOM folder for sites without network.
+
+A series is cached only when every instance the IDC index lists for it is there: a download is made in a
+staging folder, its DICOM files counted against the index's ``instanceCount`` and only then renamed into
+the cache, so a cut download is refused and fetched again, never loaded as a shorter volume. Loading a
+patient twice reuses the cached series. Downloading sends the series' identifiers to IDC's public buckets:
+the caller (the Slicer module) asks the user first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SimilarPatientsError
+from ..progress import ProgressCallback, report
+from ..util.home import data_home, writing
+from ..util.optional import optional_import
+from .index import SERIES, IDCIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """One series on this machine: its folder and DICOM files, and whether it was downloaded just now."""
+
+    uid: str
+    folder: Path
+    files: tuple
+    downloaded: bool
+
+
+class SeriesCache:
+    """Series by SeriesInstanceUID in a folder of their own (default ``<data home>/series``; the Slicer module
+    puts it inside its DICOM database folder).
+
+    Args:
+        root: the cache folder.
+        index: the IDC index that says how many instances each series has (and its size).
+        client: an ``idc_index.IDCClient`` (made on first download when not given).
+    """
+
+    def __init__(self, root: Path | None = None, index: IDCIndex | None = None, client=None):
+        self.root = Path(root) if root is not None else data_home() / "series"
+        self.index = index or IDCIndex()
+        self._client = client
+
+    def expected(self, uids: Sequence[str]):
+        """The index's rows (instanceCount, series_size_MB, ...) for ``uids``; unknown UIDs are refused."""
+        rows = self.index.series(list(uids)).set_index(SERIES)
+        unknown = [u for u in uids if u not in rows.index]
+        if unknown:
+            raise SimilarPatientsError(
+                f"{len(unknown)} series are not in the IDC index ({self.index.version}), e.g. {unknown[0]}: "
+                f"they cannot be downloaded from IDC. Give a local DICOM folder that holds them instead."
+            )
+        return rows
+
+    def download_size_mb(self, uids: Sequence[str]) -> float:
+        """Megabytes a download of ``uids`` would fetch (what is cached already costs nothing)."""
+        missing = [u for u in dict.fromkeys(uids) if not (self.root / u).is_dir()]
+        return float(self.expected(missing)["series_size_MB"].sum()) if missing else 0.0
+
+    def fetch(self, uids: Sequence[str], progress: ProgressCallback | None = None) -> dict[str, SeriesFiles]:
+        """Every series of ``uids`` from the cache, downloading what is not there yet."""
+        uids = list(dict.fromkeys(uids))
+        rows = self.expected(uids)
+        found = {}
+        for done, uid in enumerate(uids):
+            folder = self.root / uid
+            downloaded = not folder.is_dir()
+            if downloaded:
+                report(progress, done, len(uids), f"downloading series {done + 1} of {len(uids)}")
+                self._download(uid, int(rows.loc[uid, "instanceCount"]))
+            files = tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
+            found[uid] = SeriesFiles(uid, folder, files, downloaded)
+        report(progress, len(uids), len(uids), "series ready")
+        return found
+
+    def clear(self) -> float:
+        """Delete the cache; returns the megabytes freed."""
+        size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.is_dir() else 0
+        shutil.rmtree(self.root, ignore_errors=True)
+        return size / 1e6
+
+    def _download(self, uid: str, instances: int) -> None:
+        staging = self.root / f".{uid}.part"
+        with writing(f"the series cache ({self.root})"):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                log.info("downloading series %s from IDC into %s", uid, self.root)
+                self.client.download_from_selection(seriesInstanceUID=[uid], downloadDir=str(staging))
+                have = len(series_files(staging, [uid]).get(uid, ()))
+                if have != instances:
+                    raise SimilarPatientsError(
+                        f"The download of series {uid} brought {have} of its {instances} images: it was cut "
+                        f"short. Nothing was kept; try again."
+                    )
+                os.replace(staging, self.root / uid)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+
+    @property
+    def client(self):
+        if self._client is None:
+            idc_index = optional_import("idc_index", "download")
+            self._client = idc_index.IDCClient()
+        return self._client
+
+
+def series_files(folder: Path, uids: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    """The DICOM files under ``folder`` by SeriesInstanceUID (only ``uids`` when given): a local DICOM
+    folder, for offline sites, or a download to check."""
+    pydicom = optional_import("pydicom", "embed")
+    wanted = set(uids) if uids is not None else None
+    found: dict[str, list[Path]] = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:  # not DICOM, or not readable: not one of the series' images
+            continue
+        uid = str(getattr(dataset, "SeriesInstanceUID", ""))
+        if uid and (wanted is None or uid in wanted):
+            found.setdefault(uid, []).append(path)
+    return found

@@ -1,0 +1,95 @@
+"""Matched series onto this machine: the size from the real IDC index, a verified download into the cache
+(a cut one refused and not kept), the cache reused, a local DICOM folder found by UID."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from SimilarPatientsLib import SimilarPatientsError
+from SimilarPatientsLib.idc import IDCIndex
+from SimilarPatientsLib.idc.download import SeriesCache, series_files
+from synthetic_ct import tumor_ct, write_dicom_series
+
+
+def test_the_download_size_comes_from_the_ids_index(nlst, tmp_path):
+    uids = nlst.lesions("CTFM").SeriesInstanceUID.dropna().unique()[:3].tolist()
+    cache = SeriesCache(tmp_path / "cache")
+    expected = IDCIndex().series(uids).series_size_MB.sum()
+    assert cache.download_size_mb(uids) == pytest.approx(expected) and expected > 10
+    (tmp_path / "cache" / uids[0]).mkdir(parents=True)  # cached already: costs nothing
+    assert cache.download_size_mb(uids) < expected
+    with pytest.raises(SimilarPatientsError, match="not in the IDC index"):
+        cache.download_size_mb(["1.2.3.4.5"])
+
+
+class _Bucket:
+    """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
+    series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
+
+    def __init__(self, series: dict, cut: int = 0):
+        self.series, self.cut, self.calls = series, cut, 0
+
+    def download_from_selection(self, seriesInstanceUID, downloadDir):
+        self.calls += 1
+        for uid in seriesInstanceUID:
+            target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
+            shutil.copytree(self.series[uid], target)
+            for path in sorted(__import__("pathlib").Path(target).iterdir())[: self.cut]:
+                path.unlink()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Two synthetic series, and an IDC index (real Parquet, queried with DuckDB) that lists them."""
+    rows, folders = [], {}
+    for i in range(2):
+        image, _, _ = tumor_ct("smooth", np.random.default_rng(i), size=(32, 32, 12))
+        datasets = write_dicom_series(image, tmp_path / "bucket" / str(i))
+        uid = str(datasets[0].SeriesInstanceUID)
+        folders[uid] = tmp_path / "bucket" / str(i)
+        rows.append(
+            {
+                "SeriesInstanceUID": uid,
+                "collection_id": "synthetic",
+                "StudyInstanceUID": str(datasets[0].StudyInstanceUID),
+            }
+            | {"Modality": "CT", "SeriesDescription": "test", "series_size_MB": 0.03, "instanceCount": len(datasets)}
+        )
+    pd.DataFrame(rows).to_parquet(tmp_path / "index.parquet")
+    return folders, IDCIndex(tmp_path / "index.parquet")
+
+
+def test_a_download_is_verified_cached_and_reused(tmp_path, served):
+    folders, index = served
+    bucket = _Bucket(folders)
+    cache = SeriesCache(tmp_path / "cache", index, bucket)
+    uids = list(folders)
+    got = cache.fetch(uids)
+    assert all(got[u].downloaded and len(got[u].files) == 12 for u in uids)
+    assert set(series_files(tmp_path / "cache")) == set(uids)
+    again = cache.fetch(uids[:1])  # loading a patient twice reuses the download
+    assert not again[uids[0]].downloaded and bucket.calls == 2
+    assert cache.download_size_mb(uids) == 0.0
+    assert cache.clear() > 0 and not (tmp_path / "cache").exists()
+
+
+def test_a_cut_download_is_refused_and_not_kept(tmp_path, served):
+    folders, index = served
+    cache = SeriesCache(tmp_path / "cache", index, _Bucket(folders, cut=3))
+    uid = next(iter(folders))
+    with pytest.raises(SimilarPatientsError, match=r"brought 9 of its 12 images: it was cut short"):
+        cache.fetch([uid])
+    assert not (tmp_path / "cache" / uid).exists() and not list((tmp_path / "cache").iterdir())
+
+
+def test_a_local_dicom_folder_is_found_by_uid(tmp_path, served):
+    folders, _ = served
+    uid = next(iter(folders))
+    (tmp_path / "site" / "other").mkdir(parents=True)
+    (tmp_path / "site" / "other" / "notes.txt").write_text("not DICOM")
+    shutil.copytree(folders[uid], tmp_path / "site" / "ct")
+    found = series_files(tmp_path / "site", [uid])
+    assert list(found) == [uid] and len(found[uid]) == 12
