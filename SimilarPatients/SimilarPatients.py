@@ -155,12 +155,16 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addStretch(1)
         self.logic = SimilarPatientsLogic()
         self.hits = None
+        self.queryVolume = None  # the CT of the last image query, shown first when matches are loaded
+        self.queryCentreLps = None
+        self.comparison = None
         self.ui.metricComboBox.addItems(["cosine", "euclidean", "dot"])
         self.ui.referenceComboBox.currentTextChanged.connect(self.updateModels)
         self.ui.importNlstButton.clicked.connect(self.onImportNlst)
         self.ui.findButton.clicked.connect(self.onFind)
         self.ui.imageFindButton.clicked.connect(self.onFindFromImage)
         self.ui.resultsTable.cellDoubleClicked.connect(self.onOpenViewer)
+        self.ui.loadButton.clicked.connect(self.onLoadSelected)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         if not missing_requirements():
@@ -265,6 +269,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return dialog.wasCanceled
 
             try:
+                self.queryVolume = volume
                 self.hits = self.logic.queryFromImage(
                     volume,
                     reference,
@@ -295,6 +300,25 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setHorizontalHeaderLabels([HEADERS.get(c, c) for c in columns])
         table.resizeColumnsToContents()
         self.ui.statusLabel.text = f"{len(hits)} patients. Double-click a row to open it in the IDC viewer."
+        self.queryCentreLps = self.logic.lastSeedLps
+        self.ui.loadButton.enabled = self.queryVolume is not None and len(hits) > 0
+
+    def onLoadSelected(self):
+        """The selected matches (all, when none is selected; at most 8) beside the query, after the user
+        confirmed what is downloaded from IDC."""
+        if self.hits is None or self.queryVolume is None:
+            return
+        rows = sorted({index.row() for index in self.ui.resultsTable.selectedIndexes()}) or list(range(len(self.hits)))
+        chosen = self.hits.iloc[rows[:8]]
+        with slicer.util.tryWithErrorDisplay("Loading the matches failed.", waitCursor=True):
+            size = self.logic.downloadSize(chosen)
+            if size and not slicer.util.confirmOkCancelDisplay(
+                f"Download {size:.0f} MB of CT series from NCI Imaging Data Commons? Their identifiers are sent to "
+                "IDC's public storage; nothing about your patient is.",
+                "Download from IDC?",
+            ):
+                return
+            self.comparison = self.logic.loadMatches(chosen, self.queryVolume, self.queryCentreLps)
 
     def onOpenViewer(self, row, _column):
         url = self.hits.iloc[row]["viewer_url"] if self.hits is not None else None
@@ -311,6 +335,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         self.python = python  # the worker's interpreter (default: PythonSlicer)
         self._worker = None
         self._image_key = None  # the volume whose voxels the worker holds
+        self.lastSeedLps = None  # the tumor seed of the last image query (LPS mm)
 
     def store(self):
         from SimilarPatientsLib import ReferenceStore
@@ -450,7 +475,36 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             k=int(k),
             metric=metric,
         )
+        self.lastSeedLps = result["seeds"][0]
         return pd.DataFrame(result["hits"])
+
+    def seriesCache(self):
+        """Matched series are kept beside Slicer's DICOM database (or in the data home without one)."""
+        from SimilarPatientsLib.idc.download import SeriesCache
+
+        database = getattr(slicer, "dicomDatabase", None)
+        folder = database.databaseDirectory if database is not None and database.isOpen else None
+        return SeriesCache(os.path.join(folder, "SimilarPatients-series") if folder else None)
+
+    def downloadSize(self, hits):
+        """Megabytes the matches' series need from IDC (0 when all are cached)."""
+        return self.seriesCache().download_size_mb(hits.SeriesInstanceUID.dropna().tolist())
+
+    def loadMatches(self, hits, queryVolume, queryCentreLps, progress=None):
+        """Fetch the matches' series (cache first), read them into volume nodes, and show them beside the
+        query, each view centred on its tumor; returns the views and their links."""
+        from DICOMLib import DICOMUtils
+        from SimilarPatientsLib.scene import matches
+
+        series = self.seriesCache().fetch(hits.SeriesInstanceUID.dropna().tolist(), progress)
+        for found in series.values():  # the DICOM browser knows them too (importing twice is harmless)
+            DICOMUtils.importDicom(str(found.folder))
+        volumes = {
+            uid: matches.load_series(slicer.mrmlScene, list(found.files), f"match {uid[-8:]}")
+            for uid, found in series.items()
+        }
+        layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
+        return matches.show_matches(slicer.mrmlScene, layoutNode, queryVolume, queryCentreLps, hits, volumes)
 
     def cleanup(self):
         """End the worker (module reload, Slicer closing)."""

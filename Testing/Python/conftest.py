@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -148,3 +149,44 @@ def server():
     yield _Files, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
+
+
+class IDCBucket:
+    """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
+    series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
+
+    def __init__(self, series: dict, cut: int = 0):
+        self.series, self.cut, self.calls = series, cut, 0
+
+    def download_from_selection(self, seriesInstanceUID, downloadDir):
+        self.calls += 1
+        for uid in seriesInstanceUID:
+            target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
+            shutil.copytree(self.series[uid], target)
+            for path in sorted(Path(target).iterdir())[: self.cut]:
+                path.unlink()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Two synthetic series in an :class:`IDCBucket`, and an IDC index (real Parquet, queried with
+    DuckDB) that lists them."""
+    from SimilarPatientsLib.idc import IDCIndex
+    from synthetic_ct import tumor_ct, write_dicom_series
+
+    rows, folders = [], {}
+    for i in range(2):
+        image, _, _ = tumor_ct("smooth", np.random.default_rng(i), size=(32, 32, 12))
+        datasets = write_dicom_series(image, tmp_path / "bucket" / str(i))
+        uid = str(datasets[0].SeriesInstanceUID)
+        folders[uid] = tmp_path / "bucket" / str(i)
+        rows.append(
+            {
+                "SeriesInstanceUID": uid,
+                "collection_id": "synthetic",
+                "StudyInstanceUID": str(datasets[0].StudyInstanceUID),
+            }
+            | {"Modality": "CT", "SeriesDescription": "test", "series_size_MB": 0.03, "instanceCount": len(datasets)}
+        )
+    pd.DataFrame(rows).to_parquet(tmp_path / "index.parquet")
+    return folders, IDCIndex(tmp_path / "index.parquet")

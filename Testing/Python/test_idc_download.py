@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
-import pandas as pd
 import pytest
+from conftest import IDCBucket as _Bucket
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.idc import IDCIndex
 from SimilarPatientsLib.idc.download import SeriesCache, series_files
-from synthetic_ct import tumor_ct, write_dicom_series
 
 
 def test_the_download_size_comes_from_the_ids_index(nlst, tmp_path):
@@ -23,43 +21,6 @@ def test_the_download_size_comes_from_the_ids_index(nlst, tmp_path):
     assert cache.download_size_mb(uids) < expected
     with pytest.raises(SimilarPatientsError, match="not in the IDC index"):
         cache.download_size_mb(["1.2.3.4.5"])
-
-
-class _Bucket:
-    """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
-    series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
-
-    def __init__(self, series: dict, cut: int = 0):
-        self.series, self.cut, self.calls = series, cut, 0
-
-    def download_from_selection(self, seriesInstanceUID, downloadDir):
-        self.calls += 1
-        for uid in seriesInstanceUID:
-            target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
-            shutil.copytree(self.series[uid], target)
-            for path in sorted(__import__("pathlib").Path(target).iterdir())[: self.cut]:
-                path.unlink()
-
-
-@pytest.fixture
-def served(tmp_path):
-    """Two synthetic series, and an IDC index (real Parquet, queried with DuckDB) that lists them."""
-    rows, folders = [], {}
-    for i in range(2):
-        image, _, _ = tumor_ct("smooth", np.random.default_rng(i), size=(32, 32, 12))
-        datasets = write_dicom_series(image, tmp_path / "bucket" / str(i))
-        uid = str(datasets[0].SeriesInstanceUID)
-        folders[uid] = tmp_path / "bucket" / str(i)
-        rows.append(
-            {
-                "SeriesInstanceUID": uid,
-                "collection_id": "synthetic",
-                "StudyInstanceUID": str(datasets[0].StudyInstanceUID),
-            }
-            | {"Modality": "CT", "SeriesDescription": "test", "series_size_MB": 0.03, "instanceCount": len(datasets)}
-        )
-    pd.DataFrame(rows).to_parquet(tmp_path / "index.parquet")
-    return folders, IDCIndex(tmp_path / "index.parquet")
 
 
 def test_a_download_is_verified_cached_and_reused(tmp_path, served):

@@ -217,3 +217,51 @@ def test_the_extension_is_packaged_for_the_catalogue():
     for setting in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{setting} "[^"]+"\)', cmake), setting
     assert (ROOT / "LICENSE").read_text().startswith("                                 Apache License")
+
+
+def test_load_matches_downloads_imports_and_shows_them_beside_the_query(slicer_module, tmp_path, served, monkeypatch):
+    """loadMatches on a real scene; stand-ins only for what slicer-core lacks, as Slicer documents them:
+    ``slicer.app.layoutManager().layoutLogic()`` and ``DICOMLib.DICOMUtils.importDicom``."""
+    import numpy as np
+    import pandas as pd
+    from conftest import IDCBucket
+    from SimilarPatientsLib.idc.download import SeriesCache
+
+    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
+    folders, index = served
+    scene = core.vtkMRMLScene()
+    core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    layout_logic = core.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+    manager = types.SimpleNamespace(layoutLogic=lambda: layout_logic)
+    monkeypatch.setattr(slicer_module.slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(
+        slicer_module.slicer, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False
+    )
+    imported = []
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=imported.append)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+
+    bucket = IDCBucket(folders)
+    logic = slicer_module.SimilarPatientsLogic(tmp_path / "home")
+    monkeypatch.setattr(logic, "seriesCache", lambda: SeriesCache(tmp_path / "dicom-db" / "series", index, bucket))
+    query = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Query CT")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(next(iter(folders.values())) / "slice0000.dcm"))
+    assert storage.ReadData(query)
+    hits = pd.DataFrame(
+        [
+            {"rank": r, "PatientID": f"P{r}", "distance": 0.1 * r, "closer_than": 95.0 - r, "SeriesInstanceUID": uid}
+            | {"center_x": 0.0, "center_y": 0.0, "center_z": -30.0}
+            for r, uid in enumerate(folders, 1)
+        ]
+    )
+    assert logic.downloadSize(hits) == pytest.approx(0.06)
+    comparison = logic.loadMatches(hits, query, (0.0, 0.0, -30.0))
+    assert len(comparison.slice_nodes) == 3 and bucket.calls == 2 and len(imported) == 2
+    centres = [[n.GetSliceToRAS().GetElement(r, 3) for r in range(3)] for n in comparison.slice_nodes]
+    assert np.allclose(centres, [[0.0, 0.0, -30.0]] * 3, atol=1.25)
+    assert logic.downloadSize(hits) == 0.0  # loading them again reuses the download
+    logic.loadMatches(hits, query, (0.0, 0.0, -30.0))
+    assert bucket.calls == 2
