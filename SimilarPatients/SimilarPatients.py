@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import qt
 import slicer
@@ -490,18 +491,26 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         """Megabytes the matches' series need from IDC (0 when all are cached)."""
         return self.seriesCache().download_size_mb(hits.SeriesInstanceUID.dropna().tolist())
 
-    def loadMatches(self, hits, queryVolume, queryCentreLps, progress=None):
-        """Fetch the matches' series (cache first), read them into volume nodes, and show them beside the
-        query, each view centred on its tumor; returns the views and their links."""
+    def loadMatches(self, hits, queryVolume, queryCentreLps, progress=None, localFolder=None):
+        """Fetch the matches' series (cache first; or from ``localFolder``, a site's DICOM folder, with no
+        network), read them into volume nodes, and show them beside the query, each view centred on its
+        tumor; returns the views and their links."""
         from DICOMLib import DICOMUtils
+        from SimilarPatientsLib import SimilarPatientsError
+        from SimilarPatientsLib.idc.download import series_files
         from SimilarPatientsLib.scene import matches
 
-        series = self.seriesCache().fetch(hits.SeriesInstanceUID.dropna().tolist(), progress)
-        for found in series.values():  # the DICOM browser knows them too (importing twice is harmless)
-            DICOMUtils.importDicom(str(found.folder))
+        uids = hits.SeriesInstanceUID.dropna().tolist()
+        if localFolder is not None:
+            files = series_files(localFolder, uids)
+            if not files:
+                raise SimilarPatientsError(f"{localFolder} holds none of the matches' series.")
+        else:
+            files = {uid: list(found.files) for uid, found in self.seriesCache().fetch(uids, progress).items()}
+        for paths in files.values():  # the DICOM browser knows them too (importing twice is harmless)
+            DICOMUtils.importDicom(str(Path(paths[0]).parent))
         volumes = {
-            uid: matches.load_series(slicer.mrmlScene, list(found.files), f"match {uid[-8:]}")
-            for uid, found in series.items()
+            uid: matches.load_series(slicer.mrmlScene, paths, f"match {uid[-8:]}") for uid, paths in files.items()
         }
         layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
         return matches.show_matches(slicer.mrmlScene, layoutNode, queryVolume, queryCentreLps, hits, volumes)
