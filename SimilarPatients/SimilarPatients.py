@@ -135,6 +135,11 @@ HEADERS = {
 }
 
 
+def filterTerms(text):
+    """The filter box's expressions (separated by ';') as the library takes them."""
+    return [term.strip() for term in str(text or "").split(";") if term.strip()]
+
+
 def cellText(name, value):
     """A results-table cell: similarity as a sentence, distances with their digits, blanks for missing."""
     if value is None or value != value:
@@ -191,6 +196,9 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.clear()
         if name:
             self.ui.modelComboBox.addItems(self.logic.models(name))
+            for index in range(self.ui.modelComboBox.count):
+                model = self.ui.modelComboBox.itemText(index)
+                self.ui.modelComboBox.setItemData(index, self.logic.modelStatus(name, model), qt.Qt.ToolTipRole)
 
     def progressDialog(self, title):
         dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
@@ -234,6 +242,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.patientLineEdit.text.strip(),
                 k=self.ui.kSpinBox.value,
                 metric=self.ui.metricComboBox.currentText,
+                where=filterTerms(self.ui.filterLineEdit.text),
             )
             self.showHits(self.hits)
 
@@ -280,6 +289,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     point=None if segment else point,
                     k=self.ui.kSpinBox.value,
                     metric=self.ui.metricComboBox.currentText,
+                    where=filterTerms(self.ui.filterLineEdit.text),
                     cancelled=cancelled,
                 )
             finally:
@@ -361,11 +371,34 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def importNlst(self, progress=None):
         return self.store().import_reference("nlst-sybil", "nlst-sybil", progress)
 
-    def neighbors(self, reference, model, patient, k=5, metric="cosine"):
+    def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None):
         """A reference patient's nearest patients, each with its similarity (closeness percentile)."""
         opened = self.store().open(reference)
-        hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient])
+        hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient], where=where)
         return hits.assign(closer_than=opened.closeness(model, metric, hits.distance))
+
+    def modelStatus(self, reference, model):
+        """One line on a reference's model: its recipe, whether it runs from an image here, its licence and
+        its weights (here, or how much a first query downloads)."""
+        from SimilarPatientsLib import SimilarPatientsError, models
+
+        recipe = self.store().open(reference).model_info(model).recipe
+        try:
+            spec = models.get(model)
+        except SimilarPatientsError as error:
+            return f"{model} ({recipe}): search by patient only; {error}"
+        if spec.with_recipe(None).name != recipe and recipe not in [r.name for r in spec.other_recipes]:
+            return f"{model} ({recipe}): search by patient only; the reference was built with another recipe"
+        state = models.status(model, spec.weights)
+        if state.source is None:
+            weights = "no weights needed"
+        elif state.present is not None:
+            weights = "weights on this computer"
+        else:
+            size = f"{state.source.size / 1e6:.0f} MB" if state.source.size else f"at least {spec.encoder_mb} MB"
+            weights = f"a first query downloads {size} of weights"
+        licence = "no licence" if state.source is None else state.source.licence
+        return f"{model} ({recipe}): {licence}; {weights}; runs on the GPU when there is one, else the CPU"
 
     def weightStatus(self, model):
         from SimilarPatientsLib import models
@@ -454,6 +487,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         cancelled=None,
         progress=None,
         image_key=None,
+        where=None,
     ):
         """Run the image query in the worker and return its hits (a DataFrame); the tumor is a mask file, a
         point in RAS (Slicer's world) or points in LPS."""
@@ -475,6 +509,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             reference=reference,
             k=int(k),
             metric=metric,
+            where=list(where or []),
         )
         self.lastSeedLps = result["seeds"][0]
         return pd.DataFrame(result["hits"])

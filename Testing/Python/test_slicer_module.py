@@ -265,3 +265,14 @@ def test_load_matches_downloads_imports_and_shows_them_beside_the_query(slicer_m
     assert logic.downloadSize(hits) == 0.0  # loading them again reuses the download
     logic.loadMatches(hits, query, (0.0, 0.0, -30.0))
     assert bucket.calls == 2
+
+
+def test_model_status_filters_and_where_through_the_logic(slicer_module, nlst_home, monkeypatch):
+    logic = slicer_module.SimilarPatientsLogic(nlst_home)
+    assert slicer_module.filterTerms(" stage=IIIA,IIIB,IV; age>=65 ;") == ["stage=IIIA,IIIB,IV", "age>=65"]
+    hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=5, where=["stage=IIIA,IIIB,IV"])
+    assert set(hits.stage) <= {"IIIA", "IIIB", "IV"}
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    status = logic.modelStatus("nlst-sybil", "CTFM")
+    assert status.startswith("CTFM (tumorimagingbench): Apache-2.0;") and "downloads at least 311 MB" in status
+    assert "search by patient only" in logic.modelStatus("nlst-sybil", "Merlin")
