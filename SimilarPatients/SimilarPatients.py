@@ -34,6 +34,8 @@ EMBED_REQUIREMENTS = {
     "einops>=0.7": "einops",
     "safetensors>=0.4": "safetensors",
 }
+#: The application setting that holds the user's opt-in to downloads (visible and revocable in the module).
+DOWNLOADS_SETTING = "SimilarPatients/AllowDownloads"
 #: The torch the library needs (its MONAI networks and meta-device loading).
 MINIMUM_TORCH = "2.1"
 #: Packages Slicer ships that an install must never replace: pinned to the installed versions.
@@ -171,6 +173,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.imageFindButton.clicked.connect(self.onFindFromImage)
         self.ui.resultsTable.cellDoubleClicked.connect(self.onOpenViewer)
         self.ui.loadButton.clicked.connect(self.onLoadSelected)
+        self.ui.allowDownloadsCheckBox.checked = self.logic.downloadsAllowed()
+        self.ui.allowDownloadsCheckBox.toggled.connect(self.logic.allowDownloads)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         if not missing_requirements():
@@ -214,13 +218,28 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         return dialog, progress
 
+    def downloadsOptIn(self, what):
+        """True when downloads are allowed; else ask once, and keep the answer in the application settings
+        (the module's checkbox shows it and takes it back)."""
+        if self.logic.downloadsAllowed():
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            f"{what}\n\nAllow Similar Patients to download from the internet (reference embeddings, model weights "
+            "and IDC image series)? Nothing about your patient is sent. You can take this back with the "
+            "'Allow downloads' box.",
+            "Allow downloads?",
+        ):
+            return False
+        self.logic.allowDownloads(True)
+        self.ui.allowDownloadsCheckBox.checked = True
+        return True
+
     def onImportNlst(self):
         if not ensure_requirements():
             return
-        if not self.logic.nlstLocalCopy() and not slicer.util.confirmOkCancelDisplay(
-            "No local copy of the NLST-Sybil embeddings was found. Download them (about 20 MB) from GitHub "
-            "(ImagingDataCommons/nlst-sybil-connectome)? Nothing about your data is sent.",
-            "Download NLST-Sybil embeddings?",
+        if not self.logic.nlstLocalCopy() and not self.downloadsOptIn(
+            "No local copy of the NLST-Sybil embeddings was found: they would be downloaded (about 20 MB) from "
+            "GitHub (ImagingDataCommons/nlst-sybil-connectome)."
         ):
             return
         dialog, progress = self.progressDialog("Importing NLST-Sybil")
@@ -264,11 +283,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if licence:
                 self.logic.acceptLicence(model)
             source = self.logic.weightsToDownload(model)
-            if source and not slicer.util.confirmOkCancelDisplay(
-                f"Download the {model} weights from {source}? Only the weights are fetched; nothing about your "
-                "data is sent.",
-                "Download model weights?",
-            ):
+            if source and not self.downloadsOptIn(f"The {model} weights would be downloaded from {source}."):
                 return
             dialog = slicer.util.createProgressDialog(
                 windowTitle="Similar Patients", labelText=f"Embedding the tumor with {model}...", maximum=0
@@ -323,10 +338,9 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         chosen = self.hits.iloc[rows[:8]]
         with slicer.util.tryWithErrorDisplay("Loading the matches failed.", waitCursor=True):
             size = self.logic.downloadSize(chosen)
-            if size and not slicer.util.confirmOkCancelDisplay(
-                f"Download {size:.0f} MB of CT series from NCI Imaging Data Commons? Their identifiers are sent to "
-                "IDC's public storage; nothing about your patient is.",
-                "Download from IDC?",
+            if size and not self.downloadsOptIn(
+                f"{size:.0f} MB of CT series would be downloaded from NCI Imaging Data Commons (their identifiers "
+                "are sent to IDC's public storage)."
             ):
                 return
             self.comparison = self.logic.loadMatches(chosen, self.queryVolume, self.queryCentreLps)
@@ -399,6 +413,13 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             weights = f"a first query downloads {size} of weights"
         licence = "no licence" if state.source is None else state.source.licence
         return f"{model} ({recipe}): {licence}; {weights}; runs on the GPU when there is one, else the CPU"
+
+    def downloadsAllowed(self):
+        """The user's opt-in to downloads, from the application settings."""
+        return str(qt.QSettings().value(DOWNLOADS_SETTING, "false")).lower() == "true"
+
+    def allowDownloads(self, allowed):
+        qt.QSettings().setValue(DOWNLOADS_SETTING, "true" if allowed else "false")
 
     def weightStatus(self, model):
         from SimilarPatientsLib import models

@@ -8,6 +8,7 @@ import io
 import re
 import sys
 import types
+import typing
 import unittest
 from pathlib import Path
 
@@ -276,3 +277,24 @@ def test_model_status_filters_and_where_through_the_logic(slicer_module, nlst_ho
     status = logic.modelStatus("nlst-sybil", "CTFM")
     assert status.startswith("CTFM (tumorimagingbench): Apache-2.0;") and "downloads at least 311 MB" in status
     assert "search by patient only" in logic.modelStatus("nlst-sybil", "Merlin")
+
+
+def test_the_download_opt_in_is_kept_in_the_settings_and_can_be_taken_back(slicer_module, home, monkeypatch):
+    class Settings:
+        """Stands in for qt.QSettings: the application's settings, shared by every instance."""
+
+        values: typing.ClassVar[dict] = {}
+
+        def value(self, key, default=None):
+            return self.values.get(key, default)
+
+        def setValue(self, key, value):
+            self.values[key] = value
+
+    monkeypatch.setattr(slicer_module.qt, "QSettings", Settings, raising=False)
+    logic = slicer_module.SimilarPatientsLogic(home)
+    assert not logic.downloadsAllowed()  # nothing is fetched before the user says so
+    logic.allowDownloads(True)
+    assert slicer_module.SimilarPatientsLogic(home).downloadsAllowed()  # kept for the next session
+    logic.allowDownloads(False)
+    assert not logic.downloadsAllowed()
