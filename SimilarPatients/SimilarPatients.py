@@ -175,6 +175,10 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadButton.clicked.connect(self.onLoadSelected)
         self.ui.allowDownloadsCheckBox.checked = self.logic.downloadsAllowed()
         self.ui.allowDownloadsCheckBox.toggled.connect(self.logic.allowDownloads)
+        self.ui.clearCacheButton.clicked.connect(self.onClearCache)
+        self.ui.modelComboBox.currentTextChanged.connect(self.updateWeightsPath)
+        self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsPathChanged)
+        self.ui.settingsCollapsibleButton.contentsCollapsed.connect(self.updateCacheInfo)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         if not missing_requirements():
@@ -217,6 +221,23 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise Cancelled()
 
         return dialog, progress
+
+    def updateCacheInfo(self, collapsed=False):
+        if not collapsed:
+            self.ui.cacheInfoLabel.text = self.logic.cacheInfo()
+
+    def onClearCache(self):
+        if slicer.util.confirmOkCancelDisplay(
+            "Delete the downloaded IDC series? They are downloaded again when needed."
+        ):
+            self.logic.clearSeriesCache()
+            self.updateCacheInfo()
+
+    def updateWeightsPath(self, model):
+        self.ui.weightsPathLineEdit.currentPath = self.logic.weightsFile(model) or ""
+
+    def onWeightsPathChanged(self, path):
+        self.logic.setWeightsFile(self.ui.modelComboBox.currentText, path)
 
     def downloadsOptIn(self, what):
         """True when downloads are allowed; else ask once, and keep the answer in the application settings
@@ -414,6 +435,25 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         licence = "no licence" if state.source is None else state.source.licence
         return f"{model} ({recipe}): {licence}; {weights}; runs on the GPU when there is one, else the CPU"
 
+    def cacheInfo(self):
+        """Where the data lives and how much the downloaded series take."""
+        from SimilarPatientsLib.util.home import data_home
+
+        cache = self.seriesCache().root
+        size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 1e6 if cache.is_dir() else 0.0
+        return f"References and weights: {self.home or data_home()}. Downloaded series: {cache} ({size:.0f} MB)."
+
+    def clearSeriesCache(self):
+        return self.seriesCache().clear()
+
+    def weightsFile(self, model):
+        """The weights file chosen for ``model`` (offline sites), or None."""
+        path = qt.QSettings().value(f"SimilarPatients/Weights/{model}", "")
+        return str(path) if path else None
+
+    def setWeightsFile(self, model, path):
+        qt.QSettings().setValue(f"SimilarPatients/Weights/{model}", str(path or ""))
+
     def downloadsAllowed(self):
         """The user's opt-in to downloads, from the application settings."""
         return str(qt.QSettings().value(DOWNLOADS_SETTING, "false")).lower() == "true"
@@ -429,7 +469,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def licenceToAccept(self, model):
         """The weight licence the user must accept before ``model``'s weights are fetched, or None."""
         state = self.weightStatus(model)
-        return state.source.licence if state.needs_acceptance else None
+        return state.source.licence if state.needs_acceptance and not self.weightsFile(model) else None
 
     def acceptLicence(self, model):
         from SimilarPatientsLib.models import weights
@@ -439,7 +479,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
     def weightsToDownload(self, model):
         """The URL ``model``'s weights would be downloaded from, or None when they are here (or not needed)."""
         state = self.weightStatus(model)
-        return state.source.url if state.needs_download else None
+        return state.source.url if state.needs_download and not self.weightsFile(model) else None
 
     def queryFromImage(self, volume, reference, model, segmentation=None, segment=None, point=None, **options):
         """Nearest reference patients to a tumor in a volume node, marked by a segment or by the points of
@@ -531,6 +571,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             k=int(k),
             metric=metric,
             where=list(where or []),
+            weights=self.weightsFile(model),
         )
         self.lastSeedLps = result["seeds"][0]
         return pd.DataFrame(result["hits"])

@@ -67,11 +67,26 @@ def slicer_module(monkeypatch):
     except ImportError:
         pass
     slicer.mrmlScene = types.SimpleNamespace(Clear=lambda: None)
+    qt = types.ModuleType("qt")
+
+    class Settings:
+        """Stands in for qt.QSettings: the application's settings, one store for every instance."""
+
+        values: typing.ClassVar[dict] = {}
+
+        def value(self, key, default=None):
+            return self.values.get(key, default)
+
+        def setValue(self, key, value):
+            self.values[key] = value
+
+    Settings.values = {}
+    qt.QSettings = Settings
     for name, module in {
         "slicer": slicer,
         "slicer.util": util,
         "slicer.ScriptedLoadableModule": loadable,
-        "qt": types.ModuleType("qt"),
+        "qt": qt,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
     try:  # Slicer ships vtk; slicer-core brings the same
@@ -279,22 +294,22 @@ def test_model_status_filters_and_where_through_the_logic(slicer_module, nlst_ho
     assert "search by patient only" in logic.modelStatus("nlst-sybil", "Merlin")
 
 
-def test_the_download_opt_in_is_kept_in_the_settings_and_can_be_taken_back(slicer_module, home, monkeypatch):
-    class Settings:
-        """Stands in for qt.QSettings: the application's settings, shared by every instance."""
-
-        values: typing.ClassVar[dict] = {}
-
-        def value(self, key, default=None):
-            return self.values.get(key, default)
-
-        def setValue(self, key, value):
-            self.values[key] = value
-
-    monkeypatch.setattr(slicer_module.qt, "QSettings", Settings, raising=False)
+def test_the_download_opt_in_is_kept_in_the_settings_and_can_be_taken_back(slicer_module, home):
     logic = slicer_module.SimilarPatientsLogic(home)
     assert not logic.downloadsAllowed()  # nothing is fetched before the user says so
     logic.allowDownloads(True)
     assert slicer_module.SimilarPatientsLogic(home).downloadsAllowed()  # kept for the next session
     logic.allowDownloads(False)
     assert not logic.downloadsAllowed()
+
+
+def test_settings_a_weights_file_per_model_and_the_cache(slicer_module, home, tmp_path):
+    logic = slicer_module.SimilarPatientsLogic(home)
+    assert logic.weightsToDownload("VISTA3D") and logic.licenceToAccept("VISTA3D")
+    logic.setWeightsFile("VISTA3D", str(tmp_path / "model_vista3d.pt"))
+    assert logic.weightsFile("VISTA3D") == str(tmp_path / "model_vista3d.pt")
+    assert logic.weightsToDownload("VISTA3D") is None and logic.licenceToAccept("VISTA3D") is None  # nothing to fetch
+    (home / "series" / "1.2.3").mkdir(parents=True)
+    (home / "series" / "1.2.3" / "a.dcm").write_bytes(b"x" * 2_000_000)
+    assert "Downloaded series: " in logic.cacheInfo() and "(2 MB)" in logic.cacheInfo()
+    assert logic.clearSeriesCache() == pytest.approx(2.0) and "(0 MB)" in logic.cacheInfo()
