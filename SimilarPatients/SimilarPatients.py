@@ -662,46 +662,97 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
         logging.info("SimilarPatients self-test passed in %s", os.path.basename(home))
 
     def test_query_from_image_through_logic(self):
-        """Volume and segment nodes → files → child-process query, with the weight-free model."""
+        """Volume and segment nodes → the worker → hits; then the top match loaded from a local DICOM folder
+        the test writes, shown beside the query, each view centred on its tumor."""
         import tempfile
 
         import numpy as np
         import pandas as pd
         import SimpleITK as sitk
-
-        self.assertTrue(ensure_requirements(ask=False))
         from SimilarPatientsLib import ReferenceStore
-        from SimilarPatientsLib.imaging.tumor import from_binary_mask
-        from SimilarPatientsLib.models.embedder import Embedder
+        from SimilarPatientsLib.imaging import from_binary_mask
+        from SimilarPatientsLib.models import Embedder
         from SimilarPatientsLib.references import schema
+
+        spacing = (0.8, 0.8, 1.2)
 
         def ct_with_sphere(radius):
             z, y, x = np.mgrid[:48, :64, :64]
             inside = (x - 32) ** 2 + (y - 32) ** 2 + ((z - 24) * 1.5) ** 2 <= radius**2
             return np.where(inside, 40, -850).astype(np.int16), inside.astype(np.uint8)
 
+        folder = tempfile.mkdtemp()
         embedder, rows = Embedder("TumorDescriptor"), []
         for radius in (5, 6, 9, 10):
             values, inside = ct_with_sphere(radius)
             image, mask = sitk.GetImageFromArray(values), sitk.GetImageFromArray(inside)
             for item in (image, mask):
-                item.SetSpacing((0.8, 0.8, 1.2))
+                item.SetSpacing(spacing)
             vector = embedder.embed(image, from_binary_mask(mask))[0]
+            series = writeDicomSeries(image, os.path.join(folder, f"R{radius}"))
+            centre = image.TransformContinuousIndexToPhysicalPoint((32.0, 32.0, 24.0))  # the sphere's centre, LPS
             rows.append({"model": vector.model, "recipe": vector.recipe, "PatientID": f"R{radius}"})
-            rows[-1]["embedding"] = vector.vector
+            rows[-1].update({"SeriesInstanceUID": series, "embedding": vector.vector})
+            rows[-1].update(dict(zip(("center_x", "center_y", "center_z"), centre)))
         home = tempfile.mkdtemp()
         ReferenceStore(home).write("selftest-image", schema.from_frame(pd.DataFrame(rows)), "self-test")
 
         values, inside = ct_with_sphere(9.5)
         volume = slicer.util.addVolumeFromArray(values, ijkToRAS=None, name="SelfTestCT")
-        volume.SetSpacing(0.8, 0.8, 1.2)
+        volume.SetSpacing(*spacing)
         labelmap = slicer.util.addVolumeFromArray(inside, nodeClassName="vtkMRMLLabelMapVolumeNode")
-        labelmap.SetSpacing(0.8, 0.8, 1.2)
+        labelmap.SetSpacing(*spacing)
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
         segment = segmentation.GetSegmentation().GetNthSegmentID(0)
-        hits = SimilarPatientsLogic(home).queryFromImage(
-            volume, "selftest-image", "TumorDescriptor", segmentation=segmentation, segment=segment, k=2
-        )
-        self.assertEqual(set(hits.PatientID), {"R9", "R10"})
-        logging.info("SimilarPatients image-query self-test passed")
+        logic = SimilarPatientsLogic(home)
+        try:
+            hits = logic.queryFromImage(
+                volume, "selftest-image", "TumorDescriptor", segmentation=segmentation, segment=segment, k=2
+            )
+            self.assertEqual(set(hits.PatientID), {"R9", "R10"})
+            comparison = logic.loadMatches(hits.head(1), volume, logic.lastSeedLps, localFolder=folder)
+        finally:
+            logic.cleanup()
+        self.assertEqual(len(comparison.slice_nodes), 2)  # the query and its top match
+        top = hits.iloc[0]
+        for sliceNode, (x, y, z) in zip(
+            comparison.slice_nodes, [logic.lastSeedLps, (top.center_x, top.center_y, top.center_z)]
+        ):
+            centre = [sliceNode.GetSliceToRAS().GetElement(row, 3) for row in range(3)]
+            self.assertTrue(np.allclose(centre, (-x, -y, z), atol=1.2), f"{sliceNode.GetName()} at {centre}")
+        logging.info("SimilarPatients image-query and load self-test passed")
+
+
+def writeDicomSeries(image, folder):
+    """Write a CT as a DICOM series (one file per slice, SimpleITK); returns its SeriesInstanceUID."""
+    import time
+
+    import SimpleITK as sitk
+
+    os.makedirs(folder, exist_ok=True)
+    stamp = f"{time.time():.6f}".replace(".", "")
+    study, series = f"1.2.826.0.1.3680043.8.498.{stamp}.1", f"1.2.826.0.1.3680043.8.498.{stamp}.2"
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for index in range(image.GetDepth()):
+        plane = image[:, :, index]
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series}.{index + 1}",
+            "0020|000d": study,
+            "0020|000e": series,
+            "0020|0013": str(index + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, index))),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0:7:3], *direction[1:8:3])),
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(os.path.join(folder, f"{index:04d}.dcm"))
+        writer.Execute(plane)
+    return series

@@ -269,3 +269,22 @@ def test_closeness_places_a_distance_on_the_references_nearest_matches(nlst, tmp
     assert len(nearest) == 464 and np.all(np.diff(nearest) >= 0)
     # by hand: each patient's nearest other patient, the median of those is "closer than about half"
     assert nlst.closeness("CTFM", "cosine", [np.median(nearest)])[0] == pytest.approx(50, abs=0.5)
+
+
+def test_series_that_idc_does_not_hold_have_no_viewer_link_and_search_works(tmp_path):
+    frame = synthetic_frame(n_patients=6).assign(SeriesInstanceUID=lambda f: [f"1.2.3.{i}" for i in range(len(f))])
+    reference = _store_with(frame, tmp_path)
+    hits = reference.search("A", patient="P001", k=3, exclude=["P001"])
+    assert len(hits) == 3 and hits.viewer_url.isna().all() and hits.collection_id.isna().all()
+
+
+def test_the_idc_index_is_found_whatever_the_locale(tmp_path):
+    """Slicer's process runs with a C locale, in which importing idc_index_data fails to read its files."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from SimilarPatientsLib.idc import IDCIndex; print(IDCIndex().version)"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.startswith("idc-index-data "), done.stderr

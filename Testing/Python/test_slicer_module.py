@@ -313,3 +313,55 @@ def test_settings_a_weights_file_per_model_and_the_cache(slicer_module, home, tm
     (home / "series" / "1.2.3" / "a.dcm").write_bytes(b"x" * 2_000_000)
     assert "Downloaded series: " in logic.cacheInfo() and "(2 MB)" in logic.cacheInfo()
     assert logic.clearSeriesCache() == pytest.approx(2.0) and "(0 MB)" in logic.cacheInfo()
+
+
+def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_module, monkeypatch):
+    """SimilarPatientsTest's image-query-and-load test on slicer-core's scene, with stand-ins, as Slicer
+    documents them, for what slicer-core lacks: addVolumeFromArray, the Segmentations module's logic, the
+    layout manager, DICOMUtils.importDicom and the PythonSlicer launcher."""
+    import shutil
+
+    import numpy as np
+
+    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
+    from vtk.util import numpy_support
+
+    scene = core.vtkMRMLScene()
+    core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    segmentations = core.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    layout_logic = core.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+
+    def add_volume_from_array(array, ijkToRAS=None, name=None, nodeClassName=None):
+        import vtk
+
+        node = scene.AddNewNodeByClass(nodeClassName or "vtkMRMLScalarVolumeNode", name or "")
+        image = vtk.vtkImageData()
+        image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
+        node.SetAndObserveImageData(image)
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    stub = slicer_module.slicer
+    monkeypatch.setattr(stub, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(stub.util, "addVolumeFromArray", add_volume_from_array, raising=False)
+    monkeypatch.setattr(
+        stub,
+        "modules",
+        types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentations)),
+        raising=False,
+    )
+    manager = types.SimpleNamespace(layoutLogic=lambda: layout_logic)
+    monkeypatch.setattr(stub, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False)
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=lambda folder: None)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: sys.executable if name == "PythonSlicer" else which(name))
+
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(
+        slicer_module.SimilarPatientsTest("test_query_from_image_through_logic")
+    )
+    assert result.wasSuccessful(), result.failures + result.errors

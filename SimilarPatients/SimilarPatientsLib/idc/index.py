@@ -7,8 +7,12 @@ IDC's own, and references use them as they are. Nothing here touches the network
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 
 import pandas as pd
+
+from ..errors import SimilarPatientsError
 
 COLLECTION = "collection_id"
 STUDY = "StudyInstanceUID"
@@ -17,14 +21,32 @@ SERIES = "SeriesInstanceUID"
 IDC_FIELDS = (COLLECTION, STUDY, "Modality", "SeriesDescription", "series_size_MB", "instanceCount")
 
 
+def _shipped_index() -> tuple[str, str]:
+    """The series index the ``idc-index-data`` package ships, and its version, found through the package's
+    file list. Importing the package would read its text files in the locale's encoding, which fails where
+    the locale is C/ASCII (as in Slicer's process); its file list needs no import."""
+    try:
+        shipped = distribution("idc_index_data")
+    except PackageNotFoundError:
+        raise SimilarPatientsError(
+            "The package idc-index-data (the IDC index shipped offline) is not installed: pip install idc-index-data."
+        ) from None
+    for file in shipped.files or ():
+        if str(file) == "idc_index_data/idc_index.parquet":
+            return str(Path(str(file.locate())).resolve()), f"idc-index-data {shipped.version}"
+    raise SimilarPatientsError(f"idc-index-data {shipped.version} holds no idc_index.parquet; reinstall it.")
+
+
 class IDCIndex:
     """The series index of an IDC release, as shipped by ``idc-index-data``."""
 
     def __init__(self, parquet_path: str | None = None):
-        import idc_index_data
-
-        self.parquet_path = str(parquet_path or idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
-        self.version = f"idc-index-data {idc_index_data.__version__}"
+        if parquet_path is None:
+            parquet_path, version = _shipped_index()
+        else:
+            version = f"index {Path(parquet_path).name}"
+        self.parquet_path = str(parquet_path)
+        self.version = version
 
     def series(self, series_uids: Sequence[str]) -> pd.DataFrame:
         """One row per known SeriesInstanceUID with its collection, study, modality, description and size."""
