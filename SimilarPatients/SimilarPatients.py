@@ -9,6 +9,7 @@ from pathlib import Path
 
 import qt
 import slicer
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -40,6 +41,17 @@ DOWNLOADS_SETTING = "SimilarPatients/AllowDownloads"
 MINIMUM_TORCH = "2.1"
 #: Packages Slicer ships that an install must never replace: pinned to the installed versions.
 SLICER_PACKAGES = ("numpy", "SimpleITK", "pydicom", "requests", "vtk")
+
+
+@parameterNodeWrapper
+class SimilarPatientsParameterNode:
+    """The module's state, kept in the scene (a saved scene restores it). The GUI's widgets are bound to
+    these by their ``SlicerParameterName`` property in the .ui file."""
+
+    volume: slicer.vtkMRMLScalarVolumeNode
+    k: int = 5
+    metric: str = "cosine"
+    filters: str = ""
 
 
 class SimilarPatients(ScriptedLoadableModule):
@@ -75,7 +87,7 @@ def slicer_constraints(folder: str) -> str:
         except metadata.PackageNotFoundError:
             continue
     path = os.path.join(folder, "slicer-constraints.txt")
-    with open(path, "w") as stream:
+    with open(path, "w", encoding="utf-8") as stream:
         stream.write("\n".join(lines) + "\n")
     return path
 
@@ -167,6 +179,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.queryCentreLps = None
         self.comparison = None
         self.ui.metricComboBox.addItems(["cosine", "euclidean", "dot"])
+        self._parameterNode = SimilarPatientsParameterNode(self.logic.getParameterNode())
+        self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)  # k, metric, filters, volume
         self.ui.referenceComboBox.currentTextChanged.connect(self.updateModels)
         self.ui.importNlstButton.clicked.connect(self.onImportNlst)
         self.ui.findButton.clicked.connect(self.onFind)
@@ -187,6 +201,9 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Python packages are installed when you first import or search."
 
     def cleanup(self):
+        if self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self.logic.cleanup()
 
     def onReload(self):

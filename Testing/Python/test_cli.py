@@ -111,7 +111,11 @@ def test_module_entry_point_runs_without_network_at_import(on_nlst):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     done = subprocess.run(
-        [sys.executable, "-m", "SimilarPatientsLib", "references", "list"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "SimilarPatientsLib", "references", "list"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=True,
     )
     assert "nlst-sybil" in done.stdout
 
@@ -138,7 +142,7 @@ def test_a_read_only_data_home_is_an_error_not_a_traceback(home, tmp_path, capsy
     ):
         cli = shlex.join([sys.executable, "-m", "SimilarPatientsLib", *argv])
         script = f"mount --bind -o ro {shlex.quote(str(home))} {shlex.quote(str(home))} && exec {cli}"
-        done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True)
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, encoding="utf-8")
         if "mount" in done.stderr and done.returncode not in (0, 2):
             pytest.skip(f"cannot mount read-only here: {done.stderr.strip()}")
         if argv[0] == "neighbors":  # reading a read-only data home works
@@ -170,7 +174,7 @@ def test_a_closed_pipe_ends_quietly(on_nlst):
     command = [sys.executable, "-m", "SimilarPatientsLib", "neighbors", "--reference", "nlst-sybil"]
     command += ["--model", "CTFM", "--patient", "100242", "-k", "400"]
     pipeline = subprocess.run(
-        " ".join(command) + " | head -n 2", shell=True, capture_output=True, text=True, check=True
+        " ".join(command) + " | head -n 2", shell=True, capture_output=True, text=True, encoding="utf-8", check=True
     )
     assert len(pipeline.stdout.splitlines()) == 2
     assert "Traceback" not in pipeline.stderr and "BrokenPipeError" not in pipeline.stderr, pipeline.stderr

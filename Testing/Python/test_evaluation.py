@@ -248,7 +248,7 @@ def test_report_is_written_whole(tmp_path):
          "auc-group.png", "retrieval-group.png"]
     )  # fmt: skip
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert "**Verdict.**" in text and "**A** ranks first" in text
     assert "2 of 2 models beat chance" in text or "1 of 2 models beat chance" in text
     assert "#### Several lesions per patient" in text
@@ -267,7 +267,7 @@ def test_nlst_stage_task_end_to_end(nlst, tmp_path):
     probe = result.classification.query("aggregation == 'mean' and classifier == 'linear'").set_index("model")
     assert probe.auc.between(0.55, 0.72).all()  # a weak, real signal, as published (0.612–0.724)
     assert probe.auc_fold_sd.between(0.02, 0.15).all()
-    text = report.write(result, tmp_path / "nlst").read_text()
+    text = report.write(result, tmp_path / "nlst").read_text(encoding="utf-8")
     assert "#### Against the published figures" in text
     assert "| FMCIB | 0.724 | not in this reference |" in text
 
@@ -300,7 +300,7 @@ def test_one_model_is_evaluated_and_reported(tmp_path, monkeypatch, capsys):
     reference = store_frame(frame, tmp_path / "home")
     result = evaluation.evaluate(reference, [GROUP], settings=FAST)
     assert result.comparisons.empty and list(result.comparisons.columns)[:2] == ["task", "classifier"]
-    text = report.write(result, tmp_path / "library").read_text()
+    text = report.write(result, tmp_path / "library").read_text(encoding="utf-8")
     assert "**A** (the only model evaluated) reaches AUC" in text
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
     argv = ["evaluate", "--reference", "synthetic", "--label", "group", "--positive", "pos", "--out"]

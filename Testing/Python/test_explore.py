@@ -50,7 +50,9 @@ def browser():
 
 
 def _page_data(path) -> dict:
-    match = re.search(r'<script type="application/json" id="map-data">(.*?)</script>', path.read_text(), re.S)
+    match = re.search(
+        r'<script type="application/json" id="map-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S
+    )
     return json.loads(match.group(1).replace("<\\/", "</"))
 
 
@@ -75,7 +77,7 @@ def test_map_layers_hold_every_lesion_and_real_nearest_edges(reference):
 
 def test_page_holds_every_point_and_url_and_needs_no_network(reference, tmp_path):
     path = page.write(embedding_map.build(reference, method="pca", graph=2), tmp_path / "map.html")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", text)  # plotly.js and data are inline
     data = _page_data(path)
     lesions = reference.lesions("A")

@@ -38,7 +38,7 @@ BASE = {"errors", "progress"}
 
 
 def test_cmake_lists_every_library_file_and_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", text))
     on_disk = {"Lib/" + p.relative_to(LIB).as_posix() for p in LIB_FILES} | {".py"}
     assert {entry for entry in listed if entry.endswith(".py")} == on_disk
@@ -49,7 +49,7 @@ def test_cmake_lists_every_library_file_and_resource():
 def _imports(path: Path, module_level: bool = False) -> set:
     """Top-level names of the packages a file imports (absolute imports only), anywhere in it or only in
     its module-level statements."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = list(tree.body) if module_level else list(ast.walk(tree))
     names = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
     return names | {
@@ -63,7 +63,7 @@ def _imports(path: Path, module_level: bool = False) -> set:
     "path", [MODULE / "SimilarPatients.py", *LIB_FILES], ids=lambda p: p.relative_to(MODULE).as_posix()
 )
 def test_slicer_python_39_syntax_and_no_gui_imports_in_library(path):
-    ast.parse(path.read_text(), feature_version=(3, 9))
+    ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
     if path.is_relative_to(LIB):
         # nothing of Slicer's at import time; scene/ alone takes MRML classes and vtk inside its functions
         assert not _imports(path, module_level=True) & {"slicer", "qt", "vtk", "ctk"}
@@ -81,7 +81,7 @@ def _imported_stages(path: Path) -> set:
     """The library's subpackages (or top-level modules) that ``path`` imports, relative or absolute."""
     here = path.relative_to(LIB).parent.parts
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = here[: len(here) - (node.level - 1)]
             target = [*base, *(node.module.split(".") if node.module else [])]
@@ -103,7 +103,7 @@ def test_every_stage_is_in_the_import_rules():
 
 
 def test_extras_name_the_packages_pyproject_installs():
-    text = (ROOT / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     for extra, (_, packages) in EXTRAS.items():
         listed = re.search(rf"^{extra} = \[(.*?)\]", text, re.M | re.S).group(1)
         names = {re.split(r"[<>=!~\[]", requirement)[0] for requirement in re.findall(r'"([^"]+)"', listed)}
@@ -128,6 +128,7 @@ def _base_install(code: str, home: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-c", _WITHOUT_EXTRAS.format(blocked=blocked) + code],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         env={**__import__("os").environ, "SIMILARPATIENTS_HOME": str(home)},
     )
 

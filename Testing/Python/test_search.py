@@ -228,7 +228,7 @@ def test_the_index_proves_its_recall_on_the_data_it_serves(tmp_path, monkeypatch
     assert calibration.queries == approximate.CHECK_QUERIES and calibration.k == 10
     assert calibration.breadth > 16  # the first effort did not reach the target on unstructured vectors
     assert calibration.reached and calibration.recall >= 0.99
-    stored = json.loads((reference.path / "models" / "0" / "hnsw-cosine.json").read_text())
+    stored = json.loads((reference.path / "models" / "0" / "hnsw-cosine.json").read_text(encoding="utf-8"))
     assert stored["recall"] == calibration.recall and stored["breadth"] == calibration.breadth
     again = ReferenceStore(tmp_path).open("synthetic").approximate_index("A", "cosine")
     assert again.breadth == calibration.breadth  # the tuned effort is what later searches use
@@ -286,5 +286,5 @@ def test_the_idc_index_is_found_whatever_the_locale(tmp_path):
 
     code = "from SimilarPatientsLib.idc import IDCIndex; print(IDCIndex().version)"
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env)
     assert done.returncode == 0 and done.stdout.startswith("idc-index-data "), done.stderr

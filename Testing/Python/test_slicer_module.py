@@ -20,9 +20,9 @@ LIB = MODULE / "SimilarPatientsLib"
 
 
 def test_first_use_requirements_match_the_package():
-    text = (ROOT / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     dependencies = set(re.findall(r'^\s+"([^"]+)",$', text.split("[project.optional-dependencies]")[0], re.M))
-    module = ast.parse((MODULE / "SimilarPatients.py").read_text())
+    module = ast.parse((MODULE / "SimilarPatients.py").read_text(encoding="utf-8"))
     requirements = next(
         ast.literal_eval(n.value)
         for n in module.body
@@ -57,6 +57,8 @@ def slicer_module(monkeypatch):
     loadable.ScriptedLoadableModuleTest = unittest.TestCase
     util = types.ModuleType("slicer.util")
     util.VTKObservationMixin = object
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls  # Slicer's decorator binds the fields to a parameter node
     slicer.util, slicer.ScriptedLoadableModule = util, loadable
     try:  # Slicer's own module holds the MRML classes: take them from slicer-core where it is installed
         import slicer as core
@@ -86,6 +88,7 @@ def slicer_module(monkeypatch):
         "slicer": slicer,
         "slicer.util": util,
         "slicer.ScriptedLoadableModule": loadable,
+        "slicer.parameterNodeWrapper": wrapper,
         "qt": qt,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -118,8 +121,10 @@ def test_logic_adapter_on_real_reference(slicer_module, nlst_home):
 
 
 def test_every_ui_name_the_module_uses_is_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "SimilarPatients.py").read_text()))
-    declared = set(re.findall(r'name="(\w+)"', (MODULE / "Resources" / "UI" / "SimilarPatients.ui").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "SimilarPatients.py").read_text(encoding="utf-8")))
+    declared = set(
+        re.findall(r'name="(\w+)"', (MODULE / "Resources" / "UI" / "SimilarPatients.ui").read_text(encoding="utf-8"))
+    )
     assert used and used <= declared, used - declared
 
 
@@ -223,16 +228,18 @@ def test_the_extension_is_packaged_for_the_catalogue():
     import jsonschema
 
     schema = json.loads(
-        (ROOT.parent / "shared" / "slicer" / "slicer-extension-catalog-entry-schema-v1.0.1.json").read_text()
+        (ROOT.parent / "shared" / "slicer" / "slicer-extension-catalog-entry-schema-v1.0.1.json").read_text(
+            encoding="utf-8"
+        )
     )
-    entry = json.loads((ROOT / "SimilarPatients.json").read_text())
+    entry = json.loads((ROOT / "SimilarPatients.json").read_text(encoding="utf-8"))
     jsonschema.validate(entry, schema)
     assert entry["build_dependencies"] == ["PyTorch"]
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and 'EXTENSION_SCREENSHOTURLS "https://' in cmake
     for setting in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{setting} "[^"]+"\)', cmake), setting
-    assert (ROOT / "LICENSE").read_text().startswith("                                 Apache License")
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("                                 Apache License")
 
 
 def test_load_matches_downloads_imports_and_shows_them_beside_the_query(slicer_module, tmp_path, served, monkeypatch):
@@ -365,3 +372,13 @@ def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_m
         slicer_module.SimilarPatientsTest("test_query_from_image_through_logic")
     )
     assert result.wasSuccessful(), result.failures + result.errors
+
+
+def test_the_parameter_node_fields_are_bound_to_widgets_in_the_ui():
+    """Every field of the module's parameter node has a widget with that SlicerParameterName, and back."""
+    module = ast.parse((MODULE / "SimilarPatients.py").read_text(encoding="utf-8"))
+    wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "SimilarPatientsParameterNode")
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    ui = (MODULE / "Resources" / "UI" / "SimilarPatients.ui").read_text(encoding="utf-8")
+    bound = set(re.findall(r'name="SlicerParameterName" stdset="0">\s*<string>(\w+)</string>', ui))
+    assert fields == bound == {"volume", "k", "metric", "filters"}

@@ -215,5 +215,7 @@ def test_concurrent_writers_and_readers_of_one_name(home, tmp_path):
     del final
     ReferenceStore().write("shared", from_frame(synthetic_frame(dim=8).assign(write=1)), "write-last")
     folder = home / "references" / "shared"
-    assert [p.name for p in folder.iterdir() if p.is_dir()] == [(folder / "CURRENT").read_text().strip()]
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == [
+        (folder / "CURRENT").read_text(encoding="utf-8").strip()
+    ]
     assert not [p for p in folder.iterdir() if p.name.endswith(".part")]

@@ -35,7 +35,7 @@ def write(evaluation: Evaluation, out: Path) -> Path:
         evaluation.retrieval.to_csv(staging / "retrieval.csv", index=False, float_format="%.4f")
         evaluation.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.4f")
         figures = {task.name: _figures(evaluation, task, staging) for task in evaluation.tasks}
-        (staging / "report.md").write_text(_markdown(evaluation, figures))
+        (staging / "report.md").write_text(_markdown(evaluation, figures), encoding="utf-8")
     return out / "report.md"
 
 

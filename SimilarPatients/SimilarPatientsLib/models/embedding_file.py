@@ -51,7 +51,7 @@ def write(embeddings: Embedding | Sequence[Embedding], path: Path, patient: str 
     with replacing(path) as temporary:
         if suffix == ".json":
             records = [as_record(e) for e in embeddings]
-            temporary.write_text(json.dumps(records[0] if len(records) == 1 else records))
+            temporary.write_text(json.dumps(records[0] if len(records) == 1 else records), encoding="utf-8")
         elif suffix == ".parquet":
             as_reference_rows(embeddings, patient).to_parquet(temporary, index=False)
         else:

@@ -101,7 +101,7 @@ def acknowledge(model: str) -> None:
     accepted[model] = True
     path = weights_dir() / "licences-accepted.json"
     with writing("the licence acceptance"), replacing(path) as temporary:
-        temporary.write_text(json.dumps(accepted, indent=1, sort_keys=True))
+        temporary.write_text(json.dumps(accepted, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def resolve(
@@ -159,4 +159,4 @@ def _checked_size(path: Path, source: WeightSource) -> Path:
 
 def _acknowledgements() -> dict:
     path = weights_dir() / "licences-accepted.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

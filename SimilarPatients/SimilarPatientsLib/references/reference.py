@@ -64,7 +64,7 @@ class Reference:
         :meth:`ReferenceStore.open`), released when the reference is."""
         self.path = Path(path)
         self._lock = lock
-        self.manifest: dict = json.loads((self.path / "manifest.json").read_text())
+        self.manifest: dict = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
         self.name: str = self.manifest["name"]
         self._table: pd.DataFrame | None = None
         self._model_lesions: dict[str, pd.DataFrame] = {}

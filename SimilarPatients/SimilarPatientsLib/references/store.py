@@ -85,7 +85,7 @@ class ReferenceStore:
                     f"No reference named '{name}' (have: {known}). Import one with "
                     f"`similar-patients references import {name} --source PATH_OR_URL`."
                 )
-            version = pointer.read_text().strip()
+            version = pointer.read_text(encoding="utf-8").strip()
             lock = _hold(folder, version, shared=True)
             if (folder / version / "manifest.json").is_file():
                 return Reference(folder / version, lock)
@@ -135,7 +135,7 @@ class ReferenceStore:
                 os.replace(staging, folder / version)
                 with FileLock(folder / ".writer.lock"):  # one writer at a time swaps the pointer and cleans up
                     pointer = folder / f"CURRENT.{uuid.uuid4().hex[:8]}.part"
-                    pointer.write_text(version + "\n")
+                    pointer.write_text(version + "\n", encoding="utf-8")
                     os.replace(pointer, folder / "CURRENT")
                     _remove_unused(folder, keep=version)
             except BaseException:
@@ -230,5 +230,5 @@ def _write_version(
         "idc_index": idc_version,
         "notes": notes,
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest

@@ -61,6 +61,7 @@ class WorkerClient:
                 f"next to the Slicer executable. Reinstall Slicer or the extension."
             )
         self.environment = dict(os.environ if environment is None else environment)
+        self.environment["PYTHONIOENCODING"] = "utf-8"
         self.environment["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PACKAGE.parent), self.environment.get("PYTHONPATH", "")) if p
         )
@@ -136,7 +137,8 @@ class WorkerClient:
         if self.running:
             return
         self._process = None
-        self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the worker it records)
+
+        self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115 (kept with the worker)
         group = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000200}
         self._process = subprocess.Popen(
             [self.python, "-m", "SimilarPatientsLib.scene.worker"],
@@ -144,6 +146,8 @@ class WorkerClient:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            encoding="utf-8",  # whatever the GUI's locale (Slicer runs in C): the worker speaks UTF-8
+            errors="replace",
             bufsize=1,
             env=self.environment,
             **group,

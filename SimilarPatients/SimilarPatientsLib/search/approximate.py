@@ -143,7 +143,7 @@ class ApproximateIndex:
     @classmethod
     def load(cls, path: Path, metric: str) -> ApproximateIndex:
         sidecar = _sidecar(path)
-        calibration = Calibration(**json.loads(sidecar.read_text())) if sidecar.is_file() else None
+        calibration = Calibration(**json.loads(sidecar.read_text(encoding="utf-8"))) if sidecar.is_file() else None
         return cls(_faiss().read_index(str(path)), metric, calibration)
 
     def save(self, path: Path) -> None:
@@ -153,7 +153,7 @@ class ApproximateIndex:
             _faiss().write_index(self.index, str(temporary))
         if self.calibration is not None:
             with replacing(_sidecar(path)) as temporary:
-                temporary.write_text(json.dumps(asdict(self.calibration)))
+                temporary.write_text(json.dumps(asdict(self.calibration)), encoding="utf-8")
 
     def candidates(self, queries32: np.ndarray, m: int, allowed: np.ndarray | None) -> np.ndarray:
         """Up to ``m`` proposed rows per query (``allowed`` restricts them), merged."""
