@@ -192,6 +192,8 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearCacheButton.clicked.connect(self.onClearCache)
         self.ui.modelComboBox.currentTextChanged.connect(self.updateWeightsPath)
         self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsPathChanged)
+        self.ui.localDicomPathLineEdit.currentPath = self.logic.localDicomFolder() or ""
+        self.ui.localDicomPathLineEdit.currentPathChanged.connect(self.logic.setLocalDicomFolder)
         self.ui.settingsCollapsibleButton.contentsCollapsed.connect(self.updateCacheInfo)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
@@ -374,7 +376,13 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         rows = sorted({index.row() for index in self.ui.resultsTable.selectedIndexes()}) or list(range(len(self.hits)))
         chosen = self.hits.iloc[rows[:8]]
+        local = self.logic.localDicomFolder()
         with slicer.util.tryWithErrorDisplay("Loading the matches failed.", waitCursor=True):
+            if local:  # a site's own copy: nothing is downloaded
+                self.comparison = self.logic.loadMatches(
+                    chosen, self.queryVolume, self.queryCentreLps, localFolder=local
+                )
+                return
             size = self.logic.downloadSize(chosen)
             if size and not self.downloadsOptIn(
                 f"{size:.0f} MB of CT series would be downloaded from NCI Imaging Data Commons (their identifiers "
@@ -470,6 +478,14 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
 
     def setWeightsFile(self, model, path):
         qt.QSettings().setValue(f"SimilarPatients/Weights/{model}", str(path or ""))
+
+    def localDicomFolder(self):
+        """A site's DICOM folder to load matches from instead of downloading them, or None."""
+        path = qt.QSettings().value("SimilarPatients/LocalDicomFolder", "")
+        return str(path) if path else None
+
+    def setLocalDicomFolder(self, path):
+        qt.QSettings().setValue("SimilarPatients/LocalDicomFolder", str(path or ""))
 
     def downloadsAllowed(self):
         """The user's opt-in to downloads, from the application settings."""

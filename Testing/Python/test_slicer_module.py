@@ -320,6 +320,9 @@ def test_settings_a_weights_file_per_model_and_the_cache(slicer_module, home, tm
     (home / "series" / "1.2.3" / "a.dcm").write_bytes(b"x" * 2_000_000)
     assert "Downloaded series: " in logic.cacheInfo() and "(2 MB)" in logic.cacheInfo()
     assert logic.clearSeriesCache() == pytest.approx(2.0) and "(0 MB)" in logic.cacheInfo()
+    assert logic.localDicomFolder() is None
+    logic.setLocalDicomFolder(str(tmp_path))
+    assert slicer_module.SimilarPatientsLogic(home).localDicomFolder() == str(tmp_path)
 
 
 def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_module, monkeypatch):
