@@ -288,3 +288,20 @@ def test_the_idc_index_is_found_whatever_the_locale(tmp_path):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env)
     assert done.returncode == 0 and done.stdout.startswith("idc-index-data "), done.stderr
+
+
+def test_closeness_works_on_a_reference_that_cannot_be_written(tmp_path, monkeypatch):
+    import errno
+
+    from SimilarPatientsLib.references import reference as reference_module
+
+    opened = _store_with(synthetic_frame(n_patients=12), tmp_path)
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(reference_module, "replacing", read_only)
+    hits = opened.search("A", patient="P001", k=3, exclude=["P001"])
+    closeness = opened.closeness("A", "cosine", hits.distance)
+    assert len(closeness) == 3 and np.all(np.diff(closeness) <= 0)
+    assert not (opened.path / "models" / "0" / "nearest-cosine.npy").exists()

@@ -167,8 +167,11 @@ class Reference:
             match = nearest_patients(space, space.vectors[rows_of[code]], 1, metric, allowed)
             nearest[i] = match[0].distance
         nearest.sort()
-        with replacing(path) as temporary, open(temporary, "wb") as stream:
-            np.save(stream, nearest)
+        try:
+            with replacing(path) as temporary, open(temporary, "wb") as stream:
+                np.save(stream, nearest)
+        except OSError as error:  # a read-only data home (a site's shared copy): measured again next time
+            log.info("could not keep the nearest-match distances in %s: %s", path.parent, error)
         return nearest
 
     def approximate_index(
