@@ -190,3 +190,43 @@ def served(tmp_path):
         )
     pd.DataFrame(rows).to_parquet(tmp_path / "index.parquet")
     return folders, IDCIndex(tmp_path / "index.parquet")
+
+
+def slicer_scene():
+    """A real MRML scene (slicer-core's, or Slicer's classes wherever ``slicer`` has them) prepared as Slicer's
+    application prepares it: slice orientation presets, the Segmentations logic (its converters) and the
+    layout logic, kept alive on the scene as ``segmentations_logic`` and ``layout_logic``."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Python >= 3.10) provides the MRML scene")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' module here is not slicer-core's")
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    scene.segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    scene.segmentations_logic.SetMRMLScene(scene)
+    scene.layout_logic = slicer.vtkMRMLLayoutLogic()
+    scene.layout_logic.SetMRMLScene(scene)
+    return scene
+
+
+@pytest.fixture
+def scene():
+    return slicer_scene()
+
+
+def descriptor_reference(home: Path, per_kind: int, rng: np.random.Generator, name: str = "tumors"):
+    """Reference ``name`` of ``per_kind`` synthetic tumors of every kind (one patient each, label ``kind``),
+    embedded with the weight-free model."""
+    from SimilarPatientsLib.imaging.tumor import from_binary_mask
+    from SimilarPatientsLib.models.embedder import Embedder
+    from synthetic_ct import KINDS, tumor_ct
+
+    embedder, rows = Embedder("TumorDescriptor"), []
+    for i in range(per_kind):
+        for kind in KINDS:
+            image, mask, _ = tumor_ct(kind, rng)
+            embedding = embedder.embed(image, from_binary_mask(mask))[0]
+            rows.append(
+                {"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}", "kind": kind}
+                | {"embedding": embedding.vector}
+            )
+    return store_frame(pd.DataFrame(rows), home, name)

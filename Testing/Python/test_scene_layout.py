@@ -8,21 +8,6 @@ import pytest
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.scene import layout
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (Python >= 3.10) provides the MRML scene")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not slicer-core's", allow_module_level=True)
-
-
-@pytest.fixture
-def scene():
-    """A scene as Slicer's application prepares it: slice orientation presets, the layout logic."""
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    logic = slicer.vtkMRMLLayoutLogic()
-    logic.SetMRMLScene(scene)
-    scene.layout_logic = logic  # kept alive with the scene
-    return scene
-
 
 def _volume(scene, name, origin):
     import vtk

@@ -12,20 +12,6 @@ from SimilarPatientsLib.imaging import ct_image
 from SimilarPatientsLib.scene import matches, nodes
 from synthetic_ct import tumor_ct, write_dicom_series
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (Python >= 3.10) provides the MRML scene")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not slicer-core's", allow_module_level=True)
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    logic = slicer.vtkMRMLLayoutLogic()
-    logic.SetMRMLScene(scene)
-    scene.layout_logic = logic
-    return scene
-
 
 def test_matches_are_loaded_and_shown_each_centred_on_its_tumor(scene, tmp_path):
     rng = np.random.default_rng(9)

@@ -19,16 +19,6 @@ if not hasattr(slicer, "vtkMRMLScene"):
 OBLIQUE = (0.94, -0.2, 0.28, 0.26, 0.95, -0.17, -0.23, 0.23, 0.95)
 
 
-@pytest.fixture
-def scene():
-    """A scene as Slicer's application sets it up: the Segmentations logic registers its converters."""
-    scene = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    scene.segmentations_logic = logic  # kept alive with the scene
-    return scene
-
-
 def _orthonormal(direction):
     u, _, vt = np.linalg.svd(np.asarray(direction, dtype=float).reshape(3, 3))
     return tuple((u @ vt).reshape(-1))

@@ -7,15 +7,12 @@ import os
 import signal
 
 import numpy as np
-import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import store_frame
+from conftest import descriptor_reference
 from SimilarPatientsLib import Cancelled, SimilarPatientsError
-from SimilarPatientsLib.imaging.tumor import from_binary_mask
-from SimilarPatientsLib.models.embedder import Embedder
 from SimilarPatientsLib.scene.worker import WorkerClient
-from synthetic_ct import KINDS, tumor_ct
+from synthetic_ct import tumor_ct
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups as on Linux and macOS")
 
@@ -24,16 +21,8 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups as on
 def setting(tmp_path_factory):
     """A data home with reference 'tumors' (weight-free model, 3 per kind) and a query CT with its mask."""
     folder = tmp_path_factory.mktemp("worker")
-    embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(17), []
-    for i in range(3):
-        for kind in KINDS:
-            image, mask, _ = tumor_ct(kind, rng)
-            embedding = embedder.embed(image, from_binary_mask(mask))[0]
-            rows.append(
-                {"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}", "kind": kind}
-                | {"embedding": embedding.vector}
-            )
-    store_frame(pd.DataFrame(rows), folder / "home", "tumors")
+    rng = np.random.default_rng(17)
+    descriptor_reference(folder / "home", 3, rng)
     image, mask, _ = tumor_ct("cavitary", rng)
     sitk.WriteImage(image, str(folder / "ct.nrrd"))
     sitk.WriteImage(mask, str(folder / "mask.nrrd"))

@@ -131,24 +131,13 @@ def test_every_ui_name_the_module_uses_is_in_the_ui_file():
 def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module, tmp_path):
     """The adapter's file-level query (what the widget runs after writing the nodes to files)."""
     import numpy as np
-    import pandas as pd
     import SimpleITK as sitk
-    from conftest import store_frame
+    from conftest import descriptor_reference
     from SimilarPatientsLib import Cancelled, SimilarPatientsError
-    from SimilarPatientsLib.imaging.tumor import from_binary_mask
-    from SimilarPatientsLib.models.embedder import Embedder
-    from synthetic_ct import KINDS, tumor_ct
+    from synthetic_ct import tumor_ct
 
-    embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(3), []
-    for i in range(3):
-        for kind in KINDS:
-            image, mask, _ = tumor_ct(kind, rng)
-            embedding = embedder.embed(image, from_binary_mask(mask))[0]
-            rows.append(
-                {"model": embedding.model, "recipe": embedding.recipe, "PatientID": f"{kind}-{i}", "kind": kind}
-                | {"embedding": embedding.vector}
-            )
-    store_frame(pd.DataFrame(rows), tmp_path / "home", "tumors")
+    rng = np.random.default_rng(3)
+    descriptor_reference(tmp_path / "home", 3, rng)
     image, mask, centre = tumor_ct("cavitary", rng)
     sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
     sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
@@ -175,10 +164,10 @@ def test_image_query_runs_in_a_child_process_and_can_be_cancelled(slicer_module,
     )  # one worker, kept
 
     # from the nodes, as the widget calls it: a volume read by Slicer's storage node, a segment, a point list
-    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
-    scene = core.vtkMRMLScene()
-    segmentations = core.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(scene)
+    from conftest import slicer_scene
+
+    scene = slicer_scene()
+    core = sys.modules["slicer"]
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(tmp_path / "image.nrrd"))
@@ -247,16 +236,12 @@ def test_load_matches_downloads_imports_and_shows_them_beside_the_query(slicer_m
     ``slicer.app.layoutManager().layoutLogic()`` and ``DICOMLib.DICOMUtils.importDicom``."""
     import numpy as np
     import pandas as pd
-    from conftest import IDCBucket
+    from conftest import IDCBucket, slicer_scene
     from SimilarPatientsLib.idc.download import SeriesCache
 
-    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
     folders, index = served
-    scene = core.vtkMRMLScene()
-    core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    layout_logic = core.vtkMRMLLayoutLogic()
-    layout_logic.SetMRMLScene(scene)
-    manager = types.SimpleNamespace(layoutLogic=lambda: layout_logic)
+    scene = slicer_scene()
+    manager = types.SimpleNamespace(layoutLogic=lambda: scene.layout_logic)
     monkeypatch.setattr(slicer_module.slicer, "mrmlScene", scene, raising=False)
     monkeypatch.setattr(
         slicer_module.slicer, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False
@@ -332,16 +317,10 @@ def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_m
     import shutil
 
     import numpy as np
-
-    core = pytest.importorskip("slicer", reason="slicer-core provides the MRML scene")
+    from conftest import slicer_scene
     from vtk.util import numpy_support
 
-    scene = core.vtkMRMLScene()
-    core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    segmentations = core.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(scene)
-    layout_logic = core.vtkMRMLLayoutLogic()
-    layout_logic.SetMRMLScene(scene)
+    scene = slicer_scene()
 
     def add_volume_from_array(array, ijkToRAS=None, name=None, nodeClassName=None):
         import vtk
@@ -360,10 +339,10 @@ def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_m
     monkeypatch.setattr(
         stub,
         "modules",
-        types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentations)),
+        types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: scene.segmentations_logic)),
         raising=False,
     )
-    manager = types.SimpleNamespace(layoutLogic=lambda: layout_logic)
+    manager = types.SimpleNamespace(layoutLogic=lambda: scene.layout_logic)
     monkeypatch.setattr(stub, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False)
     dicom_lib = types.ModuleType("DICOMLib")
     dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=lambda folder: None)
