@@ -6,10 +6,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -45,12 +46,16 @@ SLICER_PACKAGES = ("numpy", "SimpleITK", "pydicom", "requests", "vtk")
 
 @parameterNodeWrapper
 class SimilarPatientsParameterNode:
-    """The module's state, kept in the scene (a saved scene restores it). The GUI's widgets are bound to
-    these by their ``SlicerParameterName`` property in the .ui file."""
+    """The module's state, kept in the scene (a saved scene restores it). ``volume``, ``k``, ``metric`` and
+    ``filters`` are bound to widgets by their ``SlicerParameterName`` in the .ui file; ``reference`` and
+    ``model`` are kept by the widget itself, because their choices (the data home's references, the
+    reference's models) are only known at run time."""
 
     volume: slicer.vtkMRMLScalarVolumeNode
+    reference: str = ""
+    model: str = ""
     k: int = 5
-    metric: str = "cosine"
+    metric: Annotated[str, Choice(["cosine", "euclidean", "dot"])] = "cosine"
     filters: str = ""
 
 
@@ -178,10 +183,14 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.queryVolume = None  # the CT of the last image query, shown first when matches are loaded
         self.queryCentreLps = None
         self.comparison = None
-        self.ui.metricComboBox.addItems(["cosine", "euclidean", "dot"])
-        self._parameterNode = SimilarPatientsParameterNode(self.logic.getParameterNode())
-        self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)  # k, metric, filters, volume
-        self.ui.referenceComboBox.currentTextChanged.connect(self.updateModels)
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self._populating = False  # True while the combo boxes are refilled: not the user's choice
+        self.ui.referenceComboBox.currentTextChanged.connect(self.onReferenceChosen)
+        self.ui.modelComboBox.currentTextChanged.connect(self.onModelChosen)
         self.ui.importNlstButton.clicked.connect(self.onImportNlst)
         self.ui.findButton.clicked.connect(self.onFind)
         self.ui.imageFindButton.clicked.connect(self.onFindFromImage)
@@ -190,22 +199,21 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.allowDownloadsCheckBox.checked = self.logic.downloadsAllowed()
         self.ui.allowDownloadsCheckBox.toggled.connect(self.logic.allowDownloads)
         self.ui.clearCacheButton.clicked.connect(self.onClearCache)
-        self.ui.modelComboBox.currentTextChanged.connect(self.updateWeightsPath)
         self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsPathChanged)
         self.ui.localDicomPathLineEdit.currentPath = self.logic.localDicomFolder() or ""
         self.ui.localDicomPathLineEdit.currentPathChanged.connect(self.logic.setLocalDicomFolder)
         self.ui.settingsCollapsibleButton.contentsCollapsed.connect(self.updateCacheInfo)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.initializeParameterNode()
         if not missing_requirements():
             self.updateReferences()
         else:
             self.ui.statusLabel.text = "Python packages are installed when you first import or search."
 
     def cleanup(self):
-        if self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        self.removeObservers()
+        self.setParameterNode(None)
         self.logic.cleanup()
 
     def onReload(self):
@@ -215,17 +223,81 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        """A saved scene was loaded: its parameter node (reference, model, k, ...) takes over."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(SimilarPatientsParameterNode(self.logic.getParameterNode()))
+        if self._parameterNode.volume is None:
+            self._parameterNode.volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode):
+        """Bind the widgets to ``parameterNode`` (None: unbind); the reference and model are selected from it."""
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)  # volume, k, metric, filters
+            if self.ui.referenceComboBox.count:  # the references are listed (the packages are installed)
+                self.updateReferences()
+
     def updateReferences(self):
-        self.ui.referenceComboBox.clear()
-        self.ui.referenceComboBox.addItems(self.logic.references())
+        """List the data home's references and their models, selecting the saved ones where they still exist."""
+        saved = self._parameterNode.reference if self._parameterNode is not None else ""
+        self._populating = True
+        try:
+            self.ui.referenceComboBox.clear()
+            self.ui.referenceComboBox.addItems(self.logic.references())
+            if saved and self.ui.referenceComboBox.findText(saved) >= 0:
+                self.ui.referenceComboBox.currentText = saved
+        finally:
+            self._populating = False
+        self.updateModels(self.ui.referenceComboBox.currentText)
+
+    def onReferenceChosen(self, name):
+        if not self._populating:
+            self.updateModels(name)
 
     def updateModels(self, name):
-        self.ui.modelComboBox.clear()
-        if name:
-            self.ui.modelComboBox.addItems(self.logic.models(name))
-            for index in range(self.ui.modelComboBox.count):
-                model = self.ui.modelComboBox.itemText(index)
-                self.ui.modelComboBox.setItemData(index, self.logic.modelStatus(name, model), qt.Qt.ToolTipRole)
+        saved = self._parameterNode.model if self._parameterNode is not None else ""
+        self._populating = True
+        try:
+            self.ui.modelComboBox.clear()
+            if name:
+                self.ui.modelComboBox.addItems(self.logic.models(name))
+                for index in range(self.ui.modelComboBox.count):
+                    model = self.ui.modelComboBox.itemText(index)
+                    self.ui.modelComboBox.setItemData(index, self.logic.modelStatus(name, model), qt.Qt.ToolTipRole)
+                if saved and self.ui.modelComboBox.findText(saved) >= 0:
+                    self.ui.modelComboBox.currentText = saved
+        finally:
+            self._populating = False
+        self.onModelChosen(self.ui.modelComboBox.currentText)
+
+    def onModelChosen(self, model):
+        """The user's (or the saved) reference and model go into the parameter node."""
+        if self._populating:
+            return
+        if self._parameterNode is not None and model:
+            self._parameterNode.reference = self.ui.referenceComboBox.currentText
+            self._parameterNode.model = model
+        self.updateWeightsPath(model)
 
     def progressDialog(self, title):
         dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
@@ -307,10 +379,10 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFindFromImage(self):
         model, reference = self.ui.modelComboBox.currentText, self.ui.referenceComboBox.currentText
-        volume, point = self.ui.volumeSelector.currentNode(), self.ui.pointSelector.currentNode()
+        volume, marker = self.ui.volumeSelector.currentNode(), self.ui.pointSelector.currentNode()
         segmentation, segment = self.ui.segmentSelector.currentNode(), self.ui.segmentSelector.currentSegmentID()
-        if volume is None or not (segment or point):
-            slicer.util.errorDisplay("Choose the CT volume, and the tumor as a segment or a point.")
+        if volume is None or not (segment or marker):
+            slicer.util.errorDisplay("Choose the CT volume, and the tumor as a segment, a point list or an ROI.")
             return
         if not (ensure_requirements() and ensure_requirements(requirements=EMBED_REQUIREMENTS) and ensure_torch()):
             return
@@ -335,13 +407,12 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             try:
                 self.queryVolume = volume
-                self.hits = self.logic.queryFromImage(
+                self.hits = self.logic.findSimilar(
                     volume,
-                    reference,
-                    model,
-                    segmentation=segmentation if segment else None,
-                    segment=segment or None,
-                    point=None if segment else point,
+                    segmentation if segment else marker,
+                    segmentId=segment or None,
+                    model=model,
+                    reference=reference,
                     k=self.ui.kSpinBox.value,
                     metric=self.ui.metricComboBox.currentText,
                     where=filterTerms(self.ui.filterLineEdit.text),
@@ -350,6 +421,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 dialog.close()
             self.showHits(self.hits)
+        self.showThumbnails()
 
     def showHits(self, hits):
         fields = self.logic.displayFields(self.ui.referenceComboBox.currentText)
@@ -366,8 +438,29 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setHorizontalHeaderLabels([HEADERS.get(c, c) for c in columns])
         table.resizeColumnsToContents()
         self.ui.statusLabel.text = f"{len(hits)} patients. Double-click a row to open it in the IDC viewer."
+        self.ui.queryThumbnailLabel.visible = False
         self.queryCentreLps = self.logic.lastSeedLps
         self.ui.loadButton.enabled = self.queryVolume is not None and len(hits) > 0
+
+    def showThumbnails(self):
+        """The query tumor's picture above the table, and each match's beside its rank where its images are on
+        this machine (the site's DICOM folder or the download cache); nothing is downloaded for them."""
+        if self.hits is None or not self.logic.lastThumbnails:
+            return
+        self.ui.queryThumbnailLabel.setPixmap(qt.QPixmap(self.logic.lastThumbnails[0]))
+        self.ui.queryThumbnailLabel.visible = True
+        try:
+            with slicer.util.WaitCursor():
+                pictures = self.logic.matchThumbnails(self.hits)
+        except Exception as error:  # a picture is a convenience: say why it is missing, keep the results
+            logging.warning("Match thumbnails: %s", error)
+            return
+        table = self.ui.resultsTable
+        table.setIconSize(qt.QSize(64, 64))
+        for row, uid in enumerate(self.hits.get("SeriesInstanceUID", [])):
+            if uid in pictures:
+                table.item(row, 0).setIcon(qt.QIcon(pictures[uid]))
+                table.setRowHeight(row, 68)
 
     def onLoadSelected(self):
         """The selected matches (all, when none is selected; at most 8) beside the query, after the user
@@ -406,7 +499,10 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         self.python = python  # the worker's interpreter (default: PythonSlicer)
         self._worker = None
         self._image_key = None  # the volume whose voxels the worker holds
+        self._thumbnails = None  # the folder the worker draws the tumors' thumbnails in
+        self.lastVolume = None  # the CT of the last image query
         self.lastSeedLps = None  # the tumor seed of the last image query (LPS mm)
+        self.lastThumbnails = []  # its tumors' thumbnails (PNG paths)
 
     def store(self):
         from SimilarPatientsLib import ReferenceStore
@@ -511,13 +607,37 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
 
     def weightsToDownload(self, model):
         """The URL ``model``'s weights would be downloaded from, or None when they are here (or not needed)."""
-        state = self.weightStatus(model)
-        return state.source.url if state.needs_download and not self.weightsFile(model) else None
+        from SimilarPatientsLib.models.weights import download_url
 
-    def queryFromImage(self, volume, reference, model, segmentation=None, segment=None, point=None, **options):
-        """Nearest reference patients to a tumor in a volume node, marked by a segment or by the points of
-        a point list. The nodes' voxels are copied out in memory (the user's nodes and their storage are
-        not touched) to a temporary folder the worker reads; the query runs in the persistent worker."""
+        state = self.weightStatus(model)
+        return download_url(model, state.source) if state.needs_download and not self.weightsFile(model) else None
+
+    def findSimilar(self, volumeNode, tumorNode, segmentId=None, model="CTFM", reference="nlst-sybil", k=5, **options):
+        """The Python console's call: the ``k`` reference patients nearest to the tumor marked by
+        ``tumorNode`` in ``volumeNode``, as the library's hit table (rank, PatientID, distance, closer_than,
+        labels, UIDs, viewer_url). ``tumorNode``: a segmentation (``segmentId``, or each of its segments
+        when None), a point list (each point a tumor) or an ROI. ``options``: metric, where, progress,
+        cancelled. Load the matches with :meth:`loadMatches`."""
+        if tumorNode is None:
+            raise ValueError("Give the tumor: a segmentation, a point list or an ROI node.")
+        if tumorNode.IsA("vtkMRMLSegmentationNode"):
+            segments = [segmentId] if segmentId else list(tumorNode.GetSegmentation().GetSegmentIDs())
+            return self.queryFromImage(
+                volumeNode, reference, model, segmentation=tumorNode, segment=segments, k=k, **options
+            )
+        if tumorNode.IsA("vtkMRMLMarkupsROINode"):
+            return self.queryFromImage(volumeNode, reference, model, roi=tumorNode, k=k, **options)
+        if tumorNode.IsA("vtkMRMLMarkupsNode"):
+            return self.queryFromImage(volumeNode, reference, model, point=tumorNode, k=k, **options)
+        raise ValueError(f"{tumorNode.GetName()} ({tumorNode.GetClassName()}) cannot mark a tumor.")
+
+    def queryFromImage(
+        self, volume, reference, model, segmentation=None, segment=None, point=None, roi=None, **options
+    ):
+        """Nearest reference patients to a tumor in a volume node, marked by a segment (or a list of segment
+        IDs: several tumors of one patient), the points of a point list, or an ROI box. The nodes' voxels
+        are copied out in memory (the user's nodes and their storage are not touched) to a temporary folder
+        the worker reads; the query runs in the persistent worker."""
         import shutil
         import tempfile
 
@@ -528,11 +648,19 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         folder = tempfile.mkdtemp(prefix="SimilarPatients-")
         try:
             marks = {}
-            if segmentation is not None:
-                marks["mask"] = os.path.join(folder, "mask.nrrd")
-                sitk.WriteImage(nodes.segment_mask(segmentation, segment), marks["mask"], False)
-            else:
+            if segmentation is not None:  # one mask per segment: the worker makes one tumor of each
+                segments = [segment] if isinstance(segment, str) or segment is None else list(segment)
+                marks["masks"] = []
+                for index, segmentId in enumerate(segments):
+                    marks["masks"].append(os.path.join(folder, f"mask-{index}.nrrd"))
+                    sitk.WriteImage(nodes.segment_mask(segmentation, segmentId), marks["masks"][-1], False)
+            elif roi is not None:
+                marks["boxes_lps"] = [[*low, *high] for low, high in [nodes.roi_tumor(roi).box]]
+            elif point is not None:
                 marks["points_lps"] = [t.seed for t in nodes.point_tumors(point)]
+            else:
+                raise ValueError("Mark the tumor with a segment, a point list or an ROI.")
+            self.lastVolume = volume
             # the CT goes to the worker only when it changed since the last query: its key says which voxels
             key = f"{volume.GetID()}:{volume.GetMTime()}:{volume.GetImageData().GetMTime()}"
             if key == self._image_key and self._worker is not None and self._worker.running:
@@ -576,6 +704,8 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         mask=None,
         point_ras=None,
         points_lps=None,
+        masks=None,
+        boxes_lps=None,
         k=5,
         metric="cosine",
         cancelled=None,
@@ -583,13 +713,18 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         image_key=None,
         where=None,
     ):
-        """Run the image query in the worker and return its hits (a DataFrame); the tumor is a mask file, a
-        point in RAS (Slicer's world) or points in LPS."""
+        """Run the image query in the worker and return its hits (a DataFrame); the tumor is a mask file (or
+        several, one tumor each), a point in RAS (Slicer's world), points in LPS or boxes in LPS (six numbers:
+        two opposite corners)."""
         import pandas as pd
         from SimilarPatientsLib.imaging.tumor import from_point
 
         if mask is not None:
             tumors = {"mask": str(mask)}
+        elif masks:
+            tumors = {"masks": [str(m) for m in masks]}
+        elif boxes_lps:
+            tumors = {"boxes": [list(b) for b in boxes_lps]}
         else:
             points = points_lps if points_lps is not None else [from_point(point_ras, ras=True).seed]
             tumors = {"points": [list(p) for p in points]}
@@ -605,9 +740,55 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             metric=metric,
             where=list(where or []),
             weights=self.weightsFile(model),
+            thumbnail_folder=str(self.thumbnailFolder()),
         )
         self.lastSeedLps = result["seeds"][0]
+        self.lastThumbnails = result.get("thumbnails") or []
         return pd.DataFrame(result["hits"])
+
+    def thumbnailFolder(self):
+        """A folder of this session's tumor thumbnails (removed by :meth:`cleanup`)."""
+        if self._thumbnails is None:
+            import tempfile
+
+            self._thumbnails = Path(tempfile.mkdtemp(prefix="SimilarPatients-thumbnails-"))
+        return self._thumbnails
+
+    def localSeriesFiles(self, hits, localFolder=None):
+        """The matches' series already on this machine (``localFolder``, by default the site's DICOM folder
+        setting, or else the download cache): SeriesInstanceUID → files. Nothing is downloaded."""
+        from SimilarPatientsLib.idc.download import series_files
+
+        uids = hits.SeriesInstanceUID.dropna().tolist() if "SeriesInstanceUID" in hits else []
+        localFolder = localFolder or self.localDicomFolder()
+        if not uids:
+            return {}
+        if localFolder:
+            return series_files(localFolder, uids)
+        cached = {uid: self.seriesCache().root / uid for uid in uids}
+        return {
+            uid: sorted(p for p in folder.rglob("*") if p.is_file())
+            for uid, folder in cached.items()
+            if folder.is_dir()
+        }
+
+    def matchThumbnails(self, hits, localFolder=None, cancelled=None):
+        """Thumbnails (SeriesInstanceUID → PNG path) of the matches whose images are local, each drawn at its
+        tumor centre; series that are not here are skipped (they are not downloaded for a picture)."""
+        local = self.localSeriesFiles(hits, localFolder)
+        series = []
+        for hit in hits.to_dict("records"):
+            centre = [hit.get(f"center_{axis}") for axis in "xyz"]
+            if local.get(hit.get("SeriesInstanceUID")) and all(c is not None and c == c for c in centre):
+                series.append(
+                    {"uid": hit["SeriesInstanceUID"], "file": str(local[hit["SeriesInstanceUID"]][0]), "centre": centre}
+                )
+        if not series:
+            return {}
+        result = self.worker().thumbnails(self.thumbnailFolder(), series, cancelled=cancelled)
+        for uid, reason in result["failed"].items():
+            logging.warning("No thumbnail for series %s: %s", uid, reason)
+        return result["thumbnails"]
 
     def seriesCache(self):
         """Matched series are kept beside Slicer's DICOM database (or in the data home without one)."""
@@ -621,15 +802,19 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         """Megabytes the matches' series need from IDC (0 when all are cached)."""
         return self.seriesCache().download_size_mb(hits.SeriesInstanceUID.dropna().tolist())
 
-    def loadMatches(self, hits, queryVolume, queryCentreLps, progress=None, localFolder=None):
+    def loadMatches(self, hits, queryVolume=None, queryCentreLps=None, progress=None, localFolder=None):
         """Fetch the matches' series (cache first; or from ``localFolder``, a site's DICOM folder, with no
-        network), read them into volume nodes, and show them beside the query, each view centred on its
-        tumor; returns the views and their links."""
+        network), read them into volume nodes, and show them beside the query (by default the last query's
+        CT and tumor), each view centred on its tumor; returns the views and their links."""
         from DICOMLib import DICOMUtils
         from SimilarPatientsLib import SimilarPatientsError
         from SimilarPatientsLib.idc.download import series_files
         from SimilarPatientsLib.scene import matches
 
+        queryVolume = queryVolume if queryVolume is not None else self.lastVolume
+        queryCentreLps = queryCentreLps if queryCentreLps is not None else self.lastSeedLps
+        if queryVolume is None or queryCentreLps is None:
+            raise SimilarPatientsError("Find similar patients from an image first: the matches are shown beside it.")
         uids = hits.SeriesInstanceUID.dropna().tolist()
         if localFolder is not None:
             files = series_files(localFolder, uids)
@@ -650,6 +835,11 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+        if self._thumbnails is not None:
+            import shutil
+
+            shutil.rmtree(self._thumbnails, ignore_errors=True)
+            self._thumbnails = None
 
 
 class SimilarPatientsTest(ScriptedLoadableModuleTest):
@@ -738,13 +928,33 @@ class SimilarPatientsTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
         segment = segmentation.GetSegmentation().GetNthSegmentID(0)
+        centre = (32 * spacing[0], 32 * spacing[1], 24 * spacing[2])  # the query sphere's centre, RAS
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        roi.SetCenter(centre)
+        roi.SetSize(24, 24, 24)
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        points.AddControlPoint(*centre)
         logic = SimilarPatientsLogic(home)
         try:
-            hits = logic.queryFromImage(
-                volume, "selftest-image", "TumorDescriptor", segmentation=segmentation, segment=segment, k=2
+            hits = logic.findSimilar(
+                volume, segmentation, segment, model="TumorDescriptor", reference="selftest-image", k=2
             )
             self.assertEqual(set(hits.PatientID), {"R9", "R10"})
-            comparison = logic.loadMatches(hits.head(1), volume, logic.lastSeedLps, localFolder=folder)
+            self.assertEqual(len(logic.lastThumbnails), 1)
+            self.assertTrue(os.path.isfile(logic.lastThumbnails[0]))
+            pictures = logic.matchThumbnails(hits, localFolder=folder)
+            self.assertEqual(set(pictures), set(hits.SeriesInstanceUID))
+            seed = logic.lastSeedLps
+            for marker in (roi, points):  # the same tumor boxed, and clicked: the seed is its centre
+                self.assertEqual(
+                    len(logic.findSimilar(volume, marker, model="TumorDescriptor", reference="selftest-image", k=2)), 2
+                )
+                self.assertTrue(np.allclose(logic.lastSeedLps, (-centre[0], -centre[1], centre[2]), atol=1e-3))
+            hits = logic.findSimilar(
+                volume, segmentation, segment, model="TumorDescriptor", reference="selftest-image", k=2
+            )
+            self.assertTrue(np.allclose(logic.lastSeedLps, seed))
+            comparison = logic.loadMatches(hits.head(1), localFolder=folder)  # beside the last query
         finally:
             logic.cleanup()
         self.assertEqual(len(comparison.slice_nodes), 2)  # the query and its top match

@@ -214,6 +214,27 @@ def test_accept_licence_flag_records_the_acknowledgement(home, server, tmp_path,
     assert weights.acknowledged("SUPREME")
 
 
+def test_a_sites_weights_mirror_serves_the_same_file_checked_as_the_publishers(home, server, tmp_path, monkeypatch):
+    """``$SIMILARPATIENTS_WEIGHTS_MIRROR/<model>/<file name>`` instead of the publisher's URL; the published
+    size still decides: a mirror's file of another size is refused."""
+    handler, base = server
+    path = upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path)
+    data = path.read_bytes()
+    monkeypatch.setitem(
+        registry.MODELS, "SUPREME", _with_url(registry.MODELS["SUPREME"], "https://publisher.invalid/s.pth", len(data))
+    )
+    source = registry.get("SUPREME").weights
+    handler.files[f"/site/SUPREME/{source.file_name}"] = data
+    monkeypatch.setenv(weights.MIRROR_ENV, base + "/site/")
+    assert weights.download_url("SUPREME", source) == f"{base}/site/SUPREME/{source.file_name}"
+    Embedder("SUPREME", accept_licence=True)
+    assert weights.cached_path("SUPREME", source).read_bytes() == data
+    weights.cached_path("SUPREME", source).unlink()
+    handler.files[f"/site/SUPREME/{source.file_name}"] = data + b"tail"
+    with pytest.raises(SimilarPatientsError, match="partial or another file"):
+        Embedder("SUPREME")
+
+
 def test_weights_folder_from_the_environment_serves_offline_sites(home, tmp_path, monkeypatch):
     (tmp_path / "site" / "SUPREME").mkdir(parents=True)
     upstream_checkpoint("SUPREME", networks.UNet3DEncoder().state_dict(), tmp_path / "site" / "SUPREME")

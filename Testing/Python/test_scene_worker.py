@@ -1,10 +1,14 @@
-"""The persistent query worker: a query, a second one reusing the loaded model, cancel mid-query with no
-process left behind, a worker that dies surfaced as a clear error and replaced by a fresh one."""
+"""The persistent query worker: a query, a second one reusing the loaded model, cancel mid-query and
+mid-download with no process left behind, a worker that dies surfaced as a clear error and replaced by a
+fresh one."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -122,3 +126,59 @@ def test_a_ct_named_by_its_key_is_sent_once(client, setting):
     assert again["image_reused"] and not first["image_reused"]
     with pytest.raises(ImageNotHeld):
         client.query(**{**request, "image": None, "image_key": "ct-2"})  # another volume: send it
+
+
+class _SlowWeights(http.server.BaseHTTPRequestHandler):
+    """A weights mirror that trickles a 64 MB file: a download that is still running when cancelled."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        try:
+            for _ in range(1024):
+                self.wfile.write(b"\0" * (64 << 10))
+                time.sleep(0.02)
+        except OSError:  # the worker was killed: its end of the connection is gone
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_cancel_mid_download_ends_the_worker_and_keeps_no_weights_file(tmp_path, nlst_home, setting):
+    """CT-FM's weights come from the site's mirror (``$SIMILARPATIENTS_WEIGHTS_MIRROR``); the user cancels
+    while they download: the worker's whole process tree ends, and no weights file is left to be taken
+    for whole (the ``.part`` stays only to be resumed)."""
+    _, request = setting
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowWeights)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    home = tmp_path / "home"
+    environment = dict(os.environ, SIMILARPATIENTS_WEIGHTS_MIRROR=f"http://127.0.0.1:{server.server_address[1]}/")
+    environment["SIMILARPATIENTS_HOME"] = str(home)
+    client = WorkerClient(environment=environment)
+    seen, pids = [], []
+
+    def progress(done, total, message):
+        seen.append((done, total, message))
+        pids.append(client.pid)
+
+    try:
+        with pytest.raises(Cancelled):
+            client.query(
+                progress=progress,
+                cancelled=lambda: sum(m.startswith("downloading") for _, _, m in seen) >= 3,
+                **{**request, "model": "CTFM", "reference": "nlst-sybil", "home": str(nlst_home)},
+                accept_licence=True,
+            )
+        stopped = not client.running
+    finally:
+        client.stop()
+        server.shutdown()
+        server.server_close()
+    assert stopped and _gone(pids[-1])
+    downloading = [(done, total) for done, total, m in seen if m.startswith("downloading")]
+    assert downloading[-1][1] == 64 << 20 and 0 < downloading[-1][0] < 64 << 20  # a determinate bar, midway
+    weights = home / "weights" / "CTFM"
+    assert not (weights / "model.safetensors").exists()
+    assert [p.name for p in weights.iterdir()] == ["model.safetensors.part"]

@@ -59,6 +59,14 @@ def slicer_module(monkeypatch):
     util.VTKObservationMixin = object
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = lambda cls: cls  # Slicer's decorator binds the fields to a parameter node
+
+    class Choice:
+        """Slicer's validator of a field's allowed values (the QComboBox connector lists them)."""
+
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+    wrapper.Choice = Choice
     slicer.util, slicer.ScriptedLoadableModule = util, loadable
     try:  # Slicer's own module holds the MRML classes: take them from slicer-core where it is installed
         import slicer as core
@@ -357,10 +365,25 @@ def test_the_in_slicer_self_test_of_query_and_load_runs_on_a_real_scene(slicer_m
 
 
 def test_the_parameter_node_fields_are_bound_to_widgets_in_the_ui():
-    """Every field of the module's parameter node has a widget with that SlicerParameterName, and back."""
+    """Every widget-bound field of the module's parameter node has a widget with that SlicerParameterName, and
+    back; a field shown in a QComboBox carries Slicer's ``Choice`` annotation (its connector refuses a str
+    without one); reference and model, whose choices come at run time, are kept by the widget's code."""
     module = ast.parse((MODULE / "SimilarPatients.py").read_text(encoding="utf-8"))
     wrapper = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "SimilarPatientsParameterNode")
-    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    fields = {n.target.id: ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign)}
     ui = (MODULE / "Resources" / "UI" / "SimilarPatients.ui").read_text(encoding="utf-8")
-    bound = set(re.findall(r'name="SlicerParameterName" stdset="0">\s*<string>(\w+)</string>', ui))
-    assert fields == bound == {"volume", "k", "metric", "filters"}
+    bound = dict(
+        (name, widget)
+        for widget, name in re.findall(
+            r'<widget class="(\w+)" name="\w+">\s*<property name="SlicerParameterName" stdset="0">\s*'
+            r"<string>(\w+)</string>",
+            ui,
+        )
+    )
+    assert set(bound) == {"volume", "k", "metric", "filters"}
+    assert set(fields) == set(bound) | {"reference", "model"}
+    for name, widget in bound.items():
+        if widget == "QComboBox":
+            assert "Choice(" in fields[name], name
+    code = (MODULE / "SimilarPatients.py").read_text(encoding="utf-8")
+    assert "self._parameterNode.reference = " in code and "self._parameterNode.model = " in code

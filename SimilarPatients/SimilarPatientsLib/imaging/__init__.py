@@ -7,12 +7,14 @@ SimpleITK, pydicom and highdicom come with the ``embed`` extra; recipes need non
 from .crop import Crop, crop
 from .ct_image import read_ct
 from .recipes import Recipe
+from .thumbnail import axial_thumbnail, write_png
 from .tumor import Tumor, from_binary_mask, from_box, from_mask, from_point, tumors_from
 
 __all__ = [
     "Crop",
     "Recipe",
     "Tumor",
+    "axial_thumbnail",
     "crop",
     "from_binary_mask",
     "from_box",
@@ -20,4 +22,5 @@ __all__ = [
     "from_point",
     "read_ct",
     "tumors_from",
+    "write_png",
 ]

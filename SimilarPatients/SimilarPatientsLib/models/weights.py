@@ -2,7 +2,9 @@
 
 Weights are looked for, in order: a file or folder the caller gives (offline sites), the folder
 ``$SIMILARPATIENTS_WEIGHTS_DIR``, the cache under the data home; only then downloaded (resumable, with
-progress, verified). Weights under a non-commercial or unconfirmed licence are fetched only after the
+progress, verified) from the publisher, or from the site's mirror ``$SIMILARPATIENTS_WEIGHTS_MIRROR`` (a
+hospital that reaches no model hub hosts the same files as ``<mirror>/<model>/<file name>``; their size and
+digest are checked all the same). Weights under a non-commercial or unconfirmed licence are fetched only after the
 user has acknowledged it once (``similar-patients models accept NAME``).
 """
 
@@ -21,6 +23,7 @@ from ..util.download import Digest, download
 from ..util.home import data_home, writing
 
 WEIGHTS_DIR_ENV = "SIMILARPATIENTS_WEIGHTS_DIR"
+MIRROR_ENV = "SIMILARPATIENTS_WEIGHTS_MIRROR"
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +54,12 @@ def weights_dir() -> Path:
 
 def cached_path(model: str, source: WeightSource) -> Path:
     return weights_dir() / model / source.file_name
+
+
+def download_url(model: str, source: WeightSource) -> str:
+    """Where ``model``'s weights are fetched from: the site's mirror when one is set, else the publisher."""
+    mirror = os.environ.get(MIRROR_ENV, "").rstrip("/")
+    return f"{mirror}/{model}/{source.file_name}" if mirror else source.url
 
 
 def find_present(model: str, source: WeightSource) -> Path | None:
@@ -136,13 +145,14 @@ def resolve(
     if accept_licence:
         acknowledge(model)
     digest = Digest("sha256", source.sha256) if source.sha256 else None
-    log.info("%s weights: downloading %s", model, source.url)
+    url = download_url(model, source)
+    log.info("%s weights: downloading %s", model, url)
     try:
-        path = download(source.url, cached_path(model, source), digest, progress)
+        path = download(url, cached_path(model, source), digest, progress)
     except SimilarPatientsError as error:
         raise SimilarPatientsError(
             f"{model}'s weights are not on this machine and could not be fetched: {error} Offline, copy "
-            f"{source.file_name} from {source.url} and pass it with --weights (or put it in "
+            f"{source.file_name} from {url} and pass it with --weights (or put it in "
             f"${WEIGHTS_DIR_ENV})."
         ) from error
     return _checked_size(path, source)

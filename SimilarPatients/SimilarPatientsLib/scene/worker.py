@@ -6,11 +6,18 @@ The protocol is JSON lines. The client writes one request per line on the worker
     {"id": 1, "op": "query", "image": "ct.nrrd", "tumors": {"mask": "m.nrrd", "segments": ["1"]},
      "model": "CTFM", "reference": "nlst-sybil", "k": 5, "metric": "cosine", "where": [], "home": null}
 
+(``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.)
+
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
     {"id": 1, "event": "progress", "done": 2, "total": 4, "message": "embedding with CTFM"}
     {"id": 1, "event": "result", "hits": [...], "seconds": {...}, "loaded": false, "image_reused": false}
     {"id": 1, "event": "error", "message": "...", "cancelled": false}
+
+A query with ``"thumbnail_folder"`` also writes a picture of each query tumor there (``query-1.png``, ...).
+``{"op": "thumbnails", "folder": ..., "series": [{"uid": ..., "file": ..., "centre": [x, y, z]}]}`` draws
+the matches whose images are on this machine, each at its tumor centre (LPS mm); a series that cannot be
+read is named in ``failed`` with the reason, and the others are still drawn.
 
 Cancel ends the worker's whole process tree (the ``PythonSlicer`` launcher and the Python it starts are
 one process group), and the next request starts a fresh worker; so does a worker that died.
@@ -90,6 +97,12 @@ class WorkerClient:
         return its ``result`` event. Raises our error with the worker's message, :class:`Cancelled` when
         ``cancelled()`` turned True (the worker is then ended), or an error if the worker died."""
         return self.request("query", progress, cancelled, **request)
+
+    def thumbnails(self, folder: Path | str, series: list, cancelled: Callable[[], bool] | None = None) -> dict:
+        """Pictures of the matches whose series are local (``series``: dicts of ``uid``, ``file`` — one file
+        of the series — and ``centre`` in LPS mm) written into ``folder``; returns ``thumbnails`` (uid →
+        PNG path) and ``failed`` (uid → reason)."""
+        return self.request("thumbnails", None, cancelled, folder=str(folder), series=series)
 
     def request(self, op: str, progress=None, cancelled=None, **fields) -> dict:
         self._start()
@@ -209,6 +222,8 @@ class _Worker:
                 self.send(id=ident, event="result", pid=os.getpid(), models=sorted(self.embedders))
             elif request.get("op") == "query":
                 self.send(id=ident, event="result", **self.query(request, ident))
+            elif request.get("op") == "thumbnails":
+                self.send(id=ident, event="result", **self.thumbnails(request))
             else:
                 raise SimilarPatientsError(f"Unknown worker request '{request.get('op')}'.")
         except SimilarPatientsError as error:
@@ -248,9 +263,15 @@ class _Worker:
             self.send(id=ident, event="progress", done=done, total=total, message=message)
 
         marks = request.get("tumors") or {}
-        tumors = tumors_from(
-            mask=marks.get("mask"), segments=marks.get("segments"), points=marks.get("points"), boxes=marks.get("boxes")
-        )
+        if marks.get("masks"):  # one file per tumor (a GUI's segments, each exported on its own)
+            tumors = [tumor for path in marks["masks"] for tumor in tumors_from(mask=path)]
+        else:
+            tumors = tumors_from(
+                mask=marks.get("mask"),
+                segments=marks.get("segments"),
+                points=marks.get("points"),
+                boxes=marks.get("boxes"),
+            )
         reference = ReferenceStore(request.get("home")).open(request["reference"])
         spec = registry.get(request["model"])
         check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
@@ -267,8 +288,9 @@ class _Worker:
                 progress=progress,
             )
             load = time.perf_counter() - started
+        image = self._image(request)
         result = query_image(
-            self._image(request),
+            image,
             tumors,
             self.embedders[key],
             reference,
@@ -279,6 +301,15 @@ class _Worker:
             progress=progress,
         )
         seconds = dict(vars(result.seconds), load=0.0 if loaded else load)
+        pictures = []
+        if request.get("thumbnail_folder"):
+            from ..imaging.thumbnail import axial_thumbnail, write_png
+
+            folder = Path(request["thumbnail_folder"])
+            pictures = [
+                str(write_png(axial_thumbnail(image, e.seed), folder / f"query-{i + 1}.png"))
+                for i, e in enumerate(result.embeddings)
+            ]
         hits = result.hits.assign(closer_than=reference.closeness(spec.name, result.metric, result.hits.distance))
         return {
             "image_reused": request.get("image") is None,
@@ -287,7 +318,21 @@ class _Worker:
             "loaded": loaded,
             "embeddings": [e.vector.tolist() for e in result.embeddings],
             "seeds": [list(e.seed) for e in result.embeddings],
+            "thumbnails": pictures,
         }
+
+    def thumbnails(self, request: dict) -> dict:
+        from ..imaging.ct_image import read_ct
+        from ..imaging.thumbnail import axial_thumbnail, write_png
+
+        folder, drawn, failed = Path(request["folder"]), {}, {}
+        for match in request.get("series") or []:
+            try:
+                picture = axial_thumbnail(read_ct(match["file"]), match["centre"])
+                drawn[match["uid"]] = str(write_png(picture, folder / f"{match['uid']}.png"))
+            except SimilarPatientsError as error:  # one unreadable series costs only its own picture
+                failed[match["uid"]] = str(error)
+        return {"thumbnails": drawn, "failed": failed}
 
 
 def _plain(value):
