@@ -40,32 +40,33 @@ HIT_COLUMNS = (
 
 def hit_table(
     matches: Sequence[LesionMatch],
-    lesions: pd.DataFrame,
+    rows: Mapping[str, Sequence],
     lesion_counts: Mapping[str, int],
     metric: str,
     query_lesions: Sequence[str] | None = None,
     label_fields: Sequence[str] = (),
     index_recall: float | None = None,
 ) -> pd.DataFrame:
-    """Rank, distance, the matched lesion's metadata and labels, and the IDC viewer URL per hit; and on
-    every row how the hits were found: ``search`` "exact", or "approximate" with the index's measured
-    ``index_recall`` (given for approximate searches only)."""
-    rows = lesions.iloc[[m.row for m in matches]]
+    """Rank, distance, the matched lesion's metadata and labels (``rows``: column → the matched lesions'
+    values, in match order), and the IDC viewer URL per hit; and on every row how the hits were found:
+    ``search`` "exact", or "approximate" with the index's measured ``index_recall`` (given for approximate
+    searches only)."""
+    missing = [None] * len(matches)
     columns = {
         "rank": np.arange(1, len(matches) + 1),
         schema.PATIENT: [m.patient for m in matches],
         "distance": np.array([m.distance for m in matches], dtype=np.float64),
-        schema.MODEL: rows[schema.MODEL].to_numpy(),
+        schema.MODEL: rows.get(schema.MODEL, missing),
         "metric": [metric] * len(matches),
-        schema.LESION: rows[schema.LESION].to_numpy(),
+        schema.LESION: rows.get(schema.LESION, missing),
         "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
         "lesions": [int(lesion_counts[m.patient]) for m in matches],
     }
     for column in _LESION_COLUMNS:
-        columns[column] = rows[column].to_numpy() if column in rows.columns else [None] * len(matches)
+        columns[column] = rows.get(column, missing)
     columns["viewer_url"] = [viewer_url(s, r) for s, r in zip(columns[schema.STUDY], columns[schema.SERIES])]
     columns["search"] = ["exact" if index_recall is None else "approximate"] * len(matches)
     columns["index_recall"] = np.full(len(matches), np.nan if index_recall is None else index_recall)
     for name in label_fields:
-        columns[name] = rows[name].to_numpy() if name in rows.columns else [None] * len(matches)
+        columns[name] = rows.get(name, missing)
     return pd.DataFrame(columns)

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..search import approximate, filters
-from ..search.nearest import EmbeddingSpace, nearest_patients
+from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util.atomic import replacing
 from . import schema
 from .hits import hit_table
@@ -33,6 +35,8 @@ from .hits import hit_table
 METHODS = ("auto", "exact", "approximate")
 #: Patients whose nearest-match distance makes the distribution :meth:`Reference.closeness` reads.
 CLOSENESS_SAMPLE = 1000
+#: Filters whose row masks a reference keeps (most recently used first out last).
+KEPT_FILTERS = 16
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +72,8 @@ class Reference:
         self.name: str = self.manifest["name"]
         self._table: pd.DataFrame | None = None
         self._model_lesions: dict[str, pd.DataFrame] = {}
+        self._lesion_rows: dict[str, pa.Table] = {}
+        self._row_masks: OrderedDict = OrderedDict()
         self._spaces: dict[str, EmbeddingSpace] = {}
         self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
 
@@ -113,6 +119,29 @@ class Reference:
             self._model_lesions[model] = self._table[rows].reset_index(drop=True)
         return self._model_lesions[model]
 
+    def lesion_rows(self, model: str, rows: Sequence[int], columns: Sequence[str] | None = None) -> dict:
+        """The metadata of ``rows`` of one model (positions in its matrix) as column → values: looked up by
+        position in one contiguous Arrow table, so it costs the rows asked for, not the reference's size."""
+        if model not in self._lesion_rows:
+            table = pa.Table.from_pandas(self.lesions(model), preserve_index=False)
+            self._lesion_rows[model] = table.combine_chunks()  # a take on one chunk reads only its rows
+        table = self._lesion_rows[model]
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        return table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pydict()
+
+    def row_mask(self, model: str, where: filters.Filters) -> RowMask:
+        """The lesion rows of ``model`` that pass ``where``, computed once and kept for the next query with
+        the same filter (the last ``KEPT_FILTERS`` filters)."""
+        key = (model, repr(filters.terms(where)))
+        if key in self._row_masks:
+            self._row_masks.move_to_end(key)
+        else:
+            self._row_masks[key] = RowMask(filters.row_mask(self.lesions(model), where))
+            while len(self._row_masks) > KEPT_FILTERS:
+                self._row_masks.popitem(last=False)
+        return self._row_masks[key]
+
     def space(self, model: str) -> EmbeddingSpace:
         """The model's vectors, memory-mapped read-only, with norms and patient codes."""
         if model not in self._spaces:
@@ -129,16 +158,16 @@ class Reference:
 
     def patient_embeddings(self, model: str, patient: str) -> PatientEmbeddings:
         """One reference patient's lesion vectors and lesion ids in ``model``."""
-        lesions = self.lesions(model)
-        rows = np.flatnonzero((lesions[schema.PATIENT] == str(patient)).to_numpy())
-        if len(rows) == 0:
+        space = self.space(model)
+        code = space.patient_code(str(patient))
+        if code is None:
             raise SimilarPatientsError(
                 f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
                 f"({self.model_info(model).patients} patients there)."
             )
-        return PatientEmbeddings(
-            np.asarray(self.space(model).vectors[rows]), lesions[schema.LESION].iloc[rows].tolist()
-        )
+        rows = space.rows_of(code)
+        ids = self.lesion_rows(model, rows, [schema.LESION])[schema.LESION]
+        return PatientEmbeddings(np.asarray(space.vectors[rows]), ids)
 
     def closeness(self, model: str, metric: str, distances, progress: ProgressCallback | None = None) -> np.ndarray:
         """Each distance placed on this reference's own distribution of nearest-match distances (each
@@ -159,13 +188,11 @@ class Reference:
         if patients < 2:
             raise SimilarPatientsError(f"Reference '{self.name}' has one patient in {model}: nothing to compare with.")
         sample = np.sort(np.random.default_rng(0).choice(patients, size=min(patients, CLOSENESS_SAMPLE), replace=False))
-        rows_of = pd.Series(np.arange(len(space.patient_codes))).groupby(space.patient_codes).agg(list)
         nearest = np.empty(len(sample))
         for i, code in enumerate(sample):
             report(progress, i, len(sample), "measuring this reference's nearest-match distances")
-            allowed = space.patient_codes != code
-            match = nearest_patients(space, space.vectors[rows_of[code]], 1, metric, allowed)
-            nearest[i] = match[0].distance
+            match = nearest_patients(space, space.vectors[space.rows_of(code)], 2, metric)
+            nearest[i] = next(m.distance for m in match if m.patient != space.patient_ids[code])
         nearest.sort()
         try:
             with replacing(path) as temporary, open(temporary, "wb") as stream:
@@ -223,24 +250,26 @@ class Reference:
         if method not in METHODS:
             raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
         space = self.space(model)
-        lesions = self.lesions(model)
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids
         elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
             query_lesions = [str(i + 1) for i in range(len(embeddings))]
-        allowed = None
-        if where or exclude:
-            allowed = filters.row_mask(lesions, where)
-            if exclude:
-                allowed &= ~lesions[schema.PATIENT].isin([str(p) for p in exclude]).to_numpy()
+        allowed = self.row_mask(model, where) if where else None
+        # excluded patients are dropped from the answer, not masked: a mask per query would cost the whole
+        # reference; asking for as many more patients as are excluded gives the same k
+        excluded = {str(p) for p in exclude if space.patient_code(str(p)) is not None}
         index = None
         if method == "approximate" or (method == "auto" and len(space.norms) >= approximate.APPROXIMATE_FROM):
             index = self.approximate_index(model, metric, progress)
             if method == "auto" and not index.calibration.reached:
                 log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
                 index = None
-        matches = nearest_patients(space, embeddings, k, metric, allowed, index.candidates if index else None)
+        matches = nearest_patients(
+            space, embeddings, k + len(excluded), metric, allowed, index.candidates if index else None
+        )
+        matches = [m for m in matches if m.patient not in excluded][:k]
         counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}
         recall = index.calibration.recall if index is not None else None
-        return hit_table(matches, lesions, counts, metric, query_lesions, self.label_fields, recall)
+        rows = self.lesion_rows(model, [m.row for m in matches])
+        return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)

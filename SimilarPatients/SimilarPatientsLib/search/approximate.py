@@ -23,7 +23,7 @@ import numpy as np
 from ..progress import ProgressCallback, report
 from ..util.atomic import replacing
 from .distances import unit_rows
-from .nearest import EmbeddingSpace, nearest_patients
+from .nearest import EmbeddingSpace, RowMask, nearest_patients
 
 #: Above this many lesion rows of one model, "auto" search uses the approximate index (docs/benchmarks.md).
 APPROXIMATE_FROM = 200_000
@@ -155,14 +155,13 @@ class ApproximateIndex:
             with replacing(_sidecar(path)) as temporary:
                 temporary.write_text(json.dumps(asdict(self.calibration)), encoding="utf-8")
 
-    def candidates(self, queries32: np.ndarray, m: int, allowed: np.ndarray | None) -> np.ndarray:
+    def candidates(self, queries32: np.ndarray, m: int, allowed: RowMask | None) -> np.ndarray:
         """Up to ``m`` proposed rows per query (``allowed`` restricts them), merged."""
         faiss = _faiss()
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.breadth, m)
-        if allowed is not None:
-            bits = np.packbits(allowed.astype(np.uint8), bitorder="little")
-            params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))  # reads ``bits``
+        if allowed is not None:  # the bitmap is packed once per filter (RowMask), not per query
+            params.sel = faiss.IDSelectorBitmap(len(allowed.mask), faiss.swig_ptr(allowed.bits))
         _, rows = self.index.search(_prepared(queries32, self.metric), min(m, self.index.ntotal), params=params)
         return rows.reshape(-1)
 

@@ -9,6 +9,7 @@ A patient's distance is that of their nearest pair of (query lesion, reference l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Optional
 
 import numpy as np
@@ -37,6 +38,44 @@ class EmbeddingSpace:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    @cached_property
+    def _rows_by_patient(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows grouped by patient code (stable, so in table order) and where each patient's group starts."""
+        starts = np.concatenate([[0], np.cumsum(self.lesion_counts)])
+        return np.argsort(self.patient_codes, kind="stable"), starts
+
+    def patient_code(self, patient: str) -> int | None:
+        """The code of ``patient`` (``patient_ids`` is sorted), or None when the space has no such patient."""
+        at = int(np.searchsorted(self.patient_ids, patient))
+        return at if at < len(self.patient_ids) and self.patient_ids[at] == patient else None
+
+    def rows_of(self, code: int) -> np.ndarray:
+        """The rows of one patient, in table order: found by position, not by comparing every row."""
+        order, starts = self._rows_by_patient
+        return order[starts[code] : starts[code + 1]]
+
+
+class RowMask:
+    """The rows a filter lets through, with what every query derives from them (row numbers, count, the
+    bitmap an approximate index reads), computed once: a reference keeps one per filter, so a query's
+    cost does not grow with the reference."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = np.asarray(mask, dtype=bool)
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(self.mask)
+
+    @cached_property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @cached_property
+    def bits(self) -> np.ndarray:
+        """The mask packed little-endian, 8 rows a byte (FAISS's ``IDSelectorBitmap`` layout)."""
+        return np.packbits(self.mask.astype(np.uint8), bitorder="little")
+
 
 @dataclass
 class LesionMatch:
@@ -49,7 +88,7 @@ class LesionMatch:
 
 
 #: ``candidates(queries32, m, allowed) -> rows``: the approximate index's m nearest rows per query, merged.
-CandidateSource = Callable[[np.ndarray, int, Optional[np.ndarray]], np.ndarray]
+CandidateSource = Callable[[np.ndarray, int, Optional[RowMask]], np.ndarray]
 
 
 def check_queries(space: EmbeddingSpace, queries: np.ndarray, metric: str) -> np.ndarray:
@@ -110,18 +149,20 @@ def nearest_patients(
     queries: np.ndarray,
     k: int,
     metric: str = "cosine",
-    allowed: np.ndarray | None = None,
+    allowed: np.ndarray | RowMask | None = None,
     candidates: CandidateSource | None = None,
 ) -> list:
     """The ``k`` nearest patients as :class:`LesionMatch`, nearest first, ties by PatientID.
 
-    ``allowed`` is a boolean row mask (filters, excluded patients). ``candidates`` switches the float32
-    stage from a full scan to an approximate index.
+    ``allowed`` is a boolean row mask (filters, excluded patients), or a :class:`RowMask` kept between
+    queries. ``candidates`` switches the float32 stage from a full scan to an approximate index.
     """
     if k < 1:
         raise SimilarPatientsError("k must be at least 1.")
     queries = check_queries(space, queries, metric)
-    allowed_rows = np.flatnonzero(allowed) if allowed is not None else None
+    if allowed is not None and not isinstance(allowed, RowMask):
+        allowed = RowMask(allowed)
+    allowed_rows = allowed.rows if allowed is not None else None
     if allowed_rows is not None and len(allowed_rows) == 0:
         return []
     if candidates is None:
@@ -161,11 +202,11 @@ def _scan_candidates(
 
 
 def _index_candidates(
-    space: EmbeddingSpace, queries: np.ndarray, k: int, allowed: np.ndarray | None, candidates: CandidateSource
+    space: EmbeddingSpace, queries: np.ndarray, k: int, allowed: RowMask | None, candidates: CandidateSource
 ) -> np.ndarray:
     """Ask the index for more neighbours until they span k patients (or the whole allowed set)."""
     q32 = np.ascontiguousarray(queries, dtype=np.float32)
-    total = int(allowed.sum()) if allowed is not None else len(space.norms)
+    total = allowed.count if allowed is not None else len(space.norms)
     m = max(4 * k, 40)
     while True:
         rows = np.unique(candidates(q32, m, allowed))
