@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..idc.viewer import viewer_url
 from ..search.nearest import LesionMatch
@@ -51,22 +52,33 @@ def hit_table(
     values, in match order), and the IDC viewer URL per hit; and on every row how the hits were found:
     ``search`` "exact", or "approximate" with the index's measured ``index_recall`` (given for approximate
     searches only)."""
-    missing = [None] * len(matches)
+    missing = np.full(len(matches), None, dtype=object)
     columns = {
         "rank": np.arange(1, len(matches) + 1),
-        schema.PATIENT: [m.patient for m in matches],
+        schema.PATIENT: _text([m.patient for m in matches]),
         "distance": np.array([m.distance for m in matches], dtype=np.float64),
         schema.MODEL: rows.get(schema.MODEL, missing),
-        "metric": [metric] * len(matches),
+        "metric": _text([metric] * len(matches)),
         schema.LESION: rows.get(schema.LESION, missing),
-        "query_lesion": [query_lesions[m.query_row] if query_lesions else None for m in matches],
-        "lesions": [int(lesion_counts[m.patient]) for m in matches],
+        "query_lesion": _text([query_lesions[m.query_row] for m in matches]) if query_lesions else missing,
+        "lesions": np.array([lesion_counts[m.patient] for m in matches], dtype=np.int64),
     }
     for column in _LESION_COLUMNS:
         columns[column] = rows.get(column, missing)
-    columns["viewer_url"] = [viewer_url(s, r) for s, r in zip(columns[schema.STUDY], columns[schema.SERIES])]
-    columns["search"] = ["exact" if index_recall is None else "approximate"] * len(matches)
+    urls = [viewer_url(s, r) for s, r in zip(_values(columns[schema.STUDY]), _values(columns[schema.SERIES]))]
+    columns["viewer_url"] = _text(urls)
+    columns["search"] = _text(["exact" if index_recall is None else "approximate"] * len(matches))
     columns["index_recall"] = np.full(len(matches), np.nan if index_recall is None else index_recall)
     for name in label_fields:
         columns[name] = rows.get(name, missing)
     return pd.DataFrame(columns)
+
+
+def _text(values: list):
+    """Text (None for missing) as pandas' default ``str`` array, built once in Arrow, not inferred."""
+    return pd.arrays.ArrowStringArray(pa.array(values, pa.string()), dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+
+
+def _values(column) -> list:
+    """Python values of an array, missing as None (what ``viewer_url`` checks)."""
+    return [None if v is None or v != v else v for v in column.tolist()]

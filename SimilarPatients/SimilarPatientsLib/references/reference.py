@@ -120,15 +120,17 @@ class Reference:
         return self._model_lesions[model]
 
     def lesion_rows(self, model: str, rows: Sequence[int], columns: Sequence[str] | None = None) -> dict:
-        """The metadata of ``rows`` of one model (positions in its matrix) as column → values: looked up by
-        position in one contiguous Arrow table, so it costs the rows asked for, not the reference's size."""
+        """The metadata of ``rows`` of one model (positions in its matrix) as column → pandas array: looked
+        up by position in one contiguous Arrow table, so it costs the rows asked for, not the reference's
+        size (a take on pandas' own chunked columns reads them whole)."""
         if model not in self._lesion_rows:
             table = pa.Table.from_pandas(self.lesions(model), preserve_index=False)
-            self._lesion_rows[model] = table.combine_chunks()  # a take on one chunk reads only its rows
+            self._lesion_rows[model] = table.combine_chunks()
         table = self._lesion_rows[model]
         if columns is not None:
             table = table.select([c for c in columns if c in table.column_names])
-        return table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pydict()
+        taken = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return {name: pandas_array(column) for name, column in zip(taken.column_names, taken.columns)}
 
     def row_mask(self, model: str, where: filters.Filters) -> RowMask:
         """The lesion rows of ``model`` that pass ``where``, computed once and kept for the next query with
@@ -167,7 +169,7 @@ class Reference:
             )
         rows = space.rows_of(code)
         ids = self.lesion_rows(model, rows, [schema.LESION])[schema.LESION]
-        return PatientEmbeddings(np.asarray(space.vectors[rows]), ids)
+        return PatientEmbeddings(np.asarray(space.vectors[rows]), list(ids))
 
     def closeness(self, model: str, metric: str, distances, progress: ProgressCallback | None = None) -> np.ndarray:
         """Each distance placed on this reference's own distribution of nearest-match distances (each
@@ -273,3 +275,11 @@ class Reference:
         recall = index.calibration.recall if index is not None else None
         rows = self.lesion_rows(model, [m.row for m in matches])
         return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
+
+
+def pandas_array(column: pa.ChunkedArray):
+    """An Arrow column as the array pandas would make of it, without converting strings through Python:
+    text as pandas' default ``str`` dtype (Arrow-backed), anything else as pandas converts it."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pd.arrays.ArrowStringArray(column, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+    return column.to_pandas().array
