@@ -2,9 +2,10 @@
 :class:`SimilarPatientsError` naming the extra to install, not a bare ``ModuleNotFoundError``.
 
 The base install searches references and prints hits. Reading CT and running the encoders needs the
-``embed`` extra; maps and evaluation need ``analysis``. Heavy modules are imported on first use, never at
-import time, so every module of the library imports on the base install. Entry points call
-:func:`require` before any work, so a missing package stops them at once rather than minutes in.
+``embed`` extra; maps and evaluation need ``analysis``; references in BigQuery need ``bigquery``. Heavy
+modules are imported on first use, never at import time, so every module of the library imports on the
+base install. Entry points call :func:`require` before any work, so a missing package stops them at once
+rather than minutes in.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ EXTRAS = {
             "torch": "torch",
         },
     ),
+    "bigquery": ("searching and pushing references in Google BigQuery", {"google-cloud-bigquery": "google.cloud.bigquery"}),
 }
 
 
