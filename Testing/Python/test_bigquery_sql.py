@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlglot
-from sqlglot import exp
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cloud import sql
 from SimilarPatientsLib.cloud.push import bigquery_types, upload_table
 from SimilarPatientsLib.cloud.tables import parse_table
+from sqlglot import exp
 
 TABLE = parse_table("bq://my-project.embeddings.nlst_sybil")
 FILTERS = [
@@ -163,10 +163,17 @@ def test_fraction_lists_to_search_is_a_checked_number(nlst, bigquery_table, frac
 
 @pytest.mark.parametrize(
     "name",
-    ["project.dataset", "my-project.data set.t", "my-project.d.t`; DROP TABLE x; --", "MyProject.d.t", "bq://", "a.b.c"],
+    [
+        "project.dataset",
+        "my-project.data set.t",
+        "my-project.d.t`; DROP TABLE x; --",
+        "MyProject.d.t",
+        "bq://",
+        "a.b.c",
+    ],
 )
 def test_table_names_are_validated(name):
-    with pytest.raises(SimilarPatientsError, match="PROJECT.DATASET.TABLE"):
+    with pytest.raises(SimilarPatientsError, match=r"PROJECT\.DATASET\.TABLE"):
         parse_table(name)
 
 

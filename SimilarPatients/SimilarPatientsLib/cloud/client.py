@@ -7,6 +7,7 @@ Nothing here runs at import: the client library is imported on first use through
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,8 +32,12 @@ def bigquery():
 
 
 def connect(table: TableName, project: str | None = None):
-    """A client billing ``project`` (default: the credentials' project, else the table's own)."""
+    """A client billing ``project`` (default: the credentials' project, else the table's own). With
+    ``BIGQUERY_EMULATOR_HOST`` set (an emulator or test server), it connects there without credentials."""
     module = bigquery()
+    if os.environ.get("BIGQUERY_EMULATOR_HOST"):
+        credentials = optional_import("google.auth.credentials", "bigquery").AnonymousCredentials()
+        return module.Client(project=project or table.project, credentials=credentials)
     with translated(table):
         try:
             return module.Client(project=project)
@@ -62,12 +67,10 @@ def job_config(statement: Statement, *, dry_run: bool = False, maximum_bytes_bil
             parameters.append(module.ArrayQueryParameter(p.name, p.type[6:-1], list(p.value)))
         else:
             parameters.append(module.ScalarQueryParameter(p.name, p.type, p.value))
-    return module.QueryJobConfig(
-        query_parameters=parameters,
-        dry_run=dry_run,
-        use_query_cache=not dry_run,
-        maximum_bytes_billed=maximum_bytes_billed,
-    )
+    config = module.QueryJobConfig(query_parameters=parameters, dry_run=dry_run, use_query_cache=not dry_run)
+    if maximum_bytes_billed is not None:  # None would be sent as the text "None"
+        config.maximum_bytes_billed = int(maximum_bytes_billed)
+    return config
 
 
 def dry_run(client, table: TableName, statement: Statement) -> int:
@@ -121,16 +124,17 @@ def translated(table: TableName, maximum_bytes_billed: int | None = None) -> Ite
 
 def explain(error, table: TableName, maximum_bytes_billed: int | None = None) -> SimilarPatientsError:
     """The clear error for one BigQuery API error (its HTTP status and its first error reason)."""
-    reasons = [e.get("reason") for e in (getattr(error, "errors", None) or []) if isinstance(e, dict)]
-    reason = reasons[0] if reasons else None
+    details = [e for e in (getattr(error, "errors", None) or []) if isinstance(e, dict)]
+    reason = details[0].get("reason") if details else None
     status = getattr(error, "code", None)
-    said = getattr(error, "message", str(error))
+    said = (details[0].get("message") if details else None) or getattr(error, "message", str(error))
     if reason == "bytesBilledLimitExceeded":
-        limit = f"{maximum_bytes_billed / 2**30:.2f} GiB" if maximum_bytes_billed else "the limit set"
+        limit = f"{maximum_bytes_billed:,} bytes" if maximum_bytes_billed else "the limit set"
         return SimilarPatientsError(
-            f"BigQuery stopped the search before it ran: it would bill more than {limit} ({said}). Nothing was "
-            f"billed. See the cost first with --dry-run; narrow it with filters, search with the vector index "
-            f"(--method approximate, after `references push ... --create-index`), or raise --maximum-bytes-billed."
+            f"BigQuery stopped the query before it ran: it would bill more than {limit} ({said}). Nothing was "
+            f"billed. See the cost first with --dry-run; search with the vector index (--method approximate, after "
+            f"`references push ... --create-index`), or raise --maximum-bytes-billed (filters do not lower the "
+            f"bytes BigQuery bills: it bills the columns a query reads)."
         )
     if reason in ("quotaExceeded", "rateLimitExceeded") or status == 429:
         return SimilarPatientsError(

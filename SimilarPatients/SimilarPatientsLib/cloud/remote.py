@@ -210,7 +210,8 @@ def _manifest(text: str | None, table: TableName) -> dict:
     """The manifest a push wrote into the table's description, or a clear error for a table without it."""
     try:
         manifest = json.loads(text or "")[DESCRIPTION_KEY]
-        manifest["models"], manifest["label_fields"]  # noqa: B018 - both must be there
+        if not {"models", "label_fields"} <= set(manifest):
+            raise KeyError("models")
     except (ValueError, KeyError, TypeError):
         raise SimilarPatientsError(
             f"The BigQuery table {table.path} was not pushed by similar-patients: its description does not say "

@@ -41,7 +41,10 @@ EXTRAS = {
             "torch": "torch",
         },
     ),
-    "bigquery": ("searching and pushing references in Google BigQuery", {"google-cloud-bigquery": "google.cloud.bigquery"}),
+    "bigquery": (
+        "searching and pushing references in Google BigQuery",
+        {"google-cloud-bigquery": "google.cloud.bigquery"},
+    ),
 }
 
 
