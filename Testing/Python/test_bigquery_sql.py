@@ -74,17 +74,22 @@ def test_exact_mode_on_duckdb_returns_the_local_hits_for_every_model(nlst, bigqu
         patients = nlst.lesions(model)["PatientID"].unique()
         for where in FILTERS:
             patient = str(rng.choice(patients))
-            own = nlst.patient_embeddings(model, patient)
             local = nlst.search(model, patient=patient, k=10, metric=metric, where=where, exclude=[patient])
-            spec = sql.SearchSpec(model, own.vectors, 10, metric, where, (patient,))
-            statement = sql.exact_search(TABLE, spec, types)
-            _parses_as_bigquery_select(statement)
-            remote = _run_on_duckdb(connection, statement)
-            assert len(local) > 0 and list(remote["PatientID"]) == list(local["PatientID"]), (model, where)
-            np.testing.assert_allclose(remote["distance"], local["distance"], rtol=0, atol=1e-6)
-            assert list(remote["lesion_id"]) == list(local["lesion_id"])
-            assert [own.lesion_ids[i] for i in remote["query_row"]] == list(local["query_lesion"])
-            assert list(remote["patient_lesions"]) == list(local["lesions"])
+            # the patient's own lesions are read by the statement; a query vector is a parameter
+            by_patient = sql.SearchSpec(model, None, 10, metric, where, (patient,), patient=patient)
+            own = nlst.patient_embeddings(model, patient)
+            by_vectors = sql.SearchSpec(model, own.vectors, 10, metric, where, (patient,))
+            for spec in (by_patient, by_vectors):
+                statement = sql.exact_search(TABLE, spec, types)
+                _parses_as_bigquery_select(statement)
+                remote = _run_on_duckdb(connection, statement)
+                assert len(local) > 0 and list(remote["PatientID"]) == list(local["PatientID"]), (model, where)
+                np.testing.assert_allclose(remote["distance"], local["distance"], rtol=0, atol=1e-6)
+                assert list(remote["lesion_id"]) == list(local["lesion_id"])
+                assert list(remote["patient_lesions"]) == list(local["lesions"])
+                assert [own.lesion_ids[i] for i in remote["query_row"]] == list(local["query_lesion"])
+            by_patient_rows = _run_on_duckdb(connection, sql.exact_search(TABLE, by_patient, types))
+            assert list(by_patient_rows["query_lesion"]) == list(local["query_lesion"])
 
 
 def test_a_single_query_vector_is_the_batch_query_table_of_one_parameter(nlst, bigquery_table):

@@ -19,13 +19,13 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..references import schema
 from ..references.hits import hit_table
-from ..references.reference import METHODS, ModelInfo, PatientEmbeddings
+from ..references.reference import METHODS, ModelInfo
 from ..search import filters
 from ..search.nearest import LesionMatch
 from . import client as bq
 from . import sql
 from .push import DESCRIPTION_KEY
-from .tables import TableName, column, parse_table
+from .tables import TableName, parse_table
 
 log = logging.getLogger(__name__)
 
@@ -85,45 +85,34 @@ class BigQueryReference:
         info = self.manifest["models"][model]
         return ModelInfo(model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], "")
 
-    def patient_embeddings(self, model: str, patient: str) -> PatientEmbeddings:
-        """One reference patient's lesion vectors (a query of the table; it scans the embedding column)."""
-        self.model_info(model)
-        statement = sql.Statement(
-            f"SELECT {column(schema.LESION)}, {column(schema.EMBEDDING)} FROM {self.table.sql}\n"
-            f"WHERE {column(schema.MODEL)} = @model AND {column(schema.PATIENT)} = @patient\n"
-            f"ORDER BY {column(schema.LESION)}",
-            (sql.Parameter("model", "STRING", model), sql.Parameter("patient", "STRING", str(patient))),
-        )
-        rows = bq.run(self.client, self.table, statement, self.maximum_bytes_billed).rows
-        if rows.empty:
-            raise SimilarPatientsError(
-                f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
-                f"({self.model_info(model).patients} patients there)."
-            )
-        vectors = np.array([np.asarray(v, dtype=np.float64) for v in rows[schema.EMBEDDING]])
-        return PatientEmbeddings(vectors, rows[schema.LESION].astype(str).tolist())
-
     def statement(
         self,
         model: str,
-        embeddings: np.ndarray,
+        embeddings: np.ndarray | None = None,
+        patient: str | None = None,
         k: int = 5,
         metric: str = "cosine",
         where: filters.Filters = None,
         exclude: Sequence[str] = (),
         method: str = "auto",
     ) -> sql.Statement:
-        """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it)."""
+        """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it): nearest to
+        ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself."""
+        if (embeddings is None) == (patient is None):
+            given = "both an embedding and a patient" if patient is not None else "neither"
+            raise SimilarPatientsError(
+                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
+            )
         if method not in METHODS:
             raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
         info = self.model_info(model)
-        queries = np.asarray(embeddings, dtype=np.float64)
-        if queries.shape[-1] != info.dim:
+        queries = None if embeddings is None else np.asarray(embeddings, dtype=np.float64)
+        if queries is not None and queries.shape[-1] != info.dim:
             raise SimilarPatientsError(
                 f"The query embedding has {queries.shape[-1]} values but this model's reference embeddings have "
                 f"{info.dim}: it was made by another model, or another version of it."
             )
-        spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude))
+        spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
         if method == "exact" or (method == "auto" and not self.index):
             return sql.exact_search(self.table, spec, self.column_types)
         # without an index VECTOR_SEARCH compares every row, so every filter applies before it
@@ -156,19 +145,10 @@ class BigQueryReference:
         query_lesions: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """As :meth:`Reference.search`; the hits' ``attrs["notes"]`` say what BigQuery billed, whether the
-        index was used, and what post-filters may have cut."""
-        if (embeddings is None) == (patient is None):
-            given = "both an embedding and a patient" if patient is not None else "neither"
-            raise SimilarPatientsError(
-                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
-            )
+        index was used, and what post-filters may have cut. A ``patient``'s lesions are read by the search
+        statement itself (one scan of the table, not two)."""
+        statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
         report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
-        if patient is not None:
-            own = self.patient_embeddings(model, str(patient))
-            embeddings, query_lesions = own.vectors, own.lesion_ids
-        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
-            query_lesions = [str(i + 1) for i in range(len(embeddings))]
-        statement = self.statement(model, embeddings, k, metric, where, exclude, method)
         result = bq.run(self.client, self.table, statement, self.maximum_bytes_billed)
         rows = result.rows
         matches = [
@@ -176,15 +156,21 @@ class BigQueryReference:
             for i, (p, d, q) in enumerate(zip(rows[schema.PATIENT], rows["distance"], rows["query_row"]))
         ]
         counts = dict(zip(rows[schema.PATIENT].astype(str), rows["patient_lesions"].astype(int)))
+        if patient is not None:  # the patient's lesion ids came back with the hits, by query row
+            query_lesions = dict(zip(rows["query_row"].astype(int), rows["query_lesion"].astype(str)))
+        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
+            query_lesions = [str(i + 1) for i in range(len(embeddings))]
         approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
         hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
-        self.last_notes = self._notes(statement, result, k, len(hits))
+        self.last_notes = self._notes(statement, result, k, len(hits), patient)
         hits.attrs["notes"] = list(self.last_notes)
         report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
         return hits
 
-    def _notes(self, statement: sql.Statement, result: bq.QueryResult, k: int, found: int) -> list[str]:
+    def _notes(
+        self, statement: sql.Statement, result: bq.QueryResult, k: int, found: int, patient: str | None
+    ) -> list[str]:
         gib = (result.bytes_billed or 0) / 2**30
         notes = [f"BigQuery billed {gib:.3f} GiB ({result.bytes_processed or 0:,} bytes processed)"]
         if "VECTOR_SEARCH(" in statement.sql:
@@ -199,6 +185,8 @@ class BigQueryReference:
             elif result.index_usage == "PARTIALLY_USED":
                 notes.append("the vector index was partly used: rows not yet indexed were compared exactly")
         notes += list(statement.notes)
+        if found == 0 and patient is not None:
+            notes.append(f"no hits: patient {patient} has no lesion of this model here, or none passed the filters")
         if found < k and statement.notes:
             notes.append(f"{found} of the {k} patients asked for passed the post-filters; --method exact finds all")
         for note in notes:

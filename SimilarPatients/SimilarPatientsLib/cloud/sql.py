@@ -34,7 +34,7 @@ DISTANCES = {"cosine": ("COSINE", "COSINE_DISTANCE"), "euclidean": ("EUCLIDEAN",
 INDEX_TYPES = ("IVF", "TREE_AH")
 INDEX_NAME = "similar_patients_embedding"
 #: Columns a statement adds to the reference's own (a pushed table must not have them).
-ADDED_COLUMNS = ("query_row", "distance", "patient_lesions", "nearest_rank")
+ADDED_COLUMNS = ("query_row", "query_lesion", "distance", "patient_lesions", "nearest_rank")
 #: How many more lesions VECTOR_SEARCH returns when a filter can only be applied after it (post-filter).
 POST_FILTER_OVERFETCH = 10
 MAX_K = 10_000
@@ -75,11 +75,12 @@ class SearchSpec:
     """What one search asks, independent of how the table is searched."""
 
     model: str
-    queries: np.ndarray  #: (q, D) float64
+    queries: np.ndarray | None  #: (q, D) float64; None with ``patient``
     k: int
     metric: str = "cosine"
     where: filters.Filters = None
     exclude: tuple = ()
+    patient: str | None = None  #: search with this reference patient's lesions, read in the same statement
 
 
 def distance_of(metric: str) -> tuple[str, str]:
@@ -95,12 +96,12 @@ def distance_of(metric: str) -> tuple[str, str]:
 
 def exact_search(table: TableName, spec: SearchSpec, column_types: Mapping[str, str]) -> Statement:
     """Every lesion of the model compared (no index): the answer the local exact scan gives."""
-    builder = _Builder(spec, column_types)
+    builder = _Builder(spec, column_types, table)
     conditions = builder.conditions(builder.terms)
     _, function = distance_of(spec.metric)
     candidates = f"SELECT * FROM {table.sql} WHERE {' AND '.join([builder.model_condition, *conditions])}"
     pairs = (
-        f"SELECT c.* EXCEPT ({column(schema.EMBEDDING)}), q.query_row, "
+        f"SELECT c.* EXCEPT ({column(schema.EMBEDDING)}), q.* EXCEPT ({column(schema.EMBEDDING)}), "
         f"{function}(c.{column(schema.EMBEDDING)}, q.{column(schema.EMBEDDING)}) AS distance\n"
         f"  FROM ({candidates}) AS c\n  CROSS JOIN ({builder.query_table()}) AS q"
     )
@@ -122,7 +123,7 @@ def vector_search(
     before the search; others can only be applied to what the search returned (post-filters), so the
     search over-fetches and the statement says that fewer than k patients may come back. ``max_lesions``
     (the most lesions one patient has) sizes ``top_k`` so that k patients are reached."""
-    builder = _Builder(spec, column_types)
+    builder = _Builder(spec, column_types, table)
     distance_type, function = distance_of(spec.metric)
     stored = set(stored)
     before = [t for t in builder.terms if t.field in stored]
@@ -143,7 +144,7 @@ def vector_search(
     options = _options(fraction_lists_to_search)
     embedding = column(schema.EMBEDDING)
     found = (
-        f"SELECT base.* EXCEPT ({embedding}), query.query_row, "
+        f"SELECT base.* EXCEPT ({embedding}), query.* EXCEPT ({embedding}), "
         f"{function}(base.{embedding}, query.{embedding}) AS distance\n"
         f"  FROM VECTOR_SEARCH(\n"
         f"    (SELECT * FROM {table.sql} WHERE {' AND '.join(base_conditions)}),\n"
@@ -192,10 +193,11 @@ def _literal_int(value, what: str) -> str:
 class _Builder:
     """The parts every search statement shares: parameters, filter conditions, the query table, roll-up."""
 
-    def __init__(self, spec: SearchSpec, column_types: Mapping[str, str]):
+    def __init__(self, spec: SearchSpec, column_types: Mapping[str, str], table: TableName):
         if isinstance(spec.k, bool) or not isinstance(spec.k, (int, np.integer)) or not 1 <= spec.k <= MAX_K:
             raise SimilarPatientsError(f"k must be a whole number from 1 to {MAX_K:,}; got {spec.k!r}.")
         self.spec = spec
+        self.table = table
         self.types = {name: str(t).upper() for name, t in column_types.items()}
         self.parameters: list[Parameter] = [Parameter("model", "STRING", str(spec.model))]
         self.model_condition = f"{column(schema.MODEL)} = @model"
@@ -249,7 +251,17 @@ class _Builder:
         return f"COALESCE({number} {term.operator} {self.add('FLOAT64', bound)}, FALSE)"
 
     def query_table(self) -> str:
-        """The query lesions as a one-row-per-vector table: ``(SELECT 0 AS query_row, @query AS embedding)``."""
+        """The query lesions as a one-row-per-vector table: ``(SELECT 0 AS query_row, @query AS embedding)``,
+        or a reference patient's lesions read from the table (with their ``query_lesion`` ids), which spares
+        a second scan of the table to fetch them."""
+        if self.spec.patient is not None:
+            self.parameters.append(Parameter("patient", "STRING", str(self.spec.patient)))
+            lesion, patient = column(schema.LESION), column(schema.PATIENT)
+            return (
+                f"SELECT ROW_NUMBER() OVER (ORDER BY {lesion}) - 1 AS query_row, {lesion} AS query_lesion, "
+                f"{column(schema.EMBEDDING)} FROM {self.table.sql}\n"
+                f"    WHERE {self.model_condition} AND {patient} = @patient"
+            )
         queries = np.asarray(self.spec.queries, dtype=np.float64)
         if queries.ndim == 1:
             queries = queries[None, :]
