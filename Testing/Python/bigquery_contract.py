@@ -9,8 +9,9 @@ answered 400 and recorded in ``violations``.
 
 Queries really run: the statement is transpiled by sqlglot from BigQuery to DuckDB and run on the tables
 the load jobs uploaded. ``VECTOR_SEARCH`` has no DuckDB equivalent; with no populated index BigQuery
-compares every row, and this server does the same (the search becomes the cross join of its base and
-query tables) and says so in ``vectorSearchStatistics`` as BigQuery does (``UNUSED``, with a reason).
+compares every row, and this server does the same: the call becomes a table of its output columns
+(``base`` and ``query`` structs, ``distance``), the ``top_k`` nearest base rows of each query row, and
+``vectorSearchStatistics`` says the index was not used, as BigQuery does (``UNUSED``, with a reason).
 Bytes are BigQuery's logical bytes (8 per FLOAT64/INT64 value, 2 + length per STRING) of the columns a
 statement reads. Errors are injected with :meth:`fail` as BigQuery's error bodies.
 """
@@ -370,7 +371,7 @@ class BigQueryContractServer:
                     else {"code": "PENDING_INDEX_CREATION", "message": "The vector index is still being built."}
                 ],
             }
-            sql = _VECTOR_SEARCH.sub(lambda m: f"({m['base']}) AS base CROSS JOIN ({m['query']}) AS query", sql)
+            sql = _VECTOR_SEARCH.sub(_brute_force, sql)
         statistics["query"]["totalBytesBilled"] = str(max(read_bytes, 10 * 2**20))
         duck = sqlglot.transpile(sql, read="bigquery", write="duckdb")[0]
         result = self.duck.sql(duck, params=parameters).to_arrow_table()
@@ -452,6 +453,18 @@ class BigQueryContractServer:
         if start + size < table.num_rows:
             answer["pageToken"] = str(start + size)
         return answer
+
+
+def _brute_force(call: re.Match) -> str:
+    """A VECTOR_SEARCH call as what it returns when it compares every row: per query row, the ``top_k``
+    nearest base rows, as columns ``base``, ``query`` (structs of their rows) and ``distance``."""
+    function = {"COSINE": "COSINE_DISTANCE", "EUCLIDEAN": "EUCLIDEAN_DISTANCE"}[call["distance"]]
+    distance = f"{function}(b.`{call['column']}`, q.`{call['column']}`)"
+    return (
+        f"(SELECT b AS base, q AS query, {distance} AS distance FROM ({call['base']}) AS b "
+        f"CROSS JOIN ({call['query']}) AS q "
+        f"QUALIFY ROW_NUMBER() OVER (PARTITION BY q.query_row ORDER BY {distance}) <= {call['top_k']})"
+    )
 
 
 def _error(status: int, reason: str, message: str) -> dict:

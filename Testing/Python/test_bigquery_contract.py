@@ -7,6 +7,7 @@ on what the load uploaded and must give the local store's hits."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from SimilarPatientsLib.cloud import client as bq
 from SimilarPatientsLib.cloud import open_reference, parse_table
 from SimilarPatientsLib.cloud.push import push
 from SimilarPatientsLib.cloud.remote import BigQueryReference
+from SimilarPatientsLib.search import pairwise_distances
 
 bigquery = pytest.importorskip("google.cloud.bigquery")
 PROJECT = "my-project"
@@ -173,3 +175,58 @@ def test_a_bq_name_opens_a_bigquery_reference_and_others_the_local_store(nlst_ho
     assert isinstance(remote, BigQueryReference) and remote.name == "bq://my-project.embeddings.nlst_sybil"
     local = open_reference("nlst-sybil", ReferenceStore(nlst_home))
     assert local.name == "nlst-sybil" and open_reference(local) is local
+
+
+def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_home, server, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)  # a test server: no credentials
+    table = f"{PROJECT}.embeddings.cli_ctfm"
+    assert main(["references", "push", "nlst-sybil", "--bigquery", table, "--model", "CTFM", "--create-index"]) == 0
+    pushed = capsys.readouterr().out
+    assert "never populates an index" in pushed and f"--reference bq://{table}" in pushed
+    search = ["neighbors", "--model", "CTFM", "--patient", "100012", "-k", "6", "--where", "stage=IA,IB", "--json"]
+    assert main([*search, "--reference", "nlst-sybil"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*search, "--reference", f"bq://{table}"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert [h["PatientID"] for h in remote] == [h["PatientID"] for h in local]
+    np.testing.assert_allclose([h["distance"] for h in remote], [h["distance"] for h in local], atol=1e-6)
+    assert main([*search[:-1], "--reference", f"bq://{table}"]) == 0
+    assert "note: BigQuery billed" in capsys.readouterr().out
+    jobs = len(server.jobs)
+    assert main([*search[:-1], "--reference", f"bq://{table}", "--print-sql"]) == 0
+    printed = capsys.readouterr().out
+    assert "COSINE_DISTANCE(" in printed and "--   @patient STRING = 100012" in printed and len(server.jobs) == jobs
+    assert main([*search[:-1], "--reference", f"bq://{table}", "--dry-run"]) == 0
+    assert f"would process {server.tables[table]['bytes']:,} bytes" in capsys.readouterr().out
+    assert main([*search[:-1], "--reference", "nlst-sybil", "--print-sql"]) == 2
+    assert "for BigQuery references" in capsys.readouterr().err
+    assert main([*search[:-1], "--reference", "bq://my-project.embeddings.absent"]) == 2
+    assert "push a reference there first" in capsys.readouterr().err
+    assert server.violations == []
+
+
+def test_contract_post_filters_apply_to_what_vector_search_returned(nlst, server, client, pushed):
+    remote = BigQueryReference(LENGTH_512, client)
+    remote.manifest["index"] = {**remote.index, "stored": ["model", "PatientID", "lesion_id"]}  # an older index
+    vector = nlst.space("CTFM").vectors[10]
+    hits = remote.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
+    local = nlst.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"])
+    assert list(hits["PatientID"]) == list(local["PatientID"])
+    assert any("post-filter" in note and "histology" in note for note in hits.attrs["notes"])
+    # a filter too narrow for the over-fetch returns fewer than k patients, and says so
+    lesions = nlst.lesions("CTFM")
+    statement = remote.statement("CTFM", vector, k=5, where=["histology=x"], method="approximate")
+    top_k = int(re.search(r"top_k => (\d+)", statement.sql).group(1))
+    nearest_rows = np.argsort(pairwise_distances(nlst.space("CTFM").vectors, vector[None, :], "cosine")[:, 0])[:top_k]
+    within = lesions.iloc[nearest_rows].groupby("histology")["PatientID"].nunique()
+    every = lesions.groupby("histology")["PatientID"].nunique()
+    cut = [h for h in every.index if within.get(h, 0) < min(5, every[h]) and within.get(h, 0) > 0]
+    rare, reachable = cut[0], within[cut[0]]  # a histology some of whose patients lie beyond the over-fetch
+    few = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="approximate")
+    exact = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="exact")
+    assert len(few) == min(5, reachable) < len(exact)
+    assert any("passed the post-filters; --method exact finds all" in note for note in few.attrs["notes"])
+    assert server.violations == []

@@ -129,7 +129,7 @@ def vector_search(
     before = [t for t in builder.terms if t.field in stored]
     after = [t for t in builder.terms if t.field not in stored]
     base_conditions = [builder.model_condition, *builder.conditions(before)]
-    post_conditions = builder.conditions(after)
+    post_conditions = builder.conditions(after, qualifier="base.")  # VECTOR_SEARCH returns base, query, distance
     # excluded patients are dropped after the search: top_k leaves room for all their lesions
     top_k = (spec.k + len(spec.exclude)) * max(1, int(max_lesions))
     notes = []
@@ -216,13 +216,13 @@ class _Builder:
         self.parameters.append(Parameter(name, type_, value))
         return f"@{name}"
 
-    def conditions(self, terms: Sequence[filters.FilterTerm]) -> list[str]:
+    def conditions(self, terms: Sequence[filters.FilterTerm], qualifier: str = "") -> list[str]:
         """SQL conditions equal to :func:`filters.row_mask` on the same terms (a missing value matches only
-        ``!=``), each value a parameter."""
-        return [self._condition(term) for term in terms]
+        ``!=``), each value a parameter; ``qualifier`` prefixes the column names."""
+        return [self._condition(term, qualifier) for term in terms]
 
-    def _condition(self, term: filters.FilterTerm) -> str:
-        name = column(term.field)
+    def _condition(self, term: filters.FilterTerm, qualifier: str) -> str:
+        name = qualifier + column(term.field)
         numeric = self.types[term.field] in _NUMERIC_TYPES
         if term.operator in ("=", "!="):
             if numeric:
@@ -276,7 +276,8 @@ class _Builder:
 
     def statement(self, table: TableName, found: str, notes: tuple = ()) -> Statement:
         """Lesion matches (``found``: lesion columns, ``query_row``, ``distance``) rolled up to patients:
-        each patient's nearest pair, the k nearest patients, and each one's lesion count in the model."""
+        each patient's nearest pair, the k nearest patients, and each one's lesion count in the model. Each
+        CTE is read once (BigQuery may evaluate a CTE once per reference); the counts read two small columns."""
         patient, lesion = column(schema.PATIENT), column(schema.LESION)
         exclude = f"\n  WHERE {self.exclude_condition}" if self.exclude_condition else ""
         sql = (
@@ -290,7 +291,7 @@ class _Builder:
             f"  LIMIT {self.spec.k}\n),\n"
             f"counts AS (\n"
             f"  SELECT {patient}, COUNT(*) AS patient_lesions FROM {table.sql}\n"
-            f"  WHERE {self.model_condition} AND {patient} IN (SELECT {patient} FROM nearest)\n"
+            f"  WHERE {self.model_condition}\n"
             f"  GROUP BY {patient}\n)\n"
             f"SELECT nearest.*, counts.patient_lesions\n"
             f"FROM nearest JOIN counts USING ({patient})\n"
