@@ -238,6 +238,7 @@ class _Worker:
         return image
 
     def query(self, request: dict, ident) -> dict:
+        from ..cloud import open_reference
         from ..imaging.tumor import tumors_from
         from ..models import registry
         from ..models.embedder import Embedder
@@ -251,7 +252,7 @@ class _Worker:
         tumors = tumors_from(
             mask=marks.get("mask"), segments=marks.get("segments"), points=marks.get("points"), boxes=marks.get("boxes")
         )
-        reference = ReferenceStore(request.get("home")).open(request["reference"])
+        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
         spec = registry.get(request["model"])
         check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
         key = (spec.name, request.get("recipe"), request.get("weights"), request.get("device"))
@@ -279,7 +280,10 @@ class _Worker:
             progress=progress,
         )
         seconds = dict(vars(result.seconds), load=0.0 if loaded else load)
-        hits = result.hits.assign(closer_than=reference.closeness(spec.name, result.metric, result.hits.distance))
+        closeness = getattr(reference, "closeness", None)  # a BigQuery reference does not measure it
+        hits = result.hits.assign(
+            closer_than=closeness(spec.name, result.metric, result.hits.distance) if closeness else float("nan")
+        )
         return {
             "image_reused": request.get("image") is None,
             "hits": json.loads(hits.to_json(orient="records", double_precision=15)),
