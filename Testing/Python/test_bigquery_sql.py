@@ -48,7 +48,8 @@ def bigquery_table(nlst, tmp_path_factory):
     connection.execute("ATTACH ':memory:' AS p")
     connection.execute("CREATE SCHEMA p.d")
     connection.execute(f"CREATE TABLE p.d.nlst_sybil AS SELECT * FROM read_parquet('{path}')")
-    return connection, bigquery_types(table.schema)
+    yield connection, bigquery_types(table.schema)
+    connection.close()
 
 
 def _run_on_duckdb(connection, statement: sql.Statement):
