@@ -201,3 +201,14 @@ def test_index_statement_is_cosine_and_stores_the_filter_columns():
         sql.index_statement(TABLE, [], "HNSW")
     with pytest.raises(SimilarPatientsError, match="column name"):
         sql.index_statement(TABLE, ["bad name"], "IVF")
+
+
+def test_a_push_refuses_columns_a_search_adds_and_names_sql_cannot_quote(tmp_path):
+    from conftest import store_frame, synthetic_frame
+
+    clashing = store_frame(synthetic_frame(n_patients=6, dim=8).assign(distance=1.0), tmp_path, "clash")
+    with pytest.raises(SimilarPatientsError, match=r"column\(s\) \['distance'\], which BigQuery searches add"):
+        upload_table(clashing)
+    spaced = store_frame(synthetic_frame(n_patients=6, dim=8).assign(**{"tumor size": 1.0}), tmp_path, "spaced")
+    with pytest.raises(SimilarPatientsError, match="The column name 'tumor size' cannot be used in BigQuery SQL"):
+        upload_table(spaced)

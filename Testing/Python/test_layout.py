@@ -167,6 +167,10 @@ def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_p
             ["evaluate", "--reference", "mine", "--label", "histology", "--positive", "adeno", "--out", "report"],
             ["explore", "--reference", "mine", "--out", str(tmp_path / "map.html")],
         ],
+        "bigquery": [
+            ["neighbors", "--reference", "bq://my-project.d.t", "--model", "CTFM", "--patient", "P001"],
+            ["references", "push", "mine", "--bigquery", "my-project.d.t"],
+        ],
         "embed": [
             ["query", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "CTFM", "--reference", "mine"],
             ["embed", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "TumorDescriptor"],
