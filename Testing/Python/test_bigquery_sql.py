@@ -15,7 +15,7 @@ import pytest
 import sqlglot
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cloud import sql
-from SimilarPatientsLib.cloud.push import bigquery_types, upload_table
+from SimilarPatientsLib.cloud.push import bigquery_types, write_upload
 from SimilarPatientsLib.cloud.tables import parse_table
 from sqlglot import exp
 
@@ -41,9 +41,9 @@ def _parses_as_bigquery_select(statement: sql.Statement) -> exp.Expression:
 @pytest.fixture(scope="module")
 def bigquery_table(nlst, tmp_path_factory):
     """The table a push loads (ARRAY<FLOAT64> embeddings), as DuckDB table p.d.t, and its column types."""
-    table = upload_table(nlst)
     path = tmp_path_factory.mktemp("bq") / "upload.parquet"
-    pq.write_table(table, path)
+    write_upload(nlst, path)
+    table = pq.read_table(path)
     connection = duckdb.connect()
     connection.execute("ATTACH ':memory:' AS p")
     connection.execute("CREATE SCHEMA p.d")
@@ -58,8 +58,10 @@ def _run_on_duckdb(connection, statement: sql.Statement):
     return connection.execute(duck, {p.name: p.value for p in statement.parameters}).df()
 
 
-def test_the_upload_holds_float64_embeddings_of_the_float32_values(nlst):
-    table = upload_table(nlst)
+def test_the_upload_holds_float64_embeddings_of_the_float32_values(nlst, tmp_path):
+    assert write_upload(nlst, tmp_path / "ctfm.parquet", ["CTFM"]) == nlst.model_info("CTFM").lesions
+    table = pq.read_table(tmp_path / "ctfm.parquet")
+    assert set(table.column("model").to_pylist()) == {"CTFM"}
     assert table.schema.field("embedding").type == pa.list_(pa.float64())
     first = table.slice(0, 1).to_pylist()[0]
     model_rows = nlst.lesions(first["model"])
@@ -208,7 +210,7 @@ def test_a_push_refuses_columns_a_search_adds_and_names_sql_cannot_quote(tmp_pat
 
     clashing = store_frame(synthetic_frame(n_patients=6, dim=8).assign(distance=1.0), tmp_path, "clash")
     with pytest.raises(SimilarPatientsError, match=r"column\(s\) \['distance'\], which BigQuery searches add"):
-        upload_table(clashing)
+        write_upload(clashing, tmp_path / "upload.parquet")
     spaced = store_frame(synthetic_frame(n_patients=6, dim=8).assign(**{"tumor size": 1.0}), tmp_path, "spaced")
     with pytest.raises(SimilarPatientsError, match="The column name 'tumor size' cannot be used in BigQuery SQL"):
-        upload_table(spaced)
+        write_upload(spaced, tmp_path / "upload.parquet")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
@@ -34,6 +35,7 @@ INDEX_MINIMUM_BYTES = 10 * 1000 * 1000
 #: The key of the description's JSON that marks a table pushed by this library.
 DESCRIPTION_KEY = "similar_patients"
 _DESCRIPTION_LIMIT = 16384
+_BATCH_ROWS = 16384
 log = logging.getLogger(__name__)
 
 
@@ -46,25 +48,33 @@ class PushResult:
     notes: list = field(default_factory=list)
 
 
-def upload_table(reference: Reference, models: Sequence[str] | None = None) -> pa.Table:
-    """The reference's canonical table with float64 embeddings (``models``: a subset, default all)."""
-    table = pq.read_table(reference.path / "reference.parquet")
-    if models:
-        for model in models:
-            reference.model_info(model)  # a clear error for a model it lacks
-        keep = pa.array([m in set(models) for m in table.column(schema.MODEL).to_pylist()])
-        table = table.filter(keep)
-    clashing = [c for c in table.column_names if c in ADDED_COLUMNS]
+def write_upload(reference: Reference, path: Path, models: Sequence[str] | None = None) -> int:
+    """Write the Parquet a push loads: the reference's canonical table (``models``: a subset, default all)
+    with float64 embeddings, converted batch by batch so that memory stays bounded. Returns its rows."""
+    source = pq.ParquetFile(reference.path / "reference.parquet")
+    names = source.schema_arrow.names
+    clashing = [c for c in names if c in ADDED_COLUMNS]
     if clashing:
         raise SimilarPatientsError(
             f"Reference '{reference.name}' has column(s) {clashing}, which BigQuery searches add to their results; "
             f"rename them in the source and import it again before pushing."
         )
-    for name in table.column_names:
+    for name in names:
         column(name)  # every name must be usable in SQL
-    index = table.column_names.index(schema.EMBEDDING)
-    embedding = table.column(schema.EMBEDDING).cast(pa.list_(pa.float64()))
-    return table.set_column(index, schema.EMBEDDING, embedding)
+    wanted = pa.array(sorted(models or reference.models), type=pa.string())
+    for model in wanted.to_pylist():
+        reference.model_info(model)  # a clear error for a model it lacks
+    position = names.index(schema.EMBEDDING)
+    target = source.schema_arrow.set(position, pa.field(schema.EMBEDDING, pa.list_(pa.float64())))
+    rows = 0
+    with pq.ParquetWriter(path, target) as writer:
+        for batch in source.iter_batches(batch_size=_BATCH_ROWS):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.is_in(table.column(schema.MODEL).cast(pa.string()), value_set=wanted))
+            embedding = table.column(schema.EMBEDDING).cast(pa.list_(pa.float64()))
+            writer.write_table(table.set_column(position, schema.EMBEDDING, embedding))
+            rows += table.num_rows
+    return rows
 
 
 def bigquery_types(arrow_schema: pa.Schema) -> dict[str, str]:
@@ -86,16 +96,14 @@ def bigquery_types(arrow_schema: pa.Schema) -> dict[str, str]:
     return types
 
 
-def description(reference: Reference, table: pa.Table, index: Mapping | None = None) -> str:
+def description(reference: Reference, models: Sequence[str], index: Mapping | None = None) -> str:
     """The manifest kept in the table's description: what a search needs before it runs."""
-    models = sorted(set(table.column(schema.MODEL).to_pylist()))
-    lesions = table.select([schema.MODEL, schema.PATIENT]).to_pandas()
-    most = lesions.groupby([schema.MODEL, schema.PATIENT]).size().groupby(level=0).max()
+    most = {m: int(reference.lesions(m)[schema.PATIENT].value_counts().max()) for m in models}
     manifest = {
         "name": reference.name,
         "source": reference.manifest.get("source"),
         "created": reference.manifest.get("created"),
-        "models": {m: {**reference.manifest["models"][m], "max_lesions": int(most[m])} for m in models},
+        "models": {m: {**reference.manifest["models"][m], "max_lesions": most[m]} for m in sorted(models)},
         "label_fields": reference.label_fields,
         "display_fields": reference.display_fields,
         "index": dict(index) if index else None,
@@ -109,9 +117,9 @@ def description(reference: Reference, table: pa.Table, index: Mapping | None = N
     return text
 
 
-def index_columns(table: pa.Table) -> list[str]:
+def index_columns(reference: Reference) -> list[str]:
     """What the index stores: every column but the embedding, so that every filter is a pre-filter."""
-    return [c for c in table.column_names if c != schema.EMBEDDING]
+    return [c for c in pq.read_schema(reference.path / "reference.parquet").names if c != schema.EMBEDDING]
 
 
 def push(
@@ -126,10 +134,11 @@ def push(
 ) -> PushResult:
     """Load the reference into ``destination`` (replacing it atomically), then create its vector index."""
     module = bq.bigquery()
-    table = upload_table(reference, models)
-    lengths = {m: reference.model_info(m).dim for m in set(table.column(schema.MODEL).to_pylist())}
+    models = sorted(models or reference.models)
+    lengths = {m: reference.model_info(m).dim for m in models}
+    stored = index_columns(reference)
     if create_index:
-        index_statement(destination, index_columns(table), index_type)  # refuse a bad type before loading
+        index_statement(destination, stored, index_type)  # refuse a bad type before loading
         if len(set(lengths.values())) > 1:
             raise SimilarPatientsError(
                 f"A vector index needs embeddings of one length, and these models differ: "
@@ -140,21 +149,21 @@ def push(
         source_format=module.SourceFormat.PARQUET,
         write_disposition=module.WriteDisposition.WRITE_TRUNCATE,
         create_disposition=module.CreateDisposition.CREATE_IF_NEEDED,
-        destination_table_description=description(reference, table),
+        destination_table_description=description(reference, models),
     )
     parquet = module.ParquetOptions()
     parquet.enable_list_inference = True
     config.parquet_options = parquet
-    report(progress, 0, 3, f"loading {table.num_rows} lesions into {destination.path}")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "reference.parquet"
-        pq.write_table(table, path)
+        rows = write_upload(reference, path, models)
+        report(progress, 0, 3, f"loading {rows} lesions into {destination.path}")
         with bq.translated(destination), open(path, "rb") as stream:
             job = client.load_table_from_file(stream, destination.path, job_config=config)
             job.result()
     with bq.translated(destination):
         loaded = client.get_table(destination.path)
-    result = PushResult(destination, int(loaded.num_rows or table.num_rows), int(loaded.num_bytes or 0), None)
+    result = PushResult(destination, int(loaded.num_rows or rows), int(loaded.num_bytes or 0), None)
     log.info("pushed '%s' to %s: %d rows, %d bytes", reference.name, destination.path, result.rows, result.bytes)
     if not create_index:
         return result
@@ -166,11 +175,10 @@ def push(
         )
         return result
     report(progress, 1, 3, f"creating the {index_type} vector index")
-    stored = index_columns(table)
     with bq.translated(destination):
         client.query(index_statement(destination, stored, index_type).sql).result()
         loaded.description = description(
-            reference, table, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
+            reference, models, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
         )
         client.update_table(loaded, ["description"])
     result.index = index_type
