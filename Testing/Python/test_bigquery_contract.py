@@ -230,3 +230,23 @@ def test_contract_post_filters_apply_to_what_vector_search_returned(nlst, server
     assert len(few) == min(5, reachable) < len(exact)
     assert any("passed the post-filters; --method exact finds all" in note for note in few.attrs["notes"])
     assert server.violations == []
+
+
+def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path, server, monkeypatch):
+    pytest.importorskip("SimpleITK")
+    from conftest import descriptor_reference
+    from SimilarPatientsLib.imaging.tumor import from_binary_mask
+    from SimilarPatientsLib.query import query_image
+    from synthetic_ct import tumor_ct
+
+    rng = np.random.default_rng(4)
+    stored = descriptor_reference(tmp_path / "home", 3, rng)
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
+    table = parse_table(f"{PROJECT}.embeddings.tumors")
+    push(stored, table, bq.connect(table))
+    image, mask, _ = tumor_ct("spiculated", rng)
+    local = query_image(image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"])
+    remote = query_image(image, from_binary_mask(mask), "TumorDescriptor", table.url, k=4, where=["kind!=cavitary"])
+    assert list(remote.hits["PatientID"]) == list(local.hits["PatientID"]) and len(local.hits) == 4
+    np.testing.assert_allclose(remote.hits["distance"], local.hits["distance"], atol=1e-6)
+    assert remote.reference == table.url and server.violations == []
