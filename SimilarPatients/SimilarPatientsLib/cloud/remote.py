@@ -54,8 +54,6 @@ class BigQueryReference:
         self.column_types = {f.name: ("ARRAY" if f.mode == "REPEATED" else f.field_type) for f in found.schema}
         self.manifest = _manifest(found.description, self.table)
         self.name = self.table.url
-        #: what the last search reported: bytes, index use, post-filters (also in its hits' ``attrs``)
-        self.last_notes: list[str] = []
 
     def __repr__(self) -> str:
         return f"BigQueryReference({self.name!r}, models={self.models})"
@@ -163,8 +161,7 @@ class BigQueryReference:
         approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
         hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
-        self.last_notes = self._notes(statement, result, k, len(hits), patient)
-        hits.attrs["notes"] = list(self.last_notes)
+        hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient)
         report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
         return hits
 
