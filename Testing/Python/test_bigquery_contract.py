@@ -232,7 +232,7 @@ def test_contract_post_filters_apply_to_what_vector_search_returned(nlst, server
     assert server.violations == []
 
 
-def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path, server, monkeypatch):
+def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path, server, monkeypatch, capsys):
     pytest.importorskip("SimpleITK")
     from conftest import descriptor_reference
     from SimilarPatientsLib.imaging.tumor import from_binary_mask
@@ -250,3 +250,17 @@ def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path
     assert list(remote.hits["PatientID"]) == list(local.hits["PatientID"]) and len(local.hits) == 4
     np.testing.assert_allclose(remote.hits["distance"], local.hits["distance"], atol=1e-6)
     assert remote.reference == table.url and server.violations == []
+    # the command line: the statement of an image query, with its query vector as a typed parameter
+    import SimpleITK as sitk
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    argv = ["query", "--image", str(tmp_path / "ct.nrrd"), "--mask", str(tmp_path / "mask.nrrd")]
+    argv += ["--model", "TumorDescriptor", "--reference", table.url, "-k", "4", "--print-sql", "--dry-run"]
+    jobs = len(server.jobs)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(SELECT 0 AS query_row, @query AS `embedding`)" in printed and "--   @query ARRAY<FLOAT64> = [" in printed
+    assert "Dry run: the search would process" in printed and len(server.jobs) == jobs + 1
