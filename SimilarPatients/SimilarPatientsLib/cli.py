@@ -372,14 +372,15 @@ def _embed(args, progress: _Bars) -> None:
 
 
 def _query(args, store: ReferenceStore, progress: _Bars) -> None:
-    from .query import query_image
+    from .query import check_compatible, query_image
 
     reference = _open(args, store)
-    if args.print_sql or args.dry_run:
+    if args.print_sql or args.dry_run:  # embed here, then show or price the search instead of running it
         from .imaging.ct_image import read_ct
         from .models.embedder import Embedder
 
         embedder = Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
+        check_compatible(reference, embedder.spec.name, embedder.recipe.name, embedder.spec.dimension)
         embeddings = embedder.embed(read_ct(args.image), _tumors(args))
         progress.close()
         _statement_only(args, reference, embedder.spec.name, embeddings=np.stack([e.vector for e in embeddings]))
