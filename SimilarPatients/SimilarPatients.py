@@ -38,6 +38,10 @@ EMBED_REQUIREMENTS = {
 }
 #: The application setting that holds the user's opt-in to downloads (visible and revocable in the module).
 DOWNLOADS_SETTING = "SimilarPatients/AllowDownloads"
+#: BigQuery references (bq://PROJECT.DATASET.TABLE, ';'-separated) and the opt-in to searching them, which
+#: sends the query tumor's embedding (never the image) to Google: both in the application settings.
+BIGQUERY_REFERENCES_SETTING = "SimilarPatients/BigQueryReferences"
+BIGQUERY_SETTING = "SimilarPatients/AllowBigQuery"
 #: The torch the library needs (its MONAI networks and meta-device loading).
 MINIMUM_TORCH = "2.1"
 #: Packages Slicer ships that an install must never replace: pinned to the installed versions.
@@ -510,14 +514,27 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         return ReferenceStore(self.home)
 
     def references(self):
-        return self.store().names()
+        """The stored references, then the BigQuery tables of the settings once BigQuery searches are allowed."""
+        return self.store().names() + (self.bigQueryReferences() if self.bigQueryAllowed() else [])
+
+    def open(self, reference):
+        """A stored reference, or a BigQuery one (bq://...), refused unless BigQuery searches are allowed."""
+        from SimilarPatientsLib import SimilarPatientsError
+        from SimilarPatientsLib.cloud import is_bigquery, open_reference
+
+        if is_bigquery(reference) and not self.bigQueryAllowed():
+            raise SimilarPatientsError(
+                f"{reference} is a BigQuery reference: searching it sends the query's embedding to Google. Allow "
+                f"BigQuery searches in the module's settings first."
+            )
+        return open_reference(reference, self.store())
 
     def models(self, reference):
-        return self.store().open(reference).models
+        return self.open(reference).models
 
     def displayFields(self, reference):
         """The label fields the reference declares for people to see, in order."""
-        return self.store().open(reference).display_fields if reference else []
+        return self.open(reference).display_fields if reference else []
 
     def nlstLocalCopy(self):
         from SimilarPatientsLib.references.nlst_sybil import find_local_copy
@@ -529,8 +546,10 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
 
     def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None):
         """A reference patient's nearest patients, each with its similarity (closeness percentile)."""
-        opened = self.store().open(reference)
+        opened = self.open(reference)
         hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient], where=where)
+        if not hasattr(opened, "closeness"):  # BigQuery: the distribution is not measured there
+            return hits.assign(closer_than=float("nan"))
         return hits.assign(closer_than=opened.closeness(model, metric, hits.distance))
 
     def modelStatus(self, reference, model):
@@ -538,7 +557,7 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
         its weights (here, or how much a first query downloads)."""
         from SimilarPatientsLib import SimilarPatientsError, models
 
-        recipe = self.store().open(reference).model_info(model).recipe
+        recipe = self.open(reference).model_info(model).recipe
         try:
             spec = models.get(model)
         except SimilarPatientsError as error:
@@ -589,6 +608,24 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
 
     def allowDownloads(self, allowed):
         qt.QSettings().setValue(DOWNLOADS_SETTING, "true" if allowed else "false")
+
+    def bigQueryAllowed(self):
+        """The user's opt-in to BigQuery searches (they send the query's embedding to Google)."""
+        return str(qt.QSettings().value(BIGQUERY_SETTING, "false")).lower() == "true"
+
+    def allowBigQuery(self, allowed):
+        qt.QSettings().setValue(BIGQUERY_SETTING, "true" if allowed else "false")
+
+    def bigQueryReferences(self):
+        """The BigQuery tables the user listed, as bq://PROJECT.DATASET.TABLE names."""
+        return [n for n in str(qt.QSettings().value(BIGQUERY_REFERENCES_SETTING, "") or "").split(";") if n]
+
+    def setBigQueryReferences(self, names):
+        """Keep ``names`` (PROJECT.DATASET.TABLE or bq://...), each checked, as the BigQuery references."""
+        from SimilarPatientsLib.cloud import parse_table
+
+        urls = [parse_table(str(n).strip()).url for n in names if str(n).strip()]
+        qt.QSettings().setValue(BIGQUERY_REFERENCES_SETTING, ";".join(urls))
 
     def weightStatus(self, model):
         from SimilarPatientsLib import models

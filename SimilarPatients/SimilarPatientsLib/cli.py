@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, demo
+from .cloud import is_bigquery, open_reference
+from .cloud.client import DEFAULT_MAXIMUM_BYTES_BILLED
 from .errors import SimilarPatientsError
 from .evaluation import tasks
 from .maps import projection
@@ -76,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     deleting = actions.add_parser("delete", help="delete a stored reference")
     deleting.add_argument("name")
+    pushing = actions.add_parser("push", help="push a stored reference to a BigQuery table (a load job; replaces it)")
+    pushing.add_argument("name", help="the stored reference")
+    pushing.add_argument("--bigquery", required=True, metavar="PROJECT.DATASET.TABLE", help="the table to (re)place")
+    pushing.add_argument("--model", nargs="+", metavar="MODEL", help="push these models only (default: all)")
+    pushing.add_argument(
+        "--create-index",
+        action="store_true",
+        help="create a cosine vector index storing the filter columns (tables of 10 MB or more, one embedding length)",
+    )
+    pushing.add_argument("--index-type", choices=("IVF", "TREE_AH"), default="IVF", help="default IVF")
+    pushing.add_argument("--billing-project", metavar="PROJECT", help="project that runs the jobs (default: ADC's)")
 
     neighbors = verbs.add_parser("neighbors", help="nearest patients to a patient of a reference")
     neighbors.add_argument("--reference", required=True)
@@ -203,6 +216,47 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
         "--method", choices=METHODS, default="auto", help="exact scan, approximate index, or auto (by reference size)"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON array of hits")
+    cloud = parser.add_argument_group("BigQuery references (--reference bq://PROJECT.DATASET.TABLE)")
+    cloud.add_argument("--print-sql", action="store_true", help="print the SQL and its parameters; run nothing")
+    cloud.add_argument("--dry-run", action="store_true", help="print the bytes the search would bill; run nothing")
+    cloud.add_argument(
+        "--maximum-bytes-billed",
+        type=int,
+        default=DEFAULT_MAXIMUM_BYTES_BILLED,
+        metavar="BYTES",
+        help=f"refuse a search that would bill more (default {DEFAULT_MAXIMUM_BYTES_BILLED:,}, 10 GiB)",
+    )
+    cloud.add_argument("--fraction-lists-to-search", type=float, metavar="F", help="VECTOR_SEARCH option (0 < F <= 1)")
+    cloud.add_argument("--billing-project", metavar="PROJECT", help="project that runs the query (default: ADC's)")
+
+
+def _open(args, store: ReferenceStore):
+    """The reference ``--reference`` names: a stored one, or ``bq://PROJECT.DATASET.TABLE``."""
+    if not is_bigquery(args.reference):
+        if args.print_sql or args.dry_run:
+            raise SimilarPatientsError(
+                "--print-sql and --dry-run are for BigQuery references (bq://PROJECT.DATASET.TABLE)."
+            )
+        return store.open(args.reference)
+    return open_reference(
+        args.reference,
+        project=args.billing_project,
+        maximum_bytes_billed=args.maximum_bytes_billed,
+        fraction_lists_to_search=args.fraction_lists_to_search,
+    )
+
+
+def _statement_only(args, reference, model: str, **query) -> bool:
+    """``--print-sql`` / ``--dry-run``: print what the BigQuery search would run or bill, and say so."""
+    if not (args.print_sql or args.dry_run):
+        return False
+    statement = reference.statement(model, k=args.k, metric=args.metric, where=args.where, method=args.method, **query)
+    if args.print_sql:
+        print(statement.describe())
+    if args.dry_run:
+        scanned = reference.dry_run(statement)
+        print(f"Dry run: the search would process {scanned:,} bytes ({scanned / 2**30:.3f} GiB); nothing was run.")
+    return True
 
 
 def _table(frame: pd.DataFrame, digits: int = 6) -> str:
@@ -232,7 +286,10 @@ def _decimals(values: pd.Series, least: int) -> int:
 def _print_hits(hits: pd.DataFrame, reference, model: str, metric: str) -> None:
     columns = _HUMAN_HIT_COLUMNS + [f for f in reference.label_fields if f in hits.columns] + ["viewer_url"]
     print(_table(hits[columns]))
-    if len(hits) and hits["search"].iloc[0] == "approximate":
+    if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
+        for note in hits.attrs["notes"]:
+            print(f"note: {note}")
+    elif len(hits) and hits["search"].iloc[0] == "approximate":
         calibration = reference.approximate_index(model, metric).calibration
         print(f"search: approximate, {calibration.describe()}; --method exact compares every lesion")
     elif len(hits):
@@ -244,14 +301,17 @@ def _json(frame: pd.DataFrame) -> str:
 
 
 def _neighbors(args, store: ReferenceStore, progress: _Bars) -> None:
-    reference = store.open(args.reference)
+    reference = _open(args, store)
+    exclude = [] if args.include_self else [args.patient]
+    if _statement_only(args, reference, args.model, patient=args.patient, exclude=exclude):
+        return
     hits = reference.search(
         args.model,
         patient=args.patient,
         k=args.k,
         metric=args.metric,
         where=args.where,
-        exclude=[] if args.include_self else [args.patient],
+        exclude=exclude,
         method=args.method,
         progress=progress,
     )
@@ -312,9 +372,19 @@ def _embed(args, progress: _Bars) -> None:
 
 
 def _query(args, store: ReferenceStore, progress: _Bars) -> None:
-    from .query import query_image
+    from .query import check_compatible, query_image
 
-    reference = store.open(args.reference)
+    reference = _open(args, store)
+    if args.print_sql or args.dry_run:  # embed here, then show or price the search instead of running it
+        from .imaging.ct_image import read_ct
+        from .models.embedder import Embedder
+
+        embedder = Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
+        check_compatible(reference, embedder.spec.name, embedder.recipe.name, embedder.spec.dimension)
+        embeddings = embedder.embed(read_ct(args.image), _tumors(args))
+        progress.close()
+        _statement_only(args, reference, embedder.spec.name, embeddings=np.stack([e.vector for e in embeddings]))
+        return
     result = query_image(
         args.image,
         _tumors(args),
@@ -341,6 +411,33 @@ def _query(args, store: ReferenceStore, progress: _Bars) -> None:
         f"{result.model} ({result.recipe}), {args.metric} distance:"
     )
     _print_hits(result.hits, reference, result.model, args.metric)
+
+
+def _push(args, store: ReferenceStore, progress: _Bars) -> None:
+    from .cloud.client import connect
+    from .cloud.push import push
+    from .cloud.tables import parse_table
+    from .util.optional import require
+
+    require("bigquery")
+    table = parse_table(args.bigquery)
+    reference = store.open(args.name)
+    result = push(
+        reference,
+        table,
+        connect(table, args.billing_project),
+        models=args.model,
+        create_index=args.create_index,
+        index_type=args.index_type,
+        progress=progress,
+    )
+    progress.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    print(
+        f"Pushed '{reference.name}' to {table.path}: {result.rows} lesions, {result.bytes / 1e6:.1f} MB. Search it as "
+        f"--reference {table.url}"
+    )
 
 
 def _models(args) -> None:
@@ -455,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                         else "No references yet; try "
                         "`similar-patients references import nlst-sybil --source nlst-sybil`."
                     )
+            elif args.action == "push":
+                _push(args, store, progress)
             else:
                 store.delete(args.name)
                 print(f"Deleted '{args.name}'.")

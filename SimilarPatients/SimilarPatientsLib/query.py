@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cloud import open_reference
 from .errors import SimilarPatientsError
 from .imaging.crop import Crop
 from .imaging.ct_image import read_ct
@@ -103,13 +104,13 @@ def query_image(
         tumors: one :class:`Tumor` or several of one patient (see ``imaging.tumor``); with several,
             patients are ranked by their nearest pair of (query tumor, reference lesion).
         model: a registry name, or an :class:`Embedder` already loaded (reused across queries).
-        reference: a stored reference's name (in ``store``, default the data home's) or an opened one.
+        reference: a stored reference's name (in ``store``, default the data home's), a BigQuery table as
+            ``bq://PROJECT.DATASET.TABLE``, or an opened one.
         k, metric, where, method: as :meth:`Reference.search`.
         recipe, weights, accept_licence, device: as :class:`Embedder`, when ``model`` is a name.
     """
     require("embed")
-    if isinstance(reference, str):
-        reference = (store or ReferenceStore()).open(reference)
+    reference = open_reference(reference, store)
     if isinstance(model, Embedder):
         spec, chosen = model.spec, model.recipe
     else:

@@ -31,8 +31,9 @@ MAY_IMPORT = {
     "models": {"util", "imaging", "references"},
     "evaluation": {"util", "search", "references"},
     "maps": {"util", "search", "references", "idc"},
+    "cloud": {"util", "search", "references"},
     # the Slicer-facing layer: nodes in, the library's inputs out; the worker runs query_image
-    "scene": {"util", "idc", "search", "references", "imaging", "models", "query"},
+    "scene": {"util", "idc", "search", "references", "imaging", "models", "query", "cloud"},
 }
 BASE = {"errors", "progress"}
 
@@ -116,7 +117,7 @@ import importlib.abc, sys
 BLOCKED = {blocked!r}
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
+        if name.split(".")[0] in BLOCKED or any(name.startswith(b + ".") or name == b for b in BLOCKED):
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 """
@@ -165,6 +166,10 @@ def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_p
         "analysis": [
             ["evaluate", "--reference", "mine", "--label", "histology", "--positive", "adeno", "--out", "report"],
             ["explore", "--reference", "mine", "--out", str(tmp_path / "map.html")],
+        ],
+        "bigquery": [
+            ["neighbors", "--reference", "bq://my-project.d.t", "--model", "CTFM", "--patient", "P001"],
+            ["references", "push", "mine", "--bigquery", "my-project.d.t"],
         ],
         "embed": [
             ["query", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "CTFM", "--reference", "mine"],

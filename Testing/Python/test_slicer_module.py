@@ -387,3 +387,30 @@ def test_the_parameter_node_fields_are_bound_to_widgets_in_the_ui():
             assert "Choice(" in fields[name], name
     code = (MODULE / "SimilarPatients.py").read_text(encoding="utf-8")
     assert "self._parameterNode.reference = " in code and "self._parameterNode.model = " in code
+
+
+def test_bigquery_references_are_listed_and_searched_only_after_their_opt_in(
+    slicer_module, nlst_home, nlst, monkeypatch
+):
+    pytest.importorskip("google.cloud.bigquery")
+    from bigquery_contract import BigQueryContractServer
+    from SimilarPatientsLib import SimilarPatientsError
+    from SimilarPatientsLib.cloud import client, parse_table
+    from SimilarPatientsLib.cloud.push import push
+
+    with BigQueryContractServer("my-project") as server:
+        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)  # the loopback BigQuery of the contract test
+        table = parse_table("my-project.embeddings.ctfm")
+        push(nlst, table, client.connect(table), models=["CTFM"])
+        logic = slicer_module.SimilarPatientsLogic(nlst_home)
+        logic.setBigQueryReferences([table.path])
+        assert logic.references() == ["nlst-sybil"]  # nothing leaves the machine before the user says so
+        with pytest.raises(SimilarPatientsError, match="Allow BigQuery searches"):
+            logic.neighbors(table.url, "CTFM", "100242", k=3)
+        logic.allowBigQuery(True)
+        assert slicer_module.SimilarPatientsLogic(nlst_home).references() == ["nlst-sybil", table.url]
+        hits = logic.neighbors(table.url, "CTFM", "100242", k=3)
+        local = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)
+        assert list(hits.PatientID) == list(local.PatientID) and hits.closer_than.isna().all()
+        assert slicer_module.cellText("closer_than", hits.closer_than.iloc[0]) == ""
+        assert server.violations == []

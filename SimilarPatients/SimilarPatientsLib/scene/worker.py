@@ -253,6 +253,7 @@ class _Worker:
         return image
 
     def query(self, request: dict, ident) -> dict:
+        from ..cloud import open_reference
         from ..imaging.tumor import tumors_from
         from ..models import registry
         from ..models.embedder import Embedder
@@ -272,7 +273,7 @@ class _Worker:
                 points=marks.get("points"),
                 boxes=marks.get("boxes"),
             )
-        reference = ReferenceStore(request.get("home")).open(request["reference"])
+        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
         spec = registry.get(request["model"])
         check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
         key = (spec.name, request.get("recipe"), request.get("weights"), request.get("device"))
@@ -310,7 +311,10 @@ class _Worker:
                 str(write_png(axial_thumbnail(image, e.seed), folder / f"query-{i + 1}.png"))
                 for i, e in enumerate(result.embeddings)
             ]
-        hits = result.hits.assign(closer_than=reference.closeness(spec.name, result.metric, result.hits.distance))
+        closeness = getattr(reference, "closeness", None)  # a BigQuery reference does not measure it
+        hits = result.hits.assign(
+            closer_than=closeness(spec.name, result.metric, result.hits.distance) if closeness else float("nan")
+        )
         return {
             "image_reused": request.get("image") is None,
             "hits": json.loads(hits.to_json(orient="records", double_precision=15)),

@@ -2,9 +2,10 @@
 :class:`SimilarPatientsError` naming the extra to install, not a bare ``ModuleNotFoundError``.
 
 The base install searches references and prints hits. Reading CT and running the encoders needs the
-``embed`` extra; maps and evaluation need ``analysis``. Heavy modules are imported on first use, never at
-import time, so every module of the library imports on the base install. Entry points call
-:func:`require` before any work, so a missing package stops them at once rather than minutes in.
+``embed`` extra; maps and evaluation need ``analysis``; references in BigQuery need ``bigquery``. Heavy
+modules are imported on first use, never at import time, so every module of the library imports on the
+base install. Entry points call :func:`require` before any work, so a missing package stops them at once
+rather than minutes in.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ EXTRAS = {
             "torch": "torch",
         },
     ),
+    "bigquery": (
+        "searching and pushing references in Google BigQuery",
+        {"google-cloud-bigquery": "google.cloud.bigquery"},
+    ),
 }
 
 
@@ -64,11 +69,20 @@ def require(extra: str) -> None:
 
 def missing_extra(extra: str, module: str) -> SimilarPatientsError:
     """The error for a missing package of ``extra``: what it is needed for and the install command."""
-    purpose = EXTRAS[extra][0]
+    purpose, packages = EXTRAS[extra]
+    if "torch" in packages:
+        how = (
+            f"Install torch first (the build for this machine: a CPU-only build where there is no GPU), then "
+            f"`pip install 'similar-patients[{extra}]'`. In 3D Slicer, the module installs it on first use."
+        )
+    else:
+        how = (
+            f"Install it with `pip install 'similar-patients[{extra}]'`; in 3D Slicer's Python console, "
+            f"`slicer.util.pip_install('{' '.join(packages)}')`."
+        )
     return SimilarPatientsError(
         f"{purpose[0].upper()}{purpose[1:]} needs the '{extra}' extra, and the package '{module}' is not installed. "
-        f"Install torch first (the build for this machine: a CPU-only build where there is no GPU), then "
-        f"`pip install 'similar-patients[{extra}]'`. In 3D Slicer, the module installs it on first use."
+        + how
     )
 
 

@@ -1,0 +1,206 @@
+"""A reference held in BigQuery, searched with the same call as a local :class:`Reference`.
+
+``search`` builds one statement (:mod:`.sql`), runs it with its parameters, and returns the hit table of
+``references.hits``: only the k hit rows come back from BigQuery, so the work here is proportional to k.
+The table's description, written by :func:`.push.push`, says its models, recipes and fields; reading it
+is a metadata call that bills nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import SimilarPatientsError
+from ..progress import ProgressCallback, report
+from ..references import schema
+from ..references.hits import hit_table
+from ..references.reference import METHODS, ModelInfo
+from ..search import filters
+from ..search.nearest import LesionMatch
+from . import client as bq
+from . import sql
+from .push import DESCRIPTION_KEY
+from .tables import TableName, parse_table
+
+log = logging.getLogger(__name__)
+
+
+class BigQueryReference:
+    """A reference in a BigQuery table (pushed with ``references push NAME --bigquery TABLE``).
+
+    ``maximum_bytes_billed`` stops any query that would bill more (None: no limit);
+    ``fraction_lists_to_search`` is passed to ``VECTOR_SEARCH`` (None: BigQuery's default)."""
+
+    def __init__(
+        self,
+        table: TableName | str,
+        client=None,
+        *,
+        project: str | None = None,
+        maximum_bytes_billed: int | None = bq.DEFAULT_MAXIMUM_BYTES_BILLED,
+        fraction_lists_to_search: float | None = None,
+    ):
+        self.table = parse_table(table) if isinstance(table, str) else table
+        self.client = client or bq.connect(self.table, project)
+        self.maximum_bytes_billed = maximum_bytes_billed
+        self.fraction_lists_to_search = fraction_lists_to_search
+        with bq.translated(self.table):
+            found = self.client.get_table(self.table.path)
+        self.column_types = {f.name: ("ARRAY" if f.mode == "REPEATED" else f.field_type) for f in found.schema}
+        self.manifest = _manifest(found.description, self.table)
+        self.name = self.table.url
+
+    def __repr__(self) -> str:
+        return f"BigQueryReference({self.name!r}, models={self.models})"
+
+    @property
+    def models(self) -> list:
+        return list(self.manifest["models"])
+
+    @property
+    def label_fields(self) -> list:
+        return list(self.manifest["label_fields"])
+
+    @property
+    def display_fields(self) -> list:
+        return list(self.manifest.get("display_fields") or self.label_fields)
+
+    @property
+    def index(self) -> dict | None:
+        """The vector index the push created (name, type, distance, stored columns), or None."""
+        return self.manifest.get("index")
+
+    def model_info(self, model: str) -> ModelInfo:
+        if model not in self.manifest["models"]:
+            raise SimilarPatientsError(
+                f"Reference '{self.name}' has no model '{model}'; it has: {', '.join(self.models)}."
+            )
+        info = self.manifest["models"][model]
+        return ModelInfo(model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], "")
+
+    def statement(
+        self,
+        model: str,
+        embeddings: np.ndarray | None = None,
+        patient: str | None = None,
+        k: int = 5,
+        metric: str = "cosine",
+        where: filters.Filters = None,
+        exclude: Sequence[str] = (),
+        method: str = "auto",
+    ) -> sql.Statement:
+        """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it): nearest to
+        ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself."""
+        if (embeddings is None) == (patient is None):
+            given = "both an embedding and a patient" if patient is not None else "neither"
+            raise SimilarPatientsError(
+                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
+            )
+        if method not in METHODS:
+            raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
+        info = self.model_info(model)
+        queries = None if embeddings is None else np.asarray(embeddings, dtype=np.float64)
+        if queries is not None and queries.shape[-1] != info.dim:
+            raise SimilarPatientsError(
+                f"The query embedding has {queries.shape[-1]} values but this model's reference embeddings have "
+                f"{info.dim}: it was made by another model, or another version of it."
+            )
+        spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
+        if method == "exact" or (method == "auto" and not self.index):
+            return sql.exact_search(self.table, spec, self.column_types)
+        # without an index VECTOR_SEARCH compares every row, so every filter applies before it
+        stored = self.index["stored"] if self.index else list(self.column_types)
+        max_lesions = int(self.manifest["models"][model].get("max_lesions", 1))
+        return sql.vector_search(
+            self.table,
+            spec,
+            self.column_types,
+            stored=stored,
+            max_lesions=max_lesions,
+            fraction_lists_to_search=self.fraction_lists_to_search,
+        )
+
+    def dry_run(self, statement: sql.Statement) -> int:
+        """The bytes ``statement`` would scan; nothing is run or billed."""
+        return bq.dry_run(self.client, self.table, statement)
+
+    def search(
+        self,
+        model: str,
+        embeddings: np.ndarray | None = None,
+        patient: str | None = None,
+        k: int = 5,
+        metric: str = "cosine",
+        where: filters.Filters = None,
+        exclude: Sequence[str] = (),
+        method: str = "auto",
+        progress: ProgressCallback | None = None,
+        query_lesions: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """As :meth:`Reference.search`; the hits' ``attrs["notes"]`` say what BigQuery billed, whether the
+        index was used, and what post-filters may have cut. A ``patient``'s lesions are read by the search
+        statement itself (one scan of the table, not two)."""
+        statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
+        report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
+        result = bq.run(self.client, self.table, statement, self.maximum_bytes_billed)
+        rows = result.rows
+        matches = [
+            LesionMatch(str(p), float(d), i, int(q))
+            for i, (p, d, q) in enumerate(zip(rows[schema.PATIENT], rows["distance"], rows["query_row"]))
+        ]
+        counts = dict(zip(rows[schema.PATIENT].astype(str), rows["patient_lesions"].astype(int)))
+        if patient is not None:  # the patient's lesion ids came back with the hits, by query row
+            query_lesions = dict(zip(rows["query_row"].astype(int), rows["query_lesion"].astype(str)))
+        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
+            query_lesions = [str(i + 1) for i in range(len(embeddings))]
+        approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
+        recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
+        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
+        hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient)
+        report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
+        return hits
+
+    def _notes(
+        self, statement: sql.Statement, result: bq.QueryResult, k: int, found: int, patient: str | None
+    ) -> list[str]:
+        gib = (result.bytes_billed or 0) / 2**30
+        notes = [f"BigQuery billed {gib:.3f} GiB ({result.bytes_processed or 0:,} bytes processed)"]
+        if "VECTOR_SEARCH(" in statement.sql:
+            if result.index_usage in (None, "UNUSED"):
+                reasons = "; ".join(r for r in result.index_unused_reasons if r) or "no reason given"
+                notes.append(
+                    f"the vector index was not used ({reasons}): the search compared every lesion (exact, but it "
+                    f"bills the whole table). Fix: create it (`references push NAME --bigquery {self.table.path} "
+                    f"--create-index`, on a table of 10 MB or more), wait until it is populated, and search with the "
+                    f"cosine metric it was built for"
+                )
+            elif result.index_usage == "PARTIALLY_USED":
+                notes.append("the vector index was partly used: rows not yet indexed were compared exactly")
+        notes += list(statement.notes)
+        if found == 0 and patient is not None:
+            notes.append(f"no hits: patient {patient} has no lesion of this model here, or none passed the filters")
+        if found < k and statement.notes:
+            notes.append(f"{found} of the {k} patients asked for passed the post-filters; --method exact finds all")
+        for note in notes:
+            log.info("%s: %s", self.table.path, note)
+        return notes
+
+
+def _manifest(text: str | None, table: TableName) -> dict:
+    """The manifest a push wrote into the table's description, or a clear error for a table without it."""
+    try:
+        manifest = json.loads(text or "")[DESCRIPTION_KEY]
+        if not {"models", "label_fields"} <= set(manifest):
+            raise KeyError("models")
+    except (ValueError, KeyError, TypeError):
+        raise SimilarPatientsError(
+            f"The BigQuery table {table.path} was not pushed by similar-patients: its description does not say "
+            f"its models and recipes. Import the table locally (`references import NAME --source FILE` from an "
+            f"export) and push it: `similar-patients references push NAME --bigquery {table.path}`."
+        ) from None
+    return manifest

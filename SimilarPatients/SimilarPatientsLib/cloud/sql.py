@@ -1,0 +1,300 @@
+"""BigQuery statements of a reference: the nearest-patient search (``VECTOR_SEARCH`` on the vector index,
+or an exact scan with ``COSINE_DISTANCE`` / ``EUCLIDEAN_DISTANCE``) and the vector index itself.
+
+Statements are plain text plus typed parameters, built here without any client so that they can be
+printed (``--print-sql``), parsed and run elsewhere (the tests run the exact scan on DuckDB). Every value a
+user gives travels as a query parameter: the query vectors, the model, each filter value, excluded
+patients. What BigQuery does not accept as a parameter is written as a checked literal: table and column
+names (:mod:`.tables`), ``top_k``, ``k``, the distance type and the ``options`` JSON.
+
+A search answers as :meth:`Reference.search` does: each patient's distance is that of its nearest pair of
+(query lesion, reference lesion), recomputed in float64 by the distance function; lesion ties go to the
+smaller ``lesion_id``, then the first query lesion; patients are ordered by distance, then PatientID.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import SimilarPatientsError
+from ..references import schema
+from ..search import filters
+from ..search.distances import check_metric
+from .tables import TableName, column
+
+#: local metric -> (VECTOR_SEARCH distance_type, exact distance function). BigQuery's default is EUCLIDEAN,
+#: so the distance type is always written out.
+DISTANCES = {"cosine": ("COSINE", "COSINE_DISTANCE"), "euclidean": ("EUCLIDEAN", "EUCLIDEAN_DISTANCE")}
+INDEX_TYPES = ("IVF", "TREE_AH")
+INDEX_NAME = "similar_patients_embedding"
+#: Columns a statement adds to the reference's own (a pushed table must not have them).
+ADDED_COLUMNS = ("query_row", "query_lesion", "distance", "patient_lesions", "nearest_rank")
+#: How many more lesions VECTOR_SEARCH returns when a filter can only be applied after it (post-filter).
+POST_FILTER_OVERFETCH = 10
+MAX_K = 10_000
+_NUMERIC_TYPES = frozenset({"INT64", "INTEGER", "FLOAT64", "FLOAT", "NUMERIC", "BIGNUMERIC"})
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One named query parameter: ``type`` is a BigQuery type (``STRING``, ``FLOAT64``, ``ARRAY<FLOAT64>``...)."""
+
+    name: str
+    type: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Statement:
+    """SQL text, its parameters, and what a reader of its results must know (e.g. post-filters)."""
+
+    sql: str
+    parameters: tuple[Parameter, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The statement and its parameters as ``--print-sql`` shows them (long vectors shortened)."""
+        lines = [self.sql.rstrip() + ";", "-- parameters:"]
+        for p in self.parameters:
+            value = p.value
+            if isinstance(value, list) and len(value) > 6:
+                value = f"[{', '.join(f'{v!r}' for v in value[:3])}, … {len(value)} values]"
+            lines.append(f"--   @{p.name} {p.type} = {value}")
+        lines += [f"-- note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What one search asks, independent of how the table is searched."""
+
+    model: str
+    queries: np.ndarray | None  #: (q, D) float64; None with ``patient``
+    k: int
+    metric: str = "cosine"
+    where: filters.Filters = None
+    exclude: tuple = ()
+    patient: str | None = None  #: search with this reference patient's lesions, read in the same statement
+
+
+def distance_of(metric: str) -> tuple[str, str]:
+    """(VECTOR_SEARCH distance_type, exact function) for a library metric; ``dot`` has no exact function."""
+    check_metric(metric)
+    if metric not in DISTANCES:
+        raise SimilarPatientsError(
+            f"BigQuery search supports the cosine and euclidean metrics, not '{metric}'; search with --metric cosine "
+            f"(or euclidean), or search a local copy of the reference for '{metric}'."
+        )
+    return DISTANCES[metric]
+
+
+def exact_search(table: TableName, spec: SearchSpec, column_types: Mapping[str, str]) -> Statement:
+    """Every lesion of the model compared (no index): the answer the local exact scan gives."""
+    builder = _Builder(spec, column_types, table)
+    conditions = builder.conditions(builder.terms)
+    _, function = distance_of(spec.metric)
+    candidates = f"SELECT * FROM {table.sql} WHERE {' AND '.join([builder.model_condition, *conditions])}"
+    pairs = (
+        f"SELECT c.* EXCEPT ({column(schema.EMBEDDING)}), q.* EXCEPT ({column(schema.EMBEDDING)}), "
+        f"{function}(c.{column(schema.EMBEDDING)}, q.{column(schema.EMBEDDING)}) AS distance\n"
+        f"  FROM ({candidates}) AS c\n  CROSS JOIN ({builder.query_table()}) AS q"
+    )
+    return builder.statement(table, pairs)
+
+
+def vector_search(
+    table: TableName,
+    spec: SearchSpec,
+    column_types: Mapping[str, str],
+    *,
+    stored: Collection[str],
+    max_lesions: int,
+    fraction_lists_to_search: float | None = None,
+) -> Statement:
+    """``VECTOR_SEARCH`` in its batch form, the query vectors as parameters in the query table.
+
+    Filters on ``stored`` columns (those the index stores) go into the base table query and are applied
+    before the search; others can only be applied to what the search returned (post-filters), so the
+    search over-fetches and the statement says that fewer than k patients may come back. ``max_lesions``
+    (the most lesions one patient has) sizes ``top_k`` so that k patients are reached."""
+    builder = _Builder(spec, column_types, table)
+    distance_type, function = distance_of(spec.metric)
+    stored = set(stored)
+    before = [t for t in builder.terms if t.field in stored]
+    after = [t for t in builder.terms if t.field not in stored]
+    base_conditions = [builder.model_condition, *builder.conditions(before)]
+    post_conditions = builder.conditions(after, qualifier="base.")  # VECTOR_SEARCH returns base, query, distance
+    # excluded patients are dropped after the search: top_k leaves room for all their lesions
+    top_k = (spec.k + len(spec.exclude)) * max(1, int(max_lesions))
+    notes = []
+    if after:
+        top_k *= POST_FILTER_OVERFETCH
+        fields = sorted({t.field for t in after})
+        notes.append(
+            f"the vector index does not store {', '.join(fields)}: those filters apply after the search "
+            f"(post-filter), which fetches {top_k} lesions per query lesion and can still return fewer than "
+            f"{spec.k} patients; store the columns in the index (push with --create-index) or search --method exact"
+        )
+    options = _options(fraction_lists_to_search)
+    embedding = column(schema.EMBEDDING)
+    found = (
+        f"SELECT base.* EXCEPT ({embedding}), query.* EXCEPT ({embedding}), "
+        f"{function}(base.{embedding}, query.{embedding}) AS distance\n"
+        f"  FROM VECTOR_SEARCH(\n"
+        f"    (SELECT * FROM {table.sql} WHERE {' AND '.join(base_conditions)}),\n"
+        f"    '{schema.EMBEDDING}',\n"
+        f"    ({builder.query_table()}),\n"
+        f"    '{schema.EMBEDDING}',\n"
+        f"    top_k => {_literal_int(top_k, 'top_k')},\n"
+        f"    distance_type => '{distance_type}'{options})"
+    )
+    if post_conditions:
+        found += f"\n  WHERE {' AND '.join(post_conditions)}"
+    return builder.statement(table, found, tuple(notes))
+
+
+def index_statement(table: TableName, stored: Sequence[str], index_type: str = "IVF") -> Statement:
+    """``CREATE OR REPLACE VECTOR INDEX`` on the embedding, cosine, ``STORING`` the columns filters use."""
+    if index_type not in INDEX_TYPES:
+        raise SimilarPatientsError(f"Unknown vector index type '{index_type}'; choose {' or '.join(INDEX_TYPES)}.")
+    storing = f" STORING({', '.join(column(c) for c in stored)})" if stored else ""
+    sql = (
+        f"CREATE OR REPLACE VECTOR INDEX {column(INDEX_NAME)} ON {table.sql}({column(schema.EMBEDDING)}){storing}\n"
+        f"OPTIONS(index_type = '{index_type}', distance_type = '{DISTANCES['cosine'][0]}')"
+    )
+    return Statement(sql)
+
+
+def _options(fraction_lists_to_search: float | None) -> str:
+    """The ``options`` argument: a JSON literal of checked numbers only."""
+    if fraction_lists_to_search is None:
+        return ""
+    fraction = float(fraction_lists_to_search)
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise SimilarPatientsError(
+            f"fraction_lists_to_search must be a number above 0 and at most 1 (the share of the index's lists "
+            f"searched); got {fraction_lists_to_search}."
+        )
+    return f",\n    options => '{json.dumps({'fraction_lists_to_search': fraction})}'"
+
+
+def _literal_int(value, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= 10**7:
+        raise SimilarPatientsError(f"{what} must be a whole number from 1 to 10,000,000; got {value!r}.")
+    return str(int(value))
+
+
+class _Builder:
+    """The parts every search statement shares: parameters, filter conditions, the query table, roll-up."""
+
+    def __init__(self, spec: SearchSpec, column_types: Mapping[str, str], table: TableName):
+        if isinstance(spec.k, bool) or not isinstance(spec.k, (int, np.integer)) or not 1 <= spec.k <= MAX_K:
+            raise SimilarPatientsError(f"k must be a whole number from 1 to {MAX_K:,}; got {spec.k!r}.")
+        self.spec = spec
+        self.table = table
+        self.types = {name: str(t).upper() for name, t in column_types.items()}
+        self.parameters: list[Parameter] = [Parameter("model", "STRING", str(spec.model))]
+        self.model_condition = f"{column(schema.MODEL)} = @model"
+        self.terms = filters.terms(spec.where)
+        for term in self.terms:
+            if term.field not in self.types or term.field == schema.EMBEDDING:
+                fields = ", ".join(c for c in self.types if c != schema.EMBEDDING)
+                raise SimilarPatientsError(f"No field '{term.field}' to filter on; this reference has: {fields}.")
+        self.exclude_condition = None
+        if spec.exclude:
+            self.parameters.append(Parameter("exclude", "ARRAY<STRING>", [str(p) for p in spec.exclude]))
+            self.exclude_condition = f"{column(schema.PATIENT)} NOT IN UNNEST(@exclude)"
+
+    def add(self, type_: str, value) -> str:
+        name = f"filter_{sum(p.name.startswith('filter_') for p in self.parameters)}"
+        self.parameters.append(Parameter(name, type_, value))
+        return f"@{name}"
+
+    def conditions(self, terms: Sequence[filters.FilterTerm], qualifier: str = "") -> list[str]:
+        """SQL conditions equal to :func:`filters.row_mask` on the same terms (a missing value matches only
+        ``!=``), each value a parameter; ``qualifier`` prefixes the column names."""
+        return [self._condition(term, qualifier) for term in terms]
+
+    def _condition(self, term: filters.FilterTerm, qualifier: str) -> str:
+        name = qualifier + column(term.field)
+        numeric = self.types[term.field] in _NUMERIC_TYPES
+        if term.operator in ("=", "!="):
+            if numeric:
+                values = []
+                for value in term.value:
+                    try:
+                        values.append(float(value))
+                    except (TypeError, ValueError):
+                        raise SimilarPatientsError(
+                            f"'{term.field}' holds numbers; '{value}' is not one. Write {term.field}=NUMBER, or "
+                            f"{term.field}>=NUMBER."
+                        ) from None
+                found = f"COALESCE(CAST({name} AS FLOAT64) IN UNNEST({self.add('ARRAY<FLOAT64>', values)}), FALSE)"
+            else:
+                values = [str(v).strip() for v in term.value]
+                found = f"COALESCE(TRIM(CAST({name} AS STRING)) IN UNNEST({self.add('ARRAY<STRING>', values)}), FALSE)"
+            return found if term.operator == "=" else f"NOT {found}"
+        if term.operator == "~":
+            value = self.add("STRING", str(term.value).lower())
+            return f"COALESCE(STRPOS(LOWER(CAST({name} AS STRING)), {value}) > 0, FALSE)"
+        try:
+            bound = float(term.value)
+        except ValueError:
+            raise SimilarPatientsError(f"'{term.value}' is not a number; {term.operator} compares numbers.") from None
+        number = f"CAST({name} AS FLOAT64)" if numeric else f"SAFE_CAST(TRIM(CAST({name} AS STRING)) AS FLOAT64)"
+        return f"COALESCE({number} {term.operator} {self.add('FLOAT64', bound)}, FALSE)"
+
+    def query_table(self) -> str:
+        """The query lesions as a one-row-per-vector table: ``(SELECT 0 AS query_row, @query AS embedding)``,
+        or a reference patient's lesions read from the table (with their ``query_lesion`` ids), which spares
+        a second scan of the table to fetch them."""
+        if self.spec.patient is not None:
+            self.parameters.append(Parameter("patient", "STRING", str(self.spec.patient)))
+            lesion, patient = column(schema.LESION), column(schema.PATIENT)
+            return (
+                f"SELECT ROW_NUMBER() OVER (ORDER BY {lesion}) - 1 AS query_row, {lesion} AS query_lesion, "
+                f"{column(schema.EMBEDDING)} FROM {self.table.sql}\n"
+                f"    WHERE {self.model_condition} AND {patient} = @patient"
+            )
+        queries = np.asarray(self.spec.queries, dtype=np.float64)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or not len(queries) or not np.isfinite(queries).all():
+            raise SimilarPatientsError("The query must be one finite embedding or a (lesions × length) array of them.")
+        rows = []
+        for i, vector in enumerate(queries):
+            name = "query" if len(queries) == 1 else f"query_{i}"
+            self.parameters.append(Parameter(name, "ARRAY<FLOAT64>", [float(v) for v in vector]))
+            rows.append(f"SELECT {i} AS query_row, @{name} AS {column(schema.EMBEDDING)}")
+        return " UNION ALL ".join(rows)
+
+    def statement(self, table: TableName, found: str, notes: tuple = ()) -> Statement:
+        """Lesion matches (``found``: lesion columns, ``query_row``, ``distance``) rolled up to patients:
+        each patient's nearest pair, the k nearest patients, and each one's lesion count in the model. Each
+        CTE is read once (BigQuery may evaluate a CTE once per reference); the counts read two small columns."""
+        patient, lesion = column(schema.PATIENT), column(schema.LESION)
+        exclude = f"\n  WHERE {self.exclude_condition}" if self.exclude_condition else ""
+        sql = (
+            f"WITH found AS (\n  {found}\n),\n"
+            f"nearest AS (\n"
+            f"  SELECT * EXCEPT (nearest_rank) FROM (\n"
+            f"    SELECT *, ROW_NUMBER() OVER (PARTITION BY {patient} ORDER BY distance, {lesion}, query_row) "
+            f"AS nearest_rank\n    FROM found{exclude.replace(chr(10), chr(10) + '  ')}\n  )\n"
+            f"  WHERE nearest_rank = 1\n"
+            f"  ORDER BY distance, {patient}\n"
+            f"  LIMIT {self.spec.k}\n),\n"
+            f"counts AS (\n"
+            f"  SELECT {patient}, COUNT(*) AS patient_lesions FROM {table.sql}\n"
+            f"  WHERE {self.model_condition}\n"
+            f"  GROUP BY {patient}\n)\n"
+            f"SELECT nearest.*, counts.patient_lesions\n"
+            f"FROM nearest JOIN counts USING ({patient})\n"
+            f"ORDER BY distance, {patient}"
+        )
+        return Statement(sql, tuple(self.parameters), notes)

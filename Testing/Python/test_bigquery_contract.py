@@ -1,0 +1,266 @@
+"""Contract test: the library's real google-cloud-bigquery client code against a loopback server that
+checks every request against the BigQuery REST contract (``bigquery_contract.py``): the push's Parquet
+load job (multipart and resumable upload), query jobs with typed parameters, dry runs, getQueryResults
+paging, the index DDL, and BigQuery's error bodies turned into the library's clear errors. Searches run
+on what the load uploaded and must give the local store's hits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from bigquery_contract import BigQueryContractServer
+from SimilarPatientsLib import SimilarPatientsError
+from SimilarPatientsLib.cloud import client as bq
+from SimilarPatientsLib.cloud import open_reference, parse_table
+from SimilarPatientsLib.cloud.push import push
+from SimilarPatientsLib.cloud.remote import BigQueryReference
+from SimilarPatientsLib.search import pairwise_distances
+
+bigquery = pytest.importorskip("google.cloud.bigquery")
+PROJECT = "my-project"
+ALL_MODELS = parse_table(f"{PROJECT}.embeddings.nlst_sybil")
+LENGTH_512 = parse_table(f"{PROJECT}.embeddings.nlst_sybil_512")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BigQueryContractServer(PROJECT) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from google.auth.credentials import AnonymousCredentials
+
+    return bigquery.Client(
+        project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": server.url}
+    )
+
+
+@pytest.fixture(scope="module")
+def pushed(nlst, server, client):
+    """NLST-Sybil pushed twice (the second push replaces the first), and its 512-long models with an index."""
+    first = push(nlst, ALL_MODELS, client)
+    again = push(nlst, ALL_MODELS, client)
+    indexed = push(nlst, LENGTH_512, client, models=["CTClipVit", "CTFM", "Merlin", "SUPREME"], create_index=True)
+    return first, again, indexed
+
+
+def test_contract_push_is_one_parquet_load_job_that_replaces_the_table(nlst, server, pushed):
+    first, again, indexed = pushed
+    assert server.violations == []
+    assert first.rows == again.rows == len(nlst.lesions()) and first.bytes == again.bytes > 20e6
+    # over 5 MB the client uploads resumably; the index DDL ran once, on the one-length table of 12 MB
+    assert len(server.asked("POST", "upload")) == 3 and len(server.asked("PUT", "upload")) == 3
+    assert server.tables[ALL_MODELS.path]["index"] is None
+    assert indexed.index == "IVF" and server.tables[LENGTH_512.path]["index"]["stored"][:3] == [
+        "model",
+        "recipe",
+        "PatientID",
+    ]
+    fields = {f["name"]: (f["type"], f["mode"]) for f in server.tables[ALL_MODELS.path]["fields"]}
+    assert fields["embedding"] == ("FLOAT", "REPEATED")
+    manifest = json.loads(server.tables[LENGTH_512.path]["description"])["similar_patients"]
+    assert sorted(manifest["models"]) == ["CTClipVit", "CTFM", "Merlin", "SUPREME"]
+    assert manifest["index"]["type"] == "IVF" and manifest["models"]["CTFM"]["max_lesions"] >= 2
+
+
+def test_contract_small_table_gets_no_index_and_says_why(nlst, server, client):
+    small = parse_table(f"{PROJECT}.embeddings.ctfm")
+    result = push(nlst, small, client, models=["CTFM"], create_index=True)
+    assert result.index is None and "never populates an index" in result.notes[0]
+    assert len(server.asked("POST", "upload")) >= 1 and server.violations == []
+
+
+def test_contract_a_push_refuses_an_index_over_embeddings_of_several_lengths_before_loading(nlst, client, server):
+    uploads = len(server.asked("POST", "upload"))
+    with pytest.raises(SimilarPatientsError, match="one length"):
+        push(nlst, ALL_MODELS, client, create_index=True)
+    assert len(server.asked("POST", "upload")) == uploads
+
+
+@pytest.mark.parametrize("where", [[], ["histology~adeno"], ["stage=IA,IB", "age>=60"], ["sex!=M"]])
+def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and_paging(
+    nlst, server, client, pushed, where
+):
+    remote = BigQueryReference(ALL_MODELS, client)
+    assert remote.models == nlst.models and remote.label_fields == nlst.label_fields
+    pages = len([q for q in server.asked("GET", "queries") if q.get("pageToken")])
+    for model in nlst.models:
+        patient = nlst.lesions(model)["PatientID"].iloc[100]
+        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient])
+        hits = remote.search(model, patient=patient, k=10, where=where, exclude=[patient], method="exact")
+        assert list(hits["PatientID"]) == list(local["PatientID"])
+        np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
+        for column in ("lesion_id", "query_lesion", "lesions", "SeriesInstanceUID", "viewer_url", "search"):
+            assert list(hits[column]) == list(local[column]), column
+        assert list(hits.columns) == list(local.columns)
+        assert "BigQuery billed" in hits.attrs["notes"][0]
+    assert server.violations == []
+    # 10 hits in pages of 4 rows: the client followed the page tokens
+    assert len([q for q in server.asked("GET", "queries") if q.get("pageToken")]) > pages
+
+
+def test_contract_vector_search_reports_an_unused_index_with_its_fix(nlst, server, client, pushed):
+    remote = BigQueryReference(LENGTH_512, client, fraction_lists_to_search=0.1)
+    vector = nlst.space("CTFM").vectors[3]
+    hits = remote.search("CTFM", embeddings=vector, k=5)  # auto: the table has an index
+    local = nlst.search("CTFM", embeddings=vector, k=5)
+    assert list(hits["PatientID"]) == list(local["PatientID"])
+    np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
+    notes = " ".join(hits.attrs["notes"])
+    assert "the vector index was not used (The vector index is still being built.)" in notes
+    assert "--create-index" in notes and set(hits["search"]) == {"exact"}
+    assert server.violations == []
+
+
+def test_contract_dry_run_reports_the_bytes_and_runs_nothing(nlst, server, client, pushed):
+    remote = BigQueryReference(ALL_MODELS, client)
+    statement = remote.statement("CTFM", nlst.space("CTFM").vectors[0], k=5, method="exact")
+    jobs = len(server.jobs)
+    scanned = remote.dry_run(statement)
+    assert scanned == server.tables[ALL_MODELS.path]["bytes"] > 20e6
+    assert len(server.jobs) == jobs + 1 and "result" not in list(server.jobs.values())[-1]
+    inserted = server.asked("POST", "jobs")
+    assert inserted and server.violations == []
+
+
+def test_contract_maximum_bytes_billed_stops_the_query_with_what_to_do(nlst, server, client, pushed):
+    remote = BigQueryReference(ALL_MODELS, client, maximum_bytes_billed=1_000_000)
+    needed = server.tables[ALL_MODELS.path]["bytes"]
+    expected = rf"would bill more than 1,000,000 bytes.*{needed} or higher.*--dry-run.*--maximum-bytes-billed"
+    with pytest.raises(SimilarPatientsError, match=expected):
+        remote.search("CTFM", embeddings=nlst.space("CTFM").vectors[0], k=5, method="exact")
+
+
+@pytest.mark.parametrize(
+    "route, status, reason, expected",
+    [
+        ("GET tables", 404, "notFound", "push a reference there first"),
+        ("GET tables", 403, "accessDenied", "Permission denied on my-project.embeddings.nlst_sybil.*Job User"),
+        ("POST jobs", 403, "quotaExceeded", "quota exceeded.*--billing-project"),
+        ("POST jobs", 403, "billingNotEnabled", "Billing is not enabled"),
+    ],
+)
+def test_contract_error_bodies_become_clear_errors(nlst, server, client, pushed, route, status, reason, expected):
+    server.fail(route, status, reason, f"simulated {reason}")
+    with pytest.raises(SimilarPatientsError, match=expected):
+        BigQueryReference(ALL_MODELS, client).search("CTFM", embeddings=nlst.space("CTFM").vectors[0], method="exact")
+    assert not server.failures
+
+
+def test_contract_a_table_not_pushed_by_the_library_is_refused(server, client, pushed):
+    server.tables[f"{PROJECT}.embeddings.foreign"] = {**server.tables[ALL_MODELS.path], "description": "IDC table"}
+    with pytest.raises(SimilarPatientsError, match="was not pushed by similar-patients"):
+        BigQueryReference(f"bq://{PROJECT}.embeddings.foreign", client)
+
+
+def test_missing_credentials_say_how_to_log_in(tmp_path, monkeypatch):
+    for variable in ("GOOGLE_APPLICATION_CREDENTIALS", "BIGQUERY_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud login here
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # and not on a Google Cloud machine
+    with pytest.raises(SimilarPatientsError, match="gcloud auth application-default login"):
+        bq.connect(ALL_MODELS)
+
+
+def test_a_bq_name_opens_a_bigquery_reference_and_others_the_local_store(nlst_home, server, pushed, monkeypatch):
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
+    from SimilarPatientsLib import ReferenceStore
+
+    remote = open_reference(ALL_MODELS.url)
+    assert isinstance(remote, BigQueryReference) and remote.name == "bq://my-project.embeddings.nlst_sybil"
+    local = open_reference("nlst-sybil", ReferenceStore(nlst_home))
+    assert local.name == "nlst-sybil" and open_reference(local) is local
+
+
+def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_home, server, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)  # a test server: no credentials
+    table = f"{PROJECT}.embeddings.cli_ctfm"
+    assert main(["references", "push", "nlst-sybil", "--bigquery", table, "--model", "CTFM", "--create-index"]) == 0
+    pushed = capsys.readouterr().out
+    assert "never populates an index" in pushed and f"--reference bq://{table}" in pushed
+    search = ["neighbors", "--model", "CTFM", "--patient", "100012", "-k", "6", "--where", "stage=IA,IB", "--json"]
+    assert main([*search, "--reference", "nlst-sybil"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*search, "--reference", f"bq://{table}"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert [h["PatientID"] for h in remote] == [h["PatientID"] for h in local]
+    np.testing.assert_allclose([h["distance"] for h in remote], [h["distance"] for h in local], atol=1e-6)
+    assert main([*search[:-1], "--reference", f"bq://{table}"]) == 0
+    assert "note: BigQuery billed" in capsys.readouterr().out
+    jobs = len(server.jobs)
+    assert main([*search[:-1], "--reference", f"bq://{table}", "--print-sql"]) == 0
+    printed = capsys.readouterr().out
+    assert "COSINE_DISTANCE(" in printed and "--   @patient STRING = 100012" in printed and len(server.jobs) == jobs
+    assert main([*search[:-1], "--reference", f"bq://{table}", "--dry-run"]) == 0
+    assert f"would process {server.tables[table]['bytes']:,} bytes" in capsys.readouterr().out
+    assert main([*search[:-1], "--reference", "nlst-sybil", "--print-sql"]) == 2
+    assert "for BigQuery references" in capsys.readouterr().err
+    assert main([*search[:-1], "--reference", "bq://my-project.embeddings.absent"]) == 2
+    assert "push a reference there first" in capsys.readouterr().err
+    assert server.violations == []
+
+
+def test_contract_post_filters_apply_to_what_vector_search_returned(nlst, server, client, pushed):
+    remote = BigQueryReference(LENGTH_512, client)
+    remote.manifest["index"] = {**remote.index, "stored": ["model", "PatientID", "lesion_id"]}  # an older index
+    vector = nlst.space("CTFM").vectors[10]
+    hits = remote.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
+    local = nlst.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"])
+    assert list(hits["PatientID"]) == list(local["PatientID"])
+    assert any("post-filter" in note and "histology" in note for note in hits.attrs["notes"])
+    # a filter too narrow for the over-fetch returns fewer than k patients, and says so
+    lesions = nlst.lesions("CTFM")
+    statement = remote.statement("CTFM", vector, k=5, where=["histology=x"], method="approximate")
+    top_k = int(re.search(r"top_k => (\d+)", statement.sql).group(1))
+    nearest_rows = np.argsort(pairwise_distances(nlst.space("CTFM").vectors, vector[None, :], "cosine")[:, 0])[:top_k]
+    within = lesions.iloc[nearest_rows].groupby("histology")["PatientID"].nunique()
+    every = lesions.groupby("histology")["PatientID"].nunique()
+    cut = [h for h in every.index if within.get(h, 0) < min(5, every[h]) and within.get(h, 0) > 0]
+    rare, reachable = cut[0], within[cut[0]]  # a histology some of whose patients lie beyond the over-fetch
+    few = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="approximate")
+    exact = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="exact")
+    assert len(few) == min(5, reachable) < len(exact)
+    assert any("passed the post-filters; --method exact finds all" in note for note in few.attrs["notes"])
+    assert server.violations == []
+
+
+def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path, server, monkeypatch, capsys):
+    pytest.importorskip("SimpleITK")
+    from conftest import descriptor_reference
+    from SimilarPatientsLib.imaging.tumor import from_binary_mask
+    from SimilarPatientsLib.query import query_image
+    from synthetic_ct import tumor_ct
+
+    rng = np.random.default_rng(4)
+    stored = descriptor_reference(tmp_path / "home", 3, rng)
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
+    table = parse_table(f"{PROJECT}.embeddings.tumors")
+    push(stored, table, bq.connect(table))
+    image, mask, _ = tumor_ct("spiculated", rng)
+    local = query_image(image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"])
+    remote = query_image(image, from_binary_mask(mask), "TumorDescriptor", table.url, k=4, where=["kind!=cavitary"])
+    assert list(remote.hits["PatientID"]) == list(local.hits["PatientID"]) and len(local.hits) == 4
+    np.testing.assert_allclose(remote.hits["distance"], local.hits["distance"], atol=1e-6)
+    assert remote.reference == table.url and server.violations == []
+    # the command line: the statement of an image query, with its query vector as a typed parameter
+    import SimpleITK as sitk
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    argv = ["query", "--image", str(tmp_path / "ct.nrrd"), "--mask", str(tmp_path / "mask.nrrd")]
+    argv += ["--model", "TumorDescriptor", "--reference", table.url, "-k", "4", "--print-sql", "--dry-run"]
+    jobs = len(server.jobs)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(SELECT 0 AS query_row, @query AS `embedding`)" in printed and "--   @query ARRAY<FLOAT64> = [" in printed
+    assert "Dry run: the search would process" in printed and len(server.jobs) == jobs + 1
