@@ -230,8 +230,9 @@ def test_without_a_published_hash_the_first_download_is_recorded_and_a_changed_u
     assert recorded == __import__("hashlib").sha256(first).hexdigest()
     assert main(["models", "list", "--json"]) == 0
     rows = {row["model"]: row for row in __import__("json").loads(capsys.readouterr().out)}
-    assert rows["SUPREME"]["verified"] == f"no published sha256; first download's {recorded[:12]}…, branch head"
-    assert rows["CTClipVit"]["verified"] == "no published sha256; recorded at first download, branch head"
+    assert rows["SUPREME"]["sha256"] == f"recorded {recorded[:10]}…" and rows["SUPREME"]["revision"] == "branch head"
+    assert rows["CTClipVit"]["sha256"] == "none published: recorded at first download"
+    assert rows["FMCIB"]["revision"] == "pinned" and rows["TumorDescriptor"]["sha256"] == ""
 
     weights.cached_path("SUPREME", source).unlink()
     handler.files["/s.pth"] = first[:-8] + b"changed!"  # the upstream file was replaced
@@ -248,7 +249,7 @@ def test_a_pinned_source_with_a_published_hash_says_so():
         url="https://huggingface.co/o/r/resolve/" + "a" * 40 + "/model.safetensors",
         sha256="0" * 64,
     )
-    assert source.pinned and registry._verification("CTFM", source) == "published sha256, pinned revision"
+    assert source.pinned and registry._sha256_check("CTFM", source) == "published"
     assert registry.get("FMCIB").weights.pinned  # a Zenodo record file
     assert registry.get("PASTA").weights.url.endswith("/PASTA%20final.pth")
 

@@ -195,7 +195,7 @@ MODELS: dict[str, ModelSpec] = {
             _hugging_face(
                 "surajpaib/PASTA-Model",
                 "PASTA final.pth",
-                "not confirmed offline: read the model card (surajpaib/PASTA-Model) before use",
+                "not confirmed offline: read the model card before use",
                 needs_acknowledgement=True,
             ),
             "PASTA: nnU-Net-style 3D U-Net encoder (1024 channels), pretrained on synthetic CT lesions",
@@ -210,7 +210,7 @@ MODELS: dict[str, ModelSpec] = {
             _hugging_face(
                 "stanfordmimi/Merlin",
                 "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
-                "not confirmed offline: read the model card (stanfordmimi/Merlin) before use",
+                "not confirmed offline: read the model card before use",
                 needs_acknowledgement=True,
             ),
             "Merlin: I3D ResNet-152 image encoder and contrastive head, CT-report-EHR pretraining",
@@ -241,7 +241,7 @@ MODELS: dict[str, ModelSpec] = {
             _hugging_face(
                 "datasets/ibrahimhamamci/CT-RATE",
                 "models/CT-CLIP-Related/CT-CLIP_v2.pt",
-                "CC BY-NC-SA 4.0 (CT-RATE terms; the dataset is gated: accept them on its page)",
+                "CC BY-NC-SA 4.0 (CT-RATE; gated: accept its terms)",
                 _NONCOMMERCIAL,
             ),
             "CT-CLIP: CTViT image encoder (factorised spatial/temporal transformer), CT-report contrastive",
@@ -296,19 +296,17 @@ def summary() -> pd.DataFrame:
                 if source.size is None
                 else f"{source.size / 1e6:.0f}",
                 "weights": "not needed" if source is None else "yes" if state.present else "no",
-                "verified": "" if source is None else _verification(spec.name, source),
+                "sha256": "" if source is None else _sha256_check(spec.name, source),
+                "revision": "" if source is None else "pinned" if source.pinned else "branch head",
             }
         )
     return pd.DataFrame(rows)
 
 
-def _verification(model: str, source: WeightSource) -> str:
-    """How a download is checked: the publisher's sha256, or the one recorded at the first download (none is
-    published); and whether the URL pins one version."""
-    revision = "pinned revision" if source.pinned else "branch head"
+def _sha256_check(model: str, source: WeightSource) -> str:
+    """What a download is checked against: the publisher's sha256, or (none published) the first download's,
+    recorded then."""
     if source.sha256:
-        return f"published sha256, {revision}"
+        return "published"
     recorded = weights.recorded_sha256(model, source)
-    if recorded:
-        return f"no published sha256; first download's {recorded[:12]}…, {revision}"
-    return f"no published sha256; recorded at first download, {revision}"
+    return f"recorded {recorded[:10]}…" if recorded else "none published: recorded at first download"
