@@ -284,7 +284,7 @@ def test_model_status_filters_and_where_through_the_logic(slicer_module, nlst_ho
     status = logic.modelStatus("nlst-sybil", "CTFM")
     assert status.startswith("CTFM (tumorimagingbench): Apache-2.0;") and "downloads at least 311 MB" in status
     merlin = logic.modelStatus("nlst-sybil", "Merlin")  # all six NLST-Sybil models run from an image
-    assert merlin.startswith("Merlin (tumorimagingbench): not confirmed offline") and "474 MB" in merlin
+    assert merlin.startswith("Merlin (tumorimagingbench): MIT per the authors' code") and "474 MB" in merlin
 
 
 def test_a_model_without_a_network_is_searched_by_patient_only(slicer_module, tmp_path):

@@ -195,7 +195,7 @@ MODELS: dict[str, ModelSpec] = {
             _hugging_face(
                 "surajpaib/PASTA-Model",
                 "PASTA final.pth",
-                "not confirmed offline: read the model card before use",
+                "MIT per the authors' code (LWHYC/PASTA); weights card unconfirmed",
                 needs_acknowledgement=True,
             ),
             "PASTA: nnU-Net-style 3D U-Net encoder (1024 channels), pretrained on synthetic CT lesions",
@@ -210,7 +210,7 @@ MODELS: dict[str, ModelSpec] = {
             _hugging_face(
                 "stanfordmimi/Merlin",
                 "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
-                "not confirmed offline: read the model card before use",
+                "MIT per the authors' code (merlin-vlm); weights card unconfirmed",
                 needs_acknowledgement=True,
             ),
             "Merlin: I3D ResNet-152 image encoder and contrastive head, CT-report-EHR pretraining",
