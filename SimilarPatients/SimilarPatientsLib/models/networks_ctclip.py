@@ -74,8 +74,15 @@ class CosineAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
+class _GEGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return F.gelu(gate) * x
+
+
 class GatedFeedForward(nn.Sequential):
-    """Layer norm, a GEGLU of inner width 4·2/3·dim, and the projection back (no biases)."""
+    """Layer norm, a GEGLU of inner width 4·2/3·dim, and the projection back (no biases); the identity
+    stands where upstream has a (zero) dropout, so that the indices, hence the key names, are upstream's."""
 
     def __init__(self, dim: int):
         inner = int(4 * (2 / 3) * dim)
@@ -86,12 +93,6 @@ class GatedFeedForward(nn.Sequential):
             nn.Identity(),
             nn.Linear(inner, dim, bias=False),
         )
-
-
-class _GEGLU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = x.chunk(2, dim=-1)
-        return F.gelu(gate) * x
 
 
 class FactorisedTransformer(nn.Module):
@@ -154,6 +155,8 @@ class CosineCodebook(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
+    """The ``vq`` module: only its codebook is used at inference (its projections are identities)."""
+
     def __init__(self, size: int, dim: int):
         super().__init__()
         self._codebook = CosineCodebook(size, dim)
