@@ -187,10 +187,11 @@ def gpu_throughput(name: str, batches=(1, 32, 128), seconds: float = 3.0) -> lis
         embedder = Embedder(name, accept_licence=True, device="cuda", precision=precision, batch_size=max(batches))
         for batch in batches:
             host = np.random.default_rng(0).random((batch, 1, *spec.recipe.size), dtype=np.float32)
+            encoder = embedder.encoder  # a NetworkEncoder: the bare network and the embedding path's forward
             bare = _crops_per_second(
-                partial(_bare_forward, embedder.network, torch.from_numpy(host).cuda(), precision), batch, seconds
+                partial(_bare_forward, encoder.network, torch.from_numpy(host).cuda(), precision), batch, seconds
             )
-            path = _crops_per_second(partial(embedder.forward, host), batch, seconds)
+            path = _crops_per_second(partial(encoder.forward, host), batch, seconds)
             rows.append(
                 {
                     "model": name,
