@@ -139,8 +139,8 @@ def test_ct_clip_keys_and_shapes_are_the_ctvit_encoders():
 
 
 def _random_network(name: str) -> torch.nn.Module:
-    """The network with random weights, running statistics and (CT-CLIP) a unit-norm codebook, so that
-    every part shapes the embedding."""
+    """The network with random weights, running statistics and (CT-CLIP) codebook, so that every part
+    shapes the embedding."""
     torch.manual_seed(0)
     network = registry.get(name).build().eval()
     with torch.no_grad():
@@ -149,8 +149,8 @@ def _random_network(name: str) -> torch.nn.Module:
                 tensor.uniform_(0.5, 1.5)
             elif key.endswith("running_mean"):
                 tensor.normal_(0, 0.1)
-            elif key.endswith("vq._codebook.embed"):
-                tensor.copy_(torch.nn.functional.normalize(torch.randn_like(tensor), dim=-1))
+            elif key.endswith("vq._codebook.embed"):  # entries of unequal length, as training leaves them
+                tensor.copy_(torch.randn_like(tensor) * torch.rand(*tensor.shape[:-1], 1) / 20)
     return network
 
 
@@ -223,6 +223,15 @@ def test_a_checkpoint_missing_a_key_or_holding_a_foreign_one_is_refused_with_the
     with pytest.raises(SimilarPatientsError) as error:
         checkpoints.load_strict(network, state, str(path))
     assert f"1 missing: {dropped}" in str(error.value) and "1 unexpected: extra.weight" in str(error.value)
+
+
+def test_ct_clip_quantises_by_cosine_similarity_and_returns_the_entry_as_stored():
+    from SimilarPatientsLib.models.networks_ctclip import CosineCodebook
+
+    codebook = CosineCodebook(2, 2)
+    codebook.embed.copy_(torch.tensor([[[10.0, 0.0], [0.3, 0.4]]]))
+    tokens = torch.tensor([[0.8, 0.6], [5.0, 1.0]])  # nearer [0.6, 0.8] in angle; nearer [1, 0]
+    np.testing.assert_array_equal(codebook(tokens).numpy(), [[0.3, 0.4], [10.0, 0.0]])
 
 
 def test_ct_clip_refuses_a_crop_that_is_not_whole_patches():

@@ -142,16 +142,18 @@ class ContinuousPositionBias(nn.Module):
 
 
 class CosineCodebook(nn.Module):
-    """The quantiser's codebook (``_codebook.embed``, 1 x size x dim): each token becomes the entry of
-    highest cosine similarity."""
+    """The quantiser's codebook (``_codebook.embed``, 1 x size x dim; vector-quantize-pytorch 1.1.2, as
+    CT-CLIP pins): each token becomes the entry of highest cosine similarity, returned as stored (the
+    entries are compared normalised but not normalised on output)."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
         self.register_buffer("embed", torch.zeros(1, size, dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        codes = (F.normalize(tokens, dim=-1) @ self.embed[0].T).argmax(dim=-1)
-        return self.embed[0][codes]
+        codebook = self.embed[0]
+        codes = (F.normalize(tokens, dim=-1) @ F.normalize(codebook, dim=-1).T).argmax(dim=-1)
+        return codebook[codes]
 
 
 class VectorQuantizer(nn.Module):
