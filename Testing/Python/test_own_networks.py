@@ -225,13 +225,24 @@ def test_a_checkpoint_missing_a_key_or_holding_a_foreign_one_is_refused_with_the
     assert f"1 missing: {dropped}" in str(error.value) and "1 unexpected: extra.weight" in str(error.value)
 
 
+def test_a_checkpoint_holding_monai_metatensors_loads_as_plain_tensors(checkpoints_folder, tmp_path, home):
+    from monai.data import MetaTensor
+
+    network, _ = checkpoints_folder["CTClipVit"]
+    state = {k: MetaTensor(v.clone()) for k, v in network.state_dict().items()}
+    embedder = Embedder("CTClipVit", weights=upstream_checkpoint("CTClipVit", state, tmp_path))
+    loaded = embedder.encoder.network.state_dict()
+    assert all(type(v) is torch.Tensor for v in loaded.values())
+    torch.testing.assert_close(loaded["vq._codebook.embed"], network.state_dict()["vq._codebook.embed"])
+
+
 def test_ct_clip_quantises_by_cosine_similarity_and_returns_the_entry_as_stored():
     from SimilarPatientsLib.models.networks_ctclip import CosineCodebook
 
     codebook = CosineCodebook(2, 2)
     codebook.embed.copy_(torch.tensor([[[10.0, 0.0], [0.3, 0.4]]]))
     tokens = torch.tensor([[0.8, 0.6], [5.0, 1.0]])  # nearer [0.6, 0.8] in angle; nearer [1, 0]
-    np.testing.assert_array_equal(codebook(tokens).numpy(), [[0.3, 0.4], [10.0, 0.0]])
+    assert torch.equal(codebook(tokens), codebook.embed[0][[1, 0]])  # the second entry, then the first
 
 
 def test_ct_clip_refuses_a_crop_that_is_not_whole_patches():
