@@ -35,7 +35,7 @@ def upstream_checkpoint(name: str, state: dict, folder: Path) -> Path:
     elif name == "PASTA":
         payload = {f"module.{k}": v for k, v in state.items()}
         payload |= {"module.tu.0.weight": other, "module.conv_blocks_localization.0.0.blocks.0.conv.weight": other}
-        payload |= {"module.seg_outputs.0.weight": other}
+        payload |= {"module.seg_outputs.0.weight": other, "module.head.0.weight": other}
         file = "PASTA final.pth"
     elif name == "Merlin":
         payload = {f"encode_image.{k}": v for k, v in state.items()}

@@ -190,7 +190,7 @@ MODELS: dict[str, ModelSpec] = {
             CheckpointFormat(
                 containers=("state_dict", "model"),
                 prefixes=("module.", ""),
-                ignore=("conv_blocks_localization.", "tu.", "seg_outputs."),
+                ignore=("conv_blocks_localization.", "tu.", "seg_outputs.", "head."),
             ),
             _hugging_face(
                 "surajpaib/PASTA-Model",
