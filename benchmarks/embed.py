@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "SimilarPatients"), str(ROOT / "Testing" / "Python")]
 
-MODELS = ("FMCIB", "CTFM", "VISTA3D", "SUPREME", "ModelsGen", "Voco", "TumorDescriptor")
+MODELS = ("FMCIB", "CTFM", "VISTA3D", "SUPREME", "ModelsGen", "Voco", "PASTA", "Merlin", "CTClipVit", "TumorDescriptor")
 
 
 def make_study(folder: Path) -> list:
@@ -75,7 +75,10 @@ def run_model(name: str, folder: Path, tumors: list, repeats: int) -> dict:
     start = time.perf_counter()
     if spec.build is not None:
         import monai.networks.nets  # noqa: F401  (imported once per process, timed apart from the load)
-        import SimilarPatientsLib.models.networks  # noqa: F401
+        import SimilarPatientsLib.models.networks
+        import SimilarPatientsLib.models.networks_ctclip
+        import SimilarPatientsLib.models.networks_merlin
+        import SimilarPatientsLib.models.networks_pasta  # noqa: F401
     imports = time.perf_counter() - start
     start = time.perf_counter()
     embedder = Embedder(name, accept_licence=True)
@@ -184,10 +187,11 @@ def gpu_throughput(name: str, batches=(1, 32, 128), seconds: float = 3.0) -> lis
         embedder = Embedder(name, accept_licence=True, device="cuda", precision=precision, batch_size=max(batches))
         for batch in batches:
             host = np.random.default_rng(0).random((batch, 1, *spec.recipe.size), dtype=np.float32)
+            encoder = embedder.encoder  # a NetworkEncoder: the bare network and the embedding path's forward
             bare = _crops_per_second(
-                partial(_bare_forward, embedder.network, torch.from_numpy(host).cuda(), precision), batch, seconds
+                partial(_bare_forward, encoder.network, torch.from_numpy(host).cuda(), precision), batch, seconds
             )
-            path = _crops_per_second(partial(embedder.forward, host), batch, seconds)
+            path = _crops_per_second(partial(encoder.forward, host), batch, seconds)
             rows.append(
                 {
                     "model": name,

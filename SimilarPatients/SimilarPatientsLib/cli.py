@@ -456,8 +456,6 @@ def _models(args) -> None:
         print(_json(table))
     else:
         print(table.to_string(index=False))
-        for name, reason in registry.NOT_AVAILABLE.items():
-            print(f"not available: {name}: {reason}")
 
 
 def _demo(args, store: ReferenceStore, progress: _Bars) -> None:

@@ -20,7 +20,7 @@ RECIPES = {
     "VISTA3D/SUPREME/ModelsGen": recipes.tumorimagingbench("RAS"),
     "PASTA": recipes.tumorimagingbench("LPS"),
     "Merlin": recipes.tumorimagingbench("RAS", window=(-1000, 1000)),
-    "CTClipVit": recipes.tumorimagingbench("SLP", (-1000, 1000), 60, (0.75, 0.75, 1.5), (-1.0, 1.0)),
+    "CTClipVit": recipes.tumorimagingbench("SLP", (-1000, 1000), 60, (1.5, 0.75, 0.75), (-1.0, 1.0)),
     "Voco": recipes.tumorimagingbench("RAS", size=64),
 }
 

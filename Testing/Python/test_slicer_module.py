@@ -291,7 +291,16 @@ def test_model_status_filters_and_where_through_the_logic(slicer_module, nlst_ho
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
     status = logic.modelStatus("nlst-sybil", "CTFM")
     assert status.startswith("CTFM (tumorimagingbench): Apache-2.0;") and "downloads at least 311 MB" in status
-    assert "search by patient only" in logic.modelStatus("nlst-sybil", "Merlin")
+    merlin = logic.modelStatus("nlst-sybil", "Merlin")  # all six NLST-Sybil models run from an image
+    assert merlin.startswith("Merlin (tumorimagingbench): MIT per the authors' code") and "474 MB" in merlin
+
+
+def test_a_model_without_a_network_is_searched_by_patient_only(slicer_module, tmp_path):
+    from conftest import store_frame, synthetic_frame
+
+    store_frame(synthetic_frame(n_patients=6, models=("HomeGrown",)), tmp_path, "own")
+    status = slicer_module.SimilarPatientsLogic(tmp_path).modelStatus("own", "HomeGrown")
+    assert "search by patient only" in status and "Unknown model 'HomeGrown'" in status
 
 
 def test_the_download_opt_in_is_kept_in_the_settings_and_can_be_taken_back(slicer_module, home):

@@ -87,5 +87,7 @@ def load_strict(network, state: dict, source: str) -> None:
             f"The weights in {source} do not fit the network: {'; '.join(parts)}. It is another model's "
             f"checkpoint or another version."
         )
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    torch = optional_import("torch", "embed")
+    # plain tensors of the network's dtypes (a checkpoint may hold tensor subclasses, e.g. MONAI MetaTensors)
+    state = {k: v.as_subclass(torch.Tensor).to(expected[k].dtype) for k, v in state.items()}
     network.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the weights

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -23,13 +25,12 @@ from .weights import WeightSource
 _NONCOMMERCIAL = True
 
 
-def _network(builder: str, **arguments) -> Callable:
-    """A builder that imports torch and MONAI only when a network is built (``models list`` needs neither)."""
+def _network(builder: str, module: str = "networks", **arguments) -> Callable:
+    """A builder that imports torch (and MONAI) only when a network is built (``models list`` needs neither):
+    ``builder`` in ``module`` (``networks`` for MONAI-based encoders, ``networks_<family>`` for our own)."""
 
     def build():
-        from . import networks
-
-        return getattr(networks, builder)(**arguments)
+        return getattr(import_module(f".{module}", __package__), builder)(**arguments)
 
     return build
 
@@ -74,9 +75,13 @@ class ModelSpec:
         raise SimilarPatientsError(f"{self.name} has no recipe '{name}'; it has: {known}.")
 
 
-def _hugging_face(repo: str, file: str, licence: str, needs_acknowledgement: bool) -> WeightSource:
-    """A weights file at the head of a Hugging Face model repository."""
-    return WeightSource(f"https://huggingface.co/{repo}/resolve/main/{file}", file, licence, needs_acknowledgement)
+def _hugging_face(
+    repo: str, file: str, licence: str, needs_acknowledgement: bool, revision: str = "main", **verified
+) -> WeightSource:
+    """A weights file in a Hugging Face repository (``datasets/<repo>`` for a dataset), at ``revision``: a
+    commit pins the file; ``main`` is the branch head. ``verified``: ``size`` and ``sha256`` where listed."""
+    url = f"https://huggingface.co/{repo}/resolve/{revision}/{quote(file)}"
+    return WeightSource(url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, **verified)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -178,6 +183,71 @@ MODELS: dict[str, ModelSpec] = {
             1187,
         ),
         ModelSpec(
+            "PASTA",
+            recipes.tumorimagingbench("LPS"),
+            1024,
+            _network("PastaEncoder", module="networks_pasta"),
+            CheckpointFormat(
+                containers=("state_dict", "model"),
+                prefixes=("module.", ""),
+                ignore=("conv_blocks_localization.", "tu.", "seg_outputs.", "head."),
+            ),
+            _hugging_face(
+                "surajpaib/PASTA-Model",
+                "PASTA final.pth",
+                "MIT per the authors' code (LWHYC/PASTA); weights card unconfirmed",
+                needs_acknowledgement=True,
+            ),
+            "PASTA: nnU-Net-style 3D U-Net encoder (1024 channels), pretrained on synthetic CT lesions",
+            453,
+        ),
+        ModelSpec(
+            "Merlin",
+            recipes.tumorimagingbench("RAS", window=(-1000.0, 1000.0)),
+            512,
+            _network("MerlinImageEncoder", module="networks_merlin"),
+            CheckpointFormat(prefixes=("encode_image.",), ignore=("i3_resnet.classifier.",)),
+            _hugging_face(
+                "stanfordmimi/Merlin",
+                "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
+                "MIT per the authors' code (merlin-vlm); weights card unconfirmed",
+                needs_acknowledgement=True,
+            ),
+            "Merlin: I3D ResNet-152 image encoder and contrastive head, CT-report-EHR pretraining",
+            474,
+        ),
+        ModelSpec(
+            "CTClipVit",
+            recipes.tumorimagingbench("SLP", (-1000.0, 1000.0), 60, (1.5, 0.75, 0.75), (-1.0, 1.0)),
+            512,
+            _network("CTViTEncoder", module="networks_ctclip"),
+            CheckpointFormat(
+                prefixes=("visual_transformer.",),
+                ignore=(
+                    "to_patch_emb_first_frame.",
+                    "dec_spatial_transformer.",
+                    "dec_temporal_transformer.",
+                    "to_pixels_first_frame.",
+                    "to_pixels.",
+                    "vgg.",
+                    "discr.",
+                    "vq._codebook.initted",
+                    "vq._codebook.cluster_size",
+                    "vq._codebook.embed_avg",
+                    "vq._codebook.batch_mean",
+                    "vq._codebook.batch_variance",
+                ),
+            ),
+            _hugging_face(
+                "datasets/ibrahimhamamci/CT-RATE",
+                "models/CT-CLIP-Related/CT-CLIP_v2.pt",
+                "CC BY-NC-SA 4.0 (CT-RATE; gated: accept its terms)",
+                _NONCOMMERCIAL,
+            ),
+            "CT-CLIP: CTViT image encoder (factorised spatial/temporal transformer), CT-report contrastive",
+            111,
+        ),
+        ModelSpec(
             "TumorDescriptor",
             descriptor.RECIPE,
             descriptor.DIMENSION,
@@ -190,21 +260,16 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 
-#: Models of the NLST-Sybil reference that cannot be run here, and why (see docs/embedding.md).
-NOT_AVAILABLE = {
-    "PASTA": "its network is the authors' own U-Net code, not on PyPI",
-    "Merlin": "its I3D ResNet-152 is inflated from torchvision, which this platform does not provide",
-    "CTClipVit": "CT-CLIP's CTViT needs the authors' transformer code, not on PyPI",
-}
+#: Other names users know a model by.
+ALIASES = {"ct-clip": "CTClipVit", "ctclip": "CTClipVit"}
 
 
 def get(name: str) -> ModelSpec:
     """The model called ``name`` (case-insensitive), or an error that lists what there is."""
+    wanted = ALIASES.get(str(name).lower(), str(name)).lower()
     for key, spec in MODELS.items():
-        if key.lower() == str(name).lower():
+        if key.lower() == wanted:
             return spec
-    if name in NOT_AVAILABLE:
-        raise SimilarPatientsError(f"{name} cannot be run here: {NOT_AVAILABLE[name]}.")
     raise SimilarPatientsError(f"Unknown model '{name}'; available: {', '.join(MODELS)}.")
 
 
@@ -231,6 +296,17 @@ def summary() -> pd.DataFrame:
                 if source.size is None
                 else f"{source.size / 1e6:.0f}",
                 "weights": "not needed" if source is None else "yes" if state.present else "no",
+                "sha256": "" if source is None else _sha256_check(spec.name, source),
+                "revision": "" if source is None else "pinned" if source.pinned else "branch head",
             }
         )
     return pd.DataFrame(rows)
+
+
+def _sha256_check(model: str, source: WeightSource) -> str:
+    """What a download is checked against: the publisher's sha256, or (none published) the first download's,
+    recorded then."""
+    if source.sha256:
+        return "published"
+    recorded = weights.recorded_sha256(model, source)
+    return f"recorded {recorded[:10]}…" if recorded else "none published: recorded at first download"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ class WeightSource:
         licence: the licence as the source states it.
         needs_acknowledgement: True for non-commercial (or unconfirmed) licences.
         size: bytes, once known: a cached or given file of another size is refused.
-        sha256: the file's digest, once known: checked after download.
+        sha256: the digest the publisher lists, checked after download. Without one, the digest of the first
+            download is recorded and later downloads must match it (a changed upstream file is refused).
     """
 
     url: str
@@ -46,6 +48,11 @@ class WeightSource:
     needs_acknowledgement: bool
     size: int | None = None
     sha256: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """The URL names one immutable version (a Hugging Face commit, a Zenodo record file), not a branch."""
+        return bool(re.search(r"/resolve/[0-9a-f]{40}/|zenodo\.org/records/\d+/files/", self.url))
 
 
 def weights_dir() -> Path:
@@ -144,7 +151,8 @@ def resolve(
         )
     if accept_licence:
         acknowledge(model)
-    digest = Digest("sha256", source.sha256) if source.sha256 else None
+    expected = source.sha256 or recorded_sha256(model, source)
+    digest = Digest("sha256", expected) if expected else None
     url = download_url(model, source)
     log.info("%s weights: downloading %s", model, url)
     try:
@@ -155,7 +163,32 @@ def resolve(
             f"{source.file_name} from {url} and pass it with --weights (or put it in "
             f"${WEIGHTS_DIR_ENV})."
         ) from error
-    return _checked_size(path, source)
+    path = _checked_size(path, source)
+    if expected is None:
+        _record_sha256(model, source, Digest("sha256", "").of_file(path))
+    return path
+
+
+def recorded_sha256(model: str, source: WeightSource) -> str | None:
+    """The sha256 of ``model``'s first download from ``source``'s URL, where the publisher lists none."""
+    return _recorded().get(model, {}).get(source.url)
+
+
+def _record_sha256(model: str, source: WeightSource, sha256: str) -> None:
+    recorded = _recorded()
+    recorded.setdefault(model, {})[source.url] = sha256
+    log.info("%s weights: no published sha256; recorded %s of the first download", model, sha256)
+    with writing("the recorded weight digests"), replacing(_recorded_path()) as temporary:
+        temporary.write_text(json.dumps(recorded, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _recorded_path() -> Path:
+    return weights_dir() / "recorded-sha256.json"
+
+
+def _recorded() -> dict:
+    path = _recorded_path()
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _checked_size(path: Path, source: WeightSource) -> Path:
