@@ -207,6 +207,10 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localDicomPathLineEdit.currentPath = self.logic.localDicomFolder() or ""
         self.ui.localDicomPathLineEdit.currentPathChanged.connect(self.logic.setLocalDicomFolder)
         self.ui.settingsCollapsibleButton.contentsCollapsed.connect(self.updateCacheInfo)
+        self.ui.bigQueryLineEdit.text = "; ".join(self.logic.bigQueryReferences())
+        self.ui.bigQueryLineEdit.editingFinished.connect(self.onBigQueryReferencesEdited)
+        self.ui.allowBigQueryCheckBox.checked = self.logic.bigQueryAllowed()
+        self.ui.allowBigQueryCheckBox.toggled.connect(self.onAllowBigQuery)
         self.ui.resultsTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.resultsTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.initializeParameterNode()
@@ -327,6 +331,19 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             self.logic.clearSeriesCache()
             self.updateCacheInfo()
+
+    def onBigQueryReferencesEdited(self):
+        with slicer.util.tryWithErrorDisplay("Not a BigQuery table name.", waitCursor=False):
+            self.logic.setBigQueryReferences(self.ui.bigQueryLineEdit.text.split(";"))
+            self.ui.bigQueryLineEdit.text = "; ".join(self.logic.bigQueryReferences())
+            if self.logic.bigQueryAllowed():
+                self.updateReferences()
+
+    def onAllowBigQuery(self, allowed):
+        """The opt-in to BigQuery searches, kept in the application settings; the list follows it."""
+        self.logic.allowBigQuery(allowed)
+        if not missing_requirements():
+            self.updateReferences()
 
     def updateWeightsPath(self, model):
         self.ui.weightsPathLineEdit.currentPath = self.logic.weightsFile(model) or ""
