@@ -33,6 +33,8 @@ MAY_IMPORT = {
     "maps": {"util", "search", "references", "idc"},
     # the Slicer-facing layer: nodes in, the library's inputs out; the worker runs query_image
     "scene": {"util", "idc", "search", "references", "imaging", "models", "query"},
+    # reference builds on Apache Beam: manifests, stages, shards; the BigQuery load through cloud/
+    "pipeline": {"util", "idc", "references", "imaging", "models", "cloud"},
 }
 BASE = {"errors", "progress"}
 
@@ -153,8 +155,9 @@ print(json.dumps(failed))
     done = _base_install(code, tmp_path)
     assert done.returncode == 0, done.stderr
     failed = json.loads(done.stdout)
-    # the networks subclass torch's Module at import: the one module that needs its extra to load
-    assert list(failed) == ["SimilarPatientsLib.models.networks"]
+    # the networks subclass torch's Module, the pipeline's stages Beam's DoFn: the modules that need their extra
+    assert sorted(failed) == ["SimilarPatientsLib.models.networks", "SimilarPatientsLib.pipeline.stages"]
+    assert "needs the 'pipeline' extra" in failed["SimilarPatientsLib.pipeline.stages"]
     assert "needs the 'embed' extra" in failed["SimilarPatientsLib.models.networks"]
 
 
@@ -169,6 +172,9 @@ def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_p
         "embed": [
             ["query", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "CTFM", "--reference", "mine"],
             ["embed", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "TumorDescriptor"],
+        ],
+        "pipeline": [
+            ["index", "build", "--manifest", str(tmp_path / "m.csv"), "--model", "TumorDescriptor", "--out", "o"],
         ],
     }
     for extra, argvs in commands.items():
