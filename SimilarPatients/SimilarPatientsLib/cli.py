@@ -497,7 +497,7 @@ def _index_build(args, beam_args: list[str]) -> None:
     result = build.build_references(
         lesions,
         args.model,
-        Path(out),
+        out,
         source,
         args.runner,
         beam_args,
@@ -513,7 +513,7 @@ def _index_build(args, beam_args: list[str]) -> None:
         f"there, {result.dead} dead letter(s) ({result.seconds:.0f} s)."
     )
     if result.dead:
-        print(f"The dead letters say why each failed: {Path(out) / 'dead-letters'}")
+        print(f"The dead letters say why each failed: {out.rstrip('/')}/dead-letters/")
 
 
 def main(argv: list[str] | None = None) -> int:

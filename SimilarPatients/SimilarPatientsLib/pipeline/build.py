@@ -62,10 +62,10 @@ class BuildResult:
     stage_seconds: dict = field(default_factory=dict)
 
 
-def plan(lesions: Sequence[Lesion], models: dict, out: Path) -> tuple[dict, int]:
+def plan(lesions: Sequence[Lesion], models: dict, out: str) -> tuple[dict, int]:
     """The lesions still to embed, grouped by CT source: {source: [(lesion, models)]}, and how many
     (lesion, model) pairs the shards in ``out`` already hold with the same recipe."""
-    done = shards.embedded_keys(out) if Path(out).is_dir() else set()
+    done = shards.embedded_keys(str(out))
     todo, skipped = {}, 0
     for lesion in lesions:
         wanted = tuple(m for m, recipe in models.items() if lesion.key(m, recipe.name) not in done)
@@ -78,7 +78,7 @@ def plan(lesions: Sequence[Lesion], models: dict, out: Path) -> tuple[dict, int]
 def build_references(
     lesions: Sequence[Lesion],
     models: Sequence[str],
-    out: Path,
+    out: Path | str,
     series: SeriesSource | None = None,
     runner: str = "DirectRunner",
     beam_args: Sequence[str] = (),
@@ -108,7 +108,7 @@ def build_references(
     for name, path in weights.items():
         if not Path(path).exists() and not str(path).startswith("gs://"):
             raise SimilarPatientsError(f"The weights file for {name}, {path}, does not exist.")
-    out = Path(out)
+    out = str(out)  # a folder, or a URL such as gs://bucket/path on Dataflow
     todo, skipped = plan(lesions, recipes, out)
     if not todo:
         log.info("nothing to build: all %d lesion-model pairs are in %s", skipped, out)
@@ -150,13 +150,13 @@ def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence,
         rows
         | "All rows" >> beam.Flatten()
         | "Batch rows" >> beam.BatchElements(min_batch_size=1, max_batch_size=512)
-        | "Write shards" >> beam.ParDo(stages.WriteShard(str(out), columns))
+        | "Write shards" >> beam.ParDo(stages.WriteShard(out, columns))
     )
     _ = (
         dead
         | "All dead letters" >> beam.Flatten()
         | "Batch dead letters" >> beam.BatchElements(min_batch_size=1, max_batch_size=1000)
-        | "Write dead letters" >> beam.ParDo(stages.WriteDeadLetters(str(out)))
+        | "Write dead letters" >> beam.ParDo(stages.WriteDeadLetters(out))
     )
     before = set(shards.shard_files(out))
     state = pipeline.run()

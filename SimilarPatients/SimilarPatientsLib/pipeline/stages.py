@@ -175,10 +175,10 @@ class WriteShard(beam.DoFn):
 
     def process(self, rows):
         start = time.perf_counter()
-        path = shards.write_shard(rows, Path(self.folder), self.columns)
+        path = shards.write_shard(rows, self.folder, self.columns)
         _WRITE_MS.update(int(1000 * (time.perf_counter() - start)))
         _ROWS.inc(len(rows))
-        yield str(path), len(rows)
+        yield path, len(rows)
 
 
 class WriteDeadLetters(beam.DoFn):
@@ -187,7 +187,7 @@ class WriteDeadLetters(beam.DoFn):
 
     def process(self, records):
         _DEAD_LETTERS.inc(len(records))
-        yield str(shards.write_dead_letters(records, Path(self.folder))), len(records)
+        yield shards.write_dead_letters(records, self.folder), len(records)
 
 
 def to_row(keyed, model: str, recipe: str) -> dict:
