@@ -24,6 +24,7 @@ from SimilarPatientsLib.pipeline import (
     build_references,
     idc_lesions,
     lesions_from_frame,
+    lesions_to_frame,
     read_manifest,
     shards,
 )
@@ -72,11 +73,14 @@ def collection(tmp_path_factory):
     return root, patients
 
 
-def _manifest(patients: list) -> pd.DataFrame:
+def _manifest(patients: list, off_tumor: bool = False) -> pd.DataFrame:
     rows = []
     for p in patients:
         seed = dict(zip(("seed_x", "seed_y", "seed_z"), p["centre"]))
         rows.append({"SeriesInstanceUID": p["series"], "PatientID": p["patient"], "lesion_id": "seed"} | seed)
+        if off_tumor and p["patient"] == "P0":  # in the lung, 24 mm from the tumor centre: nothing to describe
+            away = dict(zip(("seed_x", "seed_y", "seed_z"), np.add(p["centre"], (17.0, 17.0, 0.0))))
+            rows.append({"SeriesInstanceUID": p["series"], "PatientID": p["patient"], "lesion_id": "off"} | away)
         if "seg" in p:
             rows.append(
                 {"SeriesInstanceUID": p["series"], "PatientID": p["patient"], "lesion_id": "seg"}
@@ -100,17 +104,19 @@ def test_a_directrunner_build_equals_one_by_one_embeddings_and_reruns_add_nothin
 ):
     root, patients = collection
     manifest = tmp_path / "manifest.csv"
-    _manifest(patients).to_csv(manifest, index=False)
+    _manifest(patients, off_tumor=True).to_csv(manifest, index=False)
     lesions = read_manifest(manifest)
     out = tmp_path / "out"
     models = ["TumorDescriptor", "CTFM"]
     weights = {"CTFM": ct_fm_weights}
     result = build_references(lesions, models, out, SeriesSource.local(root), weights=weights, batch_size=4)
 
-    assert (result.embedded, result.dead, result.skipped) == (2 * 6, 2, 0)
-    dead = shards.read_dead_letters(out)
-    assert {(d["PatientID"], d["model"], d["stage"]) for d in dead} == {("P9", m, "read") for m in models}
-    assert all("Fetch the whole series again" in d["reason"] and d["source"] == patients[-1]["series"] for d in dead)
+    # 6 lesions x 2 models, and CT-FM on the seed off the tumor; the damaged series and the descriptor there fail
+    assert (result.embedded, result.dead, result.skipped) == (2 * 6 + 1, 3, 0)
+    dead = {(d["PatientID"], d["lesion_id"], d["model"], d["stage"]): d for d in shards.read_dead_letters(out)}
+    assert set(dead) == {("P9", "seed", m, "read") for m in models} | {("P0", "off", "TumorDescriptor", "embed")}
+    assert all("Fetch the whole series again" in dead["P9", "seed", m, "read"]["reason"] for m in models)
+    assert "No soft tissue within 10 mm of the point" in dead["P0", "off", "TumorDescriptor", "embed"]["reason"]
     assert set(result.stage_seconds) == {"read", "crop", "embed", "write"}
 
     table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(out)], ignore_index=True)
@@ -130,12 +136,12 @@ def test_a_directrunner_build_equals_one_by_one_embeddings_and_reruns_add_nothin
 
     before = sorted(out.rglob("*"))
     again = build_references(lesions, models, out, SeriesSource.local(root), weights=weights)
-    assert (again.embedded, again.skipped) == (0, 12) and again.shards == []
+    assert (again.embedded, again.skipped, again.dead) == (0, 13, 3) and again.shards == []
     assert sorted(p for p in out.rglob("*") if p.suffix == ".parquet") == [p for p in before if p.suffix == ".parquet"]
 
     reference = ReferenceStore().import_reference("built", str(out))
     assert sorted(reference.models) == sorted(models)
-    assert reference.manifest["models"]["CTFM"]["lesions"] == 6
+    assert reference.manifest["models"]["CTFM"]["lesions"] == 7
 
 
 def test_idc_annotations_become_lesions_with_seg_segments_and_sr_box_centres(collection, tmp_path, home):
@@ -155,6 +161,10 @@ def test_idc_annotations_become_lesions_with_seg_segments_and_sr_box_centres(col
         assert labels["stage"] == {"P0": "IA", "P1": "IB", "P2": "IIA"}[p["patient"]]
         box = by_kind[(p["patient"], "slice_box")]
         assert box.series == p["series"]
+    as_rows = lesions_from_frame(lesions_to_frame(lesions))  # a manifest to keep, edit and build from
+    assert [(x.patient, x.lesion, x.series, x.mark) for x in as_rows] == [
+        (x.patient, x.lesion, x.series, x.mark) for x in lesions
+    ]
     assert idc_lesions(["synthetic_seg"], SeriesSource.local(root), "Liver", index) == []
     with pytest.raises(SimilarPatientsError, match="no SEG or SR annotations called nlst_sybl"):
         idc_lesions(["nlst_sybl"], SeriesSource.local(root), None, index)

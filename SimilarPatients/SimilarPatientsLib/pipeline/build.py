@@ -144,8 +144,12 @@ def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence,
             | f"Embed {model}" >> stages.inference.RunInference(handler).with_exception_handling()
         )
         main, failed = embedded
-        rows.append(main | f"Rows {model}" >> beam.Map(stages.to_row, model, recipe.name))
-        dead.append(failed.failed_inferences | f"Failed {model}" >> beam.Map(stages.failed_inference, model))
+        split = main | f"Rows {model}" >> beam.FlatMap(stages.rows_or_dead_letters, model, recipe.name).with_outputs(
+            stages.DEAD, main="rows"
+        )
+        rows.append(split.rows)
+        dead.append(split[stages.DEAD])
+        dead.append(failed.failed_inferences | f"Failed {model}" >> beam.FlatMap(stages.failed_batch, model))
     _ = (
         rows
         | "All rows" >> beam.Flatten()

@@ -149,7 +149,7 @@ def lesions_to_frame(lesions: list[Lesion]) -> pd.DataFrame:
         elif mark.kind == "seg":
             row |= {SEG_SERIES: mark.series, SEGMENT: mark.segment}
         else:
-            row |= {SLICE_SOP: mark.sop, SLICE_POLYLINE: " ".join(f"{v:g}" for v in mark.values)}
+            row |= {SLICE_SOP: mark.sop, SLICE_POLYLINE: " ".join(repr(float(v)) for v in mark.values)}
         rows.append(row | dict(lesion.labels))
     return pd.DataFrame(rows)
 

@@ -152,10 +152,16 @@ class EmbedderHandler(inference.ModelHandler):
         )
 
     def run_inference(self, batch, model, inference_args=None):
+        """Embeddings of a batch of crops; a crop the encoder refuses (a bad input, not a failing machine)
+        gets its error as its result, so that it alone becomes a dead letter."""
         start = time.perf_counter()
-        vectors = model.embed_crops(list(batch))
+        crops = list(batch)
+        try:
+            vectors = list(model.embed_crops(crops))
+        except SimilarPatientsError:
+            vectors = [_embed_one(model, c) for c in crops]
         _EMBED_MS.update(int(1000 * (time.perf_counter() - start)))
-        return [inference.PredictionResult(c, v, self.model) for c, v in zip(batch, vectors)]
+        return [inference.PredictionResult(c, v, self.model) for c, v in zip(crops, vectors)]
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": 1, "max_batch_size": self.batch_size}
@@ -190,20 +196,27 @@ class WriteDeadLetters(beam.DoFn):
         yield shards.write_dead_letters(records, self.folder), len(records)
 
 
-def to_row(keyed, model: str, recipe: str) -> dict:
+def _embed_one(model, one_crop):
+    try:
+        return model.embed_crops([one_crop])[0]
+    except SimilarPatientsError as error:
+        return error
+
+
+def rows_or_dead_letters(keyed, model: str, recipe: str):
+    """A reference row per embedded lesion; a dead letter for a crop the encoder refused."""
     lesion, prediction = keyed
-    return shards.row(lesion, model, recipe, prediction.example.seed, prediction.inference)
+    if isinstance(prediction.inference, BaseException):
+        yield beam.pvalue.TaggedOutput(DEAD, shards.dead_letter(lesion, model, "embed", prediction.inference))
+    else:
+        yield shards.row(lesion, model, recipe, prediction.example.seed, prediction.inference)
 
 
-def failed_inference(failed, model: str) -> dict:
-    """A crop the encoder refused (Beam's failed-inference output) as a dead letter."""
-    element, error = _element_and_error(failed)
-    lesion = element[0] if isinstance(element, tuple) else element
-    return shards.dead_letter(lesion, model, "embed", error)
-
-
-def _element_and_error(failed):
-    if hasattr(failed, "element"):
-        return failed.element, failed.exception
-    element, error = failed[0], failed[1]
-    return element, error if isinstance(error, BaseException) else RuntimeError(str(error))
+def failed_batch(failed, model: str):
+    """The lesions of a batch whose inference failed as a whole (Beam's failed-inference output: the
+    batch and the exception, or its type, text and traceback) as dead letters."""
+    batch, error = failed
+    if not isinstance(error, BaseException):
+        error = RuntimeError(error[1] if isinstance(error, tuple) else str(error))
+    for element in batch:
+        yield shards.dead_letter(element[0], model, "embed", error)
