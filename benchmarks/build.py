@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--data", type=Path, help="keep the synthetic collection here (reused when present)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--runs", nargs="+", choices=("loop", "direct1", "direct2"), default=["loop", "direct1", "direct2"]
+    )
     args = parser.parse_args()
 
     from SimilarPatientsLib.pipeline import SeriesSource, lesions_from_frame
@@ -141,6 +144,8 @@ def main() -> None:
             "--direct_running_mode=multi_processing",
         ],
     }
+    chosen = dict(zip(("loop", "direct1", "direct2"), configurations))
+    configurations = {chosen[run]: configurations[chosen[run]] for run in args.runs}
     results = {}
     for name, beam_args in configurations.items():
         out = work / f"out-{len(results)}"
@@ -150,7 +155,7 @@ def main() -> None:
             results[name] = beam_run(lesions, args.model, weights, source, out, args.batch_size, beam_args)
         print(name, json.dumps(results[name]), file=sys.stderr)
 
-    loop = results["plain loop (1 process)"]["seconds"]
+    loop = results.get("plain loop (1 process)", {}).get("seconds", float("nan"))
     shape = f"512 x 512 x {args.slices}"
     print(f"{len(lesions)} lesions, {args.series} series of {shape}, {args.model}, batch {args.batch_size}")
     print("| configuration | wall s | lesions/min | vs loop | read s | crop s | embed s | write s |")

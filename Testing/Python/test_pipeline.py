@@ -221,3 +221,16 @@ def test_manifest_refusals_say_what_to_fix(tmp_path):
         read_manifest(tmp_path / "none.csv")
     with pytest.raises(SimilarPatientsError, match="Unknown runner"):
         build_references(lesions_from_frame(pd.DataFrame([good])), ["TumorDescriptor"], tmp_path, runner="Spark")
+
+
+def test_the_cli_refuses_a_bigquery_build_without_a_staging_folder_and_unknown_options_elsewhere(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([{"image": "ct.nrrd", "PatientID": "P", "seed_x": 0, "seed_y": 0, "seed_z": 0}]).to_csv(
+        manifest, index=False
+    )
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--bigquery", "p.d.t"]
+    assert main(argv) == 2
+    assert "--bigquery needs --staging DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # Beam's options are passed through by `index build` only
+        main(["models", "list", "--direct_num_workers=2"])
+    assert "unrecognized arguments: --direct_num_workers=2" in capsys.readouterr().err
