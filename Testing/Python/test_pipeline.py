@@ -28,6 +28,7 @@ from SimilarPatientsLib.pipeline import (
     read_manifest,
     shards,
 )
+from SimilarPatientsLib.pipeline.stages import read_image
 from synthetic_ct import tumor_ct, write_dicom_seg, write_dicom_series, write_sr_boxes
 from synthetic_weights import upstream_checkpoint
 
@@ -234,3 +235,20 @@ def test_the_cli_refuses_a_bigquery_build_without_a_staging_folder_and_unknown_o
     with pytest.raises(SystemExit):  # Beam's options are passed through by `index build` only
         main(["models", "list", "--direct_num_workers=2"])
     assert "unrecognized arguments: --direct_num_workers=2" in capsys.readouterr().err
+
+
+def test_idc_series_are_fetched_into_the_worker_cache_checked_and_freed_after_use(served, tmp_path):
+    from conftest import IDCBucket
+
+    folders, index = served
+    uid = next(iter(folders))
+    source = SeriesSource(cache=str(tmp_path / "cache"), index=index.parquet_path, client=IDCBucket(folders))
+    files = source.files(uid)
+    assert len(files) == len(list(folders[uid].iterdir())) and (tmp_path / "cache" / uid).is_dir()
+    image, read_files = read_image(uid, True, source)
+    assert image.GetSize()[2] == len(files) and read_files == files
+    source.release(uid)
+    assert not (tmp_path / "cache" / uid).exists()  # a worker's disk holds the series it is reading only
+    cut = SeriesSource(cache=str(tmp_path / "cut"), index=index.parquet_path, client=IDCBucket(folders, cut=1))
+    with pytest.raises(SimilarPatientsError, match="was cut short"):  # in a build: that series' dead letter
+        cut.files(uid)

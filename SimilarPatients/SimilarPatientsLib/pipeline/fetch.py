@@ -20,6 +20,7 @@ class SeriesSource:
         cache: the worker-local cache folder for IDC downloads (default: the data home's ``series``).
         index: the IDC index Parquet that says each series' instance count (default: the shipped one).
         keep: keep downloaded series in the cache after use (off: a worker's disk holds one at a time).
+        client: an ``idc_index.IDCClient`` to download with (default: one made on the worker).
     """
 
     def __init__(
@@ -28,9 +29,10 @@ class SeriesSource:
         cache: str | None = None,
         index: str | None = None,
         keep: bool = False,
+        client=None,
     ):
         self.local_files = files
-        self.cache, self.index, self.keep = cache, index, keep
+        self.cache, self.index, self.keep, self.client = cache, index, keep, client
         self._series_cache: SeriesCache | None = None
 
     @classmethod
@@ -61,5 +63,5 @@ class SeriesSource:
     def _cache(self) -> SeriesCache:
         if self._series_cache is None:
             index = IDCIndex(self.index) if self.index else IDCIndex()
-            self._series_cache = SeriesCache(Path(self.cache) if self.cache else None, index)
+            self._series_cache = SeriesCache(Path(self.cache) if self.cache else None, index, self.client)
         return self._series_cache
