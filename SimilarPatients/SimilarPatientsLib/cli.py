@@ -166,11 +166,43 @@ def _parser() -> argparse.ArgumentParser:
     accept = model_actions.add_parser("accept", help="accept a model's weight licence (needed before download)")
     accept.add_argument("name")
 
+    index = verbs.add_parser("index", help="build reference rows for many lesions on Apache Beam")
+    index_actions = index.add_subparsers(dest="action", required=True)
+    build = index_actions.add_parser(
+        "build",
+        help="embed a manifest's lesions (or IDC's annotations); other --options go to Beam",
+        allow_abbrev=False,  # Beam's options pass through untouched
+    )
+    _build_options(build)
+
     demo_parser = verbs.add_parser("demo", help="NLST-Sybil: one patient's nearest patients under every model")
     demo_parser.add_argument("--patient", help="query PatientID (default: a fixed single-lesion patient)")
     demo_parser.add_argument("-k", type=int, default=5, help="patients per model (default 5)")
     demo_parser.add_argument("--metric", choices=METRICS, default="cosine")
     return parser
+
+
+def _build_options(build: argparse.ArgumentParser) -> None:
+    lesions = build.add_mutually_exclusive_group(required=True)
+    lesions.add_argument("--manifest", metavar="FILE", help="CSV/Parquet of lesions (see docs/scale.md)")
+    lesions.add_argument(
+        "--idc", nargs="+", metavar="ANALYSIS", help="IDC analysis results whose SEG/SR lesions to embed (nlstseg...)"
+    )
+    build.add_argument("--segment-type", help="with --idc: SEG segments of this property type only (e.g. Neoplasm)")
+    build.add_argument("--labels", metavar="FILE", help="with --idc: a clinical table by PatientID to join")
+    build.add_argument("--limit", type=int, help="with --idc: the first N annotation series only (a trial)")
+    build.add_argument("--model", action="append", required=True, help="a model to embed with (repeat for more)")
+    out = build.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", metavar="DIR", help="folder of Parquet shards (a reference source)")
+    out.add_argument("--bigquery", metavar="TABLE", help="PROJECT.DATASET.TABLE, loaded from the shards")
+    build.add_argument("--staging", metavar="DIR", help="with --bigquery: where the shards are written first")
+    build.add_argument("--dicom-folder", metavar="DIR", help="find series here instead of downloading from IDC")
+    build.add_argument("--cache", metavar="DIR", help="worker-local series cache (default: the data home's)")
+    build.add_argument("--runner", choices=("DirectRunner", "DataflowRunner"), default="DirectRunner")
+    build.add_argument("--weights", action="append", default=[], metavar="MODEL=FILE", help="a model's weights file")
+    build.add_argument("--accept-licence", action="store_true", help="accept the models' weight licences")
+    build.add_argument("--device", choices=("cuda", "cpu"), help="default: CUDA where a worker has it")
+    build.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
@@ -526,8 +558,64 @@ def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
     print(f"Report: {path} ({result.seconds:.0f} s)")
 
 
+def _index_build(args, beam_args: list[str]) -> None:
+    from .pipeline import annotations, build, fetch, manifest
+    from .util.optional import require
+
+    require("pipeline")
+    require("embed")
+    weights = {}
+    for item in args.weights:
+        model, _, path = item.partition("=")
+        if not path:
+            raise SimilarPatientsError(f"--weights takes MODEL=FILE, not '{item}'.")
+        weights[model] = path
+    source = fetch.SeriesSource(cache=args.cache)
+    if args.idc:
+        if args.dicom_folder:
+            source = fetch.SeriesSource.local(Path(args.dicom_folder))
+        clinical = annotations.read_clinical(Path(args.labels)) if args.labels else None
+        lesions = annotations.idc_lesions(args.idc, source, args.segment_type, labels=clinical, limit=args.limit)
+        if not lesions:
+            raise SimilarPatientsError(f"The annotations of {', '.join(args.idc)} hold no lesion of that type.")
+    else:
+        lesions = manifest.read_manifest(Path(args.manifest))
+        if args.dicom_folder:
+            uids = {x.series for x in lesions if x.series} | {x.mark.series for x in lesions if x.mark.series}
+            source = fetch.SeriesSource.local(Path(args.dicom_folder), sorted(uids))
+    loader = None
+    out = args.out
+    if args.bigquery:
+        if not args.staging:
+            raise SimilarPatientsError("--bigquery needs --staging DIR: the shards are written there, then loaded.")
+        out, loader = args.staging, build.bigquery_loader()
+    result = build.build_references(
+        lesions,
+        args.model,
+        out,
+        source,
+        args.runner,
+        beam_args,
+        weights,
+        args.accept_licence,
+        args.device,
+        args.batch_size,
+        loader=loader,
+        table=args.bigquery,
+    )
+    print(
+        f"{result.embedded} rows embedded into {len(result.shards)} shard(s) in {out}, {result.skipped} already "
+        f"there, {result.dead} dead letter(s) ({result.seconds:.0f} s)."
+    )
+    if result.dead:
+        print(f"The dead letters say why each failed: {out.rstrip('/')}/dead-letters/")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and (args.verb, getattr(args, "action", None)) != ("index", "build"):
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     store = ReferenceStore()
     progress = _Bars()
     try:
@@ -567,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             _query(args, store, progress)
         elif args.verb == "models":
             _models(args)
+        elif args.verb == "index":
+            _index_build(args, beam_args)
         else:
             _demo(args, store, progress)
     except SimilarPatientsError as error:

@@ -186,3 +186,44 @@ def write_dicom_seg(datasets: list, mask: sitk.Image, path: Path, label: str = "
     )
     seg.save_as(path)
     return Path(path)
+
+
+def write_sr_boxes(datasets: list, boxes: list, path: Path) -> Path:
+    """Write a TID 1500 measurement report (highdicom Comprehensive 3D SR) with one planar region per box,
+    as NLST-Sybil's are: ``boxes`` holds (slice index, column,row polyline in pixels) pairs."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Test^Reader"),
+    )
+    groups = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"box {n + 1}"),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.asarray(points, dtype=float).reshape(-1, 2),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(datasets[index]),
+            ),
+            finding_type=codes.SCT.Nodule,
+        )
+        for n, (index, points) in enumerate(boxes)
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_person_context=observer),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[datasets[index] for index, _ in boxes],
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="SimilarPatients tests",
+    )
+    sr.save_as(path)
+    return Path(path)

@@ -34,6 +34,8 @@ MAY_IMPORT = {
     "cloud": {"util", "search", "references"},
     # the Slicer-facing layer: nodes in, the library's inputs out; the worker runs query_image
     "scene": {"util", "idc", "search", "references", "imaging", "models", "query", "cloud"},
+    # reference builds on Apache Beam: manifests, stages, shards; the BigQuery load through cloud/
+    "pipeline": {"util", "idc", "references", "imaging", "models", "cloud"},
 }
 BASE = {"errors", "progress"}
 
@@ -154,10 +156,11 @@ print(json.dumps(failed))
     done = _base_install(code, tmp_path)
     assert done.returncode == 0, done.stderr
     failed = json.loads(done.stdout)
-    # the network modules subclass torch's Module at import: the only modules that need their extra to load
+    # the networks subclass torch's Module, the pipeline's stages Beam's DoFn: the modules that need their extra
     networks = [f"SimilarPatientsLib.models.networks{family}" for family in ("", "_ctclip", "_merlin", "_pasta")]
-    assert sorted(failed) == networks
+    assert sorted(failed) == sorted([*networks, "SimilarPatientsLib.pipeline.stages"])
     assert all("needs the 'embed' extra" in failed[name] for name in networks)
+    assert "needs the 'pipeline' extra" in failed["SimilarPatientsLib.pipeline.stages"]
 
 
 def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_path):
@@ -175,6 +178,9 @@ def test_a_base_install_stops_each_extra_command_with_the_extra_to_install(tmp_p
         "embed": [
             ["query", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "CTFM", "--reference", "mine"],
             ["embed", "--image", str(tmp_path / "ct.nrrd"), "--point=0,0,0", "--model", "TumorDescriptor"],
+        ],
+        "pipeline": [
+            ["index", "build", "--manifest", str(tmp_path / "m.csv"), "--model", "TumorDescriptor", "--out", "o"],
         ],
     }
     for extra, argvs in commands.items():

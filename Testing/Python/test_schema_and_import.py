@@ -231,3 +231,22 @@ def test_a_null_embedding_names_its_row(home, tmp_path):
         SimilarPatientsError, match=rf"1 row\(s\) have no embedding; first: row 6, patient {frame.PatientID[6]}"
     ):
         ReferenceStore().import_reference("nulls", str(tmp_path / "nulls.parquet"))
+
+
+def test_a_folder_of_parquet_shards_imports_as_one_table_and_a_lesion_with_two_vectors_is_refused(tmp_path):
+    def shard(name: str, patients: list, vector: float) -> None:
+        rows = [
+            {"model": "A", "recipe": "r", "PatientID": p, "lesion_id": "1", "kind": "x", "embedding": [vector, 1.0]}
+            for p in patients
+        ]
+        pd.DataFrame(rows).to_parquet(tmp_path / "shards" / name)
+
+    (tmp_path / "shards").mkdir()
+    shard("embeddings-a.parquet", ["P1", "P2"], 0.5)
+    shard("embeddings-b.parquet", ["P2", "P3"], 0.5)  # P2 again, same vector: a retried shard
+    read = read_source(str(tmp_path / "shards"))
+    assert read.table.model_lesions("A")[schema.PATIENT].tolist() == ["P1", "P2", "P3"]
+    assert read.table.embeddings["A"].shape == (3, 2)
+    shard("embeddings-c.parquet", ["P3"], 0.7)
+    with pytest.raises(SimilarPatientsError, match=r"is in the shards of .* twice with different embeddings"):
+        read_source(str(tmp_path / "shards"))

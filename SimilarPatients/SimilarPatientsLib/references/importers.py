@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
@@ -68,8 +70,12 @@ def read_source(source: str, progress: ProgressCallback | None = None) -> Import
             f"files, or '{NLST_SYBIL}'."
         )
     if path.is_dir():
+        if not nlst_sybil.upstream_files_in(path) and sorted(path.glob("*.parquet")):
+            return ImportedSource(read_parquet_folder(path), str(path.resolve()))
         if not nlst_sybil.upstream_files_in(path):
-            raise SimilarPatientsError(f"{path} holds no *_features.pkl embedding files to import.")
+            raise SimilarPatientsError(
+                f"{path} holds no *_features.pkl embedding files and no Parquet shards (*.parquet) to import."
+            )
         return _read_nlst_folder(path, progress)
     if path.name.endswith("_features.pkl"):
         read = nlst_sybil.read_reference({path.name[: -len("_features.pkl")]: path}, progress=progress)
@@ -93,6 +99,35 @@ def read_table_file(path: Path) -> schema.ReferenceTable:
     raise SimilarPatientsError(
         f"Unsupported file type: {path.name}. Import a Parquet or CSV table, or upstream *_features.pkl files."
     )
+
+
+def read_parquet_folder(folder: Path) -> schema.ReferenceTable:
+    """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table.
+    A lesion written twice with the same vector (a retried shard) is kept once; with two vectors, refused."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    except (OSError, ValueError, pa.ArrowInvalid) as error:
+        raise SimilarPatientsError(f"Cannot read the Parquet shards in {folder} as one table: {error}") from error
+    key = [c for c in (schema.MODEL, schema.RECIPE, schema.PATIENT, schema.LESION) if c in table.column_names]
+    if schema.LESION in key:
+        frame = table.select(key).to_pandas()
+        repeated = frame.duplicated(keep="first").to_numpy()
+        if repeated.any():
+            vectors = table.column(schema.EMBEDDING).to_pylist()
+            first = {tuple(r): i for i, r in reversed(list(enumerate(frame.itertuples(index=False))))}
+            for i in np.flatnonzero(repeated):
+                row = tuple(frame.iloc[i])
+                if vectors[i] != vectors[first[row]]:
+                    raise SimilarPatientsError(
+                        f"Lesion {row} is in the shards of {folder} twice with different embeddings; remove the "
+                        f"shards of one of the builds."
+                    )
+            table = table.filter(pa.array(~repeated))
+    try:
+        return schema.from_arrow(table)
+    except SimilarPatientsError as error:
+        raise SimilarPatientsError(f"{folder}: {error}") from None
 
 
 def _read_nlst_folder(folder: Path, progress: ProgressCallback | None) -> ImportedSource:

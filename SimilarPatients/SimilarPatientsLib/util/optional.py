@@ -31,6 +31,7 @@ EXTRAS = {
         },
     ),
     "download": ("downloading matched series from IDC", {"idc-index": "idc_index"}),
+    "pipeline": ("building references on Apache Beam (Python >= 3.10)", {"apache-beam": "apache_beam"}),
     "analysis": (
         "maps and evaluation of embeddings",
         {
