@@ -278,5 +278,5 @@ def test_a_build_into_bigquery_loads_the_shards_as_a_push_does(collection, tmp_p
             got = remote.search("TumorDescriptor", patient=patient, k=2, method="exact")
             want = local.search("TumorDescriptor", patient=patient, k=2, method="exact")
             assert list(got.PatientID) == list(want.PatientID)
-            np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6)
+            np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6, atol=1e-12)
         assert server.violations == []
