@@ -268,14 +268,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateReferences(self):
         """List the data home's references and their models, selecting the saved ones where they still exist."""
         saved = self._parameterNode.reference if self._parameterNode is not None else ""
-        self._populating = True
-        try:
-            self.ui.referenceComboBox.clear()
-            self.ui.referenceComboBox.addItems(self.logic.references())
-            if saved and self.ui.referenceComboBox.findText(saved) >= 0:
-                self.ui.referenceComboBox.currentText = saved
-        finally:
-            self._populating = False
+        self.refill(self.ui.referenceComboBox, self.logic.references(), saved)
         self.updateModels(self.ui.referenceComboBox.currentText)
 
     def onReferenceChosen(self, name):
@@ -284,19 +277,23 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateModels(self, name):
         saved = self._parameterNode.model if self._parameterNode is not None else ""
+        self.refill(self.ui.modelComboBox, self.logic.models(name) if name else [], saved)
+        for index in range(self.ui.modelComboBox.count):
+            model = self.ui.modelComboBox.itemText(index)
+            self.ui.modelComboBox.setItemData(index, self.logic.modelStatus(name, model), qt.Qt.ToolTipRole)
+        self.onModelChosen(self.ui.modelComboBox.currentText)
+
+    def refill(self, comboBox, items, saved):
+        """Replace ``comboBox``'s items, selecting ``saved`` where it is among them; the signals this
+        emits are not the user's choice (``_populating``)."""
         self._populating = True
         try:
-            self.ui.modelComboBox.clear()
-            if name:
-                self.ui.modelComboBox.addItems(self.logic.models(name))
-                for index in range(self.ui.modelComboBox.count):
-                    model = self.ui.modelComboBox.itemText(index)
-                    self.ui.modelComboBox.setItemData(index, self.logic.modelStatus(name, model), qt.Qt.ToolTipRole)
-                if saved and self.ui.modelComboBox.findText(saved) >= 0:
-                    self.ui.modelComboBox.currentText = saved
+            comboBox.clear()
+            comboBox.addItems(items)
+            if saved and comboBox.findText(saved) >= 0:
+                comboBox.currentText = saved
         finally:
             self._populating = False
-        self.onModelChosen(self.ui.modelComboBox.currentText)
 
     def onModelChosen(self, model):
         """The user's (or the saved) reference and model go into the parameter node."""
@@ -819,7 +816,8 @@ class SimilarPatientsLogic(ScriptedLoadableModuleLogic):
             return {}
         if localFolder:
             return series_files(localFolder, uids)
-        cached = {uid: self.seriesCache().root / uid for uid in uids}
+        root = self.seriesCache().root
+        cached = {uid: root / uid for uid in uids}
         return {
             uid: sorted(p for p in folder.rglob("*") if p.is_file())
             for uid, folder in cached.items()

@@ -19,9 +19,9 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..references import schema
 from ..references.hits import hit_table
-from ..references.reference import METHODS, ModelInfo
+from ..references.reference import ReferenceManifest, check_search, query_lesion_names
 from ..search import filters
-from ..search.nearest import LesionMatch
+from ..search.nearest import LesionMatch, check_queries
 from . import client as bq
 from . import sql
 from .push import DESCRIPTION_KEY
@@ -30,7 +30,7 @@ from .tables import TableName, parse_table
 log = logging.getLogger(__name__)
 
 
-class BigQueryReference:
+class BigQueryReference(ReferenceManifest):
     """A reference in a BigQuery table (pushed with ``references push NAME --bigquery TABLE``).
 
     ``maximum_bytes_billed`` stops any query that would bill more (None: no limit);
@@ -59,29 +59,9 @@ class BigQueryReference:
         return f"BigQueryReference({self.name!r}, models={self.models})"
 
     @property
-    def models(self) -> list:
-        return list(self.manifest["models"])
-
-    @property
-    def label_fields(self) -> list:
-        return list(self.manifest["label_fields"])
-
-    @property
-    def display_fields(self) -> list:
-        return list(self.manifest.get("display_fields") or self.label_fields)
-
-    @property
     def index(self) -> dict | None:
         """The vector index the push created (name, type, distance, stored columns), or None."""
         return self.manifest.get("index")
-
-    def model_info(self, model: str) -> ModelInfo:
-        if model not in self.manifest["models"]:
-            raise SimilarPatientsError(
-                f"Reference '{self.name}' has no model '{model}'; it has: {', '.join(self.models)}."
-            )
-        info = self.manifest["models"][model]
-        return ModelInfo(model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], "")
 
     def statement(
         self,
@@ -96,20 +76,9 @@ class BigQueryReference:
     ) -> sql.Statement:
         """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it): nearest to
         ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself."""
-        if (embeddings is None) == (patient is None):
-            given = "both an embedding and a patient" if patient is not None else "neither"
-            raise SimilarPatientsError(
-                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
-            )
-        if method not in METHODS:
-            raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
+        check_search(embeddings, patient, method)
         info = self.model_info(model)
-        queries = None if embeddings is None else np.asarray(embeddings, dtype=np.float64)
-        if queries is not None and queries.shape[-1] != info.dim:
-            raise SimilarPatientsError(
-                f"The query embedding has {queries.shape[-1]} values but this model's reference embeddings have "
-                f"{info.dim}: it was made by another model, or another version of it."
-            )
+        queries = None if embeddings is None else check_queries(info.dim, embeddings, metric)
         spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
         if method == "exact" or (method == "auto" and not self.index):
             return sql.exact_search(self.table, spec, self.column_types)
@@ -156,8 +125,8 @@ class BigQueryReference:
         counts = dict(zip(rows[schema.PATIENT].astype(str), rows["patient_lesions"].astype(int)))
         if patient is not None:  # the patient's lesion ids came back with the hits, by query row
             query_lesions = dict(zip(rows["query_row"].astype(int), rows["query_lesion"].astype(str)))
-        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
-            query_lesions = [str(i + 1) for i in range(len(embeddings))]
+        else:
+            query_lesions = query_lesion_names(embeddings, query_lesions)
         approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
         hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)

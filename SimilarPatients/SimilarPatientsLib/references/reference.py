@@ -60,25 +60,12 @@ class PatientEmbeddings:
     lesion_ids: list
 
 
-class Reference:
-    """A reference database: lesions of one or more models, searchable by patient or by embedding."""
+class ReferenceManifest:
+    """What a reference's manifest says (its models and fields), read the same way for a stored reference
+    and for one held elsewhere (BigQuery): the subclass sets ``name`` and ``manifest``."""
 
-    def __init__(self, path: Path, lock=None):
-        """``path``: a version folder. ``lock``: what keeps it from being deleted while open (see
-        :meth:`ReferenceStore.open`), released when the reference is."""
-        self.path = Path(path)
-        self._lock = lock
-        self.manifest: dict = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
-        self.name: str = self.manifest["name"]
-        self._table: pd.DataFrame | None = None
-        self._model_lesions: dict[str, pd.DataFrame] = {}
-        self._lesion_rows: dict[str, pa.Table] = {}
-        self._row_masks: OrderedDict = OrderedDict()
-        self._spaces: dict[str, EmbeddingSpace] = {}
-        self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
-
-    def __repr__(self) -> str:
-        return f"Reference({self.name!r}, models={self.models})"
+    name: str
+    manifest: dict
 
     @property
     def models(self) -> list:
@@ -102,8 +89,48 @@ class Reference:
             )
         info = self.manifest["models"][model]
         return ModelInfo(
-            model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], info["folder"]
+            model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], info.get("folder", "")
         )
+
+
+def check_search(embeddings, patient, method: str) -> None:
+    """Refuse a search that names neither or both of an embedding and a patient, or an unknown method."""
+    if (embeddings is None) == (patient is None):
+        given = "both an embedding and a patient" if patient is not None else "neither"
+        raise SimilarPatientsError(
+            f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
+        )
+    if method not in METHODS:
+        raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
+
+
+def query_lesion_names(embeddings, given: Sequence[str] | None) -> Sequence[str] | None:
+    """The names of the query's rows in the ``query_lesion`` column: ``given``, or "1", "2", ... when
+    several embeddings come unnamed."""
+    if given is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
+        return [str(i + 1) for i in range(len(embeddings))]
+    return given
+
+
+class Reference(ReferenceManifest):
+    """A reference database: lesions of one or more models, searchable by patient or by embedding."""
+
+    def __init__(self, path: Path, lock=None):
+        """``path``: a version folder. ``lock``: what keeps it from being deleted while open (see
+        :meth:`ReferenceStore.open`), released when the reference is."""
+        self.path = Path(path)
+        self._lock = lock
+        self.manifest: dict = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        self.name: str = self.manifest["name"]
+        self._table: pd.DataFrame | None = None
+        self._model_lesions: dict[str, pd.DataFrame] = {}
+        self._lesion_rows: dict[str, pa.Table] = {}
+        self._row_masks: OrderedDict = OrderedDict()
+        self._spaces: dict[str, EmbeddingSpace] = {}
+        self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r}, models={self.models})"
 
     def lesions(self, model: str | None = None) -> pd.DataFrame:
         """Lesion rows (no vectors): all models, or one model's in the row order of its matrix."""
@@ -244,19 +271,13 @@ class Reference:
         ``method``: ``exact`` scans; ``approximate`` asks the reference's index; ``auto`` uses the index
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
         ``search`` and ``index_recall`` columns say which answered."""
-        if (embeddings is None) == (patient is None):
-            given = "both an embedding and a patient" if patient is not None else "neither"
-            raise SimilarPatientsError(
-                f"Search with an embedding (embeddings=...) or a reference patient (patient=...); got {given}."
-            )
-        if method not in METHODS:
-            raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
+        check_search(embeddings, patient, method)
         space = self.space(model)
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids
-        elif query_lesions is None and np.ndim(embeddings) == 2 and len(embeddings) > 1:
-            query_lesions = [str(i + 1) for i in range(len(embeddings))]
+        else:
+            query_lesions = query_lesion_names(embeddings, query_lesions)
         allowed = self.row_mask(model, where) if where else None
         # excluded patients are dropped from the answer, not masked: a mask per query would cost the whole
         # reference; asking for as many more patients as are excluded gives the same k

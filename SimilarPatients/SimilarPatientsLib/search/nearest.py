@@ -91,18 +91,18 @@ class LesionMatch:
 CandidateSource = Callable[[np.ndarray, int, Optional[RowMask]], np.ndarray]
 
 
-def check_queries(space: EmbeddingSpace, queries: np.ndarray, metric: str) -> np.ndarray:
-    """Queries as a float64 (q, D) array, or a clear error."""
+def check_queries(dim: int, queries: np.ndarray, metric: str) -> np.ndarray:
+    """Queries as a float64 (q, ``dim``) array, or a clear error."""
     check_metric(metric)
     queries = np.asarray(queries, dtype=np.float64)
     if queries.ndim == 1:
         queries = queries[None, :]
     if queries.ndim != 2 or queries.shape[0] == 0:
         raise SimilarPatientsError("The query must be one embedding or a (lesions × length) array of them.")
-    if queries.shape[1] != space.dim:
+    if queries.shape[1] != dim:
         raise SimilarPatientsError(
             f"The query embedding has {queries.shape[1]} values but this model's reference embeddings have "
-            f"{space.dim}: it was made by another model, or another version of it."
+            f"{dim}: it was made by another model, or another version of it."
         )
     if not np.isfinite(queries).all():
         raise SimilarPatientsError("The query embedding holds NaN or infinite values.")
@@ -159,7 +159,7 @@ def nearest_patients(
     """
     if k < 1:
         raise SimilarPatientsError("k must be at least 1.")
-    queries = check_queries(space, queries, metric)
+    queries = check_queries(space.dim, queries, metric)
     if allowed is not None and not isinstance(allowed, RowMask):
         allowed = RowMask(allowed)
     allowed_rows = allowed.rows if allowed is not None else None
