@@ -26,7 +26,7 @@ from .progress import ProgressCallback, report
 from .references.reference import Reference
 from .references.store import ReferenceStore
 from .search.filters import Filters
-from .util.optional import require
+from .util.optional import IMAGING, require
 
 
 @dataclass
@@ -109,7 +109,7 @@ def query_image(
         k, metric, where, method: as :meth:`Reference.search`.
         recipe, weights, accept_licence, device: as :class:`Embedder`, when ``model`` is a name.
     """
-    require("embed")
+    require("embed", IMAGING)
     reference = open_reference(reference, store)
     if isinstance(model, Embedder):
         spec, chosen = model.spec, model.recipe
