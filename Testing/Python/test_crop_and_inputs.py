@@ -4,7 +4,6 @@ oblique ones, and every way of giving a CT and a tumor (DICOM, NIfTI, NRRD, SEG,
 from __future__ import annotations
 
 import itertools
-import shutil
 import sys
 import warnings
 
@@ -320,7 +319,12 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(SimilarPatientsError, match="does not exist"):
         ct_image.read_ct(tmp_path / "nowhere.nii.gz")
 
-    shutil.copytree(tmp_path / "mr", tmp_path / "two" / "mr")
+
+def test_the_ct_is_found_among_mr_and_seg_series_in_one_folder(tmp_path):
+    pytest.importorskip("highdicom", reason="writing the DICOM SEG: highdicom")
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(6))
+    mr = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 800, (20, 30, 30)).astype(np.int16))
+    write_dicom_series(mr, tmp_path / "two" / "mr", modality="MR")
     datasets = write_dicom_series(image, tmp_path / "two" / "ct")
     write_dicom_seg(datasets, mask, tmp_path / "two" / "seg.dcm")
     for path in (tmp_path / "two").glob("*/*.dcm"):

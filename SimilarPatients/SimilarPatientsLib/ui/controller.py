@@ -186,9 +186,10 @@ class ModuleController:
         if not inputs.reference or not inputs.model or key == self._warmed or self.busy:
             return
         try:
+            network = self.logic.needs_torch(inputs.model)
             ready = (
-                not dependencies.unmet((*SEARCH, *IMAGE))
-                and dependencies.torch_unmet() is None
+                not dependencies.unmet((*SEARCH, *(IMAGE if network else ())))
+                and (not network or dependencies.torch_unmet() is None)
                 and self.logic.opened_without_network(inputs.reference)
                 and self.logic.runs_from_an_image(inputs.reference, inputs.model)
                 and self.logic.licence_to_accept(inputs.model) is None
@@ -246,7 +247,8 @@ class ModuleController:
         self._check_search(inputs)
         if inputs.volume is None or inputs.tumor is None:
             raise SimilarPatientsError("Choose the CT volume, and the tumor as a segment, a point list or an ROI.")
-        if not self._install(SEARCH, IMAGE, *self._service_needs(inputs.reference), torch=True):
+        network = self.logic.needs_torch(inputs.model)
+        if not self._install(SEARCH, IMAGE if network else (), *self._service_needs(inputs.reference), torch=network):
             return
         model = inputs.model
         licence = self.logic.licence_to_accept(model)

@@ -128,6 +128,13 @@ class ModuleLogic:
         licence = "no licence" if state.source is None else state.source.licence
         return f"{model} ({recipe}): {licence}; {weights}; runs on the GPU when there is one, else the CPU"
 
+    def needs_torch(self, model: str) -> bool:
+        """Whether embedding with ``model`` runs a network (torch, MONAI); the weight-free model does not. An
+        unknown model is refused here, before anything is installed for it."""
+        from ..models import registry
+
+        return "torch" in registry.get(model).encoder.needs
+
     def runs_from_an_image(self, reference: str, model: str) -> bool:
         """Whether ``model`` of ``reference`` can embed a tumor here (a registry model, the reference's recipe)."""
         return "search by patient only" not in self.model_status(reference, model)
@@ -327,18 +334,25 @@ class ModuleLogic:
             folder=str(self.thumbnail_folder()),
             series=series,
             local_folder=local,
-            cache_root=None if local else str(self.series_cache().root),
+            cache_root=None if local else str(self.series_cache_root()),
         )
 
     # --- matches beside the query ----------------------------------------------------------------------
 
-    def series_cache(self):
-        """Matched series are kept beside Slicer's DICOM database (or in the data home without one)."""
-        from ..idc.download import SeriesCache
+    def series_cache_root(self) -> Path:
+        """Where matched series are kept: beside Slicer's DICOM database, or in the data home without one
+        (found with the standard library alone: the settings show it before the first install)."""
+        from ..util.home import data_home
 
         database = _dicom_database()
-        folder = database.databaseDirectory if database is not None and database.isOpen else None
-        return SeriesCache(os.path.join(folder, "SimilarPatients-series") if folder else None)
+        if database is not None and database.isOpen:
+            return Path(database.databaseDirectory) / "SimilarPatients-series"
+        return Path(self.home or data_home()) / "series"
+
+    def series_cache(self):
+        from ..idc.download import SeriesCache
+
+        return SeriesCache(self.series_cache_root())
 
     def download_size(self, hits) -> float:
         """Megabytes the matches' series need from IDC (0 when all are cached)."""
@@ -398,20 +412,22 @@ class ModuleLogic:
         """Where the data lives and how much the downloaded series take."""
         from ..util.home import data_home
 
-        cache = self.series_cache().root
+        cache = self.series_cache_root()
         size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 1e6 if cache.is_dir() else 0.0
         return f"References and weights: {self.home or data_home()}. Downloaded series: {cache} ({size:.0f} MB)."
 
     def clear_series_cache(self) -> float:
         """Delete the downloaded series, and their entries in Slicer's DICOM database first (they would point
         at deleted files); returns the megabytes freed."""
-        cache = self.series_cache()
+        root = self.series_cache_root()
+        if not root.is_dir():
+            return 0.0
         database = _dicom_database()
-        if database is not None and database.isOpen and cache.root.is_dir():
-            for folder in cache.root.iterdir():
+        if database is not None and database.isOpen:
+            for folder in root.iterdir():
                 if folder.is_dir() and not folder.name.startswith("."):
                     database.removeSeries(folder.name)
-        return cache.clear()
+        return self.series_cache().clear()
 
     def cleanup(self) -> None:
         """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
@@ -450,6 +466,9 @@ def _folder_index(folder: str):
 
 
 def _dicom_database():
-    import slicer
-
+    """Slicer's DICOM database, or None (none open, or outside Slicer: a script, the tests)."""
+    try:
+        import slicer
+    except ImportError:
+        return None
     return getattr(slicer, "dicomDatabase", None)
