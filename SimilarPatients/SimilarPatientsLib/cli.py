@@ -15,6 +15,7 @@ import pandas as pd
 from . import __version__, demo
 from .cloud import is_bigquery, open_reference
 from .cloud.client import DEFAULT_MAXIMUM_BYTES_BILLED
+from .cloud.sql import MAX_K
 from .errors import SimilarPatientsError
 from .evaluation import tasks
 from .maps import projection
@@ -229,8 +230,24 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: CUDA when present")
 
 
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``), refused at parsing with the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"from {low:,} to {high:,}" if high is not None else f"of at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, not '{text}'")
+        return value
+
+    return parse
+
+
 def _search_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-k", type=int, default=5, help="number of patients (default 5)")
+    parser.add_argument("-k", type=_whole(1, MAX_K), default=5, help="number of patients (default 5)")
     parser.add_argument(
         "--metric",
         choices=METRICS,
@@ -253,21 +270,27 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
     cloud.add_argument("--dry-run", action="store_true", help="print the bytes the search would bill; run nothing")
     cloud.add_argument(
         "--maximum-bytes-billed",
-        type=int,
+        type=_whole(1, 2**63 - 1),
         default=DEFAULT_MAXIMUM_BYTES_BILLED,
         metavar="BYTES",
         help=f"refuse a search that would bill more (default {DEFAULT_MAXIMUM_BYTES_BILLED:,}, 10 GiB)",
     )
     cloud.add_argument("--fraction-lists-to-search", type=float, metavar="F", help="VECTOR_SEARCH option (0 < F <= 1)")
     cloud.add_argument("--billing-project", metavar="PROJECT", help="project that runs the query (default: ADC's)")
+    cloud.add_argument(
+        "--check-recall",
+        action="store_true",
+        help="when the vector index is used, also search every row and report the index's recall (bills twice)",
+    )
 
 
 def _open(args, store: ReferenceStore):
     """The reference ``--reference`` names: a stored one, or ``bq://PROJECT.DATASET.TABLE``."""
     if not is_bigquery(args.reference):
-        if args.print_sql or args.dry_run:
+        if args.print_sql or args.dry_run or args.check_recall:
             raise SimilarPatientsError(
-                "--print-sql and --dry-run are for BigQuery references (bq://PROJECT.DATASET.TABLE)."
+                "--print-sql, --dry-run and --check-recall are for BigQuery references (bq://PROJECT.DATASET.TABLE); "
+                "a local approximate search reports the recall its index measured when it was built."
             )
         return store.open(args.reference)
     return open_reference(
@@ -275,6 +298,7 @@ def _open(args, store: ReferenceStore):
         project=args.billing_project,
         maximum_bytes_billed=args.maximum_bytes_billed,
         fraction_lists_to_search=args.fraction_lists_to_search,
+        check_recall=args.check_recall,
     )
 
 
