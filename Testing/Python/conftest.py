@@ -156,9 +156,15 @@ class IDCBucket:
     series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
 
     def __init__(self, series: dict, cut: int = 0):
-        self.series, self.cut, self.calls = series, cut, 0
+        self.series, self.cut, self.calls, self.locations = series, cut, 0, []
 
-    def download_from_selection(self, seriesInstanceUID, downloadDir):
+    def download_from_selection(self, seriesInstanceUID, downloadDir, source_bucket_location="aws"):
+        # idc-index (index.py, download_from_selection): "source_bucket_location: string selecting the provider
+        # of the bucket from which the files will be downloaded, allowing to select between Google ('gcs') and
+        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError.
+        if source_bucket_location not in ("aws", "gcs"):
+            raise ValueError("source_bucket_location must be either 'aws' or 'gcs'")
+        self.locations.append(source_bucket_location)
         self.calls += 1
         for uid in seriesInstanceUID:
             target = f"{downloadDir}/nlst/patient/study/CT_{uid}"

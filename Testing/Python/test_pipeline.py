@@ -188,12 +188,12 @@ def test_the_cli_builds_from_a_manifest_with_beam_options_and_reports_dead_lette
     _manifest([patients[0], patients[-1]]).to_parquet(manifest)
     argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", str(tmp_path / "o")]
     argv += ["--dicom-folder", str(root), "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    assert main(argv) == 0
+    assert main(argv) == 3  # finished, with dead letters: a distinct exit status
     printed = capsys.readouterr().out
-    assert "2 rows embedded" in printed and "1 dead letter(s)" in printed
-    assert main(argv) == 0
+    assert "2 rows embedded" in printed and "1 dead letter(s)" in printed and "exit status 3" in printed
+    assert main(argv) == 3  # the dead letter is retried (and fails again); the rest is kept
     again = capsys.readouterr().out
-    assert "0 rows embedded into 0 shard(s)" in again and "2 already there" in again
+    assert "0 rows embedded into 0 shard(s)" in again and "2 already there and kept" in again
 
 
 def test_manifest_refusals_say_what_to_fix(tmp_path):
