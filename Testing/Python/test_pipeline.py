@@ -343,7 +343,7 @@ def test_a_local_build_folder_is_locked_and_a_second_build_refused_before_embedd
     (tmp_path / "out").mkdir()
     with (
         shards.BuildLock(str(tmp_path / "out"), "first"),
-        pytest.raises(SimilarPatientsError, match="Another build is writing into .*out now"),
+        pytest.raises(SimilarPatientsError, match=r"Another build is writing into .*out now"),
     ):
         build_references(lesions, ["TumorDescriptor"], tmp_path / "out", SeriesSource.local(root))
     assert shards.shard_files(str(tmp_path / "out")) == []
@@ -608,3 +608,49 @@ def test_a_build_prints_no_beam_import_noise(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Failed to import GCSFileSystem" not in done.stderr and "apitools" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(collection, tmp_path):
+    """``--setup_file ./setup.py``: the sdist Beam's stager builds (its own function), installed into a new
+    virtual environment as a worker installs it (torch first, then the package with its embed and pipeline
+    extras), runs a bundle's worker-side code there: read a series, crop, embed with the weight-free model,
+    write a shard."""
+    import subprocess
+    import sys
+
+    from apache_beam.runners.portability.stager import Stager
+
+    repository = Path(__file__).resolve().parents[2]
+    sdist = Stager._build_setup_package(str(repository / "setup.py"), str(tmp_path / "dist"))
+    venv = tmp_path / "worker"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
+    subprocess.run([*pip, f"{sdist}[embed,pipeline]"], check=True, timeout=1200)
+    root, patients = collection
+    bundle = f"""
+import os, sys
+assert not any("issue" in p and "SimilarPatients" in p for p in sys.path)
+import SimilarPatientsLib, pyarrow.parquet as pq
+from SimilarPatientsLib.models import registry
+from SimilarPatientsLib.pipeline import SeriesSource, lesions_from_frame, shards, stages
+import pandas as pd
+recipe = registry.get("TumorDescriptor").recipe
+x, y, z = {tuple(float(v) for v in patients[0]["centre"])!r}
+frame = pd.DataFrame([dict(SeriesInstanceUID={patients[0]["series"]!r}, PatientID="P0", lesion_id="seed",
+                           seed_x=x, seed_y=y, seed_z=z)])
+lesion = lesions_from_frame(frame)[0]
+crops = list(stages.ReadAndCrop({{"TumorDescriptor": recipe}}, SeriesSource.local({str(root)!r})).process(
+    (lesion.source, [(lesion, ("TumorDescriptor",))])))
+handler = stages.EmbedderHandler("TumorDescriptor", recipe.name)
+made = [c.value for c in crops]
+results = handler.run_inference([c for _, c in made], handler.load_model())
+rows = [shards.row(lesion, "TumorDescriptor", recipe.name, r.example.seed, r.inference) for r in results]
+path = shards.write_shard(rows, {str(tmp_path / "out")!r}, shards.row_schema([lesion]), "worker")
+print(SimilarPatientsLib.__file__, pq.read_table(path).num_rows)
+"""
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed, count = done.stdout.split()
+    assert str(venv) in installed and count == "1"
