@@ -201,4 +201,15 @@ def _read_dicom_seg(path: Path, segment):
         volume = seg.get_volume(segment_numbers=[number], combine_segments=True, dtype="uint8")
     except (ValueError, RuntimeError) as error:
         raise SimilarPatientsError(f"Segment {number} of {path} does not form a 3D volume: {error}") from error
-    return volume.to_simpleitk()
+    return _volume_image(volume)
+
+
+def _volume_image(volume):
+    """A highdicom ``Volume`` (array indexed slice, row, column; geometry in LPS) as a ``SimpleITK.Image``:
+    highdicom's own ``to_simpleitk`` exists only from 0.28 (Slicer 5.12 bundles 0.27)."""
+    sitk = optional_import("SimpleITK", "embed")
+    image = sitk.GetImageFromArray(np.asarray(volume.array, dtype=np.uint8).transpose(2, 1, 0))
+    image.SetSpacing([float(v) for v in volume.spacing])
+    image.SetDirection([float(v) for v in np.asarray(volume.direction).flatten()])
+    image.SetOrigin([float(v) for v in volume.position])
+    return image
