@@ -40,7 +40,14 @@ class ImportedSource:
 
 
 def read_source(source: str, progress: ProgressCallback | None = None) -> ImportedSource:
-    """Read ``source`` into a validated table."""
+    """Read ``source`` into a validated table, with a note on each label field whose values differ between
+    one patient's lesions (see :func:`schema.mixed_labels`)."""
+    read = _read_source(source, progress)
+    read.notes += schema.mixed_labels(read.table)
+    return read
+
+
+def _read_source(source: str, progress: ProgressCallback | None) -> ImportedSource:
     text = str(source).strip()
     if text.lower() == NLST_SYBIL or nlst_sybil.REPOSITORY.lower() in text.lower():
         local = nlst_sybil.find_local_copy()
@@ -60,7 +67,7 @@ def read_source(source: str, progress: ProgressCallback | None = None) -> Import
             )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = download(text, downloads_dir() / "tables" / digest / name, progress=progress)
-        read = read_source(str(path), progress)
+        read = _read_source(str(path), progress)
         read.origin = text
         return read
     path = Path(text).expanduser()
