@@ -280,3 +280,45 @@ def test_a_build_into_bigquery_loads_the_shards_as_a_push_does(collection, tmp_p
             assert list(got.PatientID) == list(want.PatientID)
             np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6, atol=1e-12)
         assert server.violations == []
+
+
+@pytest.mark.slow
+def test_a_lesion_whose_embedding_would_be_nan_is_a_dead_letter_not_a_row(tmp_path, home):
+    """A NaN voxel at one tumor (refused at the crop) and weights whose activations overflow to NaN (refused
+    at the embedding): each such lesion is a dead letter with its reason, never a row, and the rest is built."""
+    import SimpleITK as sitk
+    import torch
+    from SimilarPatientsLib.models import networks
+
+    image, _, centre = tumor_ct("smooth", np.random.default_rng(3), size=(64, 64, 40))
+    sitk.WriteImage(image, str(tmp_path / "good.nii.gz"))
+    spoilt = sitk.Cast(image, sitk.sitkFloat32)
+    spoilt[spoilt.TransformPhysicalPointToIndex(centre)] = float("nan")
+    sitk.WriteImage(spoilt, str(tmp_path / "nan.nrrd"))  # NRRD keeps the NaN (a NIfTI one is refused at reading)
+    seed = dict(zip(("seed_x", "seed_y", "seed_z"), centre))
+    manifest = pd.DataFrame(
+        [
+            {"image": str(tmp_path / file), "PatientID": file.split(".")[0], "lesion_id": "1"} | seed
+            for file in ("good.nii.gz", "nan.nrrd")
+        ]
+    )
+    torch.manual_seed(0)
+    overflowing = {
+        k: v * 1e25 if v.is_floating_point() else v for k, v in networks.UNet3DEncoder().state_dict().items()
+    }
+    (tmp_path / "w").mkdir()
+    weights = {"SUPREME": upstream_checkpoint("SUPREME", overflowing, tmp_path / "w")}
+    out = tmp_path / "out"
+    result = build_references(lesions_from_frame(manifest), ["TumorDescriptor", "SUPREME"], out, weights=weights)
+
+    dead = {(d["PatientID"], d["model"], d["stage"]): d["reason"] for d in shards.read_dead_letters(out)}
+    assert set(dead) == {("nan", "TumorDescriptor", "crop"), ("nan", "SUPREME", "crop"), ("good", "SUPREME", "embed")}
+    assert all(
+        "NaN or infinite voxel(s) where the tumor at LPS" in dead["nan", m, "crop"]
+        for m in ("TumorDescriptor", "SUPREME")
+    )
+    assert "SUPREME gave NaN or infinite values for the tumor(s) at LPS" in dead["good", "SUPREME", "embed"]
+    assert (result.embedded, result.dead) == (1, 3)
+    table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(out)], ignore_index=True)
+    assert table[["PatientID", "model"]].values.tolist() == [["good", "TumorDescriptor"]]
+    assert np.isfinite(np.stack(table.embedding)).all()
