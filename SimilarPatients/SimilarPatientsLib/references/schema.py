@@ -207,20 +207,23 @@ def mixed_labels(table: ReferenceTable, shown: int = 3) -> list[str]:
     table does not say, so such a table is imported, and said so: each lesion keeps its own value (hits
     show the matched lesion's, filters match lesions), and a patient-level evaluation task on the field is
     refused for the patients concerned. For a patient's own field the table is then wrong."""
-    lesions = table.lesions
+    patient_codes, patient_ids = pd.factorize(table.lesions[PATIENT])
     notes = []
     for field in table.label_fields:
         try:
-            values = lesions[[PATIENT, field]].dropna().drop_duplicates()
-        except TypeError:  # list or mapping values: no equality to compare patients' lesions by
+            codes, values = pd.factorize(table.lesions[field])  # a missing value is -1: no conflict
+        except TypeError:  # list or mapping values: no equality to compare lesions by
             continue
-        counts = values[PATIENT].value_counts()
-        mixed = counts.index[counts > 1]
+        known = codes >= 0
+        pairs = np.sort(patient_codes[known].astype(np.int64) * len(values) + codes[known])  # patient, value
+        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs
+        owners = pairs // max(len(values), 1)
+        mixed = np.flatnonzero(np.bincount(owners, minlength=len(patient_ids)) > 1)
         if len(mixed) == 0:
             continue
         examples = "; ".join(
-            f"{patient}: {', '.join(sorted(map(str, values.loc[values[PATIENT] == patient, field])))}"
-            for patient in sorted(mixed)[:shown]
+            f"{patient_ids[p]}: {', '.join(sorted(str(values[v]) for v in pairs[owners == p] % len(values)))}"
+            for p in mixed[:shown]
         )
         notes.append(
             f"'{field}' differs between the lesions of {len(mixed)} patient(s) (e.g. {examples}); each lesion keeps "
