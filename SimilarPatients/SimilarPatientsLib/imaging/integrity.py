@@ -91,7 +91,8 @@ def _scan(stream, layout: _NiftiLayout | None) -> tuple[int, int]:
         data = pending + block[max(layout.offset - start, 0) :]
         whole = len(data) - len(data) % layout.values.itemsize
         values = np.frombuffer(data[:whole], layout.values)
-        broken += int(values.size - np.count_nonzero(np.isfinite(values)))
+        if not np.isfinite(values.sum(dtype=np.float64)):  # a float64 sum of finite voxels is finite: one pass
+            broken += int(values.size - np.count_nonzero(np.isfinite(values)))
         pending = data[whole:]
     return length, broken
 
