@@ -204,6 +204,7 @@ def test_manifest_refusals_say_what_to_fix(tmp_path):
         "no mark": ({"SeriesInstanceUID": "1.2", "PatientID": "P"}, "got none"),
         "no CT": ({"PatientID": "P", "seed_x": 1, "seed_y": 2, "seed_z": 3}, "names no CT"),
         "bad seed": (good | {"seed_z": "x"}, "seed_z must be a finite number"),
+        "a label named like a hit column": (good | {"viewer_url": "https://x"}, "name of a value every search"),
         "seg without segment": ({"SeriesInstanceUID": "1.2", "PatientID": "P", "seg_series": "1.3"}, "segment number"),
         "flat box": (
             {"SeriesInstanceUID": "1.2", "PatientID": "P"}
