@@ -353,7 +353,9 @@ def _decimals(values: pd.Series, least: int) -> int:
 
 
 def _print_hits(hits: pd.DataFrame, reference, model: str, metric: str) -> None:
-    columns = _HUMAN_HIT_COLUMNS + [f for f in reference.label_fields if f in hits.columns] + ["viewer_url"]
+    shown = [*_HUMAN_HIT_COLUMNS, "viewer_url"]
+    labels = [f for f in reference.label_fields if f in hits.columns and f not in shown]
+    columns = [*_HUMAN_HIT_COLUMNS, *labels, "viewer_url"]
     print(_table(hits[columns]))
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
         for note in hits.attrs["notes"]:
@@ -515,7 +517,13 @@ def _models(args) -> None:
     if args.action == "accept":
         spec = registry.get(args.name)
         if spec.weights is None:
-            print(f"{spec.name} needs no weights.")
+            print(f"{spec.name} needs no weights: there is no licence to accept.")
+            return
+        if not spec.weights.needs_acknowledgement:
+            print(
+                f"{spec.name}'s weights are published under {spec.weights.licence}, which needs no acceptance: "
+                f"nothing to accept, and nothing was recorded."
+            )
             return
         weights.acknowledge(spec.name)
         print(f"Accepted for {spec.name}: {spec.weights.licence} ({spec.weights.url}).")

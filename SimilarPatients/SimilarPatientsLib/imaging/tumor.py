@@ -58,7 +58,7 @@ def from_mask(source, segment: str | int | None = None) -> Tumor:
 
 
 def from_binary_mask(mask) -> Tumor:
-    """A tumor from a binary ``SimpleITK.Image``: refused when empty; seeded at its centroid."""
+    """A tumor from a binary ``SimpleITK.Image``: refused when empty or full; seeded at its centroid."""
     sitk = optional_import("SimpleITK", "embed")
 
     if mask.GetDimension() != 3:
@@ -68,6 +68,12 @@ def from_binary_mask(mask) -> Tumor:
     shape.Execute(mask)
     if not shape.HasLabel(1):
         raise SimilarPatientsError("The tumor mask is empty: no voxel is marked. Draw the tumor first.")
+    voxels = int(np.prod(mask.GetSize()))
+    if shape.GetNumberOfPixels(1) == voxels:
+        raise SimilarPatientsError(
+            f"The tumor mask marks every one of its {voxels} voxels: that is no tumor outline (an inverted mask, "
+            f"a blank image saved as the mask, or the wrong file). Give the mask of the tumor."
+        )
     return Tumor(tuple(float(v) for v in shape.GetCentroid(1)), mask=mask)
 
 
