@@ -130,6 +130,7 @@ class ModuleController:
         if self._job is not None:
             self._job.cancel()
             self._job = None
+        self._warmed = None  # a cancelled query ends the worker, and the model it had loaded with it
         if self._task is not None:
             self._task.close()
             self._finish("Cancelled.")
