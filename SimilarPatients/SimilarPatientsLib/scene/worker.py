@@ -6,7 +6,10 @@ The protocol is JSON lines. The client writes one request per line on the worker
     {"id": 1, "op": "query", "image": "ct.nrrd", "tumors": {"mask": "m.nrrd", "segments": ["1"]},
      "model": "CTFM", "reference": "nlst-sybil", "k": 5, "metric": "cosine", "where": [], "home": null}
 
-(``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.)
+(``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.) A fused
+query names several models (``"model": ["CTFM", "Merlin"]``, ``"all"`` or ``"All models (fused)"``), with
+``"fusion"`` and ``"depth"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
+model → value; each model stays loaded. Every hit carries ``closer_than`` (blank for a BigQuery table).
 
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
@@ -258,7 +261,9 @@ class _Worker:
         from ..models import registry
         from ..models.embedder import Embedder
         from ..query import check_compatible, query_image
+        from ..references.fused import fused_models, hit_closeness, is_fused
         from ..references.store import ReferenceStore
+        from ..search.fusion import FUSION_DEPTH
 
         def progress(done, total, message):
             self.send(id=ident, event="progress", done=done, total=total, message=message)
@@ -274,34 +279,39 @@ class _Worker:
                 boxes=marks.get("boxes"),
             )
         reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
-        spec = registry.get(request["model"])
-        check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
-        key = (spec.name, request.get("recipe"), request.get("weights"), request.get("device"))
-        loaded = key in self.embedders
-        if not loaded:
-            started = time.perf_counter()
-            self.embedders[key] = Embedder(
-                spec.name,
-                request.get("recipe"),
-                request.get("weights"),
-                bool(request.get("accept_licence")),
-                request.get("device"),
-                progress=progress,
-            )
-            load = time.perf_counter() - started
+        fused = is_fused(request["model"])
+        names = fused_models(reference, request["model"]) if fused else [request["model"]]
+        recipes = request.get("recipe") if fused else {names[0]: request.get("recipe")}
+        weights = request.get("weights") if fused else {names[0]: request.get("weights")}
+        embedders, loaded, load = [], True, 0.0
+        for name in names:  # every model checked before any is loaded
+            spec = registry.get(name)
+            check_compatible(reference, spec.name, spec.with_recipe((recipes or {}).get(name)).name, spec.dimension)
+        for name in names:
+            recipe, path = (recipes or {}).get(name), (weights or {}).get(name)
+            key = (registry.get(name).name, recipe, path, request.get("device"))
+            if key not in self.embedders:
+                loaded, started = False, time.perf_counter()
+                self.embedders[key] = Embedder(
+                    key[0], recipe, path, bool(request.get("accept_licence")), request.get("device"), progress=progress
+                )
+                load += time.perf_counter() - started
+            embedders.append(self.embedders[key])
         image = self._image(request)
         result = query_image(
             image,
             tumors,
-            self.embedders[key],
+            embedders if fused else embedders[0],
             reference,
             k=int(request.get("k", 5)),
             metric=request.get("metric", "cosine"),
             where=request.get("where"),
             method=request.get("method", "auto"),
             progress=progress,
+            fusion=request.get("fusion", "rrf"),
+            depth=int(request.get("depth", FUSION_DEPTH)),
         )
-        seconds = dict(vars(result.seconds), load=0.0 if loaded else load)
+        seconds = dict(vars(result.seconds), load=load)
         pictures = []
         if request.get("thumbnail_folder"):
             from ..imaging.thumbnail import axial_thumbnail, write_png
@@ -311,10 +321,7 @@ class _Worker:
                 str(write_png(axial_thumbnail(image, e.seed), folder / f"query-{i + 1}.png"))
                 for i, e in enumerate(result.embeddings)
             ]
-        closeness = getattr(reference, "closeness", None)  # a BigQuery reference does not measure it
-        hits = result.hits.assign(
-            closer_than=closeness(spec.name, result.metric, result.hits.distance) if closeness else float("nan")
-        )
+        hits = result.hits.assign(closer_than=hit_closeness(reference, result.hits, result.metric))
         return {
             "image_reused": request.get("image") is None,
             "hits": json.loads(hits.to_json(orient="records", double_precision=15)),
