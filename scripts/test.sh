@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: Chromium for the map's browser test, a .venv with the CPU build of
-# torch first (so nothing pulls the CUDA wheels), the package with its analysis, embed, bigquery, pipeline and
-# test extras, then ruff and pytest.
+# torch first (so nothing pulls the CUDA wheels), the package with all its extras, then ruff and pytest (the
+# full lane: nothing may be skipped for want of a package); then the Slicer-release lanes
+# (scripts/slicer_lanes.sh: Slicer 5.8's Python 3.9 with its packages and pyproject's lowest versions, 5.10's
+# and 5.12's Python 3.12 with theirs). Arguments go to the full lane's pytest, and then the lanes are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
@@ -12,7 +14,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[analysis,embed,bigquery,pipeline,test]"
+"${pip[@]}" -e ".[analysis,embed,bigquery,pipeline,download,test]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest "$@"
+SIMILARPATIENTS_FULL_LANE=1 .venv/bin/python -m pytest "$@"
+[ $# -gt 0 ] || bash scripts/slicer_lanes.sh

@@ -20,17 +20,22 @@ data home, atomic writes, downloads and optional imports. See docs/developers.md
 from __future__ import annotations
 
 from .errors import Cancelled, SimilarPatientsError
-from .references.reference import Reference
-from .references.store import ReferenceStore
 
 __all__ = ["Cancelled", "ImageQuery", "Reference", "ReferenceStore", "SimilarPatientsError", "query_image"]
 __version__ = "0.1.0"
+#: Public names imported on first use: the package itself needs only the standard library, so that the
+#: Slicer module can import its ``ui`` part before pandas and the rest are installed.
+_LAZY = {
+    "Reference": "references.reference",
+    "ReferenceStore": "references.store",
+    "query_image": "query",
+    "ImageQuery": "query",
+}
 
 
 def __getattr__(name: str):
-    """``query_image`` and ``ImageQuery`` on first use: the image path pulls in SimpleITK and torch users."""
-    if name in ("query_image", "ImageQuery"):
-        from . import query
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(query, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

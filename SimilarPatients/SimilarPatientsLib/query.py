@@ -32,7 +32,7 @@ from .references.reference import Reference
 from .references.store import ReferenceStore
 from .search.filters import Filters
 from .search.fusion import FUSION_DEPTH
-from .util.optional import require
+from .util.optional import IMAGING, require
 
 
 @dataclass
@@ -125,7 +125,7 @@ def query_image(
             its cached weights where a model is not in them).
         fusion, depth: how several models are fused (:func:`references.fused.search_fused`).
     """
-    require("embed")
+    require("embed", IMAGING)
     reference = open_reference(reference, store)
     if is_fused(model):
         return _query_fused(

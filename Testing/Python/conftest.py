@@ -4,6 +4,7 @@ local HTTP server with Range support (downloads are tested against it, never the
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import os
 import shutil
 import threading
@@ -15,6 +16,46 @@ import pandas as pd
 import pytest
 
 NLST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "nlst-sybil-embeddings"
+#: The Slicer-release lane this run is (``scripts/slicer_lanes.sh`` sets it, e.g. "slicer-5.8"): that
+#: release's Python and bundled packages, where torch has no wheel here, so tests marked ``torch`` are skipped.
+LANE = os.environ.get("SIMILARPATIENTS_LANE")
+#: What the full lane (``scripts/test.sh`` sets SIMILARPATIENTS_FULL_LANE) must import: there, no test may be
+#: skipped for want of a package.
+FULL_LANE_MODULES = (
+    "torch",
+    "monai",
+    "sklearn",
+    "umap",
+    "highdicom",
+    "nibabel",
+    "slicer",
+    "apache_beam",
+    "google.cloud.bigquery",
+    "idc_index",
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: needs torch (the embed or analysis extra); skipped in the Slicer lanes")
+    if os.environ.get("SIMILARPATIENTS_FULL_LANE"):
+        missing = [m for m in FULL_LANE_MODULES if not _importable(m)]
+        if missing:
+            raise pytest.UsageError(f"The full test lane lacks {', '.join(missing)}: its tests would be skipped.")
+
+
+def pytest_collection_modifyitems(config, items):
+    if LANE:
+        skip = pytest.mark.skip(reason=f"needs torch, which has no wheel for the {LANE} lane's Python here")
+        for item in items:
+            if "torch" in item.keywords:
+                item.add_marker(skip)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 @pytest.fixture

@@ -152,9 +152,19 @@ def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", pa
             ds.RescaleType, ds.KVP, ds.ImageType = "HU", 120, ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PixelData = values[k].tobytes()
         path = folder / f"slice{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom(ds, path)
         datasets.append(pydicom.dcmread(path))
     return datasets
+
+
+def save_dicom(dataset, path: Path) -> None:
+    """Write a conformant DICOM file (preamble, file meta) with pydicom 3, or with Slicer 5.8's pydicom 2.4."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        dataset.save_as(path, enforce_file_format=True)
+    else:
+        dataset.save_as(path, write_like_original=False)
 
 
 def write_dicom_seg(datasets: list, mask: sitk.Image, path: Path, label: str = "tumor") -> Path:

@@ -13,7 +13,9 @@ from SimilarPatientsLib.evaluation.classifiers import FoldInput
 from SimilarPatientsLib.evaluation.cohort import Cohort
 from SimilarPatientsLib.evaluation.folds import patient_folds
 from SimilarPatientsLib.evaluation.tasks import Task
-from sklearn.metrics import roc_auc_score
+
+pytestmark = pytest.mark.torch  # the analysis extra (scikit-learn, torch)
+roc_auc_score = pytest.importorskip("sklearn.metrics", reason="the analysis extra").roc_auc_score
 
 FAST = evaluation.Settings(repeats=2, permutations=19, bootstrap=200, chance_draws=5)
 GROUP = Task("group", "group", positive=("pos",), negative=("neg",), description="planted group")

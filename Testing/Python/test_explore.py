@@ -18,6 +18,8 @@ from SimilarPatientsLib.idc import viewer_url
 from SimilarPatientsLib.maps import embedding_map, figure, page, projection
 from SimilarPatientsLib.search import pairwise_distances
 
+pytestmark = pytest.mark.torch  # the analysis extra (umap-learn, scikit-learn, torch)
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 

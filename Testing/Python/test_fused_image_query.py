@@ -11,18 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-import torch
 from conftest import store_frame
 from SimilarPatientsLib import ReferenceStore, SimilarPatientsError, query_image
 from SimilarPatientsLib.cli import main
 from SimilarPatientsLib.imaging.tumor import from_binary_mask
-from SimilarPatientsLib.models import networks, weights
+from SimilarPatientsLib.models import weights
 from SimilarPatientsLib.models.embedder import Embedder
 from SimilarPatientsLib.references import FUSED_CHOICE, schema
 from SimilarPatientsLib.scene.worker import WorkerClient
 from synthetic_ct import KINDS, tumor_ct
-from synthetic_weights import upstream_checkpoint
 
+pytestmark = pytest.mark.torch  # SuPreM's network
 MODELS = ("SUPREME", "TumorDescriptor")  # as the reference lists them
 
 
@@ -30,6 +29,10 @@ MODELS = ("SUPREME", "TumorDescriptor")  # as the reference lists them
 def two_models(tmp_path_factory):
     """A data home with reference 'two' (2 tumors per kind, each embedded by both models), the site's weights
     folder holding SuPreM's, and a query CT with its mask on disk."""
+    import torch
+    from SimilarPatientsLib.models import networks
+    from synthetic_weights import upstream_checkpoint
+
     folder = tmp_path_factory.mktemp("fused-image")
     (folder / "site" / "SUPREME").mkdir(parents=True)
     torch.manual_seed(0)

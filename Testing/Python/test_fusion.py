@@ -234,6 +234,7 @@ def planted(tmp_path_factory):
     return store_frame(planted_frame(n_patients=60, signal=2.0), tmp_path_factory.mktemp("planted-home"))
 
 
+@pytest.mark.torch  # the analysis extra
 def test_evaluation_reports_the_fused_rankings_as_one_more_model(planted):
     result = evaluation.evaluate(planted, [GROUP], settings=QUICK)
     retrieval = result.retrieval
@@ -253,6 +254,7 @@ def test_evaluation_reports_the_fused_rankings_as_one_more_model(planted):
         assert row.best == pytest.approx(same.max()) and row.best_model == same.idxmax()
 
 
+@pytest.mark.torch  # the analysis extra
 def test_one_model_fused_in_the_evaluation_is_that_model(planted):
     labels = GROUP.patient_labels(planted.lesions("A"))
     plan = run._TaskPlan.draw(labels, QUICK)
@@ -265,6 +267,7 @@ def test_one_model_fused_in_the_evaluation_is_that_model(planted):
     assert all(r["difference"] == 0 for r in fused["fusion"])
 
 
+@pytest.mark.torch  # the analysis extra
 def test_verdict_prefers_fusion_only_when_it_is_at_least_as_good(tmp_path):
     frame = planted_frame(n_patients=45, signal=2.0, models=("A",))
     twin = frame.assign(model="B")  # B ranks exactly as A: fusing them changes nothing
@@ -281,6 +284,7 @@ def test_verdict_prefers_fusion_only_when_it_is_at_least_as_good(tmp_path):
     assert verdict["models"] == ["A", "B"] and verdict["aggregation"] == "lesions" and verdict["k"] == 10
 
 
+@pytest.mark.torch  # the analysis extra
 def test_one_model_has_no_fused_rows_and_no_verdict(tmp_path):
     reference = store_frame(planted_frame(n_patients=45, signal=2.0, models=("A",)), tmp_path)
     result = evaluation.evaluate(reference, [GROUP], settings=QUICK)
@@ -288,6 +292,7 @@ def test_one_model_has_no_fused_rows_and_no_verdict(tmp_path):
     assert not result.retrieval.model.str.startswith("fused").any()
 
 
+@pytest.mark.torch  # the analysis extra
 def test_the_verdict_is_kept_with_the_evaluated_reference_and_read_for_it(tmp_path):
     reference = store_frame(planted_frame(n_patients=45, signal=2.0), tmp_path / "home")
     advice = fusion_default(reference)

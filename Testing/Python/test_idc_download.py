@@ -54,3 +54,12 @@ def test_a_local_dicom_folder_is_found_by_uid(tmp_path, served):
     shutil.copytree(folders[uid], tmp_path / "site" / "ct")
     found = series_files(tmp_path / "site", [uid])
     assert list(found) == [uid] and len(found[uid]) == 12
+
+
+def test_an_index_in_a_folder_whose_name_has_a_quote_is_read(tmp_path, served):
+    _, index = served
+    moved = tmp_path / "Dr O'Brien's data" / "index.parquet"
+    moved.parent.mkdir()
+    shutil.copy(index.parquet_path, moved)
+    uids = index.series(list(served[0])).SeriesInstanceUID.tolist()
+    assert sorted(IDCIndex(moved).series(uids).SeriesInstanceUID) == sorted(uids) and len(uids) == 2

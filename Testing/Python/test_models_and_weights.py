@@ -7,7 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the embed extra (torch)")
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cli import main
 from SimilarPatientsLib.imaging.crop import crop
@@ -16,6 +17,8 @@ from SimilarPatientsLib.models import checkpoints, networks, registry, weights
 from SimilarPatientsLib.models.embedder import Embedder
 from synthetic_ct import tumor_ct
 from synthetic_weights import upstream_checkpoint
+
+pytestmark = pytest.mark.torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

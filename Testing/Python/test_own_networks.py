@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
+
+torch = pytest.importorskip("torch", reason="the embed extra (torch)")
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cli import main
 from SimilarPatientsLib.imaging import recipes
@@ -22,6 +23,8 @@ from SimilarPatientsLib.models.embedder import Embedder
 from synthetic_ct import tumor_ct
 from synthetic_weights import upstream_checkpoint
 from test_crop_and_inputs import random_ct, tumorimagingbench_pipeline
+
+pytestmark = pytest.mark.torch
 
 OWN = ("PASTA", "Merlin", "CTClipVit")
 

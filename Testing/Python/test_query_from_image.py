@@ -64,6 +64,9 @@ def test_new_tumors_find_their_own_kind(tumor_reference):
 
 
 def test_query_cli_from_a_dicom_series_and_seg(tumor_reference, tmp_path, monkeypatch, capsys):
+    pytest.importorskip(
+        "highdicom", minversion="0.23", reason="DICOM SEG masks need highdicom >= 0.23 (Python >= 3.10)"
+    )
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tumor_reference))
     image, mask, centre = tumor_ct("cavitary", np.random.default_rng(99))
     datasets = write_dicom_series(image, tmp_path / "ct")

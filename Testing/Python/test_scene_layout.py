@@ -80,3 +80,49 @@ def test_zoom_and_window_level_are_linked_position_is_not(scene):
 def test_more_matches_than_views_are_refused():
     with pytest.raises(SimilarPatientsError, match="Show 1 to 8 matches"):
         layout.layout_description(9)
+
+
+def test_showing_again_with_another_number_of_matches_shows_exactly_the_new_ones(scene):
+    """2 matches, then 4, 8 and 2 again: each time the layout holds the new views only, each showing its new
+    volume with its new label (the layout id registered the first time is replaced, not kept)."""
+    layout_node = scene.layout_logic.GetLayoutNode()
+    for count in (2, 4, 8, 2):
+        panes = _panes(scene, count)
+        layout.show(scene, layout_node, panes[0], panes[1:])
+        assert layout_node.GetLayoutDescription(layout.LAYOUT_ID) == layout.layout_description(count)
+        assert layout_node.GetViewArrangement() == layout.LAYOUT_ID
+        views = scene.layout_logic.GetViewNodes()
+        names = [views.GetItemAsObject(i).GetLayoutName() for i in range(views.GetNumberOfItems())]
+        assert names == layout.view_names(count)
+        for name, pane in zip(names, panes):
+            composite = next(
+                scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+                if scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").GetLayoutName() == name
+            )
+            assert composite.GetBackgroundVolumeID() == pane.volume.GetID(), (count, name)
+            assert pane.volume.GetName() == pane.label
+
+
+def test_views_of_any_shape_keep_square_pixels_and_share_one_zoom(scene):
+    """A 600 x 300 query view beside narrower and taller match views: each field of view has its view's
+    proportions (120 mm across the shorter side), and zooming one view gives every view the same mm per
+    pixel, each in its own proportions, never stretched."""
+    layout_node = scene.layout_logic.GetLayoutNode()
+    panes = _panes(scene, 4)
+    layout.show(scene, layout_node, panes[0], panes[1:]).remove()  # the views exist; their links end
+    shapes = {"SimilarQuery": (600, 300), "SimilarMatch1": (400, 300), "SimilarMatch2": (300, 500)}
+    for name, (width, height) in shapes.items():
+        scene.GetSingletonNode(name, "vtkMRMLSliceNode").SetDimensions(width, height, 1)
+    comparison = layout.show(scene, layout_node, panes[0], panes[1:])
+    for node in comparison.slice_nodes:
+        width, height, _ = node.GetDimensions()
+        horizontal, vertical, _ = node.GetFieldOfView()
+        assert horizontal / vertical == pytest.approx(width / height)  # square pixels
+        assert min(horizontal, vertical) == pytest.approx(120.0)
+    query = comparison.slice_nodes[0]
+    query.SetFieldOfView(150.0, 75.0, query.GetFieldOfView()[2])  # zoomed out, 0.25 mm per pixel
+    for node in comparison.slice_nodes:
+        width, height, _ = node.GetDimensions()
+        horizontal, vertical, _ = node.GetFieldOfView()
+        assert (horizontal / width, vertical / height) == pytest.approx((0.25, 0.25)), node.GetLayoutName()

@@ -144,3 +144,39 @@ def test_nodes_that_cannot_be_used_are_refused(scene):
     roi.SetSize(10.0, 0.0, 10.0)
     with pytest.raises(SimilarPatientsError, match="empty or flat"):
         nodes.roi_tumor(roi)
+
+
+def test_a_tumor_drawn_as_a_closed_surface_is_turned_into_voxels_on_the_ct_grid(scene, tmp_path):
+    """A segment held as a closed surface (as RTSTRUCT contours or a model come in): the mask is made on the
+    CT's grid from a copy of the segment, centred on the sphere, and the user's segmentation gains nothing."""
+    import vtk
+
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(7))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    volume = _load(scene, tmp_path / "ct.nrrd")
+    centre_lps = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(-centre_lps[0], -centre_lps[1], centre_lps[2])  # RAS
+    sphere.SetRadius(8.0)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.GetSegmentation().SetSourceRepresentationName(surface)  # as an RTSTRUCT import makes it
+    segment = slicer.vtkSegment()
+    segment.SetName("contoured nodule")
+    segment.AddRepresentation(surface, sphere.GetOutput())
+    segment_id = "nodule"
+    segmentation.GetSegmentation().AddSegment(segment, segment_id)
+
+    mask = nodes.segment_mask(segmentation, segment_id, volume)
+    drawn = tumor.from_binary_mask(mask)
+    np.testing.assert_allclose(drawn.seed, centre_lps, atol=1.0)
+    volume_mm3 = sitk.GetArrayViewFromImage(mask).sum() * np.prod(mask.GetSpacing())
+    assert volume_mm3 == pytest.approx(4 / 3 * np.pi * 8.0**3, rel=0.15)
+    assert np.allclose(mask.GetSpacing(), image.GetSpacing())  # the CT's grid
+    assert not segmentation.GetSegmentation().ContainsRepresentation(labelmap)  # the user's node is as it was
+    with pytest.raises(SimilarPatientsError, match="choose the CT volume"):
+        nodes.segment_mask(segmentation, segment_id)

@@ -146,6 +146,7 @@ class _SlowWeights(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.torch  # CT-FM's network
 def test_cancel_mid_download_ends_the_worker_and_keeps_no_weights_file(tmp_path, nlst_home, setting):
     """CT-FM's weights come from the site's mirror (``$SIMILARPATIENTS_WEIGHTS_MIRROR``); the user cancels
     while they download: the worker's whole process tree ends, and no weights file is left to be taken

@@ -119,15 +119,41 @@ class SeriesCache:
 def series_files(folder: Path, uids: Sequence[str] | None = None) -> dict[str, list[Path]]:
     """The DICOM files under ``folder`` by SeriesInstanceUID (only ``uids`` when given): a local DICOM
     folder, for offline sites, or a download to check."""
-    pydicom = optional_import("pydicom", "embed")
-    wanted = set(uids) if uids is not None else None
-    found: dict[str, list[Path]] = {}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except Exception:  # not DICOM, or not readable: not one of the series' images
-            continue
-        uid = str(getattr(dataset, "SeriesInstanceUID", ""))
-        if uid and (wanted is None or uid in wanted):
-            found.setdefault(uid, []).append(path)
-    return found
+    return DicomFolderIndex(folder).files(uids)
+
+
+class DicomFolderIndex:
+    """A DICOM folder's files by SeriesInstanceUID, each file read once: a later lookup reads only the files
+    that are new or changed since (a site's folder holds thousands; looking up a query's matches must not
+    read them all again), and forgets the ones that are gone."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self._known: dict[Path, tuple] = {}  # path -> (size, mtime_ns, SeriesInstanceUID or "")
+
+    def files(self, uids: Sequence[str] | None = None) -> dict[str, list[Path]]:
+        self._refresh()
+        wanted = set(uids) if uids is not None else None
+        found: dict[str, list[Path]] = {}
+        for path, (_, _, uid) in sorted(self._known.items()):
+            if uid and (wanted is None or uid in wanted):
+                found.setdefault(uid, []).append(path)
+        return found
+
+    def _refresh(self) -> None:
+        pydicom = optional_import("pydicom", "embed")
+        present = set()
+        for path in (p for p in self.folder.rglob("*") if p.is_file()):
+            present.add(path)
+            stat = path.stat()
+            known = self._known.get(path)
+            if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+                continue
+            try:
+                dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                uid = str(getattr(dataset, "SeriesInstanceUID", ""))
+            except Exception:  # not DICOM, or not readable: not one of the series' images
+                uid = ""
+            self._known[path] = (stat.st_size, stat.st_mtime_ns, uid)
+        for gone in set(self._known) - present:
+            del self._known[gone]

@@ -57,8 +57,8 @@ class IDCIndex:
         with duckdb.connect() as connection:
             connection.register("wanted", uids)
             return connection.execute(
-                f"SELECT w.{SERIES}, {columns} FROM wanted w "
-                f"JOIN read_parquet('{self.parquet_path}') i ON i.{SERIES} = w.{SERIES}"
+                f"SELECT w.{SERIES}, {columns} FROM wanted w JOIN read_parquet($index) i ON i.{SERIES} = w.{SERIES}",
+                {"index": self.parquet_path},  # a parameter: any path, quotes included
             ).df()
 
     def enrich(self, lesions: pd.DataFrame) -> pd.DataFrame:

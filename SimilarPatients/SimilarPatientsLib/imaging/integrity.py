@@ -1,5 +1,6 @@
 """Refuse damaged image files before their voxels are used: a file with fewer bytes than its header
-declares, a gzip stream that ends early or fails its checksum, and what ITK only warns about.
+declares, a gzip stream that ends early or fails its checksum, a DICOM slice cut short, and what ITK only
+warns about.
 
 SimpleITK reads a truncated NIfTI (plain or gzipped) without an error, filling the missing half with
 zeros, which would become 0 HU of tissue in the crop: a plausible, wrong query. NRRD and MetaImage readers
@@ -21,10 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import SimilarPatientsError
+from ..util.optional import optional_import
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 22
 #: ITK warnings that mean the data read is not the data written.
+_PIXEL_DATA_TAG = struct.pack("<HH", 0x7FE0, 0x0010)  #: (7FE0,0010), little endian
 _DAMAGE = re.compile(r"truncat|premature|not read completely|only \d+|short read|corrupt|unexpected end", re.I)
 
 
@@ -47,6 +50,30 @@ def check_whole(path: Path) -> None:
         raise SimilarPatientsError(
             f"Cannot read {path}: it holds {present} bytes but its header declares {declared}, so the file is "
             f"cut short ({100 * present / declared:.0f}% there). Copy or download it again."
+        )
+
+
+def check_dicom_pixels_whole(path: Path | str) -> None:
+    """Raise if the DICOM file ``path`` ends before the pixel data its header declares. The GDCM of some
+    SimpleITK releases (2.3, which Slicer 5.8 ships) reads such a slice padded with zeros instead of
+    failing. Only the header is parsed; encapsulated (compressed) pixel data, of undefined length, is left
+    to the decoder, which fails on a cut stream."""
+    pydicom = optional_import("pydicom", "embed")
+    with open(path, "rb") as stream:
+        try:
+            dataset = pydicom.dcmread(stream, stop_before_pixels=True)
+        except Exception as error:  # pydicom raises many types for a damaged file
+            raise SimilarPatientsError(f"{path} is a damaged DICOM file ({type(error).__name__}).") from error
+        start = stream.tell()  # pydicom leaves the file at the pixel data element's tag
+        head = stream.read(12)
+    if len(head) < 8 or head[:4] != _PIXEL_DATA_TAG:
+        return  # no pixel data (not an image slice), or another layout: the reader decides
+    implicit = dataset.file_meta.get("TransferSyntaxUID", "") == "1.2.840.10008.1.2" if dataset.file_meta else False
+    length, header = (struct.unpack("<I", head[4:8])[0], 8) if implicit else (struct.unpack("<I", head[8:12])[0], 12)
+    if length != 0xFFFFFFFF and start + header + length > os.path.getsize(path):
+        raise SimilarPatientsError(
+            f"{path} is cut short: its pixel data ends {start + header + length - os.path.getsize(path)} bytes "
+            f"early. Fetch the whole series again."
         )
 
 

@@ -6,6 +6,7 @@ or RAS mm as Slicer shows them, flagged), or a box (two opposite corners). A mas
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,12 @@ def _select_label(image, segment, where: str):
 
 
 def _read_dicom_seg(path: Path, segment):
+    if sys.version_info < (3, 10):
+        raise SimilarPatientsError(
+            f"Reading the DICOM SEG {path} needs highdicom 0.23 or newer, which needs Python 3.10 or newer (this is "
+            f"Python {sys.version_info.major}.{sys.version_info.minor}). Export the segment as NRRD or NIfTI (in 3D "
+            f"Slicer: Segmentations, Export to files) and give that file, or use Python 3.10 or newer."
+        )
     hd = optional_import("highdicom", "embed")
 
     try:

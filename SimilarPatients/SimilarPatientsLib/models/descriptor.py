@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import SimilarPatientsError
 from ..imaging.crop import Crop
 from ..imaging.recipes import Recipe
-from ..util.optional import optional_import
+from ..util.optional import IMAGING, optional_import
 
 #: 1 mm voxels, LPS array axes, HU values unchanged (no window), 64³: room for nodules up to 6 cm; what lies
 #: outside the image is air.
@@ -56,6 +56,7 @@ class DescriptorEncoder:
 
     device = "cpu"
     load_seconds = 0.0
+    needs = IMAGING  #: the packages it runs with (no torch)
 
     def __init__(
         self, spec=None, weights: Path | None = None, device=None, precision="fp32", batch_size=8, progress=None

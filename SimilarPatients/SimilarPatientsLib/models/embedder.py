@@ -54,9 +54,9 @@ class Embedder:
         precision: str = "fp32",
         progress: ProgressCallback | None = None,
     ):
-        require("embed")
         check_precision(precision)
         self.spec = registry.get(model)
+        require("embed", self.spec.encoder.needs)
         self.recipe = self.spec.with_recipe(recipe)
         path = _weights.resolve(self.spec.name, self.spec.weights, weights, accept_licence, progress)
         self.encoder: Encoder = self.spec.encoder(

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import SimilarPatientsError
 from ..imaging.crop import Crop
 from ..progress import ProgressCallback, report
-from ..util.optional import optional_import
+from ..util.optional import IMAGING, NETWORKS, optional_import
 from . import checkpoints
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class Encoder(Protocol):
 
     device: str
     load_seconds: float
+    needs: Sequence[str]  #: the packages it runs with (checked before it is built)
 
     def encode(self, crops: Sequence[Crop]) -> np.ndarray: ...
 
@@ -50,6 +51,8 @@ class NetworkEncoder:
             from fp32 ones by about 1e-2 relative).
         batch_size: crops per forward pass.
     """
+
+    needs = (*IMAGING, *NETWORKS)  #: the packages it runs with
 
     def __init__(
         self,

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
+from typing import TYPE_CHECKING
 from urllib.parse import quote
-
-import pandas as pd
 
 from ..errors import SimilarPatientsError
 from ..imaging import recipes
@@ -21,6 +20,9 @@ from . import descriptor, weights
 from .checkpoints import CheckpointFormat
 from .encoders import NetworkEncoder
 from .weights import WeightSource
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _NONCOMMERCIAL = True
 
@@ -300,6 +302,8 @@ def summary() -> pd.DataFrame:
                 "revision": "" if source is None else "pinned" if source.pinned else "branch head",
             }
         )
+    import pandas as pd  # the registry itself needs only numpy (the Slicer module asks it before any install)
+
     return pd.DataFrame(rows)
 
 

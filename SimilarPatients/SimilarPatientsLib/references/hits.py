@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from ..idc.viewer import viewer_url
 from ..search.nearest import LesionMatch
+from ..util.columns import text_array
 from . import schema
 
 _LESION_COLUMNS = (
@@ -55,28 +55,23 @@ def hit_table(
     missing = np.full(len(matches), None, dtype=object)
     columns = {
         "rank": np.arange(1, len(matches) + 1),
-        schema.PATIENT: _text([m.patient for m in matches]),
+        schema.PATIENT: text_array([m.patient for m in matches]),
         "distance": np.array([m.distance for m in matches], dtype=np.float64),
         schema.MODEL: rows.get(schema.MODEL, missing),
-        "metric": _text([metric] * len(matches)),
+        "metric": text_array([metric] * len(matches)),
         schema.LESION: rows.get(schema.LESION, missing),
-        "query_lesion": _text([query_lesions[m.query_row] for m in matches]) if query_lesions else missing,
+        "query_lesion": text_array([query_lesions[m.query_row] for m in matches]) if query_lesions else missing,
         "lesions": np.array([lesion_counts[m.patient] for m in matches], dtype=np.int64),
     }
     for column in _LESION_COLUMNS:
         columns[column] = rows.get(column, missing)
     urls = [viewer_url(s, r) for s, r in zip(_values(columns[schema.STUDY]), _values(columns[schema.SERIES]))]
-    columns["viewer_url"] = _text(urls)
-    columns["search"] = _text(["exact" if index_recall is None else "approximate"] * len(matches))
+    columns["viewer_url"] = text_array(urls)
+    columns["search"] = text_array(["exact" if index_recall is None else "approximate"] * len(matches))
     columns["index_recall"] = np.full(len(matches), np.nan if index_recall is None else index_recall)
     for name in label_fields:
         columns[name] = rows.get(name, missing)
     return pd.DataFrame(columns)
-
-
-def _text(values: list):
-    """Text (None for missing) as pandas' default ``str`` array, built once in Arrow, not inferred."""
-    return pd.arrays.ArrowStringArray(pa.array(values, pa.string()), dtype=pd.StringDtype("pyarrow", na_value=np.nan))
 
 
 def _values(column) -> list:

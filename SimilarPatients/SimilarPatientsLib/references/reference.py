@@ -29,6 +29,7 @@ from ..progress import ProgressCallback, report
 from ..search import approximate, filters
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util.atomic import replacing
+from ..util.columns import pandas_array
 from . import schema
 from .fused import search_fused
 from .hits import hit_table
@@ -303,11 +304,3 @@ class Reference(ReferenceManifest):
         recall = index.calibration.recall if index is not None else None
         rows = self.lesion_rows(model, [m.row for m in matches])
         return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
-
-
-def pandas_array(column: pa.ChunkedArray):
-    """An Arrow column as the array pandas would make of it, without converting strings through Python:
-    text as pandas' default ``str`` dtype (Arrow-backed), anything else as pandas converts it."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return pd.arrays.ArrowStringArray(column, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
-    return column.to_pandas().array

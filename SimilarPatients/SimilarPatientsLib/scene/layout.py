@@ -1,9 +1,13 @@
 """The side-by-side view of a query and its matches: one slice view each, each centred on its own tumor,
 zoom and window/level linked across the views but not position (each patient has its own frame).
 
-Slicer's own slice linking would also link position, so the links here are observers of their own.
-Plain MRML: a layout description registered on the layout node, slice and composite nodes found (or, as
-Slicer's views do, created) by layout name. Works on Slicer's scene and on ``slicer-core``'s.
+Slicer's own slice linking would also link position, so the links here are observers of their own. Zoom
+is linked as millimetres per screen pixel, not as a field of view: views of different widths (a row of three
+beside a row of two) then show the same scale with square pixels. Each view's field of view follows its own
+shape, as Slicer's ``FitFOVToBackground`` does (the given size across the view's shorter side).
+Plain MRML: a layout description registered on the layout node (replaced when the comparison is shown again
+with another number of matches), slice and composite nodes found (or, as Slicer's views do, created) by
+layout name. Works on Slicer's scene and on ``slicer-core``'s.
 """
 
 from __future__ import annotations
@@ -82,12 +86,12 @@ class Comparison:
     def _zoom_changed(self, changed, _event) -> None:
         if self._syncing:
             return
-        field = changed.GetFieldOfView()
+        scale = mm_per_pixel(changed)
         self._syncing = True
         try:
             for node in self.slice_nodes:
-                if node is not changed and tuple(node.GetFieldOfView()[:2]) != tuple(field[:2]):
-                    node.SetFieldOfView(field[0], field[1], node.GetFieldOfView()[2])
+                if node is not changed and not math.isclose(mm_per_pixel(node), scale, rel_tol=1e-9):
+                    set_scale(node, scale)
         finally:
             self._syncing = False
 
@@ -109,7 +113,11 @@ def show(scene, layout_node, query: Pane, matches: Sequence[Pane], field_of_view
     """Switch ``layout_node`` to the query and its matches side by side, each view showing its volume,
     centred on its tumor and named after its label, all at the same zoom; zoom and window/level stay linked."""
     names = view_names(len(matches))
-    layout_node.AddLayoutDescription(LAYOUT_ID, layout_description(len(matches)))
+    description = layout_description(len(matches))
+    if layout_node.IsLayoutDescription(LAYOUT_ID):  # shown before, perhaps with another number of matches
+        layout_node.SetLayoutDescription(LAYOUT_ID, description)
+    elif not layout_node.AddLayoutDescription(LAYOUT_ID, description):
+        raise SimilarPatientsError(f"The layout {LAYOUT_ID} could not be registered on the layout node.")
     layout_node.SetViewArrangement(LAYOUT_ID)
     slice_nodes, display_nodes = [], []
     for name, pane in zip(names, [query, *matches]):
@@ -120,14 +128,41 @@ def show(scene, layout_node, query: Pane, matches: Sequence[Pane], field_of_view
             )
         _composite(scene, name).SetBackgroundVolumeID(pane.volume.GetID())
         slice_node.SetOrientation("Axial")
-        slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm, slice_node.GetFieldOfView()[2])
+        fit_field_of_view(slice_node, field_of_view_mm)
         slice_node.JumpSliceByCentering(*[float(v) for v in pane.centre_ras])
+        slice_node.SetLayoutLabel("Q" if name == QUERY_VIEW else name[len("SimilarMatch") :])
         pane.volume.SetName(pane.label)
         slice_nodes.append(slice_node)
         if pane.volume.GetDisplayNode() is None:
             pane.volume.CreateDefaultDisplayNodes()
         display_nodes.append(pane.volume.GetDisplayNode())
     return Comparison(scene, slice_nodes, display_nodes)
+
+
+def fit_field_of_view(slice_node, field_of_view_mm: float) -> None:
+    """``field_of_view_mm`` across the view's shorter side, the longer side in proportion (square pixels)."""
+    width, height = _dimensions(slice_node)
+    if width < height:
+        horizontal, vertical = field_of_view_mm, field_of_view_mm * height / width
+    else:
+        horizontal, vertical = field_of_view_mm * width / height, field_of_view_mm
+    slice_node.SetFieldOfView(horizontal, vertical, slice_node.GetFieldOfView()[2])
+
+
+def mm_per_pixel(slice_node) -> float:
+    """The view's zoom: millimetres per screen pixel, vertically (Slicer keeps the height when a view resizes)."""
+    return slice_node.GetFieldOfView()[1] / _dimensions(slice_node)[1]
+
+
+def set_scale(slice_node, scale: float) -> None:
+    """Zoom the view to ``scale`` mm per pixel, its field of view in its own proportions."""
+    width, height = _dimensions(slice_node)
+    slice_node.SetFieldOfView(scale * width, scale * height, slice_node.GetFieldOfView()[2])
+
+
+def _dimensions(slice_node) -> tuple:
+    width, height, _ = slice_node.GetDimensions()
+    return max(int(width), 1), max(int(height), 1)
 
 
 def _composite(scene, layout_name: str):

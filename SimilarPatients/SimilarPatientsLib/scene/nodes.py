@@ -36,10 +36,9 @@ def volume_image(volume):
 
 
 def segment_mask(segmentation, segment_id: str, reference_volume=None):
-    """One segment as a binary ``SimpleITK.Image`` (1 = tumor) in LPS, on the segment's own grid.
-    ``reference_volume`` only names the CT in messages."""
-    import slicer  # the MRML classes (in Slicer, and from slicer-core outside it)
-
+    """One segment as a binary ``SimpleITK.Image`` (1 = tumor) in LPS: its labelmap as drawn, or, for a
+    segment held as contours or a closed surface (RTSTRUCT, a model), one made on the CT's grid
+    (``reference_volume``) from a copy of the segment (the user's node gains no representation)."""
     sitk = optional_import("SimpleITK", "embed")
     segment = segmentation.GetSegmentation().GetSegment(segment_id) if segment_id else None
     if segment is None:
@@ -50,8 +49,7 @@ def segment_mask(segmentation, segment_id: str, reference_volume=None):
         raise SimilarPatientsError(
             f"'{segmentation.GetName()}' has no segment '{segment_id}'; it has: {', '.join(names) or 'none'}."
         )
-    labelmap = slicer.vtkOrientedImageData()
-    segmentation.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    labelmap = _binary_labelmap(segmentation, segment_id, reference_volume)
     voxels = _voxels(labelmap) if min(labelmap.GetDimensions()) > 0 else np.zeros((0, 0, 0), np.uint8)
     if not voxels.size or not voxels.any():
         raise SimilarPatientsError(
@@ -63,6 +61,39 @@ def segment_mask(segmentation, segment_id: str, reference_volume=None):
     start[:3, 3] = [extent[0], extent[2], extent[4]]
     mask = _image(sitk, (voxels > 0).astype(np.uint8), _to_world(segmentation) @ image_to_world @ start)
     return around_tumor(mask)
+
+
+def _binary_labelmap(segmentation, segment_id: str, reference_volume):
+    """The segment's binary labelmap (an ``vtkOrientedImageData`` in the segmentation's frame)."""
+    import slicer  # the MRML classes (in Slicer, and from slicer-core outside it)
+
+    labelmap = slicer.vtkOrientedImageData()
+    if segmentation.GetBinaryLabelmapRepresentation(segment_id, labelmap):
+        return labelmap
+    converter = slicer.vtkSegmentationConverter
+    source = segmentation.GetSegmentation()
+    if reference_volume is None:
+        raise SimilarPatientsError(
+            f"'{segmentation.GetName()}' holds its segments as {source.GetSourceRepresentationName()}: choose the CT "
+            f"volume, on whose grid they are turned into voxels."
+        )
+    copy = slicer.vtkSegmentation()
+    copy.SetSourceRepresentationName(source.GetSourceRepresentationName())
+    copy.CopySegmentFromSegmentation(source, segment_id)
+    grid = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+        reference_volume, segmentation.GetParentTransformNode()
+    )
+    copy.SetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName(), converter.SerializeImageGeometry(grid)
+    )
+    name = converter.GetSegmentationBinaryLabelmapRepresentationName()
+    if not copy.CreateRepresentation(name) or not copy.GetSegment(segment_id).GetRepresentation(name):
+        raise SimilarPatientsError(
+            f"The segment '{source.GetSegment(segment_id).GetName()}' ({source.GetSourceRepresentationName()}) could "
+            f"not be turned into voxels; in the Segmentations module, create its binary labelmap representation."
+        )
+    labelmap.DeepCopy(copy.GetSegment(segment_id).GetRepresentation(name))
+    return labelmap
 
 
 def around_tumor(mask, margin: int = 2):

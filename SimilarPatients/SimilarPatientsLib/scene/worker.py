@@ -9,7 +9,8 @@ The protocol is JSON lines. The client writes one request per line on the worker
 (``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.) A fused
 query names several models (``"model": ["CTFM", "Merlin"]``, ``"all"`` or ``"All models (fused)"``), with
 ``"fusion"`` and ``"depth"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
-model → value; each model stays loaded. Every hit carries ``closer_than`` (blank for a BigQuery table).
+model → value; each model stays loaded (``prepare`` loads them all). Every hit carries ``closer_than``
+(blank for a BigQuery table; for a fused hit the mean over the models).
 
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
@@ -18,9 +19,16 @@ and reads events from its stdout, ending with exactly one ``result`` or ``error`
     {"id": 1, "event": "error", "message": "...", "cancelled": false}
 
 A query with ``"thumbnail_folder"`` also writes a picture of each query tumor there (``query-1.png``, ...).
-``{"op": "thumbnails", "folder": ..., "series": [{"uid": ..., "file": ..., "centre": [x, y, z]}]}`` draws
-the matches whose images are on this machine, each at its tumor centre (LPS mm); a series that cannot be
-read is named in ``failed`` with the reason, and the others are still drawn.
+``{"op": "thumbnails", "folder": ..., "series": [{"uid": ..., "centre": [x, y, z]}], "local_folder": ...,
+"cache_root": ...}`` draws the matches whose images are on this machine (a series' ``file``, or found by
+UID in the site's DICOM folder, indexed once per worker, or in the download cache), each at its tumor
+centre (LPS mm); a series that cannot be read is named in ``failed`` with the reason, and the others are
+still drawn. ``{"op": "prepare", "model": ..., "reference": ..., "weights": ...}`` loads a model and opens a
+reference ahead of the first query (a GUI sends it when its module is entered), so that query pays neither.
+
+A GUI never waits in a loop: :meth:`WorkerClient.submit` returns a :class:`PendingRequest` that its timer
+polls (progress arrives as it comes; the answer, or the error, once); :meth:`WorkerClient.request` waits
+for one, for scripts and the Python console.
 
 Cancel ends the worker's whole process tree (the ``PythonSlicer`` launcher and the Python it starts are
 one process group), and the next request starts a fresh worker; so does a worker that died.
@@ -80,6 +88,7 @@ class WorkerClient:
         self._events: queue.Queue = queue.Queue()
         self._stderr = None
         self._next_id = 0
+        self._pending: dict[int, PendingRequest] = {}
 
     @property
     def pid(self) -> int | None:
@@ -101,47 +110,51 @@ class WorkerClient:
         ``cancelled()`` turned True (the worker is then ended), or an error if the worker died."""
         return self.request("query", progress, cancelled, **request)
 
-    def thumbnails(self, folder: Path | str, series: list, cancelled: Callable[[], bool] | None = None) -> dict:
-        """Pictures of the matches whose series are local (``series``: dicts of ``uid``, ``file`` — one file
-        of the series — and ``centre`` in LPS mm) written into ``folder``; returns ``thumbnails`` (uid →
-        PNG path) and ``failed`` (uid → reason)."""
-        return self.request("thumbnails", None, cancelled, folder=str(folder), series=series)
+    def thumbnails(
+        self, folder: Path | str, series: list, cancelled: Callable[[], bool] | None = None, **where
+    ) -> dict:
+        """Pictures of the matches whose series are local (``series``: dicts of ``uid``, ``centre`` in LPS mm
+        and, where known, ``file``, one file of the series; ``where``: ``local_folder`` and ``cache_root`` to
+        find the others in) written into ``folder``; returns ``thumbnails`` (uid → PNG path) and ``failed``
+        (uid → reason)."""
+        return self.request("thumbnails", None, cancelled, folder=str(folder), series=series, **where)
 
     def request(self, op: str, progress=None, cancelled=None, **fields) -> dict:
+        """Send one request and wait for its answer (see :meth:`PendingRequest.wait`)."""
+        return self.submit(op, progress, **fields).wait(cancelled)
+
+    def submit(self, op: str, progress: ProgressCallback | None = None, **fields) -> PendingRequest:
+        """Send one request (starting the worker if it is not running) and return at once; the answer comes
+        through the returned :class:`PendingRequest`."""
         self._start()
         self._next_id += 1
-        ident = self._next_id
-        line = json.dumps({"id": ident, "op": op, **fields})
+        pending = PendingRequest(self, self._next_id, op, progress)
+        self._pending[pending.ident] = pending
         try:
-            self._process.stdin.write(line + "\n")
+            self._process.stdin.write(json.dumps({"id": pending.ident, "op": op, **fields}) + "\n")
             self._process.stdin.flush()
         except (BrokenPipeError, OSError):
             self._died()
-        while True:
-            if cancelled is not None and cancelled():
-                self.stop()
-                raise Cancelled()
-            try:
-                event = self._events.get(timeout=self.poll_seconds)
-            except queue.Empty:
-                if not self.running:
-                    self._died()
-                continue
-            if event is None:  # the worker's stdout closed: it is gone
+        return pending
+
+    def _dispatch(self, timeout: float) -> None:
+        """Route the worker's next event (waiting up to ``timeout`` s) to its request; a worker that is gone
+        fails every request still waiting."""
+        try:
+            event = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            if self._process is not None and not self.running:
                 self._died()
-            if event.get("id") != ident:
-                continue
-            if event["event"] == "progress":
-                report(progress, event["done"], event["total"], event["message"])
-            elif event["event"] == "result":
-                return event
-            elif event.get("missing_image"):
-                raise ImageNotHeld(event["message"])
-            else:
-                raise (Cancelled if event.get("cancelled") else SimilarPatientsError)(event["message"])
+            return
+        if event is None:  # the worker's stdout closed: it is gone
+            self._died()
+        pending = self._pending.get(event.get("id"))
+        if pending is not None:
+            pending._take(event)
 
     def stop(self) -> None:
-        """End the worker and every process it started."""
+        """End the worker and every process it started; requests still waiting end as cancelled."""
+        self._fail_pending(Cancelled())
         if self._process is None:
             return
         if self._process.poll() is None:
@@ -149,13 +162,17 @@ class WorkerClient:
         self._process.wait()
         self._process = None
 
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = list(self._pending.values()), {}
+        for request in pending:
+            request._fail(error)
+
     def _start(self) -> None:
         if self.running:
             return
         self._process = None
 
         self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115 (kept with the worker)
-        group = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000200}
         self._process = subprocess.Popen(
             [self.python, "-m", "SimilarPatientsLib.scene.worker"],
             stdin=subprocess.PIPE,
@@ -166,7 +183,7 @@ class WorkerClient:
             errors="replace",
             bufsize=1,
             env=self.environment,
-            **group,
+            **process_group_options(os.name),
         )
         self._events = queue.Queue()
         threading.Thread(target=_read_events, args=(self._process.stdout, self._events), daemon=True).start()
@@ -177,13 +194,92 @@ class WorkerClient:
         lines = [line for line in self._stderr.read().splitlines() if line.strip()]
         self._process = None
         detail = f": {lines[-1][:300]}" if lines else ""
-        raise SimilarPatientsError(
+        error = SimilarPatientsError(
             f"The query worker stopped unexpectedly (exit code {code}){detail}. The next query starts a new one."
         )
+        self._fail_pending(error)
+        raise error
 
     def __del__(self):
         with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing more to do
             self.stop()
+
+
+class PendingRequest:
+    """One request sent to the worker, answered later: :meth:`poll` it from a GUI timer, or :meth:`wait`.
+    Progress events reach ``progress`` as they come, from the thread that polls."""
+
+    def __init__(self, client: WorkerClient, ident: int, op: str, progress: ProgressCallback | None = None):
+        self.client, self.ident, self.op, self.progress = client, ident, op, progress
+        self._answer: dict | None = None
+        self._error: Exception | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._answer is not None or self._error is not None
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Take the events that have come (waiting up to ``timeout`` s for one); True once answered."""
+        deadline = time.monotonic() + timeout
+        while not self.done:
+            try:
+                self.client._dispatch(max(deadline - time.monotonic(), 0.0))
+            except SimilarPatientsError as error:  # the worker died: this request ends with it
+                self._fail(error)
+            if time.monotonic() >= deadline and self.client._events.empty():
+                break
+        return self.done
+
+    def result(self) -> dict:
+        """The ``result`` event; raises the request's error (our message, :class:`Cancelled`, :class:`ImageNotHeld`)."""
+        if self._error is not None:
+            raise self._error
+        if self._answer is None:
+            raise RuntimeError(f"The worker has not answered request {self.ident} ({self.op}) yet.")
+        return self._answer
+
+    def wait(self, cancelled: Callable[[], bool] | None = None) -> dict:
+        """Wait for the answer, asking ``cancelled()`` between polls: True ends the worker (:class:`Cancelled`)."""
+        while not self.poll(self.client.poll_seconds):
+            if cancelled is not None and cancelled():
+                self.cancel()
+        return self.result()
+
+    def cancel(self) -> None:
+        """End the worker's whole process tree (and with it this request and any other it was serving)."""
+        if not self.done:
+            self.client.stop()
+        self._fail(Cancelled())
+
+    def _take(self, event: dict) -> None:
+        if event["event"] == "progress":
+            report(self.progress, event["done"], event["total"], event["message"])
+            return
+        self.client._pending.pop(self.ident, None)
+        if event["event"] == "result":
+            self._answer = event
+        elif event.get("missing_image"):
+            self._error = ImageNotHeld(event["message"])
+        else:
+            self._error = (Cancelled if event.get("cancelled") else SimilarPatientsError)(event["message"])
+
+    def _fail(self, error: Exception) -> None:
+        self.client._pending.pop(self.ident, None)
+        if not self.done:
+            self._error = error
+
+
+def process_group_options(os_name: str) -> dict:
+    """How the worker is started so that cancel can end it with everything it started: its own session on
+    POSIX; on Windows its own process group, and no console window (PythonSlicer is a console program: a
+    window would stay open all session, and closing it would kill the worker)."""
+    if os_name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": _CREATE_NEW_PROCESS_GROUP | _CREATE_NO_WINDOW}
+
+
+#: Windows' process creation flags (only Windows' subprocess module defines them by name).
+_CREATE_NEW_PROCESS_GROUP, _CREATE_NO_WINDOW = 0x00000200, 0x08000000
 
 
 def _read_events(stream, events: queue.Queue) -> None:
@@ -213,6 +309,7 @@ class _Worker:
         self.out = out
         self.embedders: dict = {}
         self.image: tuple | None = None  # (key, validated CT): the last image, reused while its key holds
+        self.folders: dict = {}  # local DICOM folder -> its index of series, kept between requests
 
     def send(self, **event) -> None:
         self.out.write(json.dumps(event, default=_plain) + "\n")
@@ -225,6 +322,8 @@ class _Worker:
                 self.send(id=ident, event="result", pid=os.getpid(), models=sorted(self.embedders))
             elif request.get("op") == "query":
                 self.send(id=ident, event="result", **self.query(request, ident))
+            elif request.get("op") == "prepare":
+                self.send(id=ident, event="result", **self.prepare(request, ident))
             elif request.get("op") == "thumbnails":
                 self.send(id=ident, event="result", **self.thumbnails(request))
             else:
@@ -255,19 +354,60 @@ class _Worker:
         self.image = (key, image) if key is not None else None
         return image
 
-    def query(self, request: dict, ident) -> dict:
-        from ..cloud import open_reference
-        from ..imaging.tumor import tumors_from
-        from ..models import registry
-        from ..models.embedder import Embedder
-        from ..query import check_compatible, query_image
-        from ..references.fused import fused_models, hit_closeness, is_fused
-        from ..references.store import ReferenceStore
-        from ..search.fusion import FUSION_DEPTH
-
+    def _progress(self, ident) -> ProgressCallback:
         def progress(done, total, message):
             self.send(id=ident, event="progress", done=done, total=total, message=message)
 
+        return progress
+
+    def _opened(self, request: dict):
+        """The request's reference, opened, and the registry entries of its model (of each model, for a
+        fused request), every one checked against the reference before any is loaded."""
+        from ..cloud import open_reference
+        from ..models import registry
+        from ..query import check_compatible
+        from ..references.fused import fused_models, is_fused
+        from ..references.store import ReferenceStore
+
+        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
+        names = fused_models(reference, request["model"]) if is_fused(request["model"]) else [request["model"]]
+        specs = [registry.get(name) for name in names]
+        for spec in specs:
+            recipe = spec.with_recipe(_per_model(request, "recipe", spec.name))
+            check_compatible(reference, spec.name, recipe.name, spec.dimension)
+        return reference, specs
+
+    def _embedder(self, request: dict, spec, progress) -> tuple:
+        """The request's model, loaded now or kept from an earlier request; and the seconds its load took."""
+        from ..models.embedder import Embedder
+
+        recipe, weights = _per_model(request, "recipe", spec.name), _per_model(request, "weights", spec.name)
+        key = (spec.name, recipe, weights, request.get("device"))
+        if key in self.embedders:
+            return self.embedders[key], None
+        started = time.perf_counter()
+        self.embedders[key] = Embedder(
+            spec.name, recipe, weights, bool(request.get("accept_licence")), request.get("device"), progress=progress
+        )
+        return self.embedders[key], time.perf_counter() - started
+
+    def prepare(self, request: dict, ident) -> dict:
+        """Load the model(s) and measure the reference's nearest-match distributions before the first query."""
+        progress = self._progress(ident)
+        reference, specs = self._opened(request)
+        loads = [self._embedder(request, spec, progress)[1] for spec in specs]
+        if hasattr(reference, "closeness"):  # a local reference: its similarity column is ready too
+            for spec in specs:
+                reference.closeness(spec.name, request.get("metric", "cosine"), [], progress)
+        return {"loaded": all(load is None for load in loads), "load_seconds": sum(load or 0.0 for load in loads)}
+
+    def query(self, request: dict, ident) -> dict:
+        from ..imaging.tumor import tumors_from
+        from ..query import query_image
+        from ..references.fused import hit_closeness, is_fused
+        from ..search.fusion import FUSION_DEPTH
+
+        progress = self._progress(ident)
         marks = request.get("tumors") or {}
         if marks.get("masks"):  # one file per tumor (a GUI's segments, each exported on its own)
             tumors = [tumor for path in marks["masks"] for tumor in tumors_from(mask=path)]
@@ -278,30 +418,13 @@ class _Worker:
                 points=marks.get("points"),
                 boxes=marks.get("boxes"),
             )
-        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
-        fused = is_fused(request["model"])
-        names = fused_models(reference, request["model"]) if fused else [request["model"]]
-        recipes = request.get("recipe") if fused else {names[0]: request.get("recipe")}
-        weights = request.get("weights") if fused else {names[0]: request.get("weights")}
-        embedders, loaded, load = [], True, 0.0
-        for name in names:  # every model checked before any is loaded
-            spec = registry.get(name)
-            check_compatible(reference, spec.name, spec.with_recipe((recipes or {}).get(name)).name, spec.dimension)
-        for name in names:
-            recipe, path = (recipes or {}).get(name), (weights or {}).get(name)
-            key = (registry.get(name).name, recipe, path, request.get("device"))
-            if key not in self.embedders:
-                loaded, started = False, time.perf_counter()
-                self.embedders[key] = Embedder(
-                    key[0], recipe, path, bool(request.get("accept_licence")), request.get("device"), progress=progress
-                )
-                load += time.perf_counter() - started
-            embedders.append(self.embedders[key])
+        reference, specs = self._opened(request)
+        embedders, loads = zip(*(self._embedder(request, spec, progress) for spec in specs))
         image = self._image(request)
         result = query_image(
             image,
             tumors,
-            embedders if fused else embedders[0],
+            list(embedders) if is_fused(request["model"]) else embedders[0],
             reference,
             k=int(request.get("k", 5)),
             metric=request.get("metric", "cosine"),
@@ -311,24 +434,27 @@ class _Worker:
             fusion=request.get("fusion", "rrf"),
             depth=int(request.get("depth", FUSION_DEPTH)),
         )
-        seconds = dict(vars(result.seconds), load=load)
+        seconds = dict(vars(result.seconds), load=sum(load or 0.0 for load in loads))
+        tumors_embedded = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]
         pictures = []
         if request.get("thumbnail_folder"):
             from ..imaging.thumbnail import axial_thumbnail, write_png
 
+            progress(4, 4, "drawing the tumor's thumbnail")
             folder = Path(request["thumbnail_folder"])
             pictures = [
                 str(write_png(axial_thumbnail(image, e.seed), folder / f"query-{i + 1}.png"))
-                for i, e in enumerate(result.embeddings)
+                for i, e in enumerate(tumors_embedded)
             ]
         hits = result.hits.assign(closer_than=hit_closeness(reference, result.hits, result.metric))
         return {
             "image_reused": request.get("image") is None,
             "hits": json.loads(hits.to_json(orient="records", double_precision=15)),
             "seconds": seconds,
-            "loaded": loaded,
+            "loaded": all(load is None for load in loads),
+            "models": [e.model for e in result.embeddings],
             "embeddings": [e.vector.tolist() for e in result.embeddings],
-            "seeds": [list(e.seed) for e in result.embeddings],
+            "seeds": [list(e.seed) for e in tumors_embedded],
             "thumbnails": pictures,
         }
 
@@ -337,13 +463,51 @@ class _Worker:
         from ..imaging.thumbnail import axial_thumbnail, write_png
 
         folder, drawn, failed = Path(request["folder"]), {}, {}
-        for match in request.get("series") or []:
+        series = request.get("series") or []
+        found = self._local_files([m["uid"] for m in series if not m.get("file")], request)
+        for match in series:
+            file = match.get("file") or (found.get(match["uid"]) or [None])[0]
+            if file is None:
+                continue  # not on this machine: nothing is downloaded for a picture
             try:
-                picture = axial_thumbnail(read_ct(match["file"]), match["centre"])
+                picture = axial_thumbnail(read_ct(file), match["centre"])
                 drawn[match["uid"]] = str(write_png(picture, folder / f"{match['uid']}.png"))
             except SimilarPatientsError as error:  # one unreadable series costs only its own picture
                 failed[match["uid"]] = str(error)
         return {"thumbnails": drawn, "failed": failed}
+
+    def _local_files(self, uids: list, request: dict) -> dict:
+        """Files of the series ``uids`` on this machine: in the site's DICOM folder (indexed once per worker,
+        new or changed files read again), else in the download cache (a folder per series)."""
+        from ..idc.download import DicomFolderIndex
+
+        if not uids:
+            return {}
+        if request.get("local_folder"):
+            folder = str(request["local_folder"])
+            if folder not in self.folders:
+                self.folders[folder] = DicomFolderIndex(folder)
+            return self.folders[folder].files(uids)
+        root = Path(request["cache_root"]) if request.get("cache_root") else None
+        if root is None:
+            return {}
+        return {
+            uid: sorted(str(p) for p in (root / uid).rglob("*") if p.is_file()) for uid in uids if (root / uid).is_dir()
+        }
+
+
+def _per_model(request: dict, field: str, model: str):
+    """A request's ``recipe`` or ``weights`` for one of its models: a fused request gives them per model."""
+    from ..references.fused import is_fused
+
+    value = request.get(field) or None
+    if isinstance(value, dict):
+        return value.get(model)
+    if value is not None and is_fused(request["model"]):
+        raise SimilarPatientsError(
+            f"A query of several models takes {field} per model (a mapping of model to {field}), not one for all."
+        )
+    return value
 
 
 def _plain(value):

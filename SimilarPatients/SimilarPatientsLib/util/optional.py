@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from types import ModuleType
 
 from ..errors import SimilarPatientsError
@@ -57,9 +58,17 @@ def optional_import(module: str, extra: str) -> ModuleType:
         raise missing_extra(extra, error.name or module) from error
 
 
-def require(extra: str) -> None:
-    """Raise the missing-extra error unless every package of ``extra`` can be imported (nothing is imported)."""
-    for module in EXTRAS[extra][1].values():
+#: What reading CT images needs of the ``embed`` extra (the weight-free model needs nothing more; 3D Slicer
+#: ships both): no torch.
+IMAGING = ("SimpleITK", "pydicom")
+#: What running a network encoder adds.
+NETWORKS = ("torch", "monai", "einops", "safetensors")
+
+
+def require(extra: str, modules: Sequence[str] | None = None) -> None:
+    """Raise the missing-extra error unless every package of ``extra`` (or only ``modules`` of it) can be
+    imported (nothing is imported)."""
+    for module in EXTRAS[extra][1].values() if modules is None else modules:
         try:
             found = importlib.util.find_spec(module)
         except ImportError:  # a finder may refuse outright

@@ -1,0 +1,460 @@
+"""What the module's widget decides, without Qt: one method per user action, the order of each action's
+steps (packages installed with one consent per click, the licence, the download opt-in, the size question
+before loading), the progress stages, cancel, which buttons are enabled, and one task at a time.
+
+Each action that waits is a *task*: a generator that yields jobs (``ui/background.py``) and receives their
+results. The widget's timer calls :meth:`ModuleController.poll`, which relays progress and resumes the task
+when its job ends; nothing processes GUI events inside a task, and while one runs every action is disabled
+and refused, so a second click cannot start a nested query. A task ends with its result shown, an error
+shown once, or, when cancelled, a status line (not an error box).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import Cancelled, SimilarPatientsError
+from . import dependencies
+from .dependencies import BIGQUERY, DOWNLOAD, IMAGE, SEARCH, InstallPlan
+from .logic import NLST, ModuleLogic, tumor_marks
+from .results import ResultsTable, filter_terms, results_table
+
+log = logging.getLogger(__name__)
+#: The actions the widget enables or disables as :meth:`ModuleController.actions` says.
+ACTIONS = ("import", "find", "find_image", "load", "clear_cache")
+#: Matches shown beside the query at most (the layout's limit).
+MAX_LOADED = 8
+K_RANGE = (1, 100)
+
+
+@dataclass
+class Inputs:
+    """What the widgets hold when the user acts."""
+
+    reference: str = ""
+    model: str = ""
+    k: int = 5
+    metric: str = "cosine"
+    filters: str = ""
+    patient: str = ""
+    volume: object = None  #: the CT volume node
+    tumor: object = None  #: a segmentation, point list or ROI node
+    segment: str | None = None  #: the segment of ``tumor`` (a segmentation), or None for each of its segments
+    selected_rows: Sequence[int] = field(default_factory=list)
+
+
+class View(Protocol):
+    """What the controller asks of the widget (Qt in Slicer; a recording stand-in in the tests)."""
+
+    def ask(self, question: str, title: str) -> bool: ...
+    def show_error(self, message: str) -> None: ...
+    def show_status(self, text: str) -> None: ...
+    def show_progress(self, title: str | None) -> None:
+        """Open a progress display with a Cancel button that calls :meth:`ModuleController.cancel` (None: close it)."""
+
+    def update_progress(self, fraction: float | None, message: str) -> None: ...
+    def enable(self, actions: dict) -> None: ...
+    def show_references(self, names: list, current: str) -> None: ...
+    def show_models(self, names: list, current: str, tooltips: dict) -> None: ...
+    def show_results(self, table: ResultsTable) -> None: ...
+    def show_thumbnails(self, query: str | None, matches: dict) -> None:
+        """The query tumor's picture (a PNG path, or None) and the matches' (row → PNG path)."""
+
+    def show_downloads_allowed(self, allowed: bool) -> None: ...
+    def open_url(self, url: str) -> None: ...
+
+
+class ModuleController:
+    """The module's behaviour. ``installer`` installs an :class:`~.dependencies.InstallPlan` (Slicer's
+    PyTorch extension and pip by default)."""
+
+    def __init__(self, view: View, logic: ModuleLogic, installer=None):
+        self.view = view
+        self.logic = logic
+        self.installer = installer or dependencies.SlicerInstaller()
+        self.hits = None  #: the last search's hit table
+        self.image_hits = False  #: whether those hits answer an image query (only those can be loaded beside it)
+        self.reference = ""  #: the reference those hits come from
+        self._task: Generator | None = None
+        self._job = None
+        self._warming = None  # the worker's request loading the chosen model ahead of the first click
+        self._warmed: tuple | None = None
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def actions(self) -> dict:
+        """Which actions are enabled: none while a task runs; loading only after an image query's hits."""
+        free = not self.busy
+        enabled = dict.fromkeys(ACTIONS, free)
+        enabled["load"] = free and self.image_hits and self.hits is not None and len(self.hits) > 0
+        return enabled
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Relay progress and resume the task whose job ended (the widget's timer calls this)."""
+        if self._warming is not None and self._warming.poll():
+            try:
+                self._warming.result()
+            except SimilarPatientsError as error:  # the click will say it again, with its own context
+                log.info("the model was not loaded ahead of the first query: %s", error)
+                self._warmed = None
+            self._warming = None
+        if self._job is not None and self._job.poll(timeout):
+            job, self._job = self._job, None
+            try:
+                value = job.result()
+            except BaseException as error:  # handed to the task, which may handle it
+                self._resume(error=error)
+            else:
+                self._resume(value)
+
+    def wait(self, timeout: float = 600.0) -> None:
+        """Poll until the task ends (scripts and tests; the widget uses its timer)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.busy:
+            if time.monotonic() > deadline:
+                raise TimeoutError("The task did not end in time.")
+            self.poll(0.05)
+
+    def cancel(self) -> None:
+        """Stop the running task: its job is ended (the worker's whole process tree, or a thread at its next
+        step) and the task closed; the status line says so."""
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        if self._task is not None:
+            self._task.close()
+            self._finish("Cancelled.")
+
+    # --- module lifecycle ------------------------------------------------------------------------------
+
+    def entered(self, inputs: Inputs) -> None:
+        """The module was opened (or a scene loaded): list the references, and load the chosen model in the
+        background so that the first click does not wait for it."""
+        self._enable()
+        if dependencies.unmet(SEARCH):
+            self.view.show_status("Python packages are installed when you first import or search.")
+            return
+        self.refresh_references(inputs.reference, inputs.model)
+        self.prepare(inputs)
+
+    def refresh_references(self, reference: str = "", model: str = "") -> None:
+        """List the references, selecting ``reference`` where it is among them, and its models."""
+        try:
+            names = self.logic.references()
+        except SimilarPatientsError as error:
+            self.view.show_error(str(error))
+            return
+        current = reference if reference in names else (names[0] if names else "")
+        self.view.show_references(names, current)
+        self.refresh_models(current, model)
+
+    def refresh_models(self, reference: str, model: str = "", chosen: bool = False) -> None:
+        """List ``reference``'s models with a tooltip each; a BigQuery reference not opened yet this session is
+        asked for them only when the user ``chosen`` it (entering the module calls no service)."""
+        if not reference:
+            self.view.show_models([], "", {})
+            return
+        if not chosen and not self.logic.opened_without_network(reference):
+            saved = [model] if model else []
+            self.view.show_models(saved, model, dict.fromkeys(saved, "choose the reference again to list its models"))
+            return
+        try:
+            models = self.logic.models(reference)
+            tooltips = {m: self.logic.model_status(reference, m) for m in models}
+        except SimilarPatientsError as error:
+            self.view.show_models([], "", {})
+            self.view.show_error(str(error))
+            return
+        self.view.show_models(models, model if model in models else (models[0] if models else ""), tooltips)
+
+    def reference_chosen(self, inputs: Inputs) -> None:
+        self.refresh_models(inputs.reference, inputs.model, chosen=True)
+
+    def prepare(self, inputs: Inputs) -> None:
+        """Start the worker and load ``inputs.model`` (and the reference's similarity scale) in the background,
+        when that needs no consent: packages installed, weights here (or none), licence accepted."""
+        key = (inputs.reference, inputs.model, inputs.metric)
+        if not inputs.reference or not inputs.model or key == self._warmed or self.busy:
+            return
+        try:
+            network = self.logic.needs_torch(inputs.model)
+            ready = (
+                not dependencies.unmet((*SEARCH, *(IMAGE if network else ())))
+                and (not network or dependencies.torch_unmet() is None)
+                and self.logic.opened_without_network(inputs.reference)
+                and self.logic.runs_from_an_image(inputs.reference, inputs.model)
+                and self.logic.licence_to_accept(inputs.model) is None
+                and self.logic.weights_to_download(inputs.model) is None
+            )
+            if ready:
+                self._warming = self.logic.start_prepare(inputs.reference, inputs.model, inputs.metric)
+                self._warmed = key
+        except SimilarPatientsError as error:  # no PythonSlicer, an unknown model: the click says it
+            log.info("the model is not loaded ahead of the first query: %s", error)
+
+    # --- actions ---------------------------------------------------------------------------------------
+
+    def import_nlst(self) -> None:
+        self._run("Importing NLST-Sybil", self._import_nlst())
+
+    def _import_nlst(self):
+        if not self._install(SEARCH):
+            return
+        if not self.logic.nlst_local_copy() and not self._downloads_opt_in(
+            "No local copy of the NLST-Sybil embeddings was found: they would be downloaded (about 20 MB) from "
+            "GitHub (ImagingDataCommons/nlst-sybil-connectome)."
+        ):
+            return
+        name = yield self.logic.start_import_nlst(self._progress)
+        self.refresh_references(name)
+        self.view.show_status("NLST-Sybil imported: choose a model and search.")
+
+    def find_by_patient(self, inputs: Inputs) -> None:
+        self._run("Searching", self._find_by_patient(inputs))
+
+    def _find_by_patient(self, inputs: Inputs):
+        self._check_search(inputs)
+        if not inputs.patient.strip():
+            raise SimilarPatientsError("Type the ID of a patient of the reference to search by patient.")
+        if not self._install(SEARCH, *self._service_needs(inputs.reference)):
+            return
+        hits = yield self.logic.start_neighbors(
+            inputs.reference,
+            inputs.model,
+            inputs.patient.strip(),
+            inputs.k,
+            inputs.metric,
+            filter_terms(inputs.filters),
+            self._progress,
+        )
+        self._show_hits(hits, inputs.reference, from_image=False)
+
+    def find_from_image(self, inputs: Inputs) -> None:
+        self._run("Finding similar patients", self._find_from_image(inputs))
+
+    def _find_from_image(self, inputs: Inputs):
+        from ..scene.worker import ImageNotHeld
+
+        self._check_search(inputs)
+        if inputs.volume is None or inputs.tumor is None:
+            raise SimilarPatientsError("Choose the CT volume, and the tumor as a segment, a point list or an ROI.")
+        network = self.logic.needs_torch(inputs.model)
+        if not self._install(SEARCH, IMAGE if network else (), *self._service_needs(inputs.reference), torch=network):
+            return
+        model = inputs.model
+        licence = self.logic.licence_to_accept(model)
+        if licence:
+            if not self.view.ask(
+                f"{model}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
+            ):
+                return
+            self.logic.accept_licence(model)
+        source = self.logic.weights_to_download(model)
+        if source and not self._downloads_opt_in(f"The {model} weights would be downloaded from {source}."):
+            return
+        self.view.update_progress(None, f"starting the query worker and loading {model}")
+        files = self.logic.write_query(inputs.volume, **tumor_marks(inputs.tumor, inputs.segment))
+        search = (inputs.reference, model, inputs.k, inputs.metric, filter_terms(inputs.filters), self._progress)
+        try:
+            try:
+                result = yield self.logic.start_query(files, *search)
+            except ImageNotHeld:  # a new worker, or another CT since: send the voxels
+                result = yield self.logic.start_query(self.logic.with_image(files), *search)
+        finally:
+            files.remove()
+        self._warmed = (inputs.reference, model, inputs.metric)
+        hits = self.logic.query_answered(files, result)
+        self._show_hits(hits, inputs.reference, from_image=True)
+        query_picture = self.logic.last_thumbnails[0] if self.logic.last_thumbnails else None
+        self.view.show_thumbnails(query_picture, {})
+        job = self.logic.start_match_thumbnails(hits, self._progress)
+        if job is None:
+            return
+        self.view.update_progress(None, "drawing the matches found on this computer")
+        try:
+            drawn = yield job
+        except SimilarPatientsError as error:  # a picture is a convenience: the results stay
+            log.warning("Match thumbnails: %s", error)
+            return
+        for uid, reason in drawn["failed"].items():
+            log.warning("No thumbnail for series %s: %s", uid, reason)
+        pictures = drawn["thumbnails"]
+        rows = {row: pictures[uid] for row, uid in enumerate(hits.get("SeriesInstanceUID", [])) if uid in pictures}
+        self.view.show_thumbnails(query_picture, rows)
+
+    def load_selected(self, inputs: Inputs) -> None:
+        self._run("Loading the matches", self._load_selected(inputs))
+
+    def _load_selected(self, inputs: Inputs):
+        if not (self.image_hits and self.hits is not None and len(self.hits)):
+            raise SimilarPatientsError("Find similar patients from an image first: the matches are shown beside it.")
+        rows = sorted(set(inputs.selected_rows)) or list(range(len(self.hits)))
+        chosen = self.hits.iloc[rows[:MAX_LOADED]]
+        if not self.logic.settings.local_dicom_folder:  # a site's own copy needs no network; IDC needs these
+            if not self._install(DOWNLOAD):
+                return
+            size = self.logic.download_size(chosen)
+            what = (
+                f"{size:.0f} MB of CT series would be downloaded from NCI Imaging Data Commons for {len(chosen)} "
+                f"patient(s) (their identifiers are sent to IDC's public storage)."
+            )
+            if size and not self._downloads_opt_in(what, always_ask=True):
+                return
+        files = yield self.logic.start_fetch(chosen, self._progress)
+        self.view.update_progress(None, "showing the matches beside the query")
+        self.logic.show_matches(chosen, files)
+        self.view.show_status(f"{len(files)} patient(s) beside the query, each view centred on its tumor.")
+
+    def open_viewer(self, row: int) -> None:
+        """Open a hit's study in the IDC viewer (the web browser)."""
+        if self.hits is None or not 0 <= row < len(self.hits) or "viewer_url" not in self.hits:
+            return
+        url = self.hits.iloc[row]["viewer_url"]
+        if isinstance(url, str) and url.startswith("https://"):
+            self.view.open_url(url)
+
+    # --- settings --------------------------------------------------------------------------------------
+
+    def allow_downloads(self, allowed: bool) -> None:
+        self.logic.settings.downloads_allowed = bool(allowed)
+
+    def allow_bigquery(self, allowed: bool, inputs: Inputs) -> None:
+        """The opt-in to BigQuery searches; allowing them installs google-cloud-bigquery (with consent)."""
+        if allowed and not self._guarded(lambda: self._install(BIGQUERY)):
+            allowed = False
+        self.logic.settings.bigquery_allowed = bool(allowed)
+        if not dependencies.unmet(SEARCH):
+            self.refresh_references(inputs.reference, inputs.model)
+
+    def bigquery_references_edited(self, text: str, inputs: Inputs) -> None:
+        kept = self._guarded(lambda: self.logic.settings.set_bigquery_references(text.split(";")) or True)
+        if kept and self.logic.settings.bigquery_allowed:
+            self.refresh_references(inputs.reference, inputs.model)
+
+    def cache_info(self) -> str:
+        return self._guarded(self.logic.cache_info) or ""
+
+    def clear_cache(self) -> None:
+        if self.view.ask(
+            "Delete the downloaded IDC series (and their entries in the DICOM database)? They are downloaded again "
+            "when needed.",
+            "Clear downloaded series",
+        ):
+            freed = self._guarded(self.logic.clear_series_cache)
+            if freed is not None:
+                self.view.show_status(f"{freed:.0f} MB of downloaded series deleted.")
+
+    # --- the steps tasks share -------------------------------------------------------------------------
+
+    def _run(self, title: str, task: Generator) -> None:
+        if self.busy:
+            self.view.show_status("Wait for the current task to finish, or cancel it.")
+            task.close()
+            return
+        self._task = task
+        self.view.show_progress(title)
+        self._enable()
+        self._resume()
+
+    def _resume(self, value=None, error: BaseException | None = None) -> None:
+        try:
+            job = self._task.send(value) if error is None else self._task.throw(error)
+        except StopIteration:
+            self._finish()
+        except Cancelled:
+            self._finish("Cancelled.")
+        except SimilarPatientsError as failure:
+            self._finish()
+            self.view.show_error(str(failure))
+        except Exception as failure:  # a bug, not the user's doing: shown once, with its kind
+            log.exception("Similar Patients task failed")
+            self._finish()
+            self.view.show_error(f"Unexpected error ({type(failure).__name__}: {failure}); see the Python console.")
+        else:
+            self._job = job
+
+    def _finish(self, status: str | None = None) -> None:
+        self._task, self._job = None, None
+        self.view.show_progress(None)
+        self._enable()
+        if status:
+            self.view.show_status(status)
+
+    def _enable(self) -> None:
+        self.view.enable(self.actions())
+
+    def _progress(self, done, total, message) -> None:
+        self.view.update_progress(done / total if total else None, message)
+
+    def _check_search(self, inputs: Inputs) -> None:
+        if not inputs.reference or not inputs.model:
+            raise SimilarPatientsError("Choose a reference and one of its models first (or import NLST-Sybil).")
+        if not K_RANGE[0] <= int(inputs.k) <= K_RANGE[1]:
+            raise SimilarPatientsError(f"Ask for {K_RANGE[0]} to {K_RANGE[1]} patients, not {inputs.k}.")
+
+    def _service_needs(self, reference: str) -> tuple:
+        from ..cloud.tables import is_bigquery
+
+        return (BIGQUERY,) if is_bigquery(reference) else ()
+
+    def _install(self, *needs, torch: bool = False) -> bool:
+        """Install what ``needs`` (and torch) call for, after one question; False when the user declined."""
+        plan: InstallPlan = dependencies.plan(*needs, torch=torch)
+        if plan.empty:
+            return True
+        if not self.view.ask(plan.question(), "Install Python packages?"):
+            self.view.show_status("Nothing was installed; the packages are asked for again at the next click.")
+            return False
+        first = bool(dependencies.unmet(SEARCH))
+        self.installer.install(plan)
+        if first:  # the references can be listed now
+            self.refresh_references()
+        return True
+
+    def _downloads_opt_in(self, what: str, always_ask: bool = False) -> bool:
+        """The opt-in to downloads, asked once and kept in the settings; ``always_ask``: this download is
+        confirmed even once downloads are allowed (the size of a load)."""
+        allowed = self.logic.settings.downloads_allowed
+        if allowed and not always_ask:
+            return True
+        if allowed:
+            return self.view.ask(f"{what}\n\nDownload them?", "Download from IDC?")
+        if not self.view.ask(
+            f"{what}\n\nAllow Similar Patients to download from the internet (reference embeddings, model weights "
+            "and IDC image series)? Nothing about your patient is sent. You can take this back with the "
+            "'Allow downloads' box.",
+            "Allow downloads?",
+        ):
+            return False
+        self.logic.settings.downloads_allowed = True
+        self.view.show_downloads_allowed(True)
+        return True
+
+    def _show_hits(self, hits, reference: str, from_image: bool) -> None:
+        self.hits, self.image_hits, self.reference = hits, from_image, reference
+        self.view.show_results(results_table(hits, self.logic.display_fields(reference)))
+        if len(hits):
+            self.view.show_status(f"{len(hits)} patients. Double-click a row to open it in the IDC viewer.")
+        else:
+            self.view.show_status("No patient of the reference passes the filters.")
+        self._enable()
+
+    def _guarded(self, call):
+        """``call()``'s value, or None after showing its error (settings edits, not tasks)."""
+        try:
+            return call()
+        except SimilarPatientsError as error:
+            self.view.show_error(str(error))
+            return None
+
+
+__all__ = ["ACTIONS", "NLST", "Inputs", "ModuleController", "View"]
