@@ -15,6 +15,7 @@ import pandas as pd
 from . import __version__, demo
 from .cloud import is_bigquery, open_reference
 from .cloud.client import DEFAULT_MAXIMUM_BYTES_BILLED
+from .cloud.sql import MAX_K
 from .errors import SimilarPatientsError
 from .evaluation import tasks
 from .maps import projection
@@ -73,7 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     importing.add_argument(
         "--source",
         required=True,
-        help="Parquet/CSV file or URL, folder of upstream *_features.pkl files, or 'nlst-sybil'",
+        help="Parquet/CSV file or URL, folder of Parquet shards (local or gs://), folder of upstream "
+        "*_features.pkl files, or 'nlst-sybil'",
+    )
+    importing.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="import a build folder whose build did not complete (the notes say how much is missing)",
     )
     listing = actions.add_parser("list", help="list the stored references and their models")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -205,7 +212,14 @@ def _build_options(build: argparse.ArgumentParser) -> None:
     build.add_argument("--weights", action="append", default=[], metavar="MODEL=FILE", help="a model's weights file")
     build.add_argument("--accept-licence", action="store_true", help="accept the models' weight licences")
     build.add_argument("--device", choices=("cuda", "cpu"), help="default: CUDA where a worker has it")
-    build.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+    build.add_argument("--batch-size", type=_whole(1), default=8, help="crops per forward pass (default 8)")
+    build.add_argument(
+        "--source-bucket",
+        choices=("gcs", "aws"),
+        default="gcs",
+        help="IDC's copy the workers download from (default gcs: free in Google Cloud, no external IPs needed)",
+    )
+    build.add_argument("--billing-project", metavar="PROJECT", help="with --bigquery: the project the load bills")
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
@@ -247,7 +261,10 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
         help="rrf: reciprocal rank fusion (default); percentile: the mean of the models' 'closer than N%%'",
     )
     fused.add_argument(
-        "--depth", type=int, default=FUSION_DEPTH, help=f"patients each model contributes (default {FUSION_DEPTH})"
+        "--depth",
+        type=_whole(1),
+        default=FUSION_DEPTH,
+        help=f"patients each model contributes (default {FUSION_DEPTH})",
     )
 
 
@@ -256,8 +273,24 @@ def _model_argument(args):
     return args.model[0] if len(args.model) == 1 else args.model
 
 
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``), refused at parsing with the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"from {low:,} to {high:,}" if high is not None else f"of at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, not '{text}'")
+        return value
+
+    return parse
+
+
 def _search_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-k", type=int, default=5, help="number of patients (default 5)")
+    parser.add_argument("-k", type=_whole(1, MAX_K), default=5, help="number of patients (default 5)")
     parser.add_argument(
         "--metric",
         choices=METRICS,
@@ -280,21 +313,27 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
     cloud.add_argument("--dry-run", action="store_true", help="print the bytes the search would bill; run nothing")
     cloud.add_argument(
         "--maximum-bytes-billed",
-        type=int,
+        type=_whole(1, 2**63 - 1),
         default=DEFAULT_MAXIMUM_BYTES_BILLED,
         metavar="BYTES",
         help=f"refuse a search that would bill more (default {DEFAULT_MAXIMUM_BYTES_BILLED:,}, 10 GiB)",
     )
     cloud.add_argument("--fraction-lists-to-search", type=float, metavar="F", help="VECTOR_SEARCH option (0 < F <= 1)")
     cloud.add_argument("--billing-project", metavar="PROJECT", help="project that runs the query (default: ADC's)")
+    cloud.add_argument(
+        "--check-recall",
+        action="store_true",
+        help="when the vector index is used, also search every row and report the index's recall (bills twice)",
+    )
 
 
 def _open(args, store: ReferenceStore):
     """The reference ``--reference`` names: a stored one, or ``bq://PROJECT.DATASET.TABLE``."""
     if not is_bigquery(args.reference):
-        if args.print_sql or args.dry_run:
+        if args.print_sql or args.dry_run or args.check_recall:
             raise SimilarPatientsError(
-                "--print-sql and --dry-run are for BigQuery references (bq://PROJECT.DATASET.TABLE)."
+                "--print-sql, --dry-run and --check-recall are for BigQuery references (bq://PROJECT.DATASET.TABLE); "
+                "a local approximate search reports the recall its index measured when it was built."
             )
         return store.open(args.reference)
     return open_reference(
@@ -302,6 +341,7 @@ def _open(args, store: ReferenceStore):
         project=args.billing_project,
         maximum_bytes_billed=args.maximum_bytes_billed,
         fraction_lists_to_search=args.fraction_lists_to_search,
+        check_recall=args.check_recall,
     )
 
 
@@ -628,8 +668,13 @@ def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
     print(f"Report: {path} ({result.seconds:.0f} s)")
 
 
-def _index_build(args, beam_args: list[str]) -> None:
+#: The exit status of an `index build` that finished with dead letters (2: refused, 0: every lesion built).
+EXIT_DEAD_LETTERS = 3
+
+
+def _index_build(args, beam_args: list[str]) -> int:
     from .pipeline import annotations, build, fetch, manifest
+    from .util import files
     from .util.optional import require
 
     require("pipeline")
@@ -640,7 +685,19 @@ def _index_build(args, beam_args: list[str]) -> None:
         if not path:
             raise SimilarPatientsError(f"--weights takes MODEL=FILE, not '{item}'.")
         weights[model] = path
-    source = fetch.SeriesSource(cache=args.cache)
+    loader = None
+    out = args.out
+    if args.bigquery:
+        from .cloud.tables import parse_project, parse_table
+
+        parse_table(args.bigquery)
+        if args.billing_project:
+            parse_project(args.billing_project)
+        if not args.staging:
+            raise SimilarPatientsError("--bigquery needs --staging DIR: the shards are written there, then loaded.")
+        out, loader = args.staging, build.bigquery_loader(args.billing_project)
+    out = files.check_folder(out, "--staging" if args.bigquery else "--out")  # before anything is read or embedded
+    source = fetch.SeriesSource(cache=args.cache, bucket=args.source_bucket)
     if args.idc:
         if args.dicom_folder:
             source = fetch.SeriesSource.local(Path(args.dicom_folder))
@@ -649,16 +706,10 @@ def _index_build(args, beam_args: list[str]) -> None:
         if not lesions:
             raise SimilarPatientsError(f"The annotations of {', '.join(args.idc)} hold no lesion of that type.")
     else:
-        lesions = manifest.read_manifest(Path(args.manifest))
+        lesions = manifest.read_manifest(args.manifest)
         if args.dicom_folder:
             uids = {x.series for x in lesions if x.series} | {x.mark.series for x in lesions if x.mark.series}
             source = fetch.SeriesSource.local(Path(args.dicom_folder), sorted(uids))
-    loader = None
-    out = args.out
-    if args.bigquery:
-        if not args.staging:
-            raise SimilarPatientsError("--bigquery needs --staging DIR: the shards are written there, then loaded.")
-        out, loader = args.staging, build.bigquery_loader()
     result = build.build_references(
         lesions,
         args.model,
@@ -674,11 +725,19 @@ def _index_build(args, beam_args: list[str]) -> None:
         table=args.bigquery,
     )
     print(
-        f"{result.embedded} rows embedded into {len(result.shards)} shard(s) in {out}, {result.skipped} already "
-        f"there, {result.dead} dead letter(s) ({result.seconds:.0f} s)."
+        f"{result.embedded} rows embedded into {len(result.shards)} shard(s) in {out} ({result.added} added, "
+        f"{result.replaced} replaced), {result.kept} already there and kept, {result.removed} removed, "
+        f"{result.dead} dead letter(s) ({result.seconds:.0f} s)."
     )
+    if args.bigquery:
+        print(f"Loaded into {args.bigquery}; search it as --reference bq://{args.bigquery}")
     if result.dead:
-        print(f"The dead letters say why each failed: {out.rstrip('/')}/dead-letters/")
+        print(
+            f"The dead letters say why each failed: {out.rstrip('/')}/dead-letters/ (exit status "
+            f"{EXIT_DEAD_LETTERS}: the build completed without them; run it again to retry them)."
+        )
+        return EXIT_DEAD_LETTERS
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "references":
             if args.action == "import":
-                reference = store.import_reference(args.name, args.source, progress)
+                reference = store.import_reference(args.name, args.source, progress, args.allow_incomplete)
                 progress.close()
                 for note in reference.manifest["notes"]:
                     print(f"note: {note}")
@@ -726,7 +785,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "models":
             _models(args)
         elif args.verb == "index":
-            _index_build(args, beam_args)
+            status = _index_build(args, beam_args)
+            sys.stdout.flush()
+            return status
         else:
             _demo(args, store, progress)
     except SimilarPatientsError as error:

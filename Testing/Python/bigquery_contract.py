@@ -1,17 +1,20 @@
 """A loopback HTTP server that holds the BigQuery REST contract against what google-cloud-bigquery sends.
 
-It answers the calls the library makes (tables.get and tables.patch, jobs.insert for queries, dry runs and
-DDL, jobs.get, jobs.getQueryResults with paging, load jobs by multipart and resumable upload) and checks
-each request against the REST reference: typed named parameters whose values parse as their types and
-match the statement's ``@names``, GoogleSQL (not legacy), a Parquet load with list inference that
-truncates its table, ``maximumBytesBilled`` as an int64 string. A request that breaks the contract is
-answered 400 and recorded in ``violations``.
+It answers the calls the library makes (tables.get, tables.patch and tables.delete; jobs.insert for
+queries, dry runs and DDL; jobs.get; jobs.getQueryResults with paging; load jobs by multipart and resumable
+upload) and holds each request to the documented service: every rule the library relies on is enforced
+here with the sentence of Google's documentation it comes from beside it (``# doc:``). A request that
+breaks the contract is answered 400 and recorded in ``violations``; what the service answers with a failed
+job (a load whose description disagrees with an existing table's, a query over its byte limit) is
+answered so, as a job with an ``errorResult``.
 
 Queries really run: the statement is transpiled by sqlglot from BigQuery to DuckDB and run on the tables
-the load jobs uploaded. ``VECTOR_SEARCH`` has no DuckDB equivalent; with no populated index BigQuery
-compares every row, and this server does the same: the call becomes a table of its output columns
-(``base`` and ``query`` structs, ``distance``), the ``top_k`` nearest base rows of each query row, and
-``vectorSearchStatistics`` says the index was not used, as BigQuery does (``UNUSED``, with a reason).
+the load jobs uploaded. ``VECTOR_SEARCH`` has no DuckDB equivalent: its base and query tables are run here
+and the search is done in numpy, as BigQuery does it — every row compared when there is no populated index
+(or ``use_brute_force``), else an IVF search (rows in lists around k-means centroids; the lists nearest to
+each query are searched, ``fraction_lists_to_search`` of them) that applies the base table's filters
+before the search, so it can return fewer than ``top_k`` rows. ``vectorSearchStatistics`` says whether the
+index was used and why not. :meth:`populate_index` stands for BigQuery finishing its background build.
 Bytes are BigQuery's logical bytes (8 per FLOAT64/INT64 value, 2 + length per STRING) of the columns a
 statement reads. Errors are injected with :meth:`fail` as BigQuery's error bodies.
 """
@@ -21,19 +24,32 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import math
 import re
 import threading
 import uuid
 from urllib.parse import parse_qs, urlparse
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlglot
 from sqlglot import exp
 
+# doc (REST reference, QueryParameterType.type): "The top level type of this field."; GoogleSQL data types
 _TYPES = {"STRING", "FLOAT64", "INT64", "BOOL", "ARRAY"}
 _SERVER_PAGE = 4  #: rows per getQueryResults page at most, to make the client page
+_INT64_MAX = 2**63 - 1
+# doc (BigQuery pricing, on-demand compute): "The minimum data processed per table referenced by the query
+# is 10 MB"; a bytes-billed limit is checked against what would be billed.
+_MINIMUM_BILLED = 10 * 2**20
+# doc (Manage vector indexes): "If you create a vector index on a table that's smaller than 10 MB, then the
+# index isn't populated."
+_INDEX_MINIMUM_BYTES = 10 * 1000 * 1000
+# doc (REST reference, Table.description, and the Cloud console's limit): a description holds at most 16,384
+# characters.
+_DESCRIPTION_LIMIT = 16384
 _VECTOR_SEARCH = re.compile(
     r"VECTOR_SEARCH\(\n\s*\((?P<base>.*?)\),\n\s*'(?P<column>\w+)',\n\s*\((?P<query>.*?)\),\n\s*'\w+',\n"
     r"\s*top_k => (?P<top_k>\d+),\n\s*distance_type => '(?P<distance>\w+)'(?:,\n\s*options => '(?P<options>[^']*)')?\)",
@@ -96,6 +112,8 @@ class BigQueryContractServer:
         self.requests: list[tuple[str, str, dict]] = []
         self.violations: list[str] = []
         self.failures: list[tuple[str, int, str, str]] = []
+        self.page_tokens: dict[str, int] = {}
+        self.searches = 0
         self.lock = threading.RLock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -177,6 +195,9 @@ class BigQueryContractServer:
             def do_PATCH(self):
                 self._dispatch("PATCH")
 
+            def do_DELETE(self):
+                self._dispatch("DELETE")
+
         return Handler
 
     def _route(self, method: str, path: str, query: dict) -> tuple[str, tuple]:
@@ -193,16 +214,33 @@ class BigQueryContractServer:
                 return name, match.groups()
         return path, ()
 
+    def populate_index(self, path: str) -> None:
+        """BigQuery has finished building the table's vector index in the background: searches may use it."""
+        with self.lock:
+            self.tables[path]["index"]["populated"] = True
+
     def _answer(self, method, route, groups, query, body, headers):
-        if route == "tables" and method in ("GET", "PATCH"):
+        if route == "tables" and method in ("GET", "PATCH", "DELETE"):
             path = ".".join(groups)
             if path not in self.tables:
                 return 404, _error(404, "notFound", f"Not found: Table {groups[0]}:{groups[1]}.{groups[2]}"), None
+            if method == "DELETE":
+                del self.tables[path]
+                self.duck.execute(f"DROP TABLE {self._duck_name(path)}")
+                return 204, None, None
             if method == "PATCH":
                 change = json.loads(body)
-                if set(change) - {"description", "tableReference", "etag"}:
+                # doc (tables.patch): "This method supports RFC5789 patch semantics": only the fields sent change.
+                if set(change) - {"description", "expirationTime", "tableReference", "etag"}:
                     raise ContractError(f"tables.patch sent fields it did not mean to change: {sorted(change)}")
-                self.tables[path]["description"] = change["description"]
+                if "description" in change:
+                    self._check_description(change["description"])
+                    self.tables[path]["description"] = change["description"]
+                if "expirationTime" in change:
+                    if not re.fullmatch(r"\d+", str(change["expirationTime"])):
+                        raise ContractError(f"expirationTime is milliseconds since the epoch: {change!r}")
+                    self.tables[path]["expires"] = int(change["expirationTime"])
+                self.tables[path]["etag"] = uuid.uuid4().hex
             return 200, self._table_resource(path), None
         if route == "jobs" and method == "POST":
             return 200, self._insert(json.loads(body)), None
@@ -213,6 +251,11 @@ class BigQueryContractServer:
         if route == "upload":
             return self._upload(method, query, body, headers)
         raise ContractError(f"no such BigQuery v2 method: {method} {route}")
+
+    @staticmethod
+    def _check_description(text) -> None:
+        if text is not None and len(text) > _DESCRIPTION_LIMIT:
+            raise ContractError(f"a table description holds at most {_DESCRIPTION_LIMIT} characters; got {len(text)}")
 
     # ---- tables and load jobs -------------------------------------------------------------------------
     def _table_resource(self, path: str) -> dict:
@@ -265,32 +308,56 @@ class BigQueryContractServer:
             raise ContractError("an upload's job resource has no configuration.load")
         if load.get("sourceFormat") != "PARQUET":
             raise ContractError(f"sourceFormat must be PARQUET, got {load.get('sourceFormat')}")
-        if load.get("writeDisposition") != "WRITE_TRUNCATE":
-            raise ContractError("a re-push must replace the table: writeDisposition WRITE_TRUNCATE")
         if not load.get("parquetOptions", {}).get("enableListInference"):
             raise ContractError("without parquetOptions.enableListInference the embedding loads as a STRUCT")
         destination = load["destinationTable"]
         path = f"{destination['projectId']}.{destination['datasetId']}.{destination['tableId']}"
+        description = load.get("destinationTableProperties", {}).get("description")
+        self._check_description(description)
+        existing = self.tables.get(path)
+        # doc (REST reference, DestinationTableProperties.description): "This will only be used if the destination
+        # table is newly created. If the table already exists and a value different than the current description
+        # is provided, the job will fail."
+        if existing is not None and description is not None and description != existing.get("description"):
+            failed = {"reason": "invalid", "message": f"Cannot change the description of existing table {path}"}
+            return self._job(resource, "LOAD", error=failed)
+        # doc (JobConfigurationLoad.writeDisposition): "WRITE_EMPTY: If the table already exists and contains
+        # data, a 'duplicate' error is returned in the job result." (the default); "WRITE_TRUNCATE: If the table
+        # already exists, BigQuery overwrites the data"; "WRITE_APPEND: ... appends the data to the table".
+        disposition = load.get("writeDisposition", "WRITE_EMPTY")
+        if disposition not in ("WRITE_EMPTY", "WRITE_TRUNCATE", "WRITE_APPEND"):
+            raise ContractError(f"unknown writeDisposition {disposition}")
+        if existing is not None and existing["rows"] and disposition == "WRITE_EMPTY":
+            return self._job(resource, "LOAD", error={"reason": "duplicate", "message": f"Already Exists: {path}"})
+        if disposition == "WRITE_APPEND":
+            raise ContractError("the library never appends to a reference table")
         table = pq.read_table(io.BytesIO(data))
-        fields = []
-        for f in table.schema:
-            field_type, mode = _bigquery_type(f.type)
-            fields.append({"name": f.name, "type": field_type, "mode": mode})
         self.duck.execute(f'CREATE SCHEMA IF NOT EXISTS "{destination["projectId"]}"."{destination["datasetId"]}"')
         self.duck.register("upload", table)
         self.duck.execute(f"CREATE OR REPLACE TABLE {self._duck_name(path)} AS SELECT * FROM upload")
         self.duck.unregister("upload")
+        self._record(path, description if existing is None else existing.get("description"), None)
+        return self._job(resource, "LOAD", statistics={"load": {"outputRows": str(table.num_rows)}})
+
+    def _record(self, path: str, description: str | None, clustering: list | None) -> None:
+        """A table's metadata after DuckDB holds its rows: schema, rows, logical bytes; no index yet."""
+        schema = self.duck.sql(f"SELECT * FROM {self._duck_name(path)} LIMIT 0").to_arrow_table().schema
+        fields = []
+        for f in schema:
+            field_type, mode = _bigquery_type(f.type)
+            fields.append({"name": f.name, "type": field_type, "mode": mode})
+        rows = self.duck.execute(f"SELECT COUNT(*) FROM {self._duck_name(path)}").fetchall()[0][0]
         column_bytes = self._column_bytes(path, fields)
         self.tables[path] = {
             "fields": fields,
-            "rows": table.num_rows,
+            "rows": int(rows),
             "bytes": sum(column_bytes.values()),
             "column_bytes": column_bytes,
-            "description": load.get("destinationTableProperties", {}).get("description"),
+            "description": description,
+            "clustering": clustering,
             "etag": uuid.uuid4().hex,
             "index": None,
         }
-        return self._job(resource, "LOAD", statistics={"load": {"outputRows": str(table.num_rows)}})
 
     def _duck_name(self, path: str) -> str:
         return ".".join(f'"{part}"' for part in path.split("."))
@@ -337,12 +404,17 @@ class BigQueryContractServer:
             raise ContractError("jobs.insert without a body upload must be a query job (configuration.query)")
         if query.get("useLegacySql") is not False:
             raise ContractError("queries must set useLegacySql: false (GoogleSQL)")
-        if "maximumBytesBilled" in query and not re.fullmatch(r"\d+", str(query["maximumBytesBilled"])):
-            raise ContractError(f"maximumBytesBilled is an int64 string, got {query['maximumBytesBilled']!r}")
+        limit = query.get("maximumBytesBilled")
+        # doc (JobConfigurationQuery.maximumBytesBilled): "string (int64 format) ... Limits the bytes billed for
+        # this job. Queries that will have bytes billed beyond this limit will fail (without incurring a charge)."
+        if limit is not None and (not re.fullmatch(r"\d+", str(limit)) or not 0 < int(limit) <= _INT64_MAX):
+            raise ContractError(f"maximumBytesBilled is a positive int64 string, got {limit!r}")
         sql = query["query"]
         parameters = self._parameters(query)
         if sql.startswith("CREATE OR REPLACE VECTOR INDEX"):
             return self._create_index(resource, sql)
+        if sql.startswith("CREATE OR REPLACE TABLE"):
+            return self._replace_table(resource, sql, parameters)
         tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
         if not isinstance(tree, exp.Select):
             raise ContractError("a search statement must parse as a GoogleSQL SELECT")
@@ -354,30 +426,69 @@ class BigQueryContractServer:
         statistics["totalBytesProcessed"] = str(read_bytes)
         if configuration.get("dryRun"):
             return self._job(resource, "QUERY", statistics)
-        limit = query.get("maximumBytesBilled")
-        if limit is not None and read_bytes > int(limit):
+        billed = max(read_bytes, _MINIMUM_BILLED)
+        if limit is not None and billed > int(limit):
             error = {
                 "reason": "bytesBilledLimitExceeded",
-                "message": f"Query exceeded limit for bytes billed: {limit}. {read_bytes} or higher required.",
+                "message": f"Query exceeded limit for bytes billed: {limit}. {billed} or higher required.",
             }
             return self._job(resource, "QUERY", statistics, error)
-        vector = _VECTOR_SEARCH.search(sql)
-        if vector:
-            statistics["query"]["vectorSearchStatistics"] = {
-                "indexUsageMode": "UNUSED",
-                "indexUnusedReasons": [
-                    {"code": "INDEX_SUPPRESSED_BY_FUNCTION_OPTION"}
-                    if self.tables[path]["index"] is None
-                    else {"code": "PENDING_INDEX_CREATION", "message": "The vector index is still being built."}
-                ],
-            }
-            sql = _VECTOR_SEARCH.sub(_brute_force, sql)
-        statistics["query"]["totalBytesBilled"] = str(max(read_bytes, 10 * 2**20))
-        duck = sqlglot.transpile(sql, read="bigquery", write="duckdb")[0]
-        result = self.duck.sql(duck, params=parameters).to_arrow_table()
+        calls = list(_VECTOR_SEARCH.finditer(sql))
+        if calls:
+            usage = []
+            for call in calls:
+                name, mode, reasons = self._vector_search(path, call, parameters)
+                sql = sql.replace(call.group(0), name)
+                usage.append((mode, reasons))
+            mode, reasons = usage[0]
+            statistics["query"]["vectorSearchStatistics"] = {"indexUsageMode": mode}
+            if reasons:
+                statistics["query"]["vectorSearchStatistics"]["indexUnusedReasons"] = reasons
+        statistics["query"]["totalBytesBilled"] = str(billed)
+        result = self._subquery(sql, parameters)
         job = self._job(resource, "QUERY", statistics)
         self.jobs[job["jobReference"]["jobId"]]["result"] = result
         return job
+
+    def _replace_table(self, resource: dict, sql: str, parameters: dict) -> dict:
+        """``CREATE OR REPLACE TABLE t [CLUSTER BY ...] OPTIONS(description=...) AS SELECT ...``, applied whole."""
+        tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
+        if not isinstance(tree, exp.Create) or not isinstance(tree.expression, exp.Select):
+            raise ContractError("CREATE OR REPLACE TABLE must be CREATE ... AS SELECT here")
+        target = tree.this if isinstance(tree.this, exp.Table) else tree.this.this
+        path = ".".join(p for p in (target.catalog, target.db, target.name) if p)
+        sources = {".".join(p for p in (t.catalog, t.db, t.name) if p) for t in tree.expression.find_all(exp.Table)}
+        if len(sources) != 1 or not sources <= set(self.tables):
+            raise ContractError(f"CREATE TABLE ... AS SELECT from an unknown table: {sql[:160]}")
+        # doc (DDL, column_name and OPTIONS): option values are constant expressions; query parameters stand for
+        # values in queries, not in a table's options.
+        if parameters:
+            raise ContractError("a CREATE TABLE statement takes no query parameters")
+        description, clustering = None, None
+        for prop in tree.find_all(exp.Property):
+            key = prop.name.lower() if isinstance(prop.this, (str, exp.Identifier, exp.Var)) else str(prop.this).lower()
+            if key == "description":
+                if not isinstance(prop.args.get("value"), exp.Literal) or not prop.args["value"].is_string:
+                    raise ContractError("OPTIONS(description = ...) must be a string literal")
+                description = prop.args["value"].this
+        cluster = tree.find(exp.ClusterProperty)
+        if cluster is not None:
+            clustering = [c.name for c in cluster.expressions]
+        self._check_description(description)
+        select = sqlglot.transpile(tree.expression.sql(dialect="bigquery"), read="bigquery", write="duckdb")[0]
+        project, dataset, _ = path.split(".")
+        self.duck.execute(f'CREATE SCHEMA IF NOT EXISTS "{project}"."{dataset}"')
+        self.duck.execute(f"CREATE OR REPLACE TABLE {self._duck_name(path)} AS {select}")
+        self._record(path, description, clustering)  # a replaced table starts without a vector index
+        if clustering is not None:
+            fields = {f["name"]: f for f in self.tables[path]["fields"]}
+            # doc (REST reference, Clustering.fields): "One or more fields on which data should be clustered. Only
+            # top-level, non-repeated, simple-type fields are supported."; (Introduction to clustered tables): "You
+            # can specify up to four clustering columns."
+            bad = [c for c in clustering if c not in fields or fields[c]["mode"] == "REPEATED"]
+            if bad or not 1 <= len(clustering) <= 4:
+                raise ContractError(f"CLUSTER BY needs 1-4 top-level, non-repeated columns; got {clustering}")
+        return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_TABLE_AS_SELECT"}})
 
     def _parameters(self, query: dict) -> dict:
         values = {}
@@ -401,27 +512,109 @@ class BigQueryContractServer:
             raise ContractError(f"a statement reads one reference table; found {sorted(tables)}")
         path = known[0]
         columns = self.tables[path]["column_bytes"]
-        if any(isinstance(s, exp.Star) for s in tree.find_all(exp.Star)):
+        if any(not isinstance(star.parent, exp.Count) for star in tree.find_all(exp.Star)):  # COUNT(*) reads none
             return path, sum(columns.values())
         named = {c.name for c in tree.find_all(exp.Column)}
         return path, sum(size for name, size in columns.items() if name in named)
 
     def _create_index(self, resource: dict, sql: str) -> dict:
-        shape = r"CREATE OR REPLACE VECTOR INDEX `(\w+)` ON `([\w.-]+)`\(`embedding`\)(?: STORING\(([^)]*)\))?"
+        shape = (
+            r"CREATE OR REPLACE VECTOR INDEX `(\w+)` ON `([\w.-]+)`\(`(\w+)`\)(?: STORING\(([^)]*)\))?\n"
+            r"OPTIONS\(index_type = '(\w+)', distance_type = '(\w+)'\)$"
+        )
         match = re.match(shape, sql)
         if match is None or match.group(2) not in self.tables:
-            raise ContractError(f"CREATE VECTOR INDEX on an unknown table: {sql[:120]}")
-        meta = self.tables[match.group(2)]
-        if meta["bytes"] < 10 * 1000 * 1000:
+            raise ContractError(f"CREATE VECTOR INDEX on an unknown table, or of another shape: {sql[:160]}")
+        name, path, indexed, storing, index_type, distance = match.groups()
+        meta = self.tables[path]
+        if meta["bytes"] < _INDEX_MINIMUM_BYTES:
             raise ContractError("an index on a table under 10 MB is never populated: it should not be created")
-        lengths = self.duck.execute(f"SELECT DISTINCT len(embedding) FROM {self._duck_name(match.group(2))}").fetchall()
+        # doc (CREATE VECTOR INDEX, column_name): "The column must have a type of ARRAY<FLOAT64> ... All elements in
+        # the array must be non-NULL, and all values in the column must have the same array dimensions."
+        field = next((f for f in meta["fields"] if f["name"] == indexed), None)
+        if field is None or (field["type"], field["mode"]) != ("FLOAT", "REPEATED"):
+            raise ContractError(f"a vector index is on an ARRAY<FLOAT64> column; {indexed} is {field}")
+        lengths = self.duck.execute(f"SELECT DISTINCT len({indexed}) FROM {self._duck_name(path)}").fetchall()
         if len(lengths) != 1:
             raise ContractError(f"a vector index needs one embedding length; the table has {sorted(lengths)}")
-        stored = [c.strip().strip("`") for c in (match.group(3) or "").split(",") if c.strip()]
-        if "embedding" in stored or not set(stored) <= {f["name"] for f in meta["fields"]}:
+        # doc (CREATE VECTOR INDEX, index_type and distance_type): IVF or TREE_AH; EUCLIDEAN, COSINE or DOT_PRODUCT.
+        if index_type not in ("IVF", "TREE_AH") or distance not in ("EUCLIDEAN", "COSINE", "DOT_PRODUCT"):
+            raise ContractError(f"index_type {index_type} / distance_type {distance} unknown")
+        stored = [c.strip().strip("`") for c in (storing or "").split(",") if c.strip()]
+        if indexed in stored or not set(stored) <= {f["name"] for f in meta["fields"]}:
             raise ContractError(f"STORING names unknown or vector columns: {stored}")
-        meta["index"] = {"name": match.group(1), "stored": stored}
+        meta["index"] = {"name": name, "column": indexed, "stored": stored, "distance": distance, "populated": False}
         return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_VECTOR_INDEX"}})
+
+    def _vector_search(self, path: str, call: re.Match, parameters: dict) -> tuple[str, str, list]:
+        """Run one ``VECTOR_SEARCH`` call and register its output (``base``, ``query``, ``distance``) as a
+        table: the name to put in its place, the index usage mode and the reasons an index was not used."""
+        base = self._subquery(call["base"], parameters)
+        query = self._subquery(call["query"], parameters)
+        column, top_k = call["column"], int(call["top_k"])
+        options = json.loads(call["options"] or "{}")
+        # doc (VECTOR_SEARCH, options): "You can't specify fraction_lists_to_search when use_brute_force is
+        # set to true."
+        if options.get("use_brute_force") and "fraction_lists_to_search" in options:
+            raise ContractError("use_brute_force and fraction_lists_to_search together")
+        index = self.tables[path]["index"]
+        reasons = []
+        if index is None:
+            reasons.append({"code": "INDEX_CONFIG_NOT_AVAILABLE", "message": "There is no vector index on the table."})
+        elif options.get("use_brute_force"):
+            reasons.append({"code": "INDEX_SUPPRESSED_BY_FUNCTION_OPTION", "message": "use_brute_force is set."})
+        elif not index["populated"]:
+            reasons.append({"code": "PENDING_INDEX_CREATION", "message": "The vector index is still being built."})
+        elif index["distance"] != call["distance"] or index["column"] != column:
+            reasons.append({"code": "OTHER_REASON", "message": "The distance type differs from the index's."})
+        vectors = np.asarray(base.column(column).to_pylist(), dtype=np.float64).reshape(base.num_rows, -1)
+        queries = np.asarray(query.column(column).to_pylist(), dtype=np.float64).reshape(query.num_rows, -1)
+        distances = _distances(vectors, queries, call["distance"])  # (queries, base rows)
+        if not reasons:  # an IVF search: the lists nearest each query, filtered rows only (pre-filter)
+            centroids = self._lists(path, index)
+            member = np.argmin(_distances(centroids, vectors, index["distance"]), axis=1)
+            probes = max(1, math.ceil(float(options.get("fraction_lists_to_search", 0.1)) * len(centroids)))
+            nearest_lists = np.argsort(_distances(centroids, queries, index["distance"]), axis=1)[:, :probes]
+            for row, lists in enumerate(nearest_lists):
+                distances[row, ~np.isin(member, lists)] = np.inf
+        picked_query, picked_base, picked_distance = [], [], []
+        for row in range(query.num_rows):
+            order = [i for i in np.argsort(distances[row], kind="stable")[:top_k] if np.isfinite(distances[row, i])]
+            picked_query += [row] * len(order)
+            picked_base += order
+            picked_distance += [float(distances[row, i]) for i in order]
+        taken_base = base.take(pa.array(picked_base, pa.int64())).combine_chunks()
+        taken_query = query.take(pa.array(picked_query, pa.int64())).combine_chunks()
+        found = pa.table(
+            {
+                "base": _struct(taken_base),
+                "query": _struct(taken_query),
+                "distance": pa.array(picked_distance, type=pa.float64()),
+            }
+        )
+        self.searches += 1
+        name = f"vector_search_{self.searches}"
+        self.duck.register(name, found)
+        return name, "UNUSED" if reasons else "FULLY_USED", reasons
+
+    def _subquery(self, text: str, parameters: dict) -> pa.Table:
+        used = {name: value for name, value in parameters.items() if re.search(rf"@{name}\b", text)}
+        return self.duck.sql(sqlglot.transpile(text, read="bigquery", write="duckdb")[0], params=used).to_arrow_table()
+
+    def _lists(self, path: str, index: dict) -> np.ndarray:
+        """The IVF index's list centroids: k-means (a few Lloyd steps) over the whole table's vectors."""
+        if "centroids" not in index:
+            rows = self.duck.execute(f"SELECT {index['column']} FROM {self._duck_name(path)}").fetchall()
+            vectors = np.asarray([r[0] for r in rows], dtype=np.float64)
+            count = max(1, round(math.sqrt(len(vectors))))
+            centroids = vectors[np.linspace(0, len(vectors) - 1, count).astype(int)]
+            for _ in range(5):
+                member = np.argmin(_distances(centroids, vectors, index["distance"]), axis=1)
+                centroids = np.stack(
+                    [vectors[member == i].mean(axis=0) if (member == i).any() else c for i, c in enumerate(centroids)]
+                )
+            index["centroids"] = centroids
+        return index["centroids"]
 
     def _results(self, job_id: str, query: dict) -> dict:
         job = self.jobs[job_id]
@@ -444,27 +637,37 @@ class BigQueryContractServer:
                 "totalBytesProcessed": job["resource"]["statistics"]["query"]["totalBytesProcessed"],
             }
         )
-        start = int(query.get("pageToken") or query.get("startIndex") or 0)
+        # doc (jobs.getQueryResults, pageToken): "Page token, returned by a previous call, to request the next page
+        # of results." A token is opaque: only one this server gave is accepted.
+        token = query.get("pageToken")
+        if token is not None and token not in self.page_tokens:
+            raise ContractError(f"pageToken {token!r} was not returned by a previous call")
+        start = self.page_tokens[token] if token is not None else int(query.get("startIndex") or 0)
         size = min(int(query.get("maxResults", _SERVER_PAGE)), _SERVER_PAGE)
         if size == 0:  # the client asks for the schema and the row count first
             return answer
         rows = table.slice(start, size).to_pylist()
         answer["rows"] = [{"f": [_cell(r[f["name"]], f["type"], f["mode"]) for f in fields]} for r in rows]
         if start + size < table.num_rows:
-            answer["pageToken"] = str(start + size)
+            token = uuid.uuid4().hex
+            self.page_tokens[token] = start + size
+            answer["pageToken"] = token
         return answer
 
 
-def _brute_force(call: re.Match) -> str:
-    """A VECTOR_SEARCH call as what it returns when it compares every row: per query row, the ``top_k``
-    nearest base rows, as columns ``base``, ``query`` (structs of their rows) and ``distance``."""
-    function = {"COSINE": "COSINE_DISTANCE", "EUCLIDEAN": "EUCLIDEAN_DISTANCE"}[call["distance"]]
-    distance = f"{function}(b.`{call['column']}`, q.`{call['column']}`)"
-    return (
-        f"(SELECT b AS base, q AS query, {distance} AS distance FROM ({call['base']}) AS b "
-        f"CROSS JOIN ({call['query']}) AS q "
-        f"QUALIFY ROW_NUMBER() OVER (PARTITION BY q.query_row ORDER BY {distance}) <= {call['top_k']})"
-    )
+def _struct(table: pa.Table) -> pa.StructArray:
+    return pa.StructArray.from_arrays([c.chunk(0) for c in table.columns], table.column_names)
+
+
+def _distances(rows: np.ndarray, queries: np.ndarray, distance: str) -> np.ndarray:
+    """(queries, rows) distances as BigQuery defines them: COSINE 1 - cos, EUCLIDEAN L2, DOT_PRODUCT -dot."""
+    if distance == "EUCLIDEAN":
+        return np.sqrt(np.maximum(((queries[:, None, :] - rows[None, :, :]) ** 2).sum(axis=2), 0.0))
+    dot = queries @ rows.T
+    if distance == "DOT_PRODUCT":
+        return -dot
+    norms = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(rows, axis=1)[None, :]
+    return 1.0 - dot / norms
 
 
 def _error(status: int, reason: str, message: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import logging
 import os
 import shutil
 import threading
@@ -197,9 +198,15 @@ class IDCBucket:
     series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
 
     def __init__(self, series: dict, cut: int = 0):
-        self.series, self.cut, self.calls = series, cut, 0
+        self.series, self.cut, self.calls, self.locations = series, cut, 0, []
 
-    def download_from_selection(self, seriesInstanceUID, downloadDir):
+    def download_from_selection(self, seriesInstanceUID, downloadDir, source_bucket_location="aws"):
+        # idc-index (index.py, download_from_selection): "source_bucket_location: string selecting the provider
+        # of the bucket from which the files will be downloaded, allowing to select between Google ('gcs') and
+        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError.
+        if source_bucket_location not in ("aws", "gcs"):
+            raise ValueError("source_bucket_location must be either 'aws' or 'gcs'")
+        self.locations.append(source_bucket_location)
         self.calls += 1
         for uid in seriesInstanceUID:
             target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
@@ -271,3 +278,58 @@ def descriptor_reference(home: Path, per_kind: int, rng: np.random.Generator, na
                 | {"embedding": embedding.vector}
             )
     return store_frame(pd.DataFrame(rows), home, name)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local Cloud Storage server (gcp-storage-emulator, from PyPI) with a bucket ``bucket``; the storage
+    client, and Beam's gs:// file system through it, reach it through ``STORAGE_EMULATOR_HOST``. One rule
+    the emulator does not hold is added: an upload with ``ifGenerationMatch=0`` onto a live object is refused
+    (Cloud Storage, request preconditions: "setting ifGenerationMatch to 0 ... the request succeeds only if
+    there are no live objects in the bucket with the specified name"; HTTP 412 otherwise)."""
+    import socket
+    from http import HTTPStatus
+
+    pytest.importorskip("apache_beam.io.gcp.gcsfilesystem")
+    server_module = pytest.importorskip("gcp_storage_emulator.server")
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    def strict_insert(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch", [None])[0] == "0":
+            name = request.query.get("name", [None])[0]
+            if name is None and isinstance(request.data, dict):
+                name = (request.data.get("meta") or request.data).get("name")
+            try:
+                storage.get_file_obj(request.params["bucket_name"], name)
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet", "errors": []}})
+                return None
+            except NotFound:
+                pass
+        return objects.insert(request, response, storage, *args, **kwargs)
+
+    for _, handlers in server_module.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is objects.insert:
+                handlers[method] = strict_insert
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from apache_beam.internal.gcp import auth
+
+    auth._Credentials._credentials_init = True  # anonymous, as Beam ends up without credentials (without retries)
+    auth._Credentials._credentials = None
+    server = server_module.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server.start()
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    try:
+        yield "gs://bucket"
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous

@@ -6,10 +6,13 @@ on what the load uploaded and must give the local store's hits."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
-import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet
 import pytest
 from bigquery_contract import BigQueryContractServer
 from SimilarPatientsLib import SimilarPatientsError
@@ -17,12 +20,11 @@ from SimilarPatientsLib.cloud import client as bq
 from SimilarPatientsLib.cloud import open_reference, parse_table
 from SimilarPatientsLib.cloud.push import push
 from SimilarPatientsLib.cloud.remote import BigQueryReference
-from SimilarPatientsLib.search import pairwise_distances
 
 bigquery = pytest.importorskip("google.cloud.bigquery")
 PROJECT = "my-project"
 ALL_MODELS = parse_table(f"{PROJECT}.embeddings.nlst_sybil")
-LENGTH_512 = parse_table(f"{PROJECT}.embeddings.nlst_sybil_512")
+INDEXED = parse_table(f"{PROJECT}.embeddings.indexed_a")
 
 
 @pytest.fixture(scope="module")
@@ -41,31 +43,78 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def pushed(nlst, server, client):
-    """NLST-Sybil pushed twice (the second push replaces the first), and its 512-long models with an index."""
+def large(tmp_path_factory):
+    """One model's reference of 12 MB in BigQuery (2,800 lesions × 512): large enough for a vector index."""
+    from conftest import store_frame, synthetic_frame
+
+    return store_frame(synthetic_frame(1400, dim=512, seed=3), tmp_path_factory.mktemp("large"), "large")
+
+
+def _reimported(reference):
+    """The same reference as a later import makes it: another ``created`` in its manifest."""
+    again = copy.copy(reference)
+    again.manifest = {**reference.manifest, "created": "2031-01-01T00:00:00+00:00"}
+    return again
+
+
+@pytest.fixture(scope="module")
+def pushed(nlst, large, server, client):
+    """NLST-Sybil pushed, then again after a re-import (a new description); one model of 12 MB pushed with
+    an index, then again (the description then names the index)."""
     first = push(nlst, ALL_MODELS, client)
-    again = push(nlst, ALL_MODELS, client)
-    indexed = push(nlst, LENGTH_512, client, models=["CTClipVit", "CTFM", "Merlin", "SUPREME"], create_index=True)
-    return first, again, indexed
+    again = push(_reimported(nlst), ALL_MODELS, client)
+    indexed = push(large, INDEXED, client, create_index=True)
+    indexed_again = push(_reimported(large), INDEXED, client, create_index=True)
+    return first, again, indexed, indexed_again
 
 
-def test_contract_push_is_one_parquet_load_job_that_replaces_the_table(nlst, server, pushed):
-    first, again, indexed = pushed
+def test_contract_push_loads_a_staging_table_and_replaces_the_table_with_one_statement(nlst, server, pushed):
+    first, again, indexed, indexed_again = pushed
     assert server.violations == []
     assert first.rows == again.rows == len(nlst.lesions()) and first.bytes == again.bytes > 20e6
-    # over 5 MB the client uploads resumably; the index DDL ran once, on the one-length table of 12 MB
-    assert len(server.asked("POST", "upload")) == 3 and len(server.asked("PUT", "upload")) == 3
+    # over 5 MB the client uploads resumably; each push loaded its own staging table, which is gone now
+    assert len(server.asked("POST", "upload")) == 4 and len(server.asked("PUT", "upload")) == 4
+    assert sorted(server.tables) == sorted([ALL_MODELS.path, INDEXED.path])
+    assert server.tables[ALL_MODELS.path]["clustering"] == ["model", "PatientID"]
     assert server.tables[ALL_MODELS.path]["index"] is None
-    assert indexed.index == "IVF" and server.tables[LENGTH_512.path]["index"]["stored"][:3] == [
-        "model",
-        "recipe",
-        "PatientID",
-    ]
+    manifest = json.loads(server.tables[ALL_MODELS.path]["description"])["similar_patients"]
+    assert manifest["created"] == "2031-01-01T00:00:00+00:00"  # the re-push's own description
     fields = {f["name"]: (f["type"], f["mode"]) for f in server.tables[ALL_MODELS.path]["fields"]}
     assert fields["embedding"] == ("FLOAT", "REPEATED")
-    manifest = json.loads(server.tables[LENGTH_512.path]["description"])["similar_patients"]
-    assert sorted(manifest["models"]) == ["CTClipVit", "CTFM", "Merlin", "SUPREME"]
-    assert manifest["index"]["type"] == "IVF" and manifest["models"]["CTFM"]["max_lesions"] >= 2
+    assert indexed.index == indexed_again.index == "IVF"
+    assert server.tables[INDEXED.path]["index"]["stored"][:3] == ["model", "PatientID", "lesion_id"]
+    manifest = json.loads(server.tables[INDEXED.path]["description"])["similar_patients"]
+    assert sorted(manifest["models"]) == ["A"] and manifest["index"]["type"] == "IVF"
+    assert manifest["models"]["A"]["max_lesions"] >= 2 and manifest["created"].startswith("2031")
+
+
+def test_contract_a_load_job_cannot_change_an_existing_tables_description(server, client, pushed):
+    """The rule that made every re-push fail while pushes were load jobs with a description."""
+    from google.api_core.exceptions import GoogleAPICallError
+
+    config = bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.PARQUET,
+        write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+        destination_table_description="another description",
+    )
+    parquet = bigquery.ParquetOptions()
+    parquet.enable_list_inference = True
+    config.parquet_options = parquet
+    sink = io.BytesIO()
+    pa.parquet.write_table(pa.table({"model": ["A"], "embedding": [[1.0, 2.0]]}), sink)
+    sink.seek(0)
+    with pytest.raises(GoogleAPICallError, match="Cannot change the description"):
+        client.load_table_from_file(sink, ALL_MODELS.path, job_config=config).result()
+    assert "similar_patients" in server.tables[ALL_MODELS.path]["description"]  # the table is as it was
+
+
+def test_contract_a_failed_push_leaves_the_previous_table_and_no_staging_table(nlst, server, client, pushed):
+    before = dict(server.tables[ALL_MODELS.path])
+    server.fail("POST jobs", 403, "quotaExceeded", "simulated quota during CREATE OR REPLACE TABLE")
+    with pytest.raises(SimilarPatientsError, match="quota exceeded"):
+        push(_reimported(nlst), ALL_MODELS, client)
+    assert server.tables[ALL_MODELS.path]["etag"] == before["etag"] and not server.failures
+    assert sorted(server.tables) == sorted([ALL_MODELS.path, INDEXED.path])
 
 
 def test_contract_small_table_gets_no_index_and_says_why(nlst, server, client):
@@ -73,12 +122,13 @@ def test_contract_small_table_gets_no_index_and_says_why(nlst, server, client):
     result = push(nlst, small, client, models=["CTFM"], create_index=True)
     assert result.index is None and "never populates an index" in result.notes[0]
     assert len(server.asked("POST", "upload")) >= 1 and server.violations == []
+    del server.tables[small.path]
 
 
-def test_contract_a_push_refuses_an_index_over_embeddings_of_several_lengths_before_loading(nlst, client, server):
+def test_contract_a_push_refuses_one_index_over_several_models_before_loading(nlst, client, server):
     uploads = len(server.asked("POST", "upload"))
-    with pytest.raises(SimilarPatientsError, match="one length"):
-        push(nlst, ALL_MODELS, client, create_index=True)
+    with pytest.raises(SimilarPatientsError, match=r"A vector index is made per model.*own table: --model M"):
+        push(nlst, ALL_MODELS, client, models=["CTFM", "Merlin"], create_index=True)  # one length, two spaces
     assert len(server.asked("POST", "upload")) == uploads
 
 
@@ -104,16 +154,57 @@ def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and
     assert len([q for q in server.asked("GET", "queries") if q.get("pageToken")]) > pages
 
 
-def test_contract_vector_search_reports_an_unused_index_with_its_fix(nlst, server, client, pushed):
-    remote = BigQueryReference(LENGTH_512, client, fraction_lists_to_search=0.1)
-    vector = nlst.space("CTFM").vectors[3]
-    hits = remote.search("CTFM", embeddings=vector, k=5)  # auto: the table has an index
-    local = nlst.search("CTFM", embeddings=vector, k=5)
+def test_contract_vector_search_reports_an_unused_index_with_its_fix(large, server, client, pushed):
+    remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.1)
+    vector = large.space("A").vectors[3]
+    hits = remote.search("A", embeddings=vector, k=5)  # auto: the table has an index, not yet populated
+    local = large.search("A", embeddings=vector, k=5, method="exact")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
     notes = " ".join(hits.attrs["notes"])
     assert "the vector index was not used (The vector index is still being built.)" in notes
     assert "--create-index" in notes and set(hits["search"]) == {"exact"}
+    assert server.violations == []
+
+
+def test_contract_an_indexed_search_uses_vector_searchs_own_distance_and_stored_columns(large, client, pushed):
+    remote = BigQueryReference(INDEXED, client)
+    statement = remote.statement("A", patient="P007", k=5)
+    found = statement.sql.split("nearest AS")[0]
+    assert "VECTOR_SEARCH(" in found and "COSINE_DISTANCE" not in found and "EUCLIDEAN_DISTANCE" not in found
+    assert "SELECT base.* EXCEPT (`embedding`), query.* EXCEPT (`embedding`), distance" in found
+    assert set(remote.index["stored"]) == set(remote.column_types) - {"embedding"}  # base.* is all stored
+
+
+def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_measured_recall(
+    large, server, client, pushed
+):
+    server.populate_index(INDEXED.path)
+    try:
+        rng = np.random.default_rng(0)
+        recalls = []
+        for row in rng.choice(len(large.space("A").vectors), 8, replace=False):
+            vector = large.space("A").vectors[row] + 0.5 * rng.standard_normal(512)
+            checked = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.05, check_recall=True)
+            hits = checked.search("A", embeddings=vector, k=10)
+            exact = large.search("A", embeddings=vector, k=10, method="exact")
+            assert set(hits["search"]) == {"approximate"} and hits["index_recall"].nunique() == 1
+            recall = len(set(hits["PatientID"]) & set(exact["PatientID"])) / 10
+            assert hits["index_recall"].iloc[0] == pytest.approx(recall)  # measured against use_brute_force
+            assert any(n.startswith("search: approximate") and f"recall {recall:.3f}" in n for n in hits.attrs["notes"])
+            recalls.append(recall)
+        assert min(recalls) < 1.0  # an IVF search on 5% of its lists misses neighbours, and it is said
+        unmeasured = BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=10)
+        assert np.isnan(unmeasured["index_recall"]).all()
+        assert any("recall not measured (--check-recall" in n for n in unmeasured.attrs["notes"])
+        # a pre-filter leaves the probed lists too few lesions: fewer than k come back, and the notes say so
+        few = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.02).search(
+            "A", embeddings=vector, k=10, where=["age<60"]
+        )
+        assert len(few) < 10 and any("came back: an approximate search with filters" in n for n in few.attrs["notes"])
+        assert len(large.search("A", embeddings=vector, k=10, where=["age<60"], method="exact")) == 10
+    finally:
+        server.tables[INDEXED.path]["index"]["populated"] = False
     assert server.violations == []
 
 
@@ -208,26 +299,18 @@ def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_ho
     assert server.violations == []
 
 
-def test_contract_post_filters_apply_to_what_vector_search_returned(nlst, server, client, pushed):
-    remote = BigQueryReference(LENGTH_512, client)
+def test_contract_post_filters_apply_to_what_vector_search_returned(large, server, client, pushed):
+    remote = BigQueryReference(INDEXED, client)
     remote.manifest["index"] = {**remote.index, "stored": ["model", "PatientID", "lesion_id"]}  # an older index
-    vector = nlst.space("CTFM").vectors[10]
-    hits = remote.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
-    local = nlst.search("CTFM", embeddings=vector, k=5, where=["histology~adeno"])
+    vector = large.space("A").vectors[10]
+    hits = remote.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
+    local = large.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="exact")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     assert any("post-filter" in note and "histology" in note for note in hits.attrs["notes"])
     # a filter too narrow for the over-fetch returns fewer than k patients, and says so
-    lesions = nlst.lesions("CTFM")
-    statement = remote.statement("CTFM", vector, k=5, where=["histology=x"], method="approximate")
-    top_k = int(re.search(r"top_k => (\d+)", statement.sql).group(1))
-    nearest_rows = np.argsort(pairwise_distances(nlst.space("CTFM").vectors, vector[None, :], "cosine")[:, 0])[:top_k]
-    within = lesions.iloc[nearest_rows].groupby("histology")["PatientID"].nunique()
-    every = lesions.groupby("histology")["PatientID"].nunique()
-    cut = [h for h in every.index if within.get(h, 0) < min(5, every[h]) and within.get(h, 0) > 0]
-    rare, reachable = cut[0], within[cut[0]]  # a histology some of whose patients lie beyond the over-fetch
-    few = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="approximate")
-    exact = remote.search("CTFM", embeddings=vector, k=5, where=[f"histology={rare}"], method="exact")
-    assert len(few) == min(5, reachable) < len(exact)
+    few = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="approximate")
+    exact = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="exact")
+    assert len(few) < len(exact) == 3
     assert any("passed the post-filters; --method exact finds all" in note for note in few.attrs["notes"])
     assert server.violations == []
 
@@ -301,3 +384,46 @@ def test_contract_cli_prints_each_models_statement_of_a_fused_search(nlst_home, 
     printed = capsys.readouterr().out
     assert "-- CTFM" in printed and "-- Merlin" in printed and printed.count("LIMIT 30") == 2
     assert len(server.jobs) == jobs
+
+
+def test_contract_an_unknown_patient_is_refused_before_the_embeddings_are_billed(nlst, server, client, pushed):
+    remote = BigQueryReference(ALL_MODELS, client)
+    jobs = len(server.jobs)
+    with pytest.raises(SimilarPatientsError, match=r"Patient 999999 is not in reference 'bq://my-project.*CTFM"):
+        remote.search("CTFM", patient="999999", k=5, method="exact")
+    (job,) = [j["resource"] for j in list(server.jobs.values())[jobs:]]  # one query, of two text columns
+    read = int(job["statistics"]["query"]["totalBytesProcessed"])
+    columns = server.tables[ALL_MODELS.path]["column_bytes"]
+    assert read == columns["model"] + columns["PatientID"] < columns["embedding"] / 50
+    assert len(remote.search("CTFM", patient=str(nlst.lesions("CTFM")["PatientID"].iloc[0]), k=3)) == 3
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2**63, 1.5, True])
+def test_a_byte_limit_bigquery_cannot_hold_is_refused_before_connecting(limit):
+    with pytest.raises(SimilarPatientsError, match="--maximum-bytes-billed must be a whole number of bytes from 1"):
+        BigQueryReference(ALL_MODELS, client=object(), maximum_bytes_billed=limit)
+
+
+@pytest.mark.parametrize("project", ["my-project/jobs/../../x", "My-Project", "a", "my project", "x" * 40])
+def test_a_billing_project_is_checked_as_project_ids_are(project):
+    with pytest.raises(SimilarPatientsError, match="is not a Google Cloud project id"):
+        bq.connect(ALL_MODELS, project)
+
+
+def test_cli_refuses_k_0_and_bad_byte_limits_the_same_for_local_and_bigquery_references(nlst_home, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    for reference in ("nlst-sybil", "bq://my-project.embeddings.nlst_sybil"):
+        base = ["neighbors", "--reference", reference, "--model", "CTFM", "--patient", "100012"]
+        for extra, message in (
+            (["-k", "0"], "argument -k: must be a whole number from 1 to 10,000, not '0'"),
+            (["--maximum-bytes-billed", "-1"], "must be a whole number from 1 to 9,223,372,036,854,775,807"),
+            (["--maximum-bytes-billed", str(2**63)], "must be a whole number from 1 to 9,223,372,036,854,775,807"),
+        ):
+            with pytest.raises(SystemExit) as stopped:
+                main([*base, *extra])
+            assert stopped.value.code == 2 and message in capsys.readouterr().err
+    argv = ["neighbors", "--reference", "bq://my-project.embeddings.nlst_sybil", "--model", "CTFM", "--patient", "1"]
+    assert main([*argv, "--billing-project", "my-project/jobs/../../x"]) == 2
+    assert "is not a Google Cloud project id" in capsys.readouterr().err

@@ -138,7 +138,8 @@ def test_euclidean_search_names_its_distance_type_and_dot_is_refused(nlst, bigqu
     _, types = bigquery_table
     spec = sql.SearchSpec("CTFM", nlst.space("CTFM").vectors[0], 3, "euclidean")
     statement = sql.vector_search(TABLE, spec, types, stored=(), max_lesions=2)
-    assert "distance_type => 'EUCLIDEAN'" in statement.sql and "EUCLIDEAN_DISTANCE(" in statement.sql
+    assert "distance_type => 'EUCLIDEAN'" in statement.sql and "EUCLIDEAN_DISTANCE(" not in statement.sql
+    assert "query.* EXCEPT (`embedding`), distance\n" in statement.sql  # VECTOR_SEARCH's own distance
     with pytest.raises(SimilarPatientsError, match="cosine and euclidean"):
         sql.exact_search(TABLE, sql.SearchSpec("CTFM", nlst.space("CTFM").vectors[0], 3, "dot"), types)
 

@@ -211,8 +211,9 @@ def test_cli_neighbors_with_all_models(two_models, monkeypatch, capsys):
     assert len(hits) == 4 and all(h["fusion"] == "percentile" and "rank_B" in h for h in hits)
     assert main([*argv, "--model", "A", "--json"]) == 0
     assert "rank_A" not in json.loads(capsys.readouterr().out)[0]  # one model: the plain hit table
-    assert main([*argv, "--model", "all", "--depth", "0"]) == 2
-    assert "depth" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--model", "all", "--depth", "0"])
+    assert stopped.value.code == 2 and "--depth: must be a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_nlst_all_six_models_agree_with_their_own_searches(nlst):

@@ -102,7 +102,7 @@ def query_nodes(setting, controller, monkeypatch):
             def __init__(self, kind):
                 self.kind = kind
 
-            def IsA(self, name):  # noqa: N802 (MRML's name)
+            def IsA(self, name):
                 return name == self.kind
 
         def write_query(volume, point=None, **_):

@@ -4,10 +4,13 @@ the dead letters while the others are built, and a re-run adds nothing."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 
@@ -188,12 +191,12 @@ def test_the_cli_builds_from_a_manifest_with_beam_options_and_reports_dead_lette
     _manifest([patients[0], patients[-1]]).to_parquet(manifest)
     argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", str(tmp_path / "o")]
     argv += ["--dicom-folder", str(root), "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    assert main(argv) == 0
+    assert main(argv) == 3  # finished, with dead letters: a distinct exit status
     printed = capsys.readouterr().out
-    assert "2 rows embedded" in printed and "1 dead letter(s)" in printed
-    assert main(argv) == 0
+    assert "2 rows embedded" in printed and "1 dead letter(s)" in printed and "exit status 3" in printed
+    assert main(argv) == 3  # the dead letter is retried (and fails again); the rest is kept
     again = capsys.readouterr().out
-    assert "0 rows embedded into 0 shard(s)" in again and "2 already there" in again
+    assert "0 rows embedded into 0 shard(s)" in again and "2 already there and kept" in again
 
 
 def test_manifest_refusals_say_what_to_fix(tmp_path):
@@ -229,7 +232,7 @@ def test_the_cli_refuses_a_bigquery_build_without_a_staging_folder_and_unknown_o
     pd.DataFrame([{"image": "ct.nrrd", "PatientID": "P", "seed_x": 0, "seed_y": 0, "seed_z": 0}]).to_csv(
         manifest, index=False
     )
-    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--bigquery", "p.d.t"]
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--bigquery", "my-project.d.t"]
     assert main(argv) == 2
     assert "--bigquery needs --staging DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # Beam's options are passed through by `index build` only
@@ -280,3 +283,374 @@ def test_a_build_into_bigquery_loads_the_shards_as_a_push_does(collection, tmp_p
             assert list(got.PatientID) == list(want.PatientID)
             np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6, atol=1e-12)
         assert server.violations == []
+
+
+def _series_manifest(patients: list, **labels) -> pd.DataFrame:
+    rows = []
+    for p in patients:
+        seed = dict(zip(("seed_x", "seed_y", "seed_z"), p["centre"]))
+        rows.append({"SeriesInstanceUID": p["series"], "PatientID": p["patient"], "lesion_id": "seed"} | seed | labels)
+    return pd.DataFrame(rows)
+
+
+def test_a_build_into_gcs_imports_from_gcs_and_a_rerun_retries_a_failed_bigquery_load(
+    collection, tmp_path, home, gcs, monkeypatch, capsys
+):
+    """gs:// for the manifest, the shards, the dead letters, the staging folder and the import, on a local
+    Cloud Storage server; the BigQuery load of a build that failed is retried by a re-run with nothing
+    left to embed."""
+    pytest.importorskip("google.cloud.bigquery")
+    from bigquery_contract import BigQueryContractServer
+    from SimilarPatientsLib.util import files
+
+    root, patients = collection
+    manifest = f"{gcs}/manifests/lesions.csv"
+    files.write(manifest, _series_manifest([patients[0], patients[1], patients[-1]]).to_csv(index=False).encode())
+    staging = f"{gcs}/built/staging"
+    with BigQueryContractServer("my-project") as server:
+        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
+        argv = ["index", "build", "--manifest", manifest, "--model", "TumorDescriptor", "--dicom-folder", str(root)]
+        argv += ["--bigquery", "my-project.embeddings.built", "--staging", staging]
+        server.fail("POST upload", 403, "accessDenied", "simulated: no permission to load yet")
+        assert main(argv) == 2
+        assert "Permission denied on my-project.embeddings.built" in capsys.readouterr().err
+        assert len(shards.shard_files(staging)) == 1 and "my-project.embeddings.built" not in server.tables
+        assert shards.read_record(staging)["status"] == "complete"  # the build itself is done
+        assert [d["PatientID"] for d in shards.read_dead_letters(staging)] == ["P9"]
+        assert main(argv) == 3  # nothing left to embed but the dead letter: the load is run again
+        assert "2 already there and kept" in capsys.readouterr().out
+        assert server.tables["my-project.embeddings.built"]["rows"] == 2 and server.violations == []
+    reference = ReferenceStore().import_reference("from-gcs", staging)
+    assert sorted(reference.lesions("TumorDescriptor")["PatientID"]) == ["P0", "P1"]
+    assert any("failed in the build" in note for note in reference.manifest["notes"])
+
+
+def test_a_gcs_build_folder_is_locked_while_a_build_writes_it(gcs):
+    from SimilarPatientsLib.util import files
+
+    folder = f"{gcs}/locked"
+    with shards.BuildLock(folder, "one"):
+        assert files.exists(f"{folder}/_build.lock")
+        with pytest.raises(SimilarPatientsError, match=r"Another build is writing into gs://bucket/locked .*one"):
+            shards.BuildLock(folder, "two")
+    assert not files.exists(f"{folder}/_build.lock")
+    shards.BuildLock(folder, "three").release()
+
+
+def test_a_local_build_folder_is_locked_and_a_second_build_refused_before_embedding(collection, tmp_path, home):
+    root, patients = collection
+    lesions = lesions_from_frame(_series_manifest([patients[0]]))
+    (tmp_path / "out").mkdir()
+    with (
+        shards.BuildLock(str(tmp_path / "out"), "first"),
+        pytest.raises(SimilarPatientsError, match=r"Another build is writing into .*out now"),
+    ):
+        build_references(lesions, ["TumorDescriptor"], tmp_path / "out", SeriesSource.local(root))
+    assert shards.shard_files(str(tmp_path / "out")) == []
+
+
+def test_the_manifest_travels_as_a_file_and_a_100k_lesion_job_graph_stays_small(tmp_path):
+    """Dataflow: "your job graph size must not exceed 10 MB" (Dataflow quotas and limits); the lesions
+    are read inside the pipeline from a plan file, so the graph does not grow with them."""
+    from SimilarPatientsLib.pipeline import build
+
+    frame = pd.DataFrame(
+        {
+            "SeriesInstanceUID": [f"1.2.826.0.1.3680043.8.498.{i // 3}" for i in range(100_000)],
+            "PatientID": [f"P{i // 3:06d}" for i in range(100_000)],
+            "lesion_id": [f"L{i % 3}" for i in range(100_000)],
+            "seed_x": 1.5,
+            "seed_y": -20.25,
+            "seed_z": -130.0,
+            "histology": "Adenocarcinoma, NOS",
+        }
+    )
+    frame.to_parquet(tmp_path / "manifest.parquet")
+    lesions = read_manifest(tmp_path / "manifest.parquet")
+    recipes = {"TumorDescriptor": registry.get("TumorDescriptor").recipe}
+    planned = build.plan(lesions, recipes, str(tmp_path / "out"))
+    assert (planned.added, planned.kept) == (100_000, 0)
+    plan_path = build.write_plan(planned.todo, str(tmp_path / "out"), "b1")
+    graph = build.pipeline_graph(
+        plan_path,
+        100_000,
+        recipes,
+        str(tmp_path / "out"),
+        "b1",
+        SeriesSource(),
+        "DirectRunner",
+        [],
+        {},
+        False,
+        None,
+        8,
+        "fp32",
+        shards.row_schema(lesions),
+    )
+    size = len(graph.to_runner_api().SerializeToString())
+    assert size < 100_000 < 10 * 1000 * 1000  # bytes; the lesions (~800 B each) would be 80 MB
+    assert sum(1 for _ in build.read_plan(plan_path)) == 100_000
+
+
+@pytest.mark.slow
+def test_a_rerun_after_correcting_the_manifest_follows_it_and_says_what_it_added_replaced_kept_and_removed(
+    collection, tmp_path, home
+):
+    root, patients = collection
+    out, source = tmp_path / "out", SeriesSource.local(root)
+    first = _series_manifest(patients[:3], stage="IA")
+    first["lesion_id"] = None  # ids derived from the marks: a corrected seed is another lesion id
+    result = build_references(lesions_from_frame(first), ["TumorDescriptor"], out, source)
+    assert (result.added, result.replaced, result.kept, result.removed) == (3, 0, 0, 0)
+    corrected = first.copy()
+    corrected.loc[0, "seed_x"] += 1.0  # P0's seed corrected: its derived lesion id changes
+    corrected.loc[1, "stage"] = "IIB"  # P1's label corrected
+    corrected = corrected.drop(index=2)  # P2 no longer in the manifest
+    again = build_references(lesions_from_frame(corrected), ["TumorDescriptor"], out, source)
+    assert (again.embedded, again.added, again.replaced, again.kept, again.removed) == (2, 1, 1, 0, 2)
+    table = ReferenceStore().import_reference("corrected", str(out)).lesions("TumorDescriptor")
+    assert sorted(table["PatientID"]) == ["P0", "P1"]  # no phantom second lesion of P0, no P2
+    assert table.set_index("PatientID").loc["P1", "stage"] == "IIB"
+    np.testing.assert_allclose(table.set_index("PatientID").loc["P0", "center_x"], patients[0]["centre"][0] + 1.0)
+    same = build_references(lesions_from_frame(corrected), ["TumorDescriptor"], out, source)
+    assert (same.embedded, same.kept, same.removed) == (0, 2, 0)
+
+
+def test_an_incomplete_build_is_refused_at_import_unless_asked_and_then_says_what_is_missing(tmp_path, home, capsys):
+    folder = tmp_path / "built"
+    frame = pd.DataFrame({"model": ["A"] * 3, "PatientID": ["1", "2", "3"], "lesion_id": ["a", "b", "c"]})
+    frame["embedding"] = [np.ones(4, np.float32) * i for i in (1, 2, 3)]
+    folder.mkdir()
+    frame.to_parquet(folder / "embeddings-0.parquet")
+    shards.write_record(str(folder), {"build": "b", "status": "running", "pairs": 90, "to_embed": 90})
+    (folder / ".embeddings-1-x3yz.parquet").write_bytes(b"PAR1 half a shard")  # a killed writer's temporary
+    argv = ["references", "import", "partial", "--source", str(folder)]
+    assert main(argv) == 2
+    assert "is an incomplete build: its build b did not complete" in capsys.readouterr().err
+    assert main([*argv, "--allow-incomplete"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: incomplete build" in printed and "the shards hold 3 rows, 87 missing" in printed
+
+
+def test_a_rerun_removes_a_half_written_shard_temporary(collection, tmp_path, home):
+    root, patients = collection
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".embeddings-abc-1234.parquet").write_bytes(b"PAR1 cut")
+    build_references(
+        lesions_from_frame(_series_manifest([patients[0]])), ["TumorDescriptor"], out, SeriesSource.local(root)
+    )
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".build.lock") == []
+    assert ReferenceStore().import_reference("clean", str(out)).model_info("TumorDescriptor").lesions == 1
+
+
+def test_shards_are_named_by_their_lesions_and_a_retried_group_rewrites_the_same_file(tmp_path):
+    lesions = lesions_from_frame(
+        pd.DataFrame(
+            [
+                {"image": "ct.nrrd", "PatientID": f"P{i}", "lesion_id": "a", "seed_x": 0, "seed_y": 0, "seed_z": i}
+                for i in range(4)
+            ]
+        )
+    )
+    columns = shards.row_schema(lesions)
+    rows = [shards.row(x, "TumorDescriptor", "r", (0, 0, 0), np.ones(3)) for x in lesions]
+    first = shards.write_shard(rows, str(tmp_path), columns, "b1")
+    again = shards.write_shard(list(reversed(rows)), str(tmp_path), columns, "b1")  # a retry, another order
+    assert first == again and shards.shard_files(str(tmp_path)) == [first]
+    assert pq.read_schema(first).metadata[b"similar_patients.build"] == b"b1"
+    (keys,) = shards.shard_keys(str(tmp_path)).values()
+    assert sorted(k[2] for k in keys) == ["P0", "P1", "P2", "P3"] and all(len(k) == 5 for k in keys)
+
+
+def test_plan_reads_the_key_files_not_the_shards(tmp_path, monkeypatch):
+    from SimilarPatientsLib.pipeline import build
+    from SimilarPatientsLib.util import files
+
+    lesions = lesions_from_frame(
+        pd.DataFrame([{"image": "ct.nrrd", "PatientID": "P", "lesion_id": "a", "seed_x": 0, "seed_y": 0, "seed_z": 0}])
+    )
+    recipe = registry.get("TumorDescriptor").recipe
+    rows = [shards.row(lesions[0], "TumorDescriptor", recipe.name, (0, 0, 0), np.ones(2048))]
+    shard = shards.write_shard(rows, str(tmp_path), shards.row_schema(lesions), "b1")
+    read = []
+    original = files.read
+    monkeypatch.setattr(files, "read", lambda path: read.append(path) or original(path))
+    planned = build.plan(lesions, {"TumorDescriptor": recipe}, str(tmp_path))
+    assert planned.kept == 1 and not planned.todo and shard not in read and read[0].endswith(".json")
+
+
+def test_a_series_split_across_sub_folders_is_read_from_all_its_files(collection, tmp_path):
+    root, patients = collection
+    folder = tmp_path / "dicom"
+    source_files = sorted((root / "P1" / "ct").iterdir())
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for number, path in enumerate(source_files):
+        shutil.copy(path, folder / ("a" if number % 2 else "b") / path.name)
+    split = SeriesSource.local(folder)
+    image, files = read_image(patients[1]["series"], True, split)
+    assert len(files) == len(source_files) and image.GetSize()[2] == len(source_files)
+
+
+def test_workers_download_from_idcs_google_bucket_by_default(served, tmp_path):
+    from conftest import IDCBucket
+
+    folders, index = served
+    bucket = IDCBucket(folders)
+    uid = next(iter(folders))
+    SeriesSource(cache=str(tmp_path / "c"), index=index.parquet_path, client=bucket).files(uid)
+    SeriesSource(cache=str(tmp_path / "d"), index=index.parquet_path, client=bucket, bucket="aws").files(uid)
+    assert bucket.locations == ["gcs", "aws"]
+    with pytest.raises(SimilarPatientsError, match="buckets aws and gcs, not 's3'"):
+        SeriesSource(bucket="s3")
+
+
+def test_gpu_workers_share_one_model_across_processes():
+    from SimilarPatientsLib.pipeline import stages
+
+    assert stages.EmbedderHandler("TumorDescriptor", "r", share=True).share_model_across_processes()
+    assert not stages.EmbedderHandler("TumorDescriptor", "r").share_model_across_processes()
+
+
+def test_index_build_refusals_come_before_any_embedding(collection, tmp_path, home, capsys):
+    root, patients = collection
+    manifest = tmp_path / "m.csv"
+    _series_manifest([patients[0]]).to_csv(manifest, index=False)
+    base = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--dicom-folder", str(root)]
+    (tmp_path / "a-file").write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [
+        (["--out", str(tmp_path / "a-file")], "is a file; name a folder"),
+        (["--out", ""], "--out is empty; name a folder"),
+        (["--out", str(tmp_path / "x"), "--bigquery", "p.d.t"], "not allowed with argument"),
+        (
+            ["--bigquery", "my-project.d.t", "--staging", str(tmp_path / "s"), "--billing-project", "my-project/../x"],
+            "is not a Google Cloud project id",
+        ),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--out", str(read_only / "out")], "Cannot write into --out"))
+    for extra, message in cases:
+        try:
+            status = main([*base, *extra])
+        except SystemExit as stopped:
+            status = stopped.code
+        assert status == 2 and message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "o"), "--batch-size", "0"])
+    assert "argument --batch-size: must be a whole number of at least 1, not '0'" in capsys.readouterr().err
+    with pytest.raises(SimilarPatientsError, match="--batch-size is the crops per forward pass"):
+        build_references(
+            lesions_from_frame(_series_manifest([patients[0]])), ["TumorDescriptor"], tmp_path, batch_size=0
+        )
+    assert not (tmp_path / "o").exists() and not list(tmp_path.rglob("embeddings-*.parquet"))
+
+
+def test_weights_that_cannot_be_fetched_give_one_clean_line_before_beam_starts(collection, tmp_path, home, capsys):
+    root, patients = collection
+    manifest = tmp_path / "m.csv"
+    _series_manifest([patients[0]]).to_csv(manifest, index=False)
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "CTFM", "--dicom-folder", str(root)]
+    argv += ["--out", str(tmp_path / "o"), "--weights", f"CTFM={tmp_path / 'missing.pt'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The weights file for CTFM") and "Traceback" not in err
+
+
+def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(collection, tmp_path, home, capsys):
+    import subprocess
+
+    root, patients = collection
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        manifest = tmp_path / "m.csv"
+        _series_manifest(patients[:3]).to_csv(manifest, index=False)
+        with open(disk / "filler", "wb", buffering=0) as filler:  # fill the disk, then free two pages
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+
+            except OSError:
+                pass
+        os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - 8192))
+        argv = [
+            "index",
+            "build",
+            "--manifest",
+            str(manifest),
+            "--model",
+            "TumorDescriptor",
+            "--dicom-folder",
+            str(root),
+        ]
+        assert main([*argv, "--out", str(disk / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "The disk filled up during the build" in err and "RuntimeError" not in err and "Traceback" not in err
+        assert shards.read_record(str(disk / "out"))["status"] == "running"  # an import would refuse it
+        (disk / "filler").unlink()
+        assert main([*argv, "--out", str(disk / "out")]) == 0
+        assert shards.read_record(str(disk / "out"))["status"] == "complete"
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_build_prints_no_beam_import_noise(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import SimilarPatientsLib.pipeline.stages, apache_beam.io.filesystems as f; f.FileSystems.get_filesystem('gs://b/x')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Failed to import GCSFileSystem" not in done.stderr and "apitools" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(collection, tmp_path):
+    """``--setup_file ./setup.py``: the sdist Beam's stager builds (its own function), installed into a new
+    virtual environment as a worker installs it (torch first, then the package with its embed and pipeline
+    extras), runs a bundle's worker-side code there: read a series, crop, embed with the weight-free model,
+    write a shard."""
+    import subprocess
+    import sys
+
+    from apache_beam.runners.portability.stager import Stager
+
+    repository = Path(__file__).resolve().parents[2]
+    sdist = Stager._build_setup_package(str(repository / "setup.py"), str(tmp_path / "dist"))
+    venv = tmp_path / "worker"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
+    subprocess.run([*pip, f"{sdist}[embed,pipeline]"], check=True, timeout=1200)
+    root, patients = collection
+    bundle = f"""
+import os, sys
+assert not any("issue" in p and "SimilarPatients" in p for p in sys.path)
+import SimilarPatientsLib, pyarrow.parquet as pq
+from SimilarPatientsLib.models import registry
+from SimilarPatientsLib.pipeline import SeriesSource, lesions_from_frame, shards, stages
+import pandas as pd
+recipe = registry.get("TumorDescriptor").recipe
+x, y, z = {tuple(float(v) for v in patients[0]["centre"])!r}
+frame = pd.DataFrame([dict(SeriesInstanceUID={patients[0]["series"]!r}, PatientID="P0", lesion_id="seed",
+                           seed_x=x, seed_y=y, seed_z=z)])
+lesion = lesions_from_frame(frame)[0]
+crops = list(stages.ReadAndCrop({{"TumorDescriptor": recipe}}, SeriesSource.local({str(root)!r})).process(
+    (lesion.source, [(lesion, ("TumorDescriptor",))])))
+handler = stages.EmbedderHandler("TumorDescriptor", recipe.name)
+made = [c.value for c in crops]
+results = handler.run_inference([c for _, c in made], handler.load_model())
+rows = [shards.row(lesion, "TumorDescriptor", recipe.name, r.example.seed, r.inference) for r in results]
+path = shards.write_shard(rows, {str(tmp_path / "out")!r}, shards.row_schema([lesion]), "worker")
+print(SimilarPatientsLib.__file__, pq.read_table(path).num_rows)
+"""
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed, count = done.stdout.split()
+    assert str(venv) in installed and count == "1"

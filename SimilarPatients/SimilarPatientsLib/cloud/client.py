@@ -17,12 +17,14 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
 from .sql import Statement
-from .tables import TableName
+from .tables import TableName, parse_project
 
 #: What a query may bill unless told otherwise (10 GiB: a brute-force scan of ~1.3 M 1024-long embeddings).
 DEFAULT_MAXIMUM_BYTES_BILLED = 10 * 2**30
 #: Rows per getQueryResults page.
 PAGE_SIZE = 1000
+#: ``maximumBytesBilled`` is an int64 (BigQuery REST reference, JobConfigurationQuery).
+_INT64_MAX = 2**63 - 1
 log = logging.getLogger(__name__)
 
 
@@ -31,9 +33,24 @@ def bigquery():
     return optional_import("google.cloud.bigquery", "bigquery")
 
 
+def check_maximum_bytes_billed(value) -> int | None:
+    """A byte limit BigQuery can enforce: a whole number from 1 to 2^63 - 1 (None: no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64_MAX:
+        raise SimilarPatientsError(
+            f"--maximum-bytes-billed must be a whole number of bytes from 1 to {_INT64_MAX:,} (BigQuery's int64); "
+            f"got {value!r}. BigQuery bills at least 10 MB per query, so a limit below 10,485,760 refuses every "
+            f"search; the default is {DEFAULT_MAXIMUM_BYTES_BILLED:,} (10 GiB)."
+        )
+    return value
+
+
 def connect(table: TableName, project: str | None = None):
     """A client billing ``project`` (default: the credentials' project, else the table's own). With
     ``BIGQUERY_EMULATOR_HOST`` set (an emulator or test server), it connects there without credentials."""
+    if project is not None:
+        parse_project(project)
     module = bigquery()
     if os.environ.get("BIGQUERY_EMULATOR_HOST"):
         credentials = optional_import("google.auth.credentials", "bigquery").AnonymousCredentials()

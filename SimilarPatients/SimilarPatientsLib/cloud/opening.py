@@ -10,7 +10,8 @@ from .tables import is_bigquery
 
 def open_reference(name, store: ReferenceStore | None = None, **bigquery):
     """The reference ``name`` names (an opened one is returned as it is). ``bigquery``: options of
-    :class:`.remote.BigQueryReference` (client, project, maximum_bytes_billed, fraction_lists_to_search)."""
+    :class:`.remote.BigQueryReference` (client, project, maximum_bytes_billed, fraction_lists_to_search,
+    check_recall)."""
     if not isinstance(name, str):
         return name
     if is_bigquery(name):

@@ -1,19 +1,29 @@
 """Push a stored reference to a BigQuery table: the same columns as its Parquet, loaded by one load job.
 
 BigQuery has no float32 vectors, so the embedding travels as ``ARRAY<FLOAT64>`` holding the float32
-values exactly. The load job truncates the table (``WRITE_TRUNCATE``): BigQuery applies it atomically when
-the job succeeds, so a re-push replaces the table whole, and a failed one leaves the previous table as it
-was. What the local manifest says (models, recipes, label and display fields, the most lesions of one
-patient, the index) is kept in the table's description, which :class:`.remote.BigQueryReference` reads.
-A vector index (cosine, ``STORING`` the columns filters use) is created when asked and when the table is
-large enough for BigQuery to populate one (10 MB).
+values exactly. The Parquet is loaded into a new staging table beside the destination, then one
+``CREATE OR REPLACE TABLE … CLUSTER BY model, PatientID OPTIONS(description=…) AS SELECT * FROM staging``
+statement replaces the destination whole: a query job's DDL is applied atomically when it succeeds, so a
+reader sees the old table or the new one, never a mix, and a failed push leaves the old one in use. A
+load job cannot do it: its description is "only used if the destination table is newly created. If the
+table already exists and a value different than the current description is provided, the job will fail"
+(BigQuery REST reference, ``DestinationTableProperties.description``), and the description changes with
+every re-push. The manifest (models, recipes, label and display fields, the most lesions of one patient,
+the index) is kept in that description, which :class:`.remote.BigQueryReference` reads. The table is
+clustered by (model, PatientID), so a search by one patient reads that patient's blocks only.
+
+A vector index (cosine, ``STORING`` every other column) is made per model — one model per indexed table,
+since k-means lists over several models' embedding spaces would mix them — when asked and when the table
+is large enough for BigQuery to populate one (10 MB).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +46,10 @@ INDEX_MINIMUM_BYTES = 10 * 1000 * 1000
 DESCRIPTION_KEY = "similar_patients"
 _DESCRIPTION_LIMIT = 16384
 _BATCH_ROWS = 16384
+#: The columns the table is clustered by: a search reads one model, a search by patient one patient.
+CLUSTER_COLUMNS = (schema.MODEL, schema.PATIENT)
+#: A staging table left by a killed push expires by itself after this long.
+STAGING_HOURS = 24
 log = logging.getLogger(__name__)
 
 
@@ -135,32 +149,40 @@ def push(
     """Load the reference into ``destination`` (replacing it atomically), then create its vector index."""
     module = bq.bigquery()
     models = sorted(models or reference.models)
-    lengths = {m: reference.model_info(m).dim for m in models}
     stored = index_columns(reference)
     if create_index:
         index_statement(destination, stored, index_type)  # refuse a bad type before loading
-        if len(set(lengths.values())) > 1:
+        if len(models) > 1:
+            lengths = ", ".join(f"{m} ({reference.model_info(m).dim})" for m in models)
             raise SimilarPatientsError(
-                f"A vector index needs embeddings of one length, and these models differ: "
-                f"{', '.join(f'{m} {d}' for m, d in sorted(lengths.items()))}. Push one model (or models of one "
-                f"length) per table: --model M --bigquery PROJECT.DATASET.TABLE_M --create-index."
+                f"A vector index is made per model: its lists are k-means clusters of one embedding space, and "
+                f"these models' spaces would be mixed ({lengths}). Push each model to its own table: --model M "
+                f"--bigquery PROJECT.DATASET.TABLE_M --create-index."
             )
+    staging = destination.beside(f"{destination.table}__staging_{uuid.uuid4().hex[:12]}")
     config = module.LoadJobConfig(
         source_format=module.SourceFormat.PARQUET,
-        write_disposition=module.WriteDisposition.WRITE_TRUNCATE,
+        write_disposition=module.WriteDisposition.WRITE_EMPTY,  # a new table: nothing else writes there
         create_disposition=module.CreateDisposition.CREATE_IF_NEEDED,
-        destination_table_description=description(reference, models),
     )
     parquet = module.ParquetOptions()
     parquet.enable_list_inference = True
     config.parquet_options = parquet
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "reference.parquet"
-        rows = write_upload(reference, path, models)
-        report(progress, 0, 3, f"loading {rows} lesions into {destination.path}")
-        with bq.translated(destination), open(path, "rb") as stream:
-            job = client.load_table_from_file(stream, destination.path, job_config=config)
-            job.result()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "reference.parquet"
+            rows = write_upload(reference, path, models)
+            report(progress, 0, 3, f"loading {rows} lesions into {destination.path}")
+            with bq.translated(destination), open(path, "rb") as stream:
+                client.load_table_from_file(stream, staging.path, job_config=config).result()
+        with bq.translated(destination):
+            loaded = client.get_table(staging.path)
+            loaded.expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=STAGING_HOURS)
+            client.update_table(loaded, ["expires"])  # a killed push leaves nothing for long
+            client.query(replace_statement(destination, staging, description(reference, models))).result()
+    finally:
+        with bq.translated(destination):
+            client.delete_table(staging.path, not_found_ok=True)
     with bq.translated(destination):
         loaded = client.get_table(destination.path)
     result = PushResult(destination, int(loaded.num_rows or rows), int(loaded.num_bytes or 0), None)
@@ -180,7 +202,7 @@ def push(
         loaded.description = description(
             reference, models, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
         )
-        client.update_table(loaded, ["description"])
+        client.update_table(loaded, ["description"])  # tables.patch may change a description; a load may not
     result.index = index_type
     result.notes.append(
         f"{index_type} vector index '{INDEX_NAME}' created (cosine, storing {len(stored)} columns); BigQuery builds "
@@ -188,3 +210,20 @@ def push(
     )
     report(progress, 3, 3, "pushed")
     return result
+
+
+def replace_statement(destination: TableName, staging: TableName, text: str) -> str:
+    """``CREATE OR REPLACE TABLE`` the destination from the staging table, clustered, with its description
+    as a string literal (DDL options take constant expressions, not query parameters)."""
+    clustering = ", ".join(column(c) for c in CLUSTER_COLUMNS)
+    return (
+        f"CREATE OR REPLACE TABLE {destination.sql}\nCLUSTER BY {clustering}\n"
+        f"OPTIONS(description = {string_literal(text)})\nAS SELECT * FROM {staging.sql}"
+    )
+
+
+def string_literal(text: str) -> str:
+    """``text`` as a GoogleSQL double-quoted string literal: backslashes and quotes escaped, ASCII only."""
+    if not text.isascii() or any(ord(c) < 32 for c in text):
+        raise SimilarPatientsError("A table description must be printable ASCII (the manifest is written as JSON).")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -34,7 +34,9 @@ class BigQueryReference(ReferenceManifest):
     """A reference in a BigQuery table (pushed with ``references push NAME --bigquery TABLE``).
 
     ``maximum_bytes_billed`` stops any query that would bill more (None: no limit);
-    ``fraction_lists_to_search`` is passed to ``VECTOR_SEARCH`` (None: BigQuery's default)."""
+    ``fraction_lists_to_search`` is passed to ``VECTOR_SEARCH`` (None: BigQuery's default);
+    ``check_recall``: when the index is used, run the same search comparing every row too (billed twice)
+    and report the share of its patients the index found, in ``index_recall``."""
 
     def __init__(
         self,
@@ -44,10 +46,12 @@ class BigQueryReference(ReferenceManifest):
         project: str | None = None,
         maximum_bytes_billed: int | None = bq.DEFAULT_MAXIMUM_BYTES_BILLED,
         fraction_lists_to_search: float | None = None,
+        check_recall: bool = False,
     ):
+        self.check_recall = check_recall
         self.table = parse_table(table) if isinstance(table, str) else table
+        self.maximum_bytes_billed = bq.check_maximum_bytes_billed(maximum_bytes_billed)
         self.client = client or bq.connect(self.table, project)
-        self.maximum_bytes_billed = maximum_bytes_billed
         self.fraction_lists_to_search = fraction_lists_to_search
         with bq.translated(self.table):
             found = self.client.get_table(self.table.path)
@@ -73,9 +77,12 @@ class BigQueryReference(ReferenceManifest):
         where: filters.Filters = None,
         exclude: Sequence[str] = (),
         method: str = "auto",
+        brute_force: bool = False,
     ) -> sql.Statement:
         """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it): nearest to
-        ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself."""
+        ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself.
+        ``brute_force``: the same ``VECTOR_SEARCH`` comparing every row (what an approximate one is measured
+        against)."""
         check_search(embeddings, patient, method)
         info = self.model_info(model)
         queries = None if embeddings is None else check_queries(info.dim, embeddings, metric)
@@ -92,6 +99,7 @@ class BigQueryReference(ReferenceManifest):
             stored=stored,
             max_lesions=max_lesions,
             fraction_lists_to_search=self.fraction_lists_to_search,
+            brute_force=brute_force,
         )
 
     def dry_run(self, statement: sql.Statement) -> int:
@@ -112,10 +120,15 @@ class BigQueryReference(ReferenceManifest):
         query_lesions: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """As :meth:`Reference.search`; the hits' ``attrs["notes"]`` say what BigQuery billed, whether the
-        index was used, and what post-filters may have cut. A ``patient``'s lesions are read by the search
-        statement itself (one scan of the table, not two)."""
+        index was used (the hits' ``search`` column then says ``approximate``), and what post-filters or the
+        index may have cut. A ``patient``'s lesions are read by the search statement itself (one scan of the
+        table, not two), after a check that bills two text columns: an unknown patient is refused before
+        the embeddings are billed. With ``check_recall`` the index's recall is measured against the same
+        search with ``use_brute_force``."""
         statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
         report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
+        if patient is not None:
+            self._check_patient(model, str(patient))
         result = bq.run(self.client, self.table, statement, self.maximum_bytes_billed)
         rows = result.rows
         matches = [
@@ -129,16 +142,57 @@ class BigQueryReference(ReferenceManifest):
             query_lesions = query_lesion_names(embeddings, query_lesions)
         approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
+        exact_patients = None
+        if approximate and self.check_recall:
+            brute = self.statement(model, embeddings, patient, k, metric, where, exclude, method, brute_force=True)
+            exact = bq.run(self.client, self.table, brute, self.maximum_bytes_billed)
+            exact_patients = list(exact.rows[schema.PATIENT])
+            found = set(rows[schema.PATIENT].astype(str))
+            recall = len(found & {str(p) for p in exact_patients}) / max(1, len(exact_patients))
         hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
-        hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient)
+        measured = recall if exact_patients is not None else None
+        hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient, approximate, measured)
         report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
         return hits
 
+    def _check_patient(self, model: str, patient: str) -> None:
+        """Refuse a patient without lesions of ``model`` here, as the local store does (a cheap query)."""
+        counted = bq.run(self.client, self.table, sql.patient_lesions(self.table, model, patient), None)
+        if int(counted.rows["lesions"].iloc[0]) == 0:
+            info = self.manifest["models"][model]
+            raise SimilarPatientsError(
+                f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
+                f"({info.get('patients', 'its')} patients there)."
+            )
+
     def _notes(
-        self, statement: sql.Statement, result: bq.QueryResult, k: int, found: int, patient: str | None
+        self,
+        statement: sql.Statement,
+        result: bq.QueryResult,
+        k: int,
+        found: int,
+        patient: str | None,
+        approximate: bool = False,
+        recall: float | None = None,
     ) -> list[str]:
         gib = (result.bytes_billed or 0) / 2**30
         notes = [f"BigQuery billed {gib:.3f} GiB ({result.bytes_processed or 0:,} bytes processed)"]
+        if approximate:
+            measured = (
+                "recall not measured (--check-recall measures it against the same search comparing every row)"
+                if recall is None
+                else f"recall {recall:.3f} of the {k} patients the same search finds comparing every row"
+            )
+            notes.append(
+                f"search: approximate (BigQuery's vector index, {result.index_usage}); {measured}; --method exact "
+                f"compares every lesion"
+            )
+            if found < k:
+                notes.append(
+                    f"{found} of the {k} patients asked for came back: an approximate search with filters can "
+                    f"return fewer than it was asked for (the index's lists searched held too few lesions that "
+                    f"pass them); --method exact, or a larger --fraction-lists-to-search, finds more"
+                )
         if "VECTOR_SEARCH(" in statement.sql:
             if result.index_usage in (None, "UNUSED"):
                 reasons = "; ".join(r for r in result.index_unused_reasons if r) or "no reason given"

@@ -8,7 +8,8 @@ patients. What BigQuery does not accept as a parameter is written as a checked l
 names (:mod:`.tables`), ``top_k``, ``k``, the distance type and the ``options`` JSON.
 
 A search answers as :meth:`Reference.search` does: each patient's distance is that of its nearest pair of
-(query lesion, reference lesion), recomputed in float64 by the distance function; lesion ties go to the
+(query lesion, reference lesion), in float64 (the exact scan's distance function, or ``VECTOR_SEARCH``'s
+own ``distance`` column, which needs no embedding read back from the table); lesion ties go to the
 smaller ``lesion_id``, then the first query lesion; patients are ordered by distance, then PatientID.
 """
 
@@ -116,15 +117,20 @@ def vector_search(
     stored: Collection[str],
     max_lesions: int,
     fraction_lists_to_search: float | None = None,
+    brute_force: bool = False,
 ) -> Statement:
-    """``VECTOR_SEARCH`` in its batch form, the query vectors as parameters in the query table.
+    """``VECTOR_SEARCH`` in its batch form, the query vectors as parameters in the query table; its own
+    ``distance`` is the one reported, and only the columns the index stores are selected from ``base``
+    (every column but the embedding), so an indexed search need not read the embeddings back.
+    ``brute_force``: ``use_brute_force`` (every row compared, the index ignored: the exact answer an
+    approximate one is measured against).
 
     Filters on ``stored`` columns (those the index stores) go into the base table query and are applied
     before the search; others can only be applied to what the search returned (post-filters), so the
     search over-fetches and the statement says that fewer than k patients may come back. ``max_lesions``
     (the most lesions one patient has) sizes ``top_k`` so that k patients are reached."""
     builder = _Builder(spec, column_types, table)
-    distance_type, function = distance_of(spec.metric)
+    distance_type, _ = distance_of(spec.metric)
     stored = set(stored)
     before = [t for t in builder.terms if t.field in stored]
     after = [t for t in builder.terms if t.field not in stored]
@@ -141,11 +147,10 @@ def vector_search(
             f"(post-filter), which fetches {top_k} lesions per query lesion and can still return fewer than "
             f"{spec.k} patients; store the columns in the index (push with --create-index) or search --method exact"
         )
-    options = _options(fraction_lists_to_search)
+    options = _options(fraction_lists_to_search, brute_force)
     embedding = column(schema.EMBEDDING)
     found = (
-        f"SELECT base.* EXCEPT ({embedding}), query.* EXCEPT ({embedding}), "
-        f"{function}(base.{embedding}, query.{embedding}) AS distance\n"
+        f"SELECT base.* EXCEPT ({embedding}), query.* EXCEPT ({embedding}), distance\n"
         f"  FROM VECTOR_SEARCH(\n"
         f"    (SELECT * FROM {table.sql} WHERE {' AND '.join(base_conditions)}),\n"
         f"    '{schema.EMBEDDING}',\n"
@@ -157,6 +162,17 @@ def vector_search(
     if post_conditions:
         found += f"\n  WHERE {' AND '.join(post_conditions)}"
     return builder.statement(table, found, tuple(notes))
+
+
+def patient_lesions(table: TableName, model: str, patient: str) -> Statement:
+    """How many lesions ``patient`` has in ``model``: two short text columns read (and, the table being
+    clustered by them, only that patient's blocks), so an unknown patient is refused before a search bills
+    the embeddings."""
+    sql = (
+        f"SELECT COUNT(*) AS lesions FROM {table.sql}\n"
+        f"WHERE {column(schema.MODEL)} = @model AND {column(schema.PATIENT)} = @patient"
+    )
+    return Statement(sql, (Parameter("model", "STRING", str(model)), Parameter("patient", "STRING", str(patient))))
 
 
 def index_statement(table: TableName, stored: Sequence[str], index_type: str = "IVF") -> Statement:
@@ -171,8 +187,11 @@ def index_statement(table: TableName, stored: Sequence[str], index_type: str = "
     return Statement(sql)
 
 
-def _options(fraction_lists_to_search: float | None) -> str:
-    """The ``options`` argument: a JSON literal of checked numbers only."""
+def _options(fraction_lists_to_search: float | None, brute_force: bool = False) -> str:
+    """The ``options`` argument: a JSON literal of checked numbers only. ``use_brute_force`` takes no
+    ``fraction_lists_to_search`` beside it (nothing is left to fraction)."""
+    if brute_force:
+        return f",\n    options => '{json.dumps({'use_brute_force': True})}'"
     if fraction_lists_to_search is None:
         return ""
     fraction = float(fraction_lists_to_search)

@@ -66,6 +66,16 @@ def parse_table(text: str) -> TableName:
     return TableName(*match.groups())
 
 
+def parse_project(text: str) -> str:
+    """A project id as BigQuery names one (it becomes part of request URLs: nothing else may pass)."""
+    if not isinstance(text, str) or not re.fullmatch(_PROJECT, text):
+        raise SimilarPatientsError(
+            f"'{text}' is not a Google Cloud project id: 6-30 lowercase letters, digits and hyphens, starting with a "
+            f"letter (optionally behind a domain, example.com:my-project), e.g. my-project."
+        )
+    return text
+
+
 def column(name: str) -> str:
     """A column name as written in a statement (back-quoted), refused unless it is a plain identifier."""
     if not _COLUMN.match(str(name)):

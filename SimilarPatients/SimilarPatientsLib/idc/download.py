@@ -36,6 +36,10 @@ class SeriesFiles:
     downloaded: bool
 
 
+#: IDC's copies of its images (idc-index's ``source_bucket_location``): Amazon S3 and Google Cloud Storage.
+BUCKETS = ("aws", "gcs")
+
+
 class SeriesCache:
     """Series by SeriesInstanceUID in a folder of their own (default ``<data home>/series``; the Slicer module
     puts it inside its DICOM database folder).
@@ -44,12 +48,17 @@ class SeriesCache:
         root: the cache folder.
         index: the IDC index that says how many instances each series has (and its size).
         client: an ``idc_index.IDCClient`` (made on first download when not given).
+        bucket: IDC's copy to download from: ``"aws"`` (idc-index's default) or ``"gcs"`` (Google Cloud
+            Storage: what a worker on Google Cloud reads in its own region, without external IPs).
     """
 
-    def __init__(self, root: Path | None = None, index: IDCIndex | None = None, client=None):
+    def __init__(self, root: Path | None = None, index: IDCIndex | None = None, client=None, bucket: str = "aws"):
+        if bucket not in BUCKETS:
+            raise SimilarPatientsError(f"IDC's images are in the buckets {' and '.join(BUCKETS)}, not '{bucket}'.")
         self.root = Path(root) if root is not None else data_home() / "series"
         self.index = index or IDCIndex()
         self._client = client
+        self.bucket = bucket
 
     def expected(self, uids: Sequence[str]):
         """The index's rows (instanceCount, series_size_MB, ...) for ``uids``; unknown UIDs are refused."""
@@ -96,7 +105,9 @@ class SeriesCache:
             staging.mkdir(parents=True)
             try:
                 log.info("downloading series %s from IDC into %s", uid, self.root)
-                self.client.download_from_selection(seriesInstanceUID=[uid], downloadDir=str(staging))
+                self.client.download_from_selection(
+                    seriesInstanceUID=[uid], downloadDir=str(staging), source_bucket_location=self.bucket
+                )
                 have = len(series_files(staging, [uid]).get(uid, ()))
                 if have != instances:
                     raise SimilarPatientsError(

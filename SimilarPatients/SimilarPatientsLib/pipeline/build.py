@@ -1,14 +1,26 @@
-"""Build reference rows for many lesions on Apache Beam: plan what is not embedded yet, then read → crop →
-batched embedding (``RunInference``) → Parquet shards, with dead letters for what fails.
+"""Build reference rows for many lesions on Apache Beam: plan what the output folder lacks (from the shards'
+key files, never their embeddings), then read → crop → batched embedding (``RunInference``) → Parquet
+shards named by their lesions, with dead letters for what fails, and record the build.
 
-``DirectRunner`` runs it here (``--direct_num_workers``, ``--direct_running_mode=multi_processing``);
-``DataflowRunner`` runs the same graph on Google Cloud (see docs/scale.md). The output folder is a
-reference source: ``similar-patients references import NAME --source OUT``.
+The lesions to embed travel as a file beside the shards (``_build/plan-<build>.jsonl.gz``) that the
+pipeline reads, not in its graph: Dataflow refuses a job graph over 10 MB (about 12,000 lesions inside a
+``beam.Create``). ``DirectRunner`` runs it here (``--direct_num_workers``,
+``--direct_running_mode=multi_processing``); ``DataflowRunner`` runs the same graph on Google Cloud (see
+docs/scale.md). The output folder is a reference source: ``similar-patients references import NAME
+--source OUT``.
+
+A folder follows its manifest: a lesion whose CT, mark or labels changed is embedded again and its old row
+removed; a lesion no longer in the manifest is removed; the rest is kept. One build writes a folder at a
+time (a lock), and the record ``_build.json`` says whether the last one completed.
 """
 
 from __future__ import annotations
 
+import datetime
+import gzip
+import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,6 +30,8 @@ from typing import Protocol
 
 from ..errors import SimilarPatientsError
 from ..models import registry
+from ..models import weights as model_weights
+from ..util import files
 from ..util.optional import optional_import
 from . import shards
 from .fetch import SeriesSource
@@ -27,19 +41,22 @@ log = logging.getLogger(__name__)
 
 RUNNERS = ("DirectRunner", "DataflowRunner")
 STAGES = ("read", "crop", "embed", "write")
+#: Rows per shard (about; shards are filled by a hash of the lesion).
+SHARD_ROWS = 256
+PLANS = "_build"
 
 
 class TableLoader(Protocol):
-    """Where finished shards go besides the folder: a warehouse table loaded from the Parquet files
+    """Where finished shards go besides the folder: a warehouse table loaded from the folder's shards
     (BigQuery: a load job, see ``cloud/``)."""
 
-    def load_parquet(self, files: Sequence[Path], table: str) -> None: ...
+    def load_folder(self, folder: str, table: str) -> None: ...
 
 
 class BigQueryShardLoader:
-    """Shards into a BigQuery table exactly as ``references push`` loads a stored reference: the shards are
-    imported as one reference (checked like any import, in a temporary data home), then loaded by the
-    ``cloud`` package's one Parquet load job (atomic replace, its manifest in the table description).
+    """Shards into a BigQuery table exactly as ``references push`` loads a stored reference: the folder (a
+    local one or ``gs://``) is imported as one reference (checked like any import, in a temporary data
+    home), then loaded by the ``cloud`` package's push (atomic replace, its manifest in the description).
 
     Args:
         billing_project: the Google Cloud project billed (default: the table's).
@@ -50,7 +67,7 @@ class BigQueryShardLoader:
         self.billing_project = billing_project
         self.create_index = create_index
 
-    def load_parquet(self, files: Sequence[Path], table: str) -> None:
+    def load_folder(self, folder: str, table: str) -> None:
         from ..cloud.client import connect
         from ..cloud.push import push
         from ..cloud.tables import parse_table
@@ -58,12 +75,9 @@ class BigQueryShardLoader:
         from ..util.optional import require
 
         require("bigquery")
-        folders = {str(Path(f).parent) for f in files}
-        if len(folders) != 1:
-            raise SimilarPatientsError(f"The shards to load lie in {len(folders)} folders; expected one.")
         destination = parse_table(table)
         with tempfile.TemporaryDirectory(prefix="similar-patients-push-") as home:
-            reference = ReferenceStore(Path(home)).import_reference(destination.table, folders.pop())
+            reference = ReferenceStore(Path(home)).import_reference(destination.table, folder)
             result = push(
                 reference, destination, connect(destination, self.billing_project), create_index=self.create_index
             )
@@ -79,8 +93,10 @@ def bigquery_loader(billing_project: str | None = None, create_index: bool = Fal
 
 @dataclass
 class BuildResult:
-    """What a build did: rows embedded now, lesion-model pairs skipped as already embedded, dead letters,
-    the shards written, wall seconds and the workers' seconds per stage (read, crop, embed, write)."""
+    """What a build did: rows embedded now (``added`` new lesions, ``replaced`` changed ones), rows
+    ``kept`` from earlier builds, rows ``removed`` (lesions no longer in the manifest, or changed ones of
+    models not built now), dead letters, the shards written, wall seconds and the workers' seconds per
+    stage (read, crop, embed, write). ``skipped`` is ``kept`` (its older name)."""
 
     embedded: int
     skipped: int
@@ -88,19 +104,57 @@ class BuildResult:
     shards: list = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    added: int = 0
+    replaced: int = 0
+    removed: int = 0
+    build: str = ""
+
+    @property
+    def kept(self) -> int:
+        return self.skipped
 
 
-def plan(lesions: Sequence[Lesion], models: dict, out: str) -> tuple[dict, int]:
-    """The lesions still to embed, grouped by CT source: {source: [(lesion, models)]}, and how many
-    (lesion, model) pairs the shards in ``out`` already hold with the same recipe."""
-    done = shards.embedded_keys(str(out))
-    todo, skipped = {}, 0
+@dataclass
+class Plan:
+    """What a build must do to make the folder follow the manifest."""
+
+    todo: dict  #: CT source -> [(lesion, models)]
+    kept: int
+    added: int
+    replaced: int
+    stale: dict  #: shard -> the row keys to drop from it (None: drop the whole shard)
+    removed: int
+
+
+def plan(lesions: Sequence[Lesion], models: dict, out: str) -> Plan:
+    """Compare the manifest with the rows the shards in ``out`` hold (read from their key files only)."""
+    wanted = {(lesion.patient, lesion.lesion): lesion.digest() for lesion in lesions}
+    rows, stale, removed = {}, {}, 0
+    for shard, keys in shards.shard_keys(str(out)).items():
+        if keys is None:  # a shard whose key file was lost: its rows' definitions are unknown
+            stale[shard] = None
+            continue
+        for model, recipe, patient, lesion, digest in keys:
+            same_recipe = model not in models or models[model].name == recipe  # another model's rows stay
+            current = wanted.get((patient, lesion)) == digest and same_recipe
+            if current and (model, recipe, patient, lesion) not in rows:
+                rows[model, recipe, patient, lesion] = shard
+            else:
+                stale.setdefault(shard, set()).add((model, recipe, patient, lesion))
+                removed += (patient, lesion) not in wanted or model not in models
+    was_built = {(*key[2:], key[0]) for shard in stale for key in (stale[shard] or ())}
+    todo, kept, added, replaced = {}, 0, 0, 0
     for lesion in lesions:
-        wanted = tuple(m for m, recipe in models.items() if lesion.key(m, recipe.name) not in done)
-        skipped += len(models) - len(wanted)
-        if wanted:
-            todo.setdefault(lesion.source, []).append((lesion, wanted))
-    return todo, skipped
+        missing = tuple(m for m, recipe in models.items() if lesion.key(m, recipe.name) not in rows)
+        kept += len(models) - len(missing)
+        for model in missing:
+            if (lesion.patient, lesion.lesion, model) in was_built:
+                replaced += 1
+            else:
+                added += 1
+        if missing:
+            todo.setdefault(lesion.source, []).append((lesion, missing))
+    return Plan(todo, kept, added, replaced, stale, removed)
 
 
 def build_references(
@@ -119,54 +173,181 @@ def build_references(
     table: str | None = None,
 ) -> BuildResult:
     """Embed ``lesions`` with every model of ``models`` into Parquet shards under ``out`` (then, with a
-    ``loader``, into ``table``). Lesions embedded already with the same model and recipe are skipped.
+    ``loader``, into ``table``, also when nothing was left to embed: a failed load is retried). Rows
+    already there with the same model, recipe and lesion definition are kept.
 
     Args:
         series: where series are found (a local DICOM folder, or IDC into a worker-local cache).
         runner: a Beam runner; ``beam_args``: its options (``--direct_num_workers=2``, ``--project``...).
-        weights: model name -> weights file (else the site folder, the cache, or a download on the worker).
+        weights: model name -> weights file (else the site folder, the cache, or a download).
     """
     if runner not in RUNNERS:
         raise SimilarPatientsError(f"Unknown runner '{runner}'; use one of {', '.join(RUNNERS)}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SimilarPatientsError(
+            f"--batch-size is the crops per forward pass: a whole number of 1 or more, not {batch_size!r}."
+        )
     specs = [registry.get(m) for m in dict.fromkeys(models)]
     if not specs:
         raise SimilarPatientsError("Name at least one model to build with (--model).")
+    if not lesions:
+        raise SimilarPatientsError("The manifest has no lesions: nothing to build.")
     recipes = {spec.name: spec.recipe for spec in specs}
-    weights = {registry.get(k).name: str(v) for k, v in (weights or {}).items()}
-    for name, path in weights.items():
-        if not Path(path).exists() and not str(path).startswith("gs://"):
-            raise SimilarPatientsError(f"The weights file for {name}, {path}, does not exist.")
-    out = str(out)  # a folder, or a URL such as gs://bucket/path on Dataflow
-    todo, skipped = plan(lesions, recipes, out)
-    if not todo:
-        log.info("nothing to build: all %d lesion-model pairs are in %s", skipped, out)
-        return BuildResult(0, skipped, 0)
-    series = series or SeriesSource()
+    weights = _weights(
+        specs, {registry.get(k).name: str(v) for k, v in (weights or {}).items()}, runner, accept_licence
+    )
+    out = files.check_folder(str(out), "The output folder (--out)")
     start = time.perf_counter()
-    result = _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence, device, batch_size, precision)
-    result.skipped, result.seconds = skipped, time.perf_counter() - start
+    build = shards.new_build_id()
+    with shards.BuildLock(out, build):
+        shards.remove_temporaries(out)
+        planned = plan(lesions, recipes, out)
+        pairs = sum(len(m) for items in planned.todo.values() for _, m in items)
+        record = {
+            "build": build,
+            "status": "running",
+            "started": _now(),
+            "models": {m: r.name for m, r in recipes.items()},
+            "lesions": len(lesions),
+            "pairs": len(lesions) * len(recipes),
+            "to_embed": pairs,
+            "kept": planned.kept,
+        }
+        shards.write_record(out, record)
+        _prune(planned.stale, build)
+        shards.clear_dead_letters(out)
+        result = BuildResult(0, planned.kept, 0, build=build)
+        if planned.todo:
+            series = series or SeriesSource()
+            run = _run(planned.todo, pairs, recipes, out, build, series, runner, beam_args, weights, accept_licence)
+            result = run(device, batch_size, precision)
+            result.skipped, result.build = planned.kept, build
+        result.added, result.replaced, result.removed = planned.added, planned.replaced, planned.removed
+        shards.remove_temporaries(out)
+        record.update(
+            status="complete",
+            finished=_now(),
+            embedded=result.embedded,
+            dead=result.dead,
+            added=planned.added,
+            replaced=planned.replaced,
+            removed=planned.removed,
+            missing=pairs - result.embedded,
+        )
+        shards.write_record(out, record)
+    result.seconds = time.perf_counter() - start
     if loader is not None and table:
-        loader.load_parquet(shards.shard_files(out), table)
+        loader.load_folder(out, table)
     return result
 
 
-def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence, device, batch_size, precision):
+def _weights(specs, given: dict, runner: str, accept_licence: bool) -> dict:
+    """Each model's weights checked before the build: here, resolved (a download once, verified, with a
+    clear error offline); for Dataflow, whose workers fetch them, the licence accepted and a given file
+    reachable."""
+    resolved = {}
+    for spec in specs:
+        path = given.get(spec.name)
+        if path and files.is_url(path):
+            resolved[spec.name] = path
+            continue
+        if path and not Path(path).exists():
+            raise SimilarPatientsError(f"The weights file for {spec.name}, {path}, does not exist.")
+        if runner == "DataflowRunner" and not path:
+            state = model_weights.status(spec.name, spec.weights) if spec.weights else None
+            if state is not None and state.needs_acceptance and not accept_licence:
+                raise SimilarPatientsError(
+                    f"{spec.name}'s weights are published under '{spec.weights.licence}'; accept it with "
+                    f"--accept-licence (the workers download them)."
+                )
+            continue
+        found = model_weights.resolve(spec.name, spec.weights, path, accept_licence)
+        if found is not None:
+            resolved[spec.name] = str(found)
+    return resolved
+
+
+def _prune(stale: dict, build: str) -> None:
+    """Remove stale rows before anything is embedded: whole shards, or the stale rows of a shard."""
+    for shard, keys in stale.items():
+        if keys is None:
+            shards.remove_shards([shard])
+        else:
+            shards.rewrite_without(shard, keys, build)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_plan(todo: dict, folder: str, build: str) -> str:
+    """The lesions to embed as a file the pipeline reads (gzip JSON lines: lesion and models)."""
+    lines = [
+        json.dumps({"lesion": _as_json(lesion), "models": list(m)}) for items in todo.values() for lesion, m in items
+    ]
+    path = files.join(folder, PLANS, f"plan-{build}.jsonl.gz")
+    return files.write(path, gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=5))
+
+
+def read_plan(path: str):
+    """(CT source, (lesion, models)) for every line of a plan file: on a worker, inside the pipeline."""
+    for line in gzip.decompress(files.read(path)).decode("utf-8").splitlines():
+        if line:
+            item = json.loads(line)
+            lesion = _from_json(item["lesion"])
+            yield lesion.source, (lesion, tuple(item["models"]))
+
+
+def _as_json(lesion: Lesion) -> dict:
+    from dataclasses import asdict
+
+    return asdict(lesion)
+
+
+def _from_json(data: dict) -> Lesion:
+    from .manifest import Mark
+
+    mark = Mark(**{**data["mark"], "values": tuple(data["mark"]["values"])})
+    labels = tuple((name, value) for name, value in data["labels"])
+    return Lesion(data["patient"], data["lesion"], data["series"], data["image"], mark, labels)
+
+
+def pipeline_graph(
+    plan_path: str,
+    pairs: int,
+    recipes: dict,
+    out: str,
+    build: str,
+    series,
+    runner,
+    beam_args,
+    weights,
+    accept_licence,
+    device,
+    batch_size,
+    precision,
+    columns,
+):
+    """The Beam pipeline of a build (not run): a plan file in, shards and dead letters out."""
     beam = optional_import("apache_beam", "pipeline")
     from . import stages
 
     options = beam.options.pipeline_options.PipelineOptions([f"--runner={runner}", *beam_args])
-    columns = shards.row_schema([lesion for items in todo.values() for lesion, _ in items])
     pipeline = beam.Pipeline(options=options)
     tags = [stages.crops_tag(m) for m in recipes]
+    share = device == "cuda" or any("worker_accelerator" in a for a in beam_args)
     cropped = (
         pipeline
-        | "Lesions by series" >> beam.Create(sorted(todo.items(), key=lambda item: item[0]))
-        | "Reshuffle" >> beam.Reshuffle()
+        | "Plan" >> beam.Create([plan_path])
+        | "Read the plan" >> beam.FlatMap(read_plan)
+        | "Lesions by CT" >> beam.GroupByKey()
         | "Read and crop" >> beam.ParDo(stages.ReadAndCrop(recipes, series)).with_outputs(stages.DEAD, *tags)
     )
     rows, dead = [], [cropped[stages.DEAD]]
     for model, recipe in recipes.items():
-        handler = inference_handler(stages, model, recipe.name, weights, accept_licence, device, batch_size, precision)
+        handler = stages.inference_handler(
+            model, recipe.name, weights.get(model), accept_licence, device, batch_size, precision, share
+        )
         embedded = (
             cropped[stages.crops_tag(model)]
             | f"Embed {model}" >> stages.inference.RunInference(handler).with_exception_handling()
@@ -178,11 +359,13 @@ def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence,
         rows.append(split.rows)
         dead.append(split[stages.DEAD])
         dead.append(failed.failed_inferences | f"Failed {model}" >> beam.FlatMap(stages.failed_batch, model))
+    groups = max(1, math.ceil(pairs / SHARD_ROWS))
     _ = (
         rows
         | "All rows" >> beam.Flatten()
-        | "Batch rows" >> beam.BatchElements(min_batch_size=1, max_batch_size=512)
-        | "Write shards" >> beam.ParDo(stages.WriteShard(out, columns))
+        | "Shard by lesion" >> beam.Map(stages.keyed_by_lesion, groups)
+        | "Group shards" >> beam.GroupByKey()
+        | "Write shards" >> beam.ParDo(stages.WriteShard(out, columns, build))
     )
     _ = (
         dead
@@ -190,9 +373,45 @@ def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence,
         | "Batch dead letters" >> beam.BatchElements(min_batch_size=1, max_batch_size=1000)
         | "Write dead letters" >> beam.ParDo(stages.WriteDeadLetters(out))
     )
-    before = set(shards.shard_files(out))
-    state = pipeline.run()
-    state.wait_until_finish()
+    return pipeline
+
+
+def _run(todo, pairs, recipes, out, build, series, runner, beam_args, weights, accept_licence):
+    def run(device, batch_size, precision) -> BuildResult:
+        from . import stages
+
+        columns = shards.row_schema([lesion for items in todo.values() for lesion, _ in items])
+        plan_path = write_plan(todo, out, build)
+        pipeline = pipeline_graph(
+            plan_path,
+            pairs,
+            recipes,
+            out,
+            build,
+            series,
+            runner,
+            beam_args,
+            weights,
+            accept_licence,
+            device,
+            batch_size,
+            precision,
+            columns,
+        )
+        before = set(shards.shard_files(out))
+        try:
+            state = pipeline.run()
+            state.wait_until_finish()
+        except Exception as error:  # a worker's error, as Beam wraps it
+            raise stages.explained(error, out) from None
+        finally:
+            files.delete([plan_path])
+        return _result(state, stages, out, before)
+
+    return run
+
+
+def _result(state, stages, out: str, before: set) -> BuildResult:
     metrics = state.metrics().query()
     stage_seconds = {}
     for distribution in metrics["distributions"]:
@@ -212,11 +431,3 @@ def _run(todo, recipes, out, series, runner, beam_args, weights, accept_licence,
         out,
     )
     return BuildResult(counts[stages.ROWS], 0, counts[stages.DEAD_LETTERS], new_shards, 0.0, stage_seconds)
-
-
-def inference_handler(stages, model, recipe, weights, accept_licence, device, batch_size, precision):
-    """Our model handler, keyed by lesion, so each embedding comes back with its lesion."""
-    handler = stages.EmbedderHandler(
-        model, recipe, weights.get(model), accept_licence, device, batch_size=batch_size, precision=precision
-    )
-    return stages.inference.KeyedModelHandler(handler)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SimilarPatientsError
-from ..idc.download import SeriesCache, series_files
+from ..idc.download import BUCKETS, SeriesCache, series_files
 from ..idc.index import IDCIndex
 
 
@@ -21,6 +21,8 @@ class SeriesSource:
         index: the IDC index Parquet that says each series' instance count (default: the shipped one).
         keep: keep downloaded series in the cache after use (off: a worker's disk holds one at a time).
         client: an ``idc_index.IDCClient`` to download with (default: one made on the worker).
+        bucket: IDC's copy to read: ``"gcs"`` (default: a Dataflow worker reads Google Cloud Storage in its
+            region, with no external IP or NAT) or ``"aws"``.
     """
 
     def __init__(
@@ -30,9 +32,12 @@ class SeriesSource:
         index: str | None = None,
         keep: bool = False,
         client=None,
+        bucket: str = "gcs",
     ):
+        if bucket not in BUCKETS:
+            raise SimilarPatientsError(f"IDC's images are in the buckets {' and '.join(BUCKETS)}, not '{bucket}'.")
         self.local_files = files
-        self.cache, self.index, self.keep, self.client = cache, index, keep, client
+        self.cache, self.index, self.keep, self.client, self.bucket = cache, index, keep, client, bucket
         self._series_cache: SeriesCache | None = None
 
     @classmethod
@@ -63,5 +68,6 @@ class SeriesSource:
     def _cache(self) -> SeriesCache:
         if self._series_cache is None:
             index = IDCIndex(self.index) if self.index else IDCIndex()
-            self._series_cache = SeriesCache(Path(self.cache) if self.cache else None, index, self.client)
+            root = Path(self.cache) if self.cache else None
+            self._series_cache = SeriesCache(root, index, self.client, self.bucket)
         return self._series_cache

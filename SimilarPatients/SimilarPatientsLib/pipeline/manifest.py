@@ -17,6 +17,7 @@ Every other column is a label that rides along into the reference rows.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..idc.index import SERIES
 from ..references import schema
+from ..util import files
 
 IMAGE = "image"
 SEED = ("seed_x", "seed_y", "seed_z")
@@ -73,29 +75,42 @@ class Lesion:
         return self.series or self.image
 
     def key(self, model: str, recipe: str) -> tuple:
-        """What says this lesion is embedded already with ``model`` and ``recipe``."""
+        """Which reference row this lesion becomes with ``model`` and ``recipe``."""
         return (model, recipe, self.patient, self.lesion)
 
+    def digest(self) -> str:
+        """What the manifest says of the lesion (its CT, mark and labels): a row built from another
+        definition is stale, and a re-run replaces it."""
+        mark = self.mark
+        where = [mark.kind, list(mark.values), mark.path, mark.series, mark.segment, mark.sop]
+        text = json.dumps([self.series, self.image, *where, [list(label) for label in self.labels]], default=str)
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
-def read_manifest(path: Path) -> list[Lesion]:
-    """A manifest file (CSV or Parquet) as validated lesions."""
-    path = Path(path)
-    if not path.is_file():
-        raise SimilarPatientsError(f"The manifest {path} does not exist.")
-    name = path.name.lower()
+
+def read_manifest(path: Path | str) -> list[Lesion]:
+    """A manifest file (CSV or Parquet, on this machine or ``gs://``) as validated lesions."""
+    text = str(path)
+    name = files.name(text)
+    if not name.lower().endswith((".parquet", ".pq", ".csv", ".csv.gz")):
+        raise SimilarPatientsError(f"A manifest is a .csv or .parquet file, not '{name}'.")
+    if not files.exists(text) or (not files.is_url(text) and not Path(text).is_file()):
+        raise SimilarPatientsError(f"The manifest {text} does not exist.")
     try:
-        if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
-        elif name.endswith((".csv", ".csv.gz")):
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        else:
-            raise SimilarPatientsError(f"A manifest is a .csv or .parquet file, not '{path.name}'.")
+        frame = read_frame(files.read(text), name)
     except (OSError, ValueError) as error:
-        raise SimilarPatientsError(f"Cannot read the manifest {path}: {error}") from error
+        raise SimilarPatientsError(f"Cannot read the manifest {text}: {error}") from error
     try:
         return lesions_from_frame(frame)
     except SimilarPatientsError as error:
-        raise SimilarPatientsError(f"{path.name}: {error}") from None
+        raise SimilarPatientsError(f"{name}: {error}") from None
+
+
+def read_frame(data: bytes, name: str) -> pd.DataFrame:
+    """A manifest's bytes as a table (by its file name's type); every CSV value kept as text."""
+    if name.lower().endswith((".parquet", ".pq")):
+        return pd.read_parquet(io.BytesIO(data))
+    compression = "gzip" if name.lower().endswith(".gz") else None
+    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""], compression=compression)
 
 
 def lesions_from_frame(frame: pd.DataFrame) -> list[Lesion]:

@@ -8,7 +8,11 @@ the package's classes at import, so it is imported only by a build.
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,13 +46,19 @@ def crops_tag(model: str) -> str:
 
 
 def read_image(source: str, is_series: bool, series: SeriesSource):
-    """The CT of a lesion (validated) and the files of its series (none for an image file)."""
+    """The CT of a lesion (validated) and the files of its series (none for an image file). A series whose
+    files lie in several folders is read from all of them (linked into one folder for the reader)."""
     if not is_series:
         return read_ct(source), []
     files = series.files(source)
     if not files:
         raise SimilarPatientsError(f"Series {source} has no files.")
-    return read_ct(files[0]), files
+    if len({Path(f).parent for f in files}) == 1:
+        return read_ct(files[0]), files
+    with tempfile.TemporaryDirectory(prefix="similar-patients-series-") as folder:
+        for number, path in enumerate(files):
+            os.symlink(Path(path).resolve(), Path(folder, f"{number:06d}-{Path(path).name}"))
+        return read_ct(folder), files
 
 
 def lesion_tumor(lesion: Lesion, files: Sequence[Path], series: SeriesSource) -> Tumor:
@@ -86,7 +96,7 @@ class ReadAndCrop(beam.DoFn):
         self.recipes, self.series = recipes, series
 
     def process(self, element):
-        source, lesions = element
+        source, lesions = element[0], list(element[1])
         is_series = bool(lesions[0][0].series)
         start = time.perf_counter()
         try:
@@ -117,7 +127,9 @@ class ReadAndCrop(beam.DoFn):
 
 class EmbedderHandler(inference.ModelHandler):
     """A Beam model handler around the library's :class:`Embedder`: the model is loaded once per worker
-    (CUDA when the worker has it, ``device``), and each batch of crops is one call of the encoder."""
+    process (CUDA when the worker has it, ``device``), and each batch of crops is one call of the encoder.
+    With ``share`` (GPU workers) one model serves every SDK process of a worker: Dataflow runs one process
+    per vCPU, and each would otherwise load its own copy into the one GPU."""
 
     def __init__(
         self,
@@ -128,8 +140,10 @@ class EmbedderHandler(inference.ModelHandler):
         device: str | None = None,
         batch_size: int = 8,
         precision: str = "fp32",
+        share: bool = False,
     ):
         super().__init__()
+        self.share = share
         self.model, self.recipe, self.weights = model, recipe, weights
         self.accept_licence, self.device, self.batch_size, self.precision = (
             accept_licence,
@@ -170,21 +184,58 @@ class EmbedderHandler(inference.ModelHandler):
         return NAMESPACE
 
     def share_model_across_processes(self) -> bool:
-        return False
+        return self.share
 
 
 class WriteShard(beam.DoFn):
-    """A batch of rows -> one Parquet shard, written atomically; yields the shard's path and row count."""
+    """A group of rows (fixed by the ``GroupByKey`` before it) -> one Parquet shard named by its lesions,
+    so a retried write rewrites the same file; yields the shard's path and row count."""
 
-    def __init__(self, folder: str, columns):
-        self.folder, self.columns = folder, columns
+    def __init__(self, folder: str, columns, build: str):
+        self.folder, self.columns, self.build = folder, columns, build
 
-    def process(self, rows):
+    def process(self, group):
+        rows = list(group[1])
         start = time.perf_counter()
-        path = shards.write_shard(rows, self.folder, self.columns)
+        path = shards.write_shard(rows, self.folder, self.columns, self.build)
         _WRITE_MS.update(int(1000 * (time.perf_counter() - start)))
         _ROWS.inc(len(rows))
         yield path, len(rows)
+
+
+def keyed_by_lesion(row: dict, groups: int) -> tuple:
+    """A row keyed by its shard group: a stable hash of its lesion, the same on every worker and retry."""
+    text = f"{row['PatientID']}\t{row['lesion_id']}".encode()
+    return zlib.crc32(text) % groups, row
+
+
+def inference_handler(model, recipe, weights, accept_licence, device, batch_size, precision, share=False):
+    """Our model handler, keyed by lesion, so each embedding comes back with its lesion."""
+    handler = EmbedderHandler(model, recipe, weights, accept_licence, device, batch_size, precision, share)
+    return inference.KeyedModelHandler(handler)
+
+
+def explained(error: BaseException, out: str) -> SimilarPatientsError:
+    """A failed run as one clear error: a worker's :class:`SimilarPatientsError` (Beam wraps it, with its
+    traceback, in another exception), a full disk, or what Beam said."""
+    text = str(error)
+    ours = SimilarPatientsError.__name__ + ": "
+    if ours in text:
+        said = text.rsplit(ours, 1)[1].split(" [while running")[0].strip().splitlines()[0]
+        return SimilarPatientsError(said)
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            break
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None or "No space left on device" in text:
+        return SimilarPatientsError(
+            f"The disk filled up during the build (No space left on device) writing {out} or a worker's series "
+            f"cache. Nothing written is damaged: free space (or choose --out/--cache elsewhere) and run the same "
+            f"command again; it keeps what was built and embeds the rest."
+        )
+    last = text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    return SimilarPatientsError(f"The build failed in Beam: {last[:500]}")
 
 
 class WriteDeadLetters(beam.DoFn):

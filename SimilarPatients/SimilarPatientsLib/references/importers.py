@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,11 +21,14 @@ import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
+from ..util import files as stored_files
 from ..util.download import download
 from ..util.home import downloads_dir
 from . import nlst_sybil, schema
 
 NLST_SYBIL = "nlst-sybil"
+#: The record ``index build`` keeps in its output folder: which build, and whether it completed.
+BUILD_RECORD = "_build.json"
 _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
 
 
@@ -39,9 +43,14 @@ class ImportedSource:
     display_fields: list | None = None
 
 
-def read_source(source: str, progress: ProgressCallback | None = None) -> ImportedSource:
-    """Read ``source`` into a validated table."""
+def read_source(
+    source: str, progress: ProgressCallback | None = None, allow_incomplete: bool = False
+) -> ImportedSource:
+    """Read ``source`` into a validated table. A build folder (``index build``'s output, local or
+    ``gs://``) whose build did not complete is refused unless ``allow_incomplete``."""
     text = str(source).strip()
+    if stored_files.is_url(text) and not text.startswith(("http://", "https://")):
+        return read_build_folder(text, allow_incomplete)
     if text.lower() == NLST_SYBIL or nlst_sybil.REPOSITORY.lower() in text.lower():
         local = nlst_sybil.find_local_copy()
         if local is not None:
@@ -70,8 +79,8 @@ def read_source(source: str, progress: ProgressCallback | None = None) -> Import
             f"files, or '{NLST_SYBIL}'."
         )
     if path.is_dir():
-        if not nlst_sybil.upstream_files_in(path) and sorted(path.glob("*.parquet")):
-            return ImportedSource(read_parquet_folder(path), str(path.resolve()))
+        if not nlst_sybil.upstream_files_in(path) and stored_files.listing(str(path), "*.parquet"):
+            return read_build_folder(str(path.resolve()), allow_incomplete)
         if not nlst_sybil.upstream_files_in(path):
             raise SimilarPatientsError(
                 f"{path} holds no *_features.pkl embedding files and no Parquet shards (*.parquet) to import."
@@ -101,12 +110,47 @@ def read_table_file(path: Path) -> schema.ReferenceTable:
     )
 
 
-def read_parquet_folder(folder: Path) -> schema.ReferenceTable:
+def read_build_folder(folder: str, allow_incomplete: bool = False) -> ImportedSource:
+    """A folder of Parquet shards, checked against its build record (``_build.json``, written by ``index
+    build``) when it has one: a build that did not complete is refused unless ``allow_incomplete``, and
+    then the notes say how much is missing."""
+    notes = []
+    record_path = stored_files.join(folder, BUILD_RECORD)
+    if stored_files.exists(record_path):
+        try:
+            record = json.loads(stored_files.read(record_path))
+        except ValueError:
+            record = {"status": "damaged"}
+        if record.get("status") != "complete":
+            said = (
+                f"its build {record.get('build', '?')} did not complete (status '{record.get('status')}': it was "
+                f"interrupted or failed, or is still running); {record.get('to_embed', '?')} lesion-model pairs were "
+                f"to be embedded of {record.get('pairs', '?')}"
+            )
+            if not allow_incomplete:
+                raise SimilarPatientsError(
+                    f"{folder} is an incomplete build: {said}. Run the same `index build` again to finish it, or "
+                    f"import what is there with --allow-incomplete."
+                )
+            notes.append(f"incomplete build: {said}")
+        elif record.get("dead"):
+            notes.append(f"{record['dead']} lesion-model pairs failed in the build (see {folder}/dead-letters/)")
+    table = read_parquet_folder(folder)
+    if notes and notes[0].startswith("incomplete"):
+        have = len(table.lesions)
+        notes[0] += f"; the shards hold {have} rows, {max(0, int(record.get('pairs', have)) - have)} missing"
+    return ImportedSource(table, folder, notes)
+
+
+def read_parquet_folder(folder: Path | str) -> schema.ReferenceTable:
     """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table.
-    A lesion written twice with the same vector (a retried shard) is kept once; with two vectors, refused."""
-    files = sorted(Path(folder).glob("*.parquet"))
+    Hidden files (a writer's temporaries) are not shards. A lesion written twice with the same vector (a
+    retried shard) is kept once; with two vectors, refused."""
+    shards = stored_files.listing(str(folder), "*.parquet")
     try:
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        table = pa.concat_tables(
+            [pq.read_table(pa.BufferReader(stored_files.read(f))) for f in shards], promote_options="default"
+        )
     except (OSError, ValueError, pa.ArrowInvalid) as error:
         raise SimilarPatientsError(f"Cannot read the Parquet shards in {folder} as one table: {error}") from error
     key = [c for c in (schema.MODEL, schema.RECIPE, schema.PATIENT, schema.LESION) if c in table.column_names]

@@ -103,10 +103,13 @@ class ReferenceStore:
             shutil.rmtree(folder, ignore_errors=True)
         log.info("deleted reference '%s'", name)
 
-    def import_reference(self, name: str, source: str, progress: ProgressCallback | None = None) -> Reference:
-        """Read ``source`` (see :func:`importers.read_source`), stamp IDC metadata, and store it as ``name``."""
+    def import_reference(
+        self, name: str, source: str, progress: ProgressCallback | None = None, allow_incomplete: bool = False
+    ) -> Reference:
+        """Read ``source`` (see :func:`importers.read_source`; ``allow_incomplete``: a build folder whose
+        build did not complete), stamp IDC metadata, and store it as ``name``."""
         _checked(name)
-        read = read_source(source, progress)
+        read = read_source(source, progress, allow_incomplete)
         return self.write(name, read.table, read.origin, read.notes, progress, read.display_fields)
 
     def write(

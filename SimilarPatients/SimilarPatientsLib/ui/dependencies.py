@@ -56,7 +56,7 @@ IMAGE = (
     Requirement("safetensors", "0.4", "safetensors"),
 )
 #: Loading matches from IDC's public buckets.
-DOWNLOAD = (Requirement("idc-index", "0.7", "idc_index"),)
+DOWNLOAD = (Requirement("idc-index", "0.9", "idc_index"),)
 #: Searching references kept in Google BigQuery.
 BIGQUERY = (Requirement("google-cloud-bigquery", "3.17", "google.cloud.bigquery"),)
 #: The torch the library needs (its MONAI networks and meta-device loading).

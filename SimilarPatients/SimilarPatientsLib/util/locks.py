@@ -75,3 +75,19 @@ def try_exclusive(path: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+def try_lock(path: Path) -> FileLock | None:
+    """An exclusive lock on ``path`` if no one holds it now (held until released or the process ends),
+    else None. Where there are no POSIX locks, always the lock (a blocking one)."""
+    if fcntl is None:
+        return FileLock(path)
+    lock = FileLock.__new__(FileLock)
+    lock.path = Path(path)
+    lock._fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(lock._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.release()
+        return None
+    return lock
