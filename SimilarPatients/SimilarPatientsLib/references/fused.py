@@ -218,9 +218,10 @@ def fused_rank_models(hits: pd.DataFrame) -> list[str]:
 
 def rank_labels(hits: pd.DataFrame, depth: int = FUSION_DEPTH) -> pd.DataFrame:
     """Each model's rank of each fused hit as a person reads it, one column per model: the rank; ``>100``
-    (the depth) when the model has the patient farther down; ``–`` when it does not list the patient at
-    all (it lacks the patient, its filters drop it, or — for a BigQuery table, whose unlisted distances
-    are not measured — it is farther than the depth)."""
+    (the depth) when the model has the patient farther down (in an approximate search: not among the
+    first 100 its index found); ``–`` when it does not list the patient at all (it lacks the patient, its
+    filters drop it, or — for a BigQuery table, whose unlisted distances are not measured — it is farther
+    than the depth)."""
     columns = {}
     for model in fused_rank_models(hits):
         ranks = pd.array(hits[RANK_PREFIX + model], dtype="Int64")
