@@ -395,25 +395,23 @@ def _print_hits(hits: pd.DataFrame, reference, model, metric: str, depth: int = 
     if fused.is_fused(model):  # the fused score, then each model's rank: which models agree
         ranks = fused.rank_labels(hits, depth).add_prefix("rank ")
         leading = hits[["rank", schema.PATIENT, "score", "lesions", schema.COLLECTION]]
-        print(_table(pd.concat([leading.assign(score=hits["score"].map(_score)), ranks, hits[labels]], axis=1)))
+        scores = [f"{v:.1f}%" if f == "percentile" else f"{v:.4f}" for v, f in zip(hits["score"], hits["fusion"])]
+        print(_table(pd.concat([leading.assign(score=scores), ranks, hits[labels]], axis=1)))
         print(f"rank MODEL: the patient's rank in that model; >{depth}: farther than its first {depth}; –: not listed")
     else:
         print(_table(hits[_HUMAN_HIT_COLUMNS + labels]))
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
         for note in hits.attrs["notes"]:
             print(f"note: {note}")
+    elif len(hits) and hits["search"].iloc[0] == "approximate" and fused.is_fused(model):
+        recall = float(hits["index_recall"].iloc[0])
+        print(f"search: approximate for some models (lowest index recall@10 {recall:.3f}); --method exact compares "
+              f"every lesion")  # fmt: skip
     elif len(hits) and hits["search"].iloc[0] == "approximate":
-        names = fused.fused_rank_models(hits)
-        for name in names or [model]:
-            calibration = reference.approximate_index(name, metric).calibration
-            which = f" ({name})" if names else ""
-            print(f"search: approximate{which}, {calibration.describe()}; --method exact compares every lesion")
+        calibration = reference.approximate_index(model, metric).calibration
+        print(f"search: approximate, {calibration.describe()}; --method exact compares every lesion")
     elif len(hits):
         print("search: exact (every lesion compared)")
-
-
-def _score(value: float) -> str:
-    return f"{value:.4f}" if value < 1 else f"{value:.1f}%"
 
 
 def _fusion_words(args, models: list) -> str:

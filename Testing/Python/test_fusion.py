@@ -211,6 +211,11 @@ def test_cli_neighbors_with_all_models(two_models, monkeypatch, capsys):
     assert len(hits) == 4 and all(h["fusion"] == "percentile" and "rank_B" in h for h in hits)
     assert main([*argv, "--model", "A", "--json"]) == 0
     assert "rank_A" not in json.loads(capsys.readouterr().out)[0]  # one model: the plain hit table
+    assert main([*argv, "--model", "all", "--method", "approximate"]) == 0
+    assert "search: approximate for some models (lowest index recall@10 " in capsys.readouterr().out
+    hits = two_models.search_fused(patient="P001", k=4, exclude=["P001"], method="approximate")
+    recalls = [two_models.approximate_index(m, "cosine").calibration.recall for m in ("A", "B")]
+    assert hits.search.eq("approximate").all() and (hits.index_recall == min(recalls)).all()
     with pytest.raises(SystemExit) as stopped:
         main([*argv, "--model", "all", "--depth", "0"])
     assert stopped.value.code == 2 and "--depth: must be a whole number of at least 1" in capsys.readouterr().err
