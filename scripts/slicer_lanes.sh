@@ -21,6 +21,7 @@ interpreter() {  # the newest installed Python X.Y: pyenv's, else one on PATH
     echo "$found"
 }
 
+failed=()
 for lane in "${lanes[@]}"; do
     pins="Testing/lanes/$lane.txt"
     [ -f "$pins" ] || { echo "No lane '$lane' ($pins)" >&2; exit 2; }
@@ -46,5 +47,9 @@ for line in open(sys.argv[1], encoding="utf-8"):
         assert version(name) == pinned, f"{name} is {version(name)}, not the lane's {pinned}"
 print("pinned versions in place")
 PY
-    SIMILARPATIENTS_LANE="$lane" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    SIMILARPATIENTS_LANE="$lane" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || failed+=("$lane")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "Failed in: ${failed[*]}" >&2
+    exit 1
+fi

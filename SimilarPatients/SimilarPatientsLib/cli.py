@@ -391,15 +391,17 @@ def _decimals(values: pd.Series, least: int) -> int:
 
 
 def _print_hits(hits: pd.DataFrame, reference, model, metric: str, depth: int = FUSION_DEPTH) -> None:
-    labels = [f for f in reference.label_fields if f in hits.columns] + ["viewer_url"]
+    shown = [*_HUMAN_HIT_COLUMNS, "viewer_url"]
+    labels = [f for f in reference.label_fields if f in hits.columns and f not in shown]
     if fused.is_fused(model):  # the fused score, then each model's rank: which models agree
         ranks = fused.rank_labels(hits, depth).add_prefix("rank ")
-        leading = hits[["rank", schema.PATIENT, "score", "lesions", schema.COLLECTION]]
-        scores = [f"{v:.1f}%" if f == "percentile" else f"{v:.4f}" for v, f in zip(hits["score"], hits["fusion"])]
-        print(_table(pd.concat([leading.assign(score=scores), ranks, hits[labels]], axis=1)))
+        leading = hits[["rank", schema.PATIENT, "fused_score", "lesions", schema.COLLECTION]]
+        scores = [f"{v:.1f}%" if f == "percentile" else f"{v:.4f}" for v, f in zip(hits["fused_score"], hits["fusion"])]
+        leading = leading.rename(columns={"fused_score": "score"}).assign(score=scores)
+        print(_table(pd.concat([leading, ranks, hits[[*labels, "viewer_url"]]], axis=1)))
         print(f"rank MODEL: the patient's rank in that model; >{depth}: farther than its first {depth}; –: not listed")
     else:
-        print(_table(hits[_HUMAN_HIT_COLUMNS + labels]))
+        print(_table(hits[[*_HUMAN_HIT_COLUMNS, *labels, "viewer_url"]]))
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
         for note in hits.attrs["notes"]:
             print(f"note: {note}")
@@ -580,7 +582,13 @@ def _models(args) -> None:
     if args.action == "accept":
         spec = registry.get(args.name)
         if spec.weights is None:
-            print(f"{spec.name} needs no weights.")
+            print(f"{spec.name} needs no weights: there is no licence to accept.")
+            return
+        if not spec.weights.needs_acknowledgement:
+            print(
+                f"{spec.name}'s weights are published under {spec.weights.licence}, which needs no acceptance: "
+                f"nothing to accept, and nothing was recorded."
+            )
             return
         weights.acknowledge(spec.name)
         print(f"Accepted for {spec.name}: {spec.weights.licence} ({spec.weights.url}).")

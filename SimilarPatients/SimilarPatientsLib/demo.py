@@ -24,7 +24,7 @@ class Agreement:
     mean_overlap: float  # mean |top-k(A) ∩ top-k(B)| over model pairs
     chance_overlap: float  # its expectation for k random patients
     shared: dict[str, int]  # patient -> number of models listing it, for patients in 2+ lists
-    spearman: dict[tuple, float]  # model pair -> rank correlation of distances to all patients
+    spearman: dict[tuple, float]  # model pair -> rank correlation of the query's distances to every other patient
     label_match: float | None = None  # share of all listed neighbours with the query's label
     label_base_rate: float | None = None  # share of all other patients with it
 
@@ -55,9 +55,9 @@ class DemoResult:
         else:
             text += "No patient appears in more than one list. "
         text += (
-            f"Over all patients, the models' distance rankings correlate at a mean Spearman ρ of "
-            f"{rhos.mean():.2f} (from {rhos.min():.2f}, {pairs[0][0][0]} vs {pairs[0][0][1]}, to "
-            f"{rhos.max():.2f}, {pairs[-1][0][0]} vs {pairs[-1][0][1]}): "
+            f"Ranking every other patient by distance to patient {self.patient}, the models agree at a mean "
+            f"Spearman ρ of {rhos.mean():.2f} (from {rhos.min():.2f}, {pairs[0][0][0]} vs {pairs[0][0][1]}, to "
+            f"{rhos.max():.2f}, {pairs[-1][0][0]} vs {pairs[-1][0][1]}): around this patient, "
             f"{_strength(rhos.mean())}. "
         )
         if a.label_match is not None:

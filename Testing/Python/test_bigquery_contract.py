@@ -358,7 +358,7 @@ def test_contract_a_fused_search_of_a_bq_reference_fuses_as_the_local_one(nlst, 
     local = nlst.search_fused(**options)
     hits = remote.search_fused(**options, method="exact")
     assert list(hits["PatientID"]) == list(local["PatientID"])
-    np.testing.assert_allclose(hits["score"], local["score"])
+    np.testing.assert_allclose(hits["fused_score"], local["fused_score"])
     for model in options["models"]:
         assert hits[f"rank_{model}"].tolist() == local[f"rank_{model}"].tolist()
         listed = local[f"rank_{model}"].notna().to_numpy()

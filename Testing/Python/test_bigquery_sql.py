@@ -208,8 +208,13 @@ def test_index_statement_is_cosine_and_stores_the_filter_columns():
 
 def test_a_push_refuses_columns_a_search_adds_and_names_sql_cannot_quote(tmp_path):
     from conftest import store_frame, synthetic_frame
+    from SimilarPatientsLib import ReferenceStore
+    from SimilarPatientsLib.references import schema
 
-    clashing = store_frame(synthetic_frame(n_patients=6, dim=8).assign(distance=1.0), tmp_path, "clash")
+    # imports refuse such a label (schema.RESERVED); a reference stored before they did is refused at push
+    table = schema.from_frame(synthetic_frame(n_patients=6, dim=8))
+    stored = schema.ReferenceTable(table.lesions.assign(distance=1.0), table.embeddings)
+    clashing = ReferenceStore(tmp_path).write("clash", stored, "test")
     with pytest.raises(SimilarPatientsError, match=r"column\(s\) \['distance'\], which BigQuery searches add"):
         write_upload(clashing, tmp_path / "upload.parquet")
     spaced = store_frame(synthetic_frame(n_patients=6, dim=8).assign(**{"tumor size": 1.0}), tmp_path, "spaced")

@@ -100,6 +100,9 @@ def test_demo_prints_every_model_and_a_reading(on_nlst, capsys):
     reading = out.strip().splitlines()[-1]
     assert reading.startswith("Across 6 models, the top-5 lists for patient 100158 share on average")
     assert "Spearman" in reading and "base rate" in reading
+    # the correlation is of this patient's distances to the others, and says so (not "over all patients")
+    assert "Ranking every other patient by distance to patient 100158, the models agree at a mean Spearman" in reading
+    assert "over all patients" not in reading.lower()
 
 
 def test_module_entry_point_runs_without_network_at_import(on_nlst):

@@ -377,3 +377,83 @@ def test_a_cut_slice_at_either_end_of_a_dicom_series_is_refused(tmp_path, which)
     refused = f"{cut.name} (is cut short|belongs to the series but its image cannot be read)"
     with pytest.raises(SimilarPatientsError, match=refused):
         ct_image.read_ct(tmp_path / "ct")
+
+
+@pytest.mark.parametrize("axis", ["in-plane", "tilted"])
+def test_a_dicom_series_whose_slices_alternate_between_two_orientations_is_refused(tmp_path, axis):
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(4))
+    datasets = write_dicom_series(image, tmp_path / "ct")
+    assert ct_image.read_ct(tmp_path / "ct").GetSize() == image.GetSize()  # one orientation: read
+    c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
+    turned = [c, s, 0.0, -s, c, 0.0] if axis == "in-plane" else [1.0, 0.0, 0.0, 0.0, c, s]
+    for dataset in datasets[1::2]:  # every other slice rotated 5 degrees, its position kept
+        dataset.ImageOrientationPatient = turned
+        dataset.save_as(dataset.filename)
+    with pytest.raises(SimilarPatientsError, match=r"mixes slice orientations: 32 of its 64 slices .* 5\.0 degrees"):
+        ct_image.read_ct(tmp_path / "ct")
+
+
+def test_a_mask_saved_without_the_cts_geometry_is_refused(tmp_path):
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(6), spacing=(0.7, 0.7, 1.25))
+    image.SetOrigin((-180.0, -150.0, -300.0))
+    mask.CopyInformation(image)
+    assert np.allclose(
+        crop(image, tumor.from_binary_mask(mask).seed, RECIPES["PASTA"], mask).seed,
+        crop(image, tumor.from_binary_mask(mask).seed, RECIPES["PASTA"]).seed,
+    )
+    bare = sitk.GetImageFromArray(sitk.GetArrayFromImage(mask))  # the same voxels as an array: 1 mm at the origin
+    sitk.WriteImage(bare, str(tmp_path / "mask.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    drawn = tumor.from_mask(tmp_path / "mask.nii.gz")
+    with pytest.raises(SimilarPatientsError, match=r"the CT's size \(\d+ x \d+ x \d+ voxels\) but not its geometry"):
+        crop(ct_image.read_ct(tmp_path / "ct.nii.gz"), drawn.seed, RECIPES["PASTA"], drawn.mask)
+    shifted = sitk.Image(mask)
+    shifted.SetOrigin((-170.0, -150.0, -300.0))  # spacing kept, origin 10 mm off
+    with pytest.raises(SimilarPatientsError, match=r"origin -170, -150, -300, the CT's -180, -150, -300"):
+        crop(image, tumor.from_binary_mask(shifted).seed, RECIPES["PASTA"], shifted)
+
+
+def test_a_mask_marking_every_voxel_is_not_a_tumor(tmp_path):
+    _, mask, _ = tumor_ct("smooth", np.random.default_rng(6))
+    full = sitk.Image(mask) * 0 + 1
+    with pytest.raises(SimilarPatientsError, match=r"marks every one of its \d+ voxels: that is no tumor outline"):
+        tumor.from_binary_mask(full)
+    sitk.WriteImage(full, str(tmp_path / "full.nrrd"))
+    with pytest.raises(SimilarPatientsError, match="marks every one"):
+        tumor.from_mask(tmp_path / "full.nrrd")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinite_voxel_in_the_crop_is_refused(value):
+    image, mask, centre = tumor_ct("smooth", np.random.default_rng(6))
+    floating = sitk.Cast(image, sitk.sitkFloat32)
+    floating[floating.TransformPhysicalPointToIndex(centre)] = float(value)
+    with pytest.raises(SimilarPatientsError, match=r"holds 1 NaN or infinite voxel\(s\) where the tumor at LPS"):
+        crop(floating, centre, RECIPES["FMCIB/CTFM"], mask)
+    elsewhere = sitk.Cast(image, sitk.sitkFloat32)
+    elsewhere[2, 2, 2] = float(value)  # far from the tumor: not where the crop samples
+    assert np.isfinite(crop(elsewhere, centre, RECIPES["FMCIB/CTFM"], mask).image).all()
+
+
+@pytest.mark.parametrize("spacing", [500.0, 1000.0, 0.001])
+def test_an_image_with_voxels_no_ct_has_is_refused(tmp_path, spacing):
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(6))
+    image.SetSpacing((spacing, spacing, spacing))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no numpy warnings on the way
+        with pytest.raises(SimilarPatientsError, match=rf"has voxels of {spacing:g} x {spacing:g} x {spacing:g} mm"):
+            ct_image.read_ct(image)
+
+
+@pytest.mark.parametrize("name", ["ct.nii", "ct.nii.gz"])
+@pytest.mark.parametrize("pixel", [sitk.sitkFloat32, sitk.sitkFloat64])
+def test_a_nifti_holding_nan_or_infinite_voxels_is_refused_before_itk_changes_them(tmp_path, name, pixel):
+    image, _, centre = tumor_ct("smooth", np.random.default_rng(6))
+    floating = sitk.Cast(image, pixel)
+    sitk.WriteImage(floating, str(tmp_path / name))
+    assert ct_image.read_ct(tmp_path / name).GetPixelID() == pixel  # finite values: read as they are
+    floating[floating.TransformPhysicalPointToIndex(centre)] = float("nan")
+    floating[0, 0, 0] = float("inf")
+    sitk.WriteImage(floating, str(tmp_path / name))
+    with pytest.raises(SimilarPatientsError, match=r"holds 2 NaN or infinite voxel\(s\), which ITK's NIfTI reader"):
+        ct_image.read_ct(tmp_path / name)

@@ -124,7 +124,7 @@ def test_several_models_fused_as_computed_by_hand(two_models):
     scores = {p: sum(1 / (RRF_CONSTANT + ranks[m][p]) for m in ranks if p in ranks[m]) for p in listed}
     expected = sorted(scores, key=lambda p: (-scores[p], -sum(p in ranks[m] for m in ranks), p))[:10]
     assert fused.PatientID.tolist() == expected
-    np.testing.assert_allclose(fused.score, [scores[p] for p in expected])
+    np.testing.assert_allclose(fused.fused_score, [scores[p] for p in expected])
     for model in ("A", "B"):
         assert fused[f"rank_{model}"].tolist() == [ranks[model].get(p, pd.NA) for p in expected]
     # the lesion columns come from the model that ranks the hit best
@@ -146,10 +146,10 @@ def test_a_patient_missing_from_one_model_is_fused_by_the_others(two_models):
         assert row.rank_A == 1 and row.rank_B is pd.NA and np.isnan(row.distance_B) and row.listed_by == 1
         assert rank_labels(fused).set_index(fused.PatientID).loc["P007"].tolist() == ["1", "–"]
         if fusion == "percentile":  # B's share is 0: the mean is half of A's
-            assert row.score == pytest.approx(row.closer_than_A / 2)
+            assert row.fused_score == pytest.approx(row.closer_than_A / 2)
             assert np.isnan(row.closer_than_B)
         else:
-            assert row.score == pytest.approx(1 / (RRF_CONSTANT + 1))
+            assert row.fused_score == pytest.approx(1 / (RRF_CONSTANT + 1))
 
 
 def test_ranks_beyond_the_depth_are_shown_with_their_distance(two_models):
@@ -229,7 +229,7 @@ def test_nlst_all_six_models_agree_with_their_own_searches(nlst):
         own = nlst.search(model, patient=patient, k=100, exclude=[patient]).set_index("PatientID")["rank"]
         ranks = fused[f"rank_{model}"]
         assert [own.get(p, pd.NA) for p in fused.PatientID] == ranks.tolist()
-    assert (np.diff(fused.score) <= 0).all()
+    assert (np.diff(fused.fused_score) <= 0).all()
 
 
 # --- the evaluation ------------------------------------------------------------------------------------
@@ -342,3 +342,12 @@ def test_the_committed_verdict_is_the_one_the_library_ships_and_it_matches_nlst(
     assert committed["fingerprint"] == fusion_verdict.fingerprint(nlst)
     for metric, verdict in committed["metrics"].items():
         assert fusion_default(nlst, metric) == fusion_verdict.FusionAdvice(verdict["default"], verdict["reason"])
+
+
+def test_a_label_named_like_a_models_rank_column_gives_way_to_it(tmp_path, caplog):
+    frame = planted_frame(n_patients=20, signal=1.0).assign(rank_B="label text")
+    reference = store_frame(frame, tmp_path)
+    fused = reference.search_fused(patient="P001", k=5, exclude=["P001"])
+    own = reference.search("B", patient="P001", k=100, exclude=["P001"]).set_index("PatientID")["rank"]
+    assert fused.rank_B.tolist() == [own.get(p, pd.NA) for p in fused.PatientID]
+    assert "the label 'rank_B' has the name of a fused hit column" in caplog.text

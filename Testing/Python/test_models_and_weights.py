@@ -379,3 +379,82 @@ def test_the_descriptor_is_an_encoder_like_the_networks(home, tumor_image):
     assert embedder.encoder.encode(crops).shape == (1, registry.get("TumorDescriptor").dimension)
     assert embedder.device == "cpu" and embedder.load_seconds == 0.0
     np.testing.assert_array_equal(embedder.embed_crops(crops), embedder.embed(image, tumor)[0].vector[None])
+
+
+def _supreme_state(change=None) -> dict:
+    """SuPreM's encoder weights (seeded), with ``change(name, tensor)`` applied to each parameter."""
+    torch.manual_seed(0)
+    network = networks.UNet3DEncoder()
+    parameters = {name for name, _ in network.named_parameters()}
+    state = dict(network.state_dict())
+    return {k: change(k, v) if change and k in parameters else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_a_nan_or_infinite_value_are_refused_before_any_embedding(home, tmp_path, value):
+    def spoil(name, tensor):
+        if name == "down_tr128.ops.0.conv1.weight":
+            tensor = tensor.clone()
+            tensor[3, 2, 1, 1, 1] = value
+        return tensor
+
+    path = upstream_checkpoint("SUPREME", _supreme_state(spoil), tmp_path)
+    with pytest.raises(
+        SimilarPatientsError, match=r"hold NaN or infinite values in 1 of \d+ tensors \(first: down_tr128"
+    ):
+        Embedder("SUPREME", weights=path)
+
+
+def test_weights_of_only_zeros_are_refused(home, tmp_path):
+    path = upstream_checkpoint("SUPREME", _supreme_state(lambda name, tensor: torch.zeros_like(tensor)), tmp_path)
+    with pytest.raises(SimilarPatientsError, match=r"are all zeros: a network that was never trained"):
+        Embedder("SUPREME", weights=path)
+
+
+def test_an_embedding_of_nan_or_zeros_is_refused_naming_its_tumor(home, tmp_path, tumor_image):
+    """Finite weights whose activations overflow float32 give NaN for any input: no embedding leaves."""
+    path = upstream_checkpoint("SUPREME", _supreme_state(lambda name, tensor: tensor * 1e25), tmp_path)
+    embedder = Embedder("SUPREME", weights=path)
+    image, tumor = tumor_image
+    with pytest.raises(SimilarPatientsError, match=r"SUPREME gave NaN or infinite values for the tumor\(s\) at LPS"):
+        embedder.embed(image, tumor)
+
+    class Stub:  # an encoder whose second crop comes out as zeros, its third as NaN
+        device, load_seconds = "cpu", 0.0
+
+        def encode(self, crops):
+            vectors = np.ones((len(crops), 512), dtype=np.float32)
+            vectors[1:2] = 0.0
+            vectors[2:3] = np.nan
+            return vectors[: len(crops)]
+
+    embedder.encoder = Stub()
+    crops = [crop(image, np.add(tumor.seed, shift), embedder.recipe) for shift in ((0, 0, 0), (1, 0, 0), (2, 0, 0))]
+    assert embedder.embed_crops(crops[:1]).shape == (1, 512)
+    seed = ", ".join(f"{v:.1f}" for v in crops[2].seed)
+    with pytest.raises(SimilarPatientsError, match=rf"NaN or infinite values for the tumor\(s\) at LPS \({seed}\) mm"):
+        embedder.embed_crops(crops)
+    with pytest.raises(SimilarPatientsError, match=r"gave only zeros for the tumor\(s\) at LPS"):
+        embedder.embed_crops(crops[:2])
+
+
+def test_an_empty_or_code_carrying_weights_file_gets_a_whole_sentence_not_torchs_advice(home, tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(SimilarPatientsError, match=r"is empty \(0 bytes\): a download or copy that failed"):
+        Embedder("SUPREME", weights=tmp_path / "empty.pth")
+    state = _supreme_state()
+    torch.save({"net": state, "optimiser": weights.WeightSource("u", "f", "l", False)}, tmp_path / "objects.pth")
+    with pytest.raises(SimilarPatientsError) as error:
+        Embedder("SUPREME", weights=tmp_path / "objects.pth")
+    message = str(error.value)
+    assert "holds Python objects (SimilarPatientsLib.models.weights.WeightSource)" in message
+    assert "weights_only" not in message and "\x1b" not in message and message.endswith("a machine you trust.")
+
+
+def test_accepting_a_licence_that_needs_no_acceptance_says_so(home, capsys):
+    assert main(["models", "accept", "CTFM"]) == 0
+    printed = capsys.readouterr().out
+    assert "needs no acceptance: nothing to accept, and nothing was recorded" in printed
+    assert "Accepted" not in printed and not weights.acknowledged("CTFM")
+    assert main(["models", "accept", "TumorDescriptor"]) == 0
+    assert "no licence to accept" in capsys.readouterr().out

@@ -123,7 +123,7 @@ def test_a_directrunner_build_equals_one_by_one_embeddings_and_reruns_add_nothin
     assert "No soft tissue within 10 mm of the point" in dead["P0", "off", "TumorDescriptor", "embed"]["reason"]
     assert set(result.stage_seconds) == {"read", "crop", "embed", "write"}
 
-    table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(out)], ignore_index=True)
+    table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(out))], ignore_index=True)
     for p in patients[:-1]:
         image = read_ct(p["folder"] / "ct")
         tumors = {"seed": from_point(p["centre"]), "seg": from_mask(p["folder"] / "seg" / "seg.dcm", 1)}
@@ -207,6 +207,7 @@ def test_manifest_refusals_say_what_to_fix(tmp_path):
         "no mark": ({"SeriesInstanceUID": "1.2", "PatientID": "P"}, "got none"),
         "no CT": ({"PatientID": "P", "seed_x": 1, "seed_y": 2, "seed_z": 3}, "names no CT"),
         "bad seed": (good | {"seed_z": "x"}, "seed_z must be a finite number"),
+        "a label named like a hit column": (good | {"viewer_url": "https://x"}, "name of a value every search"),
         "seg without segment": ({"SeriesInstanceUID": "1.2", "PatientID": "P", "seg_series": "1.3"}, "segment number"),
         "flat box": (
             {"SeriesInstanceUID": "1.2", "PatientID": "P"}
@@ -654,3 +655,45 @@ print(SimilarPatientsLib.__file__, pq.read_table(path).num_rows)
     assert done.returncode == 0, done.stderr[-3000:]
     installed, count = done.stdout.split()
     assert str(venv) in installed and count == "1"
+
+
+@pytest.mark.slow
+def test_a_lesion_whose_embedding_would_be_nan_is_a_dead_letter_not_a_row(tmp_path, home):
+    """A NaN voxel at one tumor (refused at the crop) and weights whose activations overflow to NaN (refused
+    at the embedding): each such lesion is a dead letter with its reason, never a row, and the rest is built."""
+    import SimpleITK as sitk
+    import torch
+    from SimilarPatientsLib.models import networks
+
+    image, _, centre = tumor_ct("smooth", np.random.default_rng(3), size=(64, 64, 40))
+    sitk.WriteImage(image, str(tmp_path / "good.nii.gz"))
+    spoilt = sitk.Cast(image, sitk.sitkFloat32)
+    spoilt[spoilt.TransformPhysicalPointToIndex(centre)] = float("nan")
+    sitk.WriteImage(spoilt, str(tmp_path / "nan.nrrd"))  # NRRD keeps the NaN (a NIfTI one is refused at reading)
+    seed = dict(zip(("seed_x", "seed_y", "seed_z"), centre))
+    manifest = pd.DataFrame(
+        [
+            {"image": str(tmp_path / file), "PatientID": file.split(".")[0], "lesion_id": "1"} | seed
+            for file in ("good.nii.gz", "nan.nrrd")
+        ]
+    )
+    torch.manual_seed(0)
+    overflowing = {
+        k: v * 1e25 if v.is_floating_point() else v for k, v in networks.UNet3DEncoder().state_dict().items()
+    }
+    (tmp_path / "w").mkdir()
+    weights = {"SUPREME": upstream_checkpoint("SUPREME", overflowing, tmp_path / "w")}
+    out = tmp_path / "out"
+    result = build_references(lesions_from_frame(manifest), ["TumorDescriptor", "SUPREME"], out, weights=weights)
+
+    dead = {(d["PatientID"], d["model"], d["stage"]): d["reason"] for d in shards.read_dead_letters(str(out))}
+    assert set(dead) == {("nan", "TumorDescriptor", "crop"), ("nan", "SUPREME", "crop"), ("good", "SUPREME", "embed")}
+    assert all(
+        "NaN or infinite voxel(s) where the tumor at LPS" in dead["nan", m, "crop"]
+        for m in ("TumorDescriptor", "SUPREME")
+    )
+    assert "SUPREME gave NaN or infinite values for the tumor(s) at LPS" in dead["good", "SUPREME", "embed"]
+    assert (result.embedded, result.dead) == (1, 3)
+    table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(out))], ignore_index=True)
+    assert table[["PatientID", "model"]].values.tolist() == [["good", "TumorDescriptor"]]
+    assert np.isfinite(np.stack(table.embedding)).all()

@@ -183,3 +183,36 @@ def test_cancel_mid_download_ends_the_worker_and_keeps_no_weights_file(tmp_path,
     weights = home / "weights" / "CTFM"
     assert not (weights / "model.safetensors").exists()
     assert [p.name for p in weights.iterdir()] == ["model.safetensors.part"]
+
+
+def test_a_line_that_is_not_a_request_is_answered_with_an_error_and_the_worker_lives_on():
+    import json
+    import subprocess
+    import sys
+
+    from SimilarPatientsLib.scene import worker
+
+    lines = [b"[1,2]", b"42", b"null", b'"text"', b"[" * 100_000 + b"]" * 100_000, b'{"id": 1, "op"']
+    lines += [b'\xff\xfe{"id": 2, "op": "ping"}', b'{"id": [[1]], "op": "ping"}', b'{"id": 3, "op": 7}']
+    lines += [b'{"id": 4, "op": "ping"}']
+    environment = dict(os.environ, PYTHONPATH=str(worker._PACKAGE.parent))
+    done = subprocess.run(
+        [sys.executable, "-m", "SimilarPatientsLib.scene.worker"],
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        env=environment,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    events = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    assert len(events) == len(lines)  # one answer per line, the last one to a request after all the others
+    messages = [e["message"] for e in events[:-1]]
+    for message in messages[:4]:
+        assert message.startswith("Not a request: a request is a JSON object")
+    assert messages[4] == "Not a request: the line nests brackets too deeply to read."
+    assert messages[5].startswith('Not a request: \'{"id": 1, "op"\' is not JSON.')
+    assert messages[6].startswith("Not a request: the line is not UTF-8 (byte 0")
+    assert messages[7] == "Not a request: its id must be a number or a text."
+    assert messages[8] == "Unknown worker request '7'." and events[8]["id"] == 3
+    assert all(e["event"] == "error" and e["id"] is None for e in events[:8])
+    assert events[-1]["event"] == "result" and events[-1]["id"] == 4

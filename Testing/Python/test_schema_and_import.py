@@ -250,3 +250,37 @@ def test_a_folder_of_parquet_shards_imports_as_one_table_and_a_lesion_with_two_v
     shard("embeddings-c.parquet", ["P3"], 0.7)
     with pytest.raises(SimilarPatientsError, match=r"is in the shards of .* twice with different embeddings"):
         read_source(str(tmp_path / "shards"))
+
+
+@pytest.mark.parametrize("name", [*schema.RESERVED, "Distance", "VIEWER_URL"])
+def test_a_label_named_like_a_computed_hit_column_is_refused_naming_it_and_the_reserved_list(home, tmp_path, name):
+    frame = synthetic_frame().assign(**{name: 222.0})
+    _refused(frame, rf"'{name}' have the name of a value every search result computes", tmp_path, home)
+    with pytest.raises(
+        SimilarPatientsError, match=r"Reserved names, in any case: rank, distance, metric, .*viewer_url"
+    ):
+        schema.from_frame(frame)
+
+
+def test_every_column_a_search_computes_is_reserved():
+    from SimilarPatientsLib.cloud.sql import ADDED_COLUMNS
+    from SimilarPatientsLib.references.fused import FUSED_COLUMNS
+    from SimilarPatientsLib.references.hits import HIT_COLUMNS
+
+    computed = set(HIT_COLUMNS) - schema.STRUCTURAL
+    assert computed | set(ADDED_COLUMNS) | set(FUSED_COLUMNS) | {"closer_than"} == set(schema.RESERVED)
+
+
+def test_labels_that_differ_between_one_patients_lesions_are_imported_and_said(home, tmp_path):
+    frame = synthetic_frame(n_patients=6, lesions=(2, 2)).assign(sex="F")
+    frame.loc[(frame.PatientID == "P001") & (frame.lesion_id == "L1"), "sex"] = "M"
+    path = tmp_path / "mixed.parquet"
+    frame.to_parquet(path)
+    reference = ReferenceStore().import_reference("mixed", str(path))
+    notes = [n for n in reference.manifest["notes"] if "differs" in n]
+    assert notes == [
+        "'sex' differs between the lesions of 1 patient(s) (e.g. P001: F, M); each lesion keeps its own value. "
+        "If 'sex' belongs to the patient (sex, age, ...), correct those rows."
+    ]
+    lesions = reference.lesions("A")
+    assert lesions.loc[lesions.PatientID == "P001", "sex"].tolist() == ["F", "M"]  # each lesion its own value

@@ -10,7 +10,7 @@ import pytest
 from conftest import synthetic_frame
 from SimilarPatientsLib import ReferenceStore, SimilarPatientsError
 from SimilarPatientsLib.references import schema
-from SimilarPatientsLib.search import METRICS, approximate
+from SimilarPatientsLib.search import METRICS, approximate, filters
 
 
 def brute_force(vectors, patients, queries, metric, allowed=None):
@@ -305,3 +305,41 @@ def test_closeness_works_on_a_reference_that_cannot_be_written(tmp_path, monkeyp
     closeness = opened.closeness("A", "cosine", hits.distance)
     assert len(closeness) == 3 and np.all(np.diff(closeness) <= 0)
     assert not (opened.path / "models" / "0" / "nearest-cosine.npy").exists()
+
+
+def test_a_label_never_replaces_a_computed_hit_column(home, capsys):
+    """A reference stored before the hit table's names were reserved at import, whose labels are called
+    rank, distance and viewer_url: the hits keep the computed values, the plain table prints."""
+    from SimilarPatientsLib.cli import main
+
+    table = schema.from_frame(synthetic_frame(n_patients=12, lesions=(1, 1), dim=8))
+    forged = table.lesions.assign(rank=9, distance=222.0, viewer_url="https://example.org/anything")
+    reference = ReferenceStore().write("old", schema.ReferenceTable(forged, table.embeddings), "test")
+    assert {"rank", "distance", "viewer_url"} <= set(reference.label_fields)
+    assert main(["neighbors", "--reference", "old", "--model", "A", "--patient", "P000", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    expected = reference.search("A", patient="P000", k=3, exclude=["P000"])
+    assert [h["distance"] for h in hits] == pytest.approx(expected.distance.tolist())
+    assert all(h["distance"] < 2.0 for h in hits) and all(h["viewer_url"] is None for h in hits)  # no UIDs: no link
+    assert main(["neighbors", "--reference", "old", "--model", "A", "--patient", "P000", "-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "222" not in printed and "example.org" not in printed
+
+
+@pytest.mark.parametrize(
+    ("field", "term", "message"),
+    [
+        ("age", ">=nan", r"not a finite number: it would match nothing"),
+        ("age", "<inf", r"not a finite number"),
+        ("histology", "~", r"has no text: it would match every lesion"),
+        ("histology", "~  ", r"has no text"),
+    ],
+)
+def test_a_filter_that_would_match_nothing_or_everything_is_refused_before_the_search(nlst, field, term, message):
+    with pytest.raises(SimilarPatientsError, match=message):
+        filters.parse(field + term)
+    with pytest.raises(SimilarPatientsError, match=message):
+        nlst.search("CTFM", patient="100242", where=[field + term])
+    with pytest.raises(SimilarPatientsError, match=message):  # the terms an evaluation task is made of
+        filters.value_mask(nlst.lesions("CTFM")[field], [term])

@@ -55,6 +55,33 @@ def check_inside(image, point: Sequence[float], what: str = "The point") -> None
         )
 
 
+def _check_mask_geometry(image, mask) -> None:
+    """Refuse a mask with the CT's voxel grid size but another spacing, origin or direction: saved without the
+    CT's geometry (from an array: 1 mm voxels at the origin), it would place the tumor elsewhere in the CT."""
+    if tuple(mask.GetSize()) != tuple(image.GetSize()):
+        return  # a mask of its own extent (a cropped labelmap, a SEG's frames) is placed by its own geometry
+    spacing, other_spacing = np.asarray(image.GetSpacing()), np.asarray(mask.GetSpacing())
+    shift = float(np.linalg.norm(np.subtract(mask.GetOrigin(), image.GetOrigin())))
+    turned = float(np.abs(np.subtract(mask.GetDirection(), image.GetDirection())).max())
+    differ = []
+    if (np.abs(other_spacing - spacing) > 1e-3 * spacing).any():
+        differ.append(f"spacing {_mm(other_spacing)} mm, the CT's {_mm(spacing)} mm")
+    if shift > 0.1 * spacing.min():
+        differ.append(f"origin {_mm(mask.GetOrigin())}, the CT's {_mm(image.GetOrigin())} (LPS mm)")
+    if turned > 1e-3:
+        differ.append("another direction")
+    if differ:
+        raise SimilarPatientsError(
+            f"The mask has the CT's size ({' x '.join(map(str, image.GetSize()))} voxels) but not its geometry "
+            f"({'; '.join(differ)}): it was saved without the CT's geometry, and its tumor would be placed "
+            f"elsewhere in the CT. Save the mask with the CT's spacing, origin and direction."
+        )
+
+
+def _mm(values) -> str:
+    return ", ".join(f"{float(v):g}" for v in values)
+
+
 def _physical_bounds(image) -> tuple[np.ndarray, np.ndarray]:
     """The LPS bounding box of the image's voxel centres."""
     corners = _voxel_centre_corners(image)
@@ -67,6 +94,8 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
     without a mask, the ``box`` ((low, high) LPS corners) as a mask."""
     sitk = optional_import("SimpleITK", "embed")
 
+    if mask is not None:
+        _check_mask_geometry(image, mask)
     check_inside(image, seed, "The tumor seed")
     spacing = np.asarray(recipe.spacing, dtype=float)
     corners_ras = _voxel_centre_corners(image) * _GRID_SIGNS
@@ -96,6 +125,7 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
     # does (toward 0 HU); inside the image the region's margin keeps that border out of reach.
     outside = float(recipe.outside_hu)
     region = sitk.Cast(_region(image, corners), sitk.sitkFloat32)
+    _check_finite(region, seed)
     padded = sitk.ConstantPad(region, [1, 1, 1], [1, 1, 1], outside)
     values = sitk.Resample(padded, interpolator=sitk.sitkLinear, defaultPixelValue=outside, **grid)
     patch = recipe.scale(_to_recipe_axes(sitk.GetArrayViewFromImage(values), recipe)).astype(np.float32)
@@ -126,6 +156,23 @@ def crop(image, seed: Sequence[float], recipe: Recipe, mask=None, box=None) -> C
         recipe,
         tuple(seed_index),
         mask is None and box is not None,
+    )
+
+
+def _check_finite(region, seed: Sequence[float]) -> None:
+    """Refuse NaN or infinite voxels where the crop samples: they would carry into every value of a network's
+    embedding (or be clipped by the window into plausible tissue)."""
+    sitk = optional_import("SimpleITK", "embed")
+
+    values = sitk.GetArrayViewFromImage(region)
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    first = region.TransformIndexToPhysicalPoint([int(i) for i in np.argwhere(~finite)[0][::-1]])
+    raise SimilarPatientsError(
+        f"The CT holds {int(finite.size - finite.sum())} NaN or infinite voxel(s) where the tumor at LPS "
+        f"({', '.join(f'{v:.1f}' for v in seed)}) mm is cropped (the first at {', '.join(f'{v:.1f}' for v in first)}): "
+        f"the image is damaged or was converted with a NaN fill value. Fix or export the image again."
     )
 
 

@@ -13,6 +13,11 @@ from .integrity import check_dicom_pixels_whole, check_whole, itk_warnings
 
 #: A CT in HU holds air (about -1000); an image whose darkest voxel is above this is not one.
 _MOST_AIR_HU = -300.0
+#: The voxel sizes a CT can have, mm: an image outside them has a wrong spacing (another unit, a lost header),
+#: and a crop made with it would sample the tumor at the wrong scale (or inside one voxel).
+SPACING_RANGE_MM = (0.01, 20.0)
+#: Direction cosines of two slices of one series differ by less (DICOM writes them rounded; 1e-3 is 0.06 degrees).
+_ORIENTATION_TOLERANCE = 1e-3
 
 
 def read_ct(source, check_hounsfield: bool = True):
@@ -40,7 +45,7 @@ def read_ct(source, check_hounsfield: bool = True):
 
 
 def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) -> None:
-    """Refuse a 2D, multi-component or non-HU image with a message that says which."""
+    """Refuse a 2D, multi-component or non-HU image, or one whose voxel size no CT has, saying which."""
     sitk = optional_import("SimpleITK", "embed")
 
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
@@ -50,6 +55,14 @@ def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) 
         )
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise SimilarPatientsError(f"{where} has {image.GetNumberOfComponentsPerPixel()} values per voxel; a CT has 1.")
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    low, high = SPACING_RANGE_MM
+    if not (np.isfinite(spacing).all() and (spacing >= low).all() and (spacing <= high).all()):
+        raise SimilarPatientsError(
+            f"{where} has voxels of {' x '.join(f'{v:g}' for v in spacing)} mm; a CT's voxels measure {low:g} to "
+            f"{high:g} mm. Its spacing is wrong (another unit than mm, or a header that lost it): fix the spacing "
+            f"and try again."
+        )
     # air surrounds every chest CT: a 1-in-64 sample finds it at once; only an image without air in the
     # sample (a refusal, or a tight crop) is scanned whole
     if check_hounsfield and sitk.GetArrayViewFromImage(image)[::4, ::4, ::4].min() > _MOST_AIR_HU:
@@ -129,6 +142,7 @@ def _read_dicom_series(path: Path):
             f"Some slices in {folder} have no ImagePositionPatient; the series cannot be placed."
         )
     positions = [[float(v) for v in reader.GetMetaData(i, position).split("\\")] for i in range(len(files))]
+    _check_orientations(reader, len(files), folder)
     _check_slice_spacing(positions, image, folder)
     return image, modality
 
@@ -158,6 +172,48 @@ def _modality(file: str) -> str | None:
     pydicom = optional_import("pydicom", "embed")
 
     return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")).upper() or None
+
+
+def _check_orientations(reader, slices: int, folder: Path) -> None:
+    """Refuse a series whose slices do not all lie in one orientation: GDCM stacks them as if they did
+    (with the first slice's), so a tilted slice would be read as a parallel one and the volume sheared."""
+    orientation = "0020|0037"  # ImageOrientationPatient
+    present = [i for i in range(slices) if reader.HasMetaDataKey(i, orientation)]
+    if not present:
+        return  # none to compare; GDCM placed the slices by their positions
+    if len(present) < slices:
+        raise SimilarPatientsError(
+            f"{slices - len(present)} of the {slices} slices in {folder} have no ImageOrientationPatient; the "
+            f"series cannot be placed. Fetch the whole series again."
+        )
+    try:
+        cosines = np.array([reader.GetMetaData(i, orientation).split("\\") for i in present], dtype=float)
+        cosines = cosines.reshape(slices, 6)
+    except ValueError:
+        raise SimilarPatientsError(
+            f"A slice in {folder} has an ImageOrientationPatient that is not six numbers; the series cannot be "
+            f"placed. Fetch the whole series again."
+        ) from None
+    tilt = np.abs(cosines - cosines[0]).max(axis=1)
+    if tilt.max() > _ORIENTATION_TOLERANCE:
+        odd = int(np.count_nonzero(tilt > _ORIENTATION_TOLERANCE))
+        angle = max(_angle(cosines[0], other) for other in cosines[tilt > _ORIENTATION_TOLERANCE])
+        raise SimilarPatientsError(
+            f"The series in {folder} mixes slice orientations: {odd} of its {slices} slices are tilted against the "
+            f"first (by up to {angle:.1f} degrees). One volume cannot hold them; it is not one acquisition (or a "
+            f"damaged one). Give a series whose slices share one orientation."
+        )
+
+
+def _angle(first: np.ndarray, other: np.ndarray) -> float:
+    """Degrees of the rotation between two slices' orientations (ImageOrientationPatient rows)."""
+
+    def frame(cosines):
+        row, column = cosines[:3], cosines[3:]
+        return np.stack([row, column, np.cross(row, column)], axis=1)
+
+    cosine = (np.trace(frame(first).T @ frame(other)) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def _check_slice_spacing(positions: list, image, folder: Path) -> None:

@@ -1,6 +1,6 @@
 """Refuse damaged image files before their voxels are used: a file with fewer bytes than its header
-declares, a gzip stream that ends early or fails its checksum, a DICOM slice cut short, and what ITK only
-warns about.
+declares, a gzip stream that ends early or fails its checksum, a DICOM slice cut short, a NIfTI holding NaN
+or infinite voxels (ITK reads them as 0, or rescales the whole image), and what ITK only warns about.
 
 SimpleITK reads a truncated NIfTI (plain or gzipped) without an error, filling the missing half with
 zeros, which would become 0 HU of tissue in the crop: a plausible, wrong query. NRRD and MetaImage readers
@@ -19,13 +19,18 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 22
+#: NIfTI datatype codes of floating-point voxels (FLOAT32, FLOAT64): the ones that can hold NaN.
+_FLOAT_TYPES = {16: "f4", 64: "f8"}
 #: ITK warnings that mean the data read is not the data written.
 _PIXEL_DATA_TAG = struct.pack("<HH", 0x7FE0, 0x0010)  #: (7FE0,0010), little endian
 _DAMAGE = re.compile(r"truncat|premature|not read completely|only \d+|short read|corrupt|unexpected end", re.I)
@@ -33,24 +38,42 @@ _DAMAGE = re.compile(r"truncat|premature|not read completely|only \d+|short read
 
 def check_whole(path: Path) -> None:
     """Raise if ``path`` is a NIfTI file (``.nii``, ``.nii.gz``) holding fewer voxel bytes than its header
-    declares, or a gzip stream that is cut short or corrupt."""
+    declares or NaN or infinite voxels, or a gzip stream that is cut short or corrupt."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz", ".gz")):
         return
     compressed = name.endswith(".gz")
     try:
         header = _head(path, 540, compressed)
-        declared = _nifti_bytes(header) if name.endswith((".nii", ".nii.gz")) else None
-        present = _gzip_length(path) if compressed else path.stat().st_size
+        layout = _nifti_layout(header) if name.endswith((".nii", ".nii.gz")) else None
+        floating = layout is not None and layout.values is not None
+        if compressed or floating:  # the whole stream is read: its length, and the values ITK would mangle
+            with (gzip.open if compressed else open)(path, "rb") as stream:
+                present, broken = _scan(stream, layout if floating else None)
+        else:
+            present, broken = path.stat().st_size, 0
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise SimilarPatientsError(
             f"Cannot read {path}: the file is damaged ({error}); it is cut short or corrupt. Copy or download it again."
         ) from error
-    if declared is not None and present < declared:
+    if layout is not None and present < layout.size:
         raise SimilarPatientsError(
-            f"Cannot read {path}: it holds {present} bytes but its header declares {declared}, so the file is "
-            f"cut short ({100 * present / declared:.0f}% there). Copy or download it again."
+            f"Cannot read {path}: it holds {present} bytes but its header declares {layout.size}, so the file is "
+            f"cut short ({100 * present / layout.size:.0f}% there). Copy or download it again."
         )
+    if broken:
+        raise SimilarPatientsError(
+            f"Cannot read {path}: it holds {broken} NaN or infinite voxel(s), which ITK's NIfTI reader turns into "
+            f"other numbers (0, or all values rescaled) without a word. Replace them (with air, -1024 HU, outside "
+            f"the body) and save the image again."
+        )
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    size: int  #: header + voxel bytes the header declares
+    offset: int  #: where the voxels begin
+    values: np.dtype | None  #: the voxels' type when it can hold NaN (float), else None
 
 
 def check_dicom_pixels_whole(path: Path | str) -> None:
@@ -83,25 +106,33 @@ def _head(path: Path, size: int, compressed: bool) -> bytes:
         return stream.read(size)
 
 
-def _gzip_length(path: Path) -> int:
-    """Decompressed length of a whole gzip file; gzip raises on a cut stream or a bad checksum."""
-    length = 0
-    with gzip.open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(_CHUNK), b""):
-            length += len(block)
-    return length
+def _scan(stream, layout: _NiftiLayout | None) -> tuple[int, int]:
+    """The stream's length, and (with a ``layout``) how many of its voxels are NaN or infinite. gzip raises
+    on a cut stream or a bad checksum."""
+    length, broken, pending = 0, 0, b""
+    for block in iter(lambda: stream.read(_CHUNK), b""):
+        start, length = length, length + len(block)
+        if layout is None or length <= layout.offset:
+            continue
+        data = pending + block[max(layout.offset - start, 0) :]
+        whole = len(data) - len(data) % layout.values.itemsize
+        values = np.frombuffer(data[:whole], layout.values)
+        if not np.isfinite(values.sum(dtype=np.float64)):  # a float64 sum of finite voxels is finite: one pass
+            broken += int(values.size - np.count_nonzero(np.isfinite(values)))
+        pending = data[whole:]
+    return length, broken
 
 
-def _nifti_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes a NIfTI-1 or NIfTI-2 single file declares (None if it is not one)."""
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """What a NIfTI-1 or NIfTI-2 single file's header declares (None if it is not one)."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
             break
@@ -110,7 +141,11 @@ def _nifti_bytes(header: bytes) -> int | None:
     count = 1
     for extent in dims[1 : 1 + max(0, min(int(dims[0]), 7))]:
         count *= max(int(extent), 1)
-    return max(offset, 348) + count * bitpix // 8
+    offset = max(offset, 348)
+    floating = _FLOAT_TYPES.get(int(datatype))
+    return _NiftiLayout(
+        offset + count * bitpix // 8, offset, np.dtype(floating).newbyteorder(order) if floating else None
+    )
 
 
 @contextlib.contextmanager

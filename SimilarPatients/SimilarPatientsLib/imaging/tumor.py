@@ -58,7 +58,7 @@ def from_mask(source, segment: str | int | None = None) -> Tumor:
 
 
 def from_binary_mask(mask) -> Tumor:
-    """A tumor from a binary ``SimpleITK.Image``: refused when empty; seeded at its centroid."""
+    """A tumor from a binary ``SimpleITK.Image``: refused when empty or full; seeded at its centroid."""
     sitk = optional_import("SimpleITK", "embed")
 
     if mask.GetDimension() != 3:
@@ -68,6 +68,12 @@ def from_binary_mask(mask) -> Tumor:
     shape.Execute(mask)
     if not shape.HasLabel(1):
         raise SimilarPatientsError("The tumor mask is empty: no voxel is marked. Draw the tumor first.")
+    voxels = int(np.prod(mask.GetSize()))
+    if shape.GetNumberOfPixels(1) == voxels:
+        raise SimilarPatientsError(
+            f"The tumor mask marks every one of its {voxels} voxels: that is no tumor outline (an inverted mask, "
+            f"a blank image saved as the mask, or the wrong file). Give the mask of the tumor."
+        )
     return Tumor(tuple(float(v) for v in shape.GetCentroid(1)), mask=mask)
 
 
@@ -201,4 +207,15 @@ def _read_dicom_seg(path: Path, segment):
         volume = seg.get_volume(segment_numbers=[number], combine_segments=True, dtype="uint8")
     except (ValueError, RuntimeError) as error:
         raise SimilarPatientsError(f"Segment {number} of {path} does not form a 3D volume: {error}") from error
-    return volume.to_simpleitk()
+    return _volume_image(volume)
+
+
+def _volume_image(volume):
+    """A highdicom ``Volume`` (array indexed slice, row, column; geometry in LPS) as a ``SimpleITK.Image``:
+    highdicom's own ``to_simpleitk`` exists only from 0.28 (Slicer 5.12 bundles 0.27)."""
+    sitk = optional_import("SimpleITK", "embed")
+    image = sitk.GetImageFromArray(np.asarray(volume.array, dtype=np.uint8).transpose(2, 1, 0))
+    image.SetSpacing([float(v) for v in volume.spacing])
+    image.SetDirection([float(v) for v in np.asarray(volume.direction).flatten()])
+    image.SetOrigin([float(v) for v in volume.position])
+    return image

@@ -8,11 +8,15 @@ the encoder's keys and shapes exactly, or the load fails with the keys that diff
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages for terminals
 
 
 @dataclass(frozen=True)
@@ -36,15 +40,40 @@ def read_tensors(path: Path) -> dict:
     torch = optional_import("torch", "embed")
 
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise SimilarPatientsError(
+            f"The weights file {path} is empty (0 bytes): a download or copy that failed. Delete it and fetch it again."
+        )
     try:
         if path.suffix == ".safetensors":
             return optional_import("safetensors.torch", "embed").load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for a truncated or foreign file
+        text = _ANSI.sub("", str(error))
+        if "WeightsUnpickler error:" in text:  # torch's advice (weights_only=False) would run the file's code
+            text = text.split("WeightsUnpickler error:", 1)[1]
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            if found:
+                raise SimilarPatientsError(
+                    f"Cannot read the weights {path}: besides tensors it holds Python objects ({found.group(1)}), "
+                    f"and loading those could run code, so only tensors are read. Use the publisher's weights "
+                    f"file, or save the network's state dict (tensors only) on a machine you trust."
+                ) from error
         raise SimilarPatientsError(
-            f"Cannot read the weights {path}: {str(error).strip().splitlines()[0][:200]}. The file is corrupt, "
+            f"Cannot read the weights {path}: {_first_sentence(text) or type(error).__name__}. The file is corrupt, "
             f"partial or not a checkpoint; delete it and fetch it again."
         ) from error
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first line of an error message up to its first full stop (a whole sentence, never cut inside one
+    unless it runs past ``limit`` characters), without its final full stop."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    end = re.search(r"[.!?](\s|$)", line)
+    sentence = line[: end.start()] if end else line
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
 
 
 def encoder_state(checkpoint: dict, layout: CheckpointFormat) -> dict:
@@ -88,6 +117,34 @@ def load_strict(network, state: dict, source: str) -> None:
             f"checkpoint or another version."
         )
     torch = optional_import("torch", "embed")
+    check_values(state, {name for name, _ in network.named_parameters()}, source)
     # plain tensors of the network's dtypes (a checkpoint may hold tensor subclasses, e.g. MONAI MetaTensors)
     state = {k: v.as_subclass(torch.Tensor).to(expected[k].dtype) for k, v in state.items()}
     network.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the weights
+
+
+def check_values(state: dict, parameters: set, source: str) -> None:
+    """Refuse weights that cannot give an embedding: NaN or infinite values anywhere (a damaged file or a
+    training run that diverged: every embedding would be NaN), or ``parameters`` that are all zeros (a network
+    never trained or wiped: every embedding would be zeros). One summing pass per tensor (about 1.3 GB/s of
+    weights per core); an exact look only where a sum is not finite or is zero."""
+    torch = optional_import("torch", "embed")
+    floating = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    broken, learnt = [], False
+    for name, tensor in floating.items():
+        total = float(tensor.sum())
+        if not math.isfinite(total) and not bool(torch.isfinite(tensor).all()):  # not a float32 sum's overflow
+            broken.append(name)
+        elif name in parameters and not learnt:
+            learnt = total != 0 or bool(tensor.any())
+    if broken:
+        raise SimilarPatientsError(
+            f"The weights in {source} hold NaN or infinite values in {len(broken)} of {len(floating)} tensors "
+            f"(first: {broken[0]}): the file is damaged, or its training diverged. Every embedding would be NaN; "
+            f"delete it and fetch it again."
+        )
+    if not learnt and parameters & set(floating):
+        raise SimilarPatientsError(
+            f"The weights in {source} are all zeros: a network that was never trained, or a wiped file. Every "
+            f"embedding would be zeros; use the published weights."
+        )

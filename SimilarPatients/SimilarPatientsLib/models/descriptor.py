@@ -101,6 +101,11 @@ def describe(
     centre = coords.mean(axis=0)
     distance = np.linalg.norm(np.moveaxis(np.indices(mask.shape), 0, -1) - centre, axis=-1) / radius
     surface = mask & ~(sitk.GetArrayFromImage(sitk.BinaryErode(label, [1, 1, 1])) > 0)
+    if not surface.any():
+        raise SimilarPatientsError(
+            f"The tumor fills the whole {' x '.join(map(str, mask.shape))} mm crop: it has no outline to measure. "
+            f"The mask marks more than a tumor (the whole image?), or the image's voxels are far too large."
+        )
     surface_radii = np.linalg.norm(np.argwhere(surface) - centre, axis=1)
     shells = []
     for low, high in zip(_SHELLS[:-1], _SHELLS[1:]):

@@ -88,11 +88,24 @@ class Embedder:
         return [Embedding(v, self.spec.name, self.recipe.name, c.seed) for v, c in zip(vectors, crops)]
 
     def embed_crops(self, crops: Sequence[Crop]) -> np.ndarray:
-        """The ``(n, dimension)`` float32 embeddings of prepared crops."""
+        """The ``(n, dimension)`` float32 embeddings of prepared crops. A NaN, infinite or all-zero vector
+        is no embedding: it is refused, naming the tumors it came from (a reference build then dead-letters
+        those lesions alone)."""
         vectors = self.encoder.encode(crops)
         if vectors.shape[1] != self.spec.dimension:
             raise SimilarPatientsError(
                 f"{self.spec.name} gave {vectors.shape[1]} values per crop, not {self.spec.dimension}: the crop size "
                 f"does not fit the model's recipe."
             )
+        for broken, what in (
+            (~np.isfinite(vectors).all(axis=1), "NaN or infinite values"),
+            (~(vectors != 0).any(axis=1), "only zeros"),
+        ):
+            if broken.any():
+                seeds = "; ".join(", ".join(f"{v:.1f}" for v in crops[i].seed) for i in np.flatnonzero(broken))
+                raise SimilarPatientsError(
+                    f"{self.spec.name} gave {what} for the tumor(s) at LPS ({seeds}) mm: that is no embedding, and "
+                    f"nothing was kept. The image there holds values the model cannot take, or its weights are "
+                    f"damaged; check both."
+                )
         return vectors

@@ -122,6 +122,7 @@ def lesions_from_frame(frame: pd.DataFrame) -> list[Lesion]:
     if frame.empty:
         raise SimilarPatientsError("The manifest has no rows: nothing to build.")
     label_columns = [c for c in frame.columns if c not in (*MARK_COLUMNS, SERIES, IMAGE, schema.PATIENT, schema.LESION)]
+    schema.check_label_names(label_columns)  # before any embedding, not at the import after the build
     lesions = []
     for row_number, row in enumerate(frame.to_dict("records"), start=1):
         where = f"row {row_number}"

@@ -3,7 +3,7 @@ patients, and the rankings are fused (``search/fusion.py``: reciprocal rank fusi
 models' "closer than N%" percentiles).
 
 Each model contributes its first ``depth`` patients (its own search, exact or approximate as asked); the
-fused hit table has one row per patient with the fused ``score``, how many models list the patient
+fused hit table has one row per patient with the ``fused_score``, how many models list the patient
 (``listed_by``) and, per model, its ``rank_<model>`` (empty beyond the depth or where the model lacks the
 patient), ``distance_<model>`` (the nearest lesion pair in that model; for a stored reference measured
 for every hit, also beyond the depth) and ``closer_than_<model>``. A hit's lesion columns (lesion, series,
@@ -17,6 +17,7 @@ percentile fusion needs, so it is refused there).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -38,7 +39,8 @@ FUSED_CHOICE = "All models (fused)"
 FUSED_MODEL = "fused"
 RANK_PREFIX, DISTANCE_PREFIX, CLOSENESS_PREFIX = "rank_", "distance_", "closer_than_"
 #: Columns a fused hit table adds after the hit columns (per-model columns follow them, labels last).
-FUSED_COLUMNS = ("fusion", "score", "listed_by", "lesion_model")
+FUSED_COLUMNS = ("fusion", "fused_score", "listed_by", "lesion_model")
+log = logging.getLogger(__name__)
 
 
 def fused_models(reference, models: str | Sequence[str] | None) -> list[str]:
@@ -188,7 +190,7 @@ def _hit_table(reference, models, lists, candidates, chosen, ranks, distances, c
         hits["index_recall"] = min(float(h["index_recall"].iloc[0]) for h in approximate)
     added = {
         "fusion": [fusion] * len(hits),
-        "score": fused.scores[chosen],
+        "fused_score": fused.scores[chosen],
         "listed_by": fused.listed[chosen].astype(np.int64),
         "lesion_model": lesion_models,
     }
@@ -198,6 +200,8 @@ def _hit_table(reference, models, lists, candidates, chosen, ranks, distances, c
         if closeness is not None:
             added[CLOSENESS_PREFIX + model] = closeness[m, chosen]
     for name, values in added.items():
+        if name in hits.columns:  # a label of a reference stored before its name was reserved, or rank_<model>
+            log.warning("the label '%s' has the name of a fused hit column; the computed value is shown", name)
         hits[name] = values
     leading = [c for c in HIT_COLUMNS if c in hits.columns] + list(added)
     hits = hits[leading + [c for c in hits.columns if c not in leading]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -11,6 +12,8 @@ from ..idc.viewer import viewer_url
 from ..search.nearest import LesionMatch
 from ..util.columns import text_array
 from . import schema
+
+log = logging.getLogger(__name__)
 
 _LESION_COLUMNS = (
     schema.SERIES,
@@ -51,7 +54,8 @@ def hit_table(
     """Rank, distance, the matched lesion's metadata and labels (``rows``: column → the matched lesions'
     values, in match order), and the IDC viewer URL per hit; and on every row how the hits were found:
     ``search`` "exact", or "approximate" with the index's measured ``index_recall`` (given for approximate
-    searches only)."""
+    searches only). A label never replaces a computed column (imports refuse such names, see
+    ``schema.RESERVED``; a reference stored before that keeps the computed value and loses the label here)."""
     missing = np.full(len(matches), None, dtype=object)
     columns = {
         "rank": np.arange(1, len(matches) + 1),
@@ -70,6 +74,9 @@ def hit_table(
     columns["search"] = text_array(["exact" if index_recall is None else "approximate"] * len(matches))
     columns["index_recall"] = np.full(len(matches), np.nan if index_recall is None else index_recall)
     for name in label_fields:
+        if name in columns:
+            log.warning("the label '%s' has the name of a computed hit column; the computed value is shown", name)
+            continue
         columns[name] = rows.get(name, missing)
     return pd.DataFrame(columns)
 

@@ -46,8 +46,15 @@ class ImportedSource:
 def read_source(
     source: str, progress: ProgressCallback | None = None, allow_incomplete: bool = False
 ) -> ImportedSource:
-    """Read ``source`` into a validated table. A build folder (``index build``'s output, local or
-    ``gs://``) whose build did not complete is refused unless ``allow_incomplete``."""
+    """Read ``source`` into a validated table, with a note on each label field whose values differ between
+    one patient's lesions (see :func:`schema.mixed_labels`). A build folder (``index build``'s output, local
+    or ``gs://``) whose build did not complete is refused unless ``allow_incomplete``."""
+    read = _read_source(source, progress, allow_incomplete)
+    read.notes += schema.mixed_labels(read.table)
+    return read
+
+
+def _read_source(source: str, progress: ProgressCallback | None, allow_incomplete: bool) -> ImportedSource:
     text = str(source).strip()
     if stored_files.is_url(text) and not text.startswith(("http://", "https://")):
         return read_build_folder(text, allow_incomplete)
@@ -69,7 +76,7 @@ def read_source(
             )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = download(text, downloads_dir() / "tables" / digest / name, progress=progress)
-        read = read_source(str(path), progress)
+        read = _read_source(str(path), progress)
         read.origin = text
         return read
     path = Path(text).expanduser()

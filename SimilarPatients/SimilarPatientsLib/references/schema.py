@@ -28,6 +28,30 @@ REQUIRED = (MODEL, PATIENT, EMBEDDING)
 #: Columns with a fixed meaning; every other column is a label field that rides along into results.
 STRUCTURAL = frozenset({MODEL, PATIENT, EMBEDDING, LESION, RECIPE, SERIES, "SOPInstanceUID", *CENTER, *IDC_FIELDS})
 UNKNOWN_RECIPE = "unspecified"
+#: Names a search computes for every hit: the hit table's own columns (``references/hits.py``), the closeness
+#: the Slicer module and worker add (``closer_than``), the fused search's columns (``references/fused.py``;
+#: its per-model ``rank_<model>``... are not reserved: a label so named gives way to them, with a warning)
+#: and the working columns of BigQuery's statements (``cloud/sql.py``). A label called so would be read as
+#: the computed value (a wrong distance, rank or viewer link), so none may take one; compared without case,
+#: as BigQuery compares column names.
+RESERVED = (
+    "rank",
+    "distance",
+    "metric",
+    "query_lesion",
+    "lesions",
+    "viewer_url",
+    "search",
+    "index_recall",
+    "closer_than",
+    "fusion",
+    "fused_score",
+    "listed_by",
+    "lesion_model",
+    "query_row",
+    "patient_lesions",
+    "nearest_rank",
+)
 
 
 @dataclass
@@ -58,6 +82,7 @@ def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> Ref
             f"The table lacks the required column(s) {missing}; a reference needs {list(REQUIRED)} "
             f"(found: {list(meta.columns)[:20]})."
         )
+    check_label_names(meta.columns)
     meta = meta.reset_index(drop=True).copy()
     n = len(meta)
     if n == 0:
@@ -84,6 +109,18 @@ def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> Ref
     if identified_by_order:
         _refuse_identical_vectors(meta, embeddings)
     return ReferenceTable(meta, embeddings)
+
+
+def check_label_names(columns: Iterable) -> None:
+    """Refuse a column named like one a search computes (:data:`RESERVED`), naming it and the list."""
+    reserved = {name.lower() for name in RESERVED}
+    clashing = [str(c) for c in columns if str(c).lower() in reserved]
+    if clashing:
+        raise SimilarPatientsError(
+            f"The column(s) {', '.join(repr(c) for c in clashing)} have the name of a value every search result "
+            f"computes: a label called so would be read as that value. Rename {'it' if len(clashing) == 1 else 'them'} "
+            f"(e.g. '{clashing[0]}_label') and import again. Reserved names, in any case: {', '.join(RESERVED)}."
+        )
 
 
 def from_frame(frame: pd.DataFrame) -> ReferenceTable:
@@ -167,6 +204,38 @@ def concat(tables: Sequence[ReferenceTable]) -> ReferenceTable:
             offsets.append(ends)
             start = int(ends[-1]) if len(ends) else start
     return from_parts(pd.concat(metas, ignore_index=True), np.concatenate(offsets), np.concatenate(flats))
+
+
+def mixed_labels(table: ReferenceTable, shown: int = 3) -> list[str]:
+    """A note per label field whose values differ between the lesions of one patient (in any model).
+
+    Whether a field is a patient's (sex, age) or a lesion's (histology of one of two primaries, size) the
+    table does not say, so such a table is imported, and said so: each lesion keeps its own value (hits
+    show the matched lesion's, filters match lesions), and a patient-level evaluation task on the field is
+    refused for the patients concerned. For a patient's own field the table is then wrong."""
+    patient_codes, patient_ids = pd.factorize(table.lesions[PATIENT])
+    notes = []
+    for field in table.label_fields:
+        try:
+            codes, values = pd.factorize(table.lesions[field])  # a missing value is -1: no conflict
+        except TypeError:  # list or mapping values: no equality to compare lesions by
+            continue
+        known = codes >= 0
+        pairs = np.sort(patient_codes[known].astype(np.int64) * len(values) + codes[known])  # patient, value
+        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs
+        owners = pairs // max(len(values), 1)
+        mixed = np.flatnonzero(np.bincount(owners, minlength=len(patient_ids)) > 1)
+        if len(mixed) == 0:
+            continue
+        examples = "; ".join(
+            f"{patient_ids[p]}: {', '.join(sorted(str(values[v]) for v in pairs[owners == p] % len(values)))}"
+            for p in mixed[:shown]
+        )
+        notes.append(
+            f"'{field}' differs between the lesions of {len(mixed)} patient(s) (e.g. {examples}); each lesion keeps "
+            f"its own value. If '{field}' belongs to the patient (sex, age, ...), correct those rows."
+        )
+    return notes
 
 
 def _as_id(value) -> str:

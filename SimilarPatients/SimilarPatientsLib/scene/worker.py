@@ -517,20 +517,46 @@ def _plain(value):
     return str(value)
 
 
+def read_request(line: bytes) -> dict:
+    """One line of stdin as a request: a JSON object in UTF-8 whose ``id`` is a number, a text or absent.
+    Anything else is our error, which the worker answers (without an id) before it reads the next line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SimilarPatientsError(
+            f"Not a request: the line is not UTF-8 (byte {error.start}: {error.reason})."
+        ) from None
+    try:
+        request = json.loads(text)
+    except RecursionError:
+        raise SimilarPatientsError("Not a request: the line nests brackets too deeply to read.") from None
+    except ValueError:  # JSONDecodeError, and numbers too long to convert
+        raise SimilarPatientsError(f"Not a request: {text.strip()[:80]!r} is not JSON.") from None
+    if not isinstance(request, dict):
+        raise SimilarPatientsError(
+            f'Not a request: a request is a JSON object ({{"id": 1, "op": ...}}), not {text.strip()[:40]!r}.'
+        )
+    ident = request.get("id")
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (int, float, str))):
+        raise SimilarPatientsError("Not a request: its id must be a number or a text.")
+    return request
+
+
 def main() -> None:
     """Serve requests from stdin until it closes. Only events go to stdout; anything else printed by a
-    package goes to stderr."""
+    package goes to stderr. A line that is not a request is answered with an error, and the worker goes on."""
     out = sys.stdout
     sys.stdout = sys.stderr
     worker = _Worker(out)
-    for line in sys.stdin:
-        if line.strip():
-            try:
-                request = json.loads(line)
-            except json.JSONDecodeError:
-                worker.send(id=None, event="error", message=f"Not a request: {line[:80]!r}", cancelled=False)
-                continue
-            worker.handle(request)
+    for line in sys.stdin.buffer:  # bytes: a line that is not UTF-8 is refused, not fatal
+        if not line.strip():
+            continue
+        try:
+            request = read_request(line)
+        except SimilarPatientsError as error:
+            worker.send(id=None, event="error", message=str(error), cancelled=False)
+            continue
+        worker.handle(request)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ def parse(expression: str) -> FilterTerm:
         )
     if operator in ("=", "!="):
         return FilterTerm(field, operator, [v.strip() for v in value.split(",")])
+    if operator == "~":
+        _substring(field, value)
+    else:
+        _bound(field, operator, value)  # refused here, before any search (local or BigQuery) runs
     return FilterTerm(field, operator, value)
 
 
@@ -122,14 +126,36 @@ def _term(column: pd.Series, operator: str, value, field: str) -> np.ndarray:
         hit = _equal(column, list(value), field)
         return hit if operator == "=" else ~hit
     if operator == "~":
-        return column.astype("string").str.contains(value, case=False, regex=False).fillna(False).to_numpy(bool)
+        text = _substring(field, value)
+        return column.astype("string").str.contains(text, case=False, regex=False).fillna(False).to_numpy(bool)
+    bound = _bound(field, operator, value)
+    numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        return {">": numbers > bound, ">=": numbers >= bound, "<": numbers < bound, "<=": numbers <= bound}[operator]
+
+
+def _substring(field: str, value) -> str:
+    """The text of a ``~`` term; an empty one would match every lesion, so it is refused."""
+    if not str(value).strip():
+        raise SimilarPatientsError(
+            f"The filter {field}~ has no text: it would match every lesion. Write {field}~TEXT (a case-insensitive "
+            f"part of the value), or leave the filter out."
+        )
+    return str(value)
+
+
+def _bound(field: str, operator: str, value) -> float:
+    """The number a ``>``/``>=``/``<``/``<=`` term compares with; NaN (matches nothing) and infinities are refused."""
     try:
         bound = float(value)
     except ValueError:
         raise SimilarPatientsError(f"'{value}' is not a number; {operator} compares numbers.") from None
-    numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
-    with np.errstate(invalid="ignore"):
-        return {">": numbers > bound, ">=": numbers >= bound, "<": numbers < bound, "<=": numbers <= bound}[operator]
+    if not np.isfinite(bound):
+        raise SimilarPatientsError(
+            f"The filter {field}{operator}{value} compares with '{value}', which is not a finite number: it would "
+            f"match {'nothing' if bound != bound else 'everything or nothing'}. Write {field}{operator}NUMBER."
+        )
+    return bound
 
 
 def _never_holds(column: pd.Series, field: str, value) -> str:
