@@ -76,7 +76,7 @@ def _read_source(source: str, progress: ProgressCallback | None, allow_incomplet
             )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = download(text, downloads_dir() / "tables" / digest / name, progress=progress)
-        read = _read_source(str(path), progress)
+        read = _read_source(str(path), progress, allow_incomplete)
         read.origin = text
         return read
     path = Path(text).expanduser()
