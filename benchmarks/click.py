@@ -18,7 +18,13 @@ The CT is a synthetic 512 × 512 × 160 chest CT; the reference is the real NLST
 lesions) for CT-FM, whose weights are random tensors in the upstream layout in the data home's cache
 (timings do not depend on their values), and 40 synthetic tumors for the weight-free model.
 
+``--fusion``: the click of a fused query (the tumor embedded by each model, the rankings fused) over the
+NLST-Sybil models, one more model at a time (CT-FM alone first, the baseline of the same run), all six
+last, in one worker that keeps the models it loaded (the module's way); each model's weights random, in
+its upstream layout.
+
     python benchmarks/click.py                # CTFM and TumorDescriptor, 10 warm clicks, 3 per-click children
+    python benchmarks/click.py --fusion       # fused clicks over 1, 2, ..., 6 NLST-Sybil models, 5 warm each
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ sys.path[:0] = [str(ROOT / "Testing" / "Python"), str(ROOT / "benchmarks")]
 NLST = ROOT.parent / "shared" / "data" / "nlst-sybil-embeddings"
 
 
-def prepare(home: Path) -> tuple:
-    """The query image and mask (in memory, as the module has them) and the two references."""
+def prepare(home: Path, networks: tuple = ("CTFM",)) -> tuple:
+    """The query image and mask (in memory, as the module has them) and the two references; random weights
+    for ``networks``, and their closeness distributions measured (as a stored reference keeps them)."""
     import SimpleITK as sitk
     from embed import cache_weights
     from SimilarPatientsLib import ReferenceStore
@@ -51,8 +58,10 @@ def prepare(home: Path) -> tuple:
 
     os.environ["SIMILARPATIENTS_HOME"] = str(home)
     store = ReferenceStore(home)
-    store.import_reference("nlst-sybil", str(NLST))
-    cache_weights("CTFM")
+    reference = store.import_reference("nlst-sybil", str(NLST))
+    for model in networks:
+        cache_weights(model)
+        reference.closeness(model, "cosine", [0.0])
     embedder, rng, rows = Embedder("TumorDescriptor"), np.random.default_rng(5), []
     for i in range(8):
         for kind in KINDS:
@@ -110,6 +119,58 @@ def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int
         client.stop()
 
 
+#: The order models join the fused query in: CT-FM (the single-model baseline) first.
+FUSION_ORDER = ("CTFM", "SUPREME", "VISTA3D", "Merlin", "PASTA", "CTClipVit")
+
+
+def time_fusion(image, mask, folder: Path, warm: int) -> list:
+    """Fused clicks over the first 1, 2, ..., 6 models of ``FUSION_ORDER`` in one worker: the first click
+    of each set loads its new model; the warm ones (same CT, as the module sends it) are the click a user
+    waits for once the models are loaded."""
+    from SimilarPatientsLib.scene.worker import WorkerClient
+
+    client, rows = WorkerClient(), []
+    try:
+        ct, tumor = write_inputs(image, mask, folder)
+        for count in range(1, len(FUSION_ORDER) + 1):
+            models = list(FUSION_ORDER[:count])
+            request = dict(image_key="ct", tumors={"mask": str(tumor)}, model=models, reference="nlst-sybil", k=5)
+            started = time.perf_counter()
+            first = client.query(image=str(ct), accept_licence=True, **request)
+            cold = time.perf_counter() - started
+            times, stages = [], []
+            for _ in range(warm):
+                started = time.perf_counter()
+                result = client.query(image=None, **request)
+                times.append(time.perf_counter() - started)
+                stages.append(result["seconds"])
+                assert [h["PatientID"] for h in result["hits"]] == [h["PatientID"] for h in first["hits"]]
+            per_model = {m: float(np.median([s["per_model"][m] for s in stages])) for m in models}
+            rows.append(
+                {
+                    "models": count,
+                    "added": models[-1],
+                    "first click, loads it (s)": cold,
+                    "warm click p50 (s)": float(np.median(times)),
+                    "crop+embed, all models (s)": float(np.median([s["crop"] + s["embed"] for s in stages])),
+                    "crop+embed, the added model (s)": per_model[models[-1]],
+                    "search+fusion (s)": float(np.median([s["search"] for s in stages])),
+                }
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+        client.stop()  # what a user pays the first time: a fresh worker loading all six for one click
+        started = time.perf_counter()
+        client.query(image=str(ct), accept_licence=True, **request)
+        rows.append({"models": len(FUSION_ORDER), "added": "all, fresh worker", "first click, loads it (s)": 0.0})
+        rows[-1]["first click, loads it (s)"] = time.perf_counter() - started
+    finally:
+        client.stop()
+    baseline = rows[0]["warm click p50 (s)"]
+    for row in rows:
+        row["/ CT-FM alone"] = row.get("warm click p50 (s)", np.nan) / baseline
+    return rows
+
+
 def time_prepared_entry(image, mask, model: str, reference: str, folder: Path) -> dict:
     """Entering the module: the worker started and the model loaded in the background; then the first click."""
     from SimilarPatientsLib.scene.worker import WorkerClient
@@ -151,12 +212,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["CTFM", "TumorDescriptor"])
     parser.add_argument("--warm", type=int, default=10, help="warm clicks after the first (default 10)")
     parser.add_argument("--children", type=int, default=3, help="clicks of the per-click child (default 3)")
+    parser.add_argument("--fusion", action="store_true", help="time fused clicks over 1 to 6 models instead")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        image, mask = prepare(work / "home")
+        image, mask = prepare(work / "home", FUSION_ORDER if args.fusion else ("CTFM",))
+        if args.fusion:
+            load = os.getloadavg()[0]
+            rows = time_fusion(image, mask, work, min(args.warm, 5))
+            print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at")
+            print("the end; 512 x 512 x 160 CT, one tumor, k = 5, NLST-Sybil reference")
+            print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+            return
         for model in args.models:
             reference = "nlst-sybil" if model != "TumorDescriptor" else "tumors"
             prepared = time_prepared_entry(image, mask, model, reference, work)

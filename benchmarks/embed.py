@@ -57,9 +57,13 @@ def cache_weights(name: str) -> None:
     if spec.weights is None:
         return
     torch.manual_seed(0)
+    state = spec.build().state_dict()
+    for key, tensor in state.items():  # CT-CLIP's codebook starts at zeros: its embeddings would be all zeros
+        if key.endswith("vq._codebook.embed"):
+            tensor.normal_(0, 0.05)
     cached = weights.cached_path(name, spec.weights)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(upstream_checkpoint(name, spec.build().state_dict(), cached.parent), cached)
+    os.replace(upstream_checkpoint(name, state, cached.parent), cached)
 
 
 def run_model(name: str, folder: Path, tumors: list, repeats: int) -> dict:

@@ -19,10 +19,11 @@ from .cloud.sql import MAX_K
 from .errors import SimilarPatientsError
 from .evaluation import tasks
 from .maps import projection
-from .references import schema
+from .references import fused, schema
 from .references.reference import METHODS
 from .references.store import ReferenceStore
 from .search.distances import METRICS
+from .search.fusion import FUSION_DEPTH, FUSIONS
 
 #: Columns a person reads in a hit table; the rest are in --json.
 _HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "distance", "lesions", schema.COLLECTION]
@@ -99,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     neighbors = verbs.add_parser("neighbors", help="nearest patients to a patient of a reference")
     neighbors.add_argument("--reference", required=True)
-    neighbors.add_argument("--model", required=True)
     neighbors.add_argument("--patient", required=True, help="PatientID of the query patient")
+    _model_option(neighbors)
     _search_options(neighbors)
     neighbors.add_argument("--include-self", action="store_true", help="keep the query patient in the results")
 
@@ -156,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 
     embed = verbs.add_parser("embed", help="embed a tumor in a CT with one model")
     _image_options(embed)
+    embed.add_argument("--model", required=True, help="embedding model (see `similar-patients models list`)")
     embed.add_argument("--patient", default="query", help="PatientID written to --out (default 'query')")
     embed.add_argument(
         "--out", metavar="FILE", help="write the embedding: .json, or .parquet/.csv as a reference row (importable)"
@@ -163,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
     query = verbs.add_parser("query", help="nearest reference patients to a tumor in a CT")
     _image_options(query)
+    _model_option(query)
     query.add_argument("--reference", required=True)
     _search_options(query)
 
@@ -236,11 +239,38 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
         "several tumors of one patient",
     )
     parser.add_argument("--ras", action="store_true", help="--point/--box are RAS mm (as Slicer shows them)")
-    parser.add_argument("--model", required=True, help="embedding model (see `similar-patients models list`)")
     parser.add_argument("--recipe", help="preprocessing recipe (default: the model's reference recipe)")
     parser.add_argument("--weights", metavar="PATH", help="weights file or folder to use instead of a download")
     parser.add_argument("--accept-licence", action="store_true", help="accept a non-commercial weight licence")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: CUDA when present")
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="MODEL",
+        help="the embedding model; several, or 'all' (every model of the reference), to fuse their rankings",
+    )
+    fused = parser.add_argument_group("several models (--model A B ... or --model all)")
+    fused.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default="rrf",
+        help="rrf: reciprocal rank fusion (default); percentile: the mean of the models' 'closer than N%%'",
+    )
+    fused.add_argument(
+        "--depth",
+        type=_whole(1),
+        default=FUSION_DEPTH,
+        help=f"patients each model contributes (default {FUSION_DEPTH})",
+    )
+
+
+def _model_argument(args):
+    """``--model``: one name, or the models to fuse ("all" stays as it is)."""
+    return args.model[0] if len(args.model) == 1 else args.model
 
 
 def _whole(low: int, high: int | None = None):
@@ -316,15 +346,23 @@ def _open(args, store: ReferenceStore):
 
 
 def _statement_only(args, reference, model: str, **query) -> bool:
-    """``--print-sql`` / ``--dry-run``: print what the BigQuery search would run or bill, and say so."""
+    """``--print-sql`` / ``--dry-run``: print what the BigQuery search would run or bill, and say so (for
+    a fused search, each model's: it asks each model for its first --depth patients)."""
     if not (args.print_sql or args.dry_run):
         return False
-    statement = reference.statement(model, k=args.k, metric=args.metric, where=args.where, method=args.method, **query)
-    if args.print_sql:
-        print(statement.describe())
-    if args.dry_run:
-        scanned = reference.dry_run(statement)
-        print(f"Dry run: the search would process {scanned:,} bytes ({scanned / 2**30:.3f} GiB); nothing was run.")
+    k = max(args.k, args.depth) if fused.is_fused(model) else args.k
+    embeddings = query.pop("embeddings", None)
+    for name in fused.fused_models(reference, model) if fused.is_fused(model) else [model]:
+        if embeddings is not None:
+            query["embeddings"] = embeddings[name] if isinstance(embeddings, dict) else embeddings
+        statement = reference.statement(name, k=k, metric=args.metric, where=args.where, method=args.method, **query)
+        if fused.is_fused(model):
+            print(f"-- {name}")
+        if args.print_sql:
+            print(statement.describe())
+        if args.dry_run:
+            scanned = reference.dry_run(statement)
+            print(f"Dry run: the search would process {scanned:,} bytes ({scanned / 2**30:.3f} GiB); nothing was run.")
     return True
 
 
@@ -352,19 +390,35 @@ def _decimals(values: pd.Series, least: int) -> int:
     return decimals
 
 
-def _print_hits(hits: pd.DataFrame, reference, model: str, metric: str) -> None:
+def _print_hits(hits: pd.DataFrame, reference, model, metric: str, depth: int = FUSION_DEPTH) -> None:
     shown = [*_HUMAN_HIT_COLUMNS, "viewer_url"]
     labels = [f for f in reference.label_fields if f in hits.columns and f not in shown]
-    columns = [*_HUMAN_HIT_COLUMNS, *labels, "viewer_url"]
-    print(_table(hits[columns]))
+    if fused.is_fused(model):  # the fused score, then each model's rank: which models agree
+        ranks = fused.rank_labels(hits, depth).add_prefix("rank ")
+        leading = hits[["rank", schema.PATIENT, "fused_score", "lesions", schema.COLLECTION]]
+        scores = [f"{v:.1f}%" if f == "percentile" else f"{v:.4f}" for v, f in zip(hits["fused_score"], hits["fusion"])]
+        leading = leading.rename(columns={"fused_score": "score"}).assign(score=scores)
+        print(_table(pd.concat([leading, ranks, hits[[*labels, "viewer_url"]]], axis=1)))
+        print(f"rank MODEL: the patient's rank in that model; >{depth}: farther than its first {depth}; –: not listed")
+    else:
+        print(_table(hits[[*_HUMAN_HIT_COLUMNS, *labels, "viewer_url"]]))
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
         for note in hits.attrs["notes"]:
             print(f"note: {note}")
+    elif len(hits) and hits["search"].iloc[0] == "approximate" and fused.is_fused(model):
+        recall = float(hits["index_recall"].iloc[0])
+        print(f"search: approximate for some models (lowest index recall@10 {recall:.3f}); --method exact compares "
+              f"every lesion")  # fmt: skip
     elif len(hits) and hits["search"].iloc[0] == "approximate":
         calibration = reference.approximate_index(model, metric).calibration
         print(f"search: approximate, {calibration.describe()}; --method exact compares every lesion")
     elif len(hits):
         print("search: exact (every lesion compared)")
+
+
+def _fusion_words(args, models: list) -> str:
+    how = "reciprocal rank fusion" if args.fusion == "rrf" else "the mean of their 'closer than' percentiles"
+    return f"{len(models)} models fused ({', '.join(models)}; {how}, {max(args.depth, args.k)} patients each)"
 
 
 def _json(frame: pd.DataFrame) -> str:
@@ -373,28 +427,25 @@ def _json(frame: pd.DataFrame) -> str:
 
 def _neighbors(args, store: ReferenceStore, progress: _Bars) -> None:
     reference = _open(args, store)
+    model = _model_argument(args)
     exclude = [] if args.include_self else [args.patient]
-    if _statement_only(args, reference, args.model, patient=args.patient, exclude=exclude):
+    if _statement_only(args, reference, model, patient=args.patient, exclude=exclude):
         return
-    hits = reference.search(
-        args.model,
-        patient=args.patient,
-        k=args.k,
-        metric=args.metric,
-        where=args.where,
-        exclude=exclude,
-        method=args.method,
-        progress=progress,
-    )
+    options = {"k": args.k, "metric": args.metric, "where": args.where, "exclude": exclude, "method": args.method}
+    if fused.is_fused(model):
+        hits = reference.search_fused(
+            patient=args.patient, models=model, fusion=args.fusion, depth=args.depth, progress=progress, **options
+        )
+        what = _fusion_words(args, fused.fused_models(reference, model))
+    else:
+        hits = reference.search(model, patient=args.patient, progress=progress, **options)
+        what = f"model {model}"
     progress.close()
     if args.json:
         print(_json(hits))
         return
-    print(
-        f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', model {args.model}, "
-        f"{args.metric} distance:"
-    )
-    _print_hits(hits, reference, args.model, args.metric)
+    print(f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance:")
+    _print_hits(hits, reference, model, args.metric, max(args.depth, args.k))
 
 
 def _numbers(tokens: list[str], count: int, option: str) -> list[float]:
@@ -446,20 +497,32 @@ def _query(args, store: ReferenceStore, progress: _Bars) -> None:
     from .query import check_compatible, query_image
 
     reference = _open(args, store)
+    model = _model_argument(args)
+    several = fused.is_fused(model)
+    if several and (args.recipe or args.weights):
+        raise SimilarPatientsError(
+            "--recipe and --weights are for one model; with several, each model uses its reference recipe and its "
+            "cached weights (or $SIMILARPATIENTS_WEIGHTS_DIR)."
+        )
     if args.print_sql or args.dry_run:  # embed here, then show or price the search instead of running it
         from .imaging.ct_image import read_ct
         from .models.embedder import Embedder
 
-        embedder = Embedder(args.model, args.recipe, args.weights, args.accept_licence, args.device, progress=progress)
-        check_compatible(reference, embedder.spec.name, embedder.recipe.name, embedder.spec.dimension)
-        embeddings = embedder.embed(read_ct(args.image), _tumors(args))
+        names = fused.fused_models(reference, model) if several else [model]
+        embedders = [
+            Embedder(m, args.recipe, args.weights, args.accept_licence, args.device, progress=progress) for m in names
+        ]
+        for embedder in embedders:
+            check_compatible(reference, embedder.spec.name, embedder.recipe.name, embedder.spec.dimension)
+        image, tumors = read_ct(args.image), _tumors(args)
+        vectors = {e.spec.name: np.stack([v.vector for v in e.embed(image, tumors)]) for e in embedders}
         progress.close()
-        _statement_only(args, reference, embedder.spec.name, embeddings=np.stack([e.vector for e in embeddings]))
+        _statement_only(args, reference, model if several else embedders[0].spec.name, embeddings=vectors)
         return
     result = query_image(
         args.image,
         _tumors(args),
-        args.model,
+        model,
         reference,
         args.k,
         args.metric,
@@ -470,18 +533,20 @@ def _query(args, store: ReferenceStore, progress: _Bars) -> None:
         accept_licence=args.accept_licence,
         device=args.device,
         progress=progress,
+        fusion=args.fusion,
+        depth=args.depth,
     )
     progress.close()
     if args.json:
         print(_json(result.hits))
         return
-    seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in result.embeddings)
-    what = "the tumor" if len(result.embeddings) == 1 else f"the {len(result.embeddings)} tumors"
-    print(
-        f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', model "
-        f"{result.model} ({result.recipe}), {args.metric} distance:"
-    )
-    _print_hits(result.hits, reference, result.model, args.metric)
+    tumors = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]
+    seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in tumors)
+    what = "the tumor" if len(tumors) == 1 else f"the {len(tumors)} tumors"
+    how = _fusion_words(args, list(result.models)) if several else f"model {result.model} ({result.recipe})"
+    print(f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
+          f"{args.metric} distance:")  # fmt: skip
+    _print_hits(result.hits, reference, model, args.metric, max(args.depth, args.k))
 
 
 def _push(args, store: ReferenceStore, progress: _Bars) -> None:
@@ -578,6 +643,7 @@ def _explore(args, store: ReferenceStore, progress: _Bars) -> None:
 
 def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
     from .evaluation import report, run
+    from .references import fusion_verdict
 
     reference = store.open(args.reference)
     chosen = tasks.resolve(args.task)
@@ -600,6 +666,11 @@ def _evaluate(args, store: ReferenceStore, progress: _Bars) -> None:
     path = report.write(result, Path(args.out))
     for task in chosen:
         print(f"{task.name}: {report.verdict(result, task)}\n")
+    decision = report.fusion_verdict(result)
+    if decision is not None:  # kept with the evaluated version too: the Slicer module reads it there
+        fusion_verdict.keep(reference, decision)
+        for distance, verdict in decision["metrics"].items():
+            print(f"Fusion ({distance}): {verdict['reason']}\n")
     print(f"Report: {path} ({result.seconds:.0f} s)")
 
 

@@ -3,12 +3,16 @@ model and recipe did, search, and say where the time went.
 
 A reference model's embeddings are comparable with a query only if both were made with the same recipe
 and have the same length; anything else is refused before any image is read or weight fetched.
+
+Several models at once (a list, or ``"all"``): the tumors are cropped once per distinct recipe (models
+sharing a recipe share the crops), embedded by each model (all tumors of a model in one batch), and the
+models' rankings fused (``references/fused.py``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,21 +27,25 @@ from .imaging.tumor import Tumor
 from .models import registry
 from .models.embedder import Embedder, Embedding
 from .progress import ProgressCallback, report
+from .references.fused import FUSED_MODEL, fused_models, is_fused
 from .references.reference import Reference
 from .references.store import ReferenceStore
 from .search.filters import Filters
+from .search.fusion import FUSION_DEPTH
 from .util.optional import IMAGING, require
 
 
 @dataclass
 class Timings:
-    """Seconds per stage of one query (``load``: the model's weights, 0 when an Embedder was passed in)."""
+    """Seconds per stage of one query (``load``: the model's weights, 0 when an Embedder was passed in; in a
+    fused query, each stage summed over the models, and ``per_model`` the crop + embed of each)."""
 
     read: float = 0.0
     load: float = 0.0
     crop: float = 0.0
     embed: float = 0.0
     search: float = 0.0
+    per_model: dict = field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -49,13 +57,15 @@ class ImageQuery:
     """The answer to one image query: the nearest patients and everything that produced them."""
 
     hits: pd.DataFrame  #: one row per reference patient, nearest first (see ``references.hits``)
-    embeddings: list[Embedding]  #: one per query tumor
-    crops: list[Crop]  #: the network inputs, one per query tumor
+    embeddings: list[Embedding]  #: one per query tumor (and per model, models in order, when fused)
+    crops: list[Crop]  #: the network inputs, one per query tumor (and per distinct recipe, when fused)
     reference: str
-    model: str
-    recipe: str
+    model: str  #: the model, or "fused"
+    recipe: str  #: its recipe ("MODEL: RECIPE, ..." when fused)
     metric: str
     seconds: Timings = field(default_factory=Timings)
+    models: tuple = ()  #: the models fused (empty for a one-model query)
+    fusion: str | None = None  #: how they were fused ("rrf", "percentile")
 
 
 def check_compatible(reference: Reference, model: str, recipe: str, dimension: int) -> None:
@@ -96,6 +106,8 @@ def query_image(
     device: str | None = None,
     store: ReferenceStore | None = None,
     progress: ProgressCallback | None = None,
+    fusion: str = "rrf",
+    depth: int = FUSION_DEPTH,
 ) -> ImageQuery:
     """The ``k`` reference patients nearest to the query patient's tumor(s) in ``image``.
 
@@ -103,14 +115,23 @@ def query_image(
         image: the CT: a path (DICOM series folder or file, NIfTI, NRRD) or a ``SimpleITK.Image`` in HU.
         tumors: one :class:`Tumor` or several of one patient (see ``imaging.tumor``); with several,
             patients are ranked by their nearest pair of (query tumor, reference lesion).
-        model: a registry name, or an :class:`Embedder` already loaded (reused across queries).
+        model: a registry name, or an :class:`Embedder` already loaded (reused across queries); or several
+            (a list of either), or ``"all"`` (every model of the reference), fused.
         reference: a stored reference's name (in ``store``, default the data home's), a BigQuery table as
             ``bq://PROJECT.DATASET.TABLE``, or an opened one.
         k, metric, where, method: as :meth:`Reference.search`.
-        recipe, weights, accept_licence, device: as :class:`Embedder`, when ``model`` is a name.
+        recipe, weights, accept_licence, device: as :class:`Embedder`, when ``model`` is a name; when
+            fused, ``recipe`` and ``weights`` are mappings model → value (each model's reference recipe and
+            its cached weights where a model is not in them).
+        fusion, depth: how several models are fused (:func:`references.fused.search_fused`).
     """
     require("embed", IMAGING)
     reference = open_reference(reference, store)
+    if is_fused(model):
+        return _query_fused(
+            image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device,
+            progress, fusion, depth,
+        )  # fmt: skip
     if isinstance(model, Embedder):
         spec, chosen = model.spec, model.recipe
     else:
@@ -142,6 +163,90 @@ def query_image(
     seconds.search = _lap(started)
     report(progress, 4, 4, "searching")
     return ImageQuery(hits, embeddings, crops, reference.name, spec.name, chosen.name, metric, seconds)
+
+
+def _query_fused(
+    image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device, progress,
+    fusion, depth,
+) -> ImageQuery:  # fmt: skip
+    """Crop once per recipe, embed with each model, fuse the models' rankings."""
+    given = {} if isinstance(model, str) else {e.spec.name: e for e in model if isinstance(e, Embedder)}
+    if not isinstance(model, str):  # names as the reference spells them (the registry's are case-insensitive)
+        model = [e.spec.name if isinstance(e, Embedder) else _spelled(e, reference) for e in model]
+    names = fused_models(reference, model)
+    recipes, paths = _per_model(recipe, "recipe"), _per_model(weights, "weights")
+    chosen = {}
+    for name in names:
+        spec = given[name].spec if name in given else _known(name, reference)
+        chosen[name] = given[name].recipe if name in given else spec.with_recipe(recipes.get(name))
+        check_compatible(reference, spec.name, chosen[name].name, spec.dimension)
+    seconds = Timings()
+    steps = 2 + 2 * len(names)
+    report(progress, 0, steps, "reading the CT")
+    started = time.perf_counter()
+    image = read_ct(image)
+    seconds.read = _lap(started)
+    crops, embeddings, vectors = {}, [], {}
+    for i, name in enumerate(names):
+        embedder = given.get(name)
+        if embedder is None:
+            started = time.perf_counter()
+            embedder = Embedder(name, chosen[name].name, paths.get(name), accept_licence, device, progress=progress)
+            seconds.load += _lap(started)
+        report(progress, 1 + 2 * i, steps, f"cropping the tumor for {name}")
+        started = time.perf_counter()
+        if embedder.recipe not in crops:
+            crops[embedder.recipe] = embedder.crops(image, tumors)
+        crop_seconds = _lap(started)
+        report(progress, 2 + 2 * i, steps, f"embedding with {name}")
+        started = time.perf_counter()
+        made = embedder.embed_prepared(crops[embedder.recipe])
+        embed_seconds = _lap(started)
+        seconds.crop, seconds.embed = seconds.crop + crop_seconds, seconds.embed + embed_seconds
+        seconds.per_model[name] = crop_seconds + embed_seconds
+        embeddings += made
+        vectors[name] = np.stack([e.vector for e in made])
+    report(progress, steps - 1, steps, "searching with each model")
+    started = time.perf_counter()
+    hits = reference.search_fused(vectors, k=k, metric=metric, where=where, method=method, fusion=fusion, depth=depth)
+    seconds.search = _lap(started)
+    report(progress, steps, steps, "searching with each model")
+    recipe_names = ", ".join(f"{name}: {chosen[name].name}" for name in names)
+    all_crops = [c for made in crops.values() for c in made]
+    return ImageQuery(
+        hits, embeddings, all_crops, reference.name, FUSED_MODEL, recipe_names, metric, seconds, tuple(names), fusion
+    )
+
+
+def _spelled(name: str, reference) -> str:
+    if name in reference.models:
+        return name
+    try:
+        return registry.get(name).name
+    except SimilarPatientsError:
+        return name  # fused_models names what the reference has
+
+
+def _known(name: str, reference) -> registry.ModelSpec:
+    """The registry entry of a reference model an image query must run, or a clear error."""
+    try:
+        return registry.get(name)
+    except SimilarPatientsError:
+        raise SimilarPatientsError(
+            f"Reference '{reference.name}' has model '{name}', which cannot embed an image here (it is not one of "
+            f"{', '.join(registry.MODELS)}); fuse the models that can, by name."
+        ) from None
+
+
+def _per_model(value, what: str) -> dict:
+    """A fused query's per-model ``recipe`` or ``weights``: a mapping, or nothing."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SimilarPatientsError(
+            f"A query of several models takes {what} per model (a mapping of model to {what}), not one for all."
+        )
+    return {registry.get(m).name: v for m, v in value.items()}
 
 
 def _lap(started: float) -> float:

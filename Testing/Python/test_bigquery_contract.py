@@ -349,6 +349,43 @@ def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path
     assert "Dry run: the search would process" in printed and len(server.jobs) == jobs + 1
 
 
+def test_contract_a_fused_search_of_a_bq_reference_fuses_as_the_local_one(nlst, server, client, pushed):
+    """Reciprocal rank fusion from each model's BigQuery search gives the local fused hits; percentile
+    fusion, which needs the closeness distributions BigQuery does not measure, is refused."""
+    remote = BigQueryReference(ALL_MODELS, client)
+    patient = nlst.lesions("CTFM")["PatientID"].iloc[50]
+    options = dict(patient=patient, models=["CTFM", "Merlin", "PASTA"], k=8, exclude=[patient], depth=20)
+    local = nlst.search_fused(**options)
+    hits = remote.search_fused(**options, method="exact")
+    assert list(hits["PatientID"]) == list(local["PatientID"])
+    np.testing.assert_allclose(hits["fused_score"], local["fused_score"])
+    for model in options["models"]:
+        assert hits[f"rank_{model}"].tolist() == local[f"rank_{model}"].tolist()
+        listed = local[f"rank_{model}"].notna().to_numpy()
+        np.testing.assert_allclose(hits[f"distance_{model}"][listed], local[f"distance_{model}"][listed], atol=1e-6)
+        assert hits[f"distance_{model}"][~listed].isna().all()  # not measured beyond the depth in BigQuery
+    for column in ("lesion_model", "lesion_id", "viewer_url", "listed_by"):
+        assert list(hits[column]) == list(local[column]), column
+    assert not [c for c in hits.columns if c.startswith("closer_than_")]
+    assert hits.attrs["notes"][0].startswith("CTFM: BigQuery billed")
+    with pytest.raises(SimilarPatientsError, match=r"Percentile fusion needs .* fuse with --fusion rrf"):
+        remote.search_fused(**options, fusion="percentile")
+    assert server.violations == []
+
+
+def test_contract_cli_prints_each_models_statement_of_a_fused_search(nlst_home, server, pushed, monkeypatch, capsys):
+    from SimilarPatientsLib.cli import main
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
+    jobs = len(server.jobs)
+    argv = ["neighbors", "--reference", ALL_MODELS.url, "--model", "CTFM", "Merlin", "--patient", "100012"]
+    assert main([*argv, "--print-sql", "--depth", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert "-- CTFM" in printed and "-- Merlin" in printed and printed.count("LIMIT 30") == 2
+    assert len(server.jobs) == jobs
+
+
 def test_contract_an_unknown_patient_is_refused_before_the_embeddings_are_billed(nlst, server, client, pushed):
     remote = BigQueryReference(ALL_MODELS, client)
     jobs = len(server.jobs)

@@ -247,7 +247,7 @@ def test_report_is_written_whole(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["report.md", "classification.csv", "retrieval.csv", "cohorts.csv", "comparisons.csv",
-         "auc-group.png", "retrieval-group.png"]
+         "fusion.csv", "fusion.json", "auc-group.png", "retrieval-group.png"]
     )  # fmt: skip
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     text = path.read_text(encoding="utf-8")
@@ -278,7 +278,7 @@ def test_evaluate_command(tmp_path, monkeypatch, capsys):
     from SimilarPatientsLib.cli import main
 
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
-    store_frame(planted_frame(n_patients=45, signal=2.0), tmp_path / "home")
+    reference = store_frame(planted_frame(n_patients=45, signal=2.0), tmp_path / "home")
     out = tmp_path / "out"
     arguments = ["evaluate", "--reference", "synthetic", "--out", str(out), "--repeats", "1", "--bootstrap", "50"]
     code = main([*arguments, "--label", "group", "--positive", "pos", "--permutations", "9", "--workers", "1"])
@@ -286,6 +286,10 @@ def test_evaluate_command(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "group:pos-vs-rest: With the linear probe" in printed and f"Report: {out / 'report.md'}" in printed
     assert (out / "classification.csv").exists()
+    # whether to fuse the models: said, written beside the report and kept with the evaluated reference
+    assert "Fusion (cosine): On synthetic, reciprocal rank fusion of its 2 models" in printed
+    written = (out / "fusion.json").read_text(encoding="utf-8")
+    assert (reference.path / "fusion.json").read_text(encoding="utf-8") == written
     assert main([*arguments, "--positive", "pos"]) == 2
     assert "--positive and --negative need --label FIELD" in capsys.readouterr().err
     assert main([*arguments, "--task", "nope"]) == 2

@@ -109,7 +109,8 @@ def retrieval_at_k(order: np.ndarray, labels: np.ndarray, ks) -> dict:
     """
     labels = np.asarray(labels)
     relevant = labels[order] == labels[:, None]  # (q, K)
-    in_collection = np.array([(labels == label).sum() - 1 for label in labels])
+    _, label_code, label_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    in_collection = label_counts[label_code.ravel()] - 1
     out = {}
     for k in ks:
         top = relevant[:, :k]

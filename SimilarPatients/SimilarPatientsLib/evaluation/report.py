@@ -1,4 +1,6 @@
-"""An evaluation, written down: ``report.md`` with plain-words verdicts, CSV tables and PNG bar charts.
+"""An evaluation, written down: ``report.md`` with plain-words verdicts, CSV tables and PNG bar charts,
+and ``fusion.json``: whether fusing all models is at least as good as the best single model (the verdict
+a program reads, see ``references/fusion_verdict.py``).
 
 Every sentence of a verdict is computed from the figures, so the report stays true for any reference.
 The folder is written beside the target and swapped in, so a failed run never leaves half a report.
@@ -6,14 +8,17 @@ The folder is written beside the target and swapped in, so a failed run never le
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..references.fusion_verdict import SEARCH_AGGREGATION, VERDICT_FILE
+from ..search.fusion import RRF_CONSTANT
 from ..util import atomic
 from ..util.optional import pyplot
-from .run import PERMUTED, Evaluation
+from .run import FUSED_NAMES, PERMUTED, Evaluation
 
 CLASSIFIER_NAMES = {
     "knn": "k-NN",
@@ -24,6 +29,7 @@ CLASSIFIER_NAMES = {
 MEASURE_NAMES = {"precision": "P", "ap": "mAP", "recall": "R"}
 PRIMARY_CLASSIFIER = "linear"
 ALPHA = 0.05
+_VERDICT_COLUMNS = ["task", "fused", "best_model", "best", "difference", "low", "high"]
 
 
 def write(evaluation: Evaluation, out: Path) -> Path:
@@ -34,9 +40,83 @@ def write(evaluation: Evaluation, out: Path) -> Path:
         evaluation.classification.to_csv(staging / "classification.csv", index=False, float_format="%.4f")
         evaluation.retrieval.to_csv(staging / "retrieval.csv", index=False, float_format="%.4f")
         evaluation.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.4f")
+        decision = fusion_verdict(evaluation)
+        if decision is not None:
+            evaluation.fusion.to_csv(staging / "fusion.csv", index=False, float_format="%.4f")
+            (staging / VERDICT_FILE).write_text(json.dumps(decision, indent=2) + "\n", encoding="utf-8")
         figures = {task.name: _figures(evaluation, task, staging) for task in evaluation.tasks}
         (staging / "report.md").write_text(_markdown(evaluation, figures), encoding="utf-8")
     return out / "report.md"
+
+
+def fusion_verdict(evaluation: Evaluation) -> dict | None:
+    """Whether the fused search (reciprocal rank fusion of every evaluated model, patients by their nearest
+    lesion pair, as the search ranks them) is at least as good as the best single model in precision at
+    the largest k on every task, per distance; with the figures and a reason in words. None when no fused
+    rankings were evaluated."""
+    s = evaluation.settings
+    k = max(s.ks)
+    rows = _rows(evaluation.fusion, fusion=FUSED_NAMES["rrf"], aggregation=SEARCH_AGGREGATION, k=k, measure="precision")
+    if not len(rows):
+        return None
+    metrics = {}
+    for distance, group in rows.groupby("distance", sort=False):
+        short = group[group["difference"] < -1e-12]
+        what = (
+            f"On {evaluation.reference}, reciprocal rank fusion of its {len(evaluation.models)} models (each "
+            f"model's first {s.fusion_depth} patients, by their nearest lesion pair, {distance} distance)"
+        )
+        if len(short):
+            failures = "; ".join(
+                f"{r.task}: {r.fused:.3f} against {r.best_model}'s {r.best:.3f} ({_difference(r)})"
+                for r in short.itertuples()
+            )
+            reason = (
+                f"{what} fell short of the best single model in precision@{k} on {len(short)} of {len(group)} "
+                f"tasks ({failures}), so it is offered but not preselected."
+            )
+        else:
+            reason = (
+                f"{what} was at least as good as the best single model in precision@{k} on every task evaluated "
+                f"({'; '.join(f'{r.task}: {_difference(r)}' for r in group.itertuples())}), so it is preselected."
+            )
+        metrics[distance] = {
+            "default": not len(short),
+            "reason": reason,
+            "tasks": [
+                {c: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for c, v in row.items()}
+                for row in group[_VERDICT_COLUMNS].to_dict("records")
+            ],
+        }
+    return {
+        "reference": evaluation.reference,
+        **evaluation.identity,
+        "models": list(evaluation.models),
+        "fusion": "rrf",
+        "depth": s.fusion_depth,
+        "rrf_constant": RRF_CONSTANT,
+        "aggregation": SEARCH_AGGREGATION,
+        "measure": "precision",
+        "k": k,
+        "metrics": metrics,
+    }
+
+
+def _difference(row) -> str:
+    return f"{row.difference:+.3f}, paired 95% CI {row.low:+.3f} to {row.high:+.3f}"
+
+
+def _signed_ci(row) -> str:
+    return f"{row.difference:+.3f} [{row.low:+.3f}, {row.high:+.3f}]"
+
+
+def _fusion_word(row) -> str:
+    """How a fused figure stands against the best single model's, by the paired interval."""
+    if row.low > 0:
+        return "beats it"
+    if row.difference >= -1e-12:
+        return "at least as good (within the noise)"
+    return "worse, within the noise" if row.high >= 0 else "worse"
 
 
 def _figures(evaluation: Evaluation, task, folder: Path) -> list:
@@ -60,6 +140,7 @@ def _figures(evaluation: Evaluation, task, folder: Path) -> list:
 
     k = max(evaluation.settings.ks)
     table = _rows(evaluation.retrieval, task=task.name, aggregation=primary, k=k, measure="precision")
+    models = list(dict.fromkeys(table["model"]))  # the fused rankings too
     figure, axes = plt.subplots(figsize=(1.1 * len(models) + 2.5, 3.5))
     _grouped_bars(axes, table, models, "distance", "value", "low", "high", {})
     axes.axhline(table["chance"].iloc[0], color="grey", linestyle="--", linewidth=1, label="chance")
@@ -157,7 +238,12 @@ def verdict(evaluation: Evaluation, task) -> str:
     )
     k = max(settings.ks)
     retrieval = _rows(
-        evaluation.retrieval, task=task.name, aggregation=settings.primary_aggregation, k=k, measure="precision"
+        evaluation.retrieval,
+        task=task.name,
+        aggregation=settings.primary_aggregation,
+        k=k,
+        measure="precision",
+        model=list(evaluation.cohorts["model"].unique()),
     ).sort_values("value", ascending=False)
     if len(retrieval):
         r = retrieval.iloc[0]
@@ -173,7 +259,38 @@ def verdict(evaluation: Evaluation, task) -> str:
                 else "not distinguishable from chance."
             )
         )
+    sentences += _fusion_sentences(evaluation, task)
     return " ".join(sentences)
+
+
+def _fusion_sentences(evaluation: Evaluation, task) -> list:
+    """Whether all models at once beat the best single model, in plain words: at the primary aggregation,
+    and as the search ranks patients (nearest lesion pair)."""
+    s = evaluation.settings
+    k = max(s.ks)
+    sentences = []
+    for aggregation in dict.fromkeys([s.primary_aggregation, SEARCH_AGGREGATION]):
+        rows = _rows(
+            evaluation.fusion,
+            task=task.name,
+            fusion=FUSED_NAMES["rrf"],
+            aggregation=aggregation,
+            distance="cosine",
+            k=k,
+            measure="precision",
+        )
+        if not len(rows):
+            continue
+        r = rows.iloc[0]
+        where = "patients by their nearest lesion pair, as the search ranks them" if aggregation == "lesions" else None
+        where = where or f"{aggregation} of the lesion vectors"
+        beats = "beats" if r.low > 0 else "does not beat"
+        sentences.append(
+            f"Fusing all {len(evaluation.models)} models (reciprocal rank fusion; {where}; cosine) {beats} the best "
+            f"single model, {r.best_model}: precision@{k} {r.fused:.3f} against {r.best:.3f}, a difference of "
+            f"{_difference(r)} ({_fusion_word(r)})."
+        )
+    return sentences
 
 
 def _published(evaluation: Evaluation, task) -> str:
@@ -256,6 +373,7 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
         grid = probe.assign(cell=[_ci(r.auc, r.auc_low, r.auc_high) for r in probe.itertuples()])
         grid = grid.pivot(index="model", columns="task", values="cell")[[t.name for t in evaluation.tasks]]
         out += [_md_table(grid.reset_index()), ""]
+    out += _fusion_summary(evaluation)
     for task in evaluation.tasks:
         cohort = _rows(evaluation.cohorts, task=task.name).iloc[0]
         out += [
@@ -290,10 +408,85 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
         grid = cells.pivot(index=["model", "distance"], columns="column", values="cell")
         chance = retrieval.drop_duplicates("column").set_index("column")["chance"].map("{:.3f}".format)
         grid.loc[("chance", "random ranking"), :] = chance
-        out += [_md_table(grid[list(dict.fromkeys(retrieval["column"]))].reset_index()), ""]
+        grid = grid[list(dict.fromkeys(retrieval["column"]))]
+        k = max(s.ks)
+        if "p" in retrieval and retrieval["p"].notna().any():
+            precision = retrieval[(retrieval.measure == "precision") & (retrieval.k == k)]
+            grid[f"p (P@{k})"] = precision.set_index(["model", "distance"])["p"].map(_p).reindex(grid.index).fillna("")
+        out += [_md_table(grid.reset_index()), ""]
+        if "p" in retrieval and retrieval["p"].notna().any():
+            out += [
+                f"p: permutation test of P@{k} against chance ({s.permutations} label shuffles across patients, the "
+                f"rankings kept; not adjusted over models). The fused rows rank by all models at once "
+                f"(`search.fusion`: each model's first {s.fusion_depth} patients; RRF constant {RRF_CONSTANT}).",
+                "",
+            ]
         out += [f"![precision at k]({figures[task.name][1]})", ""]
+        out += [_fusion_section(evaluation, task), ""]
         out += [_aggregation_section(evaluation, task), ""]
     return "\n".join(out)
+
+
+def _fusion_summary(evaluation: Evaluation) -> list:
+    """The report's answer to "should all models be asked at once?", and what the Slicer module does."""
+    decision = fusion_verdict(evaluation)
+    if decision is None:
+        return []
+    k = decision["k"]
+    lines = [
+        "## All models at once (fusion)",
+        "",
+        f"Each patient query is answered by every model, and their rankings fused (reciprocal rank fusion of "
+        f"each model's first {decision['depth']} patients; the mean of the models' \"closer than\" percentiles "
+        f"to compare). The fused rankings are evaluated like one more model, on the same patients, folds, "
+        f"bootstrap samples and label shuffles; each is compared with the best single model of the same "
+        f"setting (chosen after the fact, which favours the single model) by the paired bootstrap of the "
+        f"per-query difference. Precision@{k}, as the search ranks patients (nearest lesion pair):",
+        "",
+    ]
+    rows = _rows(evaluation.fusion, aggregation=SEARCH_AGGREGATION, k=k, measure="precision")
+    table = pd.DataFrame(
+        {
+            "task": rows["task"],
+            "fusion": rows["fusion"],
+            "distance": rows["distance"],
+            f"fused P@{k}": rows["fused"].map("{:.3f}".format),
+            "best single model": [f"{r.best_model} {r.best:.3f}" for r in rows.itertuples()],
+            "difference [paired 95% CI]": [_signed_ci(r) for r in rows.itertuples()],
+            "verdict": [_fusion_word(r) for r in rows.itertuples()],
+        }
+    )
+    lines += [_md_table(table), ""]
+    for distance, verdict in decision["metrics"].items():
+        choice = "preselects" if verdict["default"] else "offers, but does not preselect,"
+        lines += [f'**{distance}**: the Slicer module {choice} "All models (fused)". {verdict["reason"]}', ""]
+    return lines
+
+
+def _fusion_section(evaluation: Evaluation, task) -> str:
+    """Per task: each fusion against the best single model, per aggregation and distance, at the largest k."""
+    k = max(evaluation.settings.ks)
+    rows = _rows(evaluation.fusion, task=task.name, k=k)
+    if not len(rows):
+        return ""
+    cells = [f"{r.fused:.3f} vs {r.best_model} {r.best:.3f}: {_signed_ci(r)}" for r in rows.itertuples()]
+    cells = rows.assign(cell=cells)
+    cells = cells.assign(column=cells["measure"].map(lambda m: f"{MEASURE_NAMES[m]}@{k}"))
+    grid = cells.pivot(index=["fusion", "aggregation", "distance"], columns="column", values="cell")
+    grid = grid[[f"{MEASURE_NAMES[m]}@{k}" for m in ("precision", "ap", "recall")]]
+    levels = [list(dict.fromkeys(rows[c])) for c in ("fusion", "aggregation", "distance")]
+    levels[1] = [a for a in evaluation.settings.aggregations if a in levels[1]]
+    grid = grid.reindex(pd.MultiIndex.from_product(levels, names=["fusion", "aggregation", "distance"]))
+    return "\n".join(
+        [
+            "#### All models at once, against the best single model",
+            "",
+            "Fused value vs the best single model of the same aggregation and distance (chosen after the fact), "
+            "and the paired difference [its 95% bootstrap interval].",
+            "",
+            _md_table(grid.reset_index()),
+        ]
+    )
 
 
 def _aggregation_section(evaluation: Evaluation, task) -> str:

@@ -3,7 +3,11 @@
 For every task and model:
 
 - retrieval, leave one patient out: each patient queries all the others; precision@k, AP@k and
-  Recall@k against the same metrics on random rankings (chance);
+  Recall@k against the same metrics on random rankings (chance), with a permutation test (labels shuffled
+  across patients, the rankings kept);
+- the same retrieval by every model at once, their rankings fused (``search/fusion.py``, the rule the
+  fused search uses: reciprocal rank fusion, and the mean of percentiles to compare), reported as one more
+  "model", and compared with the best single model by the paired bootstrap;
 - classification, repeated stratified cross-validation over patients: k-NN, class mean, linear probe
   and MLP; AUC and balanced accuracy with patient-bootstrap intervals, and a permutation test (labels
   shuffled across patients, the whole cross-validation re-run) for the classifiers cheap enough to
@@ -24,6 +28,8 @@ import pandas as pd
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
+from ..references.fusion_verdict import identity
+from ..search.fusion import FUSION_DEPTH, FUSIONS, closeness_percent, fuse
 from ..util.optional import optional_import, require
 from . import classifiers as classifier_module
 from . import metrics
@@ -33,6 +39,12 @@ from .tasks import Task
 
 #: Classifiers whose permutation test runs by default: re-fitting them is cheap (the MLP is not).
 PERMUTED = ("knn", "centroid", "linear")
+#: The ``model`` of the fused rankings in the retrieval table, per fusion.
+FUSED_NAMES = {"rrf": "fused (RRF)", "percentile": "fused (percentile)"}
+FUSION_COLUMNS = [
+    "task", "fusion", "aggregation", "distance", "k", "measure", "fused", "best_model", "best", "difference",
+    "low", "high",
+]  # fmt: skip
 
 
 @dataclass
@@ -54,6 +66,9 @@ class Settings:
     probe_c: float = 0.01
     chance_draws: int = 20
     seed: int = 0
+    #: How the models' rankings are fused into one more "model" (none: no fused rows).
+    fusions: tuple = FUSIONS
+    fusion_depth: int = FUSION_DEPTH
 
     def check(self) -> None:
         unknown = set(self.classifiers) - set(classifier_module.CLASSIFIERS)
@@ -76,11 +91,15 @@ class Evaluation:
     settings: Settings
     tasks: list
     cohorts: pd.DataFrame  # task, model, patients, positives, negatives, lesions, several-lesion patients
-    retrieval: pd.DataFrame  # task, model, aggregation, distance, k, measure, value, low, high, chance
+    retrieval: pd.DataFrame  # task, model, aggregation, distance, k, measure, value, low, high, chance, p
     classification: pd.DataFrame  # task, model, aggregation, classifier, auc(+low/high/p), bacc(+low/high)
     comparisons: pd.DataFrame  # task, best, runner_up, classifier, difference, low, high
     seconds: float = 0.0
     replicates: dict = field(default_factory=dict, repr=False)  # (task, model, aggregation, classifier) -> AUCs
+    #: fused retrieval against the best single model: FUSION_COLUMNS, the difference with its paired 95% CI
+    fusion: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FUSION_COLUMNS))
+    models: list = field(default_factory=list)  #: the single models evaluated
+    identity: dict = field(default_factory=dict)  #: the reference's content digest (``references.fusion_verdict``)
 
 
 def evaluate(
@@ -113,19 +132,23 @@ def evaluate(
                     f"Model '{model}' covers other patients than '{models[0]}' for task '{task.name}'; "
                     f"evaluate the models separately."
                 )
-            jobs.append((task, model, plan))
+            jobs.append((_evaluate_model, (task, model, plan)))
+        if len(models) > 1 and settings.fusions:
+            jobs.append((_evaluate_fused, (task, tuple(models), plan)))
     results = []
     report(progress, 0, len(jobs), "evaluating")
     if workers > 1:
         with ProcessPoolExecutor(workers, initializer=_single_threaded) as pool:
-            futures = [pool.submit(_evaluate_model, str(reference.path), *job, settings) for job in jobs]
+            futures = [pool.submit(job, str(reference.path), *arguments, settings) for job, arguments in jobs]
             for done, future in enumerate(futures, 1):
                 results.append(future.result())
                 report(progress, done, len(jobs), "evaluating")
     else:
-        for done, job in enumerate(jobs, 1):
-            results.append(_evaluate_model(reference, *job, settings))
+        for done, (job, arguments) in enumerate(jobs, 1):
+            results.append(job(reference, *arguments, settings))
             report(progress, done, len(jobs), "evaluating")
+    fused = [result for result in results if "fusion" in result]
+    results = [result for result in results if "fusion" not in result]
     classification = pd.DataFrame([row for result in results for row in result["classification"]])
     replicates = {key: value for result in results for key, value in result["replicates"].items()}
     nulls = {key: value for result in results for key, value in result["nulls"].items()}
@@ -140,11 +163,14 @@ def evaluate(
         settings=settings,
         tasks=tasks,
         cohorts=pd.DataFrame([result["cohort"] for result in results]),
-        retrieval=pd.DataFrame([row for result in results for row in result["retrieval"]]),
+        retrieval=pd.DataFrame([row for result in results + fused for row in result["retrieval"]]),
         classification=classification,
         comparisons=_comparisons(classification, replicates, settings),
         seconds=time.perf_counter() - started,
         replicates=replicates,
+        fusion=pd.DataFrame([row for result in fused for row in result["fusion"]], columns=FUSION_COLUMNS),
+        models=models,
+        identity=identity(reference),
     )
 
 
@@ -187,7 +213,8 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
     for aggregation in settings.aggregations:
         distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
         for distance, matrix in distances.items():
-            retrieval += _retrieval(task, model, aggregation, distance, matrix, cohort, settings, plan)
+            order = np.argsort(matrix, axis=1, kind="stable")[:, : max(settings.ks)]
+            retrieval += _retrieval(task, model, aggregation, distance, order, cohort.labels, settings, plan)
         instances = cohort.instances(aggregation)
         rows, row_patient = instances.rows, instances.row_patient
         cosine = distances["cosine"] if "cosine" in distances else cohort.distances(aggregation, "cosine")
@@ -238,10 +265,11 @@ def _cohort_row(task: Task, model: str, cohort: Cohort) -> dict:
     }
 
 
-def _retrieval(task, model, aggregation, distance, matrix, cohort, settings, plan) -> list:
-    order = np.argsort(matrix, axis=1, kind="stable")[:, : max(settings.ks)]
-    found = metrics.retrieval_at_k(order, cohort.labels, settings.ks)
-    chance = [metrics.retrieval_at_k(o, cohort.labels, settings.ks) for o in plan.chance_orders]
+def _retrieval(task, model, aggregation, distance, order, labels, settings, plan) -> list:
+    """Retrieval rows of one ranking (``order``: each query's nearest patients, best first)."""
+    found = metrics.retrieval_at_k(order, labels, settings.ks)
+    chance = [metrics.retrieval_at_k(o, labels, settings.ks) for o in plan.chance_orders]
+    null = _retrieval_null(order, labels, settings)
     rows = []
     for k in settings.ks:
         for measure in ("precision", "ap", "recall"):
@@ -258,9 +286,71 @@ def _retrieval(task, model, aggregation, distance, matrix, cohort, settings, pla
                     "low": value.low,
                     "high": value.high,
                     "chance": float(np.mean([c[k][measure].mean() for c in chance])),
+                    "p": metrics.permutation_p_value(value.value, null[k][measure]) if null else np.nan,
                 }
             )
     return rows
+
+
+def _retrieval_null(order, labels, settings) -> dict:
+    """Mean retrieval figures with the labels shuffled across patients and the rankings kept: what a
+    ranking that knows nothing of the label scores. The shuffles depend only on the seed, so every model
+    (and the fused rankings) of a task meets the same ones."""
+    if not settings.permutations:
+        return {}
+    rng = np.random.default_rng(settings.seed + 2)
+    null = {k: {"precision": [], "ap": [], "recall": []} for k in settings.ks}
+    for _ in range(settings.permutations):
+        shuffled = metrics.retrieval_at_k(order, rng.permutation(labels), settings.ks)
+        for k in settings.ks:
+            for measure, values in shuffled[k].items():
+                null[k][measure].append(values.mean())
+    return null
+
+
+def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, settings: Settings) -> dict:
+    """Retrieval by every model at once, fused as the search fuses (``search.fusion.fuse``: each model's
+    ranking of the other patients, its first ``fusion_depth`` counted), under every aggregation and
+    distance; and each fused figure against the best single model's, paired over the same queries."""
+    if isinstance(reference, str):
+        from ..references.reference import Reference
+
+        reference = Reference(reference)
+    cohorts = [Cohort.build(reference.lesions(m), reference.space(m).vectors, plan.labels) for m in models]
+    labels, top = cohorts[0].labels, max(settings.ks)
+    retrieval, comparisons = [], []
+    for aggregation in settings.aggregations:
+        for distance in settings.distances:
+            matrices = [cohort.distances(aggregation, distance) for cohort in cohorts]
+            orders = [np.argsort(matrix, axis=1, kind="stable") for matrix in matrices]
+            singles = [metrics.retrieval_at_k(order[:, :top], labels, settings.ks) for order in orders]
+            ranks = np.stack([_ranks(order) for order in orders])
+            for fusion in settings.fusions:
+                closeness = None
+                if fusion == "percentile":  # each distance on the model's own nearest-match distribution
+                    closeness = np.stack([closeness_percent(np.sort(m.min(axis=1)), m) for m in matrices])
+                order = fuse(ranks, closeness, fusion, settings.fusion_depth).order[:, :top]
+                name = FUSED_NAMES[fusion]
+                retrieval += _retrieval(task, name, aggregation, distance, order, labels, settings, plan)
+                found = metrics.retrieval_at_k(order, labels, settings.ks)
+                for k in settings.ks:
+                    for measure in ("precision", "ap", "recall"):
+                        means = [single[k][measure].mean() for single in singles]
+                        best = int(np.argmax(means))
+                        difference = found[k][measure] - singles[best][k][measure]
+                        value = metrics.mean_estimate(difference, plan.counts)
+                        row = (task.name, name, aggregation, distance, k, measure, float(found[k][measure].mean()))
+                        row += (models[best], float(means[best]), value.value, value.low, value.high)
+                        comparisons.append(dict(zip(FUSION_COLUMNS, row)))
+    return {"retrieval": retrieval, "fusion": comparisons}
+
+
+def _ranks(order: np.ndarray) -> np.ndarray:
+    """(queries, patients) 1-based rank of each patient in each query's ``order``; 0 for the query itself."""
+    ranks = np.empty_like(order)
+    ranks[np.arange(len(order))[:, None], order] = np.arange(1, order.shape[1] + 1)[None, :]
+    np.fill_diagonal(ranks, 0)
+    return ranks
 
 
 def _cross_validate(classifier, distances, rows, row_patient, labels, folds, seed) -> tuple:

@@ -31,6 +31,7 @@ from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util.atomic import replacing
 from ..util.columns import pandas_array
 from . import schema
+from .fused import search_fused
 from .hits import hit_table
 
 METHODS = ("auto", "exact", "approximate")
@@ -92,6 +93,12 @@ class ReferenceManifest:
         return ModelInfo(
             model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], info.get("folder", "")
         )
+
+    def search_fused(self, embeddings=None, patient=None, models=None, **options) -> pd.DataFrame:
+        """Several models at once: each ranks the patients, the rankings are fused (reciprocal rank fusion,
+        or ``fusion="percentile"``). ``embeddings``: model → the query's embedding(s) in it; or a reference
+        ``patient``; ``models``: None or "all" for every model. See :func:`.fused.search_fused`."""
+        return search_fused(self, embeddings, patient, models, **options)
 
 
 def check_search(embeddings, patient, method: str) -> None:

@@ -29,9 +29,11 @@ REQUIRED = (MODEL, PATIENT, EMBEDDING)
 STRUCTURAL = frozenset({MODEL, PATIENT, EMBEDDING, LESION, RECIPE, SERIES, "SOPInstanceUID", *CENTER, *IDC_FIELDS})
 UNKNOWN_RECIPE = "unspecified"
 #: Names a search computes for every hit: the hit table's own columns (``references/hits.py``), the closeness
-#: the Slicer module and worker add (``closer_than``) and the working columns of BigQuery's statements
-#: (``cloud/sql.py``). A label called so would be read as the computed value (a wrong distance, rank or
-#: viewer link), so none may take one; compared without case, as BigQuery compares column names.
+#: the Slicer module and worker add (``closer_than``), the fused search's columns (``references/fused.py``;
+#: its per-model ``rank_<model>``... are not reserved: a label so named gives way to them, with a warning)
+#: and the working columns of BigQuery's statements (``cloud/sql.py``). A label called so would be read as
+#: the computed value (a wrong distance, rank or viewer link), so none may take one; compared without case,
+#: as BigQuery compares column names.
 RESERVED = (
     "rank",
     "distance",
@@ -42,6 +44,10 @@ RESERVED = (
     "search",
     "index_recall",
     "closer_than",
+    "fusion",
+    "fused_score",
+    "listed_by",
+    "lesion_model",
     "query_row",
     "patient_lesions",
     "nearest_rank",

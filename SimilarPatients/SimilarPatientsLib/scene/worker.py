@@ -6,7 +6,11 @@ The protocol is JSON lines. The client writes one request per line on the worker
     {"id": 1, "op": "query", "image": "ct.nrrd", "tumors": {"mask": "m.nrrd", "segments": ["1"]},
      "model": "CTFM", "reference": "nlst-sybil", "k": 5, "metric": "cosine", "where": [], "home": null}
 
-(``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.)
+(``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.) A fused
+query names several models (``"model": ["CTFM", "Merlin"]``, ``"all"`` or ``"All models (fused)"``), with
+``"fusion"`` and ``"depth"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
+model → value; each model stays loaded (``prepare`` loads them all). Every hit carries ``closer_than``
+(blank for a BigQuery table; for a fused hit the mean over the models).
 
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
@@ -357,47 +361,51 @@ class _Worker:
         return progress
 
     def _opened(self, request: dict):
-        """The request's reference, opened, and its model's registry entry, checked against each other."""
+        """The request's reference, opened, and the registry entries of its model (of each model, for a
+        fused request), every one checked against the reference before any is loaded."""
         from ..cloud import open_reference
         from ..models import registry
         from ..query import check_compatible
+        from ..references.fused import fused_models, is_fused
         from ..references.store import ReferenceStore
 
         reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
-        spec = registry.get(request["model"])
-        check_compatible(reference, spec.name, spec.with_recipe(request.get("recipe")).name, spec.dimension)
-        return reference, spec
+        names = fused_models(reference, request["model"]) if is_fused(request["model"]) else [request["model"]]
+        specs = [registry.get(name) for name in names]
+        for spec in specs:
+            recipe = spec.with_recipe(_per_model(request, "recipe", spec.name))
+            check_compatible(reference, spec.name, recipe.name, spec.dimension)
+        return reference, specs
 
     def _embedder(self, request: dict, spec, progress) -> tuple:
         """The request's model, loaded now or kept from an earlier request; and the seconds its load took."""
         from ..models.embedder import Embedder
 
-        key = (spec.name, request.get("recipe"), request.get("weights"), request.get("device"))
+        recipe, weights = _per_model(request, "recipe", spec.name), _per_model(request, "weights", spec.name)
+        key = (spec.name, recipe, weights, request.get("device"))
         if key in self.embedders:
             return self.embedders[key], None
         started = time.perf_counter()
         self.embedders[key] = Embedder(
-            spec.name,
-            request.get("recipe"),
-            request.get("weights"),
-            bool(request.get("accept_licence")),
-            request.get("device"),
-            progress=progress,
+            spec.name, recipe, weights, bool(request.get("accept_licence")), request.get("device"), progress=progress
         )
         return self.embedders[key], time.perf_counter() - started
 
     def prepare(self, request: dict, ident) -> dict:
-        """Load the model and measure the reference's nearest-match distribution before the first query."""
+        """Load the model(s) and measure the reference's nearest-match distributions before the first query."""
         progress = self._progress(ident)
-        reference, spec = self._opened(request)
-        _, load = self._embedder(request, spec, progress)
+        reference, specs = self._opened(request)
+        loads = [self._embedder(request, spec, progress)[1] for spec in specs]
         if hasattr(reference, "closeness"):  # a local reference: its similarity column is ready too
-            reference.closeness(spec.name, request.get("metric", "cosine"), [], progress)
-        return {"loaded": load is None, "load_seconds": load or 0.0}
+            for spec in specs:
+                reference.closeness(spec.name, request.get("metric", "cosine"), [], progress)
+        return {"loaded": all(load is None for load in loads), "load_seconds": sum(load or 0.0 for load in loads)}
 
     def query(self, request: dict, ident) -> dict:
         from ..imaging.tumor import tumors_from
         from ..query import query_image
+        from ..references.fused import hit_closeness, is_fused
+        from ..search.fusion import FUSION_DEPTH
 
         progress = self._progress(ident)
         marks = request.get("tumors") or {}
@@ -410,21 +418,24 @@ class _Worker:
                 points=marks.get("points"),
                 boxes=marks.get("boxes"),
             )
-        reference, spec = self._opened(request)
-        embedder, load = self._embedder(request, spec, progress)
+        reference, specs = self._opened(request)
+        embedders, loads = zip(*(self._embedder(request, spec, progress) for spec in specs))
         image = self._image(request)
         result = query_image(
             image,
             tumors,
-            embedder,
+            list(embedders) if is_fused(request["model"]) else embedders[0],
             reference,
             k=int(request.get("k", 5)),
             metric=request.get("metric", "cosine"),
             where=request.get("where"),
             method=request.get("method", "auto"),
             progress=progress,
+            fusion=request.get("fusion", "rrf"),
+            depth=int(request.get("depth", FUSION_DEPTH)),
         )
-        seconds = dict(vars(result.seconds), load=load or 0.0)
+        seconds = dict(vars(result.seconds), load=sum(load or 0.0 for load in loads))
+        tumors_embedded = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]
         pictures = []
         if request.get("thumbnail_folder"):
             from ..imaging.thumbnail import axial_thumbnail, write_png
@@ -433,19 +444,17 @@ class _Worker:
             folder = Path(request["thumbnail_folder"])
             pictures = [
                 str(write_png(axial_thumbnail(image, e.seed), folder / f"query-{i + 1}.png"))
-                for i, e in enumerate(result.embeddings)
+                for i, e in enumerate(tumors_embedded)
             ]
-        closeness = getattr(reference, "closeness", None)  # a BigQuery reference does not measure it
-        hits = result.hits.assign(
-            closer_than=closeness(spec.name, result.metric, result.hits.distance) if closeness else float("nan")
-        )
+        hits = result.hits.assign(closer_than=hit_closeness(reference, result.hits, result.metric))
         return {
             "image_reused": request.get("image") is None,
             "hits": json.loads(hits.to_json(orient="records", double_precision=15)),
             "seconds": seconds,
-            "loaded": load is None,
+            "loaded": all(load is None for load in loads),
+            "models": [e.model for e in result.embeddings],
             "embeddings": [e.vector.tolist() for e in result.embeddings],
-            "seeds": [list(e.seed) for e in result.embeddings],
+            "seeds": [list(e.seed) for e in tumors_embedded],
             "thumbnails": pictures,
         }
 
@@ -485,6 +494,20 @@ class _Worker:
         return {
             uid: sorted(str(p) for p in (root / uid).rglob("*") if p.is_file()) for uid in uids if (root / uid).is_dir()
         }
+
+
+def _per_model(request: dict, field: str, model: str):
+    """A request's ``recipe`` or ``weights`` for one of its models: a fused request gives them per model."""
+    from ..references.fused import is_fused
+
+    value = request.get(field) or None
+    if isinstance(value, dict):
+        return value.get(model)
+    if value is not None and is_fused(request["model"]):
+        raise SimilarPatientsError(
+            f"A query of several models takes {field} per model (a mapping of model to {field}), not one for all."
+        )
+    return value
 
 
 def _plain(value):
