@@ -241,7 +241,7 @@ def test_one_click_asks_once_for_everything_it_installs_and_declining_installs_n
     controller.wait()
     install, download = (question for (question,) in controller.view.of("ask")[1:])
     assert "PyTorch" in install and "pandas>=2.0" in install and "monai>=1.4" in install
-    assert "CTFM weights would be downloaded" in download
+    assert "These weights would be downloaded:\nCTFM: https://" in download
     (plan,) = controller.installer.plans
     assert plan.torch == "not installed" and [r.name for r in plan.packages] == ["pandas", "monai"]
     assert controller.view.of("show_references")  # the first install lists the references
@@ -504,3 +504,59 @@ def test_the_worker_opens_no_console_window_on_windows():
     flags = process_group_options("nt")["creationflags"]
     assert flags & 0x08000000 and flags & 0x00000200  # CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP
     assert process_group_options("posix") == {"start_new_session": True}
+
+
+# --- all models fused ---------------------------------------------------------------------------------
+
+
+def test_the_fused_choice_is_offered_with_why_and_preselected_only_where_it_won(nlst_home, monkeypatch):
+    """NLST-Sybil's committed evaluation found fusion below the best single model: offered, not preselected,
+    its tooltip saying why; where a verdict says it is at least as good, it is preselected."""
+    from SimilarPatientsLib.references import FUSED_CHOICE, FusionAdvice
+
+    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home)
+    view = RecordingView()
+    controller = ModuleController(view, logic, installer=RecordingInstaller())
+    controller.refresh_models("nlst-sybil")
+    names, current, tooltips = view.last("show_models")
+    assert names[-1] == FUSED_CHOICE and len(names) == 7 and current == "CTClipVit"
+    assert "not preselected" in tooltips[FUSED_CHOICE] or "below" in tooltips[FUSED_CHOICE].lower()
+    monkeypatch.setattr(
+        "SimilarPatientsLib.references.fusion_default", lambda reference, metric: FusionAdvice(True, "it won")
+    )
+    controller.refresh_models("nlst-sybil")
+    assert view.last("show_models")[1] == FUSED_CHOICE and view.last("show_models")[2][FUSED_CHOICE].endswith("it won")
+    controller.refresh_models("nlst-sybil", "PASTA")  # the user's saved choice wins over the preference
+    assert view.last("show_models")[1] == "PASTA"
+
+
+def test_a_fused_search_by_patient_shows_each_models_rank(nlst_home):
+    from SimilarPatientsLib.references import FUSED_CHOICE
+
+    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home)
+    view = RecordingView()
+    controller = ModuleController(view, logic, installer=RecordingInstaller())
+    controller.find_by_patient(Inputs(reference="nlst-sybil", model=FUSED_CHOICE, k=5, patient="100242"))
+    controller.wait()
+    table = view.last("show_results")[0]
+    models = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
+    assert table.titles[:3] == ["#", "Patient", "Similarity"]
+    assert table.titles[3:9] == [f"{m} rank" for m in models] and table.titles[9] == "Distance"
+    assert len(table.rows) == 5 and "100242" not in [row[1] for row in table.rows]
+    assert all(cell.isdigit() or cell.startswith(">") or cell == "–" for row in table.rows for cell in row[3:9])
+    assert all(row[2].startswith("closer than") for row in table.rows) and not view.of("show_error")
+
+
+def test_a_fused_image_query_asks_each_models_licence_and_one_download_question(controller, home, monkeypatch):
+    """The fused choice runs every model: each licence is asked, and one question lists every download."""
+    logic = controller.logic
+    monkeypatch.setattr(logic, "models_of", lambda reference, choice: ["CTFM", "VISTA3D"])
+    monkeypatch.setattr(logic, "needs_torch", lambda models: False)
+    _pretend_installed(monkeypatch, {"pandas": "2.2.3"})
+    controller.view.answers = [True, False]  # VISTA3D's licence: yes; the downloads: not now
+    controller.find_from_image(_inputs(model="All models (fused)", volume=object(), tumor=object()))
+    controller.wait()
+    licence, download = (question for (question,) in controller.view.of("ask"))
+    assert licence.startswith("VISTA3D's weights are published under")
+    assert "CTFM: https://" in download and "VISTA3D: https://" in download
+    assert controller.hits is None

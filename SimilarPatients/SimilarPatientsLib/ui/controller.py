@@ -158,7 +158,7 @@ class ModuleController:
         self.view.show_references(names, current)
         self.refresh_models(current, model)
 
-    def refresh_models(self, reference: str, model: str = "", chosen: bool = False) -> None:
+    def refresh_models(self, reference: str, model: str = "", chosen: bool = False, metric: str = "cosine") -> None:
         """List ``reference``'s models with a tooltip each; a BigQuery reference not opened yet this session is
         asked for them only when the user ``chosen`` it (entering the module calls no service)."""
         if not reference:
@@ -169,16 +169,15 @@ class ModuleController:
             self.view.show_models(saved, model, dict.fromkeys(saved, "choose the reference again to list its models"))
             return
         try:
-            models = self.logic.models(reference)
-            tooltips = {m: self.logic.model_status(reference, m) for m in models}
+            choices = self.logic.model_choices(reference, metric)
         except SimilarPatientsError as error:
             self.view.show_models([], "", {})
             self.view.show_error(str(error))
             return
-        self.view.show_models(models, model if model in models else (models[0] if models else ""), tooltips)
+        self.view.show_models(choices.names, model if model in choices.names else choices.preferred, choices.tooltips)
 
     def reference_chosen(self, inputs: Inputs) -> None:
-        self.refresh_models(inputs.reference, inputs.model, chosen=True)
+        self.refresh_models(inputs.reference, inputs.model, chosen=True, metric=inputs.metric)
 
     def prepare(self, inputs: Inputs) -> None:
         """Start the worker and load ``inputs.model`` (and the reference's similarity scale) in the background,
@@ -187,14 +186,14 @@ class ModuleController:
         if not inputs.reference or not inputs.model or key == self._warmed or self.busy:
             return
         try:
-            network = self.logic.needs_torch(inputs.model)
+            if dependencies.unmet(SEARCH) or not self.logic.opened_without_network(inputs.reference):
+                return
+            models = self.logic.models_of(inputs.reference, inputs.model)
+            network = self.logic.needs_torch(models)
             ready = (
-                not dependencies.unmet((*SEARCH, *(IMAGE if network else ())))
-                and (not network or dependencies.torch_unmet() is None)
-                and self.logic.opened_without_network(inputs.reference)
-                and self.logic.runs_from_an_image(inputs.reference, inputs.model)
-                and self.logic.licence_to_accept(inputs.model) is None
-                and self.logic.weights_to_download(inputs.model) is None
+                not (network and (dependencies.unmet(IMAGE) or dependencies.torch_unmet()))
+                and all(self.logic.runs_from_an_image(inputs.reference, m) for m in models)
+                and not any(self.logic.licence_to_accept(m) or self.logic.weights_to_download(m) for m in models)
             )
             if ready:
                 self._warming = self.logic.start_prepare(inputs.reference, inputs.model, inputs.metric)
@@ -248,19 +247,26 @@ class ModuleController:
         self._check_search(inputs)
         if inputs.volume is None or inputs.tumor is None:
             raise SimilarPatientsError("Choose the CT volume, and the tumor as a segment, a point list or an ROI.")
-        network = self.logic.needs_torch(inputs.model)
+        model = inputs.model
+        try:
+            network = self.logic.needs_torch([model])  # a model of the registry: known before any install
+        except SimilarPatientsError:  # the fused choice: its models are read from the reference, once readable
+            network = bool(dependencies.unmet(SEARCH)) or self.logic.needs_torch(
+                self.logic.models_of(inputs.reference, model)
+            )
         if not self._install(SEARCH, IMAGE if network else (), *self._service_needs(inputs.reference), torch=network):
             return
-        model = inputs.model
-        licence = self.logic.licence_to_accept(model)
-        if licence:
-            if not self.view.ask(
-                f"{model}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
-            ):
-                return
-            self.logic.accept_licence(model)
-        source = self.logic.weights_to_download(model)
-        if source and not self._downloads_opt_in(f"The {model} weights would be downloaded from {source}."):
+        models = self.logic.models_of(inputs.reference, model)
+        for name in models:
+            licence = self.logic.licence_to_accept(name)
+            if licence:
+                if not self.view.ask(
+                    f"{name}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
+                ):
+                    return
+                self.logic.accept_licence(name)
+        sources = [f"{name}: {url}" for name in models if (url := self.logic.weights_to_download(name))]
+        if sources and not self._downloads_opt_in("These weights would be downloaded:\n" + "\n".join(sources)):
             return
         self.view.update_progress(None, f"starting the query worker and loading {model}")
         files = self.logic.write_query(inputs.volume, **tumor_marks(inputs.tumor, inputs.segment))

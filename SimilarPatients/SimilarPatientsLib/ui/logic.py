@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 NLST = "nlst-sybil"
 
 
+@dataclass(frozen=True)
+class ModelChoices:
+    """The model list of a reference: its entries, a status line for each, and the one to preselect."""
+
+    names: list
+    tooltips: dict
+    preferred: str
+
+
 @dataclass
 class QueryFiles:
     """A query's CT and tumor marks as the worker reads them (written from the nodes, in memory only)."""
@@ -95,6 +104,29 @@ class ModuleLogic:
     def models(self, reference: str) -> list:
         return self.open(reference).models if reference else []
 
+    def model_choices(self, reference: str, metric: str = "cosine") -> ModelChoices:
+        """What the model list offers for ``reference``: its models, each with its status line, and, with
+        two or more, all of them fused (``FUSED_CHOICE``), preferred only where an evaluation of this
+        reference showed fusion at least as good as its best single model (its tooltip says why or why not)."""
+        from ..references import FUSED_CHOICE, fusion_default
+
+        opened = self.open(reference)
+        names = list(opened.models)
+        tooltips = {m: self.model_status(reference, m) for m in names}
+        preferred = names[0] if names else ""
+        if len(names) > 1:
+            advice = fusion_default(opened, metric)
+            names.append(FUSED_CHOICE)
+            tooltips[FUSED_CHOICE] = f"Every model of the reference, their rankings fused. {advice.reason}"
+            preferred = FUSED_CHOICE if advice.default else preferred
+        return ModelChoices(names, tooltips, preferred)
+
+    def models_of(self, reference: str, choice: str) -> list:
+        """The models a choice of the model list runs: every model of the reference for the fused choice."""
+        from ..references.fused import fused_models, is_fused
+
+        return fused_models(self.open(reference), choice) if is_fused(choice) else [choice]
+
     def opened_without_network(self, reference: str) -> bool:
         """True when ``reference``'s models can be listed without calling a service (module entry must not)."""
         from ..cloud import is_bigquery
@@ -128,12 +160,12 @@ class ModuleLogic:
         licence = "no licence" if state.source is None else state.source.licence
         return f"{model} ({recipe}): {licence}; {weights}; runs on the GPU when there is one, else the CPU"
 
-    def needs_torch(self, model: str) -> bool:
-        """Whether embedding with ``model`` runs a network (torch, MONAI); the weight-free model does not. An
+    def needs_torch(self, models) -> bool:
+        """Whether embedding with ``models`` runs a network (torch, MONAI); the weight-free model does not. An
         unknown model is refused here, before anything is installed for it."""
         from ..models import registry
 
-        return "torch" in registry.get(model).encoder.needs
+        return any("torch" in registry.get(model).encoder.needs for model in models)
 
     def runs_from_an_image(self, reference: str, model: str) -> bool:
         """Whether ``model`` of ``reference`` can embed a tumor here (a registry model, the reference's recipe)."""
@@ -153,8 +185,16 @@ class ModuleLogic:
         return ThreadJob(lambda report: self.neighbors(reference, model, patient, k, metric, where, report), progress)
 
     def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None):
-        """A reference patient's nearest patients, each with its similarity (closeness percentile)."""
+        """A reference patient's nearest patients, each with its similarity (closeness percentile); for the
+        fused choice, ranked by every model together, with each model's rank."""
+        from ..references.fused import hit_closeness, is_fused, search_fused
+
         opened = self.open(reference)
+        if is_fused(model):
+            hits = search_fused(
+                opened, patient=patient, models=model, k=k, metric=metric, where=where, exclude=[patient]
+            )
+            return hits.assign(closer_than=hit_closeness(opened, hits, metric))
         hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient], where=where)
         if not hasattr(opened, "closeness"):  # BigQuery: the distribution is not measured there
             return hits.assign(closer_than=float("nan"))
@@ -205,16 +245,25 @@ class ModuleLogic:
         return self._worker
 
     def start_prepare(self, reference: str, model: str, metric: str = "cosine", progress=None):
-        """Start the worker, load ``model`` and measure ``reference``'s similarity scale ahead of the first
-        click (nothing is downloaded: call it only when :meth:`weights_to_download` is None)."""
+        """Start the worker, load ``model`` (every model, for the fused choice) and measure ``reference``'s
+        similarity scale ahead of the first click (nothing is downloaded: call it only when
+        :meth:`weights_to_download` is None for each)."""
         return self.worker().submit(
             "prepare",
             progress,
             model=model,
             reference=reference,
             metric=metric,
-            weights=self.settings.weights_file(model),
+            weights=self._weights(reference, model),
         )
+
+    def _weights(self, reference: str, model: str):
+        """The site's weights file(s) for a choice: one path, or one per model for the fused choice."""
+        from ..references.fused import is_fused
+
+        if is_fused(model):
+            return {m: self.settings.weights_file(m) for m in self.models_of(reference, model)}
+        return self.settings.weights_file(model)
 
     def write_query(self, volume, segmentation=None, segments=None, point=None, roi=None) -> QueryFiles:
         """The CT and the tumor marks (each segment of ``segments``, each point of a point list, or an ROI)
@@ -276,7 +325,7 @@ class ModuleLogic:
             k=int(k),
             metric=metric,
             where=list(where or []),
-            weights=self.settings.weights_file(model),
+            weights=self._weights(reference, model),
             thumbnail_folder=str(self.thumbnail_folder()),
         )
 

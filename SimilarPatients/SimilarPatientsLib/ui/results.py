@@ -25,11 +25,16 @@ class ResultsTable:
 
 
 def results_table(hits, display_fields) -> ResultsTable:
-    """The hit table's rank, patient, similarity, distance, the reference's display fields, collection and
-    series size, as text."""
-    wanted = ["rank", "PatientID", "closer_than", "distance", *display_fields, "collection_id", "series_size_MB"]
-    columns = [c for c in dict.fromkeys(wanted) if c in hits.columns]
-    rows = [[cell_text(name, record[name]) for name in columns] for record in hits.to_dict("records")]
+    """The hit table's rank, patient, similarity, each model's rank for a fused search (so a clinician sees
+    which models agree), distance, the reference's display fields, collection and series size, as text."""
+    from ..references.fused import rank_labels
+
+    ranks = rank_labels(hits)
+    shown = hits.assign(**{f"{model} rank": ranks[model] for model in ranks.columns})
+    wanted = ["rank", "PatientID", "closer_than", *(f"{m} rank" for m in ranks.columns), "distance"]
+    wanted += [*display_fields, "collection_id", "series_size_MB"]
+    columns = [c for c in dict.fromkeys(wanted) if c in shown.columns]
+    rows = [[cell_text(name, record[name]) for name in columns] for record in shown.to_dict("records")]
     return ResultsTable([HEADERS.get(c, c) for c in columns], rows)
 
 
