@@ -1,7 +1,8 @@
 """Click → results table: what a Slicer user waits for after pressing *Find*, outside Slicer.
 
 One "click" is what the module does: write the CT and the tumor mask it has in memory to a temporary
-folder (uncompressed NRRD), then query. Three ways, timed in the same run on the same inputs:
+folder (uncompressed NRRD), then query, with the query tumor's thumbnail drawn (the module asks for it).
+Three ways, timed in the same run on the same inputs:
 
 - **prepared on entry** (the module's way now): entering the module (or choosing a model) starts the worker
   and loads the model in the background (the worker's ``prepare``); the first click after entry then pays
@@ -96,7 +97,13 @@ def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int
             started = time.perf_counter()
             ct, tumor = write_inputs(image, mask, folder)
             result = client.query(
-                image=str(ct), image_key="ct", tumors={"mask": str(tumor)}, model=model, reference=reference, k=5
+                image=str(ct),
+                image_key="ct",
+                tumors={"mask": str(tumor)},
+                model=model,
+                reference=reference,
+                k=5,
+                thumbnail_folder=str(folder),
             )
             times.append(time.perf_counter() - started)
             hits = [h["PatientID"] for h in result["hits"]]
@@ -104,7 +111,12 @@ def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int
             started = time.perf_counter()
             sitk.WriteImage(mask, str(folder / "mask.nrrd"), False)
             kept = client.query(
-                image=None, image_key="ct", tumors={"mask": str(folder / "mask.nrrd")}, model=model, reference=reference
+                image=None,
+                image_key="ct",
+                tumors={"mask": str(folder / "mask.nrrd")},
+                model=model,
+                reference=reference,
+                thumbnail_folder=str(folder),
             )
             same.append(time.perf_counter() - started)
             assert [h["PatientID"] for h in kept["hits"]] == hits
@@ -183,7 +195,13 @@ def time_prepared_entry(image, mask, model: str, reference: str, folder: Path) -
         started = time.perf_counter()
         ct, tumor = write_inputs(image, mask, folder)
         result = client.query(
-            image=str(ct), image_key="ct", tumors={"mask": str(tumor)}, model=model, reference=reference, k=5
+            image=str(ct),
+            image_key="ct",
+            tumors={"mask": str(tumor)},
+            model=model,
+            reference=reference,
+            k=5,
+            thumbnail_folder=str(folder),
         )
         first = time.perf_counter() - started
         return {"entry_s": entry, "first_click_s": first, "hits": [h["PatientID"] for h in result["hits"]]}
