@@ -85,6 +85,20 @@ def write_inputs(image, mask, folder: Path) -> tuple:
     return folder / "ct.nrrd", folder / "mask.nrrd"
 
 
+def click(client, image, mask, model: str, reference: str, folder: Path) -> dict:
+    """One click on a new CT: the CT and the mask handed over as files, the query, the tumor's thumbnail."""
+    ct, tumor = write_inputs(image, mask, folder)
+    return client.query(
+        image=str(ct),
+        image_key="ct",
+        tumors={"mask": str(tumor)},
+        model=model,
+        reference=reference,
+        k=5,
+        thumbnail_folder=str(folder),
+    )
+
+
 def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int) -> dict:
     """The first click, then warm clicks that send the CT each time (another volume each click), then warm
     clicks on the same volume (the module sends its voxels only when they changed: a key names them)."""
@@ -95,16 +109,7 @@ def time_worker(image, mask, model: str, reference: str, folder: Path, warm: int
     try:
         for _ in range(1 + warm):
             started = time.perf_counter()
-            ct, tumor = write_inputs(image, mask, folder)
-            result = client.query(
-                image=str(ct),
-                image_key="ct",
-                tumors={"mask": str(tumor)},
-                model=model,
-                reference=reference,
-                k=5,
-                thumbnail_folder=str(folder),
-            )
+            result = click(client, image, mask, model, reference, folder)
             times.append(time.perf_counter() - started)
             hits = [h["PatientID"] for h in result["hits"]]
         for _ in range(warm):
@@ -193,16 +198,7 @@ def time_prepared_entry(image, mask, model: str, reference: str, folder: Path) -
         client.request("prepare", model=model, reference=reference, metric="cosine")
         entry = time.perf_counter() - started
         started = time.perf_counter()
-        ct, tumor = write_inputs(image, mask, folder)
-        result = client.query(
-            image=str(ct),
-            image_key="ct",
-            tumors={"mask": str(tumor)},
-            model=model,
-            reference=reference,
-            k=5,
-            thumbnail_folder=str(folder),
-        )
+        result = click(client, image, mask, model, reference, folder)
         first = time.perf_counter() - started
         return {"entry_s": entry, "first_click_s": first, "hits": [h["PatientID"] for h in result["hits"]]}
     finally:
