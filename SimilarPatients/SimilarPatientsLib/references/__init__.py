@@ -2,6 +2,7 @@
 (NLST-Sybil's upstream files, Parquet/CSV, URLs), and the opened :class:`Reference` that searches."""
 
 from .importers import ImportedSource, read_source
+from .parquet_table import ParquetTable
 from .reference import ModelInfo, PatientEmbeddings, Reference
 from .schema import ReferenceTable
 from .store import ReferenceStore
@@ -9,6 +10,7 @@ from .store import ReferenceStore
 __all__ = [
     "ImportedSource",
     "ModelInfo",
+    "ParquetTable",
     "PatientEmbeddings",
     "Reference",
     "ReferenceStore",

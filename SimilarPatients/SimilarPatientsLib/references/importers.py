@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
@@ -23,6 +21,7 @@ from ..progress import ProgressCallback
 from ..util.download import download
 from ..util.home import downloads_dir
 from . import nlst_sybil, schema
+from .parquet_table import ParquetTable, streamable
 
 NLST_SYBIL = "nlst-sybil"
 _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
@@ -30,9 +29,10 @@ _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
 
 @dataclass
 class ImportedSource:
-    """What an importer read: the validated table, notes for the user, and where it came from."""
+    """What an importer read: the validated table (in memory, or a Parquet table whose vectors are read
+    chunk by chunk as it is stored), notes for the user, and where it came from."""
 
-    table: schema.ReferenceTable
+    table: schema.ReferenceTable | ParquetTable
     origin: str
     notes: list = field(default_factory=list)
     #: label fields a person should see first (None: all of them), in order
@@ -83,9 +83,12 @@ def read_source(source: str, progress: ProgressCallback | None = None) -> Import
     return ImportedSource(read_table_file(path), str(path.resolve()))
 
 
-def read_table_file(path: Path) -> schema.ReferenceTable:
-    """A Parquet or CSV file in the canonical shape, validated."""
+def read_table_file(path: Path) -> schema.ReferenceTable | ParquetTable:
+    """A Parquet or CSV file in the canonical shape, validated (a Parquet file with an embedding list column
+    as a :class:`ParquetTable`, whose vectors are checked as they are read)."""
     name = path.name.lower()
+    if name.endswith((".parquet", ".pq")) and streamable(path):
+        return ParquetTable([path], path.name)
     try:
         if name.endswith((".parquet", ".pq")):
             return schema.from_arrow(pq.read_table(path))
@@ -101,33 +104,18 @@ def read_table_file(path: Path) -> schema.ReferenceTable:
     )
 
 
-def read_parquet_folder(folder: Path) -> schema.ReferenceTable:
-    """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table.
-    A lesion written twice with the same vector (a retried shard) is kept once; with two vectors, refused."""
+def read_parquet_folder(folder: Path) -> ParquetTable:
+    """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table whose
+    vectors are read shard by shard. A lesion written twice with the same vector (a retried shard) is kept
+    once; with two vectors, refused."""
     files = sorted(Path(folder).glob("*.parquet"))
-    try:
-        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    except (OSError, ValueError, pa.ArrowInvalid) as error:
-        raise SimilarPatientsError(f"Cannot read the Parquet shards in {folder} as one table: {error}") from error
-    key = [c for c in (schema.MODEL, schema.RECIPE, schema.PATIENT, schema.LESION) if c in table.column_names]
-    if schema.LESION in key:
-        frame = table.select(key).to_pandas()
-        repeated = frame.duplicated(keep="first").to_numpy()
-        if repeated.any():
-            vectors = table.column(schema.EMBEDDING).to_pylist()
-            first = {tuple(r): i for i, r in reversed(list(enumerate(frame.itertuples(index=False))))}
-            for i in np.flatnonzero(repeated):
-                row = tuple(frame.iloc[i])
-                if vectors[i] != vectors[first[row]]:
-                    raise SimilarPatientsError(
-                        f"Lesion {row} is in the shards of {folder} twice with different embeddings; remove the "
-                        f"shards of one of the builds."
-                    )
-            table = table.filter(pa.array(~repeated))
-    try:
-        return schema.from_arrow(table)
-    except SimilarPatientsError as error:
-        raise SimilarPatientsError(f"{folder}: {error}") from None
+    unstreamable = [f.name for f in files if not streamable(f)]
+    if unstreamable:
+        raise SimilarPatientsError(
+            f"The Parquet shards in {folder} must hold their vectors as an '{schema.EMBEDDING}' list column; "
+            f"{', '.join(unstreamable[:5])} do{'es' if len(unstreamable) == 1 else ''} not (or cannot be read)."
+        )
+    return ParquetTable(files, str(folder), shards=True)
 
 
 def _read_nlst_folder(folder: Path, progress: ProgressCallback | None) -> ImportedSource:
