@@ -21,9 +21,6 @@ from .distances import check_metric, pairwise_distances
 _EPS32 = float(np.finfo(np.float32).eps)
 #: Rows a scan scores at a time: its memory stays bounded, and a large scan reports its progress.
 SCAN_ROWS = 1 << 18
-#: From this many rows, :func:`nearest_patients_many` scores its groups together in one pass over the matrix;
-#: below it, one scan per group costs no more, and answers bit for bit as :func:`nearest_patients` does.
-BATCH_FROM = 20_000
 #: Scores held at a time when many queries are scored together (rows per block × queries).
 _BATCH_CELLS = 1 << 23
 
@@ -286,13 +283,13 @@ def nearest_patients_many(
     the matrix once instead of a thousand times is what makes them take seconds instead of minutes.
 
     A group whose kept rows cannot prove its answer (too few patients among them, or its k-th patient
-    within rounding of the last row kept) is answered by its own scan; below ``BATCH_FROM`` rows, all are."""
+    within rounding of the last row kept) is answered by its own scan; so are all when the matrix is tiny."""
     if k < 1:
         raise SimilarPatientsError("k must be at least 1.")
     checked = [check_queries(space.dim, group, metric) for group in groups]
     n = len(space.norms)
     m = max(8 * k, 64)
-    if n < max(BATCH_FROM, 4 * m) or len(space.patient_ids) <= k:
+    if n < 4 * m or len(space.patient_ids) <= k:
         return [nearest_patients(space, queries, k, metric) for queries in checked]
     starts = np.concatenate([[0], np.cumsum([len(q) for q in checked])])
     queries = np.concatenate(checked)
