@@ -226,10 +226,10 @@ class Reference(ReferenceManifest):
             return
         self.manifest, self._files = content, manifest.files(content)
 
-    def lesions(self, model: str | None = None) -> pd.DataFrame:
+    def lesions(self, model: str | None = None, progress: ProgressCallback | None = None) -> pd.DataFrame:
         """Lesion rows (no vectors): all models, or one model's in the row order of its matrix."""
         if self._table is None:
-            path = self.verified(PARQUET)
+            path = self.verified(PARQUET, progress)
             columns = [c for c in pq.read_schema(path).names if c != schema.EMBEDDING]
             self._table = pd.read_parquet(path, columns=columns)
         if model is None:
@@ -265,14 +265,14 @@ class Reference(ReferenceManifest):
                 self._row_masks.popitem(last=False)
         return self._row_masks[key]
 
-    def space(self, model: str) -> EmbeddingSpace:
+    def space(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
         """The model's vectors, memory-mapped read-only, with norms and patient codes."""
         if model not in self._spaces:
             folder = f"models/{self.model_info(model).folder}"
-            lesions = self.lesions(model)
+            lesions = self.lesions(model, progress)
             codes, patients = pd.factorize(lesions[schema.PATIENT], sort=True)
             self._spaces[model] = EmbeddingSpace(
-                vectors=np.load(self.verified(f"{folder}/vectors.npy"), mmap_mode="r"),
+                vectors=np.load(self.verified(f"{folder}/vectors.npy", progress), mmap_mode="r"),
                 norms=np.load(self.verified(f"{folder}/norms.npy")),
                 patient_codes=codes,
                 patient_ids=np.asarray(patients, dtype=object),
@@ -380,7 +380,7 @@ class Reference(ReferenceManifest):
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
         ``search`` and ``index_recall`` columns say which answered."""
         check_search(embeddings, patient, method)
-        space = self.space(model)
+        space = self.space(model, progress)
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids

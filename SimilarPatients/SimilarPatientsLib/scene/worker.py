@@ -313,7 +313,9 @@ class _Worker:
             ]
         closeness = getattr(reference, "closeness", None)  # a BigQuery reference does not measure it
         hits = result.hits.assign(
-            closer_than=closeness(spec.name, result.metric, result.hits.distance) if closeness else float("nan")
+            closer_than=closeness(spec.name, result.metric, result.hits.distance, progress)
+            if closeness
+            else float("nan")
         )
         return {
             "image_reused": request.get("image") is None,

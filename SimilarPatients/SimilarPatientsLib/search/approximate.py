@@ -93,6 +93,13 @@ class ApproximateIndex:
         target: float = TARGET_RECALL,
     ) -> ApproximateIndex:
         """Build the graph, then measure and tune it on ``space`` (see :meth:`calibrate`)."""
+        built = cls.graph(space, metric, progress)
+        built.calibrate(space, target, progress)
+        return built
+
+    @classmethod
+    def graph(cls, space: EmbeddingSpace, metric: str, progress: ProgressCallback | None = None) -> ApproximateIndex:
+        """The graph over ``space``'s vectors, not yet checked (what building the index alone costs)."""
         faiss = _faiss()
         kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
         index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
@@ -104,9 +111,7 @@ class ApproximateIndex:
             report(progress, start, n, "building the approximate index")
             index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric))
         report(progress, n, n, "building the approximate index")
-        built = cls(index, metric)
-        built.calibrate(space, target, progress)
-        return built
+        return cls(index, metric)
 
     def calibrate(
         self, space: EmbeddingSpace, target: float = TARGET_RECALL, progress: ProgressCallback | None = None
