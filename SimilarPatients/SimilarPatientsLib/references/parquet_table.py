@@ -69,19 +69,19 @@ class ParquetTable:
         kept = np.flatnonzero(~repeated)
         with self._named():
             meta, self._identified_by_order = schema.check_metadata(frame.iloc[kept])
-        self._meta = meta
+        self._meta = meta[[MODEL, PATIENT, LESION]]  # what the checks' messages name
         order = schema.stored_order(meta)
         self.lesions = meta.iloc[order].reset_index(drop=True)
-        stored_models = self.lesions[MODEL].to_numpy()
-        self.models = sorted(set(stored_models))
-        model_start = {m: int(np.searchsorted(stored_models, m)) for m in self.models}
-        # for each source row: its row among the kept ones (-1: a repeat), its model and place in its matrix
+        models = pd.Index(sorted(set(self.lesions[MODEL])))
+        self.models = list(models)
+        # for each source row: its row among the kept ones (-1: a repeat); for each kept row: its model, and
+        # its place in that model's matrix (the stored order is by model first)
         self._kept = np.full(len(frame), -1)
         self._kept[kept] = np.arange(len(kept))
-        codes = {m: i for i, m in enumerate(self.models)}
-        self._model = np.array([codes[m] for m in meta[MODEL]], dtype=np.int64)
+        self._model = models.get_indexer(meta[MODEL])
+        stored = models.get_indexer(self.lesions[MODEL])
         self._place = np.empty(len(meta), dtype=np.int64)
-        self._place[order] = np.arange(len(order)) - np.array([model_start[m] for m in stored_models], dtype=np.int64)
+        self._place[order] = np.arange(len(order)) - np.searchsorted(stored, np.arange(len(models)))[stored]
 
     @property
     def label_fields(self) -> list:
