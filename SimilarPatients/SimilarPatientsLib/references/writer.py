@@ -4,7 +4,8 @@ No model's matrix is held twice. Its rows go into ``vectors.npy`` as the source 
 stored positions, in any order: a table in memory hands over slices, a folder of Parquet shards its row
 groups); then one pass over the stored matrix, block by block, writes the Parquet rows, the norms and, when
 the rows came out of order, the matrix's digest. Peak memory is therefore one block plus what the approximate
-index needs (and the matrix itself when the caller holds it in memory anyway).
+index needs, beside the matrix itself: the caller's, when it holds the table in memory anyway, or the stored
+file's pages, memory-mapped (they count in the resident size, and the kernel takes them back when it needs).
 
 What a first query would otherwise wait for is made here too: the approximate index (from
 ``APPROXIMATE_FROM`` rows, with its recall self-check) and the nearest-match distribution that
