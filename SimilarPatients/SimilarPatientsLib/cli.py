@@ -761,18 +761,19 @@ def main(argv: list[str] | None = None) -> int:
                 for note in reference.manifest["notes"]:
                     print(f"note: {note}")
                 print(f"Imported '{reference.name}' from {reference.manifest['source']}:")
-                print(store.summary().query("reference == @args.name").drop(columns="reference").to_string(index=False))
+                imported = store.summary().query("reference == @args.name")
+                print(imported.drop(columns=["reference", "status"]).to_string(index=False))
             elif args.action == "list":
                 table = store.summary()
+                usable = table[table.status == "ok"].drop(columns="status")
                 if args.json:
                     print(_json(table))
+                elif len(table) == 0:
+                    print("No references yet; try `similar-patients references import nlst-sybil --source nlst-sybil`.")
                 else:
-                    print(
-                        table.to_string(index=False)
-                        if len(table)
-                        else "No references yet; try "
-                        "`similar-patients references import nlst-sybil --source nlst-sybil`."
-                    )
+                    print(usable.to_string(index=False) if len(usable) else "No usable references.")
+                    for status in table.status[table.status != "ok"]:
+                        print(f"warning: {status}", file=sys.stderr)
             elif args.action == "push":
                 _push(args, store, progress)
             else:

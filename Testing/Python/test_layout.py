@@ -104,6 +104,46 @@ def test_stages_import_only_downward(path):
     assert not upward, f"{stage}/ must not import {sorted(upward)}"
 
 
+def _module(path: Path) -> str:
+    parts = path.relative_to(LIB).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports(path: Path, modules: set) -> set:
+    """The library modules ``path`` imports when it is imported, or when a type checker reads it: its
+    module-level imports, those under ``if``/``try`` (``TYPE_CHECKING``) included; not those inside functions."""
+    found, pending = set(), list(ast.parse(path.read_text(encoding="utf-8")).body)
+    package = _module(path).split(".") if path.name == "__init__.py" else _module(path).split(".")[:-1]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.If, ast.Try)):
+            pending += [*node.body, *node.orelse, *(s for h in getattr(node, "handlers", []) for s in h.body)]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            target = [*package[: len(package) - (node.level - 1)], *(node.module.split(".") if node.module else [])]
+            for alias in node.names:
+                name = ".".join([*target, alias.name])
+                found.add(name if name in modules else ".".join(target))
+    return found & modules
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """A circle of imports (even one for type checking) makes a module's meaning depend on the order of
+    imports; packages' ``__init__`` re-exports are not modules of their own here."""
+    files = {_module(p): p for p in LIB_FILES if p.name != "__init__.py"}
+    graph = {name: _module_imports(path, set(files)) - {name} for name, path in files.items()}
+    circles = []
+    for name in graph:
+        seen, pending = set(), list(graph[name])
+        while pending:
+            other = pending.pop()
+            if other not in seen:
+                seen.add(other)
+                pending += graph[other]
+        if name in seen:
+            circles.append(name)
+    assert not circles, f"these modules import themselves back through others: {sorted(circles)}"
+
+
 def test_every_stage_is_in_the_import_rules():
     assert {p.name for p in LIB.iterdir() if (p / "__init__.py").exists()} == set(MAY_IMPORT)
 

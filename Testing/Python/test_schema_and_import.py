@@ -117,7 +117,7 @@ def test_parquet_import_round_trip(home, tmp_path):
     assert reference.display_fields == ["histology", "age"]  # a table declares none: all label fields
     assert reference.model_info("A").recipe == "unspecified"
     # the stored Parquet is the canonical single table and imports again as it is
-    again = read_source(str(reference.path / "reference.parquet")).table
+    again = read_source(str(reference.path / "reference.parquet")).table.load()
     np.testing.assert_array_equal(again.embeddings["B"], reference.space("B").vectors)
 
 
@@ -244,12 +244,12 @@ def test_a_folder_of_parquet_shards_imports_as_one_table_and_a_lesion_with_two_v
     (tmp_path / "shards").mkdir()
     shard("embeddings-a.parquet", ["P1", "P2"], 0.5)
     shard("embeddings-b.parquet", ["P2", "P3"], 0.5)  # P2 again, same vector: a retried shard
-    read = read_source(str(tmp_path / "shards"))
-    assert read.table.model_lesions("A")[schema.PATIENT].tolist() == ["P1", "P2", "P3"]
-    assert read.table.embeddings["A"].shape == (3, 2)
+    read = read_source(str(tmp_path / "shards")).table.load()
+    assert read.model_lesions("A")[schema.PATIENT].tolist() == ["P1", "P2", "P3"]
+    assert read.embeddings["A"].shape == (3, 2)
     shard("embeddings-c.parquet", ["P3"], 0.7)
     with pytest.raises(SimilarPatientsError, match=r"is in the shards of .* twice with different embeddings"):
-        read_source(str(tmp_path / "shards"))
+        read_source(str(tmp_path / "shards")).table.load()
 
 
 @pytest.mark.parametrize("name", [*schema.RESERVED, "Distance", "VIEWER_URL"])

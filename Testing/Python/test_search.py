@@ -301,10 +301,11 @@ def test_closeness_works_on_a_reference_that_cannot_be_written(tmp_path, monkeyp
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(reference_module, "replacing", read_only)
-    hits = opened.search("A", patient="P001", k=3, exclude=["P001"])
-    closeness = opened.closeness("A", "cosine", hits.distance)
+    hits = opened.search("A", patient="P001", k=3, exclude=["P001"], metric="euclidean")
+    closeness = opened.closeness("A", "euclidean", hits.distance)  # cosine's was made when it was written
     assert len(closeness) == 3 and np.all(np.diff(closeness) <= 0)
-    assert not (opened.path / "models" / "0" / "nearest-cosine.npy").exists()
+    assert not (opened.path / "models" / "0" / "nearest-euclidean.npy").exists()
+    assert "models/0/nearest-euclidean.npy" not in opened.manifest["files"]
 
 
 def test_a_label_never_replaces_a_computed_hit_column(home, capsys):

@@ -24,7 +24,7 @@ def test_failed_write_keeps_previous_version(home, monkeypatch):
         (staging / "reference.parquet").write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_write_version", crash)
+    monkeypatch.setattr(store, "write_version", crash)
     with pytest.raises(OSError, match="disk full"):
         references.write("ref", schema.from_frame(synthetic_frame(seed=2)), "v2")
     again = references.open("ref")
@@ -144,7 +144,7 @@ def test_a_cancelled_import_leaves_no_reference_and_no_staging(home, tmp_path):
     synthetic_frame().to_parquet(path)
 
     def cancel(done, total, message):
-        if message == "writing Parquet":
+        if message == "writing the vectors":
             raise Cancelled()
 
     with pytest.raises(Cancelled, match="Cancelled"):

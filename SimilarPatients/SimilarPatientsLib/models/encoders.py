@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -22,9 +22,7 @@ from ..imaging.crop import Crop
 from ..progress import ProgressCallback, report
 from ..util.optional import IMAGING, NETWORKS, optional_import
 from . import checkpoints
-
-if TYPE_CHECKING:
-    from .registry import ModelSpec
+from .checkpoints import CheckpointFormat
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
@@ -38,6 +36,16 @@ class Encoder(Protocol):
     needs: Sequence[str]  #: the packages it runs with (checked before it is built)
 
     def encode(self, crops: Sequence[Crop]) -> np.ndarray: ...
+
+
+class NetworkSpec(Protocol):
+    """What a network encoder reads of a model's registry entry (:class:`~.registry.ModelSpec` is one): its
+    name, how to build the network, and how its checkpoint holds it. Declared here, so that the registry
+    imports its encoders and nothing here imports the registry."""
+
+    name: str
+    build: Callable | None
+    checkpoint: CheckpointFormat | None
 
 
 class NetworkEncoder:
@@ -56,7 +64,7 @@ class NetworkEncoder:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: NetworkSpec,
         weights: Path,
         device: str | None = None,
         precision: str = "fp32",

@@ -4,6 +4,7 @@
 from .fused import FUSED_CHOICE, fused_models, hit_closeness, rank_labels, search_fused
 from .fusion_verdict import FusionAdvice, fusion_default
 from .importers import ImportedSource, read_source
+from .parquet_table import ParquetTable
 from .reference import ModelInfo, PatientEmbeddings, Reference
 from .schema import ReferenceTable
 from .store import ReferenceStore
@@ -13,6 +14,7 @@ __all__ = [
     "FusionAdvice",
     "ImportedSource",
     "ModelInfo",
+    "ParquetTable",
     "PatientEmbeddings",
     "Reference",
     "ReferenceStore",

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..util import files as stored_files
+from ..util.atomic import replacing
 from ..util.download import download
-from ..util.home import downloads_dir
+from ..util.home import downloads_dir, writing
 from . import nlst_sybil, schema
+from .parquet_table import ParquetTable, streamable
 
 NLST_SYBIL = "nlst-sybil"
 #: The record ``index build`` keeps in its output folder: which build, and whether it completed.
@@ -34,9 +34,10 @@ _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
 
 @dataclass
 class ImportedSource:
-    """What an importer read: the validated table, notes for the user, and where it came from."""
+    """What an importer read: the validated table (in memory, or a Parquet table whose vectors are read
+    chunk by chunk as it is stored), notes for the user, and where it came from."""
 
-    table: schema.ReferenceTable
+    table: schema.ReferenceTable | ParquetTable
     origin: str
     notes: list = field(default_factory=list)
     #: label fields a person should see first (None: all of them), in order
@@ -99,9 +100,12 @@ def _read_source(source: str, progress: ProgressCallback | None, allow_incomplet
     return ImportedSource(read_table_file(path), str(path.resolve()))
 
 
-def read_table_file(path: Path) -> schema.ReferenceTable:
-    """A Parquet or CSV file in the canonical shape, validated."""
+def read_table_file(path: Path) -> schema.ReferenceTable | ParquetTable:
+    """A Parquet or CSV file in the canonical shape, validated (a Parquet file with an embedding list column
+    as a :class:`ParquetTable`, whose vectors are checked as they are read)."""
     name = path.name.lower()
+    if name.endswith((".parquet", ".pq")) and streamable(path):
+        return ParquetTable([path], path.name)
     try:
         if name.endswith((".parquet", ".pq")):
             return schema.from_arrow(pq.read_table(path))
@@ -149,36 +153,36 @@ def read_build_folder(folder: str, allow_incomplete: bool = False) -> ImportedSo
     return ImportedSource(table, folder, notes)
 
 
-def read_parquet_folder(folder: Path | str) -> schema.ReferenceTable:
-    """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table.
-    Hidden files (a writer's temporaries) are not shards. A lesion written twice with the same vector (a
-    retried shard) is kept once; with two vectors, refused."""
-    shards = stored_files.listing(str(folder), "*.parquet")
-    try:
-        table = pa.concat_tables(
-            [pq.read_table(pa.BufferReader(stored_files.read(f))) for f in shards], promote_options="default"
+def read_parquet_folder(folder: Path | str) -> ParquetTable:
+    """A folder of Parquet shards in the canonical shape (as ``index build`` writes them), as one table whose
+    vectors are read shard by shard. Hidden files (a writer's temporaries) are not shards. A lesion written
+    twice with the same vector (a retried shard) is kept once; with two vectors, refused. The shards of a
+    ``gs://`` folder are copied into the download cache first, then streamed as a local folder's are."""
+    files = stored_files.listing(str(folder), "*.parquet")
+    if stored_files.is_url(str(folder)):
+        files = _local_copies(str(folder), files)
+    unstreamable = [stored_files.name(str(f)) for f in files if not streamable(Path(f))]
+    if unstreamable:
+        raise SimilarPatientsError(
+            f"The Parquet shards in {folder} must hold their vectors as an '{schema.EMBEDDING}' list column; "
+            f"{', '.join(unstreamable[:5])} do{'es' if len(unstreamable) == 1 else ''} not (or cannot be read)."
         )
-    except (OSError, ValueError, pa.ArrowInvalid) as error:
-        raise SimilarPatientsError(f"Cannot read the Parquet shards in {folder} as one table: {error}") from error
-    key = [c for c in (schema.MODEL, schema.RECIPE, schema.PATIENT, schema.LESION) if c in table.column_names]
-    if schema.LESION in key:
-        frame = table.select(key).to_pandas()
-        repeated = frame.duplicated(keep="first").to_numpy()
-        if repeated.any():
-            vectors = table.column(schema.EMBEDDING).to_pylist()
-            first = {tuple(r): i for i, r in reversed(list(enumerate(frame.itertuples(index=False))))}
-            for i in np.flatnonzero(repeated):
-                row = tuple(frame.iloc[i])
-                if vectors[i] != vectors[first[row]]:
-                    raise SimilarPatientsError(
-                        f"Lesion {row} is in the shards of {folder} twice with different embeddings; remove the "
-                        f"shards of one of the builds."
-                    )
-            table = table.filter(pa.array(~repeated))
-    try:
-        return schema.from_arrow(table)
-    except SimilarPatientsError as error:
-        raise SimilarPatientsError(f"{folder}: {error}") from None
+    return ParquetTable(files, str(folder), shards=True)
+
+
+def _local_copies(folder: str, files: list) -> list:
+    """The shards of a cloud folder copied (each atomically) into the download cache, which keeps only them."""
+    cache = downloads_dir() / "builds" / hashlib.sha256(folder.encode()).hexdigest()[:16]
+    copies = []
+    with writing(f"the download cache ({cache})"):
+        cache.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            copies.append(cache / stored_files.name(file))
+            with replacing(copies[-1]) as temporary:
+                temporary.write_bytes(stored_files.read(file))
+        for stale in set(cache.glob("*.parquet")) - set(copies):
+            stale.unlink()
+    return copies
 
 
 def _read_nlst_folder(folder: Path, progress: ProgressCallback | None) -> ImportedSource:

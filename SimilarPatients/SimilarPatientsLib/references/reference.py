@@ -1,18 +1,23 @@
 """One stored reference database, opened: its lesion table, per-model memory-mapped matrices, and search.
 
-Files of one version (written once by :mod:`store`, never modified, except that an approximate index
-may be added beside a model's matrix)::
+Files of one version (written once by :mod:`.writer`, never modified; an approximate index or a nearest-match
+distribution for another metric may be added beside a model's matrix, and recorded in the manifest)::
 
-    manifest.json              name, source, models (dimension, recipe, counts), label fields
+    manifest.json              name, source, models (dimension, recipe, counts), label fields, and the size and
+                               digest of every other file (see :mod:`.manifest`)
     reference.parquet          the canonical table (interchange format)
     models/<i>/vectors.npy     float32 matrix of model i's lesions, in table order (memory-mapped)
     models/<i>/norms.npy       their float64 L2 norms
-    models/<i>/hnsw-<metric>.faiss   approximate index, built for large references
+    models/<i>/nearest-<metric>.npy  the nearest-match distribution :meth:`Reference.closeness` reads
+    models/<i>/hnsw-<metric>.faiss   approximate index (+ its calibration, .json), built for large references
+
+Every file is checked against its digest before anything is read from it (once per process; later opens
+compare sizes only), so a changed byte is an error that names the file and says how to repair it, never an
+answer computed from it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,18 +30,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback
 from ..search import approximate, filters
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
+from ..util import digests
 from ..util.atomic import replacing
 from ..util.columns import pandas_array
-from . import schema
+from ..util.locks import FileLock
+from . import closeness, manifest, schema
 from .fused import search_fused
 from .hits import hit_table
+from .manifest import DamagedFile
 
 METHODS = ("auto", "exact", "approximate")
-#: Patients whose nearest-match distance makes the distribution :meth:`Reference.closeness` reads.
-CLOSENESS_SAMPLE = 1000
+PARQUET = "reference.parquet"
 #: Filters whose row masks a reference keeps (most recently used first out last).
 KEPT_FILTERS = 16
 log = logging.getLogger(__name__)
@@ -120,30 +127,117 @@ def query_lesion_names(embeddings, given: Sequence[str] | None) -> Sequence[str]
     return given
 
 
+def damaged(name: str, problem: str, source: str | None = None) -> SimilarPatientsError:
+    """The error for a reference whose files are not what was written: what is wrong, and how to repair it."""
+    origin = f" ({source})" if source else ""
+    return SimilarPatientsError(
+        f"Reference '{name}' is damaged: {problem}. Import it again from the source it was imported from{origin} "
+        f"to repair it: `similar-patients references import {name} --source SOURCE` (or delete it: "
+        f"`similar-patients references delete {name}`). Other references are not affected."
+    )
+
+
 class Reference(ReferenceManifest):
     """A reference database: lesions of one or more models, searchable by patient or by embedding."""
 
     def __init__(self, path: Path, lock=None):
         """``path``: a version folder. ``lock``: what keeps it from being deleted while open (see
-        :meth:`ReferenceStore.open`), released when the reference is."""
+        :meth:`ReferenceStore.open`), released by :meth:`close` or when the reference is."""
         self.path = Path(path)
         self._lock = lock
-        self.manifest: dict = json.loads((self.path / "manifest.json").read_text(encoding="utf-8"))
+        try:
+            self.manifest: dict = manifest.read(self.path)
+        except DamagedFile as error:
+            raise damaged(self.path.parent.name, f"{error} (version {self.path.name})") from None
         self.name: str = self.manifest["name"]
+        if "files" not in self.manifest:
+            self._adopt()
+        self._files = manifest.files(self.manifest)
+        for relative, record in self._files.items():  # a missing or cut file shows at once, at the cost of a stat
+            problem = digests.size_check(self.path / relative, record)
+            if problem:
+                raise self._damaged(relative, problem)
         self._table: pd.DataFrame | None = None
         self._model_lesions: dict[str, pd.DataFrame] = {}
         self._lesion_rows: dict[str, pa.Table] = {}
         self._row_masks: OrderedDict = OrderedDict()
         self._spaces: dict[str, EmbeddingSpace] = {}
         self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
+        self._nearest: dict[tuple, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"Reference({self.name!r}, models={self.models})"
 
-    def lesions(self, model: str | None = None) -> pd.DataFrame:
+    def close(self) -> None:
+        """Let writers remove this version once it is replaced (it stays readable while open)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def verified(self, relative: str, progress: ProgressCallback | None = None) -> Path:
+        """The path of the version's file ``relative`` once it is known to be the file that was written (read
+        in full the first time in this process, a size check after)."""
+        record = self._files.get(relative)
+        problem = "is not recorded in the manifest" if record is None else None
+        problem = problem or digests.check(self.path / relative, record, progress)
+        if problem:
+            raise self._damaged(relative, problem)
+        return self.path / relative
+
+    def _damaged(self, relative: str, problem: str) -> SimilarPatientsError:
+        parts = relative.split("/")
+        owner = {info.get("folder"): model for model, info in self.manifest["models"].items()}
+        model = f" (model {owner[parts[1]]})" if len(parts) == 3 and parts[1] in owner else ""
+        return damaged(self.name, f"{relative}{model} {problem} (version {self.path.name})", self.manifest["source"])
+
+    def _adopt(self) -> None:
+        """A version written before files had digests: record its files as they are now (so a change from now
+        on is found; what changed before cannot be), and say so in its notes."""
+        records = {
+            path.relative_to(self.path).as_posix(): digests.file_record(path)
+            for path in sorted(self.path.rglob("*"))
+            if path.is_file() and path.name != manifest.NAME and not path.name.startswith(".")
+        }
+        note = (
+            "file digests recorded when first opened by a SimilarPatients that keeps them, not when written: "
+            "import it again to have it checked against its source"
+        )
+        adopted = {
+            **self.manifest,
+            "notes": [*self.manifest.get("notes", []), note],
+            "format": manifest.FORMAT,
+            "digests": digests.ALGORITHM,
+            "files": {relative: record.as_dict() for relative, record in records.items()},
+        }
+        self.manifest = adopted
+        self._record(list(records), lambda: records, lambda content: content.update(adopted))
+
+    def _record(self, relatives: list, write, update=None, replace: bool = False) -> None:
+        """Add files to this version and to its manifest, under the reference's writer lock: ``write()``
+        writes them and returns their records by path, ``update(content)`` changes the manifest beside.
+        Files another process recorded first are kept (``replace``: replaced). Where the version cannot be
+        written (a read-only data home), what was computed serves this process only."""
+        try:
+            with FileLock(self.path.parent / ".writer.lock"):
+                content = manifest.read(self.path)
+                if not replace and "files" in content and all(r in content["files"] for r in relatives):
+                    self.manifest, self._files = content, manifest.files(content)
+                    return
+                records = write()
+                if update is not None:
+                    update(content)
+                content["files"] = {**content.get("files", {}), **{r: rec.as_dict() for r, rec in records.items()}}
+                manifest.write(self.path, content)
+        except DamagedFile as error:
+            raise self._damaged(error.relative, error.problem) from None
+        except OSError as error:
+            log.info("could not add %s to reference '%s': %s", ", ".join(relatives), self.name, error)
+            return
+        self.manifest, self._files = content, manifest.files(content)
+
+    def lesions(self, model: str | None = None, progress: ProgressCallback | None = None) -> pd.DataFrame:
         """Lesion rows (no vectors): all models, or one model's in the row order of its matrix."""
         if self._table is None:
-            path = self.path / "reference.parquet"
+            path = self.verified(PARQUET, progress)
             columns = [c for c in pq.read_schema(path).names if c != schema.EMBEDDING]
             self._table = pd.read_parquet(path, columns=columns)
         if model is None:
@@ -179,15 +273,15 @@ class Reference(ReferenceManifest):
                 self._row_masks.popitem(last=False)
         return self._row_masks[key]
 
-    def space(self, model: str) -> EmbeddingSpace:
+    def space(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
         """The model's vectors, memory-mapped read-only, with norms and patient codes."""
         if model not in self._spaces:
-            folder = self.path / "models" / self.model_info(model).folder
-            lesions = self.lesions(model)
+            folder = f"models/{self.model_info(model).folder}"
+            lesions = self.lesions(model, progress)
             codes, patients = pd.factorize(lesions[schema.PATIENT], sort=True)
             self._spaces[model] = EmbeddingSpace(
-                vectors=np.load(folder / "vectors.npy", mmap_mode="r"),
-                norms=np.load(folder / "norms.npy"),
+                vectors=np.load(self.verified(f"{folder}/vectors.npy", progress), mmap_mode="r"),
+                norms=np.load(self.verified(f"{folder}/norms.npy")),
                 patient_codes=codes,
                 patient_ids=np.asarray(patients, dtype=object),
             )
@@ -209,33 +303,38 @@ class Reference(ReferenceManifest):
     def closeness(self, model: str, metric: str, distances, progress: ProgressCallback | None = None) -> np.ndarray:
         """Each distance placed on this reference's own distribution of nearest-match distances (each
         reference patient's distance to its nearest other patient): the percentage of those that are
-        larger, so 97 reads "closer than 97% of nearest matches in this reference". The distribution is
-        computed once per model and metric (on up to 1,000 patients, seeded) and kept with the version."""
-        nearest = self._nearest_match_distances(model, metric, progress)
-        values = np.asarray(distances, dtype=np.float64)
-        return 100.0 * (len(nearest) - np.searchsorted(nearest, values, side="right")) / len(nearest)
+        larger, so 97 reads "closer than 97% of nearest matches in this reference". The distribution (see
+        :mod:`.closeness`) is made when the reference is written for cosine; for another metric, or a
+        reference written before, on first use (in one pass over the matrix, with progress), and kept."""
+        return closeness.percent_farther(self._nearest_match_distances(model, metric, progress), distances)
 
     def _nearest_match_distances(self, model: str, metric: str, progress: ProgressCallback | None) -> np.ndarray:
-        """Sorted distances from (a sample of) the reference's patients to their nearest other patient."""
-        path = self.path / "models" / self.model_info(model).folder / f"nearest-{metric}.npy"
-        if path.is_file():
-            return np.load(path)
-        space = self.space(model)
-        patients = len(space.patient_ids)
-        if patients < 2:
-            raise SimilarPatientsError(f"Reference '{self.name}' has one patient in {model}: nothing to compare with.")
-        sample = np.sort(np.random.default_rng(0).choice(patients, size=min(patients, CLOSENESS_SAMPLE), replace=False))
-        nearest = np.empty(len(sample))
-        for i, code in enumerate(sample):
-            report(progress, i, len(sample), "measuring this reference's nearest-match distances")
-            match = nearest_patients(space, space.vectors[space.rows_of(code)], 2, metric)
-            nearest[i] = next(m.distance for m in match if m.patient != space.patient_ids[code])
-        nearest.sort()
-        try:
-            with replacing(path) as temporary, open(temporary, "wb") as stream:
-                np.save(stream, nearest)
-        except OSError as error:  # a read-only data home (a site's shared copy): measured again next time
-            log.info("could not keep the nearest-match distances in %s: %s", path.parent, error)
+        key = (model, metric)
+        if key in self._nearest:
+            return self._nearest[key]
+        relative = f"models/{self.model_info(model).folder}/{closeness.file_name(metric)}"
+        if relative in self._files:
+            nearest = np.load(self.verified(relative, progress))
+        else:
+            space = self.space(model)
+            index = None
+            if len(space.norms) >= approximate.APPROXIMATE_FROM:
+                index = self.approximate_index(model, metric, progress)
+                index = index if index.calibration.reached else None
+            nearest, how = closeness.nearest_match_distances(
+                space, metric, index, progress, f"Reference '{self.name}' ({model})"
+            )
+
+            def save() -> dict:
+                with replacing(self.path / relative) as temporary, digests.HashingWriter(temporary) as out:
+                    np.save(out, nearest)
+                return {relative: out.record()}
+
+            def describe(content: dict) -> None:
+                content["models"][model].setdefault("closeness", {})[metric] = how
+
+            self._record([relative], save, describe)
+        self._nearest[key] = nearest
         return nearest
 
     def approximate_index(
@@ -244,18 +343,27 @@ class Reference(ReferenceManifest):
         """The model's HNSW index for ``metric``: loaded if built, else built now and saved."""
         key = (model, metric)
         if key not in self._indexes:
-            path = self.path / "models" / self.model_info(model).folder / f"hnsw-{metric}.faiss"
-            if path.exists():
-                index = approximate.ApproximateIndex.load(path, metric)
+            folder = f"models/{self.model_info(model).folder}"
+            relative = f"{folder}/hnsw-{metric}.faiss"
+            sidecar = approximate.calibration_path(Path(relative)).as_posix()
+
+            def save() -> dict:
+                saved = index.save(self.path / relative)
+                return {f"{folder}/{name}": record for name, record in saved.items()}
+
+            if relative in self._files:
+                for part in (relative, sidecar):
+                    if part in self._files:
+                        self.verified(part, progress)
+                index = approximate.ApproximateIndex.load(self.path / relative, metric)
                 if index.calibration is None:  # built before indexes checked themselves: check it now
                     index.calibrate(self.space(model), progress=progress)
-                    index.save(path)
-                self._indexes[key] = index
+                    self._record([relative, sidecar], save, replace=True)
             else:
                 log.info("building the approximate %s index of %s in '%s'", metric, model, self.name)
                 index = approximate.ApproximateIndex.build(self.space(model), metric, progress)
-                index.save(path)
-                self._indexes[key] = index
+                self._record([relative, sidecar], save)
+            self._indexes[key] = index
         return self._indexes[key]
 
     def search(
@@ -280,7 +388,7 @@ class Reference(ReferenceManifest):
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
         ``search`` and ``index_recall`` columns say which answered."""
         check_search(embeddings, patient, method)
-        space = self.space(model)
+        space = self.space(model, progress)
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids
@@ -297,7 +405,7 @@ class Reference(ReferenceManifest):
                 log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
                 index = None
         matches = nearest_patients(
-            space, embeddings, k + len(excluded), metric, allowed, index.candidates if index else None
+            space, embeddings, k + len(excluded), metric, allowed, index.candidates if index else None, progress
         )
         matches = [m for m in matches if m.patient not in excluded][:k]
         counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}

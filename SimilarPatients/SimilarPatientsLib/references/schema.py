@@ -3,11 +3,17 @@
 In memory a reference is a :class:`ReferenceTable`: the lesion metadata as a DataFrame without the vectors,
 plus one float32 matrix per model whose rows follow that model's lesion rows. On disk (Parquet, BigQuery)
 it is one table with an ``embedding`` list column; :func:`to_arrow` and :func:`from_arrow` convert.
+
+A table too large to hold twice is checked the same way chunk by chunk (:class:`VectorChecks`,
+:func:`check_metadata`, :func:`stored_order`), so a streamed import refuses what a whole one refuses, with the
+same words.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +58,8 @@ RESERVED = (
     "patient_lesions",
     "nearest_rank",
 )
+#: Rows per chunk when a table's vectors are handed over in pieces (a stored reference's Parquet row groups).
+CHUNK_ROWS = 65_536
 
 
 @dataclass
@@ -73,9 +81,23 @@ class ReferenceTable:
     def label_fields(self) -> list:
         return [c for c in self.lesions.columns if c not in STRUCTURAL]
 
+    def vector_chunks(self, rows: int = CHUNK_ROWS) -> Iterator[tuple[str, slice, np.ndarray]]:
+        """Each model's matrix in pieces of ``rows``: (model, the rows' positions in it, the rows)."""
+        for model in self.models:
+            matrix = self.embeddings[model]
+            for start in range(0, len(matrix), rows):
+                stop = min(len(matrix), start + rows)
+                yield model, slice(start, stop), matrix[start:stop]
 
-def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> ReferenceTable:
-    """Validate rows whose embedding ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` and build the table."""
+    def matrix(self, model: str) -> np.ndarray:
+        """The model's matrix, held in memory."""
+        return self.embeddings[model]
+
+
+def check_metadata(meta: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The lesion rows (no vectors) checked and normalised: required columns and ids, one recipe per model,
+    centres as numbers, lesion ids filled in, no lesion twice. Also True when lesions have no identity but
+    their order (then a patient's equal vectors are one lesion entered twice: see :class:`VectorChecks`)."""
     missing = [c for c in (MODEL, PATIENT) if c not in meta.columns]
     if missing:
         raise SimilarPatientsError(
@@ -84,8 +106,7 @@ def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> Ref
         )
     check_label_names(meta.columns)
     meta = meta.reset_index(drop=True).copy()
-    n = len(meta)
-    if n == 0:
+    if len(meta) == 0:
         raise SimilarPatientsError("The table has no rows: nothing to import.")
     for column in (MODEL, PATIENT):
         if meta[column].isna().any():
@@ -94,20 +115,131 @@ def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> Ref
         meta[column] = meta[column].map(_as_id).astype(str)
         if (meta[column] == "").any():
             raise SimilarPatientsError(f"Some rows have an empty {column}; every lesion row needs one.")
+    return meta, _normalise_metadata(meta)
 
-    lengths = np.diff(offsets)
-    _check_lengths(meta, lengths)
+
+def stored_order(meta: pd.DataFrame) -> np.ndarray:
+    """The row order a reference is stored in: by model, PatientID and lesion id (as text)."""
+    keys = [pd.factorize(meta[column].to_numpy(dtype=object), sort=True)[0] for column in (LESION, PATIENT, MODEL)]
+    return np.lexsort(keys)
+
+
+class VectorChecks:
+    """The checks of embedding rows (present, one length per model, finite, not all zeros), fed chunk by
+    chunk in any order; :meth:`raise_found` then refuses with what a whole table would be refused for."""
+
+    def __init__(self, meta: pd.DataFrame, identified_by_order: bool = False):
+        """``meta``: the checked lesion rows the chunks' row numbers refer to."""
+        self._patients = meta[PATIENT].to_numpy()
+        self._models = meta[MODEL].to_numpy()
+        self._lengths: dict = {}  # model -> Counter of lengths
+        self._first_of_length: dict = {}  # (model, length) -> first row
+        self._found: dict = {}  # what -> [count, first row]
+        self._fingerprints = [] if identified_by_order else None
+
+    def add(self, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray, present: np.ndarray | None = None) -> bool:
+        """Check rows ``rows`` whose embedding ``i`` is ``values[offsets[i]:offsets[i + 1]]`` (``present``:
+        False where a row has none). True when all of them passed."""
+        rows = np.asarray(rows)
+        if present is not None and not present.all():
+            self._note("missing", rows[~present])
+            return False
+        lengths = np.diff(offsets)
+        self._note("empty", rows[lengths == 0])
+        for model in np.unique(self._models[rows]):
+            mine = self._models[rows] == model
+            found, first = np.unique(lengths[mine], return_index=True)
+            counts = self._lengths.setdefault(model, Counter())
+            for length, at, count in zip(found, first, np.bincount(np.searchsorted(found, lengths[mine]))):
+                counts[int(length)] += int(count)
+                key = (model, int(length))
+                self._first_of_length[key] = min(self._first_of_length.get(key, np.inf), int(rows[mine][at]))
+        if (lengths == 0).any():
+            return False
+        bad = ~np.isfinite(values)
+        if bad.any():
+            self._note("not finite", rows[np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side="right") - 1)])
+        zero = ~np.logical_or.reduceat(values != 0, offsets[:-1]) if len(values) else np.zeros(0, dtype=bool)
+        self._note("zeros", rows[zero])
+        if self._fingerprints is not None and not bad.any():
+            self._fingerprints.append(_row_digests(rows, offsets, values))
+        return not bad.any() and not zero.any() and all(len(c) == 1 for c in self._lengths.values())
+
+    def _note(self, what: str, rows: np.ndarray) -> None:
+        if len(rows):
+            count, first = self._found.get(what, (0, np.inf))
+            self._found[what] = (count + len(rows), min(first, int(rows.min())))
+
+    def raise_found(self) -> None:
+        """Refuse the table for the first kind of fault found, naming how many rows and the first."""
+        if "missing" in self._found:
+            count, first = self._found["missing"]
+            raise SimilarPatientsError(
+                f"{count} row(s) have no embedding; first: row {first}, patient {self._patients[first]}."
+            )
+        if "empty" in self._found:
+            first = self._found["empty"][1]
+            raise SimilarPatientsError(f"Row {first} (patient {self._patients[first]}) has an empty embedding.")
+        for model, counts in sorted(self._lengths.items()):
+            if len(counts) > 1:
+                ranked = sorted(counts.items(), key=lambda item: -item[1])
+                usual = ranked[0][0]
+                odd = min(self._first_of_length[(model, length)] for length in counts if length != usual)
+                spread = ", ".join(f"{n} rows of length {length}" for length, n in ranked)
+                raise SimilarPatientsError(
+                    f"Model '{model}' has embeddings of {len(counts)} lengths ({spread}); one model needs one "
+                    f"length. First row of another length than {usual}: row {odd} (patient {self._patients[odd]})."
+                )
+        if "not finite" in self._found:
+            count, first = self._found["not finite"]
+            raise SimilarPatientsError(
+                f"{count} embedding(s) hold NaN or infinite values (or values beyond float32); first: row "
+                f"{first}, patient {self._patients[first]}. Remove or recompute them."
+            )
+        if "zeros" in self._found:
+            count, first = self._found["zeros"]
+            raise SimilarPatientsError(
+                f"{count} embedding(s) are all zeros; first: row {first}, patient {self._patients[first]}. A zero "
+                f"vector is not an embedding (a failed or empty crop): remove or recompute it."
+            )
+
+    def duplicates(self) -> np.ndarray:
+        """Rows without lesion identity whose vector another row of the same patient and model repeats (one
+        lesion entered twice), as a mask over ``meta``'s rows; all False when lesions have an identity.
+        (With ids or centres, equal vectors can be real: two seeds 0.6 mm apart may crop alike.)"""
+        flags = np.zeros(len(self._patients), dtype=bool)
+        if not self._fingerprints:
+            return flags
+        rows = np.concatenate([f[0] for f in self._fingerprints])
+        digests = np.concatenate([f[1] for f in self._fingerprints])
+        keys = pd.DataFrame({MODEL: self._models[rows], PATIENT: self._patients[rows], "v": digests})
+        flags[rows[keys.duplicated(keep=False).to_numpy()]] = True
+        return flags
+
+
+def _row_digests(rows: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, list]:
+    """Each row's vector as a 16-byte digest of its float32 bytes (equal digests: equal vectors)."""
+    data = np.ascontiguousarray(values, dtype=np.float32).view(np.uint8)
+    digests = [hashlib.blake2b(data[4 * a : 4 * b], digest_size=16).digest() for a, b in zip(offsets[:-1], offsets[1:])]
+    return rows, digests
+
+
+def from_parts(meta: pd.DataFrame, offsets: np.ndarray, flat: np.ndarray) -> ReferenceTable:
+    """Validate rows whose embedding ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` and build the table."""
+    meta, identified_by_order = check_metadata(meta)
     values = np.asarray(flat, dtype=np.float32)
-    _check_finite(meta, offsets, values)
-    identified_by_order = _normalise_metadata(meta)
-
-    order = np.lexsort((meta[LESION].to_numpy(), meta[PATIENT].to_numpy(), meta[MODEL].to_numpy()))
+    checks = VectorChecks(meta, identified_by_order)
+    checks.add(np.arange(len(meta)), offsets, values)
+    checks.raise_found()
+    duplicated = checks.duplicates()
+    if duplicated.any():
+        refuse_duplicates(meta, pd.Series(duplicated, index=meta.index), "identical embeddings")
+    lengths = np.diff(offsets)
+    order = stored_order(meta)
     meta = meta.iloc[order].reset_index(drop=True)
     embeddings = {}
     for model, rows in meta.groupby(MODEL, sort=True).indices.items():
-        embeddings[str(model)] = _gather_rows(values, offsets[order[rows]], int(lengths[order[rows[0]]]))
-    if identified_by_order:
-        _refuse_identical_vectors(meta, embeddings)
+        embeddings[str(model)] = gather_rows(values, offsets[order[rows]], int(lengths[order[rows[0]]]))
     return ReferenceTable(meta, embeddings)
 
 
@@ -262,43 +394,6 @@ def _as_vector(value, row: int) -> np.ndarray:
         raise SimilarPatientsError(f"Row {row}: the embedding is not a list of numbers.") from None
 
 
-def _check_lengths(meta: pd.DataFrame, lengths: np.ndarray) -> None:
-    if (lengths == 0).any():
-        first = int(np.flatnonzero(lengths == 0)[0])
-        raise SimilarPatientsError(f"Row {first} (patient {meta[PATIENT].iloc[first]}) has an empty embedding.")
-    for model, rows in meta.groupby(MODEL).indices.items():
-        counts = pd.Series(lengths[rows]).value_counts()
-        if len(counts) > 1:
-            usual = int(counts.index[0])
-            odd = rows[lengths[rows] != usual]
-            spread = ", ".join(f"{int(n)} rows of length {int(length)}" for length, n in counts.items())
-            raise SimilarPatientsError(
-                f"Model '{model}' has embeddings of {len(counts)} lengths ({spread}); "
-                f"one model needs one length. First row of another length than {usual}: row {int(odd[0])} "
-                f"(patient {meta[PATIENT].iloc[odd[0]]})."
-            )
-
-
-def _check_finite(meta: pd.DataFrame, offsets: np.ndarray, values: np.ndarray) -> None:
-    """Refuse NaN, infinite and all-zero embeddings (a zero vector has no direction: its cosine distance to
-    everything is undefined, and it would sit at distance 1 in every result)."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad_rows = np.unique(np.searchsorted(offsets, np.flatnonzero(~finite), side="right") - 1)
-        raise SimilarPatientsError(
-            f"{len(bad_rows)} embedding(s) hold NaN or infinite values (or values beyond float32); first: row "
-            f"{int(bad_rows[0])}, patient {meta[PATIENT].iloc[bad_rows[0]]}. Remove or recompute them."
-        )
-    nonzero = np.logical_or.reduceat(values != 0, offsets[:-1]) if len(values) else np.zeros(0, dtype=bool)
-    zero_rows = np.flatnonzero(~nonzero)
-    if len(zero_rows):
-        raise SimilarPatientsError(
-            f"{len(zero_rows)} embedding(s) are all zeros; first: row {int(zero_rows[0])}, patient "
-            f"{meta[PATIENT].iloc[zero_rows[0]]}. A zero vector is not an embedding (a failed or empty crop): "
-            f"remove or recompute it."
-        )
-
-
 def _normalise_metadata(meta: pd.DataFrame) -> bool:
     """Fill the optional canonical columns and refuse duplicate lesions and mixed recipes. True when lesions
     have no identity but their order (no lesion ids, no centres): then equal vectors mark duplicates."""
@@ -326,37 +421,17 @@ def _normalise_metadata(meta: pd.DataFrame) -> bool:
 
     duplicated = meta.duplicated([MODEL, PATIENT, LESION], keep=False)
     if duplicated.any():
-        _refuse_duplicates(meta, duplicated, f"the same {LESION}")
+        refuse_duplicates(meta, duplicated, f"the same {LESION}")
     return identified_by_order
 
 
-def _gather_rows(values: np.ndarray, starts: np.ndarray, dim: int, chunk: int = 65536) -> np.ndarray:
+def gather_rows(values: np.ndarray, starts: np.ndarray, dim: int, chunk: int = 65536) -> np.ndarray:
     """Rows ``values[s:s + dim]`` for each start, in bounded-memory chunks."""
     matrix = np.empty((len(starts), dim), dtype=np.float32)
     step = np.arange(dim)[None, :]
     for begin in range(0, len(starts), chunk):
         matrix[begin : begin + chunk] = values[starts[begin : begin + chunk, None] + step]
     return matrix
-
-
-def _refuse_identical_vectors(meta: pd.DataFrame, embeddings: dict[str, np.ndarray]) -> None:
-    """Rows without lesion identity: two of one patient and model with the same vector are one lesion
-    entered twice. (With ids or centres, equal vectors can be real: two seeds 0.6 mm apart may crop alike.)"""
-    probe = np.random.default_rng(0)
-    for model, matrix in embeddings.items():
-        rows = np.flatnonzero((meta[MODEL] == model).to_numpy())
-        fingerprint = matrix.astype(np.float64) @ probe.standard_normal(matrix.shape[1])
-        keys = pd.DataFrame({PATIENT: meta[PATIENT].to_numpy()[rows], "f": fingerprint})
-        suspects = np.flatnonzero(keys.duplicated(keep=False).to_numpy())
-        if len(suspects) == 0:
-            continue
-        exact = pd.Series([matrix[i].tobytes() for i in suspects])
-        patients = keys[PATIENT].to_numpy()[suspects]
-        same = pd.DataFrame({PATIENT: patients, "v": exact}).duplicated(keep=False).to_numpy()
-        if same.any():
-            flags = pd.Series(False, index=meta.index)
-            flags.iloc[rows[suspects[same]]] = True
-            _refuse_duplicates(meta, flags, "identical embeddings")
 
 
 def _derived_lesion_ids(meta: pd.DataFrame) -> Iterable[str]:
@@ -370,7 +445,7 @@ def _derived_lesion_ids(meta: pd.DataFrame) -> Iterable[str]:
     return (meta.groupby([MODEL, PATIENT]).cumcount() + 1).astype(str)
 
 
-def _refuse_duplicates(meta: pd.DataFrame, duplicated: pd.Series, what: str) -> None:
+def refuse_duplicates(meta: pd.DataFrame, duplicated: pd.Series, what: str) -> None:
     first = meta[duplicated].iloc[0]
     raise SimilarPatientsError(
         f"{int(duplicated.sum())} rows are duplicate lesions ({what} for one patient and model); first: model "

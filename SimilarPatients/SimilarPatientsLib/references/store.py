@@ -1,7 +1,8 @@
 """The local reference store: named reference databases as Parquet under the data home.
 
-Every write builds a complete new version folder and then swaps a one-line ``CURRENT`` pointer with an
-atomic rename, so a crash at any point leaves the previous version whole and in use. Writers of one name
+Every write builds a complete new version folder (streamed, every file digested as it is written: see
+:mod:`.writer`) and then swaps a one-line ``CURRENT`` pointer with an atomic rename, so a crash at any point
+leaves the previous version whole and in use. Writers of one name
 swap and clean up one at a time (a lock per reference); an opened reference holds a shared lock on its
 version, and a version is deleted only when no reader or writer holds it, so concurrent imports and
 searches of one name each see a whole version, and the last write wins.
@@ -9,7 +10,6 @@ searches of one name each see a whole version, and the last write wins.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,19 +18,18 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
 from ..idc.index import COLLECTION, SERIES, IDCIndex
 from ..progress import ProgressCallback, report
-from ..search import approximate
 from ..util.home import data_home, writing
 from ..util.locks import FileLock, fcntl, try_exclusive
 from . import schema
 from .importers import read_source
-from .reference import Reference
+from .parquet_table import ParquetTable
+from .reference import Reference, damaged
+from .writer import write_version
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VERSION = re.compile(r"^\.?(v\d{8}T\d{6}-[0-9a-f]{8})(\.part|\.lock)?$")
@@ -53,10 +52,15 @@ class ReferenceStore:
         return name in self.names()
 
     def summary(self) -> pd.DataFrame:
-        """One row per reference and model: lesions, patients, embedding length, recipe, source."""
+        """One row per reference and model: lesions, patients, embedding length, recipe, source, and its
+        ``status``: "ok", or why the reference cannot be used (a damaged one is listed, never in the way)."""
         rows = []
         for name in self.names():
-            reference = self.open(name)
+            try:
+                reference = self.open(name)
+            except SimilarPatientsError as error:
+                rows.append({"reference": name, "status": str(error)})
+                continue
             for model in reference.models:
                 info = reference.model_info(model)
                 rows.append(
@@ -69,9 +73,11 @@ class ReferenceStore:
                         "recipe": info.recipe,
                         "source": reference.manifest["source"],
                         "created": reference.manifest["created"],
+                        "status": "ok",
                     }
                 )
-        columns = ["reference", "model", "dim", "lesions", "patients", "recipe", "source", "created"]
+            reference.close()
+        columns = ["reference", "model", "dim", "lesions", "patients", "recipe", "source", "created", "status"]
         return pd.DataFrame(rows, columns=columns)
 
     def open(self, name: str) -> Reference:
@@ -85,11 +91,19 @@ class ReferenceStore:
                     f"No reference named '{name}' (have: {known}). Import one with "
                     f"`similar-patients references import {name} --source PATH_OR_URL`."
                 )
-            version = pointer.read_text(encoding="utf-8").strip()
+            version = _pointed(pointer)
+            if not _VERSION.match(version) or version.startswith("."):
+                raise damaged(name, "its CURRENT file does not name a version (it was edited or is damaged)")
             lock = _hold(folder, version, shared=True)
-            if (folder / version / "manifest.json").is_file():
-                return Reference(folder / version, lock)
+            if (folder / version).is_dir():
+                try:
+                    return Reference(folder / version, lock)
+                except BaseException:
+                    lock.release()
+                    raise
             lock.release()  # replaced and removed between reading the pointer and holding it: read it again
+            if pointer.is_file() and _pointed(pointer) == version:  # no writer moved it: the version is gone
+                raise damaged(name, f"its CURRENT file names version {version}, which is not there")
         raise SimilarPatientsError(f"Reference '{name}' kept changing while it was opened; try again.")
 
     def delete(self, name: str) -> None:
@@ -115,13 +129,15 @@ class ReferenceStore:
     def write(
         self,
         name: str,
-        table: schema.ReferenceTable,
+        table: schema.ReferenceTable | ParquetTable,
         source: str,
         notes: list[str] | None = None,
         progress: ProgressCallback | None = None,
         display_fields: list[str] | None = None,
     ) -> Reference:
-        """Store ``table`` as the new version of ``name``, atomically, with IDC fields filled in.
+        """Store ``table`` (in memory, or a :class:`ParquetTable` read chunk by chunk) as the new version of
+        ``name``, atomically, with IDC fields filled in, its files' digests recorded, and the approximate
+        index and nearest-match distribution a first query needs already made (see :mod:`.writer`).
         ``display_fields``: the label fields a person should see first (default: all)."""
         folder = self.root / _checked(name)
         version = f"v{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -132,9 +148,18 @@ class ReferenceStore:
             try:
                 idc = IDCIndex()
                 report(progress, 0, 1, "adding IDC metadata")
-                table = schema.ReferenceTable(idc.enrich(table.lesions), table.embeddings)
-                notes = list(notes or []) + _idc_notes(table.lesions)
-                manifest = _write_version(staging, name, table, source, notes, idc.version, display_fields, progress)
+                lesions = idc.enrich(table.lesions)
+                label_fields = [c for c in lesions.columns if c not in schema.STRUCTURAL]
+                content = {
+                    "name": name,
+                    "source": source,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "label_fields": label_fields,
+                    "display_fields": [f for f in display_fields or label_fields if f in label_fields],
+                    "idc_index": idc.version,
+                    "notes": list(notes or []) + _idc_notes(lesions),
+                }
+                write_version(staging, lesions, table, content, progress)
                 os.replace(staging, folder / version)
                 with FileLock(folder / ".writer.lock"):  # one writer at a time swaps the pointer and cleans up
                     pointer = folder / f"CURRENT.{uuid.uuid4().hex[:8]}.part"
@@ -151,10 +176,15 @@ class ReferenceStore:
         reference = self.open(name)
         if reference.path.name != version:
             log.warning("reference '%s' was replaced by another write at the same moment", name)
-        for model, info in manifest["models"].items():
-            if info["lesions"] >= approximate.APPROXIMATE_FROM:
-                reference.approximate_index(model, "cosine", progress)
         return reference
+
+
+def _pointed(pointer: Path) -> str:
+    """The version a CURRENT file names ("" when it cannot be read as text)."""
+    try:
+        return pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _hold(folder: Path, version: str, shared: bool) -> FileLock:
@@ -193,45 +223,3 @@ def _idc_notes(lesions: pd.DataFrame) -> list[str]:
         return ["no SeriesInstanceUID column: IDC fields and viewer links are unavailable"]
     missing = lesions.loc[lesions[COLLECTION].isna(), SERIES].nunique()
     return [f"{missing} series not found in the IDC index: their IDC fields are empty"] if missing else []
-
-
-def _write_version(
-    staging: Path,
-    name: str,
-    table: schema.ReferenceTable,
-    source: str,
-    notes: list[str],
-    idc_version: str,
-    display_fields: list[str] | None,
-    progress: ProgressCallback | None,
-) -> dict:
-    staging.mkdir(parents=True)
-    report(progress, 0, 1, "writing Parquet")
-    pq.write_table(schema.to_arrow(table), staging / "reference.parquet")
-    models = {}
-    for i, model in enumerate(table.models):
-        matrix = table.embeddings[model]
-        lesions = table.model_lesions(model)
-        out = staging / "models" / str(i)
-        out.mkdir(parents=True)
-        np.save(out / "vectors.npy", matrix)
-        np.save(out / "norms.npy", np.linalg.norm(matrix.astype(np.float64), axis=1))
-        models[model] = {
-            "folder": str(i),
-            "dim": int(matrix.shape[1]),
-            "lesions": int(matrix.shape[0]),
-            "patients": int(lesions[schema.PATIENT].nunique()),
-            "recipe": str(lesions[schema.RECIPE].iloc[0]),
-        }
-    manifest = {
-        "name": name,
-        "source": source,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "models": models,
-        "label_fields": table.label_fields,
-        "display_fields": [f for f in display_fields or table.label_fields if f in table.label_fields],
-        "idc_index": idc_version,
-        "notes": notes,
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return manifest

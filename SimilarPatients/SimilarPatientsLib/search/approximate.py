@@ -22,8 +22,9 @@ import numpy as np
 
 from ..progress import ProgressCallback, report
 from ..util.atomic import replacing
+from ..util.digests import HashingWriter
 from .distances import unit_rows
-from .nearest import EmbeddingSpace, RowMask, nearest_patients
+from .nearest import EmbeddingSpace, RowMask, nearest_patients, nearest_patients_many
 
 #: Above this many lesion rows of one model, "auto" search uses the approximate index (docs/benchmarks.md).
 APPROXIMATE_FROM = 200_000
@@ -92,6 +93,13 @@ class ApproximateIndex:
         target: float = TARGET_RECALL,
     ) -> ApproximateIndex:
         """Build the graph, then measure and tune it on ``space`` (see :meth:`calibrate`)."""
+        built = cls.graph(space, metric, progress)
+        built.calibrate(space, target, progress)
+        return built
+
+    @classmethod
+    def graph(cls, space: EmbeddingSpace, metric: str, progress: ProgressCallback | None = None) -> ApproximateIndex:
+        """The graph over ``space``'s vectors, not yet checked (what building the index alone costs)."""
         faiss = _faiss()
         kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
         index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
@@ -103,9 +111,7 @@ class ApproximateIndex:
             report(progress, start, n, "building the approximate index")
             index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric))
         report(progress, n, n, "building the approximate index")
-        built = cls(index, metric)
-        built.calibrate(space, target, progress)
-        return built
+        return cls(index, metric)
 
     def calibrate(
         self, space: EmbeddingSpace, target: float = TARGET_RECALL, progress: ProgressCallback | None = None
@@ -115,10 +121,9 @@ class ApproximateIndex:
         n = len(space.norms)
         rows = np.sort(np.random.default_rng(1).choice(n, size=min(n, CHECK_QUERIES), replace=False))
         k = min(CHECK_K, max(len(space.patient_ids) - 1, 1))
-        exact = []
-        for i, row in enumerate(rows):
-            report(progress, i, len(rows), "checking the approximate index against exact search")
-            exact.append(_others(nearest_patients(space, space.vectors[row], k + 1, self.metric), space, row, k))
+        report(progress, 0, 1, "checking the approximate index against exact search")
+        truths = nearest_patients_many(space, [space.vectors[row] for row in rows], k + 1, self.metric, progress)
+        exact = [_others(truth, space, row, k) for truth, row in zip(truths, rows)]
         for breadth in SEARCH_BREADTHS:
             self.breadth = breadth
             found = [
@@ -142,18 +147,26 @@ class ApproximateIndex:
 
     @classmethod
     def load(cls, path: Path, metric: str) -> ApproximateIndex:
-        sidecar = _sidecar(path)
+        sidecar = calibration_path(path)
         calibration = Calibration(**json.loads(sidecar.read_text(encoding="utf-8"))) if sidecar.is_file() else None
         return cls(_faiss().read_index(str(path)), metric, calibration)
 
-    def save(self, path: Path) -> None:
-        """Write the index and its calibration atomically under names of their own: a crash, or another
-        process saving the same index, leaves no half file behind."""
-        with replacing(Path(path)) as temporary:
-            _faiss().write_index(self.index, str(temporary))
+    def save(self, path: Path) -> dict:
+        """Write the index and its calibration atomically under names of their own (a crash, or another
+        process saving the same index, leaves no half file behind), each digested as it is written: returns
+        each file's name and :class:`~..util.digests.FileRecord`."""
+        faiss = _faiss()
+        path = Path(path)
+        records = {}
+        with replacing(path) as temporary, HashingWriter(temporary) as out:
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(out.write))
+        records[path.name] = out.record()
         if self.calibration is not None:
-            with replacing(_sidecar(path)) as temporary:
-                temporary.write_text(json.dumps(asdict(self.calibration)), encoding="utf-8")
+            sidecar = calibration_path(path)
+            with replacing(sidecar) as temporary, HashingWriter(temporary) as out:
+                out.write(json.dumps(asdict(self.calibration)).encode("utf-8"))
+            records[sidecar.name] = out.record()
+        return records
 
     def candidates(self, queries32: np.ndarray, m: int, allowed: RowMask | None) -> np.ndarray:
         """Up to ``m`` proposed rows per query (``allowed`` restricts them), merged."""
@@ -166,7 +179,8 @@ class ApproximateIndex:
         return rows.reshape(-1)
 
 
-def _sidecar(path: Path) -> Path:
+def calibration_path(path: Path) -> Path:
+    """Where the calibration of the index at ``path`` is kept."""
     return Path(path).with_suffix(".json")
 
 

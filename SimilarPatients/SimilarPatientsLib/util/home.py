@@ -13,7 +13,14 @@ from ..errors import SimilarPatientsError
 
 HOME_ENV = "SIMILARPATIENTS_HOME"
 #: Errors that mean "this place cannot be written", as opposed to a bug.
-_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EFBIG,  # over a file size limit (ulimit -f, a FAT volume's 4 GiB)
+    getattr(errno, "EDQUOT", errno.ENOSPC),
+}
 
 
 def data_home() -> Path:
