@@ -123,6 +123,29 @@ def test_a_checkpoint_in_the_upstream_layout_loads_strictly_and_is_what_runs(nam
     assert got.vector.shape == (spec.dimension,) and got.model == name and got.recipe == "tumorimagingbench"
     np.testing.assert_allclose(got.vector, expected[0], rtol=1e-4, atol=1e-5)
     assert embedder.load_seconds > 0
+    # the worker's embedder, traced and frozen for one crop at a time on the CPU where the trace follows the
+    # network without taking a tensor's value for a constant (the others warn so, and stay eager)
+    traceable = name in ("FMCIB", "CTFM")
+    assert embedder.optimise() == traceable and (embedder.encoder._frozen is not None) == traceable
+    np.testing.assert_allclose(embedder.embed(image, tumor)[0].vector, expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_network_a_trace_cannot_follow_stays_eager_and_two_crops_run_eager(tmp_path, home, tumor_image, monkeypatch):
+    torch.manual_seed(0)
+    path = upstream_checkpoint("CTFM", registry.get("CTFM").build().state_dict(), tmp_path)
+    embedder = Embedder("CTFM", weights=path)
+    image, tumor = tumor_image
+    eager = embedder.embed(image, [tumor, tumor])
+    assert embedder.optimise()
+    frozen_calls = []
+    frozen = embedder.encoder._frozen
+    embedder.encoder._frozen = lambda batch: frozen_calls.append(batch.shape) or frozen(batch)
+    again = embedder.embed(image, [tumor, tumor])  # a batch of two: not the traced shape, the eager network
+    assert frozen_calls == [] and np.allclose(again[0].vector, eager[0].vector, rtol=1e-5)
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("data-dependent")))
+    fresh = Embedder("CTFM", weights=path)
+    assert not fresh.optimise() and fresh.encoder._frozen is None
+    assert np.allclose(fresh.embed(image, tumor)[0].vector, eager[0].vector, rtol=1e-4, atol=1e-6)
 
 
 def test_strict_loading_lists_missing_unexpected_and_misshapen_keys():

@@ -71,6 +71,11 @@ class Embedder:
     def load_seconds(self) -> float:
         return self.encoder.load_seconds
 
+    def optimise(self) -> bool:
+        """Make the encoder faster for this recipe's crops, one at a time (see :meth:`NetworkEncoder.optimise`):
+        worth it in a process that embeds many tumors; True when it did."""
+        return self.encoder.optimise((1, 1, *self.recipe.size))
+
     def crops(self, image, tumors: Tumor | Sequence[Tumor]) -> list[Crop]:
         """The recipe's crops of ``tumors`` (one or several) in ``image`` (a validated CT, see ``ct_image``)."""
         tumors = [tumors] if isinstance(tumors, Tumor) else list(tumors)

@@ -386,10 +386,13 @@ class _Worker:
         if key in self.embedders:
             return self.embedders[key], None
         started = time.perf_counter()
-        self.embedders[key] = Embedder(
+        embedder = Embedder(
             spec.name, recipe, weights, bool(request.get("accept_licence")), request.get("device"), progress=progress
         )
-        return self.embedders[key], time.perf_counter() - started
+        report(progress, 0, 1, f"preparing {spec.name} for this computer")
+        embedder.optimise()  # a worker embeds many tumors: a one-time trace pays for itself
+        self.embedders[key] = embedder
+        return embedder, time.perf_counter() - started
 
     def prepare(self, request: dict, ident) -> dict:
         """Load the model(s) and measure the reference's nearest-match distributions before the first query."""
