@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import IDCBucket, descriptor_reference
+from conftest import NLST_DIR, IDCBucket, descriptor_reference
 from SimilarPatientsLib.idc.download import SeriesCache
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings, dependencies
 from SimilarPatientsLib.ui.results import cell_text, filter_terms, results_table
@@ -330,12 +330,71 @@ def test_k_outside_1_to_100_is_refused_with_a_message(controller, k, refused):
 
 
 def test_a_search_with_filters_no_patient_passes_says_so(controller):
-    controller.find_by_patient(_inputs(patient="cavitary-0", filters="kind=smooth"))
+    controller.find_by_patient(_inputs(patient="cavitary-0", filters="kind=smooth; kind=cavitary"))
     controller.wait()
-    if controller.hits is not None and not len(controller.hits):
-        assert "No patient of the reference passes the filters" in controller.view.last("show_status")[0]
-    else:  # the filter kept some: the table says how many
-        assert "patients" in controller.view.last("show_status")[0]
+    assert controller.hits is not None and len(controller.hits) == 0
+    assert controller.view.last("show_status") == ("No patient of the reference passes the filters.",)
+    assert not controller.view.of("show_error") and not controller.actions()["load"]
+
+
+def test_a_filter_value_no_lesion_holds_is_an_error_naming_what_the_field_holds(controller):
+    controller.find_by_patient(_inputs(patient="cavitary-0", filters="kind=nonesuch"))
+    controller.wait()
+    (error,) = controller.view.of("show_error")
+    assert "No lesion has kind = 'nonesuch'" in error[0] and "smooth" in error[0]
+
+
+@pytest.fixture
+def empty_controller(tmp_path):
+    """A controller on an empty data home."""
+    logic = ModuleLogic(ModuleSettings(MemorySettings()), tmp_path / "home", python=sys.executable)
+    yield ModuleController(RecordingView(), logic, installer=RecordingInstaller())
+    logic.cleanup()
+
+
+def test_importing_nlst_sybil_from_the_local_copy_lists_it_and_asks_nothing(empty_controller, monkeypatch):
+    controller = empty_controller
+    monkeypatch.setenv("SIMILARPATIENTS_NLST_SYBIL_DIR", str(NLST_DIR))
+    controller.import_nlst()
+    controller.wait()
+    assert not controller.view.of("ask") and not controller.view.of("show_error")
+    names, current = controller.view.last("show_references")
+    assert "nlst-sybil" in names and current == "nlst-sybil"
+    assert controller.view.last("show_status") == ("NLST-Sybil imported: choose a model and search.",)
+    models = controller.view.last("show_models")[0]
+    assert {"CTFM", "SUPREME"} <= set(models)
+
+
+def test_importing_nlst_sybil_without_a_local_copy_asks_before_downloading(empty_controller, monkeypatch):
+    controller = empty_controller
+    monkeypatch.setattr(controller.logic, "nlst_local_copy", lambda: None)
+    controller.view.answers = [False]  # the downloads question, declined
+    controller.import_nlst()
+    controller.wait()
+    (question,) = controller.view.of("ask")
+    assert "downloaded (about 20 MB)" in question[0] and "GitHub" in question[0]
+    assert controller.logic.references() == [] and not controller.view.of("show_error")
+
+
+def test_a_double_click_opens_only_a_https_viewer_link(controller):
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    controller.hits = controller.hits.assign(viewer_url=["https://viewer.example/1", "javascript:alert(1)", None])
+    for row in (0, 1, 2, 7, -1):
+        controller.open_viewer(row)
+    assert controller.view.of("open_url") == [("https://viewer.example/1",)]
+
+
+def test_a_bug_in_a_task_is_shown_once_with_its_kind_and_the_buttons_come_back(controller, monkeypatch):
+    def broken(*_, **__):
+        raise KeyError("column")
+
+    monkeypatch.setattr(controller.logic, "start_neighbors", broken)
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    (error,) = controller.view.of("show_error")
+    assert error[0].startswith("Unexpected error (KeyError") and "Python console" in error[0]
+    assert not controller.busy and all(controller.actions()[a] for a in ("find", "find_image", "import"))
 
 
 def test_an_error_is_shown_once_and_the_buttons_come_back(controller):
