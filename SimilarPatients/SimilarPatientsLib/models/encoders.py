@@ -111,8 +111,8 @@ class NetworkEncoder:
                 # a trace that had to take a value for a constant could be right on the probe, wrong on a tumor
                 warnings.simplefilter("error", torch.jit.TracerWarning)
                 frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(self.network, probe)))
+                frozen(probe)  # the first call prepares the fused kernels; the second, compared, runs them
                 expected, got = self.network(probe), frozen(probe)
-                got = frozen(probe)  # the first call prepares the fused kernels; the second runs them
         except Exception as error:  # a network a trace cannot follow (control flow on values): stays eager
             log.info("%s stays eager: %s: %s", type(self.network).__name__, type(error).__name__, error)
             return False
