@@ -142,7 +142,7 @@ def test_a_network_a_trace_cannot_follow_stays_eager_and_two_crops_run_eager(tmp
     embedder.encoder._frozen = lambda batch: frozen_calls.append(batch.shape) or frozen(batch)
     again = embedder.embed(image, [tumor, tumor])  # a batch of two: not the traced shape, the eager network
     assert frozen_calls == [] and np.allclose(again[0].vector, eager[0].vector, rtol=1e-5)
-    monkeypatch.setattr(torch.jit, "optimize_for_inference", lambda module: (lambda x: module(x) * 1.01))
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", lambda module: lambda x: module(x) * 1.01)
     differing = Embedder("CTFM", weights=path)  # a frozen form whose values are not the network's: not used
     assert not differing.optimise() and differing.encoder._frozen is None
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("data-dependent")))
