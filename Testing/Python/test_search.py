@@ -293,14 +293,14 @@ def test_the_idc_index_is_found_whatever_the_locale(tmp_path):
 def test_closeness_works_on_a_reference_that_cannot_be_written(tmp_path, monkeypatch):
     import errno
 
-    from SimilarPatientsLib.references import reference as reference_module
+    from SimilarPatientsLib.references import writer as writer_module
 
     opened = _store_with(synthetic_frame(n_patients=12), tmp_path)
 
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(reference_module, "replacing", read_only)
+    monkeypatch.setattr(writer_module, "replacing", read_only)  # where a reference's arrays are saved
     hits = opened.search("A", patient="P001", k=3, exclude=["P001"], metric="euclidean")
     closeness = opened.closeness("A", "euclidean", hits.distance)  # cosine's was made when it was written
     assert len(closeness) == 3 and np.all(np.diff(closeness) <= 0)

@@ -36,6 +36,7 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..references import schema
 from ..references.reference import Reference
+from ..references.writer import PARQUET
 from . import client as bq
 from .sql import ADDED_COLUMNS, INDEX_NAME, index_statement
 from .tables import TableName, column
@@ -65,7 +66,7 @@ class PushResult:
 def write_upload(reference: Reference, path: Path, models: Sequence[str] | None = None) -> int:
     """Write the Parquet a push loads: the reference's canonical table (``models``: a subset, default all)
     with float64 embeddings, converted batch by batch so that memory stays bounded. Returns its rows."""
-    source = pq.ParquetFile(reference.verified("reference.parquet"))  # checked against its digest first
+    source = pq.ParquetFile(reference.verified(PARQUET))  # checked against its digest first
     names = source.schema_arrow.names
     clashing = [c for c in names if c in ADDED_COLUMNS]
     if clashing:
@@ -133,7 +134,7 @@ def description(reference: Reference, models: Sequence[str], index: Mapping | No
 
 def index_columns(reference: Reference) -> list[str]:
     """What the index stores: every column but the embedding, so that every filter is a pre-filter."""
-    return [c for c in pq.read_schema(reference.verified("reference.parquet")).names if c != schema.EMBEDDING]
+    return [c for c in pq.read_schema(reference.verified(PARQUET)).names if c != schema.EMBEDDING]
 
 
 def push(

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..util import files as stored_files
-from ..util.atomic import replacing
 from ..util.download import download
 from ..util.home import downloads_dir, writing
 from . import nlst_sybil, schema
@@ -178,8 +177,7 @@ def _local_copies(folder: str, files: list) -> list:
         cache.mkdir(parents=True, exist_ok=True)
         for file in files:
             copies.append(cache / stored_files.name(file))
-            with replacing(copies[-1]) as temporary:
-                temporary.write_bytes(stored_files.read(file))
+            stored_files.write(str(copies[-1]), stored_files.read(file))
         for stale in set(cache.glob("*.parquet")) - set(copies):
             stale.unlink()
     return copies

@@ -34,16 +34,15 @@ from ..progress import ProgressCallback
 from ..search import approximate, filters
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
-from ..util.atomic import replacing
 from ..util.columns import pandas_array
 from ..util.locks import FileLock
 from . import closeness, manifest, schema
 from .fused import search_fused
 from .hits import hit_table
 from .manifest import DamagedFile
+from .writer import PARQUET, save_array
 
 METHODS = ("auto", "exact", "approximate")
-PARQUET = "reference.parquet"
 #: Filters whose row masks a reference keeps (most recently used first out last).
 KEPT_FILTERS = 16
 log = logging.getLogger(__name__)
@@ -316,19 +315,13 @@ class Reference(ReferenceManifest):
         if relative in self._files:
             nearest = np.load(self.verified(relative, progress))
         else:
-            space = self.space(model)
-            index = None
-            if len(space.norms) >= approximate.APPROXIMATE_FROM:
-                index = self.approximate_index(model, metric, progress)
-                index = index if index.calibration.reached else None
+            index = self._auto_index(model, metric, progress)  # measured as ``auto`` searches answer
             nearest, how = closeness.nearest_match_distances(
-                space, metric, index, progress, f"Reference '{self.name}' ({model})"
+                self.space(model), metric, index, progress, f"Reference '{self.name}' ({model})"
             )
 
             def save() -> dict:
-                with replacing(self.path / relative) as temporary, digests.HashingWriter(temporary) as out:
-                    np.save(out, nearest)
-                return {relative: out.record()}
+                return save_array(self.path, relative, nearest)
 
             def describe(content: dict) -> None:
                 content["models"][model].setdefault("closeness", {})[metric] = how
@@ -336,6 +329,19 @@ class Reference(ReferenceManifest):
             self._record([relative], save, describe)
         self._nearest[key] = nearest
         return nearest
+
+    def _auto_index(
+        self, model: str, metric: str, progress: ProgressCallback | None
+    ) -> approximate.ApproximateIndex | None:
+        """The index ``auto`` answers from: the model's, from ``APPROXIMATE_FROM`` rows, where its self-check
+        reached its target recall; None where the exact scan answers."""
+        if len(self.space(model).norms) < approximate.APPROXIMATE_FROM:
+            return None
+        index = self.approximate_index(model, metric, progress)
+        if not index.calibration.reached:
+            log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
+            return None
+        return index
 
     def approximate_index(
         self, model: str, metric: str, progress: ProgressCallback | None = None
@@ -399,11 +405,10 @@ class Reference(ReferenceManifest):
         # reference; asking for as many more patients as are excluded gives the same k
         excluded = {str(p) for p in exclude if space.patient_code(str(p)) is not None}
         index = None
-        if method == "approximate" or (method == "auto" and len(space.norms) >= approximate.APPROXIMATE_FROM):
+        if method == "approximate":
             index = self.approximate_index(model, metric, progress)
-            if method == "auto" and not index.calibration.reached:
-                log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
-                index = None
+        elif method == "auto":
+            index = self._auto_index(model, metric, progress)
         matches = nearest_patients(
             space, embeddings, k + len(excluded), metric, allowed, index.candidates if index else None, progress
         )

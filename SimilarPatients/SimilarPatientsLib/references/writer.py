@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from ..progress import ProgressCallback, report
 from ..search import approximate
 from ..search.nearest import EmbeddingSpace
+from ..util.atomic import replacing
 from ..util.digests import ALGORITHM, BlockDigest, FileRecord, HashingWriter
 from . import closeness, manifest, schema
 from .schema import EMBEDDING, MODEL, PATIENT, RECIPE
@@ -105,11 +106,11 @@ class MatrixFile:
 
 def write_version(
     staging: Path, lesions: pd.DataFrame, table, content: dict, progress: ProgressCallback | None = None
-) -> dict:
+) -> None:
     """Write the version of ``lesions`` (the table's lesion rows, IDC fields added) and the vectors of
     ``table`` (a :class:`~.schema.ReferenceTable`, or a :class:`~.parquet_table.ParquetTable` read by chunks)
     into the new folder ``staging``, with ``content`` (name, source, created, label and display fields,
-    notes, IDC index) as the start of its manifest, which is returned as written."""
+    notes, IDC index) as the start of its manifest."""
     staging.mkdir(parents=True)
     by_model = np.argsort(lesions[MODEL].to_numpy(dtype=object), kind="stable")
     if (by_model != np.arange(len(lesions))).any():  # each model's rows together, in its matrix's order
@@ -146,7 +147,7 @@ def write_version(
                 header = matrices[model].header if records[model] is None else None
                 norms, record = _store_rows(matrix, arrow.slice(first, n), parquet, header, progress)
                 files[f"{folders[model]}/vectors.npy"] = records[model] or record
-                files.update(_save(staging, f"{folders[model]}/norms.npy", norms))
+                files.update(save_array(staging, f"{folders[model]}/norms.npy", norms))
                 codes, patients = pd.factorize(rows[PATIENT], sort=True)
                 space = EmbeddingSpace(matrix, norms, codes, np.asarray(patients, dtype=object))
                 infos[model] = {
@@ -167,7 +168,6 @@ def write_version(
         "files": {relative: record.as_dict() for relative, record in sorted(files.items())},
     }
     manifest.write(staging, content)
-    return manifest.read(staging)
 
 
 def _store_rows(
@@ -209,14 +209,15 @@ def _first_answers(staging: Path, folder: str, space: EmbeddingSpace, files: dic
     if len(space.patient_ids) < 2:
         return {}
     nearest, how = closeness.nearest_match_distances(space, METRIC, index, progress)
-    files.update(_save(staging, f"{folder}/{closeness.file_name(METRIC)}", nearest))
+    files.update(save_array(staging, f"{folder}/{closeness.file_name(METRIC)}", nearest))
     return {"closeness": {METRIC: how}}
 
 
-def _save(folder: Path, relative: str, array: np.ndarray) -> dict:
-    """``array`` saved as ``.npy`` at ``relative`` under ``folder``, digested as written."""
+def save_array(folder: Path, relative: str, array: np.ndarray) -> dict:
+    """``array`` saved as ``.npy`` at ``relative`` under ``folder``, atomically and digested as written: its
+    record, by ``relative``."""
     path = Path(folder) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    with HashingWriter(path) as out:
+    with replacing(path) as temporary, HashingWriter(temporary) as out:
         np.save(out, array)
     return {relative: out.record()}
