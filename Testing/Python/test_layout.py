@@ -20,8 +20,8 @@ MODULE = ROOT / "SimilarPatients"
 LIB = MODULE / "SimilarPatientsLib"
 LIB_FILES = sorted(LIB.rglob("*.py"))
 
-#: Which subpackages each subpackage may import (errors and progress: anyone). The top-level modules
-#: (query, cli, demo) sit above the stages, and scene/ (what the Slicer module talks to) above them all.
+#: Which subpackages each subpackage may import (errors, progress and the version: anyone). The top-level modules
+#: (query, demo) and cli/ sit above the stages, and scene/ (what the Slicer module talks to) above them all.
 MAY_IMPORT = {
     "util": set(),
     "idc": {"util"},
@@ -38,8 +38,11 @@ MAY_IMPORT = {
     "ui": {"util", "idc", "search", "references", "imaging", "models", "query", "cloud", "scene"},
     # reference builds on Apache Beam: manifests, stages, shards; the BigQuery load through cloud/
     "pipeline": {"util", "idc", "references", "imaging", "models", "cloud"},
+    # the command line: every stage a command runs, and the top-level query and demo (never the Slicer side)
+    "cli": {"util", "idc", "search", "references", "imaging", "models", "evaluation", "maps", "cloud", "pipeline"}
+    | {"query", "demo"},
 }
-BASE = {"errors", "progress"}
+BASE = {"errors", "progress", "__version__"}  # and the package's version number
 
 
 def test_cmake_lists_every_library_file_and_resource():

@@ -1,0 +1,73 @@
+"""How the command line prints hit tables: aligned text for a person, JSON for a program."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from ..references import fused, schema
+from ..search.fusion import FUSION_DEPTH
+
+#: Columns a person reads in a hit table; the rest are in --json.
+HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "distance", "lesions", schema.COLLECTION]
+
+
+def table(frame: pd.DataFrame, digits: int = 6) -> str:
+    """Left-aligned text columns, the last (a URL) unpadded so lines stay as short as they can. Distances
+    get ``digits`` decimals, or as many more as it takes to tell two different distances apart."""
+    if not len(frame):
+        return "(no patient matches)"
+    cells = frame.astype(object).where(frame.notna(), "")
+    if "distance" in cells:
+        decimals = _decimals(frame["distance"], digits)
+        cells["distance"] = frame["distance"].map(lambda d: f"{d:.{decimals}f}")
+    cells = cells.astype(str)
+    widths = [max(len(str(c)), cells[c].str.len().max()) for c in cells.columns]
+    lines = [[str(c) for c in cells.columns], *cells.to_numpy().tolist()]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1])) + "  " + line[-1] for line in lines)
+
+
+def _decimals(values: pd.Series, least: int) -> int:
+    """Decimals (``least`` to 12) at which the distinct ``values`` print distinct."""
+    distinct = np.unique(values.to_numpy(dtype=float))
+    decimals = least
+    while decimals < 12 and len({f"{v:.{decimals}f}" for v in distinct}) < len(distinct):
+        decimals += 1
+    return decimals
+
+
+def print_hits(hits: pd.DataFrame, reference, model, metric: str, depth: int = FUSION_DEPTH) -> None:
+    shown = [*HUMAN_HIT_COLUMNS, "viewer_url"]
+    labels = [f for f in reference.label_fields if f in hits.columns and f not in shown]
+    if fused.is_fused(model):  # the fused score, then each model's rank: which models agree
+        ranks = fused.rank_labels(hits, depth).add_prefix("rank ")
+        leading = hits[["rank", schema.PATIENT, "fused_score", "lesions", schema.COLLECTION]]
+        scores = [f"{v:.1f}%" if f == "percentile" else f"{v:.4f}" for v, f in zip(hits["fused_score"], hits["fusion"])]
+        leading = leading.rename(columns={"fused_score": "score"}).assign(score=scores)
+        print(table(pd.concat([leading, ranks, hits[[*labels, "viewer_url"]]], axis=1)))
+        print(f"rank MODEL: the patient's rank in that model; >{depth}: farther than its first {depth}; –: not listed")
+    else:
+        print(table(hits[[*HUMAN_HIT_COLUMNS, *labels, "viewer_url"]]))
+    if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
+        for note in hits.attrs["notes"]:
+            print(f"note: {note}")
+    elif len(hits) and hits["search"].iloc[0] == "approximate" and fused.is_fused(model):
+        recall = float(hits["index_recall"].iloc[0])
+        print(f"search: approximate for some models (lowest index recall@10 {recall:.3f}); --method exact compares "
+              f"every lesion")  # fmt: skip
+    elif len(hits) and hits["search"].iloc[0] == "approximate":
+        calibration = reference.approximate_index(model, metric).calibration
+        print(f"search: approximate, {calibration.describe()}; --method exact compares every lesion")
+    elif len(hits):
+        print("search: exact (every lesion compared)")
+
+
+def fusion_words(args, models: list) -> str:
+    how = "reciprocal rank fusion" if args.fusion == "rrf" else "the mean of their 'closer than' percentiles"
+    return f"{len(models)} models fused ({', '.join(models)}; {how}, {max(args.depth, args.k)} patients each)"
+
+
+def as_json(frame: pd.DataFrame) -> str:
+    return json.dumps(json.loads(frame.to_json(orient="records", double_precision=15)), indent=2)
