@@ -8,6 +8,7 @@ from typing import Annotated
 
 import qt
 import slicer
+from SimilarPatientsLib.scene.watch import SceneWatch
 from SimilarPatientsLib.ui import Inputs, ModuleController, ModuleLogic, ModuleSettings, dependencies, self_test
 from SimilarPatientsLib.ui.controller import K_RANGE
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -84,7 +85,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(50)
         self.timer.timeout.connect(self.controller.poll)
         self.timer.start()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *_: self.setParameterNode(None))
+        self.sceneWatch = SceneWatch(slicer.mrmlScene, self.onSceneClosing, self.controller.node_removed)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneLoaded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneLoaded)
         ui, controller, settings = self.ui, self.controller, self.logic.settings
@@ -113,6 +114,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
+        self.sceneWatch.remove()
         self.removeObservers()
         self.setParameterNode(None)
         self.logic.cleanup()
@@ -132,6 +134,11 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         self.setParameterNode(None)
+
+    def onSceneClosing(self):
+        """The parameter node goes with the scene (a new one is made at EndClose); so do the results."""
+        self.setParameterNode(None)
+        self.controller.scene_closed()
 
     def onSceneLoaded(self, caller=None, event=None):
         """A scene was closed or loaded: its parameter node (reference, model, k, ...) takes over."""

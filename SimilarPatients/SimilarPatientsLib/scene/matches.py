@@ -54,6 +54,17 @@ def centre_ras(hit: Mapping) -> tuple:
     return (-x, -y, z)
 
 
+def require_in_scene(scene, query_volume) -> None:
+    """Refuse a query CT that is no longer in ``scene`` (the scene was closed, or the volume removed). The
+    node itself is looked for, not its ID: a closed scene gives the next volume loaded the same ID."""
+    if query_volume is None or not scene.IsNodePresent(query_volume):
+        name = query_volume.GetName() if query_volume is not None else "(none)"
+        raise SimilarPatientsError(
+            f"The query's CT ('{name}') is no longer in the scene (the scene was closed or the volume removed): "
+            f"find similar patients from an image again, then load the matches beside it."
+        )
+
+
 def show_matches(
     scene,
     layout_node,
@@ -67,6 +78,7 @@ def show_matches(
     shown = [h for h in hits.to_dict("records") if h.get("SeriesInstanceUID") in volumes][: layout.MAX_MATCHES]
     if not shown:
         raise SimilarPatientsError("None of the matches has a loaded series to show.")
+    require_in_scene(scene, query_volume)
     x, y, z = (float(v) for v in query_centre_lps)
     query = layout.Pane(query_volume, (-x, -y, z), query_volume.GetName())
     panes = [layout.Pane(volumes[h["SeriesInstanceUID"]], centre_ras(h), label(h)) for h in shown]

@@ -79,6 +79,7 @@ class ModuleController:
         self.image_hits = False  #: whether those hits answer an image query (only those can be loaded beside it)
         self.reference = ""  #: the reference those hits come from
         self._task: Generator | None = None
+        self._task_on_scene = False  # whether the running task reads or adds scene nodes
         self._job = None
         self._warming = None  # the worker's request loading the chosen model ahead of the first click
         self._warmed: tuple | None = None
@@ -201,6 +202,23 @@ class ModuleController:
         except SimilarPatientsError as error:  # no PythonSlicer, an unknown model: the click says it
             log.info("the model is not loaded ahead of the first query: %s", error)
 
+    def scene_closed(self) -> None:
+        """The scene is closing (or the query's CT was removed): the hits, their thumbnails, the comparison and
+        the query's CT are dropped, so Load is off until the next image query; a task working on the scene's
+        nodes is cancelled."""
+        if self.busy and self._task_on_scene:
+            self.cancel()
+        self.logic.scene_closed()
+        self.hits, self.image_hits = None, False
+        self.view.show_results(ResultsTable([], []))
+        self.view.show_thumbnails(None, {})
+        self._enable()
+
+    def node_removed(self, node) -> None:
+        """A node left the scene: the query's CT (the node itself, not its ID) ends its results."""
+        if node is not None and node is self.logic.last_volume:
+            self.scene_closed()
+
     # --- actions ---------------------------------------------------------------------------------------
 
     def import_nlst(self) -> None:
@@ -239,7 +257,7 @@ class ModuleController:
         self._show_hits(hits, inputs.reference, from_image=False)
 
     def find_from_image(self, inputs: Inputs) -> None:
-        self._run("Finding similar patients", self._find_from_image(inputs))
+        self._run("Finding similar patients", self._find_from_image(inputs), on_scene=True)
 
     def _find_from_image(self, inputs: Inputs):
         from ..scene.worker import ImageNotHeld
@@ -299,7 +317,7 @@ class ModuleController:
         self.view.show_thumbnails(query_picture, rows)
 
     def load_selected(self, inputs: Inputs) -> None:
-        self._run("Loading the matches", self._load_selected(inputs))
+        self._run("Loading the matches", self._load_selected(inputs), on_scene=True)
 
     def _load_selected(self, inputs: Inputs):
         if not (self.image_hits and self.hits is not None and len(self.hits)):
@@ -362,12 +380,12 @@ class ModuleController:
 
     # --- the steps tasks share -------------------------------------------------------------------------
 
-    def _run(self, title: str, task: Generator) -> None:
+    def _run(self, title: str, task: Generator, on_scene: bool = False) -> None:
         if self.busy:
             self.view.show_status("Wait for the current task to finish, or cancel it.")
             task.close()
             return
-        self._task = task
+        self._task, self._task_on_scene = task, on_scene
         self.view.show_progress(title)
         self._enable()
         self._resume()

@@ -436,11 +436,12 @@ class ModuleLogic:
         query_centre_lps = query_centre_lps if query_centre_lps is not None else self.last_seed_lps
         if query_volume is None or query_centre_lps is None:
             raise SimilarPatientsError("Find similar patients from an image first: the matches are shown beside it.")
+        scene = slicer.mrmlScene
+        matches.require_in_scene(scene, query_volume)  # before anything is imported or shown
         from DICOMLib import DICOMUtils
 
         for paths in files.values():  # the DICOM browser knows them too (importing twice is harmless)
             DICOMUtils.importDicom(str(Path(paths[0]).parent))
-        scene = slicer.mrmlScene
         volumes = {uid: matches.load_series(scene, paths, f"match {uid[-8:]}") for uid, paths in files.items()}
         if self.comparison is not None:
             self.comparison.remove()  # the previous comparison's links end
@@ -478,11 +479,18 @@ class ModuleLogic:
                     database.removeSeries(folder.name)
         return self.series_cache().clear()
 
-    def cleanup(self) -> None:
-        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+    def scene_closed(self) -> None:
+        """Forget what names the closed scene's nodes: the last query's CT, seed and thumbnails, the CT the
+        worker holds (a new CT may get the old one's node ID) and the comparison, whose links end."""
         if self.comparison is not None:
             self.comparison.remove()
             self.comparison = None
+        self.last_volume, self.last_seed_lps, self.last_thumbnails = None, None, []
+        self._image_key = None
+
+    def cleanup(self) -> None:
+        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+        self.scene_closed()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
