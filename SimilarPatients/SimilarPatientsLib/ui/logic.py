@@ -472,11 +472,12 @@ class ModuleLogic:
         root = self.series_cache_root()
         if not root.is_dir():
             return 0.0
+        from ..idc.download import cached_uids
+
         database = _dicom_database()
         if database is not None and database.isOpen:
-            for folder in root.iterdir():
-                if folder.is_dir() and not folder.name.startswith("."):
-                    database.removeSeries(folder.name)
+            for uid in cached_uids(root):
+                database.removeSeries(uid)
         return self.series_cache().clear()
 
     def scene_closed(self) -> None:
