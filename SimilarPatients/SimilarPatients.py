@@ -11,6 +11,7 @@ import slicer
 from SimilarPatientsLib.scene.watch import SceneWatch
 from SimilarPatientsLib.ui import Inputs, ModuleController, ModuleLogic, ModuleSettings, dependencies, self_test
 from SimilarPatientsLib.ui.controller import K_RANGE
+from SimilarPatientsLib.ui.sample import SAMPLE
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -59,6 +60,31 @@ class SimilarPatients(ScriptedLoadableModule):
             "Reference embeddings: NLST-Sybil tumor embeddings published by the IDC team "
             "(ImagingDataCommons/nlst-sybil-connectome, Apache-2.0), derived from NLST data in IDC."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)  # once the Sample Data module is there
+
+
+def registerSampleData():
+    """The sample patient (``SimilarPatientsLib/ui/sample.py``) in the Sample Data module; its button loads it
+    through this module: the download is asked for, cached and shown with its tumor as the query."""
+    import os
+
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Similar Patients",
+        sampleName=SAMPLE.name,
+        uris=SAMPLE.viewer,  # shown by Sample Data; the download is the module's (IDC's buckets, through its cache)
+        fileNames=SAMPLE.name,
+        nodeNames=SAMPLE.volume_name,
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SimilarPatients.png"),
+        customDownloader=loadSample,
+    )
+
+
+def loadSample(source=None):
+    """The Sample Data module's button: open this module and load the sample patient as the query."""
+    slicer.util.selectModule("SimilarPatients")
+    slicer.modules.similarpatients.widgetRepresentation().self().controller.load_sample()
 
 
 class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -269,6 +295,13 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row, picture in matches.items():
             self.ui.resultsTable.item(row, 0).setIcon(qt.QIcon(picture))
             self.ui.resultsTable.setRowHeight(row, 68)
+
+    def show_sample(self, volume, tumor):
+        self.ui.volumeSelector.setCurrentNode(volume)
+        self.ui.segmentSelector.setCurrentNode(None)  # the point marks the tumor
+        self.ui.pointSelector.setCurrentNode(tumor)
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(tumor.GetID(), 0, True)
 
     def show_downloads_allowed(self, allowed):
         self.ui.allowDownloadsCheckBox.checked = allowed

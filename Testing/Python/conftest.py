@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
+import types
 import uuid
 from pathlib import Path
 from typing import ClassVar
@@ -289,6 +291,22 @@ def slicer_scene():
 @pytest.fixture
 def scene():
     return slicer_scene()
+
+
+@pytest.fixture
+def mrml_application(monkeypatch):
+    """slicer-core's scene as Slicer's ``slicer.mrmlScene``, its layout logic as the layout manager's, and a
+    DICOMLib whose importer records the folders it is given."""
+    scene = slicer_scene()
+    core = sys.modules["slicer"]
+    manager = types.SimpleNamespace(layoutLogic=lambda: scene.layout_logic)
+    monkeypatch.setattr(core, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(core, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False)
+    imported = []
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=imported.append)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+    return types.SimpleNamespace(scene=scene, imported=imported)
 
 
 def descriptor_reference(home: Path, per_kind: int, rng: np.random.Generator, name: str = "tumors"):

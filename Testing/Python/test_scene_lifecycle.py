@@ -6,13 +6,12 @@ beside a CT that is no longer in the scene is refused before anything is importe
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import descriptor_reference, slicer_scene
+from conftest import descriptor_reference
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.scene.watch import SceneWatch
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings
@@ -30,27 +29,11 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture
-def application(monkeypatch, tmp_path):
-    """slicer-core's scene as Slicer's ``slicer.mrmlScene``, its layout logic as the layout manager's, and a
-    DICOMLib whose importer records the folders it is given."""
-    scene = slicer_scene()
-    core = sys.modules["slicer"]
-    manager = types.SimpleNamespace(layoutLogic=lambda: scene.layout_logic)
-    monkeypatch.setattr(core, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(core, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False)
-    imported = []
-    dicom_lib = types.ModuleType("DICOMLib")
-    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=imported.append)
-    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
-    return types.SimpleNamespace(scene=scene, imported=imported)
-
-
-@pytest.fixture
-def module(application, home):
+def module(mrml_application, home):
     """The controller as the widget wires it: the scene's closing and node removals go to it."""
     logic = ModuleLogic(ModuleSettings(MemorySettings()), home, python=sys.executable)
     controller = ModuleController(RecordingView(), logic, installer=RecordingInstaller())
-    watch = SceneWatch(application.scene, controller.scene_closed, controller.node_removed)
+    watch = SceneWatch(mrml_application.scene, controller.scene_closed, controller.node_removed)
     yield controller
     watch.remove()
     logic.cleanup()
@@ -78,8 +61,8 @@ def _query(controller, scene, folder):
     return volume
 
 
-def test_close_scene_drops_the_results_and_load_is_refused_beside_another_ct(module, application, tmp_path):
-    scene, view = application.scene, module.view
+def test_close_scene_drops_the_results_and_load_is_refused_beside_another_ct(module, mrml_application, tmp_path):
+    scene, view = mrml_application.scene, module.view
     query = _query(module, scene, tmp_path)
     old_id = query.GetID()
     arrangement = scene.layout_logic.GetLayoutNode().GetViewArrangement()
@@ -94,14 +77,14 @@ def test_close_scene_drops_the_results_and_load_is_refused_beside_another_ct(mod
     module.load_selected(Inputs("tumors", "TumorDescriptor", 3))
     module.wait()
     assert "Find similar patients from an image first" in view.last("show_error")[0]
-    assert not application.imported and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    assert not mrml_application.imported and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
     assert scene.layout_logic.GetLayoutNode().GetViewArrangement() == arrangement  # no view switched
 
 
-def test_matches_are_not_shown_beside_a_ct_no_longer_in_the_scene(module, application, tmp_path):
+def test_matches_are_not_shown_beside_a_ct_no_longer_in_the_scene(module, mrml_application, tmp_path):
     """Even with the old CT still remembered (as before this was fixed), the logic refuses it before any
     series is imported or loaded, and the views are not switched."""
-    scene = application.scene
+    scene = mrml_application.scene
     query = _query(module, scene, tmp_path)
     image, _, centre = tumor_ct("smooth", np.random.default_rng(3), size=(32, 32, 12))
     uid = str(write_dicom_series(image, tmp_path / "match")[0].SeriesInstanceUID)
@@ -114,12 +97,12 @@ def test_matches_are_not_shown_beside_a_ct_no_longer_in_the_scene(module, applic
     _ct(scene, tmp_path, "spiculated", 2)
     with pytest.raises(SimilarPatientsError, match="no longer in the scene"):
         module.logic.show_matches(hits, files, query, seed)
-    assert not application.imported and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    assert not mrml_application.imported and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
     assert scene.layout_logic.GetLayoutNode().GetViewArrangement() == arrangement
 
 
-def test_removing_the_query_ct_drops_its_results_and_other_nodes_do_not(module, application, tmp_path):
-    scene = application.scene
+def test_removing_the_query_ct_drops_its_results_and_other_nodes_do_not(module, mrml_application, tmp_path):
+    scene = mrml_application.scene
     query = _query(module, scene, tmp_path)
     scene.RemoveNode(scene.GetFirstNodeByClass("vtkMRMLMarkupsFiducialNode"))  # the tumor's point: kept
     assert module.actions()["load"] and module.logic.last_volume is query

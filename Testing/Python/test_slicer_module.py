@@ -267,3 +267,33 @@ def test_the_in_slicer_self_test_runs_on_a_real_scene_and_leaves_nothing(
     assert slicer_application.databases[-1] == "closed" and slicer_application.imported
     assert all(Path(folder).is_relative_to(temporary) for folder in slicer_application.imported)
     assert not list(temporary.iterdir()), list(temporary.iterdir())
+
+
+def test_the_sample_patient_is_registered_with_slicers_sample_data_module(slicer_module, monkeypatch):
+    """At start-up the module registers the sample (``ui/sample.py``) with the Sample Data module, as
+    SampleDataLogic.registerCustomSampleDataSource takes it (one URI, file and node name: its lists must be
+    of one length); the sample's button opens the module and runs its load_sample task."""
+    from SimilarPatientsLib.ui.sample import SAMPLE
+
+    slicer = sys.modules["slicer"]
+    connected, registered, selected, loaded = [], [], [], []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *c: connected.append(c)), raising=False)
+    module_class = slicer_module.SimilarPatients
+    monkeypatch.setattr(module_class, "parent", types.SimpleNamespace(), raising=False)  # Slicer's base sets it
+    module_class(None)
+    assert connected == [("startupCompleted()", slicer_module.registerSampleData)]
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **e: registered.append(e))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    slicer_module.registerSampleData()
+    (entry,) = registered
+    assert entry["sampleName"] == SAMPLE.name and entry["customDownloader"] is slicer_module.loadSample
+    assert all(isinstance(entry[k], str) for k in ("uris", "fileNames", "nodeNames"))
+    assert Path(entry["thumbnailFileName"]).is_file() and entry["uris"] == SAMPLE.viewer
+
+    widget = types.SimpleNamespace(controller=types.SimpleNamespace(load_sample=lambda: loaded.append(True)))
+    module = types.SimpleNamespace(widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: widget))
+    monkeypatch.setattr(slicer.util, "selectModule", selected.append, raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(similarpatients=module), raising=False)
+    entry["customDownloader"](object())  # Sample Data calls it with the source
+    assert selected == ["SimilarPatients"] and loaded == [True]

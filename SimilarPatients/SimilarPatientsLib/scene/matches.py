@@ -10,15 +10,18 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import SimilarPatientsError
+from ..util.optional import optional_import
 from . import layout
 
 _CENTRE = ("center_x", "center_y", "center_z")
 
 
 def load_series(scene, files: Sequence[Path], name: str):
-    """A DICOM series' files read into a new scalar volume node (the archetype reader Slicer uses)."""
+    """A DICOM series' files read into a new scalar volume node (the archetype reader Slicer uses), in the
+    order of their slices."""
     if not files:
         raise SimilarPatientsError(f"No image files to load for {name}.")
+    files = slice_order(files)
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(files[0]))
@@ -30,6 +33,28 @@ def load_series(scene, files: Sequence[Path], name: str):
         raise SimilarPatientsError(f"The series of {name} could not be read from {Path(files[0]).parent}.")
     volume.SetAndObserveStorageNodeID(storage.GetID())
     return volume
+
+
+def slice_order(files: Sequence[Path]) -> list:
+    """``files`` sorted along the slices' normal (as Slicer's DICOM plugin hands them to the reader): the
+    archetype reader takes the list's order for the slices' order, and IDC's files are named by random UUIDs,
+    which read in name order gave a volume with a wrong slice spacing. Files without a position keep their
+    order, after the others."""
+    import numpy as np
+
+    pydicom = optional_import("pydicom", "embed")
+    placed, rest = [], []
+    for path in files:
+        dataset = pydicom.dcmread(
+            str(path), stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+        )
+        position, orientation = dataset.get("ImagePositionPatient"), dataset.get("ImageOrientationPatient")
+        if position is None or orientation is None or len(orientation) != 6:
+            rest.append(path)
+            continue
+        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+        placed.append((float(np.dot(normal, np.asarray(position, float))), len(placed), path))
+    return [path for *_, path in sorted(placed)] + rest
 
 
 def label(hit: Mapping) -> str:

@@ -64,6 +64,9 @@ class View(Protocol):
         """The query tumor's picture (a PNG path, or None) and the matches' (row → PNG path)."""
 
     def show_downloads_allowed(self, allowed: bool) -> None: ...
+    def show_sample(self, volume, tumor) -> None:
+        """Select the sample patient's CT and tumor point as the query's."""
+
     def open_url(self, url: str) -> None: ...
 
 
@@ -338,6 +341,29 @@ class ModuleController:
         self.view.update_progress(None, "showing the matches beside the query")
         self.logic.show_matches(chosen, files)
         self.view.show_status(f"{len(files)} patient(s) beside the query, each view centred on its tumor.")
+
+    def load_sample(self) -> None:
+        """The sample patient (``ui/sample.py``): its CT from IDC, with its tumor marked, as the query."""
+        self._run("Loading the sample patient", self._load_sample(), on_scene=True)
+
+    def _load_sample(self):
+        from .sample import SAMPLE
+
+        if not self._install(SEARCH, DOWNLOAD):
+            return
+        size = self.logic.sample_size()
+        what = (
+            f"The sample patient's CT (NLST patient {SAMPLE.patient}, {SAMPLE.histology}, stage {SAMPLE.stage}: "
+            f"{size:.0f} MB) would be downloaded from NCI Imaging Data Commons."
+        )
+        if size and not self._downloads_opt_in(what, always_ask=True):
+            return
+        files = yield self.logic.start_fetch_sample(self._progress)
+        self.view.show_sample(*self.logic.show_sample(files))
+        self.view.show_status(
+            f"NLST patient {SAMPLE.patient}'s CT, its tumor marked at the reference's lesion centre: import "
+            f"NLST-Sybil (or choose it), choose a model and find similar patients."
+        )
 
     def open_viewer(self, row: int) -> None:
         """Open a hit's study in the IDC viewer (the web browser)."""

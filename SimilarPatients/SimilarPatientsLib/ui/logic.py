@@ -425,6 +425,27 @@ class ModuleLogic:
         cache = self.series_cache()
         return ThreadJob(lambda report: {u: list(s.files) for u, s in cache.fetch(uids, report).items()}, progress)
 
+    def sample_size(self) -> float:
+        """Megabytes the sample patient's CT needs from IDC (0 once cached)."""
+        from .sample import SAMPLE
+
+        return self.series_cache().download_size_mb([SAMPLE.series])
+
+    def start_fetch_sample(self, progress=None) -> ThreadJob:
+        """The sample patient's CT from the cache, downloaded from IDC when not there (the user agreed)."""
+        from .sample import SAMPLE
+
+        cache = self.series_cache()
+        return ThreadJob(lambda report: list(cache.fetch([SAMPLE.series], report)[SAMPLE.series].files), progress)
+
+    def show_sample(self, files) -> tuple:
+        """The sample's CT and its tumor point in Slicer's scene: (volume, point list)."""
+        import slicer
+
+        from .sample import show_sample
+
+        return show_sample(slicer.mrmlScene, files)
+
     def show_matches(self, hits, files: dict, query_volume=None, query_centre_lps=None):
         """Read the fetched series into volume nodes (and into Slicer's DICOM database) and show them beside
         the query (by default the last image query's CT and tumor), each view centred on its tumor."""
