@@ -68,8 +68,10 @@ def registerSampleData():
     through this module: the download is asked for, cached and shown with its tumor as the query."""
     import os
 
-    import SampleData
-
+    try:
+        import SampleData
+    except ImportError:  # the Sample Data module is turned off in this Slicer: nothing to register with
+        return
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="Similar Patients",
         sampleName=SAMPLE.name,
