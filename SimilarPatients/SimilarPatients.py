@@ -8,8 +8,10 @@ from typing import Annotated
 
 import qt
 import slicer
+from SimilarPatientsLib.scene.watch import SceneWatch
 from SimilarPatientsLib.ui import Inputs, ModuleController, ModuleLogic, ModuleSettings, dependencies, self_test
 from SimilarPatientsLib.ui.controller import K_RANGE
+from SimilarPatientsLib.ui.sample import SAMPLE
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -58,6 +60,33 @@ class SimilarPatients(ScriptedLoadableModule):
             "Reference embeddings: NLST-Sybil tumor embeddings published by the IDC team "
             "(ImagingDataCommons/nlst-sybil-connectome, Apache-2.0), derived from NLST data in IDC."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)  # once the Sample Data module is there
+
+
+def registerSampleData():
+    """The sample patient (``SimilarPatientsLib/ui/sample.py``) in the Sample Data module; its button loads it
+    through this module: the download is asked for, cached and shown with its tumor as the query."""
+    import os
+
+    try:
+        import SampleData
+    except ImportError:  # the Sample Data module is turned off in this Slicer: nothing to register with
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Similar Patients",
+        sampleName=SAMPLE.name,
+        uris=SAMPLE.viewer,  # shown by Sample Data; the download is the module's (IDC's buckets, through its cache)
+        fileNames=SAMPLE.name,
+        nodeNames=SAMPLE.volume_name,
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SimilarPatients.png"),
+        customDownloader=loadSample,
+    )
+
+
+def loadSample(source=None):
+    """The Sample Data module's button: open this module and load the sample patient as the query."""
+    slicer.util.selectModule("SimilarPatients")
+    slicer.modules.similarpatients.widgetRepresentation().self().controller.load_sample()
 
 
 class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -84,7 +113,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(50)
         self.timer.timeout.connect(self.controller.poll)
         self.timer.start()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *_: self.setParameterNode(None))
+        self.sceneWatch = SceneWatch(slicer.mrmlScene, self.onSceneClosing, self.controller.node_removed)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneLoaded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneLoaded)
         ui, controller, settings = self.ui, self.controller, self.logic.settings
@@ -113,6 +142,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
+        self.sceneWatch.remove()
         self.removeObservers()
         self.setParameterNode(None)
         self.logic.cleanup()
@@ -132,6 +162,11 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         self.setParameterNode(None)
+
+    def onSceneClosing(self):
+        """The parameter node goes with the scene (a new one is made at EndClose); so do the results."""
+        self.setParameterNode(None)
+        self.controller.scene_closed()
 
     def onSceneLoaded(self, caller=None, event=None):
         """A scene was closed or loaded: its parameter node (reference, model, k, ...) takes over."""
@@ -262,6 +297,13 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row, picture in matches.items():
             self.ui.resultsTable.item(row, 0).setIcon(qt.QIcon(picture))
             self.ui.resultsTable.setRowHeight(row, 68)
+
+    def show_sample(self, volume, tumor):
+        self.ui.volumeSelector.setCurrentNode(volume)
+        self.ui.segmentSelector.setCurrentNode(None)  # the point marks the tumor
+        self.ui.pointSelector.setCurrentNode(tumor)
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        slicer.modules.markups.logic().JumpSlicesToNthPointInMarkup(tumor.GetID(), 0, True)
 
     def show_downloads_allowed(self, allowed):
         self.ui.allowDownloadsCheckBox.checked = allowed

@@ -7,8 +7,12 @@ import http.server
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import sys
 import threading
+import types
+import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -193,26 +197,54 @@ def server():
     httpd.server_close()
 
 
+#: idc-index's DOWNLOAD_HIERARCHY_DEFAULT (index.py).
+IDC_DIR_TEMPLATE = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID"
+
+
 class IDCBucket:
     """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
-    series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
+    series the test wrote (``cut`` drops files, as a broken transfer would), under the folders and file names
+    idc-index gives them, counts its calls, records their options and every path it writes."""
 
-    def __init__(self, series: dict, cut: int = 0):
+    def __init__(self, series: dict, cut: int = 0, uids: dict | None = None):
         self.series, self.cut, self.calls, self.locations = series, cut, 0, []
+        self.uids = uids or {}  # a series' (collection, patient, study) for the default folder tree
+        self.options: list = []
+        self.written: list = []
 
-    def download_from_selection(self, seriesInstanceUID, downloadDir, source_bucket_location="aws"):
+    def download_from_selection(
+        self,
+        seriesInstanceUID,
+        downloadDir,
+        source_bucket_location="aws",
+        dirTemplate=IDC_DIR_TEMPLATE,
+        quiet=True,
+        show_progress_bar=True,
+    ):
         # idc-index (index.py, download_from_selection): "source_bucket_location: string selecting the provider
         # of the bucket from which the files will be downloaded, allowing to select between Google ('gcs') and
         # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError.
         if source_bucket_location not in ("aws", "gcs"):
             raise ValueError("source_bucket_location must be either 'aws' or 'gcs'")
         self.locations.append(source_bucket_location)
+        self.options.append({"dirTemplate": dirTemplate, "quiet": quiet, "show_progress_bar": show_progress_bar})
         self.calls += 1
+        logging.getLogger("idc_index.index").info("Downloading data to %s", downloadDir)  # as idc-index logs
         for uid in seriesInstanceUID:
-            target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
-            shutil.copytree(self.series[uid], target)
-            for path in sorted(Path(target).iterdir())[: self.cut]:
-                path.unlink()
+            # "dirTemplate ... When set to None all files will be downloaded to the download directory with no
+            # subdirectories"; the files are named by their CRDC instance UUID: "<crdc_instance_uuid>.dcm"
+            collection, patient, study = self.uids.get(uid, ("nlst", "100158", "1.2.840.113654.2.55." + "8" * 38))
+            fields = {"collection_id": collection, "PatientID": patient, "StudyInstanceUID": study}
+            fields |= {"Modality": "CT", "SeriesInstanceUID": uid}
+            target = Path(downloadDir)
+            if dirTemplate is not None:
+                target = target / re.sub("%(" + "|".join(fields) + ")", lambda m, f=fields: f[m.group(1)], dirTemplate)
+            target.mkdir(parents=True, exist_ok=True)
+            sources = sorted(Path(self.series[uid]).iterdir())
+            for source in sources[self.cut :]:
+                path = target / f"{uuid.uuid4()}.dcm"
+                shutil.copyfile(source, path)
+                self.written.append(path)
 
 
 @pytest.fixture
@@ -259,6 +291,22 @@ def slicer_scene():
 @pytest.fixture
 def scene():
     return slicer_scene()
+
+
+@pytest.fixture
+def mrml_application(monkeypatch):
+    """slicer-core's scene as Slicer's ``slicer.mrmlScene``, its layout logic as the layout manager's, and a
+    DICOMLib whose importer records the folders it is given."""
+    scene = slicer_scene()
+    core = sys.modules["slicer"]
+    manager = types.SimpleNamespace(layoutLogic=lambda: scene.layout_logic)
+    monkeypatch.setattr(core, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(core, "app", types.SimpleNamespace(layoutManager=lambda: manager), raising=False)
+    imported = []
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=imported.append)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+    return types.SimpleNamespace(scene=scene, imported=imported)
 
 
 def descriptor_reference(home: Path, per_kind: int, rng: np.random.Generator, name: str = "tumors"):

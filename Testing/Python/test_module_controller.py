@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from conftest import NLST_DIR, IDCBucket, descriptor_reference
-from SimilarPatientsLib.idc.download import SeriesCache
+from SimilarPatientsLib.idc.download import UID_FILE, SeriesCache, series_key
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings, dependencies
 from SimilarPatientsLib.ui.results import cell_text, filter_terms, results_table
 from synthetic_ct import tumor_ct
@@ -549,9 +549,10 @@ def test_clearing_the_cache_removes_its_dicom_database_entries_first(controller,
         isOpen=True, databaseDirectory=str(tmp_path / "db"), removeSeries=lambda uid: removed.append(uid)
     )
     monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(dicomDatabase=database))
-    series = tmp_path / "db" / "SimilarPatients-series" / "1.2.3"
+    series = tmp_path / "db" / "SimilarPatients-series" / series_key("1.2.3")
     series.mkdir(parents=True)
     (series / "a.dcm").write_bytes(b"x" * 1000)
+    (series / UID_FILE).write_text("1.2.3", encoding="utf-8")
     controller.clear_cache()
     assert removed == ["1.2.3"] and not series.exists()
     assert "MB of downloaded series deleted" in controller.view.last("show_status")[0]

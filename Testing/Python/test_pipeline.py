@@ -248,11 +248,11 @@ def test_idc_series_are_fetched_into_the_worker_cache_checked_and_freed_after_us
     uid = next(iter(folders))
     source = SeriesSource(cache=str(tmp_path / "cache"), index=index.parquet_path, client=IDCBucket(folders))
     files = source.files(uid)
-    assert len(files) == len(list(folders[uid].iterdir())) and (tmp_path / "cache" / uid).is_dir()
+    assert len(files) == len(list(folders[uid].iterdir())) and source._cache().folder(uid).is_dir()
     image, read_files = read_image(uid, True, source)
     assert image.GetSize()[2] == len(files) and read_files == files
     source.release(uid)
-    assert not (tmp_path / "cache" / uid).exists()  # a worker's disk holds the series it is reading only
+    assert not source._cache().folder(uid).exists()  # a worker's disk holds the series it is reading only
     cut = SeriesSource(cache=str(tmp_path / "cut"), index=index.parquet_path, client=IDCBucket(folders, cut=1))
     with pytest.raises(SimilarPatientsError, match="was cut short"):  # in a build: that series' dead letter
         cut.files(uid)

@@ -53,3 +53,20 @@ def test_matches_that_cannot_be_shown_are_refused(scene):
         matches.show_matches(scene, scene.layout_logic.GetLayoutNode(), None, (0, 0, 0), pd.DataFrame([hit]), {})
     with pytest.raises(SimilarPatientsError, match="No image files"):
         matches.load_series(scene, [], "nothing")
+
+
+def test_a_series_whose_file_names_are_not_in_slice_order_is_read_as_written(scene, tmp_path):
+    """IDC's files are named by random UUIDs: read in name order, the archetype reader made a volume with a
+    wrong slice spacing (0.11 mm for 1.25); sorted along the slices' normal it is the image written."""
+    import shutil
+    import uuid
+
+    image, _, _ = tumor_ct("smooth", np.random.default_rng(4), size=(32, 32, 16))
+    write_dicom_series(image, tmp_path / "written")
+    (tmp_path / "idc").mkdir()
+    for path in sorted((tmp_path / "written").iterdir()):
+        shutil.copyfile(path, tmp_path / "idc" / f"{uuid.uuid4()}.dcm")
+    volume = matches.load_series(scene, sorted((tmp_path / "idc").iterdir()), "match")
+    read = nodes.volume_image(volume)
+    np.testing.assert_allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.int16))

@@ -187,6 +187,8 @@ def test_the_extension_is_packaged_for_the_catalogue():
     assert entry["build_dependencies"] == ["PyTorch"]
     cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and 'EXTENSION_SCREENSHOTURLS "https://' in cmake
+    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "https://\S+?/main/(\S+)"', cmake).group(1)
+    assert screenshot == "Resources/Screenshots/comparison.png" and (ROOT / screenshot).is_file()  # the module at work
     for setting in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{setting} "[^"]+"\)', cmake), setting
     assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("                                 Apache License")
@@ -267,3 +269,72 @@ def test_the_in_slicer_self_test_runs_on_a_real_scene_and_leaves_nothing(
     assert slicer_application.databases[-1] == "closed" and slicer_application.imported
     assert all(Path(folder).is_relative_to(temporary) for folder in slicer_application.imported)
     assert not list(temporary.iterdir()), list(temporary.iterdir())
+
+
+def test_the_sample_patient_is_registered_with_slicers_sample_data_module(slicer_module, monkeypatch):
+    """At start-up the module registers the sample (``ui/sample.py``) with the Sample Data module, as
+    SampleDataLogic.registerCustomSampleDataSource takes it (one URI, file and node name: its lists must be
+    of one length); the sample's button opens the module and runs its load_sample task."""
+    from SimilarPatientsLib.ui.sample import SAMPLE
+
+    slicer = sys.modules["slicer"]
+    connected, registered, selected, loaded = [], [], [], []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *c: connected.append(c)), raising=False)
+    module_class = slicer_module.SimilarPatients
+    monkeypatch.setattr(module_class, "parent", types.SimpleNamespace(), raising=False)  # Slicer's base sets it
+    module_class(None)
+    assert connected == [("startupCompleted()", slicer_module.registerSampleData)]
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=lambda **e: registered.append(e))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    slicer_module.registerSampleData()
+    (entry,) = registered
+    assert entry["sampleName"] == SAMPLE.name and entry["customDownloader"] is slicer_module.loadSample
+    assert all(isinstance(entry[k], str) for k in ("uris", "fileNames", "nodeNames"))
+    assert Path(entry["thumbnailFileName"]).is_file() and entry["uris"] == SAMPLE.viewer
+
+    widget = types.SimpleNamespace(controller=types.SimpleNamespace(load_sample=lambda: loaded.append(True)))
+    module = types.SimpleNamespace(widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: widget))
+    monkeypatch.setattr(slicer.util, "selectModule", selected.append, raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(similarpatients=module), raising=False)
+    entry["customDownloader"](object())  # Sample Data calls it with the source
+    assert selected == ["SimilarPatients"] and loaded == [True]
+
+
+def test_the_checkout_route_the_guide_gives_finds_the_module_its_library_and_its_worker(tmp_path):
+    """The user guide's checkout route: the checkout's ``SimilarPatients`` folder as an additional module path.
+    Slicer finds a scripted module as ``<Name>.py`` there and puts the folder on ``sys.path``, so the library
+    is imported from the checkout, and the worker is started with that folder as its path and runs from it
+    alone. (The self-test from that folder: the fixture of the self-test test imports the module from it.)"""
+    import os
+    import subprocess
+
+    guide = (ROOT / "docs" / "user-guide.md").read_text(encoding="utf-8")
+    assert "Additional module paths" in guide and "`<checkout>/SimilarPatients`" in guide
+    folder = ROOT / "SimilarPatients"
+    assert (folder / "SimilarPatients.py").is_file() and (folder / "Resources" / "UI" / "SimilarPatients.ui").is_file()
+    code = (
+        "import os, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"  # what Slicer does for a scripted module's folder
+        "import SimilarPatientsLib, SimilarPatientsLib.ui.sample, SimilarPatientsLib.scene.watch\n"
+        "from SimilarPatientsLib.scene.worker import WorkerClient\n"
+        "print(SimilarPatientsLib.__file__)\n"
+        "print(WorkerClient(sys.executable, {}).environment['PYTHONPATH'].split(os.pathsep)[0])\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-I", "-c", code, str(folder)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert found.returncode == 0, found.stderr
+    library, worker_path = found.stdout.split()
+    assert Path(library).is_relative_to(folder) and Path(worker_path) == folder
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": worker_path}
+    worker = subprocess.run(
+        [sys.executable, "-c", "import sys, SimilarPatientsLib.scene.worker as w; print(w.__file__); w.main()"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        timeout=120,
+    )
+    assert worker.returncode == 0 and Path(worker.stdout.split()[0]).is_relative_to(folder), worker.stderr

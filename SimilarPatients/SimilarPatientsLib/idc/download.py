@@ -6,13 +6,25 @@ staging folder, its DICOM files counted against the index's ``instanceCount`` an
 the cache, so a cut download is refused and fetched again, never loaded as a shorter volume. Loading a
 patient twice reuses the cached series. Downloading sends the series' identifiers to IDC's public buckets:
 the caller (the Slicer module) asks the user first.
+
+Paths stay short, because Slicer on Windows is not long-path aware (260 characters): a series' folder is
+named by a 16-character digest of its UID (the UID itself, 64 characters at most, is written inside it) and
+holds its files flat as ``idc-index`` names them (``<uuid>.dcm``), not in its default
+collection/patient/study/series tree (310-333 characters for an NLST series under Slicer's DICOM
+database folder). ``idc-index`` starts ``s5cmd`` with plain ``subprocess`` calls and takes no creation
+flags; from Slicer, a GUI program on Windows, each would open a console window, so those calls get
+``CREATE_NO_WINDOW`` here; its progress bar and informational log lines are kept out of the Python console.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +50,30 @@ class SeriesFiles:
 
 #: IDC's copies of its images (idc-index's ``source_bucket_location``): Amazon S3 and Google Cloud Storage.
 BUCKETS = ("aws", "gcs")
+#: The file in a cached series' folder that names its SeriesInstanceUID (the folder is named by a digest).
+UID_FILE = "SeriesInstanceUID.txt"
+
+
+def series_key(uid: str) -> str:
+    """A cached series' folder name: 16 hex characters of the UID's SHA-256, whatever the UID's length."""
+    return hashlib.sha256(uid.encode("utf-8")).hexdigest()[:16]
+
+
+def cached_files(root: Path, uid: str) -> list[Path]:
+    """The files of series ``uid`` in the cache at ``root`` (none when it is not cached)."""
+    folder = Path(root) / series_key(uid)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != UID_FILE)
+
+
+def cached_uids(root: Path) -> list[str]:
+    """The SeriesInstanceUIDs cached at ``root`` (what Slicer's DICOM database is told to forget)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    named = (folder / UID_FILE for folder in root.iterdir() if folder.is_dir() and not folder.name.startswith("."))
+    return sorted(path.read_text(encoding="utf-8").strip() for path in named if path.is_file())
 
 
 class SeriesCache:
@@ -73,7 +109,7 @@ class SeriesCache:
 
     def download_size_mb(self, uids: Sequence[str]) -> float:
         """Megabytes a download of ``uids`` would fetch (what is cached already costs nothing)."""
-        missing = [u for u in dict.fromkeys(uids) if not (self.root / u).is_dir()]
+        missing = [u for u in dict.fromkeys(uids) if not self.folder(u).is_dir()]
         return float(self.expected(missing)["series_size_MB"].sum()) if missing else 0.0
 
     def fetch(self, uids: Sequence[str], progress: ProgressCallback | None = None) -> dict[str, SeriesFiles]:
@@ -82,15 +118,18 @@ class SeriesCache:
         rows = self.expected(uids)
         found = {}
         for done, uid in enumerate(uids):
-            folder = self.root / uid
+            folder = self.folder(uid)
             downloaded = not folder.is_dir()
             if downloaded:
                 report(progress, done, len(uids), f"downloading series {done + 1} of {len(uids)}")
                 self._download(uid, int(rows.loc[uid, "instanceCount"]))
-            files = tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
-            found[uid] = SeriesFiles(uid, folder, files, downloaded)
+            found[uid] = SeriesFiles(uid, folder, tuple(cached_files(self.root, uid)), downloaded)
         report(progress, len(uids), len(uids), "series ready")
         return found
+
+    def folder(self, uid: str) -> Path:
+        """Where series ``uid`` is kept (whether or not it is there)."""
+        return self.root / series_key(uid)
 
     def clear(self) -> float:
         """Delete the cache; returns the megabytes freed."""
@@ -99,22 +138,29 @@ class SeriesCache:
         return size / 1e6
 
     def _download(self, uid: str, instances: int) -> None:
-        staging = self.root / f".{uid}.part"
+        staging = self.root / f".{series_key(uid)}.part"
         with writing(f"the series cache ({self.root})"):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
-                log.info("downloading series %s from IDC into %s", uid, self.root)
-                self.client.download_from_selection(
-                    seriesInstanceUID=[uid], downloadDir=str(staging), source_bucket_location=self.bucket
-                )
+                log.info("downloading series %s from IDC into %s", uid, self.folder(uid))
+                with _tool_log_quiet():
+                    self.client.download_from_selection(
+                        seriesInstanceUID=[uid],
+                        downloadDir=str(staging),
+                        source_bucket_location=self.bucket,
+                        dirTemplate=None,  # the files flat in the folder: short paths
+                        quiet=True,  # s5cmd's own output not on the console
+                        show_progress_bar=False,  # no tqdm bar on stderr (the Python console in Slicer)
+                    )
                 have = len(series_files(staging, [uid]).get(uid, ()))
                 if have != instances:
                     raise SimilarPatientsError(
                         f"The download of series {uid} brought {have} of its {instances} images: it was cut "
                         f"short. Nothing was kept; try again."
                     )
-                os.replace(staging, self.root / uid)
+                (staging / UID_FILE).write_text(uid, encoding="utf-8")
+                os.replace(staging, self.folder(uid))
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -122,9 +168,75 @@ class SeriesCache:
     @property
     def client(self):
         if self._client is None:
-            idc_index = optional_import("idc_index", "download")
-            self._client = idc_index.IDCClient()
+            self._client = idc_client()
         return self._client
+
+
+def idc_client(os_name: str = os.name):
+    """An ``idc_index.IDCClient`` whose s5cmd processes open no console window on Windows."""
+    idc_index = optional_import("idc_index", "download")
+    if os_name == "nt":  # before the client is made: it runs ``s5cmd --help`` to check the binary
+        without_console_windows(importlib.import_module("idc_index.index"))
+    return idc_index.IDCClient()
+
+
+#: Windows' CREATE_NO_WINDOW process creation flag (only Windows' subprocess module defines it by name).
+CREATE_NO_WINDOW = 0x08000000
+
+
+class _Windowless:
+    """A module's ``subprocess`` whose process-starting calls add ``CREATE_NO_WINDOW`` (everything else is
+    ``subprocess``'s own)."""
+
+    STARTS = ("Popen", "run", "call", "check_call", "check_output")
+
+    def __init__(self, base):
+        self._base = base
+
+    def __getattr__(self, name):
+        value = getattr(self._base, name)
+        if name not in self.STARTS:
+            return value
+
+        def start(*args, **kwargs):
+            kwargs["creationflags"] = kwargs.get("creationflags", 0) | CREATE_NO_WINDOW
+            return value(*args, **kwargs)
+
+        return start
+
+
+def without_console_windows(module) -> None:
+    """Make the processes ``module`` starts through its ``subprocess`` open no console window (Windows)."""
+    if not isinstance(module.subprocess, _Windowless):
+        module.subprocess = _Windowless(module.subprocess)
+
+
+class _QuietThreads(logging.Filter):
+    """Drops the informational records of the threads in :attr:`threads` (errors and warnings pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.thread not in self.threads
+
+
+_QUIET = _QuietThreads()
+
+
+@contextlib.contextmanager
+def _tool_log_quiet():
+    """While this thread downloads, idc-index's informational lines (sizes, commands, "successfully
+    downloaded") stay out of the log, which Slicer shows in its Python console; its errors still show."""
+    logger = logging.getLogger("idc_index.index")  # idc-index logs there (a logger's filters see only its own)
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
+    _QUIET.threads.add(threading.get_ident())
+    try:
+        yield
+    finally:
+        _QUIET.threads.discard(threading.get_ident())
 
 
 def series_files(folder: Path, uids: Sequence[str] | None = None) -> dict[str, list[Path]]:

@@ -60,7 +60,7 @@ class SeriesSource:
     def release(self, uid: str) -> None:
         """Free a downloaded series once it is read (nothing for a local folder, or with ``keep``)."""
         if self.local_files is None and not self.keep:
-            shutil.rmtree(self._cache().root / uid, ignore_errors=True)
+            shutil.rmtree(self._cache().folder(uid), ignore_errors=True)
 
     def __getstate__(self):  # the cache and its IDC client are made on each worker, never shipped
         return {**self.__dict__, "_series_cache": None}

@@ -10,15 +10,18 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import SimilarPatientsError
+from ..util.optional import optional_import
 from . import layout
 
 _CENTRE = ("center_x", "center_y", "center_z")
 
 
 def load_series(scene, files: Sequence[Path], name: str):
-    """A DICOM series' files read into a new scalar volume node (the archetype reader Slicer uses)."""
+    """A DICOM series' files read into a new scalar volume node (the archetype reader Slicer uses), in the
+    order of their slices."""
     if not files:
         raise SimilarPatientsError(f"No image files to load for {name}.")
+    files = slice_order(files)
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(files[0]))
@@ -30,6 +33,28 @@ def load_series(scene, files: Sequence[Path], name: str):
         raise SimilarPatientsError(f"The series of {name} could not be read from {Path(files[0]).parent}.")
     volume.SetAndObserveStorageNodeID(storage.GetID())
     return volume
+
+
+def slice_order(files: Sequence[Path]) -> list:
+    """``files`` sorted along the slices' normal (as Slicer's DICOM plugin hands them to the reader): the
+    archetype reader takes the list's order for the slices' order, and IDC's files are named by random UUIDs,
+    which read in name order gave a volume with a wrong slice spacing. Files without a position keep their
+    order, after the others."""
+    import numpy as np
+
+    pydicom = optional_import("pydicom", "embed")
+    placed, rest = [], []
+    for path in files:
+        dataset = pydicom.dcmread(
+            str(path), stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+        )
+        position, orientation = dataset.get("ImagePositionPatient"), dataset.get("ImageOrientationPatient")
+        if position is None or orientation is None or len(orientation) != 6:
+            rest.append(path)
+            continue
+        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+        placed.append((float(np.dot(normal, np.asarray(position, float))), len(placed), path))
+    return [path for *_, path in sorted(placed)] + rest
 
 
 def label(hit: Mapping) -> str:
@@ -54,6 +79,17 @@ def centre_ras(hit: Mapping) -> tuple:
     return (-x, -y, z)
 
 
+def require_in_scene(scene, query_volume) -> None:
+    """Refuse a query CT that is no longer in ``scene`` (the scene was closed, or the volume removed). The
+    node itself is looked for, not its ID: a closed scene gives the next volume loaded the same ID."""
+    if query_volume is None or not scene.IsNodePresent(query_volume):
+        name = query_volume.GetName() if query_volume is not None else "(none)"
+        raise SimilarPatientsError(
+            f"The query's CT ('{name}') is no longer in the scene (the scene was closed or the volume removed): "
+            f"find similar patients from an image again, then load the matches beside it."
+        )
+
+
 def show_matches(
     scene,
     layout_node,
@@ -67,6 +103,7 @@ def show_matches(
     shown = [h for h in hits.to_dict("records") if h.get("SeriesInstanceUID") in volumes][: layout.MAX_MATCHES]
     if not shown:
         raise SimilarPatientsError("None of the matches has a loaded series to show.")
+    require_in_scene(scene, query_volume)
     x, y, z = (float(v) for v in query_centre_lps)
     query = layout.Pane(query_volume, (-x, -y, z), query_volume.GetName())
     panes = [layout.Pane(volumes[h["SeriesInstanceUID"]], centre_ras(h), label(h)) for h in shown]

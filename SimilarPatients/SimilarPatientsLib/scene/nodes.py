@@ -68,10 +68,12 @@ def _binary_labelmap(segmentation, segment_id: str, reference_volume):
     import slicer  # the MRML classes (in Slicer, and from slicer-core outside it)
 
     labelmap = slicer.vtkOrientedImageData()
-    if segmentation.GetBinaryLabelmapRepresentation(segment_id, labelmap):
-        return labelmap
     converter = slicer.vtkSegmentationConverter
     source = segmentation.GetSegmentation()
+    name = converter.GetSegmentationBinaryLabelmapRepresentationName()
+    # asked only when there is one: the node logs an error for a segment without it (an RTSTRUCT's)
+    if source.ContainsRepresentation(name) and segmentation.GetBinaryLabelmapRepresentation(segment_id, labelmap):
+        return labelmap
     if reference_volume is None:
         raise SimilarPatientsError(
             f"'{segmentation.GetName()}' holds its segments as {source.GetSourceRepresentationName()}: choose the CT "
@@ -83,10 +85,13 @@ def _binary_labelmap(segmentation, segment_id: str, reference_volume):
     grid = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
         reference_volume, segmentation.GetParentTransformNode()
     )
+    # The logic hands over a new object that the caller owns ("Need to take ownership of the created object",
+    # vtkSlicerSegmentationsModuleLogic.h): Python's reference comes on top, so without this release each
+    # query would keep a full copy of the CT's voxels (Slicer's own Python releases it the same way).
+    grid.UnRegister(None)
     copy.SetConversionParameter(
         converter.GetReferenceImageGeometryParameterName(), converter.SerializeImageGeometry(grid)
     )
-    name = converter.GetSegmentationBinaryLabelmapRepresentationName()
     if not copy.CreateRepresentation(name) or not copy.GetSegment(segment_id).GetRepresentation(name):
         raise SimilarPatientsError(
             f"The segment '{source.GetSegment(segment_id).GetName()}' ({source.GetSourceRepresentationName()}) could "

@@ -482,7 +482,7 @@ class _Worker:
     def _local_files(self, uids: list, request: dict) -> dict:
         """Files of the series ``uids`` on this machine: in the site's DICOM folder (indexed once per worker,
         new or changed files read again), else in the download cache (a folder per series)."""
-        from ..idc.download import DicomFolderIndex
+        from ..idc.download import DicomFolderIndex, cached_files
 
         if not uids:
             return {}
@@ -494,9 +494,8 @@ class _Worker:
         root = Path(request["cache_root"]) if request.get("cache_root") else None
         if root is None:
             return {}
-        return {
-            uid: sorted(str(p) for p in (root / uid).rglob("*") if p.is_file()) for uid in uids if (root / uid).is_dir()
-        }
+        found = {uid: [str(p) for p in cached_files(root, uid)] for uid in uids}
+        return {uid: files for uid, files in found.items() if files}
 
 
 def _per_model(request: dict, field: str, model: str):

@@ -64,6 +64,9 @@ class View(Protocol):
         """The query tumor's picture (a PNG path, or None) and the matches' (row → PNG path)."""
 
     def show_downloads_allowed(self, allowed: bool) -> None: ...
+    def show_sample(self, volume, tumor) -> None:
+        """Select the sample patient's CT and tumor point as the query's."""
+
     def open_url(self, url: str) -> None: ...
 
 
@@ -79,6 +82,7 @@ class ModuleController:
         self.image_hits = False  #: whether those hits answer an image query (only those can be loaded beside it)
         self.reference = ""  #: the reference those hits come from
         self._task: Generator | None = None
+        self._task_on_scene = False  # whether the running task reads or adds scene nodes
         self._job = None
         self._warming = None  # the worker's request loading the chosen model ahead of the first click
         self._warmed: tuple | None = None
@@ -201,6 +205,23 @@ class ModuleController:
         except SimilarPatientsError as error:  # no PythonSlicer, an unknown model: the click says it
             log.info("the model is not loaded ahead of the first query: %s", error)
 
+    def scene_closed(self) -> None:
+        """The scene is closing (or the query's CT was removed): the hits, their thumbnails, the comparison and
+        the query's CT are dropped, so Load is off until the next image query; a task working on the scene's
+        nodes is cancelled."""
+        if self.busy and self._task_on_scene:
+            self.cancel()
+        self.logic.scene_closed()
+        self.hits, self.image_hits = None, False
+        self.view.show_results(ResultsTable([], []))
+        self.view.show_thumbnails(None, {})
+        self._enable()
+
+    def node_removed(self, node) -> None:
+        """A node left the scene: the query's CT (the node itself, not its ID) ends its results."""
+        if node is not None and node is self.logic.last_volume:
+            self.scene_closed()
+
     # --- actions ---------------------------------------------------------------------------------------
 
     def import_nlst(self) -> None:
@@ -239,7 +260,7 @@ class ModuleController:
         self._show_hits(hits, inputs.reference, from_image=False)
 
     def find_from_image(self, inputs: Inputs) -> None:
-        self._run("Finding similar patients", self._find_from_image(inputs))
+        self._run("Finding similar patients", self._find_from_image(inputs), on_scene=True)
 
     def _find_from_image(self, inputs: Inputs):
         from ..scene.worker import ImageNotHeld
@@ -299,7 +320,7 @@ class ModuleController:
         self.view.show_thumbnails(query_picture, rows)
 
     def load_selected(self, inputs: Inputs) -> None:
-        self._run("Loading the matches", self._load_selected(inputs))
+        self._run("Loading the matches", self._load_selected(inputs), on_scene=True)
 
     def _load_selected(self, inputs: Inputs):
         if not (self.image_hits and self.hits is not None and len(self.hits)):
@@ -320,6 +341,29 @@ class ModuleController:
         self.view.update_progress(None, "showing the matches beside the query")
         self.logic.show_matches(chosen, files)
         self.view.show_status(f"{len(files)} patient(s) beside the query, each view centred on its tumor.")
+
+    def load_sample(self) -> None:
+        """The sample patient (``ui/sample.py``): its CT from IDC, with its tumor marked, as the query."""
+        self._run("Loading the sample patient", self._load_sample(), on_scene=True)
+
+    def _load_sample(self):
+        from .sample import SAMPLE
+
+        if not self._install(SEARCH, DOWNLOAD):
+            return
+        size = self.logic.sample_size()
+        what = (
+            f"The sample patient's CT (NLST patient {SAMPLE.patient}, {SAMPLE.histology}, stage {SAMPLE.stage}: "
+            f"{size:.0f} MB) would be downloaded from NCI Imaging Data Commons."
+        )
+        if size and not self._downloads_opt_in(what, always_ask=True):
+            return
+        files = yield self.logic.start_fetch_sample(self._progress)
+        self.view.show_sample(*self.logic.show_sample(files))
+        self.view.show_status(
+            f"NLST patient {SAMPLE.patient}'s CT, its tumor marked at the reference's lesion centre: import "
+            f"NLST-Sybil (or choose it), choose a model and find similar patients."
+        )
 
     def open_viewer(self, row: int) -> None:
         """Open a hit's study in the IDC viewer (the web browser)."""
@@ -362,12 +406,12 @@ class ModuleController:
 
     # --- the steps tasks share -------------------------------------------------------------------------
 
-    def _run(self, title: str, task: Generator) -> None:
+    def _run(self, title: str, task: Generator, on_scene: bool = False) -> None:
         if self.busy:
             self.view.show_status("Wait for the current task to finish, or cancel it.")
             task.close()
             return
-        self._task = task
+        self._task, self._task_on_scene = task, on_scene
         self.view.show_progress(title)
         self._enable()
         self._resume()

@@ -425,6 +425,27 @@ class ModuleLogic:
         cache = self.series_cache()
         return ThreadJob(lambda report: {u: list(s.files) for u, s in cache.fetch(uids, report).items()}, progress)
 
+    def sample_size(self) -> float:
+        """Megabytes the sample patient's CT needs from IDC (0 once cached)."""
+        from .sample import SAMPLE
+
+        return self.series_cache().download_size_mb([SAMPLE.series])
+
+    def start_fetch_sample(self, progress=None) -> ThreadJob:
+        """The sample patient's CT from the cache, downloaded from IDC when not there (the user agreed)."""
+        from .sample import SAMPLE
+
+        cache = self.series_cache()
+        return ThreadJob(lambda report: list(cache.fetch([SAMPLE.series], report)[SAMPLE.series].files), progress)
+
+    def show_sample(self, files) -> tuple:
+        """The sample's CT and its tumor point in Slicer's scene: (volume, point list)."""
+        import slicer
+
+        from .sample import show_sample
+
+        return show_sample(slicer.mrmlScene, files)
+
     def show_matches(self, hits, files: dict, query_volume=None, query_centre_lps=None):
         """Read the fetched series into volume nodes (and into Slicer's DICOM database) and show them beside
         the query (by default the last image query's CT and tumor), each view centred on its tumor."""
@@ -436,11 +457,12 @@ class ModuleLogic:
         query_centre_lps = query_centre_lps if query_centre_lps is not None else self.last_seed_lps
         if query_volume is None or query_centre_lps is None:
             raise SimilarPatientsError("Find similar patients from an image first: the matches are shown beside it.")
+        scene = slicer.mrmlScene
+        matches.require_in_scene(scene, query_volume)  # before anything is imported or shown
         from DICOMLib import DICOMUtils
 
         for paths in files.values():  # the DICOM browser knows them too (importing twice is harmless)
             DICOMUtils.importDicom(str(Path(paths[0]).parent))
-        scene = slicer.mrmlScene
         volumes = {uid: matches.load_series(scene, paths, f"match {uid[-8:]}") for uid, paths in files.items()}
         if self.comparison is not None:
             self.comparison.remove()  # the previous comparison's links end
@@ -471,18 +493,26 @@ class ModuleLogic:
         root = self.series_cache_root()
         if not root.is_dir():
             return 0.0
+        from ..idc.download import cached_uids
+
         database = _dicom_database()
         if database is not None and database.isOpen:
-            for folder in root.iterdir():
-                if folder.is_dir() and not folder.name.startswith("."):
-                    database.removeSeries(folder.name)
+            for uid in cached_uids(root):
+                database.removeSeries(uid)
         return self.series_cache().clear()
 
-    def cleanup(self) -> None:
-        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+    def scene_closed(self) -> None:
+        """Forget what names the closed scene's nodes: the last query's CT, seed and thumbnails, the CT the
+        worker holds (a new CT may get the old one's node ID) and the comparison, whose links end."""
         if self.comparison is not None:
             self.comparison.remove()
             self.comparison = None
+        self.last_volume, self.last_seed_lps, self.last_thumbnails = None, None, []
+        self._image_key = None
+
+    def cleanup(self) -> None:
+        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+        self.scene_closed()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
