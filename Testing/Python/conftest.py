@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -200,10 +201,13 @@ class IDCBucket:
     def __init__(self, series: dict, cut: int = 0):
         self.series, self.cut, self.calls, self.locations = series, cut, 0, []
 
-    def download_from_selection(self, seriesInstanceUID, downloadDir, source_bucket_location="aws"):
+    def download_from_selection(
+        self, seriesInstanceUID, downloadDir, source_bucket_location="aws", show_progress_bar=True
+    ):
         # idc-index (index.py, download_from_selection): "source_bucket_location: string selecting the provider
         # of the bucket from which the files will be downloaded, allowing to select between Google ('gcs') and
-        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError.
+        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError. "show_progress_bar (bool): If
+        # True, tracks the progress of download" (a tqdm bar on the console): nothing to stand in for.
         if source_bucket_location not in ("aws", "gcs"):
             raise ValueError("source_bucket_location must be either 'aws' or 'gcs'")
         self.locations.append(source_bucket_location)
@@ -213,6 +217,27 @@ class IDCBucket:
             shutil.copytree(self.series[uid], target)
             for path in sorted(Path(target).iterdir())[: self.cut]:
                 path.unlink()
+
+
+class WorkerBucket:
+    """:class:`IDCBucket` for the query worker, a process of its own: the stand-in ``idc_index`` of
+    ``stand_ins/`` first on the path of the workers started from now on, copying ``series`` through a child
+    process (s5cmd's place) with ``pause`` seconds between files; :attr:`downloads` lists each download
+    (``uid``, the child's ``pid``, its ``staging`` folder)."""
+
+    def __init__(self, series: dict, folder: Path, monkeypatch, pause: float = 0.0):
+        self.log = folder / "bucket-log.jsonl"
+        self.log.touch()
+        description = folder / "bucket.json"
+        plain = {uid: str(path) for uid, path in series.items()}
+        description.write_text(json.dumps({"series": plain, "pause": pause, "log": str(self.log)}))
+        monkeypatch.setenv("SIMILARPATIENTS_TEST_BUCKET", str(description))
+        stand_ins = str(Path(__file__).parent / "stand_ins")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (stand_ins, os.environ.get("PYTHONPATH")) if p))
+
+    @property
+    def downloads(self) -> list:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
 
 
 @pytest.fixture

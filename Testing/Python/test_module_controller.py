@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import NLST_DIR, IDCBucket, descriptor_reference
+from conftest import NLST_DIR, WorkerBucket, descriptor_reference
 from SimilarPatientsLib.idc.download import SeriesCache
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings, dependencies
 from SimilarPatientsLib.ui.results import cell_text, filter_terms, results_table
@@ -276,7 +276,8 @@ def test_before_the_first_install_the_module_opens_and_says_when_packages_come(c
 def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, query_nodes):
     volume, points = query_nodes
     controller.find_from_image(_inputs(volume=volume, tumor=points))
-    assert controller.busy and not any(controller.actions().values())  # every button off while it runs
+    assert controller.busy and [a for a, on in controller.actions().items() if on] == ["find_image"]  # its Cancel
+    assert controller.view.last("show_running") == ("find_image",)
     controller.wait()
     stages = [message for _, message in controller.view.of("update_progress")]
     for stage in ("reading the CT", "cropping the tumor", "embedding with TumorDescriptor", "searching"):
@@ -286,7 +287,10 @@ def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, 
     query_picture, _ = controller.view.of("show_thumbnails")[0]
     assert query_picture and os.path.isfile(query_picture)
     assert controller.actions()["load"] and controller.view.last("show_progress") == (None,)
-    assert not controller.view.of("show_error")
+    assert controller.view.last("show_running") == (None,) and not controller.view.of("show_error")
+    logged = [line for (line,) in controller.view.of("log")]  # one line per stage, in order, the title first
+    assert logged[0] == "Finding similar patients" and len(logged) == len(set(logged))
+    assert logged.index("cropping the tumor") < logged.index("searching")
 
     controller.find_by_patient(_inputs(patient="cavitary-0"))  # a patient search has no CT to load beside
     controller.wait()
@@ -294,15 +298,25 @@ def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, 
 
 
 @posix
-def test_a_second_click_during_a_query_is_refused_and_the_first_one_is_answered(controller, query_nodes):
+def test_another_action_during_a_query_is_refused_and_the_query_is_answered(controller, query_nodes):
     """Reproduces the nested query: the first query's answer must arrive and nothing runs twice."""
     volume, points = query_nodes
     controller.find_from_image(_inputs(volume=volume, tumor=points))
-    controller.find_from_image(_inputs(volume=volume, tumor=points, k=5))
     controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.import_nlst()
     assert controller.view.of("show_status").count(("Wait for the current task to finish, or cancel it.",)) == 2
     controller.wait()
     assert len(controller.view.of("show_results")) == 1 and len(controller.hits) == 3
+
+
+@posix
+def test_the_running_actions_button_is_its_cancel(controller, query_nodes):
+    volume, points = query_nodes
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    controller.find_from_image(_inputs(volume=volume, tumor=points, k=5))  # the same button, now Cancel
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.view.last("show_running") == (None,) and controller.hits is None
+    assert not controller.view.of("show_error") and controller.actions()["find_image"]
 
 
 @posix
@@ -437,11 +451,11 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
     volume, points = query_nodes
     _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})  # its install question is another test's
     folders, index = served
-    bucket = IDCBucket(folders)
-    cache = SeriesCache(controller.logic.home / "series", index, bucket)
+    bucket = WorkerBucket(folders, controller.logic.home.parent, monkeypatch)
+    cache = SeriesCache(controller.logic.home / "series", index)
     monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
     shown = []
-    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files: shown.append((hits, files)))
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append((hits, files)))
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     uids = list(folders)
@@ -454,7 +468,7 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
         "0 MB of CT series" in controller.view.last("ask")[0]
         and "Allow Similar Patients" in controller.view.last("ask")[0]
     )
-    assert not shown and bucket.calls == 0 and not controller.logic.settings.downloads_allowed
+    assert not shown and not bucket.downloads and not controller.logic.settings.downloads_allowed
 
     controller.logic.settings.downloads_allowed = True
     controller.view.answers = [True]
@@ -462,11 +476,11 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
     controller.wait()
     question = controller.view.last("ask")[0]
     assert "Download them?" in question and "for 1 patient(s)" in question  # asked although allowed
-    assert bucket.calls == 1 and list(shown[-1][1]) == [uids[1]]
+    assert len(bucket.downloads) == 1 and list(shown[-1][1]) == [uids[1]]
     asked = len(controller.view.of("ask"))
     controller.load_selected(_inputs(selected_rows=[1]))  # cached now: nothing to download, nothing to ask
     controller.wait()
-    assert len(controller.view.of("ask")) == asked and bucket.calls == 1
+    assert len(controller.view.of("ask")) == asked and len(bucket.downloads) == 1
 
 
 @posix
@@ -477,7 +491,7 @@ def test_loading_from_the_sites_dicom_folder_asks_nothing_and_reads_it_once(
     folders, _ = served
     controller.logic.settings.local_dicom_folder = str(next(iter(folders.values())).parent)
     shown = []
-    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files: shown.append(files))
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append(files))
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     controller.hits = controller.hits.head(2).assign(SeriesInstanceUID=list(folders))
@@ -485,11 +499,15 @@ def test_loading_from_the_sites_dicom_folder_asks_nothing_and_reads_it_once(
     controller.load_selected(_inputs())
     controller.wait()
     assert len(controller.view.of("ask")) == asked and set(shown[0]) == set(folders)
-    index = controller.logic._folders[controller.logic.settings.local_dicom_folder]
-    known = dict(index._known)
+    uid = next(iter(folders))
+    first = shown[0][uid][0]  # made unreadable with its size and time kept: only a second read would see it
+    stat = os.stat(first)
+    with open(first, "r+b") as stream:
+        stream.write(b"\0" * stat.st_size)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     controller.load_selected(_inputs())
     controller.wait()
-    assert index._known == known  # no file read again
+    assert shown[1][uid] == shown[0][uid]  # the worker kept its index of the folder: no file read again
 
 
 def test_load_before_an_image_query_says_to_query_first(controller):
@@ -592,11 +610,12 @@ def test_the_fused_choice_is_offered_with_why_and_preselected_only_where_it_won(
 def test_a_fused_search_by_patient_shows_each_models_rank(nlst_home):
     from SimilarPatientsLib.references import FUSED_CHOICE
 
-    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home)
+    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home, python=sys.executable)
     view = RecordingView()
     controller = ModuleController(view, logic, installer=RecordingInstaller())
     controller.find_by_patient(Inputs(reference="nlst-sybil", model=FUSED_CHOICE, k=5, patient="100242"))
     controller.wait()
+    logic.cleanup()
     table = view.last("show_results")[0]
     models = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
     assert table.titles[:3] == ["#", "Patient", "Similarity"]
