@@ -7,6 +7,7 @@ MRML scene are real."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -638,3 +639,177 @@ def test_a_fused_image_query_asks_each_models_licence_and_one_download_question(
     assert licence.startswith("VISTA3D's weights are published under")
     assert "CTFM: https://" in download and "VISTA3D: https://" in download
     assert controller.hits is None
+
+
+# --- cancel, whatever runs ------------------------------------------------------------------------------
+
+
+def _poll_until(controller, condition, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert controller.busy, "the task ended before the moment to cancel it"
+        assert time.monotonic() < deadline, "the moment to cancel never came"
+        controller.poll(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for its parent does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+            return stream.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_cancel_pressed_during_an_install_ends_the_task_when_the_install_returns(controller, monkeypatch):
+    """Slicer's pip and torch installs spin Qt's event loop (processEvents per line), where the user presses
+    Cancel: that used to close the task's generator from inside itself (ValueError: generator already
+    executing) and leave the task running. Now the install finishes, nothing more is asked or run, and the
+    module is ready again, with a status line and no error."""
+    _pretend_installed(monkeypatch, {"pandas": "1.5.3"})
+    seen = []
+
+    def cancel_from_the_nested_event_loop():
+        controller.cancel()  # what the Cancel button's slot does inside processEvents
+        seen.append((controller.busy, controller.actions()))
+
+    controller.installer.after = cancel_from_the_nested_event_loop
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    ((busy, actions),) = seen
+    assert busy and not any(actions.values())  # still in the install: the Cancel button is off meanwhile
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.view.last("show_running") == (None,) and controller.hits is None
+    assert ("cancelling: the current step finishes first",) in controller.view.of("log")
+    assert not controller.view.of("show_error") and all(controller.actions()[a] for a in ("find", "import"))
+
+
+def test_cancel_pressed_while_the_matches_are_imported_stops_before_any_is_loaded(controller, monkeypatch):
+    """The DICOM import of each match spins Qt's event loop (ctkDICOMIndexer waits in a QEventLoop): a Cancel
+    pressed there stops before the next series, loads no volume, and raises nothing."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core's module stands for Slicer's")
+    imported = []
+
+    def import_dicom(folder):
+        imported.append(folder)
+        controller.cancel()  # pressed while the first series is imported
+
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=import_dicom)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+    loaded = []
+    monkeypatch.setattr("SimilarPatientsLib.scene.matches.load_series", lambda *a: loaded.append(a))
+    monkeypatch.setattr(slicer, "mrmlScene", object(), raising=False)
+    logic = controller.logic
+    logic.last_volume, logic.last_seed_lps = object(), [0.0, 0.0, 0.0]
+    fetched = {"files": {"1.2.3": ["/a/1.dcm"], "1.2.4": ["/b/1.dcm"]}}
+    monkeypatch.setattr(logic, "start_fetch", lambda hits, progress: _Answered(fetched))
+    controller.hits, controller.image_hits = pd.DataFrame({"SeriesInstanceUID": ["1.2.3", "1.2.4"]}), True
+    logic.settings.local_dicom_folder = "/a"  # nothing to download, nothing to ask
+    controller.load_selected(_inputs())
+    controller.wait(10)
+    assert imported == ["/a"] and not loaded  # the second series was not imported, no volume was read
+    assert controller.view.last("show_status") == ("Cancelled.",) and not controller.view.of("show_error")
+    assert controller.view.last("show_running") == (None,) and controller.actions()["load"]
+
+
+class _Answered:
+    """A request answered already (the worker's part is not what these tests are about)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def poll(self, timeout=0.0):
+        return True
+
+    def result(self):
+        return self.answer
+
+    def cancel(self):
+        pass
+
+
+@posix
+def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds(
+    controller, query_nodes, served, monkeypatch
+):
+    """Cancel in the middle of a series: the worker and its download child (s5cmd's place) end, their staging
+    folder goes, nothing enters the cache; a Load at once downloads into a folder of its own and succeeds
+    (it used to share the cancelled one's folder and fail with a false "cut short")."""
+    volume, points = query_nodes
+    _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
+    folders, index = served
+    bucket = WorkerBucket(folders, controller.logic.home.parent, monkeypatch, pause=0.3)  # 12 files: 3.6 s each
+    cache = SeriesCache(controller.logic.home / "series", index)
+    monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
+    shown = []
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append(files))
+    controller.logic.settings.downloads_allowed = True
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    controller.wait()
+    uids = list(folders)
+    controller.hits = controller.hits.head(2).assign(SeriesInstanceUID=uids)
+
+    before = len(controller.view.of("update_progress"))
+
+    def part_downloaded():
+        return [(f, m) for f, m in controller.view.of("update_progress")[before:] if f and 0 < f < 0.5]
+
+    controller.load_selected(_inputs())
+    _poll_until(controller, part_downloaded)
+    (_, message), *_ = part_downloaded()
+    assert message.startswith("downloading series 1 of 2 (") and message.endswith(" MB)")  # bytes, mid-series
+    (download,) = bucket.downloads
+    assert _alive(download["pid"])
+    controller.load_selected(_inputs())  # the Load button is the Cancel now
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert not _alive(download["pid"]) and not os.path.exists(download["staging"])
+    assert not shown and (not cache.root.exists() or not any(cache.root.iterdir()))
+
+    description = os.environ["SIMILARPATIENTS_TEST_BUCKET"]  # no pause now: the next load runs through
+    with open(description, encoding="utf-8") as stream:
+        served_now = dict(json.load(stream), pause=0.0)
+    with open(description, "w", encoding="utf-8") as stream:
+        json.dump(served_now, stream)
+    controller.load_selected(_inputs())
+    controller.wait()
+    assert not controller.view.of("show_error"), controller.view.of("show_error")
+    assert set(shown[0]) == set(uids) and all(len(files) == 12 for files in shown[0].values())
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(uids)  # no staging folder left
+
+
+def test_cancel_mid_import_stores_nothing_and_the_module_is_ready(empty_controller, monkeypatch):
+    controller = empty_controller
+    monkeypatch.setenv("SIMILARPATIENTS_NLST_SYBIL_DIR", str(NLST_DIR))
+    controller.import_nlst()
+    _poll_until(controller, lambda: controller.view.of("update_progress"))
+    controller.import_nlst()  # its button is the Cancel
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.logic.references() == [] and not controller.view.of("show_error")
+    assert all(controller.actions()[a] for a in ("import", "find", "find_image"))
+
+
+@posix
+def test_cancel_while_the_matches_thumbnails_are_drawn_keeps_the_hits(controller, query_nodes, served, monkeypatch):
+    """The thumbnail stage is busy (no count) and used to run with no progress display and no Cancel: its
+    button stays the Cancel through it, and cancelling keeps the table that was already shown."""
+    volume, points = query_nodes
+    folders, _ = served
+    logic = controller.logic
+
+    def thumbnails(hits, progress=None):
+        series = [{"uid": uid, "centre": [0.0, 0.0, 0.0]} for uid in folders]
+        local = str(next(iter(folders.values())).parent)
+        return logic.worker().submit(
+            "thumbnails", progress, folder=str(logic.thumbnail_folder()), series=series, local_folder=local
+        )
+
+    monkeypatch.setattr(logic, "start_match_thumbnails", thumbnails)
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    _poll_until(controller, lambda: ("drawing the matches found on this computer",) in controller.view.of("log"))
+    assert controller.actions()["find_image"] and controller.view.last("show_running") == ("find_image",)
+    assert controller.view.last("show_progress") != (None,)  # the display stays through the busy stage
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert len(controller.hits) == 3 and not controller.view.of("show_error")

@@ -157,7 +157,7 @@ class ModuleController:
             if not self._cancel_asked:
                 self._cancel_asked = True
                 self.view.log("cancelling: the current step finishes first")
-                self.view.show_running(self._running, cancelling=True)
+                self.view.show_running(self._running, True)
                 self._enable()
             return
         if self._job is not None:
