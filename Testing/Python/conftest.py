@@ -227,7 +227,7 @@ class WorkerBucket:
 
     def __init__(self, series: dict, folder: Path, monkeypatch, pause: float = 0.0):
         self.log = folder / "bucket-log.jsonl"
-        self.log.touch()
+        self.log.write_text("")
         description = folder / "bucket.json"
         plain = {uid: str(path) for uid, path in series.items()}
         description.write_text(json.dumps({"series": plain, "pause": pause, "log": str(self.log)}))

@@ -447,12 +447,12 @@ def test_a_model_whose_weights_must_be_downloaded_is_not_loaded_on_entry(control
 
 @posix
 def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allowed(
-    controller, query_nodes, served, monkeypatch
+    controller, query_nodes, served, monkeypatch, tmp_path
 ):
     volume, points = query_nodes
     _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})  # its install question is another test's
     folders, index = served
-    bucket = WorkerBucket(folders, controller.logic.home.parent, monkeypatch)
+    bucket = WorkerBucket(folders, tmp_path, monkeypatch)
     cache = SeriesCache(controller.logic.home / "series", index)
     monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
     shown = []
@@ -732,7 +732,7 @@ class _Answered:
 
 @posix
 def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds(
-    controller, query_nodes, served, monkeypatch
+    controller, query_nodes, served, monkeypatch, tmp_path
 ):
     """Cancel in the middle of a series: the worker and its download child (s5cmd's place) end, their staging
     folder goes, nothing enters the cache; a Load at once downloads into a folder of its own and succeeds
@@ -740,8 +740,8 @@ def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds
     volume, points = query_nodes
     _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
     folders, index = served
-    bucket = WorkerBucket(folders, controller.logic.home.parent, monkeypatch, pause=0.3)  # 12 files: 3.6 s each
-    cache = SeriesCache(controller.logic.home / "series", index)
+    bucket = WorkerBucket(folders, tmp_path, monkeypatch, pause=0.3)  # 12 files: 3.6 s each
+    cache = SeriesCache(tmp_path / "series", index)
     monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
     shown = []
     monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append(files))
