@@ -756,6 +756,7 @@ def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds
     def part_downloaded():
         return [(f, m) for f, m in controller.view.of("update_progress")[before:] if f and 0 < f < 0.5]
 
+    query_worker = controller.logic.worker().pid
     controller.load_selected(_inputs())
     _poll_until(controller, part_downloaded)
     (_, message), *_ = part_downloaded()
@@ -765,6 +766,7 @@ def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds
     controller.load_selected(_inputs())  # the Load button is the Cancel now
     assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
     assert not _alive(download["pid"]) and not os.path.exists(download["staging"])
+    assert controller.logic.worker().pid == query_worker  # the query worker and its loaded model are kept
     assert not shown and (not cache.root.exists() or not any(cache.root.iterdir()))
 
     description = os.environ["SIMILARPATIENTS_TEST_BUCKET"]  # no pause now: the next load runs through
@@ -801,7 +803,7 @@ def test_cancel_while_the_matches_thumbnails_are_drawn_keeps_the_hits(controller
     def thumbnails(hits, progress=None):
         series = [{"uid": uid, "centre": [0.0, 0.0, 0.0]} for uid in folders]
         local = str(next(iter(folders.values())).parent)
-        return logic.worker().submit(
+        return logic.worker("jobs").submit(
             "thumbnails", progress, folder=str(logic.thumbnail_folder()), series=series, local_folder=local
         )
 

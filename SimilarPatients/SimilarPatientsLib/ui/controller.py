@@ -163,7 +163,7 @@ class ModuleController:
         if self._job is not None:
             self._job.cancel()
             self._job = None
-        self._warmed = None  # a cancelled request ends the worker, and the model it had loaded with it
+        self._warmed = None  # a cancelled query ends the query worker, and the model it had loaded with it
         self._task.close()
         self._finish("Cancelled.")
 

@@ -1,13 +1,13 @@
 """The module's logic: every call from the Slicer module into the library, and the little that touches
 Slicer's application (its scene, layout, DICOM database), without Qt.
 
-Long work returns a request to the persistent worker process (``scene/worker.py``) that the GUI polls: image
-queries, thumbnails, model loads, imports, searches by patient and series downloads. None runs on a thread
-of Slicer's process: Slicer's idle event loop holds the GIL, so such a thread would run only while the GUI's
-timer polls (``benchmarks/gil.py``). The blocking calls a researcher types in Slicer's Python console
-(:meth:`find_similar`, :meth:`neighbors`, :meth:`load_matches`) wait on the same requests. Slicer's own
-modules (``slicer``, ``DICOMLib``) are imported inside the functions that use them, so that pytest drives
-this class on ``slicer-core``'s scene.
+Long work returns a request to a persistent worker process (``scene/worker.py``) that the GUI polls: model
+loads and image queries in one, imports, searches by patient, series downloads and thumbnails in another.
+None runs on a thread of Slicer's process: Slicer's idle event loop holds the GIL, so such a thread would
+run only while the GUI's timer polls (``benchmarks/gil.py``). The blocking calls a researcher types in
+Slicer's Python console (:meth:`find_similar`, :meth:`neighbors`, :meth:`load_matches`) wait on the same
+requests. Slicer's own modules (``slicer``, ``DICOMLib``) are imported inside the functions that use them,
+so that pytest drives this class on ``slicer-core``'s scene.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ModuleLogic:
         self.settings = settings
         self.home = home
         self.python = python
-        self._worker = None
+        self._workers: dict = {}  # role -> WorkerClient: "query" keeps the models, "jobs" does the rest
         self._image_key = None  # the volume whose voxels the worker holds
         self._thumbnails = None  # the folder the worker draws this session's thumbnails in
         self._remote: dict = {}  # BigQuery references opened this session (opening one calls Google)
@@ -178,7 +178,7 @@ class ModuleLogic:
 
     def start_import_nlst(self, progress: ProgressCallback | None = None):
         """Import the NLST-Sybil reference (a local copy, or a verified download), in the worker."""
-        return self.worker().submit("import", progress, name=NLST, source=NLST)
+        return self.worker("jobs").submit("import", progress, name=NLST, source=NLST)
 
     def start_neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None):
         """A reference patient's nearest patients, each with its similarity (closeness percentile), searched by
@@ -189,7 +189,7 @@ class ModuleLogic:
         if is_bigquery(reference) and not self.settings.bigquery_allowed:
             self.open(reference)  # refused, with the reason
         fields = dict(reference=reference, model=model, patient=patient, k=int(k), metric=metric)
-        return self.worker().submit("neighbors", progress, where=list(where or []), **fields)
+        return self.worker("jobs").submit("neighbors", progress, where=list(where or []), **fields)
 
     def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None, cancelled=None):
         """The Python console's call: :meth:`start_neighbors`, waited for, as the library's hit table."""
@@ -229,11 +229,14 @@ class ModuleLogic:
             return None
         return download_url(model, state.source)
 
-    # --- the query worker ------------------------------------------------------------------------------
+    # --- the workers -----------------------------------------------------------------------------------
 
-    def worker(self):
-        """The persistent query worker, started on first use with Slicer's own Python (PythonSlicer)."""
-        if self._worker is None:
+    def worker(self, role: str = "query"):
+        """A persistent worker, started on first use with Slicer's own Python (PythonSlicer): the ``query``
+        worker loads the models and answers image queries; the ``jobs`` worker imports, searches by
+        patient, fetches series and draws the matches' thumbnails. Two, so that a search never waits behind
+        a model being loaded, and cancelling a download (which ends its worker) keeps the loaded models."""
+        if role not in self._workers:
             from ..scene.worker import WorkerClient
 
             python = self.python or shutil.which("PythonSlicer")
@@ -244,8 +247,8 @@ class ModuleLogic:
             environment = dict(os.environ)
             if self.home is not None:
                 environment["SIMILARPATIENTS_HOME"] = str(self.home)
-            self._worker = WorkerClient(python, environment)
-        return self._worker
+            self._workers[role] = WorkerClient(python, environment)
+        return self._workers[role]
 
     def start_prepare(self, reference: str, model: str, metric: str = "cosine", progress=None):
         """Start the worker, load ``model`` (every model, for the fused choice) and measure ``reference``'s
@@ -294,7 +297,7 @@ class ModuleLogic:
             # the CT goes to the worker only when it changed since the last query: its key says which voxels
             key = f"{volume.GetID()}:{volume.GetMTime()}:{volume.GetImageData().GetMTime()}"
             image = None
-            if key != self._image_key or self._worker is None or not self._worker.running:
+            if key != self._image_key or not ("query" in self._workers and self._workers["query"].running):
                 image = self._write_image(volume, folder)
             return QueryFiles(folder, image, key, tumors, volume)
         except BaseException:
@@ -378,7 +381,7 @@ class ModuleLogic:
         if not series:
             return None
         local = self.settings.local_dicom_folder
-        return self.worker().submit(
+        return self.worker("jobs").submit(
             "thumbnails",
             progress,
             folder=str(self.thumbnail_folder()),
@@ -415,9 +418,9 @@ class ModuleLogic:
         and removes what it had staged."""
         uids, local = _uids(hits), self.settings.local_dicom_folder
         if local:
-            return self.worker().submit("fetch", progress, uids=uids, local_folder=local)
+            return self.worker("jobs").submit("fetch", progress, uids=uids, local_folder=local)
         cache = self.series_cache()
-        return self.worker().submit(
+        return self.worker("jobs").submit(
             "fetch",
             progress,
             on_cancel=cache.discard_partial,
@@ -482,13 +485,13 @@ class ModuleLogic:
         return self.series_cache().clear()
 
     def cleanup(self) -> None:
-        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+        """End the workers and remove this session's thumbnails (module reload, Slicer closing)."""
         if self.comparison is not None:
             self.comparison.remove()
             self.comparison = None
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+        for worker in self._workers.values():
+            worker.stop()
+        self._workers = {}
         if self._thumbnails is not None:
             shutil.rmtree(self._thumbnails, ignore_errors=True)
             self._thumbnails = None
