@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -196,10 +197,11 @@ def server():
 
 class IDCBucket:
     """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
-    series the test wrote (``cut`` drops files, as a broken transfer would) and counts its calls."""
+    series the test wrote (``cut`` drops files, as a broken transfer would; ``pause`` seconds between files,
+    as a transfer takes time) and counts its calls."""
 
-    def __init__(self, series: dict, cut: int = 0):
-        self.series, self.cut, self.calls, self.locations = series, cut, 0, []
+    def __init__(self, series: dict, cut: int = 0, pause: float = 0.0):
+        self.series, self.cut, self.pause, self.calls, self.locations = series, cut, pause, 0, []
 
     def download_from_selection(
         self, seriesInstanceUID, downloadDir, source_bucket_location="aws", show_progress_bar=True
@@ -213,9 +215,12 @@ class IDCBucket:
         self.locations.append(source_bucket_location)
         self.calls += 1
         for uid in seriesInstanceUID:
-            target = f"{downloadDir}/nlst/patient/study/CT_{uid}"
-            shutil.copytree(self.series[uid], target)
-            for path in sorted(Path(target).iterdir())[: self.cut]:
+            target = Path(f"{downloadDir}/nlst/patient/study/CT_{uid}")
+            target.mkdir(parents=True)
+            for source in sorted(Path(self.series[uid]).iterdir()):
+                shutil.copy(source, target / source.name)
+                time.sleep(self.pause)
+            for path in sorted(target.iterdir())[: self.cut]:
                 path.unlink()
 
 
