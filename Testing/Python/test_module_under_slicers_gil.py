@@ -6,7 +6,6 @@ it runs at its own pace, and the GUI only reads the answer."""
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
@@ -16,8 +15,6 @@ from SimilarPatientsLib.references import FUSED_CHOICE
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings
 from slicer_idle import poll_like_slicer
 from test_module_controller import RecordingInstaller, RecordingView
-
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="the GIL held through libc's usleep")
 
 
 def _until_done(controller) -> float:
