@@ -430,10 +430,14 @@ def test_entering_the_module_loads_the_model_in_the_background(controller, query
     assert controller._warming is not None and not controller.busy  # the buttons stay usable meanwhile
     while controller._warming is not None:
         controller.poll(0.05)
-    pid = controller.logic.worker().pid
+    pid, jobs = controller.logic.worker().pid, controller.logic.worker("jobs").pid
+    assert jobs is not None  # the jobs worker started too, opening the reference for a search by patient
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     assert controller.logic.worker().pid == pid  # the prepared worker answered
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    assert controller.logic.worker("jobs").pid == jobs and len(controller.hits) == 3
 
 
 def test_a_model_whose_weights_must_be_downloaded_is_not_loaded_on_entry(controller, monkeypatch):

@@ -28,7 +28,9 @@ reference ahead of the first query (a GUI sends it when its module is entered), 
 
 The GUI's other long work runs here too, so that no Python thread of Slicer's process does it (Slicer's
 idle event loop holds the GIL: such a thread would run only while the GUI's timer polls):
-``{"op": "import", "name": ..., "source": ...}`` stores a reference (answer: its ``name``);
+``{"op": "open", "reference": ..., "model": ..., "metric": ...}`` opens a reference and measures its
+similarity scale ahead of the first search by patient; ``{"op": "import", "name": ..., "source": ...}``
+stores a reference (answer: its ``name``);
 ``{"op": "neighbors", "reference": ..., "model": ..., "patient": ..., "k": ..., "metric": ..., "where": [...]}``
 searches by a reference patient (the fused choice too; answer: ``hits`` with ``closer_than``);
 ``{"op": "fetch", "uids": [...], "local_folder": ...}`` or ``{..., "cache_root": ..., "index": ..., "bucket":
@@ -352,6 +354,8 @@ class _Worker:
                 self.send(id=ident, event="result", **self.prepare(request, ident))
             elif request.get("op") == "thumbnails":
                 self.send(id=ident, event="result", **self.thumbnails(request))
+            elif request.get("op") == "open":
+                self.send(id=ident, event="result", **self.open(request, ident))
             elif request.get("op") == "import":
                 self.send(id=ident, event="result", **self.import_reference(request, ident))
             elif request.get("op") == "neighbors":
@@ -510,6 +514,21 @@ class _Worker:
             except SimilarPatientsError as error:  # one unreadable series costs only its own picture
                 failed[match["uid"]] = str(error)
         return {"thumbnails": drawn, "failed": failed}
+
+    def open(self, request: dict, ident) -> dict:
+        """Open a reference and measure its similarity scale for ``model`` (each model of the fused choice)
+        ahead of the first search by patient, so that it pays neither this nor the imports."""
+        from ..cloud import open_reference
+        from ..references.fused import fused_models, is_fused
+        from ..references.store import ReferenceStore
+
+        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
+        model = request.get("model")
+        models = fused_models(reference, model) if is_fused(model or "") else [model] if model else []
+        if hasattr(reference, "closeness"):
+            for name in models:
+                reference.closeness(name, request.get("metric", "cosine"), [], self._progress(ident))
+        return {"models": list(reference.models)}
 
     def import_reference(self, request: dict, ident) -> dict:
         """Store a reference read from ``source`` (a folder, a file, a URL, or ``nlst-sybil``) as ``name``."""

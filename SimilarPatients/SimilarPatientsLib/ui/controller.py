@@ -212,14 +212,16 @@ class ModuleController:
         self.refresh_models(inputs.reference, inputs.model, chosen=True, metric=inputs.metric)
 
     def prepare(self, inputs: Inputs) -> None:
-        """Start the worker and load ``inputs.model`` (and the reference's similarity scale) in the background,
-        when that needs no consent: packages installed, weights here (or none), licence accepted."""
+        """Open the reference in the jobs worker (for a search by patient), and start the query worker and
+        load ``inputs.model`` (and the reference's similarity scale) in the background, when that needs no
+        consent: packages installed, weights here (or none), licence accepted."""
         key = (inputs.reference, inputs.model, inputs.metric)
         if not inputs.reference or not inputs.model or key == self._warmed or self.busy:
             return
         try:
             if dependencies.unmet(SEARCH) or not self.logic.opened_without_network(inputs.reference):
                 return
+            self.logic.start_open(inputs.reference, inputs.model, inputs.metric)  # its answer: nobody waits
             models = self.logic.models_of(inputs.reference, inputs.model)
             network = self.logic.needs_torch(models)
             ready = (

@@ -250,6 +250,11 @@ class ModuleLogic:
             self._workers[role] = WorkerClient(python, environment)
         return self._workers[role]
 
+    def start_open(self, reference: str, model: str, metric: str = "cosine"):
+        """Start the jobs worker and open ``reference`` there (its imports paid, the similarity scale of
+        ``model`` measured) ahead of the first search by patient."""
+        return self.worker("jobs").submit("open", reference=reference, model=model, metric=metric)
+
     def start_prepare(self, reference: str, model: str, metric: str = "cosine", progress=None):
         """Start the worker, load ``model`` (every model, for the fused choice) and measure ``reference``'s
         similarity scale ahead of the first click (nothing is downloaded: call it only when
