@@ -334,6 +334,26 @@ def test_cancel_ends_the_query_with_a_status_line_not_an_error_box(controller, q
     assert len(controller.hits) == 3
 
 
+def test_the_log_has_a_line_per_stage_not_per_count(controller):
+    """A download's megabytes change every half second: the bar follows them, the log names the stage once;
+    brackets that are part of a stage's name (the fused choice) stay."""
+    controller._stage = ""
+    for message in (
+        "starting the query worker and loading All models (fused)",
+        "downloading series 1 of 2 (0.4 of 61.0 MB)",
+        "downloading series 1 of 2 (12.9 of 61.0 MB)",
+        "downloading series 2 of 2 (30.6 of 61.0 MB)",
+        "downloading series 2 of 2 (58.2 of 61.0 MB)",
+    ):
+        controller._progress(1, 2, message)
+    assert controller.view.of("log") == [
+        ("starting the query worker and loading All models (fused)",),
+        ("downloading series 1 of 2",),
+        ("downloading series 2 of 2",),
+    ]
+    assert controller.view.last("update_progress") == (0.5, "downloading series 2 of 2 (58.2 of 61.0 MB)")
+
+
 @pytest.mark.parametrize(("k", "refused"), [(0, True), (101, True), (1, False)])
 def test_k_outside_1_to_100_is_refused_with_a_message(controller, k, refused):
     controller.find_by_patient(_inputs(patient="cavitary-0", k=k))

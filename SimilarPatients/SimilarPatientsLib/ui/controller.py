@@ -19,6 +19,7 @@ shown once, or, when cancelled, a status line (not an error box).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -446,10 +447,10 @@ class ModuleController:
         self.view.enable(self.actions())
 
     def _progress(self, done, total, message) -> None:
-        """The bar follows every report; the log gets a line per stage (a message's trailing detail in
-        brackets, such as a download's megabytes, changes without making a new stage)."""
+        """The bar follows every report; the log gets a line per stage (a message's trailing count in
+        brackets, such as a download's "(3.1 of 40.0 MB)", changes without making a new stage)."""
         self.view.update_progress(done / total if total else None, message)
-        stage = message.split(" (")[0]
+        stage = re.sub(r" \([^()]*\d[^()]*\)$", "", message)
         if stage != self._stage:
             self._stage = stage
             self.view.log(stage)
