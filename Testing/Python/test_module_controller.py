@@ -678,13 +678,22 @@ def _poll_until(controller, condition, timeout=60.0):
         controller.poll(0.05)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie waiting for its parent does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
-            return stream.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def _alive(pid: int, within: float = 0.0) -> bool:
+    """Whether process ``pid`` still runs ``within`` seconds from now (a SIGKILL takes effect when the process
+    is next scheduled; a zombie waiting for its parent does not run)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+                if stream.read().split(")")[-1].split()[0] == "Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
 
 
 def test_cancel_pressed_during_an_install_ends_the_task_when_the_install_returns(controller, monkeypatch):
@@ -789,7 +798,7 @@ def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds
     assert _alive(download["pid"])
     controller.load_selected(_inputs())  # the Load button is the Cancel now
     assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
-    assert not _alive(download["pid"]) and not os.path.exists(download["staging"])
+    assert not _alive(download["pid"], within=5.0) and not os.path.exists(download["staging"])
     assert controller.logic.worker().pid == query_worker  # the query worker and its loaded model are kept
     assert not shown and (not cache.root.exists() or not any(cache.root.iterdir()))
 

@@ -108,9 +108,9 @@ class SeriesCache:
         report(progress, 1, 1, "series ready")
         return found
 
-    def discard_partial(self) -> None:
-        """Remove the staging folders of downloads that will not finish (their process was ended)."""
-        for staging in self.root.glob(".*.part") if self.root.is_dir() else ():
+    def discard_partial(self, pid: int) -> None:
+        """Remove the staging folders of process ``pid``'s downloads, which will not finish (it was ended)."""
+        for staging in self.root.glob(f".*-p{pid}-*.part") if self.root.is_dir() else ():
             shutil.rmtree(staging, ignore_errors=True)
 
     def clear(self) -> float:
@@ -124,7 +124,7 @@ class SeriesCache:
         the staging folder's size every half second (from a thread: the download blocks this one)."""
         with writing(f"the series cache ({self.root})"):
             self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{uid}.", suffix=".part", dir=self.root))
+            staging = Path(tempfile.mkdtemp(prefix=f".{uid}-p{os.getpid()}-", suffix=".part", dir=self.root))
             stop, failed = threading.Event(), []
             watcher = threading.Thread(target=_watch, args=(staging, bytes_done, stop, failed), daemon=True)
             try:

@@ -135,15 +135,12 @@ class WorkerClient:
         """Send one request and wait for its answer (see :meth:`PendingRequest.wait`)."""
         return self.submit(op, progress, **fields).wait(cancelled)
 
-    def submit(
-        self, op: str, progress: ProgressCallback | None = None, on_cancel: Callable[[], None] | None = None, **fields
-    ) -> PendingRequest:
+    def submit(self, op: str, progress: ProgressCallback | None = None, **fields) -> PendingRequest:
         """Send one request (starting the worker if it is not running) and return at once; the answer comes
-        through the returned :class:`PendingRequest`. ``on_cancel`` runs once a cancel has ended the worker
-        (a download's staging folders removed, for instance)."""
+        through the returned :class:`PendingRequest`."""
         self._start()
         self._next_id += 1
-        pending = PendingRequest(self, self._next_id, op, progress, on_cancel)
+        pending = PendingRequest(self, self._next_id, op, progress)
         self._pending[pending.ident] = pending
         try:
             self._process.stdin.write(json.dumps({"id": pending.ident, "op": op, **fields}) + "\n")
@@ -224,15 +221,10 @@ class PendingRequest:
     """One request sent to the worker, answered later: :meth:`poll` it from a GUI timer, or :meth:`wait`.
     Progress events reach ``progress`` as they come, from the thread that polls."""
 
-    def __init__(
-        self,
-        client: WorkerClient,
-        ident: int,
-        op: str,
-        progress: ProgressCallback | None = None,
-        on_cancel: Callable[[], None] | None = None,
-    ):
-        self.client, self.ident, self.op, self.progress, self.on_cancel = client, ident, op, progress, on_cancel
+    def __init__(self, client: WorkerClient, ident: int, op: str, progress: ProgressCallback | None = None):
+        self.client, self.ident, self.op, self.progress = client, ident, op, progress
+        #: run once a cancel has ended the worker (a download's staging folders removed, for instance)
+        self.on_cancel: Callable[[], None] | None = None
         self._answer: dict | None = None
         self._error: Exception | None = None
 

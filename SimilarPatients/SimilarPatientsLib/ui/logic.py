@@ -12,6 +12,7 @@ so that pytest drives this class on ``slicer-core``'s scene.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -424,16 +425,11 @@ class ModuleLogic:
         uids, local = _uids(hits), self.settings.local_dicom_folder
         if local:
             return self.worker("jobs").submit("fetch", progress, uids=uids, local_folder=local)
-        cache = self.series_cache()
-        return self.worker("jobs").submit(
-            "fetch",
-            progress,
-            on_cancel=cache.discard_partial,
-            uids=uids,
-            cache_root=str(cache.root),
-            index=cache.index.parquet_path,
-            bucket=cache.bucket,
-        )
+        cache, worker = self.series_cache(), self.worker("jobs")
+        fields = dict(uids=uids, cache_root=str(cache.root), index=cache.index.parquet_path, bucket=cache.bucket)
+        request = worker.submit("fetch", progress, **fields)
+        request.on_cancel = functools.partial(cache.discard_partial, worker.pid)  # what that worker staged
+        return request
 
     def show_matches(self, hits, files: dict, query_volume=None, query_centre_lps=None, cancelled=None):
         """Read the fetched series into volume nodes (and into Slicer's DICOM database) and show them beside
