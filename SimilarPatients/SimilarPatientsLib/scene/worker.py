@@ -1,5 +1,6 @@
-"""A persistent query worker: one child process, started on first use, that keeps its loaded models
-between queries, so a GUI pays torch's import and a model's weights once, not per click.
+"""A persistent worker: one child process, started on first use, that keeps its loaded models between
+queries, so a GUI pays torch's import and a model's weights once, not per click; and that does the GUI's
+other long work (a GUI may run two: one for queries, one for the rest, ``ui/logic.py``).
 
 The protocol is JSON lines. The client writes one request per line on the worker's stdin::
 
