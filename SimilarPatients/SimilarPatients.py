@@ -105,7 +105,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addStretch(1)
         self.logic = SimilarPatientsLogic()
         self.controller = ModuleController(self, self.logic)
-        self.progressDialog = None
+        self.actionTexts = {action: getattr(self.ui, name).text for action, name in ACTION_WIDGETS.items()}
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._populating = False  # True while the combo boxes are refilled: not the user's choice
@@ -239,19 +239,30 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = text
 
     def show_progress(self, title):
-        if self.progressDialog is not None:
-            self.progressDialog.close()
-            self.progressDialog = None
+        """The in-panel bar and log: shown at the first task and kept; at rest between tasks."""
+        bar = self.ui.progressBar
+        bar.visible = self.ui.logTextEdit.visible = True
         if title is not None:
-            self.progressDialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=0)
-            self.progressDialog.setWindowModality(qt.Qt.NonModal)
-            self.progressDialog.canceled.connect(self.controller.cancel)
+            self.ui.logTextEdit.clear()
+            self.update_progress(None, title)
+        else:
+            bar.setRange(0, 100)
+            bar.value = 0
+            bar.format = "ready"
 
     def update_progress(self, fraction, message):
-        if self.progressDialog is not None:
-            self.progressDialog.maximum = 0 if fraction is None else 100
-            self.progressDialog.value = 0 if fraction is None else int(100 * fraction)
-            self.progressDialog.labelText = message
+        bar = self.ui.progressBar
+        bar.setRange(0, 0 if fraction is None else 100)  # 0 to 0: busy, still shown
+        bar.value = 0 if fraction is None else int(100 * fraction)
+        bar.format = message.replace("%", "%%") + ("" if fraction is None else "  (%p%)")
+
+    def log(self, line):
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def show_running(self, action, cancelling=False):
+        cancel = "Cancelling…" if cancelling else "Cancel"
+        for name, text in self.actionTexts.items():
+            getattr(self.ui, ACTION_WIDGETS[name]).text = cancel if name == action else text
 
     def enable(self, actions):
         for action, enabled in actions.items():

@@ -1,4 +1,5 @@
-"""Progress reporting: library code calls a plain callback; the CLI shows a bar, Slicer a dialog."""
+"""Progress reporting: library code calls a plain callback; the CLI shows a bar, the Slicer module the bar
+and log of its panel."""
 
 from __future__ import annotations
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
 import sys
 import threading
+import time
 import types
 import uuid
 from pathlib import Path
@@ -203,11 +205,12 @@ IDC_DIR_TEMPLATE = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%Serie
 
 class IDCBucket:
     """Stands in for IDC's buckets behind ``idc_index.IDCClient.download_from_selection``: it copies the
-    series the test wrote (``cut`` drops files, as a broken transfer would), under the folders and file names
-    idc-index gives them, counts its calls, records their options and every path it writes."""
+    series the test wrote (``cut`` drops files, as a broken transfer would; ``pause`` seconds between files,
+    as a transfer takes time), under the folders and file names idc-index gives them, counts its calls,
+    records their options and every path it writes."""
 
-    def __init__(self, series: dict, cut: int = 0, uids: dict | None = None):
-        self.series, self.cut, self.calls, self.locations = series, cut, 0, []
+    def __init__(self, series: dict, cut: int = 0, uids: dict | None = None, pause: float = 0.0):
+        self.series, self.cut, self.pause, self.calls, self.locations = series, cut, pause, 0, []
         self.uids = uids or {}  # a series' (collection, patient, study) for the default folder tree
         self.options: list = []
         self.written: list = []
@@ -223,7 +226,8 @@ class IDCBucket:
     ):
         # idc-index (index.py, download_from_selection): "source_bucket_location: string selecting the provider
         # of the bucket from which the files will be downloaded, allowing to select between Google ('gcs') and
-        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError.
+        # AWS ('aws') storage. Defaults to 'aws'." Anything else: ValueError. "show_progress_bar (bool): If
+        # True, tracks the progress of download" (a tqdm bar on the console): nothing to stand in for.
         if source_bucket_location not in ("aws", "gcs"):
             raise ValueError("source_bucket_location must be either 'aws' or 'gcs'")
         self.locations.append(source_bucket_location)
@@ -245,6 +249,28 @@ class IDCBucket:
                 path = target / f"{uuid.uuid4()}.dcm"
                 shutil.copyfile(source, path)
                 self.written.append(path)
+                time.sleep(self.pause)
+
+
+class WorkerBucket:
+    """:class:`IDCBucket` for the query worker, a process of its own: the stand-in ``idc_index`` of
+    ``stand_ins/`` first on the path of the workers started from now on, copying ``series`` through a child
+    process (s5cmd's place) with ``pause`` seconds between files; :attr:`downloads` lists each download
+    (``uid``, the child's ``pid``, its ``staging`` folder)."""
+
+    def __init__(self, series: dict, folder: Path, monkeypatch, pause: float = 0.0):
+        self.log = folder / "bucket-log.jsonl"
+        self.log.write_text("")
+        description = folder / "bucket.json"
+        plain = {uid: str(path) for uid, path in series.items()}
+        description.write_text(json.dumps({"series": plain, "pause": pause, "log": str(self.log)}))
+        monkeypatch.setenv("SIMILARPATIENTS_TEST_BUCKET", str(description))
+        stand_ins = str(Path(__file__).parent / "stand_ins")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (stand_ins, os.environ.get("PYTHONPATH")) if p))
+
+    @property
+    def downloads(self) -> list:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Matched series onto this machine: the size from the real IDC index, a verified download into the cache
-(a cut one refused and not kept), the cache reused, a local DICOM folder found by UID."""
+(a cut one refused and not kept; two at once never mixed), progress in bytes, the cache reused, a local
+DICOM folder found by UID."""
 
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pandas as pd
 import pytest
@@ -64,6 +66,46 @@ def test_an_index_in_a_folder_whose_name_has_a_quote_is_read(tmp_path, served):
     shutil.copy(index.parquet_path, moved)
     uids = index.series(list(served[0])).SeriesInstanceUID.tolist()
     assert sorted(IDCIndex(moved).series(uids).SeriesInstanceUID) == sorted(uids) and len(uids) == 2
+
+
+def test_two_downloads_of_one_series_at_once_stage_apart_and_both_succeed(tmp_path, served):
+    """A cancelled download still ending and the next Load's download of the same series: each stages into a
+    folder of its own (they shared one, and the second failed with a false "cut short")."""
+    folders, index = served
+    uid = next(iter(folders))
+    root = tmp_path / "cache"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(SeriesCache(root, index, _Bucket(folders, pause=0.02)).fetch([uid]))
+        except Exception as error:  # handed to the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert [len(result[uid].files) for result in results] == [12, 12]
+    from SimilarPatientsLib.idc.download import series_key
+
+    assert [p.name for p in root.iterdir()] == [series_key(uid)]  # one verified copy, no staging folder left
+
+
+def test_a_download_reports_bytes_done_of_the_series_size(tmp_path, served):
+    folders, index = served
+    reports = []
+    cache = SeriesCache(tmp_path / "cache", index, _Bucket(folders, pause=0.1))  # 1.2 s a series
+    cache.fetch(list(folders), lambda done, total, message: reports.append((done, total, message)))
+    total = index.series(list(folders)).series_size_MB.sum() * 1e6
+    downloading = [r for r in reports if r[2].startswith("downloading")]
+    assert {r[1] for r in downloading} == {total}
+    assert any(0 < r[0] < total / 2 for r in downloading)  # measured mid-series, not only between series
+    assert [r[0] for r in downloading] == sorted(r[0] for r in downloading)
+    assert downloading[-1][2] == f"downloading series 2 of 2 ({total / 1e6:.1f} of {total / 1e6:.1f} MB)"
+    assert reports[-1] == (1, 1, "series ready")
 
 
 # --- Windows: short paths, no console windows, no tool output in the Python console ---------------------

@@ -7,6 +7,7 @@ MRML scene are real."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import NLST_DIR, IDCBucket, descriptor_reference
+from conftest import NLST_DIR, WorkerBucket, descriptor_reference
 from SimilarPatientsLib.idc.download import UID_FILE, SeriesCache, series_key
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings, dependencies
 from SimilarPatientsLib.ui.results import cell_text, filter_terms, results_table
@@ -276,7 +277,8 @@ def test_before_the_first_install_the_module_opens_and_says_when_packages_come(c
 def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, query_nodes):
     volume, points = query_nodes
     controller.find_from_image(_inputs(volume=volume, tumor=points))
-    assert controller.busy and not any(controller.actions().values())  # every button off while it runs
+    assert controller.busy and [a for a, on in controller.actions().items() if on] == ["find_image"]  # its Cancel
+    assert controller.view.last("show_running") == ("find_image",)
     controller.wait()
     stages = [message for _, message in controller.view.of("update_progress")]
     for stage in ("reading the CT", "cropping the tumor", "embedding with TumorDescriptor", "searching"):
@@ -286,7 +288,10 @@ def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, 
     query_picture, _ = controller.view.of("show_thumbnails")[0]
     assert query_picture and os.path.isfile(query_picture)
     assert controller.actions()["load"] and controller.view.last("show_progress") == (None,)
-    assert not controller.view.of("show_error")
+    assert controller.view.last("show_running") == (None,) and not controller.view.of("show_error")
+    logged = [line for (line,) in controller.view.of("log")]  # one line per stage, in order, the title first
+    assert logged[0] == "Finding similar patients" and len(logged) == len(set(logged))
+    assert logged.index("cropping the tumor") < logged.index("searching")
 
     controller.find_by_patient(_inputs(patient="cavitary-0"))  # a patient search has no CT to load beside
     controller.wait()
@@ -294,15 +299,25 @@ def test_an_image_query_shows_its_stages_its_hits_and_its_thumbnail(controller, 
 
 
 @posix
-def test_a_second_click_during_a_query_is_refused_and_the_first_one_is_answered(controller, query_nodes):
+def test_another_action_during_a_query_is_refused_and_the_query_is_answered(controller, query_nodes):
     """Reproduces the nested query: the first query's answer must arrive and nothing runs twice."""
     volume, points = query_nodes
     controller.find_from_image(_inputs(volume=volume, tumor=points))
-    controller.find_from_image(_inputs(volume=volume, tumor=points, k=5))
     controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.import_nlst()
     assert controller.view.of("show_status").count(("Wait for the current task to finish, or cancel it.",)) == 2
     controller.wait()
     assert len(controller.view.of("show_results")) == 1 and len(controller.hits) == 3
+
+
+@posix
+def test_the_running_actions_button_is_its_cancel(controller, query_nodes):
+    volume, points = query_nodes
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    controller.find_from_image(_inputs(volume=volume, tumor=points, k=5))  # the same button, now Cancel
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.view.last("show_running") == (None,) and controller.hits is None
+    assert not controller.view.of("show_error") and controller.actions()["find_image"]
 
 
 @posix
@@ -317,6 +332,26 @@ def test_cancel_ends_the_query_with_a_status_line_not_an_error_box(controller, q
     controller.find_from_image(_inputs(volume=volume, tumor=points))  # the next one starts a fresh worker
     controller.wait()
     assert len(controller.hits) == 3
+
+
+def test_the_log_has_a_line_per_stage_not_per_count(controller):
+    """A download's megabytes change every half second: the bar follows them, the log names the stage once;
+    brackets that are part of a stage's name (the fused choice) stay."""
+    controller._stage = ""
+    for message in (
+        "starting the query worker and loading All models (fused)",
+        "downloading series 1 of 2 (0.4 of 61.0 MB)",
+        "downloading series 1 of 2 (12.9 of 61.0 MB)",
+        "downloading series 2 of 2 (30.6 of 61.0 MB)",
+        "downloading series 2 of 2 (58.2 of 61.0 MB)",
+    ):
+        controller._progress(1, 2, message)
+    assert controller.view.of("log") == [
+        ("starting the query worker and loading All models (fused)",),
+        ("downloading series 1 of 2",),
+        ("downloading series 2 of 2",),
+    ]
+    assert controller.view.last("update_progress") == (0.5, "downloading series 2 of 2 (58.2 of 61.0 MB)")
 
 
 @pytest.mark.parametrize(("k", "refused"), [(0, True), (101, True), (1, False)])
@@ -415,10 +450,14 @@ def test_entering_the_module_loads_the_model_in_the_background(controller, query
     assert controller._warming is not None and not controller.busy  # the buttons stay usable meanwhile
     while controller._warming is not None:
         controller.poll(0.05)
-    pid = controller.logic.worker().pid
+    pid, jobs = controller.logic.worker().pid, controller.logic.worker("jobs").pid
+    assert jobs is not None  # the jobs worker started too, opening the reference for a search by patient
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     assert controller.logic.worker().pid == pid  # the prepared worker answered
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    assert controller.logic.worker("jobs").pid == jobs and len(controller.hits) == 3
 
 
 def test_a_model_whose_weights_must_be_downloaded_is_not_loaded_on_entry(controller, monkeypatch):
@@ -432,16 +471,16 @@ def test_a_model_whose_weights_must_be_downloaded_is_not_loaded_on_entry(control
 
 @posix
 def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allowed(
-    controller, query_nodes, served, monkeypatch
+    controller, query_nodes, served, monkeypatch, tmp_path
 ):
     volume, points = query_nodes
     _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})  # its install question is another test's
     folders, index = served
-    bucket = IDCBucket(folders)
-    cache = SeriesCache(controller.logic.home / "series", index, bucket)
+    bucket = WorkerBucket(folders, tmp_path, monkeypatch)
+    cache = SeriesCache(controller.logic.home / "series", index)
     monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
     shown = []
-    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files: shown.append((hits, files)))
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append((hits, files)))
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     uids = list(folders)
@@ -454,7 +493,7 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
         "0 MB of CT series" in controller.view.last("ask")[0]
         and "Allow Similar Patients" in controller.view.last("ask")[0]
     )
-    assert not shown and bucket.calls == 0 and not controller.logic.settings.downloads_allowed
+    assert not shown and not bucket.downloads and not controller.logic.settings.downloads_allowed
 
     controller.logic.settings.downloads_allowed = True
     controller.view.answers = [True]
@@ -462,11 +501,11 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
     controller.wait()
     question = controller.view.last("ask")[0]
     assert "Download them?" in question and "for 1 patient(s)" in question  # asked although allowed
-    assert bucket.calls == 1 and list(shown[-1][1]) == [uids[1]]
+    assert len(bucket.downloads) == 1 and list(shown[-1][1]) == [uids[1]]
     asked = len(controller.view.of("ask"))
     controller.load_selected(_inputs(selected_rows=[1]))  # cached now: nothing to download, nothing to ask
     controller.wait()
-    assert len(controller.view.of("ask")) == asked and bucket.calls == 1
+    assert len(controller.view.of("ask")) == asked and len(bucket.downloads) == 1
 
 
 @posix
@@ -477,7 +516,7 @@ def test_loading_from_the_sites_dicom_folder_asks_nothing_and_reads_it_once(
     folders, _ = served
     controller.logic.settings.local_dicom_folder = str(next(iter(folders.values())).parent)
     shown = []
-    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files: shown.append(files))
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append(files))
     controller.find_from_image(_inputs(volume=volume, tumor=points))
     controller.wait()
     controller.hits = controller.hits.head(2).assign(SeriesInstanceUID=list(folders))
@@ -485,11 +524,15 @@ def test_loading_from_the_sites_dicom_folder_asks_nothing_and_reads_it_once(
     controller.load_selected(_inputs())
     controller.wait()
     assert len(controller.view.of("ask")) == asked and set(shown[0]) == set(folders)
-    index = controller.logic._folders[controller.logic.settings.local_dicom_folder]
-    known = dict(index._known)
+    uid = next(iter(folders))
+    first = shown[0][uid][0]  # made unreadable with its size and time kept: only a second read would see it
+    stat = os.stat(first)
+    with open(first, "r+b") as stream:
+        stream.write(b"\0" * stat.st_size)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     controller.load_selected(_inputs())
     controller.wait()
-    assert index._known == known  # no file read again
+    assert shown[1][uid] == shown[0][uid]  # the worker kept its index of the folder: no file read again
 
 
 def test_load_before_an_image_query_says_to_query_first(controller):
@@ -593,11 +636,12 @@ def test_the_fused_choice_is_offered_with_why_and_preselected_only_where_it_won(
 def test_a_fused_search_by_patient_shows_each_models_rank(nlst_home):
     from SimilarPatientsLib.references import FUSED_CHOICE
 
-    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home)
+    logic = ModuleLogic(ModuleSettings(MemorySettings()), nlst_home, python=sys.executable)
     view = RecordingView()
     controller = ModuleController(view, logic, installer=RecordingInstaller())
     controller.find_by_patient(Inputs(reference="nlst-sybil", model=FUSED_CHOICE, k=5, patient="100242"))
     controller.wait()
+    logic.cleanup()
     table = view.last("show_results")[0]
     models = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
     assert table.titles[:3] == ["#", "Patient", "Similarity"]
@@ -620,3 +664,190 @@ def test_a_fused_image_query_asks_each_models_licence_and_one_download_question(
     assert licence.startswith("VISTA3D's weights are published under")
     assert "CTFM: https://" in download and "VISTA3D: https://" in download
     assert controller.hits is None
+
+
+# --- cancel, whatever runs ------------------------------------------------------------------------------
+
+
+def _poll_until(controller, condition, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert controller.busy, "the task ended before the moment to cancel it"
+        assert time.monotonic() < deadline, "the moment to cancel never came"
+        controller.poll(0.05)
+
+
+def _alive(pid: int, within: float = 0.0) -> bool:
+    """Whether process ``pid`` still runs ``within`` seconds from now (a SIGKILL takes effect when the process
+    is next scheduled; a zombie waiting for its parent does not run)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+                if stream.read().split(")")[-1].split()[0] == "Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+
+
+def test_cancel_pressed_during_an_install_ends_the_task_when_the_install_returns(controller, monkeypatch):
+    """Slicer's pip and torch installs spin Qt's event loop (processEvents per line), where the user presses
+    Cancel: that used to close the task's generator from inside itself (ValueError: generator already
+    executing) and leave the task running. Now the install finishes, nothing more is asked or run, and the
+    module is ready again, with a status line and no error."""
+    _pretend_installed(monkeypatch, {"pandas": "1.5.3"})
+    seen = []
+
+    def cancel_from_the_nested_event_loop():
+        controller.cancel()  # what the Cancel button's slot does inside processEvents
+        seen.append((controller.busy, controller.actions()))
+
+    controller.installer.after = cancel_from_the_nested_event_loop
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    ((busy, actions),) = seen
+    assert busy and not any(actions.values())  # still in the install: the Cancel button is off meanwhile
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.view.last("show_running") == (None,) and controller.hits is None
+    assert ("cancelling: the current step finishes first",) in controller.view.of("log")
+    assert not controller.view.of("show_error") and all(controller.actions()[a] for a in ("find", "import"))
+
+
+def test_cancel_pressed_while_the_matches_are_imported_stops_before_any_is_loaded(controller, monkeypatch):
+    """The DICOM import of each match spins Qt's event loop (ctkDICOMIndexer waits in a QEventLoop): a Cancel
+    pressed there stops before the next series, loads no volume, and raises nothing."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core's module stands for Slicer's")
+    imported = []
+
+    def import_dicom(folder):
+        imported.append(folder)
+        controller.cancel()  # pressed while the first series is imported
+
+    dicom_lib = types.ModuleType("DICOMLib")
+    dicom_lib.DICOMUtils = types.SimpleNamespace(importDicom=import_dicom)
+    monkeypatch.setitem(sys.modules, "DICOMLib", dicom_lib)
+    loaded = []
+    monkeypatch.setattr("SimilarPatientsLib.scene.matches.load_series", lambda *a: loaded.append(a))
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    logic = controller.logic
+    query_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")  # the query's CT, in the scene
+    logic.last_volume, logic.last_seed_lps = query_volume, [0.0, 0.0, 0.0]
+    fetched = {"files": {"1.2.3": ["/a/1.dcm"], "1.2.4": ["/b/1.dcm"]}}
+    monkeypatch.setattr(logic, "start_fetch", lambda hits, progress: _Answered(fetched))
+    controller.hits, controller.image_hits = pd.DataFrame({"SeriesInstanceUID": ["1.2.3", "1.2.4"]}), True
+    logic.settings.local_dicom_folder = "/a"  # nothing to download, nothing to ask
+    controller.load_selected(_inputs())
+    controller.wait(10)
+    assert imported == ["/a"] and not loaded  # the second series was not imported, no volume was read
+    assert controller.view.last("show_status") == ("Cancelled.",) and not controller.view.of("show_error")
+    assert controller.view.last("show_running") == (None,) and controller.actions()["load"]
+
+
+class _Answered:
+    """A request answered already (the worker's part is not what these tests are about)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def poll(self, timeout=0.0):
+        return True
+
+    def result(self):
+        return self.answer
+
+    def cancel(self):
+        pass
+
+
+@posix
+def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds(
+    controller, query_nodes, served, monkeypatch, tmp_path
+):
+    """Cancel in the middle of a series: the worker and its download child (s5cmd's place) end, their staging
+    folder goes, nothing enters the cache; a Load at once downloads into a folder of its own and succeeds
+    (it used to share the cancelled one's folder and fail with a false "cut short")."""
+    volume, points = query_nodes
+    _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
+    folders, index = served
+    bucket = WorkerBucket(folders, tmp_path, monkeypatch, pause=0.3)  # 12 files: 3.6 s each
+    cache = SeriesCache(tmp_path / "series", index)
+    monkeypatch.setattr(controller.logic, "series_cache", lambda: cache)
+    shown = []
+    monkeypatch.setattr(controller.logic, "show_matches", lambda hits, files, **_: shown.append(files))
+    controller.logic.settings.downloads_allowed = True
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    controller.wait()
+    uids = list(folders)
+    controller.hits = controller.hits.head(2).assign(SeriesInstanceUID=uids)
+
+    before = len(controller.view.of("update_progress"))
+
+    def part_downloaded():
+        return [(f, m) for f, m in controller.view.of("update_progress")[before:] if f and 0 < f < 0.5]
+
+    query_worker = controller.logic.worker().pid
+    controller.load_selected(_inputs())
+    _poll_until(controller, part_downloaded)
+    (_, message), *_ = part_downloaded()
+    assert message.startswith("downloading series 1 of 2 (") and message.endswith(" MB)")  # bytes, mid-series
+    (download,) = bucket.downloads
+    assert _alive(download["pid"])
+    controller.load_selected(_inputs())  # the Load button is the Cancel now
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert not _alive(download["pid"], within=5.0) and not os.path.exists(download["staging"])
+    assert controller.logic.worker().pid == query_worker  # the query worker and its loaded model are kept
+    assert not shown and (not cache.root.exists() or not any(cache.root.iterdir()))
+
+    description = os.environ["SIMILARPATIENTS_TEST_BUCKET"]  # no pause now: the next load runs through
+    with open(description, encoding="utf-8") as stream:
+        served_now = dict(json.load(stream), pause=0.0)
+    with open(description, "w", encoding="utf-8") as stream:
+        json.dump(served_now, stream)
+    controller.load_selected(_inputs())
+    controller.wait()
+    assert not controller.view.of("show_error"), controller.view.of("show_error")
+    assert set(shown[0]) == set(uids) and all(len(files) == 12 for files in shown[0].values())
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(map(series_key, uids))  # no staging left
+
+
+def test_cancel_mid_import_stores_nothing_and_the_module_is_ready(empty_controller, monkeypatch):
+    controller = empty_controller
+    monkeypatch.setenv("SIMILARPATIENTS_NLST_SYBIL_DIR", str(NLST_DIR))
+    controller.import_nlst()
+    _poll_until(controller, lambda: controller.view.of("update_progress"))
+    controller.import_nlst()  # its button is the Cancel
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert controller.logic.references() == [] and not controller.view.of("show_error")
+    assert all(controller.actions()[a] for a in ("import", "find", "find_image"))
+
+
+@posix
+def test_cancel_while_the_matches_thumbnails_are_drawn_keeps_the_hits(controller, query_nodes, served, monkeypatch):
+    """The thumbnail stage is busy (no count) and used to run with no progress display and no Cancel: its
+    button stays the Cancel through it, and cancelling keeps the table that was already shown."""
+    volume, points = query_nodes
+    folders, _ = served
+    logic = controller.logic
+
+    def thumbnails(hits, progress=None):
+        series = [{"uid": uid, "centre": [0.0, 0.0, 0.0]} for uid in folders]
+        local = str(next(iter(folders.values())).parent)
+        return logic.worker("jobs").submit(
+            "thumbnails", progress, folder=str(logic.thumbnail_folder()), series=series, local_folder=local
+        )
+
+    monkeypatch.setattr(logic, "start_match_thumbnails", thumbnails)
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    _poll_until(controller, lambda: ("drawing the matches found on this computer",) in controller.view.of("log"))
+    assert controller.actions()["find_image"] and controller.view.last("show_running") == ("find_image",)
+    assert controller.view.last("show_progress") != (None,)  # the display stays through the busy stage
+    controller.find_from_image(_inputs(volume=volume, tumor=points))
+    assert not controller.busy and controller.view.last("show_status") == ("Cancelled.",)
+    assert len(controller.hits) == 3 and not controller.view.of("show_error")

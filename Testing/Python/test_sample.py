@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import IDCBucket
+from conftest import WorkerBucket
 from SimilarPatientsLib.idc import IDCIndex, viewer_url
 from SimilarPatientsLib.idc.download import SeriesCache
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings
@@ -70,9 +70,9 @@ def test_the_sample_in_one_click_then_query_table_and_load_side_by_side(mrml_app
     index.assign(Modality="CT", SeriesDescription="", series_size_MB=sizes, instanceCount=24).to_parquet(
         tmp_path / "index.parquet"
     )
-    bucket = IDCBucket(served)
+    bucket = WorkerBucket(served, tmp_path, monkeypatch)  # the worker downloads, through s5cmd's stand-in
     logic = ModuleLogic(ModuleSettings(MemorySettings()), tmp_path / "home", python=sys.executable)
-    cache = SeriesCache(tmp_path / "cache", IDCIndex(tmp_path / "index.parquet"), bucket)
+    cache = SeriesCache(tmp_path / "cache", IDCIndex(tmp_path / "index.parquet"))
     monkeypatch.setattr(logic, "series_cache", lambda: cache)
     _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
     view = RecordingView()
@@ -84,7 +84,7 @@ def test_the_sample_in_one_click_then_query_table_and_load_side_by_side(mrml_app
         volume, point = view.last("show_sample")
         assert volume.GetName() == SAMPLE.volume_name and point.GetName() == SAMPLE.tumor_name
         x, y, z = SAMPLE.centre_lps
-        assert np.allclose(point.GetNthControlPointPositionWorld(0), (-x, -y, z)) and bucket.calls == 1
+        assert np.allclose(point.GetNthControlPointPositionWorld(0), (-x, -y, z)) and len(bucket.downloads) == 1
 
         controller.find_from_image(Inputs("tumors", "TumorDescriptor", 3, volume=volume, tumor=point))
         controller.wait()
@@ -96,13 +96,13 @@ def test_the_sample_in_one_click_then_query_table_and_load_side_by_side(mrml_app
         controller.wait()
         assert not view.of("show_error"), view.of("show_error")
         views = logic.comparison.slice_nodes
-        assert len(views) == 3 and bucket.calls == 3  # the query and the two matches, each downloaded once
+        assert len(views) == 3 and len(bucket.downloads) == 3  # the query and the two matches, each downloaded once
         at = [views[0].GetSliceToRAS().GetElement(r, 3) for r in range(3)]
         assert np.allclose(at, (-x, -y, z), atol=1.0)  # the query's view on the sample's tumor
 
         asked = len(view.of("ask"))
         controller.load_sample()  # cached now: nothing downloaded, nothing asked
         controller.wait()
-        assert bucket.calls == 3 and len(view.of("ask")) == asked
+        assert len(bucket.downloads) == 3 and len(view.of("ask")) == asked
     finally:
         logic.cleanup()

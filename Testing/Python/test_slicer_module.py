@@ -106,9 +106,10 @@ def test_the_module_file_is_wiring_only():
 def test_the_console_calls_are_the_librarys(slicer_module, nlst_home):
     from SimilarPatientsLib.ui import MemorySettings
 
-    logic = slicer_module.SimilarPatientsLogic(nlst_home, settings=MemorySettings())
+    logic = slicer_module.SimilarPatientsLogic(nlst_home, sys.executable, settings=MemorySettings())
     assert logic.references() == ["nlst-sybil"] and "CTFM" in logic.models("nlst-sybil")
-    hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)
+    hits = logic.neighbors("nlst-sybil", "CTFM", "100242", k=3)  # searched by the worker
+    logic.cleanup()
     assert len(hits) == 3 and "100242" not in set(hits.PatientID)
     assert hits.closer_than.is_monotonic_decreasing and hits.closer_than.between(0, 100).all()
     assert logic.findSimilar.__func__ is not None and logic.loadMatches.__func__ is not None

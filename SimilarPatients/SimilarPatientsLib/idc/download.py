@@ -3,7 +3,11 @@ verified and kept whole, or a local DICOM folder for sites without network.
 
 A series is cached only when every instance the IDC index lists for it is there: a download is made in a
 staging folder, its DICOM files counted against the index's ``instanceCount`` and only then renamed into
-the cache, so a cut download is refused and fetched again, never loaded as a shorter volume. Loading a
+the cache, so a cut download is refused and fetched again, never loaded as a shorter volume. Each download
+stages into a folder of its own, so two downloads of one series (a cancelled one whose process is still
+ending, and the next) never mix their files; the first to finish fills the cache, the other's copy is
+dropped. Progress is in bytes: the staging folder's size against the index's size of the series, measured
+as idc-index measures its own (the folder, every half second). Loading a
 patient twice reuses the cached series. Downloading sends the series' identifiers to IDC's public buckets:
 the caller (the Slicer module) asks the user first.
 
@@ -24,8 +28,9 @@ import importlib
 import logging
 import os
 import shutil
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,23 +118,37 @@ class SeriesCache:
         return float(self.expected(missing)["series_size_MB"].sum()) if missing else 0.0
 
     def fetch(self, uids: Sequence[str], progress: ProgressCallback | None = None) -> dict[str, SeriesFiles]:
-        """Every series of ``uids`` from the cache, downloading what is not there yet."""
+        """Every series of ``uids`` from the cache, downloading what is not there yet; progress in bytes
+        (``done`` and ``total`` of the series to download, the message saying MB)."""
         uids = list(dict.fromkeys(uids))
         rows = self.expected(uids)
+        missing = [uid for uid in uids if not self.folder(uid).is_dir()]
+        sizes = {uid: float(rows.loc[uid, "series_size_MB"]) * 1e6 for uid in missing}
+        total, before = sum(sizes.values()), 0.0
+        for number, uid in enumerate(missing, 1):
+
+            def bytes_done(got, before=before, uid=uid, number=number):
+                done = before + min(got, sizes[uid])
+                stage = f"downloading series {number} of {len(missing)}"
+                report(progress, done, total, f"{stage} ({done / 1e6:.1f} of {total / 1e6:.1f} MB)")
+
+            self._download(uid, int(rows.loc[uid, "instanceCount"]), bytes_done)
+            before += sizes[uid]
         found = {}
-        for done, uid in enumerate(uids):
+        for uid in uids:
             folder = self.folder(uid)
-            downloaded = not folder.is_dir()
-            if downloaded:
-                report(progress, done, len(uids), f"downloading series {done + 1} of {len(uids)}")
-                self._download(uid, int(rows.loc[uid, "instanceCount"]))
-            found[uid] = SeriesFiles(uid, folder, tuple(cached_files(self.root, uid)), downloaded)
-        report(progress, len(uids), len(uids), "series ready")
+            found[uid] = SeriesFiles(uid, folder, tuple(cached_files(self.root, uid)), uid in sizes)
+        report(progress, 1, 1, "series ready")
         return found
 
     def folder(self, uid: str) -> Path:
         """Where series ``uid`` is kept (whether or not it is there)."""
         return self.root / series_key(uid)
+
+    def discard_partial(self, pid: int) -> None:
+        """Remove the staging folders of process ``pid``'s downloads, which will not finish (it was ended)."""
+        for staging in self.root.glob(f".*-p{pid}-*.part") if self.root.is_dir() else ():
+            shutil.rmtree(staging, ignore_errors=True)
 
     def clear(self) -> float:
         """Delete the cache; returns the megabytes freed."""
@@ -137,13 +156,19 @@ class SeriesCache:
         shutil.rmtree(self.root, ignore_errors=True)
         return size / 1e6
 
-    def _download(self, uid: str, instances: int) -> None:
-        staging = self.root / f".{series_key(uid)}.part"
+    def _download(self, uid: str, instances: int, bytes_done: Callable[[int], None]) -> None:
+        """One series into its own staging folder, checked, then renamed into the cache; ``bytes_done`` hears
+        the staging folder's size every half second (from a thread: the download blocks this one)."""
         with writing(f"the series cache ({self.root})"):
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{series_key(uid)}-p{os.getpid()}-", suffix=".part", dir=self.root)
+            )
+            stop, failed = threading.Event(), []
+            watcher = threading.Thread(target=_watch, args=(staging, bytes_done, stop, failed), daemon=True)
             try:
                 log.info("downloading series %s from IDC into %s", uid, self.folder(uid))
+                watcher.start()
                 with _tool_log_quiet():
                     self.client.download_from_selection(
                         seriesInstanceUID=[uid],
@@ -151,19 +176,29 @@ class SeriesCache:
                         source_bucket_location=self.bucket,
                         dirTemplate=None,  # the files flat in the folder: short paths
                         quiet=True,  # s5cmd's own output not on the console
-                        show_progress_bar=False,  # no tqdm bar on stderr (the Python console in Slicer)
+                        show_progress_bar=False,  # its bar would go to the console; the watcher measures
                     )
+                stop.set()
+                watcher.join()
+                if failed:
+                    raise failed[0]
                 have = len(series_files(staging, [uid]).get(uid, ()))
                 if have != instances:
                     raise SimilarPatientsError(
                         f"The download of series {uid} brought {have} of its {instances} images: it was cut "
                         f"short. Nothing was kept; try again."
                     )
+                bytes_done(_folder_bytes(staging))
                 (staging / UID_FILE).write_text(uid, encoding="utf-8")
-                os.replace(staging, self.folder(uid))
-            except BaseException:
+                try:
+                    os.replace(staging, self.folder(uid))
+                except OSError:
+                    if not self.folder(uid).is_dir():
+                        raise
+                    # another download of this series finished first: its verified copy is kept
+            finally:
+                stop.set()
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
 
     @property
     def client(self):
@@ -237,6 +272,22 @@ def _tool_log_quiet():
         yield
     finally:
         _QUIET.threads.discard(threading.get_ident())
+
+
+def _watch(folder: Path, bytes_done: Callable[[int], None], stop: threading.Event, failed: list) -> None:
+    try:
+        while not stop.wait(0.5):
+            bytes_done(_folder_bytes(folder))
+    except BaseException as error:  # Cancelled from the caller's callback: raised once the download returns
+        failed.append(error)
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # a file the download is renaming or has just removed
+            total += path.stat().st_size if path.is_file() else 0
+    return total
 
 
 def series_files(folder: Path, uids: Sequence[str] | None = None) -> dict[str, list[Path]]:

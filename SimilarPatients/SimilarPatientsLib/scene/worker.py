@@ -1,5 +1,6 @@
-"""A persistent query worker: one child process, started on first use, that keeps its loaded models
-between queries, so a GUI pays torch's import and a model's weights once, not per click.
+"""A persistent worker: one child process, started on first use, that keeps its loaded models between
+queries, so a GUI pays torch's import and a model's weights once, not per click; and that does the GUI's
+other long work (a GUI may run two: one for queries, one for the rest, ``ui/logic.py``).
 
 The protocol is JSON lines. The client writes one request per line on the worker's stdin::
 
@@ -26,6 +27,17 @@ centre (LPS mm); a series that cannot be read is named in ``failed`` with the re
 still drawn. ``{"op": "prepare", "model": ..., "reference": ..., "weights": ...}`` loads a model and opens a
 reference ahead of the first query (a GUI sends it when its module is entered), so that query pays neither.
 
+The GUI's other long work runs here too, so that no Python thread of Slicer's process does it (Slicer's
+idle event loop holds the GIL: such a thread would run only while the GUI's timer polls):
+``{"op": "open", "reference": ..., "model": ..., "metric": ...}`` opens a reference and measures its
+similarity scale ahead of the first search by patient; ``{"op": "import", "name": ..., "source": ...}``
+stores a reference (answer: its ``name``);
+``{"op": "neighbors", "reference": ..., "model": ..., "patient": ..., "k": ..., "metric": ..., "where": [...]}``
+searches by a reference patient (the fused choice too; answer: ``hits`` with ``closer_than``);
+``{"op": "fetch", "uids": [...], "local_folder": ...}`` or ``{..., "cache_root": ..., "index": ..., "bucket":
+...}`` puts the series on this machine (the site's DICOM folder, else the verified download cache; answer:
+``files``, UID → paths). Each streams progress events; a download's are bytes done of the series' size.
+
 A GUI never waits in a loop: :meth:`WorkerClient.submit` returns a :class:`PendingRequest` that its timer
 polls (progress arrives as it comes; the answer, or the error, once); :meth:`WorkerClient.request` waits
 for one, for scripts and the Python console.
@@ -37,6 +49,7 @@ one process group), and the next request starts a fresh worker; so does a worker
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import queue
@@ -211,6 +224,8 @@ class PendingRequest:
 
     def __init__(self, client: WorkerClient, ident: int, op: str, progress: ProgressCallback | None = None):
         self.client, self.ident, self.op, self.progress = client, ident, op, progress
+        #: run once a cancel has ended the worker (a download's staging folders removed, for instance)
+        self.on_cancel: Callable[[], None] | None = None
         self._answer: dict | None = None
         self._error: Exception | None = None
 
@@ -249,6 +264,8 @@ class PendingRequest:
         """End the worker's whole process tree (and with it this request and any other it was serving)."""
         if not self.done:
             self.client.stop()
+            if self.on_cancel is not None:
+                self.on_cancel()
         self._fail(Cancelled())
 
     def _take(self, event: dict) -> None:
@@ -307,16 +324,20 @@ class _Worker:
 
     def __init__(self, out):
         self.out = out
+        self._sending = threading.Lock()  # a download's progress comes from a thread that watches its folder
         self.embedders: dict = {}
         self.image: tuple | None = None  # (key, validated CT): the last image, reused while its key holds
         self.folders: dict = {}  # local DICOM folder -> its index of series, kept between requests
 
     def send(self, **event) -> None:
-        self.out.write(json.dumps(event, default=_plain) + "\n")
-        self.out.flush()
+        line = json.dumps(event, default=_plain) + "\n"
+        with self._sending:
+            self.out.write(line)
+            self.out.flush()
 
     def handle(self, request: dict) -> None:
         ident = request.get("id")
+        importlib.invalidate_caches()  # packages the GUI installed since this worker started are found
         try:
             if request.get("op") == "ping":
                 self.send(id=ident, event="result", pid=os.getpid(), models=sorted(self.embedders))
@@ -326,6 +347,14 @@ class _Worker:
                 self.send(id=ident, event="result", **self.prepare(request, ident))
             elif request.get("op") == "thumbnails":
                 self.send(id=ident, event="result", **self.thumbnails(request))
+            elif request.get("op") == "open":
+                self.send(id=ident, event="result", **self.open(request, ident))
+            elif request.get("op") == "import":
+                self.send(id=ident, event="result", **self.import_reference(request, ident))
+            elif request.get("op") == "neighbors":
+                self.send(id=ident, event="result", **self.neighbors(request, ident))
+            elif request.get("op") == "fetch":
+                self.send(id=ident, event="result", **self.fetch(request, ident))
             else:
                 raise SimilarPatientsError(f"Unknown worker request '{request.get('op')}'.")
         except SimilarPatientsError as error:
@@ -478,6 +507,67 @@ class _Worker:
             except SimilarPatientsError as error:  # one unreadable series costs only its own picture
                 failed[match["uid"]] = str(error)
         return {"thumbnails": drawn, "failed": failed}
+
+    def open(self, request: dict, ident) -> dict:
+        """Open a reference and measure its similarity scale for ``model`` (each model of the fused choice)
+        ahead of the first search by patient, so that it pays neither this nor the imports."""
+        from ..cloud import open_reference
+        from ..references.fused import fused_models, is_fused
+        from ..references.store import ReferenceStore
+
+        reference = open_reference(request["reference"], ReferenceStore(request.get("home")))
+        model = request.get("model")
+        models = fused_models(reference, model) if is_fused(model or "") else [model] if model else []
+        if hasattr(reference, "closeness"):
+            for name in models:
+                reference.closeness(name, request.get("metric", "cosine"), [], self._progress(ident))
+        return {"models": list(reference.models)}
+
+    def import_reference(self, request: dict, ident) -> dict:
+        """Store a reference read from ``source`` (a folder, a file, a URL, or ``nlst-sybil``) as ``name``."""
+        from ..references.store import ReferenceStore
+
+        store = ReferenceStore(request.get("home"))
+        return {"name": store.import_reference(request["name"], request["source"], self._progress(ident)).name}
+
+    def neighbors(self, request: dict, ident) -> dict:
+        """A reference patient's nearest patients, each with its similarity (closeness percentile); for the
+        fused choice, ranked by every model together, with each model's rank."""
+        from ..cloud import open_reference
+        from ..references.fused import hit_closeness, is_fused, search_fused
+        from ..references.store import ReferenceStore
+
+        opened = open_reference(request["reference"], ReferenceStore(request.get("home")))
+        model, patient, metric = request["model"], request["patient"], request.get("metric", "cosine")
+        search = dict(k=int(request.get("k", 5)), metric=metric, where=request.get("where") or None, exclude=[patient])
+        if is_fused(model):
+            hits = search_fused(opened, patient=patient, models=model, **search)
+            hits = hits.assign(closer_than=hit_closeness(opened, hits, metric))
+        else:
+            hits = opened.search(model, patient=patient, **search)
+            if hasattr(opened, "closeness"):  # BigQuery: the distribution is not measured there
+                hits = hits.assign(closer_than=opened.closeness(model, metric, hits.distance, self._progress(ident)))
+            else:
+                hits = hits.assign(closer_than=float("nan"))
+        return {"hits": json.loads(hits.to_json(orient="records", double_precision=15))}
+
+    def fetch(self, request: dict, ident) -> dict:
+        """The series ``uids`` on this machine: from the site's DICOM folder (no network), or the cache,
+        downloading what is not there (the GUI asked the user first)."""
+        from ..idc import IDCIndex
+        from ..idc.download import SeriesCache
+
+        uids, progress = list(request["uids"]), self._progress(ident)
+        if request.get("local_folder"):
+            report(progress, 0, 1, f"finding the matches' series in {request['local_folder']}")
+            found = self._local_files(uids, request)
+            if not found:
+                raise SimilarPatientsError(f"{request['local_folder']} holds none of the matches' series.")
+            return {"files": {uid: [str(p) for p in paths] for uid, paths in found.items()}}
+        index = IDCIndex(request.get("index"))
+        cache = SeriesCache(request["cache_root"], index, bucket=request.get("bucket", "aws"))
+        fetched = cache.fetch(uids, progress)
+        return {"files": {uid: [str(p) for p in series.files] for uid, series in fetched.items()}}
 
     def _local_files(self, uids: list, request: dict) -> dict:
         """Files of the series ``uids`` on this machine: in the site's DICOM folder (indexed once per worker,

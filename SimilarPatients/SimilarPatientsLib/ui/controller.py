@@ -1,17 +1,25 @@
 """What the module's widget decides, without Qt: one method per user action, the order of each action's
 steps (packages installed with one consent per click, the licence, the download opt-in, the size question
-before loading), the progress stages, cancel, which buttons are enabled, and one task at a time.
+before loading), the progress stages and their log, cancel, which buttons are enabled, and one task at a time.
 
-Each action that waits is a *task*: a generator that yields jobs (``ui/background.py``) and receives their
-results. The widget's timer calls :meth:`ModuleController.poll`, which relays progress and resumes the task
-when its job ends; nothing processes GUI events inside a task, and while one runs every action is disabled
-and refused, so a second click cannot start a nested query. A task ends with its result shown, an error
+Each action that waits is a *task*: a generator that yields requests to the worker process
+(``scene/worker.py``: it does the long work, so no thread of Slicer's process has to) and receives their
+answers. The widget's timer calls :meth:`ModuleController.poll`, which relays progress and resumes the task
+when its request is answered. While a task runs, its own button is its Cancel (pressing it again cancels)
+and every other action is disabled and refused, so a second click cannot start a nested query. The
+progress display stays through every stage, numbered or busy, and logs each new stage in a line.
+
+Cancel always ends the task without an error: a request's worker is ended with its whole process tree (a
+download's s5cmd too). A step that runs in the GUI's own thread (a package install, the DICOM import of the
+matches) may spin a nested event loop in which Cancel is pressed; it cannot be stopped from there, so the
+cancel is noted and takes effect the moment the step returns. A task ends with its result shown, an error
 shown once, or, when cancelled, a status line (not an error box).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,9 +61,19 @@ class View(Protocol):
     def show_error(self, message: str) -> None: ...
     def show_status(self, text: str) -> None: ...
     def show_progress(self, title: str | None) -> None:
-        """Open a progress display with a Cancel button that calls :meth:`ModuleController.cancel` (None: close it)."""
+        """Start the progress display for a task named ``title`` (its log cleared); None: the task ended (the
+        display stays, at rest, with its log)."""
 
-    def update_progress(self, fraction: float | None, message: str) -> None: ...
+    def update_progress(self, fraction: float | None, message: str) -> None:
+        """The bar: ``fraction`` done (None: busy, no count), with ``message``."""
+
+    def log(self, line: str) -> None:
+        """One line in the progress display's short log."""
+
+    def show_running(self, action: str | None, cancelling: bool = False) -> None:
+        """``action``'s button is the running task's Cancel (None: every button back to its own action);
+        ``cancelling``: Cancel was pressed and the task ends when its current step returns."""
+
     def enable(self, actions: dict) -> None: ...
     def show_references(self, names: list, current: str) -> None: ...
     def show_models(self, names: list, current: str, tooltips: dict) -> None: ...
@@ -83,6 +101,10 @@ class ModuleController:
         self.reference = ""  #: the reference those hits come from
         self._task: Generator | None = None
         self._task_on_scene = False  # whether the running task reads or adds scene nodes
+        self._running: str | None = None  # the action whose task runs (its button is the Cancel)
+        self._stepping = False  # True while the task's code runs (a step may spin a nested event loop)
+        self._cancel_asked = False  # Cancel pressed during such a step: honoured when it returns
+        self._stage = ""  # the last stage logged
         self._job = None
         self._warming = None  # the worker's request loading the chosen model ahead of the first click
         self._warmed: tuple | None = None
@@ -94,10 +116,12 @@ class ModuleController:
         return self._task is not None
 
     def actions(self) -> dict:
-        """Which actions are enabled: none while a task runs; loading only after an image query's hits."""
-        free = not self.busy
-        enabled = dict.fromkeys(ACTIONS, free)
-        enabled["load"] = free and self.image_hits and self.hits is not None and len(self.hits) > 0
+        """Which actions are enabled: while a task runs only its own (as its Cancel, until Cancel is pressed);
+        loading only after an image query's hits."""
+        if self.busy:
+            return {action: action == self._running and not self._cancel_asked for action in ACTIONS}
+        enabled = dict.fromkeys(ACTIONS, True)
+        enabled["load"] = self.image_hits and self.hits is not None and len(self.hits) > 0
         return enabled
 
     def poll(self, timeout: float = 0.0) -> None:
@@ -129,15 +153,24 @@ class ModuleController:
             self.poll(0.05)
 
     def cancel(self) -> None:
-        """Stop the running task: its job is ended (the worker's whole process tree, or a thread at its next
-        step) and the task closed; the status line says so."""
+        """Stop the running task: its request is ended (the worker's whole process tree) and the task closed;
+        the status line says so. Pressed while a step runs in this thread (from its nested event loop),
+        the cancel is noted and done when the step returns."""
+        if self._task is None:
+            return
+        if self._stepping:
+            if not self._cancel_asked:
+                self._cancel_asked = True
+                self.view.log("cancelling: the current step finishes first")
+                self.view.show_running(self._running, True)
+                self._enable()
+            return
         if self._job is not None:
             self._job.cancel()
             self._job = None
-        self._warmed = None  # a cancelled query ends the worker, and the model it had loaded with it
-        if self._task is not None:
-            self._task.close()
-            self._finish("Cancelled.")
+        self._warmed = None  # a cancelled query ends the query worker, and the model it had loaded with it
+        self._task.close()
+        self._finish("Cancelled.")
 
     # --- module lifecycle ------------------------------------------------------------------------------
 
@@ -184,14 +217,16 @@ class ModuleController:
         self.refresh_models(inputs.reference, inputs.model, chosen=True, metric=inputs.metric)
 
     def prepare(self, inputs: Inputs) -> None:
-        """Start the worker and load ``inputs.model`` (and the reference's similarity scale) in the background,
-        when that needs no consent: packages installed, weights here (or none), licence accepted."""
+        """Open the reference in the jobs worker (for a search by patient), and start the query worker and
+        load ``inputs.model`` (and the reference's similarity scale) in the background, when that needs no
+        consent: packages installed, weights here (or none), licence accepted."""
         key = (inputs.reference, inputs.model, inputs.metric)
         if not inputs.reference or not inputs.model or key == self._warmed or self.busy:
             return
         try:
             if dependencies.unmet(SEARCH) or not self.logic.opened_without_network(inputs.reference):
                 return
+            self.logic.start_open(inputs.reference, inputs.model, inputs.metric)  # its answer: nobody waits
             models = self.logic.models_of(inputs.reference, inputs.model)
             network = self.logic.needs_torch(models)
             ready = (
@@ -225,7 +260,7 @@ class ModuleController:
     # --- actions ---------------------------------------------------------------------------------------
 
     def import_nlst(self) -> None:
-        self._run("Importing NLST-Sybil", self._import_nlst())
+        self._run("import", "Importing NLST-Sybil", self._import_nlst)
 
     def _import_nlst(self):
         if not self._install(SEARCH):
@@ -235,12 +270,12 @@ class ModuleController:
             "GitHub (ImagingDataCommons/nlst-sybil-connectome)."
         ):
             return
-        name = yield self.logic.start_import_nlst(self._progress)
+        name = (yield self.logic.start_import_nlst(self._progress))["name"]
         self.refresh_references(name)
         self.view.show_status("NLST-Sybil imported: choose a model and search.")
 
     def find_by_patient(self, inputs: Inputs) -> None:
-        self._run("Searching", self._find_by_patient(inputs))
+        self._run("find", "Searching", self._find_by_patient, inputs)
 
     def _find_by_patient(self, inputs: Inputs):
         self._check_search(inputs)
@@ -248,7 +283,7 @@ class ModuleController:
             raise SimilarPatientsError("Type the ID of a patient of the reference to search by patient.")
         if not self._install(SEARCH, *self._service_needs(inputs.reference)):
             return
-        hits = yield self.logic.start_neighbors(
+        answer = yield self.logic.start_neighbors(
             inputs.reference,
             inputs.model,
             inputs.patient.strip(),
@@ -257,10 +292,10 @@ class ModuleController:
             filter_terms(inputs.filters),
             self._progress,
         )
-        self._show_hits(hits, inputs.reference, from_image=False)
+        self._show_hits(self.logic.hit_table(answer), inputs.reference, from_image=False)
 
     def find_from_image(self, inputs: Inputs) -> None:
-        self._run("Finding similar patients", self._find_from_image(inputs), on_scene=True)
+        self._run("find_image", "Finding similar patients", self._find_from_image, inputs, on_scene=True)
 
     def _find_from_image(self, inputs: Inputs):
         from ..scene.worker import ImageNotHeld
@@ -289,7 +324,7 @@ class ModuleController:
         sources = [f"{name}: {url}" for name in models if (url := self.logic.weights_to_download(name))]
         if sources and not self._downloads_opt_in("These weights would be downloaded:\n" + "\n".join(sources)):
             return
-        self.view.update_progress(None, f"starting the query worker and loading {model}")
+        self._progress(0, 0, f"starting the query worker and loading {model}")
         files = self.logic.write_query(inputs.volume, **tumor_marks(inputs.tumor, inputs.segment))
         search = (inputs.reference, model, inputs.k, inputs.metric, filter_terms(inputs.filters), self._progress)
         try:
@@ -307,7 +342,7 @@ class ModuleController:
         job = self.logic.start_match_thumbnails(hits, self._progress)
         if job is None:
             return
-        self.view.update_progress(None, "drawing the matches found on this computer")
+        self._progress(0, 0, "drawing the matches found on this computer")
         try:
             drawn = yield job
         except SimilarPatientsError as error:  # a picture is a convenience: the results stay
@@ -320,7 +355,7 @@ class ModuleController:
         self.view.show_thumbnails(query_picture, rows)
 
     def load_selected(self, inputs: Inputs) -> None:
-        self._run("Loading the matches", self._load_selected(inputs), on_scene=True)
+        self._run("load", "Loading the matches", self._load_selected, inputs, on_scene=True)
 
     def _load_selected(self, inputs: Inputs):
         if not (self.image_hits and self.hits is not None and len(self.hits)):
@@ -337,14 +372,14 @@ class ModuleController:
             )
             if size and not self._downloads_opt_in(what, always_ask=True):
                 return
-        files = yield self.logic.start_fetch(chosen, self._progress)
-        self.view.update_progress(None, "showing the matches beside the query")
-        self.logic.show_matches(chosen, files)
+        files = (yield self.logic.start_fetch(chosen, self._progress))["files"]
+        self._progress(0, 0, "showing the matches beside the query")
+        self.logic.show_matches(chosen, files, cancelled=lambda: self._cancel_asked)
         self.view.show_status(f"{len(files)} patient(s) beside the query, each view centred on its tumor.")
 
     def load_sample(self) -> None:
         """The sample patient (``ui/sample.py``): its CT from IDC, with its tumor marked, as the query."""
-        self._run("Loading the sample patient", self._load_sample(), on_scene=True)
+        self._run("sample", "Loading the sample patient", self._load_sample, on_scene=True)
 
     def _load_sample(self):
         from .sample import SAMPLE
@@ -358,7 +393,7 @@ class ModuleController:
         )
         if size and not self._downloads_opt_in(what, always_ask=True):
             return
-        files = yield self.logic.start_fetch_sample(self._progress)
+        files = (yield self.logic.start_fetch_sample(self._progress))["files"][SAMPLE.series]
         self.view.show_sample(*self.logic.show_sample(files))
         self.view.show_status(
             f"NLST patient {SAMPLE.patient}'s CT, its tumor marked at the reference's lesion centre: import "
@@ -406,17 +441,25 @@ class ModuleController:
 
     # --- the steps tasks share -------------------------------------------------------------------------
 
-    def _run(self, title: str, task: Generator, on_scene: bool = False) -> None:
+    def _run(self, action: str, title: str, task, *arguments, on_scene: bool = False) -> None:
+        """Start ``task(*arguments)`` for ``action``; a click on the running action's button cancels it.
+        ``on_scene``: the task reads or adds scene nodes (a closing scene cancels it)."""
         if self.busy:
-            self.view.show_status("Wait for the current task to finish, or cancel it.")
-            task.close()
+            if action == self._running:
+                self.cancel()
+            else:
+                self.view.show_status("Wait for the current task to finish, or cancel it.")
             return
-        self._task, self._task_on_scene = task, on_scene
+        self._task, self._running, self._cancel_asked, self._stage = task(*arguments), action, False, ""
+        self._task_on_scene = on_scene
         self.view.show_progress(title)
+        self.view.log(title)
+        self.view.show_running(action)
         self._enable()
         self._resume()
 
     def _resume(self, value=None, error: BaseException | None = None) -> None:
+        self._stepping = True
         try:
             job = self._task.send(value) if error is None else self._task.throw(error)
         except StopIteration:
@@ -432,19 +475,31 @@ class ModuleController:
             self.view.show_error(f"Unexpected error ({type(failure).__name__}: {failure}); see the Python console.")
         else:
             self._job = job
+        finally:
+            self._stepping = False
+        if self._cancel_asked and self._task is not None:  # Cancel was pressed during that step
+            self.cancel()
 
     def _finish(self, status: str | None = None) -> None:
-        self._task, self._job = None, None
+        self._task, self._job, self._running, self._cancel_asked = None, None, None, False
         self.view.show_progress(None)
+        self.view.show_running(None)
         self._enable()
         if status:
             self.view.show_status(status)
+            self.view.log(status)
 
     def _enable(self) -> None:
         self.view.enable(self.actions())
 
     def _progress(self, done, total, message) -> None:
+        """The bar follows every report; the log gets a line per stage (a message's trailing count in
+        brackets, such as a download's "(3.1 of 40.0 MB)", changes without making a new stage)."""
         self.view.update_progress(done / total if total else None, message)
+        stage = re.sub(r" \([^()]*\d[^()]*\)$", "", message)
+        if stage != self._stage:
+            self._stage = stage
+            self.view.log(stage)
 
     def _check_search(self, inputs: Inputs) -> None:
         if not inputs.reference or not inputs.model:
@@ -467,6 +522,8 @@ class ModuleController:
             return False
         first = bool(dependencies.unmet(SEARCH))
         self.installer.install(plan)
+        if self._cancel_asked:  # pressed during the install (its nested event loop): go no further
+            raise Cancelled()
         if first:  # the references can be listed now
             self.refresh_references()
         return True

@@ -1,15 +1,18 @@
 """The module's logic: every call from the Slicer module into the library, and the little that touches
 Slicer's application (its scene, layout, DICOM database), without Qt.
 
-Long work returns a job (``ui/background.py``) the GUI polls: image queries, thumbnails and model loads run
-in the persistent query worker (``scene/worker.py``), reference searches, imports and series downloads in a
-thread. The blocking calls a researcher types in Slicer's Python console (:meth:`find_similar`,
-:meth:`load_matches`) wait on the same jobs. Slicer's own modules (``slicer``, ``DICOMLib``) are imported
-inside the functions that use them, so that pytest drives this class on ``slicer-core``'s scene.
+Long work returns a request to a persistent worker process (``scene/worker.py``) that the GUI polls: model
+loads and image queries in one, imports, searches by patient, series downloads and thumbnails in another.
+None runs on a thread of Slicer's process: Slicer's idle event loop holds the GIL, so such a thread would
+run only while the GUI's timer polls (``benchmarks/gil.py``). The blocking calls a researcher types in
+Slicer's Python console (:meth:`find_similar`, :meth:`neighbors`, :meth:`load_matches`) wait on the same
+requests. Slicer's own modules (``slicer``, ``DICOMLib``) are imported inside the functions that use them,
+so that pytest drives this class on ``slicer-core``'s scene.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -17,9 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SimilarPatientsError
+from ..errors import Cancelled, SimilarPatientsError
 from ..progress import ProgressCallback
-from .background import ThreadJob
 from .settings import ModuleSettings
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,9 @@ class ModuleLogic:
         self.settings = settings
         self.home = home
         self.python = python
-        self._worker = None
+        self._workers: dict = {}  # role -> WorkerClient: "query" keeps the models, "jobs" does the rest
         self._image_key = None  # the volume whose voxels the worker holds
         self._thumbnails = None  # the folder the worker draws this session's thumbnails in
-        self._folders: dict = {}  # local DICOM folders, indexed (DicomFolderIndex), kept for the session
         self._remote: dict = {}  # BigQuery references opened this session (opening one calls Google)
         self.last_volume = None  # the CT of the last image query
         self.last_seed_lps = None  # the tumor seed of the last image query (LPS mm)
@@ -176,29 +177,32 @@ class ModuleLogic:
 
         return find_local_copy()
 
-    def start_import_nlst(self, progress: ProgressCallback | None = None) -> ThreadJob:
-        """Import the NLST-Sybil reference (a local copy, or a verified download) in a thread."""
-        return ThreadJob(lambda report: self.store().import_reference(NLST, NLST, report).name, progress)
+    def start_import_nlst(self, progress: ProgressCallback | None = None):
+        """Import the NLST-Sybil reference (a local copy, or a verified download), in the worker."""
+        return self.worker("jobs").submit("import", progress, name=NLST, source=NLST)
 
-    def start_neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None) -> ThreadJob:
-        """A reference patient's nearest patients, in a thread (a BigQuery search waits on the network)."""
-        return ThreadJob(lambda report: self.neighbors(reference, model, patient, k, metric, where, report), progress)
+    def start_neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None):
+        """A reference patient's nearest patients, each with its similarity (closeness percentile), searched by
+        the worker; for the fused choice, ranked by every model together, with each model's rank. A BigQuery
+        reference is refused unless BigQuery searches are allowed."""
+        from ..cloud import is_bigquery
 
-    def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None):
-        """A reference patient's nearest patients, each with its similarity (closeness percentile); for the
-        fused choice, ranked by every model together, with each model's rank."""
-        from ..references.fused import hit_closeness, is_fused, search_fused
+        if is_bigquery(reference) and not self.settings.bigquery_allowed:
+            self.open(reference)  # refused, with the reason
+        fields = dict(reference=reference, model=model, patient=patient, k=int(k), metric=metric)
+        return self.worker("jobs").submit("neighbors", progress, where=list(where or []), **fields)
 
-        opened = self.open(reference)
-        if is_fused(model):
-            hits = search_fused(
-                opened, patient=patient, models=model, k=k, metric=metric, where=where, exclude=[patient]
-            )
-            return hits.assign(closer_than=hit_closeness(opened, hits, metric))
-        hits = opened.search(model, patient=patient, k=k, metric=metric, exclude=[patient], where=where)
-        if not hasattr(opened, "closeness"):  # BigQuery: the distribution is not measured there
-            return hits.assign(closer_than=float("nan"))
-        return hits.assign(closer_than=opened.closeness(model, metric, hits.distance, progress))
+    def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None, cancelled=None):
+        """The Python console's call: :meth:`start_neighbors`, waited for, as the library's hit table."""
+        job = self.start_neighbors(reference, model, patient, k, metric, where, progress)
+        return self.hit_table(job.wait(cancelled))
+
+    @staticmethod
+    def hit_table(answer: dict):
+        """A worker's answer's hits as the library's hit table."""
+        import pandas as pd
+
+        return pd.DataFrame(answer["hits"])
 
     # --- weights ---------------------------------------------------------------------------------------
 
@@ -226,11 +230,14 @@ class ModuleLogic:
             return None
         return download_url(model, state.source)
 
-    # --- the query worker ------------------------------------------------------------------------------
+    # --- the workers -----------------------------------------------------------------------------------
 
-    def worker(self):
-        """The persistent query worker, started on first use with Slicer's own Python (PythonSlicer)."""
-        if self._worker is None:
+    def worker(self, role: str = "query"):
+        """A persistent worker, started on first use with Slicer's own Python (PythonSlicer): the ``query``
+        worker loads the models and answers image queries; the ``jobs`` worker imports, searches by
+        patient, fetches series and draws the matches' thumbnails. Two, so that a search never waits behind
+        a model being loaded, and cancelling a download (which ends its worker) keeps the loaded models."""
+        if role not in self._workers:
             from ..scene.worker import WorkerClient
 
             python = self.python or shutil.which("PythonSlicer")
@@ -241,8 +248,13 @@ class ModuleLogic:
             environment = dict(os.environ)
             if self.home is not None:
                 environment["SIMILARPATIENTS_HOME"] = str(self.home)
-            self._worker = WorkerClient(python, environment)
-        return self._worker
+            self._workers[role] = WorkerClient(python, environment)
+        return self._workers[role]
+
+    def start_open(self, reference: str, model: str, metric: str = "cosine"):
+        """Start the jobs worker and open ``reference`` there (its imports paid, the similarity scale of
+        ``model`` measured) ahead of the first search by patient."""
+        return self.worker("jobs").submit("open", reference=reference, model=model, metric=metric)
 
     def start_prepare(self, reference: str, model: str, metric: str = "cosine", progress=None):
         """Start the worker, load ``model`` (every model, for the fused choice) and measure ``reference``'s
@@ -291,7 +303,7 @@ class ModuleLogic:
             # the CT goes to the worker only when it changed since the last query: its key says which voxels
             key = f"{volume.GetID()}:{volume.GetMTime()}:{volume.GetImageData().GetMTime()}"
             image = None
-            if key != self._image_key or self._worker is None or not self._worker.running:
+            if key != self._image_key or not ("query" in self._workers and self._workers["query"].running):
                 image = self._write_image(volume, folder)
             return QueryFiles(folder, image, key, tumors, volume)
         except BaseException:
@@ -332,13 +344,11 @@ class ModuleLogic:
     def query_answered(self, files: QueryFiles, result: dict):
         """The worker's answer as the library's hit table; the query's CT, seed and thumbnails are kept for
         loading its matches beside it."""
-        import pandas as pd
-
         self._image_key = files.image_key
         self.last_volume = files.volume
         self.last_seed_lps = result["seeds"][0]
         self.last_thumbnails = result.get("thumbnails") or []
-        return pd.DataFrame(result["hits"])
+        return self.hit_table(result)
 
     def find_similar(self, volume, tumor, segment_id=None, model="CTFM", reference=NLST, k=5, **options):
         """The Python console's call: the ``k`` reference patients nearest to the tumor marked by ``tumor``
@@ -377,7 +387,7 @@ class ModuleLogic:
         if not series:
             return None
         local = self.settings.local_dicom_folder
-        return self.worker().submit(
+        return self.worker("jobs").submit(
             "thumbnails",
             progress,
             folder=str(self.thumbnail_folder()),
@@ -407,23 +417,23 @@ class ModuleLogic:
         """Megabytes the matches' series need from IDC (0 when all are cached)."""
         return self.series_cache().download_size_mb(_uids(hits))
 
-    def start_fetch(self, hits, progress=None) -> ThreadJob:
-        """The matches' series on this machine, in a thread: from the site's DICOM folder (no network), or
-        the cache, downloading what is not there (after the user agreed). The result: UID → files."""
+    def start_fetch(self, hits, progress=None):
+        """The matches' series on this machine, by the worker: from the site's DICOM folder (no network, indexed
+        once per worker), or the cache, downloading what is not there (after the user agreed; progress in
+        bytes). The answer's ``files``: UID → paths. Cancel ends the worker, the download's s5cmd with it,
+        and removes what it had staged."""
         uids, local = _uids(hits), self.settings.local_dicom_folder
         if local:
-            index = self._folders.setdefault(local, _folder_index(local))
+            return self.worker("jobs").submit("fetch", progress, uids=uids, local_folder=local)
+        return self._fetch_cached(uids, progress)
 
-            def work(report):
-                report(0, 1, f"finding the matches' series in {local}")
-                found = index.files(uids)
-                if not found:
-                    raise SimilarPatientsError(f"{local} holds none of the matches' series.")
-                return found
-
-            return ThreadJob(work, progress)
-        cache = self.series_cache()
-        return ThreadJob(lambda report: {u: list(s.files) for u, s in cache.fetch(uids, report).items()}, progress)
+    def _fetch_cached(self, uids: list, progress=None):
+        """Series ``uids`` from the download cache, by the worker, downloading what is not there."""
+        cache, worker = self.series_cache(), self.worker("jobs")
+        fields = dict(uids=uids, cache_root=str(cache.root), index=cache.index.parquet_path, bucket=cache.bucket)
+        request = worker.submit("fetch", progress, **fields)
+        request.on_cancel = functools.partial(cache.discard_partial, worker.pid)  # what that worker staged
+        return request
 
     def sample_size(self) -> float:
         """Megabytes the sample patient's CT needs from IDC (0 once cached)."""
@@ -431,12 +441,12 @@ class ModuleLogic:
 
         return self.series_cache().download_size_mb([SAMPLE.series])
 
-    def start_fetch_sample(self, progress=None) -> ThreadJob:
-        """The sample patient's CT from the cache, downloaded from IDC when not there (the user agreed)."""
+    def start_fetch_sample(self, progress=None):
+        """The sample patient's CT from the cache, downloaded from IDC by the worker when not there (the user
+        agreed); the answer's ``files`` as :meth:`start_fetch`'s."""
         from .sample import SAMPLE
 
-        cache = self.series_cache()
-        return ThreadJob(lambda report: list(cache.fetch([SAMPLE.series], report)[SAMPLE.series].files), progress)
+        return self._fetch_cached([SAMPLE.series], progress)
 
     def show_sample(self, files) -> tuple:
         """The sample's CT and its tumor point in Slicer's scene: (volume, point list)."""
@@ -446,9 +456,11 @@ class ModuleLogic:
 
         return show_sample(slicer.mrmlScene, files)
 
-    def show_matches(self, hits, files: dict, query_volume=None, query_centre_lps=None):
+    def show_matches(self, hits, files: dict, query_volume=None, query_centre_lps=None, cancelled=None):
         """Read the fetched series into volume nodes (and into Slicer's DICOM database) and show them beside
-        the query (by default the last image query's CT and tumor), each view centred on its tumor."""
+        the query (by default the last image query's CT and tumor), each view centred on its tumor.
+        ``cancelled()`` is asked between the series' DICOM imports (each spins Qt's event loop, where the
+        user may press Cancel): True stops before any volume is loaded (:class:`Cancelled`)."""
         import slicer
 
         from ..scene import matches
@@ -462,6 +474,8 @@ class ModuleLogic:
         from DICOMLib import DICOMUtils
 
         for paths in files.values():  # the DICOM browser knows them too (importing twice is harmless)
+            if cancelled is not None and cancelled():
+                raise Cancelled()
             DICOMUtils.importDicom(str(Path(paths[0]).parent))
         volumes = {uid: matches.load_series(scene, paths, f"match {uid[-8:]}") for uid, paths in files.items()}
         if self.comparison is not None:
@@ -473,11 +487,8 @@ class ModuleLogic:
     def load_matches(self, hits, query_volume=None, query_centre_lps=None, progress=None, cancelled=None):
         """The Python console's call: fetch the matches' series (cache, site folder, or IDC) and show them
         beside the query; returns the views and their links."""
-        job = self.start_fetch(hits, progress)
-        while not job.poll(0.05):
-            if cancelled is not None and cancelled():
-                job.cancel()
-        return self.show_matches(hits, job.result(), query_volume, query_centre_lps)
+        files = self.start_fetch(hits, progress).wait(cancelled)["files"]
+        return self.show_matches(hits, files, query_volume, query_centre_lps)
 
     def cache_info(self) -> str:
         """Where the data lives and how much the downloaded series take."""
@@ -511,11 +522,11 @@ class ModuleLogic:
         self._image_key = None
 
     def cleanup(self) -> None:
-        """End the worker and remove this session's thumbnails (module reload, Slicer closing)."""
+        """End the workers and remove this session's thumbnails (module reload, Slicer closing)."""
         self.scene_closed()
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+        for worker in self._workers.values():
+            worker.stop()
+        self._workers = {}
         if self._thumbnails is not None:
             shutil.rmtree(self._thumbnails, ignore_errors=True)
             self._thumbnails = None
@@ -536,12 +547,6 @@ def tumor_marks(node, segment_id=None) -> dict:
 
 def _uids(hits) -> list:
     return hits.SeriesInstanceUID.dropna().tolist() if "SeriesInstanceUID" in hits else []
-
-
-def _folder_index(folder: str):
-    from ..idc.download import DicomFolderIndex
-
-    return DicomFolderIndex(folder)
 
 
 def _dicom_database():

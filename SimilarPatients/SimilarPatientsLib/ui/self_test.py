@@ -44,11 +44,14 @@ def neighbors_through_logic(make_logic=None) -> None:
         )
         ReferenceStore(home).write("selftest", schema.from_frame(frame), "self-test")
         logic = make_logic(home)
-        check(logic.references() == ["selftest"], f"references: {logic.references()}")
-        check(logic.models("selftest") == ["M"], "models")
-        hits = logic.neighbors("selftest", "M", "P3", k=4)
-        check(len(hits) == 4 and "P3" not in set(hits.PatientID), "four other patients")
-        check(hits.distance.is_monotonic_increasing, "ranked by distance")
+        try:
+            check(logic.references() == ["selftest"], f"references: {logic.references()}")
+            check(logic.models("selftest") == ["M"], "models")
+            hits = logic.neighbors("selftest", "M", "P3", k=4)  # searched by the worker
+            check(len(hits) == 4 and "P3" not in set(hits.PatientID), "four other patients")
+            check(hits.distance.is_monotonic_increasing, "ranked by distance")
+        finally:
+            logic.cleanup()
     logging.info("SimilarPatients self-test: search by patient passed")
 
 
