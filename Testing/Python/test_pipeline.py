@@ -184,6 +184,23 @@ def test_idc_annotations_become_lesions_with_seg_segments_and_sr_box_centres(col
         np.testing.assert_allclose(got, p["box_centre"], atol=1e-6)
 
 
+def test_a_build_counts_as_added_or_replaced_only_the_lesions_it_embedded_not_its_dead_letters(
+    collection, tmp_path, home
+):
+    root, patients = collection
+    out, source = tmp_path / "out", SeriesSource.local(root)
+    frame = _manifest([patients[0], patients[-1]])  # P0's seed and SEG; P9's series is damaged: a dead letter
+    result = build_references(lesions_from_frame(frame), ["TumorDescriptor"], out, source)
+    assert (result.embedded, result.dead, result.added, result.replaced) == (2, 1, 2, 0)
+    moved = frame.copy()
+    at = moved.index[(moved.PatientID == "P0") & (moved.lesion_id == "seed")]
+    moved.loc[at, ["seed_x", "seed_y"]] += 17.0  # the same lesion id, now off the tumor: rebuilt, and it fails
+    again = build_references(lesions_from_frame(moved), ["TumorDescriptor"], out, source)
+    assert (again.embedded, again.dead, again.added, again.replaced, again.kept) == (0, 2, 0, 0, 1)
+    record = shards.read_record(str(out))
+    assert (record["embedded"], record["dead"], record["added"], record["replaced"]) == (0, 2, 0, 0)
+
+
 @pytest.mark.slow
 def test_the_cli_builds_from_a_manifest_with_beam_options_and_reports_dead_letters(collection, tmp_path, home, capsys):
     root, patients = collection

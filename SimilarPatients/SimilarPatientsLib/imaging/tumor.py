@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
-from .ct_image import is_dicom_file, read_image_file
+from .ct_image import is_dicom_file, read_image_file, snap_geometry
 
 
 @dataclass
@@ -63,7 +63,7 @@ def from_binary_mask(mask) -> Tumor:
 
     if mask.GetDimension() != 3:
         raise SimilarPatientsError(f"The mask is {mask.GetDimension()}D; it must be a 3D volume.")
-    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    mask = snap_geometry(sitk.Cast(mask > 0, sitk.sitkUInt8))  # as the CT's: read_ct snaps it the same way
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(mask)
     if not shape.HasLabel(1):

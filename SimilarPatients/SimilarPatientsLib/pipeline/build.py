@@ -31,6 +31,7 @@ from typing import Protocol
 from ..errors import SimilarPatientsError
 from ..models import registry
 from ..models import weights as model_weights
+from ..references import schema
 from ..util import files
 from ..util.optional import optional_import
 from . import shards
@@ -124,6 +125,13 @@ class Plan:
     replaced: int
     stale: dict  #: shard -> the row keys to drop from it (None: drop the whole shard)
     removed: int
+    rebuilt: set = field(default_factory=set)  #: (patient, lesion, model) of the ``replaced`` pairs
+
+    def built(self, dead: Sequence[dict]) -> tuple[int, int]:
+        """(added, replaced): the pairs to embed that were embedded, not dead-lettered."""
+        failed = {(d[schema.PATIENT], d[schema.LESION], d[schema.MODEL]) for d in dead}
+        lost = len(failed & self.rebuilt)
+        return self.added - (len(failed) - lost), self.replaced - lost
 
 
 def plan(lesions: Sequence[Lesion], models: dict, out: str) -> Plan:
@@ -143,18 +151,18 @@ def plan(lesions: Sequence[Lesion], models: dict, out: str) -> Plan:
                 stale.setdefault(shard, set()).add((model, recipe, patient, lesion))
                 removed += (patient, lesion) not in wanted or model not in models
     was_built = {(*key[2:], key[0]) for shard in stale for key in (stale[shard] or ())}
-    todo, kept, added, replaced = {}, 0, 0, 0
+    todo, kept, added, rebuilt = {}, 0, 0, set()
     for lesion in lesions:
         missing = tuple(m for m, recipe in models.items() if lesion.key(m, recipe.name) not in rows)
         kept += len(models) - len(missing)
         for model in missing:
             if (lesion.patient, lesion.lesion, model) in was_built:
-                replaced += 1
+                rebuilt.add((lesion.patient, lesion.lesion, model))
             else:
                 added += 1
         if missing:
             todo.setdefault(lesion.source, []).append((lesion, missing))
-    return Plan(todo, kept, added, replaced, stale, removed)
+    return Plan(todo, kept, added, len(rebuilt), stale, removed, rebuilt)
 
 
 def build_references(
@@ -222,15 +230,15 @@ def build_references(
             run = _run(planned.todo, pairs, recipes, out, build, series, runner, beam_args, weights, accept_licence)
             result = run(device, batch_size, precision)
             result.skipped, result.build = planned.kept, build
-        result.added, result.replaced, result.removed = planned.added, planned.replaced, planned.removed
+        (result.added, result.replaced), result.removed = planned.built(shards.read_dead_letters(out)), planned.removed
         shards.remove_temporaries(out)
         record.update(
             status="complete",
             finished=_now(),
             embedded=result.embedded,
             dead=result.dead,
-            added=planned.added,
-            replaced=planned.replaced,
+            added=result.added,
+            replaced=result.replaced,
             removed=planned.removed,
             missing=pairs - result.embedded,
         )
