@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..search import filters
-from ..search.fusion import FUSION_DEPTH, check_fusion, fuse
+from ..search.fusion import FUSION_DEPTH, check_fusion, fuse, mean_closeness
 from ..search.nearest import check_queries, exact_distances
 from . import schema
 from .hits import HIT_COLUMNS
@@ -238,13 +238,13 @@ def rank_labels(hits: pd.DataFrame, depth: int = FUSION_DEPTH) -> pd.DataFrame:
 
 def hit_closeness(reference, hits: pd.DataFrame, metric: str) -> np.ndarray:
     """The "closer than N%" a person reads beside each hit: the hit's distance placed on its model's
-    distribution of nearest-match distances; for a fused hit, the mean of that over the fused models (a
-    model that lacks the patient or drops it by a filter counts 0, as in percentile fusion). NaN for a
+    distribution of nearest-match distances; for a fused hit, percentile fusion's score
+    (:func:`~..search.fusion.mean_closeness`). NaN for a
     reference that does not measure the distribution (BigQuery)."""
     if not hasattr(reference, "closeness") or not len(hits):
         return np.full(len(hits), np.nan)
     models = fused_rank_models(hits)
     if models:
         columns = [CLOSENESS_PREFIX + m for m in models]
-        return np.nan_to_num(hits[columns].to_numpy(dtype=np.float64), nan=0.0).mean(axis=1)
+        return mean_closeness(hits[columns].to_numpy(dtype=np.float64), axis=1)
     return reference.closeness(str(hits[schema.MODEL].iloc[0]), metric, hits["distance"].to_numpy(dtype=np.float64))
