@@ -239,12 +239,14 @@ def rank_labels(hits: pd.DataFrame, depth: int = FUSION_DEPTH) -> pd.DataFrame:
 def hit_closeness(reference, hits: pd.DataFrame, metric: str) -> np.ndarray:
     """The "closer than N%" a person reads beside each hit: the hit's distance placed on its model's
     distribution of nearest-match distances; for a fused hit, percentile fusion's score
-    (:func:`~..search.fusion.mean_closeness`). NaN for a
-    reference that does not measure the distribution (BigQuery)."""
+    (:func:`~..search.fusion.mean_closeness`). NaN where no distribution was measured: a reference of one
+    patient, or one that does not measure it (BigQuery)."""
     if not hasattr(reference, "closeness") or not len(hits):
         return np.full(len(hits), np.nan)
     models = fused_rank_models(hits)
     if models:
         columns = [CLOSENESS_PREFIX + m for m in models]
-        return mean_closeness(hits[columns].to_numpy(dtype=np.float64), axis=1)
+        measured = hits[columns].to_numpy(dtype=np.float64)
+        unknown = np.isnan(measured).all(axis=1)  # no model measured it: a reference of one patient
+        return np.where(unknown, np.nan, mean_closeness(measured, axis=1))
     return reference.closeness(str(hits[schema.MODEL].iloc[0]), metric, hits["distance"].to_numpy(dtype=np.float64))
