@@ -104,7 +104,7 @@ def search_fused(
             f"Percentile fusion needs each model's distribution of nearest-match distances, which "
             f"'{reference.name}' does not measure (a BigQuery table); fuse with --fusion rrf instead."
         )
-    depth = max(int(depth), int(k))
+    depth = checked_depth(reference, depth, k)
     lists = {}
     for i, model in enumerate(models):
         report(progress, i, len(models), f"searching with {model}")
@@ -130,6 +130,19 @@ def search_fused(
     fused = fuse(ranks, closeness, fusion, depth)
     chosen = [i for i in fused.order[:k] if fused.listed[i] > 0]
     return _hit_table(reference, models, lists, candidates, chosen, ranks, distances, closeness, fused, fusion)
+
+
+def checked_depth(reference, depth: int, k: int) -> int:
+    """The patients each model's search asks for (``depth``, at least ``k``), refused by its own name where
+    the reference caps one search (a BigQuery table)."""
+    most = getattr(reference, "max_k", None)
+    asked = max(int(depth), int(k))
+    if most is not None and asked > most:
+        raise SimilarPatientsError(
+            f"The fusion depth (--depth, the patients each model's search asks for) is at most {most:,} on "
+            f"{reference.name}; got {asked}."
+        )
+    return asked
 
 
 def _queries(reference, model: str, embeddings, patient) -> np.ndarray:
