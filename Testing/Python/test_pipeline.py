@@ -714,3 +714,24 @@ def test_a_lesion_whose_embedding_would_be_nan_is_a_dead_letter_not_a_row(tmp_pa
     table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(out))], ignore_index=True)
     assert table[["PatientID", "model"]].values.tolist() == [["good", "TumorDescriptor"]]
     assert np.isfinite(np.stack(table.embedding)).all()
+
+
+def test_an_option_neither_the_build_nor_beam_knows_is_refused_naming_the_close_one(tmp_path, home, capsys):
+    """Beam drops an option it does not know with a log line: a misspelt --dicom-folder would build
+    without the folder, downloading from IDC instead."""
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"PatientID": ["P0"], "SeriesInstanceUID": ["1.2.3"], "seed_x": [0.0], "seed_y": [0.0]}).assign(
+        seed_z=0.0
+    ).to_csv(manifest, index=False)
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--dicom-foldr", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "error: Unknown option --dicom-foldr; did you mean --dicom-folder?" in captured.err
+    assert "Discarding unparseable args" not in captured.err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # refused before anything ran
+    with pytest.raises(
+        SimilarPatientsError, match=r"Unknown option --direct_num_worker; did you mean --direct_num_workers"
+    ):
+        build_references(
+            read_manifest(manifest), ["TumorDescriptor"], tmp_path / "o", beam_args=["--direct_num_worker=2"]
+        )

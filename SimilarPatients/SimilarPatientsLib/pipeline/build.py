@@ -17,6 +17,7 @@ time (a lock), and the record ``_build.json`` says whether the last one complete
 from __future__ import annotations
 
 import datetime
+import difflib
 import gzip
 import json
 import logging
@@ -85,6 +86,32 @@ class BigQueryShardLoader:
             del reference  # its reader lock goes before its folder does
         for note in result.notes:
             log.info("BigQuery load of %s: %s", destination.path, note)
+
+
+def check_beam_options(beam_args: Sequence[str], ours: Sequence[str] = ()) -> None:
+    """Refuse an option Beam's own parser does not know (Beam would drop it with a log line, and a misspelt
+    ``--dicom-foldr`` would build without the folder), naming the closest of ``ours`` and Beam's options."""
+    beam = optional_import("apache_beam", "pipeline")
+    options = beam.options.pipeline_options
+    quiet = logging.getLogger(options.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "Discarding unparseable args" line: the refusal below says it
+    try:
+        known = options.PipelineOptions(list(beam_args)).get_all_options()
+        every = options.PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
+    finally:
+        quiet.setLevel(level)
+    unknown = set(every) - set(known)
+    for arg in beam_args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("-") and name.lstrip("-").replace("-", "_") in unknown:
+            choices = [*ours, *(f"--{option}" for option in known)]
+            close = difflib.get_close_matches(name, choices, n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]}?" if close else "."
+            raise SimilarPatientsError(
+                f"Unknown option {name}{hint} It is neither `index build`'s nor Beam's (Beam would drop it and "
+                f"build without it)."
+            )
 
 
 def bigquery_loader(billing_project: str | None = None, create_index: bool = False) -> TableLoader:
@@ -191,6 +218,7 @@ def build_references(
     """
     if runner not in RUNNERS:
         raise SimilarPatientsError(f"Unknown runner '{runner}'; use one of {', '.join(RUNNERS)}.")
+    check_beam_options(beam_args)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SimilarPatientsError(
             f"--batch-size is the crops per forward pass: a whole number of 1 or more, not {batch_size!r}."
