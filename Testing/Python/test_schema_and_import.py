@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -335,3 +336,13 @@ def test_labels_that_differ_between_one_patients_lesions_are_imported_and_said(h
     ]
     lesions = reference.lesions("A")
     assert lesions.loc[lesions.PatientID == "P001", "sex"].tolist() == ["F", "M"]  # each lesion its own value
+
+
+@pytest.mark.parametrize("model", ["all", "ALL", " All models (fused) ", "fused"])
+def test_a_model_named_like_the_fused_search_is_refused_at_import(home, tmp_path, model):
+    from SimilarPatientsLib.references import fused
+
+    assert {fused.ALL, fused.FUSED_CHOICE, fused.FUSED_MODEL} == set(schema.RESERVED_MODELS)
+    frame = synthetic_frame(n_patients=4, models=("A", model))
+    said = rf"The model name '{re.escape(model.strip())}' is reserved: a search reads it as every model fused"
+    _refused(frame, said, tmp_path, home)
