@@ -4,6 +4,7 @@ the dead letters while the others are built, and a re-run adds nothing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -578,7 +579,7 @@ def test_weights_that_cannot_be_fetched_give_one_clean_line_before_beam_starts(c
     assert err.startswith("error: The weights file for CTFM") and "Traceback" not in err
 
 
-def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(collection, tmp_path, home, capsys):
+def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(collection, tmp_path, home, capsys, caplog):
     import subprocess
 
     root, patients = collection
@@ -607,9 +608,11 @@ def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(coll
             "--dicom-folder",
             str(root),
         ]
-        assert main([*argv, "--out", str(disk / "out")]) == 2
+        with caplog.at_level(logging.WARNING):  # what a user's terminal shows of the libraries' logs
+            assert main([*argv, "--out", str(disk / "out")]) == 2
         err = capsys.readouterr().err
         assert "The disk filled up during the build" in err and "RuntimeError" not in err and "Traceback" not in err
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert shards.read_record(str(disk / "out"))["status"] == "running"  # an import would refuse it
         (disk / "filler").unlink()
         assert main([*argv, "--out", str(disk / "out")]) == 0
@@ -735,3 +738,40 @@ def test_an_option_neither_the_build_nor_beam_knows_is_refused_naming_the_close_
         build_references(
             read_manifest(manifest), ["TumorDescriptor"], tmp_path / "o", beam_args=["--direct_num_worker=2"]
         )
+
+
+@pytest.fixture
+def no_cloud(monkeypatch, tmp_path):
+    """No Cloud Storage emulator, no credentials anywhere (no key file, no gcloud login, no metadata server)."""
+    from SimilarPatientsLib.util import cloud_access
+
+    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    cloud_access.check.cache_clear()
+    yield cloud_access
+    cloud_access.check.cache_clear()
+
+
+def test_gs_without_credentials_or_offline_is_one_clear_error_at_once(no_cloud, tmp_path, home, capsys, monkeypatch):
+    import time
+
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"PatientID": ["P0"], "SeriesInstanceUID": ["1.2.3"], "seed_x": [0.0], "seed_y": [0.0]}).assign(
+        seed_z=0.0
+    ).to_csv(manifest, index=False)
+    started = time.perf_counter()
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", "gs://bucket/x"]
+    assert main(argv) == 2
+    assert "error: No Google Cloud credentials were found for Cloud Storage (gs://). Run `gcloud auth" in (
+        capsys.readouterr().err
+    )
+    google_auth = pytest.importorskip("google.auth")
+    monkeypatch.setattr(google_auth, "default", lambda *a, **k: (object(), "project"))  # credentials, but offline
+    monkeypatch.setattr(no_cloud, "ENDPOINT", "https://127.0.0.1:9/")
+    no_cloud.check.cache_clear()
+    assert main(["references", "import", "x", "--source", "gs://bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Cannot reach Google Cloud Storage (https://127.0.0.1:9/) within 10 s: this machine is offline" in err
+    assert "Traceback" not in err and time.perf_counter() - started < 20

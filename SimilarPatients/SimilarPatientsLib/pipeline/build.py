@@ -16,6 +16,7 @@ time (a lock), and the record ``_build.json`` says whether the last one complete
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import gzip
@@ -436,8 +437,9 @@ def _run(todo, pairs, recipes, out, build, series, runner, beam_args, weights, a
         )
         before = set(shards.shard_files(out))
         try:
-            state = pipeline.run()
-            state.wait_until_finish()
+            with _beam_errors_held():
+                state = pipeline.run()
+                state.wait_until_finish()
         except Exception as error:  # a worker's error, as Beam wraps it
             raise stages.explained(error, out) from None
         finally:
@@ -445,6 +447,45 @@ def _run(todo, pairs, recipes, out, build, series, runner, beam_args, weights, a
         return _result(state, stages, out, before)
 
     return run
+
+
+class _HeldErrors(logging.Handler):
+    """Beam's log records during a run: ERROR and above held, the rest passed on to the root logger's
+    handlers as they would have gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.held.append(record)
+        else:
+            logging.getLogger().handle(record)
+
+
+@contextlib.contextmanager
+def _beam_errors_held():
+    """Beam logs a failing bundle's error with its traceback before it raises it; the build says that
+    failure in one line (:func:`stages.explained`), so the user does not read it twice, once as a
+    traceback. Held records go to this module's debug log when the run fails, and out as they came when
+    it succeeds."""
+    beam_log = logging.getLogger("apache_beam")
+    holder, propagate = _HeldErrors(), beam_log.propagate
+    beam_log.addHandler(holder)
+    beam_log.propagate = False
+    try:
+        yield
+    except BaseException:
+        for record in holder.held:
+            log.debug("Beam logged, before the failure: %s", record.getMessage())
+        raise
+    else:
+        for record in holder.held:
+            logging.getLogger().handle(record)
+    finally:
+        beam_log.removeHandler(holder)
+        beam_log.propagate = propagate
 
 
 def _result(state, stages, out: str, before: set) -> BuildResult:
