@@ -738,6 +738,10 @@ def test_an_option_neither_the_build_nor_beam_knows_is_refused_naming_the_close_
         build_references(
             read_manifest(manifest), ["TumorDescriptor"], tmp_path / "o", beam_args=["--direct_num_worker=2"]
         )
+    from SimilarPatientsLib.pipeline.build import check_beam_options
+
+    with pytest.raises(SimilarPatientsError, match=r"Beam cannot read its options \(--direct_num_workers=abc\)"):
+        check_beam_options(["--direct_num_workers=abc"])  # argparse's exit, as our error
 
 
 @pytest.fixture

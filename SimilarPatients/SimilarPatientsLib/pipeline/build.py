@@ -100,6 +100,10 @@ def check_beam_options(beam_args: Sequence[str], ours: Sequence[str] = ()) -> No
     try:
         known = options.PipelineOptions(list(beam_args)).get_all_options()
         every = options.PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
+    except SystemExit:  # Beam's parser refused a value (``--direct_num_workers=abc``), printing its usage
+        raise SimilarPatientsError(
+            f"Beam cannot read its options ({' '.join(beam_args)}); its message is above."
+        ) from None
     finally:
         quiet.setLevel(level)
     unknown = set(every) - set(known)
