@@ -98,11 +98,11 @@ class ParquetTable:
                 i = int(np.flatnonzero(differ)[0])
                 ends = np.cumsum(self._sizes)
                 shard = [self.files[int(np.searchsorted(ends, r, side="right"))].name for r in (firsts[i], rows[i])]
+                values = f"{_plain(first[i])!r} in {shard[0]}, {_plain(again[i])!r} in {shard[1]}"
                 raise SimilarPatientsError(
                     f"Lesion {tuple(self._keys.iloc[rows[i]])} is in the shards of {self.where} twice with different "
-                    f"'{column}': {first[i]!r} in {shard[0]}, {again[i]!r} in {shard[1]} ({int(differ.sum())} "
-                    f"lesion(s) differ so); which is right the shards do not say. Remove the shards of one of the "
-                    f"builds, or correct the labels and build again."
+                    f"'{column}': {values} ({int(differ.sum())} lesion(s) differ so); which is right the shards do "
+                    f"not say. Remove the shards of one of the builds, or correct the labels and build again."
                 )
 
     @property
@@ -213,6 +213,11 @@ def _concat(parts: list, files: list) -> pa.Table:
                 f"it as numbers, another as text (or another kind): write it with one type in every shard."
             ) from None
     raise SimilarPatientsError(f"The shards cannot be read as one table: {failure}") from failure
+
+
+def _plain(value):
+    """A cell as a person reads it in a message (3.5, not np.float64(3.5))."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _vector(value: pa.Scalar):
