@@ -383,6 +383,11 @@ def test_contract_cli_prints_each_models_statement_of_a_fused_search(nlst_home, 
     assert main([*argv, "--print-sql", "--depth", "30"]) == 0
     printed = capsys.readouterr().out
     assert "-- CTFM" in printed and "-- Merlin" in printed and printed.count("LIMIT 30") == 2
+    for asked in ([], ["--print-sql"]):  # the depth is refused by its own name, not as "k" (-k was 5)
+        assert main([*argv, *asked, "--depth", "20000"]) == 2
+        assert "The fusion depth (--depth, the patients each model's search asks for) is at most 10,000" in (
+            capsys.readouterr().err
+        )
     assert len(server.jobs) == jobs
 
 

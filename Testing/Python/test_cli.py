@@ -188,3 +188,23 @@ def test_a_figure_format_that_cannot_be_written_is_refused_before_the_work(on_nl
     assert main(argv) == 2
     assert "name it .png, .pdf or .svg" in capsys.readouterr().err
     assert not (tmp_path / "map.html").exists()
+
+
+def test_a_control_character_in_an_id_or_label_cannot_split_the_human_table(home, tmp_path, capsys):
+    from conftest import synthetic_frame
+
+    frame = synthetic_frame(n_patients=6, lesions=(1, 1))
+    frame.loc[frame.PatientID == "P001", "PatientID"] = "P001\n2  0.000001  1"  # would read as another hit
+    frame.loc[frame.PatientID == "P002", "histology"] = "adeno\rsquamous\x1b[2J"
+    frame.to_parquet(tmp_path / "ref.parquet")
+    assert main(["references", "import", "odd", "--source", str(tmp_path / "ref.parquet")]) == 0
+    capsys.readouterr()
+    argv = ["neighbors", "--reference", "odd", "--model", "A", "--patient", "P000", "-k", "5"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 1 + 5 + 1  # the heading, the columns, one line per hit, how it searched
+    assert any("P001\\n2  0.000001  1" in line for line in lines)
+    assert any("adeno\\rsquamous\\x1b[2J" in line for line in lines) and not any("\x1b" in line for line in lines)
+    assert main([*argv, "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert {"P001\n2  0.000001  1", "P002"} <= {h["PatientID"] for h in hits}  # the values, exact

@@ -17,7 +17,7 @@ from SimilarPatientsLib.evaluation import report, run
 from SimilarPatientsLib.evaluation.tasks import Task
 from SimilarPatientsLib.references import FUSED_CHOICE, fusion_default, fusion_verdict, hit_closeness, rank_labels
 from SimilarPatientsLib.references.fused import fused_models, is_fused
-from SimilarPatientsLib.search.fusion import RRF_CONSTANT, closeness_percent, fuse
+from SimilarPatientsLib.search.fusion import RRF_CONSTANT, closeness_percent, fuse, mean_closeness
 
 GROUP = Task("group", "group", positive=("pos",), negative=("neg",), description="planted group")
 CENTROID = ("centroid",)
@@ -160,6 +160,26 @@ def test_ranks_beyond_the_depth_are_shown_with_their_distance(two_models):
     own_b = two_models.search("B", embeddings=vector["B"], k=60).set_index("PatientID")
     np.testing.assert_allclose(beyond.distance_B, own_b.loc[beyond.PatientID, "distance"])
     assert (own_b.loc[beyond.PatientID, "rank"] > 20).all()
+
+
+def test_percentile_fusion_keeps_the_measured_percentile_beyond_a_models_depth(two_models):
+    """The one rule (search/fusion.py): beyond a model's depth its measured percentile counts, not 0; only a
+    model that lacks the patient counts 0; the closeness shown beside a fused hit is the same mean."""
+    # candidates 0 and 1 both listed by model 0 only; model 1 ranks candidate 0 beyond the depth of 2 and
+    # measured it (80%), and lacks candidate 1
+    ranks = np.array([[1, 2, 0], [5, 0, 1]])
+    closeness = np.array([[90.0, 95.0, 10.0], [80.0, np.nan, 99.0]])
+    fused = fuse(ranks, closeness, "percentile", depth=2)
+    np.testing.assert_allclose(fused.scores, [85.0, 47.5, 54.5])
+    assert fused.order.tolist() == [0, 2, 1]
+    np.testing.assert_allclose(mean_closeness(closeness), fused.scores)
+
+    vector = {m: two_models.patient_embeddings(m, "P010").vectors for m in ("A", "B")}
+    vector["A"] = two_models.patient_embeddings("A", "P007").vectors  # P007: A's nearest, not in B
+    hits = two_models.search_fused(vector, k=10, depth=10, fusion="percentile")
+    assert (hits.rank_B.isna() & hits.closer_than_B.notna()).any()  # some hits beyond B's depth, measured
+    np.testing.assert_allclose(hits.fused_score, hits[["closer_than_A", "closer_than_B"]].fillna(0).mean(axis=1))
+    np.testing.assert_allclose(hit_closeness(two_models, hits, "cosine"), hits.fused_score)
 
 
 def test_hit_closeness_of_fused_hits_is_the_mean_of_the_models(two_models):

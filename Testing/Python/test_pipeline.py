@@ -4,6 +4,7 @@ the dead letters while the others are built, and a re-run adds nothing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -182,6 +183,23 @@ def test_idc_annotations_become_lesions_with_seg_segments_and_sr_box_centres(col
     for p in patients[:-1]:
         got = table.loc[p["patient"], ["center_x", "center_y", "center_z"]].to_numpy(dtype=float)
         np.testing.assert_allclose(got, p["box_centre"], atol=1e-6)
+
+
+def test_a_build_counts_as_added_or_replaced_only_the_lesions_it_embedded_not_its_dead_letters(
+    collection, tmp_path, home
+):
+    root, patients = collection
+    out, source = tmp_path / "out", SeriesSource.local(root)
+    frame = _manifest([patients[0], patients[-1]])  # P0's seed and SEG; P9's series is damaged: a dead letter
+    result = build_references(lesions_from_frame(frame), ["TumorDescriptor"], out, source)
+    assert (result.embedded, result.dead, result.added, result.replaced) == (2, 1, 2, 0)
+    moved = frame.copy()
+    at = moved.index[(moved.PatientID == "P0") & (moved.lesion_id == "seed")]
+    moved.loc[at, ["seed_x", "seed_y"]] += 17.0  # the same lesion id, now off the tumor: rebuilt, and it fails
+    again = build_references(lesions_from_frame(moved), ["TumorDescriptor"], out, source)
+    assert (again.embedded, again.dead, again.added, again.replaced, again.kept) == (0, 2, 0, 0, 1)
+    record = shards.read_record(str(out))
+    assert (record["embedded"], record["dead"], record["added"], record["replaced"]) == (0, 2, 0, 0)
 
 
 @pytest.mark.slow
@@ -561,7 +579,7 @@ def test_weights_that_cannot_be_fetched_give_one_clean_line_before_beam_starts(c
     assert err.startswith("error: The weights file for CTFM") and "Traceback" not in err
 
 
-def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(collection, tmp_path, home, capsys):
+def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(collection, tmp_path, home, capsys, caplog):
     import subprocess
 
     root, patients = collection
@@ -590,9 +608,11 @@ def test_a_full_disk_during_a_build_is_one_clear_error_and_a_rerun_finishes(coll
             "--dicom-folder",
             str(root),
         ]
-        assert main([*argv, "--out", str(disk / "out")]) == 2
+        with caplog.at_level(logging.WARNING):  # what a user's terminal shows of the libraries' logs
+            assert main([*argv, "--out", str(disk / "out")]) == 2
         err = capsys.readouterr().err
         assert "The disk filled up during the build" in err and "RuntimeError" not in err and "Traceback" not in err
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert shards.read_record(str(disk / "out"))["status"] == "running"  # an import would refuse it
         (disk / "filler").unlink()
         assert main([*argv, "--out", str(disk / "out")]) == 0
@@ -697,3 +717,65 @@ def test_a_lesion_whose_embedding_would_be_nan_is_a_dead_letter_not_a_row(tmp_pa
     table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(out))], ignore_index=True)
     assert table[["PatientID", "model"]].values.tolist() == [["good", "TumorDescriptor"]]
     assert np.isfinite(np.stack(table.embedding)).all()
+
+
+def test_an_option_neither_the_build_nor_beam_knows_is_refused_naming_the_close_one(tmp_path, home, capsys):
+    """Beam drops an option it does not know with a log line: a misspelt --dicom-folder would build
+    without the folder, downloading from IDC instead."""
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"PatientID": ["P0"], "SeriesInstanceUID": ["1.2.3"], "seed_x": [0.0], "seed_y": [0.0]}).assign(
+        seed_z=0.0
+    ).to_csv(manifest, index=False)
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--dicom-foldr", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "error: Unknown option --dicom-foldr; did you mean --dicom-folder?" in captured.err
+    assert "Discarding unparseable args" not in captured.err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # refused before anything ran
+    with pytest.raises(
+        SimilarPatientsError, match=r"Unknown option --direct_num_worker; did you mean --direct_num_workers"
+    ):
+        build_references(
+            read_manifest(manifest), ["TumorDescriptor"], tmp_path / "o", beam_args=["--direct_num_worker=2"]
+        )
+    from SimilarPatientsLib.pipeline.build import check_beam_options
+
+    with pytest.raises(SimilarPatientsError, match=r"Beam cannot read its options \(--direct_num_workers=abc\)"):
+        check_beam_options(["--direct_num_workers=abc"])  # argparse's exit, as our error
+
+
+@pytest.fixture
+def no_cloud(monkeypatch, tmp_path):
+    """No Cloud Storage emulator, no credentials anywhere (no key file, no gcloud login, no metadata server)."""
+    from SimilarPatientsLib.util import cloud_access
+
+    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    cloud_access.check.cache_clear()
+    yield cloud_access
+    cloud_access.check.cache_clear()
+
+
+def test_gs_without_credentials_or_offline_is_one_clear_error_at_once(no_cloud, tmp_path, home, capsys, monkeypatch):
+    import time
+
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"PatientID": ["P0"], "SeriesInstanceUID": ["1.2.3"], "seed_x": [0.0], "seed_y": [0.0]}).assign(
+        seed_z=0.0
+    ).to_csv(manifest, index=False)
+    started = time.perf_counter()
+    argv = ["index", "build", "--manifest", str(manifest), "--model", "TumorDescriptor", "--out", "gs://bucket/x"]
+    assert main(argv) == 2
+    assert "error: No Google Cloud credentials were found for Cloud Storage (gs://). Run `gcloud auth" in (
+        capsys.readouterr().err
+    )
+    google_auth = pytest.importorskip("google.auth")
+    monkeypatch.setattr(google_auth, "default", lambda *a, **k: (object(), "project"))  # credentials, but offline
+    monkeypatch.setattr(no_cloud, "ENDPOINT", "https://127.0.0.1:9/")
+    no_cloud.check.cache_clear()
+    assert main(["references", "import", "x", "--source", "gs://bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Cannot reach Google Cloud Storage (https://127.0.0.1:9/) within 10 s: this machine is offline" in err
+    assert "Traceback" not in err and time.perf_counter() - started < 20

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from conftest import store_frame, synthetic_frame
 from SimilarPatientsLib import ImageQuery, ReferenceStore, SimilarPatientsError, query_image
 from SimilarPatientsLib.cli import main
+from SimilarPatientsLib.imaging.ct_image import read_ct
 from SimilarPatientsLib.imaging.tumor import from_binary_mask
 from SimilarPatientsLib.models.embedder import Embedder
 from SimilarPatientsLib.references import schema
@@ -195,7 +196,7 @@ def test_an_image_query_is_one_library_call(tumor_reference, tmp_path):
         "cosine",
     )
     assert result.crops[0].image.shape == (64, 64, 64) and result.crops[0].mask.any()
-    direct = Embedder("TumorDescriptor").embed(image, from_binary_mask(mask))[0]
+    direct = Embedder("TumorDescriptor").embed(read_ct(image), from_binary_mask(mask))[0]  # read as a query reads it
     np.testing.assert_array_equal(result.embeddings[0].vector, direct.vector)
     seconds = result.seconds
     assert min(seconds.read, seconds.crop, seconds.embed, seconds.search) > 0

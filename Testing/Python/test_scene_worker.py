@@ -216,3 +216,54 @@ def test_a_line_that_is_not_a_request_is_answered_with_an_error_and_the_worker_l
     assert messages[8] == "Unknown worker request '7'." and events[8]["id"] == 3
     assert all(e["event"] == "error" and e["id"] is None for e in events[:8])
     assert events[-1]["event"] == "result" and events[-1]["id"] == 4
+
+
+def test_a_one_patient_reference_answers_a_fused_image_query_and_its_preparation(client, setting, tmp_path):
+    """A query from a new image has a nearest patient even in a reference of one; only the closeness
+    ("closer than N% of nearest matches") has no distribution to read, and is left empty."""
+    import pandas as pd
+    from conftest import store_frame
+    from SimilarPatientsLib.imaging.tumor import from_binary_mask
+    from SimilarPatientsLib.models.embedder import Embedder
+
+    _, request = setting
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(5))
+    embedding = Embedder("TumorDescriptor").embed(image, from_binary_mask(mask))[0]
+    row = {"model": embedding.model, "recipe": embedding.recipe, "PatientID": "ONLY", "embedding": embedding.vector}
+    store_frame(pd.DataFrame([row]), tmp_path / "home", "one")
+    asked = {**request, "reference": "one", "home": str(tmp_path / "home")}
+    client.request("prepare", **{**asked, "model": "all"})
+    for model, fusion in (("all", "rrf"), ("all", "percentile"), ("TumorDescriptor", "rrf")):
+        hits = client.query(**{**asked, "model": model, "fusion": fusion})["hits"]
+        assert [h["PatientID"] for h in hits] == ["ONLY"] and hits[0]["closer_than"] is None
+
+
+def test_a_request_missing_a_field_is_answered_naming_the_field_not_as_a_key_error():
+    import json
+    import subprocess
+    import sys
+
+    from SimilarPatientsLib.scene import worker
+
+    requests = [
+        {"id": 1, "op": "query", "reference": "tumors"},
+        {"id": 2, "op": "prepare"},
+        {"id": 3, "op": "thumbnails", "folder": "/tmp", "series": [{"uid": "1.2"}]},
+        {"id": 4, "op": "thumbnails"},
+    ]
+    environment = dict(os.environ, PYTHONPATH=str(worker._PACKAGE.parent))
+    done = subprocess.run(
+        [sys.executable, "-m", "SimilarPatientsLib.scene.worker"],
+        input="".join(json.dumps(r) + "\n" for r in requests).encode(),
+        capture_output=True,
+        env=environment,
+        timeout=120,
+    )
+    messages = [json.loads(line)["message"] for line in done.stdout.decode("utf-8").splitlines()]
+    assert messages == [
+        "The worker's 'query' request lacks model; it needs reference, model.",
+        "The worker's 'prepare' request lacks reference, model; it needs reference, model.",
+        "The worker's 'thumbnails' request lacks series[].centre; it needs folder (and uid, centre in each series).",
+        "The worker's 'thumbnails' request lacks folder; it needs folder (and uid, centre in each series).",
+    ]
+    assert "KeyError" not in done.stderr.decode(errors="replace")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -252,6 +253,57 @@ def test_a_folder_of_parquet_shards_imports_as_one_table_and_a_lesion_with_two_v
         read_source(str(tmp_path / "shards")).table.load()
 
 
+def test_a_lesion_in_two_shards_with_the_same_vector_but_different_labels_is_refused_naming_both(tmp_path):
+    (tmp_path / "shards").mkdir()
+    for name, stage in (("embeddings-a.parquet", "IA"), ("embeddings-b.parquet", "IV")):
+        row = {
+            "model": "A",
+            "recipe": "r",
+            "PatientID": "P1",
+            "lesion_id": "1",
+            "stage": stage,
+            "embedding": [0.5, 1.0],
+        }
+        pd.DataFrame([row]).to_parquet(tmp_path / "shards" / name)
+    with pytest.raises(
+        SimilarPatientsError,
+        match=r"twice with different 'stage': 'IA' in embeddings-a.parquet, 'IV' in embeddings-b.parquet",
+    ):
+        read_source(str(tmp_path / "shards")).table.load()
+
+
+def test_shards_from_different_writers_unify_the_types_that_mean_the_same_and_refuse_the_rest(tmp_path):
+    (tmp_path / "shards").mkdir()
+    vectors = pa.array([[0.5, 1.0], [0.25, 1.0]], pa.list_(pa.float32()))
+    pandas_written = pd.DataFrame(  # pandas: large_string text, integer PatientIDs, an int64 label
+        {"model": ["A", "A"], "PatientID": [101, 102], "lesion_id": ["1", "1"], "size": [3, 4], "kind": ["x", "y"]}
+    )
+    table = pa.Table.from_pandas(pandas_written, preserve_index=False)
+    table = table.set_column(table.column_names.index("kind"), "kind", table.column("kind").cast(pa.large_string()))
+    pq.write_table(table.append_column("embedding", vectors), tmp_path / "shards" / "embeddings-a.parquet")
+    arrow_written = pa.table(  # pyarrow: string text, text PatientIDs, a double label
+        {
+            "model": ["A"],
+            "PatientID": ["P7"],
+            "lesion_id": ["1"],
+            "size": [2.5],
+            "kind": ["z"],
+            "embedding": vectors[:1],
+        }
+    )
+    pq.write_table(arrow_written, tmp_path / "shards" / "embeddings-b.parquet")
+    read = read_source(str(tmp_path / "shards")).table.load()
+    lesions = read.model_lesions("A")
+    assert sorted(lesions[schema.PATIENT]) == ["101", "102", "P7"]
+    assert sorted(lesions["size"]) == [2.5, 3.0, 4.0] and sorted(lesions["kind"]) == ["x", "y", "z"]
+    text = arrow_written.set_column(3, "size", pa.array(["large"]))  # a real conflict: numbers and text
+    pq.write_table(text, tmp_path / "shards" / "embeddings-b.parquet")
+    with pytest.raises(
+        SimilarPatientsError, match=r"The column 'size' has types that do not go together .*int64 in embeddings-a"
+    ):
+        read_source(str(tmp_path / "shards")).table.load()
+
+
 @pytest.mark.parametrize("name", [*schema.RESERVED, "Distance", "VIEWER_URL"])
 def test_a_label_named_like_a_computed_hit_column_is_refused_naming_it_and_the_reserved_list(home, tmp_path, name):
     frame = synthetic_frame().assign(**{name: 222.0})
@@ -284,3 +336,13 @@ def test_labels_that_differ_between_one_patients_lesions_are_imported_and_said(h
     ]
     lesions = reference.lesions("A")
     assert lesions.loc[lesions.PatientID == "P001", "sex"].tolist() == ["F", "M"]  # each lesion its own value
+
+
+@pytest.mark.parametrize("model", ["all", "ALL", " All models (fused) ", "fused"])
+def test_a_model_named_like_the_fused_search_is_refused_at_import(home, tmp_path, model):
+    from SimilarPatientsLib.references import fused
+
+    assert {fused.ALL, fused.FUSED_CHOICE, fused.FUSED_MODEL} == set(schema.RESERVED_MODELS)
+    frame = synthetic_frame(n_patients=4, models=("A", model))
+    said = rf"The model name '{re.escape(model.strip())}' is reserved: a search reads it as every model fused"
+    _refused(frame, said, tmp_path, home)

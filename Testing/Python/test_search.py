@@ -344,3 +344,12 @@ def test_a_filter_that_would_match_nothing_or_everything_is_refused_before_the_s
         nlst.search("CTFM", patient="100242", where=[field + term])
     with pytest.raises(SimilarPatientsError, match=message):  # the terms an evaluation task is made of
         filters.value_mask(nlst.lesions("CTFM")[field], [term])
+
+
+def test_a_label_whose_name_holds_a_space_can_be_filtered(tmp_path):
+    frame = synthetic_frame(n_patients=8, lesions=(1, 1))
+    frame["tumor size"] = np.arange(len(frame), dtype=float)
+    reference = _store_with(frame, tmp_path)
+    hits = reference.search("A", patient="P000", k=10, where=["tumor size>=3", " tumor size < 6"])
+    assert sorted(hits["tumor size"]) == [3.0, 4.0, 5.0]
+    assert filters.parse("tumor size!=2") == filters.FilterTerm("tumor size", "!=", ["2"])

@@ -21,6 +21,7 @@ def add(verbs) -> None:
         allow_abbrev=False,  # Beam's options pass through untouched
     )
     _build_options(build)
+    build.set_defaults(build_options=[name for action in build._actions for name in action.option_strings])
 
 
 def _build_options(build: argparse.ArgumentParser) -> None:
@@ -60,6 +61,7 @@ def run(args, beam_args: list[str]) -> int:
 
     require("pipeline")
     require("embed")
+    build.check_beam_options(beam_args, args.build_options)  # before anything is read
     weights = {}
     for item in args.weights:
         model, _, path = item.partition("=")

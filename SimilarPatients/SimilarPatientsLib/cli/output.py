@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,8 @@ import pandas as pd
 from ..references import fused, schema
 from ..search.fusion import FUSION_DEPTH
 
+#: Characters that would break a table's line or column: C0 and C1 controls, and the line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: Columns a person reads in a hit table; the rest are in --json.
 HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "distance", "lesions", schema.COLLECTION]
 
@@ -23,10 +26,17 @@ def table(frame: pd.DataFrame, digits: int = 6) -> str:
     if "distance" in cells:
         decimals = _decimals(frame["distance"], digits)
         cells["distance"] = frame["distance"].map(lambda d: f"{d:.{decimals}f}")
-    cells = cells.astype(str)
+    cells = cells.astype(str).apply(lambda column: column.map(_printable))
+    cells.columns = [_printable(str(c)) for c in cells.columns]
     widths = [max(len(str(c)), cells[c].str.len().max()) for c in cells.columns]
     lines = [[str(c) for c in cells.columns], *cells.to_numpy().tolist()]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths[:-1])) + "  " + line[-1] for line in lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters (a newline in a PatientID or a label) written as escapes
+    (``\\n``), so that one hit stays one line of the table; --json keeps the values exact."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _decimals(values: pd.Series, least: int) -> int:

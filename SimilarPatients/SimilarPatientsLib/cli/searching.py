@@ -77,7 +77,7 @@ def statement_only(args, reference, model: str, **query) -> bool:
     a fused search, each model's: it asks each model for its first --depth patients)."""
     if not (args.print_sql or args.dry_run):
         return False
-    k = max(args.k, args.depth) if fused.is_fused(model) else args.k
+    k = fused.checked_depth(reference, args.depth, args.k) if fused.is_fused(model) else args.k
     embeddings = query.pop("embeddings", None)
     for name in fused.fused_models(reference, model) if fused.is_fused(model) else [model]:
         if embeddings is not None:

@@ -38,6 +38,9 @@ class BigQueryReference(ReferenceManifest):
     ``check_recall``: when the index is used, run the same search comparing every row too (billed twice)
     and report the share of its patients the index found, in ``index_recall``."""
 
+    #: The most patients one search may ask for (a fused search asks each model for its depth).
+    max_k = sql.MAX_K
+
     def __init__(
         self,
         table: TableName | str,

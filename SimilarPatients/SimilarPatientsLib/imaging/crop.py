@@ -56,8 +56,16 @@ def check_inside(image, point: Sequence[float], what: str = "The point") -> None
 
 
 def _check_mask_geometry(image, mask) -> None:
-    """Refuse a mask with the CT's voxel grid size but another spacing, origin or direction: saved without the
-    CT's geometry (from an array: 1 mm voxels at the origin), it would place the tumor elsewhere in the CT."""
+    """Refuse a mask saved without the CT's geometry (from an array: 1 mm voxels at the origin), whatever its
+    size, and a mask with the CT's voxel grid size but another spacing, origin or direction: either would
+    place the tumor elsewhere in the CT."""
+    if _bare(mask) and not _bare(image):
+        raise SimilarPatientsError(
+            f"The mask has no geometry of its own (1 mm voxels at the origin, {' x '.join(map(str, mask.GetSize()))} "
+            f"voxels), but the CT has spacing {_mm(image.GetSpacing())} mm and origin {_mm(image.GetOrigin())} "
+            f"(LPS mm): it was saved without the CT's geometry (from an array), and its tumor would be placed "
+            f"elsewhere in the CT. Save the mask with the CT's spacing, origin and direction."
+        )
     if tuple(mask.GetSize()) != tuple(image.GetSize()):
         return  # a mask of its own extent (a cropped labelmap, a SEG's frames) is placed by its own geometry
     spacing, other_spacing = np.asarray(image.GetSpacing()), np.asarray(mask.GetSpacing())
@@ -76,6 +84,15 @@ def _check_mask_geometry(image, mask) -> None:
             f"({'; '.join(differ)}): it was saved without the CT's geometry, and its tumor would be placed "
             f"elsewhere in the CT. Save the mask with the CT's spacing, origin and direction."
         )
+
+
+def _bare(image) -> bool:
+    """Whether ``image`` has the geometry an array gets when saved without one: 1 mm voxels, origin 0, identity."""
+    return (
+        np.allclose(image.GetSpacing(), 1.0)
+        and np.allclose(image.GetOrigin(), 0.0)
+        and np.allclose(image.GetDirection(), np.eye(3).reshape(-1))
+    )
 
 
 def _mm(values) -> str:

@@ -41,7 +41,29 @@ def read_ct(source, check_hounsfield: bool = True):
             f"Hounsfield units; give the CT series."
         )
     validate_ct(image, where, check_hounsfield)
+    if isinstance(source, sitk.Image) and _rounded(image) != _geometry(image):
+        image = sitk.Image(source)  # the caller's image keeps its geometry
+    return snap_geometry(image)
+
+
+def snap_geometry(image):
+    """``image`` (changed in place) with its spacing, origin and direction rounded to float32, as NIfTI
+    stores them: the same CT read from NIfTI (a float32 header), NRRD or DICOM (float64 text) then has the
+    same geometry to the bit, and which crop voxels a mask marks (a voxel centre on the edge between two
+    of the mask's) does not depend on the file format."""
+    spacing, origin, direction = _rounded(image)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
     return image
+
+
+def _geometry(image) -> list:
+    return [list(image.GetSpacing()), list(image.GetOrigin()), list(image.GetDirection())]
+
+
+def _rounded(image) -> list:
+    return [[float(v) for v in np.asarray(values, dtype=np.float32)] for values in _geometry(image)]
 
 
 def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) -> None:
@@ -90,7 +112,7 @@ def read_image_file(path: Path, what: str = "an image"):
     check_whole(Path(path))
     try:
         with itk_warnings(str(path)):
-            return sitk.ReadImage(str(path))
+            return snap_geometry(sitk.ReadImage(str(path)))
     except RuntimeError as error:
         raise SimilarPatientsError(f"Cannot read {path} as {what}: {_first_line(error)}") from error
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
-from .ct_image import is_dicom_file, read_image_file
+from .ct_image import is_dicom_file, read_image_file, snap_geometry
 
 
 @dataclass
@@ -63,7 +63,7 @@ def from_binary_mask(mask) -> Tumor:
 
     if mask.GetDimension() != 3:
         raise SimilarPatientsError(f"The mask is {mask.GetDimension()}D; it must be a 3D volume.")
-    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    mask = snap_geometry(sitk.Cast(mask > 0, sitk.sitkUInt8))  # as the CT's: read_ct snaps it the same way
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(mask)
     if not shape.HasLabel(1):
@@ -162,19 +162,33 @@ def _select_label(image, segment, where: str):
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise SimilarPatientsError(f"{where} has several values per voxel; give a labelmap or a .seg.nrrd.")
-    labels = np.unique(sitk.GetArrayViewFromImage(image))
-    labels = [int(v) for v in labels if v != 0]
+    values = np.unique(sitk.GetArrayViewFromImage(image))
+    fractions = values[values != np.round(values)]
+    if len(fractions):
+        raise SimilarPatientsError(
+            f"{where} holds {len(fractions)} fractional values (from {values.min():g} to {values.max():g}): it is a "
+            f"soft (probability) mask, not a labelmap. Threshold it (e.g. at 0.5) and save it as a labelmap."
+        )
+    labels = [int(v) for v in values if v != 0]
     if segment is None:
         if len(labels) > 1:
-            raise SimilarPatientsError(f"{where} holds labels {labels}; choose the tumor's label value.")
+            raise SimilarPatientsError(
+                f"{where} holds {len(labels)} labels ({_listed(labels)}); choose the tumor's label value."
+            )
         return sitk.Cast(image != 0, sitk.sitkUInt8)
     try:
         value = int(segment)
     except ValueError:
         raise SimilarPatientsError(f"{where} is a plain labelmap; choose a label value, not '{segment}'.") from None
     if value not in labels:
-        raise SimilarPatientsError(f"{where} has no label {value}; it holds {labels or 'no labels (empty)'}.")
+        raise SimilarPatientsError(f"{where} has no label {value}; it holds {_listed(labels) or 'no labels (empty)'}.")
     return sitk.Cast(image == value, sitk.sitkUInt8)
+
+
+def _listed(labels: list, shown: int = 10) -> str:
+    """The first ``shown`` labels, and how many more: a message stays one line."""
+    more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
+    return ", ".join(map(str, labels[:shown])) + more
 
 
 def _read_dicom_seg(path: Path, segment):

@@ -16,7 +16,9 @@ time (a lock), and the record ``_build.json`` says whether the last one complete
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import difflib
 import gzip
 import json
 import logging
@@ -31,6 +33,7 @@ from typing import Protocol
 from ..errors import SimilarPatientsError
 from ..models import registry
 from ..models import weights as model_weights
+from ..references import schema
 from ..util import files
 from ..util.optional import optional_import
 from . import shards
@@ -86,6 +89,36 @@ class BigQueryShardLoader:
             log.info("BigQuery load of %s: %s", destination.path, note)
 
 
+def check_beam_options(beam_args: Sequence[str], ours: Sequence[str] = ()) -> None:
+    """Refuse an option Beam's own parser does not know (Beam would drop it with a log line, and a misspelt
+    ``--dicom-foldr`` would build without the folder), naming the closest of ``ours`` and Beam's options."""
+    beam = optional_import("apache_beam", "pipeline")
+    options = beam.options.pipeline_options
+    quiet = logging.getLogger(options.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "Discarding unparseable args" line: the refusal below says it
+    try:
+        known = options.PipelineOptions(list(beam_args)).get_all_options()
+        every = options.PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
+    except SystemExit:  # Beam's parser refused a value (``--direct_num_workers=abc``), printing its usage
+        raise SimilarPatientsError(
+            f"Beam cannot read its options ({' '.join(beam_args)}); its message is above."
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    unknown = set(every) - set(known)
+    for arg in beam_args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("-") and name.lstrip("-").replace("-", "_") in unknown:
+            choices = [*ours, *(f"--{option}" for option in known)]
+            close = difflib.get_close_matches(name, choices, n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]}?" if close else "."
+            raise SimilarPatientsError(
+                f"Unknown option {name}{hint} It is neither `index build`'s nor Beam's (Beam would drop it and "
+                f"build without it)."
+            )
+
+
 def bigquery_loader(billing_project: str | None = None, create_index: bool = False) -> TableLoader:
     """The BigQuery load of finished shards (extra ``bigquery``)."""
     return BigQueryShardLoader(billing_project, create_index)
@@ -124,6 +157,13 @@ class Plan:
     replaced: int
     stale: dict  #: shard -> the row keys to drop from it (None: drop the whole shard)
     removed: int
+    rebuilt: set = field(default_factory=set)  #: (patient, lesion, model) of the ``replaced`` pairs
+
+    def built(self, dead: Sequence[dict]) -> tuple[int, int]:
+        """(added, replaced): the pairs to embed that were embedded, not dead-lettered."""
+        failed = {(d[schema.PATIENT], d[schema.LESION], d[schema.MODEL]) for d in dead}
+        lost = len(failed & self.rebuilt)
+        return self.added - (len(failed) - lost), self.replaced - lost
 
 
 def plan(lesions: Sequence[Lesion], models: dict, out: str) -> Plan:
@@ -143,18 +183,18 @@ def plan(lesions: Sequence[Lesion], models: dict, out: str) -> Plan:
                 stale.setdefault(shard, set()).add((model, recipe, patient, lesion))
                 removed += (patient, lesion) not in wanted or model not in models
     was_built = {(*key[2:], key[0]) for shard in stale for key in (stale[shard] or ())}
-    todo, kept, added, replaced = {}, 0, 0, 0
+    todo, kept, added, rebuilt = {}, 0, 0, set()
     for lesion in lesions:
         missing = tuple(m for m, recipe in models.items() if lesion.key(m, recipe.name) not in rows)
         kept += len(models) - len(missing)
         for model in missing:
             if (lesion.patient, lesion.lesion, model) in was_built:
-                replaced += 1
+                rebuilt.add((lesion.patient, lesion.lesion, model))
             else:
                 added += 1
         if missing:
             todo.setdefault(lesion.source, []).append((lesion, missing))
-    return Plan(todo, kept, added, replaced, stale, removed)
+    return Plan(todo, kept, added, len(rebuilt), stale, removed, rebuilt)
 
 
 def build_references(
@@ -183,6 +223,7 @@ def build_references(
     """
     if runner not in RUNNERS:
         raise SimilarPatientsError(f"Unknown runner '{runner}'; use one of {', '.join(RUNNERS)}.")
+    check_beam_options(beam_args)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SimilarPatientsError(
             f"--batch-size is the crops per forward pass: a whole number of 1 or more, not {batch_size!r}."
@@ -222,15 +263,15 @@ def build_references(
             run = _run(planned.todo, pairs, recipes, out, build, series, runner, beam_args, weights, accept_licence)
             result = run(device, batch_size, precision)
             result.skipped, result.build = planned.kept, build
-        result.added, result.replaced, result.removed = planned.added, planned.replaced, planned.removed
+        (result.added, result.replaced), result.removed = planned.built(shards.read_dead_letters(out)), planned.removed
         shards.remove_temporaries(out)
         record.update(
             status="complete",
             finished=_now(),
             embedded=result.embedded,
             dead=result.dead,
-            added=planned.added,
-            replaced=planned.replaced,
+            added=result.added,
+            replaced=result.replaced,
             removed=planned.removed,
             missing=pairs - result.embedded,
         )
@@ -400,8 +441,9 @@ def _run(todo, pairs, recipes, out, build, series, runner, beam_args, weights, a
         )
         before = set(shards.shard_files(out))
         try:
-            state = pipeline.run()
-            state.wait_until_finish()
+            with _beam_errors_held():
+                state = pipeline.run()
+                state.wait_until_finish()
         except Exception as error:  # a worker's error, as Beam wraps it
             raise stages.explained(error, out) from None
         finally:
@@ -409,6 +451,45 @@ def _run(todo, pairs, recipes, out, build, series, runner, beam_args, weights, a
         return _result(state, stages, out, before)
 
     return run
+
+
+class _HeldErrors(logging.Handler):
+    """Beam's log records during a run: ERROR and above held, the rest passed on to the root logger's
+    handlers as they would have gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.held.append(record)
+        else:
+            logging.getLogger().handle(record)
+
+
+@contextlib.contextmanager
+def _beam_errors_held():
+    """Beam logs a failing bundle's error with its traceback before it raises it; the build says that
+    failure in one line (:func:`stages.explained`), so the user does not read it twice, once as a
+    traceback. Held records go to this module's debug log when the run fails, and out as they came when
+    it succeeds."""
+    beam_log = logging.getLogger("apache_beam")
+    holder, propagate = _HeldErrors(), beam_log.propagate
+    beam_log.addHandler(holder)
+    beam_log.propagate = False
+    try:
+        yield
+    except BaseException:
+        for record in holder.held:
+            log.debug("Beam logged, before the failure: %s", record.getMessage())
+        raise
+    else:
+        for record in holder.held:
+            logging.getLogger().handle(record)
+    finally:
+        beam_log.removeHandler(holder)
+        beam_log.propagate = propagate
 
 
 def _result(state, stages, out: str, before: set) -> BuildResult:

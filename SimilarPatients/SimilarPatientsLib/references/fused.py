@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..search import filters
-from ..search.fusion import FUSION_DEPTH, check_fusion, fuse
+from ..search.fusion import FUSION_DEPTH, check_fusion, fuse, mean_closeness
 from ..search.nearest import check_queries, exact_distances
 from . import schema
 from .hits import HIT_COLUMNS
@@ -104,7 +104,7 @@ def search_fused(
             f"Percentile fusion needs each model's distribution of nearest-match distances, which "
             f"'{reference.name}' does not measure (a BigQuery table); fuse with --fusion rrf instead."
         )
-    depth = max(int(depth), int(k))
+    depth = checked_depth(reference, depth, k)
     lists = {}
     for i, model in enumerate(models):
         report(progress, i, len(models), f"searching with {model}")
@@ -130,6 +130,19 @@ def search_fused(
     fused = fuse(ranks, closeness, fusion, depth)
     chosen = [i for i in fused.order[:k] if fused.listed[i] > 0]
     return _hit_table(reference, models, lists, candidates, chosen, ranks, distances, closeness, fused, fusion)
+
+
+def checked_depth(reference, depth: int, k: int) -> int:
+    """The patients each model's search asks for (``depth``, at least ``k``), refused by its own name where
+    the reference caps one search (a BigQuery table)."""
+    most = getattr(reference, "max_k", None)
+    asked = max(int(depth), int(k))
+    if most is not None and asked > most:
+        raise SimilarPatientsError(
+            f"The fusion depth (--depth, the patients each model's search asks for) is at most {most:,} on "
+            f"{reference.name}; got {asked}."
+        )
+    return asked
 
 
 def _queries(reference, model: str, embeddings, patient) -> np.ndarray:
@@ -238,13 +251,15 @@ def rank_labels(hits: pd.DataFrame, depth: int = FUSION_DEPTH) -> pd.DataFrame:
 
 def hit_closeness(reference, hits: pd.DataFrame, metric: str) -> np.ndarray:
     """The "closer than N%" a person reads beside each hit: the hit's distance placed on its model's
-    distribution of nearest-match distances; for a fused hit, the mean of that over the fused models (a
-    model that lacks the patient or drops it by a filter counts 0, as in percentile fusion). NaN for a
-    reference that does not measure the distribution (BigQuery)."""
+    distribution of nearest-match distances; for a fused hit, percentile fusion's score
+    (:func:`~..search.fusion.mean_closeness`). NaN where no distribution was measured: a reference of one
+    patient, or one that does not measure it (BigQuery)."""
     if not hasattr(reference, "closeness") or not len(hits):
         return np.full(len(hits), np.nan)
     models = fused_rank_models(hits)
     if models:
         columns = [CLOSENESS_PREFIX + m for m in models]
-        return np.nan_to_num(hits[columns].to_numpy(dtype=np.float64), nan=0.0).mean(axis=1)
+        measured = hits[columns].to_numpy(dtype=np.float64)
+        unknown = np.isnan(measured).all(axis=1)  # no model measured it: a reference of one patient
+        return np.where(unknown, np.nan, mean_closeness(measured, axis=1))
     return reference.closeness(str(hits[schema.MODEL].iloc[0]), metric, hits["distance"].to_numpy(dtype=np.float64))

@@ -49,7 +49,7 @@ class ParquetTable:
         self.where = where
         with self._named():
             parts = [pq.read_table(f, columns=[c for c in pq.read_schema(f).names if c != EMBEDDING]) for f in files]
-            frame = pa.concat_tables(parts, promote_options="default").to_pandas()
+            frame = _concat(parts, self.files).to_pandas()
         self._sizes = [part.num_rows for part in parts]
         key = [c for c in _KEY if c in frame.columns]
         repeated = np.zeros(len(frame), dtype=bool)
@@ -66,6 +66,7 @@ class ParquetTable:
             self._first = first_of_group[groups]
             self._firsts_repeated = np.unique(self._first[repeated])
             self._keys = frame[key]
+            self._check_repeats_agree(frame, np.flatnonzero(repeated), [c for c in frame.columns if c not in key])
         kept = np.flatnonzero(~repeated)
         with self._named():
             meta, self._identified_by_order = schema.check_metadata(frame.iloc[kept])
@@ -82,6 +83,27 @@ class ParquetTable:
         stored = models.get_indexer(self.lesions[MODEL])
         self._place = np.empty(len(meta), dtype=np.int64)
         self._place[order] = np.arange(len(order)) - np.searchsorted(stored, np.arange(len(models)))[stored]
+
+    def _check_repeats_agree(self, frame: pd.DataFrame, rows: np.ndarray, columns: list) -> None:
+        """Refuse a lesion in two shards whose labels (or series, centre) differ: which value is right, the
+        table cannot say (a rebuilt lesion's shards beside the old build's)."""
+        firsts = self._first[rows]
+        for column in columns:
+            again, first = frame[column].iloc[rows].to_numpy(), frame[column].iloc[firsts].to_numpy()
+            try:
+                differ = ~((again == first) | (pd.isna(again) & pd.isna(first)))
+            except (TypeError, ValueError):  # list or mapping values
+                differ = np.array([repr(a) != repr(b) for a, b in zip(again, first)])
+            if differ.any():
+                i = int(np.flatnonzero(differ)[0])
+                ends = np.cumsum(self._sizes)
+                shard = [self.files[int(np.searchsorted(ends, r, side="right"))].name for r in (firsts[i], rows[i])]
+                values = f"{_plain(first[i])!r} in {shard[0]}, {_plain(again[i])!r} in {shard[1]}"
+                raise SimilarPatientsError(
+                    f"Lesion {tuple(self._keys.iloc[rows[i]])} is in the shards of {self.where} twice with different "
+                    f"'{column}': {values} ({int(differ.sum())} lesion(s) differ so); which is right the shards do "
+                    f"not say. Remove the shards of one of the builds, or correct the labels and build again."
+                )
 
     @property
     def label_fields(self) -> list:
@@ -159,6 +181,43 @@ class ParquetTable:
             raise SimilarPatientsError(f"{self.where}: {error}") from None
         except (OSError, ValueError, pa.ArrowInvalid) as error:
             raise SimilarPatientsError(f"Cannot read {self.where}: {error}") from error
+
+
+def _concat(parts: list, files: list) -> pa.Table:
+    """The shards' lesion rows as one table, the types that mean the same thing unified: IDs written as
+    numbers by one writer and as text by another are text (123.0 as "123"); text (string, large_string) and
+    numbers (int64, double) are promoted. A column held as numbers in one shard and as text (or another
+    kind) in another is refused by name."""
+    unified = []
+    for part in parts:
+        for name in (MODEL, RECIPE, PATIENT, LESION):
+            if name in part.column_names and part.schema.field(name).type != pa.string():
+                at = part.column_names.index(name)
+                part = part.set_column(at, name, pc.cast(part.column(name), pa.string()))
+        unified.append(part)
+    try:
+        return pa.concat_tables(unified, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        failure = error
+    for name in dict.fromkeys(n for part in unified for n in part.column_names):
+        kinds = {}  # type -> the first shard that has it
+        for part, file in zip(unified, files):
+            if name in part.column_names:
+                kinds.setdefault(part.schema.field(name).type, Path(file).name)
+        try:
+            pa.unify_schemas([pa.schema([pa.field(name, kind)]) for kind in kinds], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            said = ", ".join(f"{kind} in {file}" for kind, file in kinds.items())
+            raise SimilarPatientsError(
+                f"The column '{name}' has types that do not go together in the shards: {said}. One writer stored "
+                f"it as numbers, another as text (or another kind): write it with one type in every shard."
+            ) from None
+    raise SimilarPatientsError(f"The shards cannot be read as one table: {failure}") from failure
+
+
+def _plain(value):
+    """A cell as a person reads it in a message (3.5, not np.float64(3.5))."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _vector(value: pa.Scalar):

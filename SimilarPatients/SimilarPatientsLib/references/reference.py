@@ -304,7 +304,10 @@ class Reference(ReferenceManifest):
         reference patient's distance to its nearest other patient): the percentage of those that are
         larger, so 97 reads "closer than 97% of nearest matches in this reference". The distribution (see
         :mod:`.closeness`) is made when the reference is written for cosine; for another metric, or a
-        reference written before, on first use (in one pass over the matrix, with progress), and kept."""
+        reference written before, on first use (in one pass over the matrix, with progress), and kept. NaN
+        for a model of one patient: there is no other to be near to, so no distribution to read."""
+        if self.model_info(model).patients < 2:
+            return np.full(np.shape(distances), np.nan)
         return closeness.percent_farther(self._nearest_match_distances(model, metric, progress), distances)
 
     def _nearest_match_distances(self, model: str, metric: str, progress: ProgressCallback | None) -> np.ndarray:

@@ -58,6 +58,10 @@ RESERVED = (
     "patient_lesions",
     "nearest_rank",
 )
+#: Model names a search reads as a fused search of every model (``all``, the Slicer module's choice) or
+#: writes for fused hits (``fused``), in any case (``references/fused.py``): a model so named could not be
+#: searched on its own.
+RESERVED_MODELS = ("all", "All models (fused)", "fused")
 #: Rows per chunk when a table's vectors are handed over in pieces (a stored reference's Parquet row groups).
 CHUNK_ROWS = 65_536
 
@@ -115,6 +119,14 @@ def check_metadata(meta: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
         meta[column] = meta[column].map(_as_id).astype(str)
         if (meta[column] == "").any():
             raise SimilarPatientsError(f"Some rows have an empty {column}; every lesion row needs one.")
+    reserved = {name.lower() for name in RESERVED_MODELS}
+    clashing = sorted({m for m in meta[MODEL].unique() if m.strip().lower() in reserved})
+    if clashing:
+        raise SimilarPatientsError(
+            f"The model name '{clashing[0]}' is reserved: a search reads it as every model fused, so that model "
+            f"could not be searched on its own. Rename it (e.g. '{clashing[0]}_model') and import again. Reserved "
+            f"model names, in any case: {', '.join(RESERVED_MODELS)}."
+        )
     return meta, _normalise_metadata(meta)
 
 

@@ -319,6 +319,26 @@ def _kill_tree(process: subprocess.Popen) -> None:
 # --- the worker's end ---------------------------------------------------------------------------------
 
 
+#: The fields each request must have (the others have defaults); a series of a thumbnails request: ``uid``, ``centre``.
+_NEEDS = {"query": ("reference", "model"), "prepare": ("reference", "model"), "thumbnails": ("folder",)}
+
+
+def _check_fields(request: dict) -> None:
+    """Refuse a request that lacks a field it needs, naming the field (not as a ``KeyError``)."""
+    op = request.get("op")
+    missing = [name for name in _NEEDS.get(op, ()) if request.get(name) is None]
+    if op == "thumbnails":
+        for match in request.get("series") or []:
+            missing += [
+                f"series[].{name}" for name in ("uid", "centre") if not isinstance(match, dict) or name not in match
+            ]
+    if missing:
+        needs = ", ".join(_NEEDS[op]) + (" (and uid, centre in each series)" if op == "thumbnails" else "")
+        raise SimilarPatientsError(
+            f"The worker's '{op}' request lacks {', '.join(dict.fromkeys(missing))}; it needs {needs}."
+        )
+
+
 class _Worker:
     """Answers requests one at a time, keeping loaded embedders and opened references between them."""
 
@@ -339,6 +359,7 @@ class _Worker:
         ident = request.get("id")
         importlib.invalidate_caches()  # packages the GUI installed since this worker started are found
         try:
+            _check_fields(request)
             if request.get("op") == "ping":
                 self.send(id=ident, event="result", pid=os.getpid(), models=sorted(self.embedders))
             elif request.get("op") == "query":

@@ -18,7 +18,8 @@ import pandas as pd
 
 from ..errors import SimilarPatientsError
 
-_EXPRESSION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
+#: FIELD OPERATOR VALUE; a field's name is any text without an operator's characters (``tumor size>=3``).
+_EXPRESSION = re.compile(r"^\s*([^=!<>~]*[^=!<>~\s])\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
 _NEAR_MISSES = {"=": "=", ">": ">=", "<": "<=", "!": "!=", "~": "~"}
 _SHOWN_VALUES = 25
 

@@ -7,14 +7,17 @@ that what the evaluation measures is what a fused search returns:
 - **rrf** (reciprocal rank fusion, Cormack, Clarke & Büttcher 2009): a patient scores
   ``sum over models of 1 / (RRF_CONSTANT + rank)``, counting only the models that list it within
   their first ``depth`` patients;
-- **percentile**: a patient scores the mean, over *all* fused models, of the percentage of the model's
-  nearest-match distances its distance beats (:meth:`Reference.closeness`); a model that lacks the
-  patient, or whose filters drop it, counts 0.
+- **percentile** (:func:`mean_closeness`): a patient scores the mean, over *all* fused models, of the
+  percentage of the model's nearest-match distances its distance beats (:meth:`Reference.closeness`).
+  Each model's percentile is measured, whether or not the model lists the patient within its first
+  ``depth`` (a patient beyond the depth keeps its measured percentile, not 0); only a model that lacks
+  the patient, or whose filters drop all its lesions, counts 0. The "closer than N%" shown beside a
+  fused hit is this same mean.
 
 Who can be a hit: only patients that at least one model lists within its first ``depth``; a patient no
-model lists is never fused in, whatever its percentiles. A patient missing from one model (not in it,
-filtered out, or beyond its ``depth``) gets nothing from that model's rank, so it needs the others'
-agreement to rise. Ties are broken, in order, by more models listing the patient, then by its best rank
+model lists is never fused in, whatever its percentiles. In rrf, a patient missing from one model's list
+(not in the model, filtered out, or beyond its ``depth``) gets nothing from that model, so it needs the
+others' agreement to rise. Ties are broken, in order, by more models listing the patient, then by its best rank
 in any model, then by PatientID (the order of the candidates given), so a fusion of one model is that
 model's ranking.
 """
@@ -63,8 +66,8 @@ def fuse(
     Args:
         ranks: (models, queries, candidates) or (models, candidates): each candidate's 1-based rank in
             each model's list, 0 where the model does not list it; ranks beyond ``depth`` count as 0.
-        closeness: same shape, each candidate's "closer than N%" in each model (NaN where the model
-            lacks it): needed by ``percentile``.
+        closeness: same shape, each candidate's "closer than N%" in each model, measured also beyond
+            the depth (NaN where the model lacks it): needed by ``percentile``.
         fusion: ``rrf`` or ``percentile``.
         depth: the patients each model contributes.
         constant: the RRF constant.
@@ -82,8 +85,7 @@ def fuse(
     else:
         if closeness is None:
             raise SimilarPatientsError("Percentile fusion needs each model's closeness of the candidates.")
-        closeness = np.asarray(closeness, dtype=np.float64).reshape(ranks.shape)
-        scores = np.nan_to_num(closeness, nan=0.0).mean(axis=0)
+        scores = mean_closeness(np.asarray(closeness, dtype=np.float64).reshape(ranks.shape), axis=0)
     best_rank = np.where(listed_by, ranks, depth + 1).min(axis=0)
     sortable = np.where(listed > 0, scores, -np.inf)
     index = np.broadcast_to(np.arange(ranks.shape[2]), sortable.shape)
@@ -91,6 +93,12 @@ def fuse(
     if single:
         return FusedRanking(order[0], scores[0], listed[0])
     return FusedRanking(order, scores, listed)
+
+
+def mean_closeness(closeness, axis: int = 0) -> np.ndarray:
+    """The percentile fusion's score: the mean over the models (``axis``) of each candidate's measured
+    "closer than N%", a model that lacks the candidate (NaN) counting 0; see the module's docstring."""
+    return np.nan_to_num(np.asarray(closeness, dtype=np.float64), nan=0.0).mean(axis=axis)
 
 
 def closeness_percent(nearest_sorted: np.ndarray, distances) -> np.ndarray:

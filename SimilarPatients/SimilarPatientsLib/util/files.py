@@ -12,6 +12,7 @@ import fnmatch
 from pathlib import Path
 
 from ..errors import SimilarPatientsError
+from . import cloud_access
 from .atomic import replacing
 from .optional import optional_import
 
@@ -32,6 +33,7 @@ def name(path: str) -> str:
 
 
 def _systems():
+    cloud_access.check()  # no credentials, or offline: said now, not after minutes of retries
     return optional_import("apache_beam.io.filesystems", "pipeline").FileSystems
 
 
@@ -87,6 +89,7 @@ def check_folder(folder: str, what: str) -> str:
     if is_url(text):
         if not text.startswith("gs://") or len(text) <= len("gs://"):
             raise SimilarPatientsError(f"{what} '{text}' is not a folder here or a gs://bucket/path.")
+        cloud_access.check()  # before anything is read or embedded
         return text.rstrip("/")
     path = Path(text)
     if path.exists() and not path.is_dir():
