@@ -1,5 +1,5 @@
 """What the module's widget decides, without Qt: one method per user action, the order of each action's
-steps (packages installed with one consent per click, the licence, the download opt-in, the size question
+steps (packages installed with one consent per click, as one plan, the licence, the download opt-in, the size question
 before loading), the progress stages, cancel, which buttons are enabled, and one task at a time.
 
 Each action that waits is a *task*: a generator that yields jobs (``ui/background.py``) and receives their
@@ -64,7 +64,12 @@ class View(Protocol):
         """The query tumor's picture (a PNG path, or None) and the matches' (row → PNG path)."""
 
     def show_downloads_allowed(self, allowed: bool) -> None: ...
+    def show_bigquery_allowed(self, allowed: bool) -> None:
+        """Tick or untick "Allow BigQuery" without calling :meth:`ModuleController.allow_bigquery` again."""
+
     def open_url(self, url: str) -> None: ...
+    def restart(self) -> None:
+        """Restart Slicer (after an install that replaced packages it had imported)."""
 
 
 class ModuleController:
@@ -338,6 +343,7 @@ class ModuleController:
         """The opt-in to BigQuery searches; allowing them installs google-cloud-bigquery (with consent)."""
         if allowed and not self._guarded(lambda: self._install(BIGQUERY)):
             allowed = False
+            self.view.show_bigquery_allowed(False)  # declined or failed: the box says so
         self.logic.settings.bigquery_allowed = bool(allowed)
         if not dependencies.unmet(SEARCH):
             self.refresh_references(inputs.reference, inputs.model)
@@ -414,12 +420,24 @@ class ModuleController:
         return (BIGQUERY,) if is_bigquery(reference) else ()
 
     def _install(self, *needs, torch: bool = False) -> bool:
-        """Install what ``needs`` (and torch) call for, after one question; False when the user declined."""
-        plan: InstallPlan = dependencies.plan(*needs, torch=torch)
-        if plan.empty:
+        """Install what ``needs`` (and torch) call for, with what the module needs next (``companions``: one
+        pip resolution), after one question; False when the user declined or Slicer restarts. An install that
+        would replace packages Slicer has imported happens only with a restart (asked)."""
+        if dependencies.plan(*needs, torch=torch).empty:
             return True
+        bigquery = self.logic.settings.bigquery_allowed or BIGQUERY in needs
+        plan: InstallPlan = dependencies.plan(*needs, *dependencies.companions(bigquery), torch=torch)
         if not self.view.ask(plan.question(), "Install Python packages?"):
             self.view.show_status("Nothing was installed; the packages are asked for again at the next click.")
+            return False
+        self.view.update_progress(None, "checking which versions to install")
+        self.installer.resolve(plan)
+        if plan.replaces:
+            if not self.view.ask(plan.restart_question(), "Restart Slicer after installing?"):
+                self.view.show_status("Nothing was installed: the packages in use were kept as they are.")
+                return False
+            self.installer.install(plan)
+            self.view.restart()
             return False
         first = bool(dependencies.unmet(SEARCH))
         self.installer.install(plan)
