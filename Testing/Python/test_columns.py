@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-
 from SimilarPatientsLib.util.columns import pandas_array, text_array
 
 
