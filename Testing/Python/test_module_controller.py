@@ -8,6 +8,7 @@ MRML scene are real."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -371,6 +372,35 @@ def test_a_failed_install_is_one_clear_error_and_bigquery_is_unticked(controller
     assert controller.view.of("show_error")[-1] == (str(failure),) and len(controller.view.of("show_error")) == 2
     assert controller.view.last("show_bigquery_allowed") == (False,)
     assert not controller.logic.settings.bigquery_allowed
+
+
+def test_a_search_in_the_controller_imports_no_torch_into_slicers_process(tmp_path):
+    """Only the query worker (its own process) needs torch and MONAI: the module's logic, controller and a
+    search by patient leave them out of Slicer's process (a fresh interpreter stands for it)."""
+    code = (
+        "import sys, numpy as np, pandas as pd\n"
+        "from SimilarPatientsLib.references import schema\n"
+        "from SimilarPatientsLib.references.store import ReferenceStore\n"
+        "from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings\n"
+        "home = sys.argv[1]\n"
+        "vectors = list(np.random.default_rng(0).standard_normal((12, 4)))\n"
+        "frame = pd.DataFrame({'model': 'M', 'PatientID': [f'P{i}' for i in range(12)], 'embedding': vectors})\n"
+        "ReferenceStore(home).write('r', schema.from_frame(frame), 'torch test')\n"
+        "class View:\n"
+        "    def ask(self, question, title): return True\n"
+        "    def __getattr__(self, name): return lambda *a: print(name, *a) if name == 'show_error' else None\n"
+        "logic = ModuleLogic(ModuleSettings(MemorySettings()), home, python=sys.executable)\n"
+        "controller = ModuleController(View(), logic)\n"
+        "inputs = Inputs(reference='r', model='M', k=3, patient='P1')\n"
+        "controller.entered(inputs)\n"
+        "controller.find_by_patient(inputs)\n"
+        "controller.wait()\n"
+        "assert len(controller.hits) == 3, controller.hits\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_before_the_first_install_the_module_opens_and_says_when_packages_come(controller, monkeypatch):
