@@ -1,6 +1,8 @@
 """NLST-Sybil searches printed as JSON, to compare two environments' answers (scripts/pandas_versions.sh):
 the reference imported from the shared data into a temporary home, then searches by patient under two
-models, with and without a text filter, every column of the hit tables (text, numbers, missing values).
+models, with and without a text filter, every column of the hit tables (text, numbers, missing values) but
+series_size_MB: the size comes from IDC's index (idc-index-data), whose releases round it differently, and
+Python 3.9 cannot install the release the full lane has (>= 22.1.1 need Python 3.10).
 
     python scripts/neighbours_snapshot.py ../shared/data/nlst-sybil-embeddings
 """
@@ -37,7 +39,9 @@ def main(data: str) -> None:
                 for where in ([], ["histology~adeno", "sex=F"]):
                     hits = reference.search(model, patient=patient, k=10, where=where, exclude=[patient])
                     records = hits.to_dict("records")
-                    answers[f"{patient} {model} {where}"] = [{c: plain(v) for c, v in r.items()} for r in records]
+                    answers[f"{patient} {model} {where}"] = [
+                        {c: plain(v) for c, v in r.items() if c != "series_size_MB"} for r in records
+                    ]
         print(json.dumps(answers, indent=1, sort_keys=True))
 
 

@@ -23,8 +23,9 @@ failed=()
 for case in "${cases[@]}"; do
     read -r version pandas pins <<<"$case"
     python=$(lane_python "$version")
-    venv=".lanes/pandas-${pandas#pandas}"
-    venv=${venv//[<>=,]/}
+    label=${pandas#pandas}
+    label=${label//[<>=]/}
+    venv=".lanes/pandas-${label%%,*}"
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
     # shellcheck disable=SC2086  # $pins: zero or more requirements
     "$venv/bin/python" "${pip_quiet[@]}" "$pandas" pytest $pins
@@ -37,8 +38,7 @@ data=../shared/data/nlst-sybil-embeddings
 if [ -d "$data/upstream/embeddings" ] && [ -x .venv/bin/python ]; then
     venv=.lanes/pandas-2.3.3-py3.9
     [ -x "$venv/bin/python" ] || "$(lane_python 3.9)" -m venv "$venv"
-    grep -v '^pandas==' Testing/lanes/slicer-5.8.txt | sed -n '1,/^# The lowest/p' >"$venv/constraints.txt"
-    echo "pandas==2.3.3" >>"$venv/constraints.txt"
+    { cat Testing/lanes/slicer-5.8.txt; echo "pandas==2.3.3"; } >"$venv/constraints.txt"
     "$venv/bin/python" "${pip_quiet[@]}" -e . --constraint "$venv/constraints.txt"
     "$venv/bin/python" scripts/neighbours_snapshot.py "$data" >"$venv/neighbours.json"
     PYTHONPATH="$PWD/SimilarPatients" .venv/bin/python scripts/neighbours_snapshot.py "$data" >.lanes/full-lane-neighbours.json
