@@ -162,13 +162,14 @@ def plan(*needs: Sequence[Requirement], torch: bool = False) -> InstallPlan:
 
 
 def imported_distributions() -> dict[str, str]:
-    """The installed distributions whose top-level packages this process has imported (canonical name →
-    version): an install must not change them under the running code."""
-    imported = {name.split(".")[0] for name in list(sys.modules)}
+    """The installed distributions one of whose modules this process has imported (canonical name →
+    version): an install must not change them under the running code. Decided by the modules each
+    distribution installed, not its top-level name: ``google`` alone is shared by dozens of them."""
+    loaded = set(sys.modules)
     found = {}
     for distribution in metadata.distributions():
         name = distribution.metadata["Name"]
-        if name and imported.intersection(_top_level(distribution)):
+        if name and not loaded.isdisjoint(_modules(distribution)):
             found[canonical(name)] = distribution.version
     return found
 
@@ -327,19 +328,19 @@ class SlicerInstaller:
         return bool(app is not None and app.testingEnabled())
 
 
-def _top_level(distribution) -> set:
-    """The import names a distribution provides: its ``top_level.txt``, else the first part of its files'
-    paths (``packages_distributions`` is Python >= 3.10)."""
-    listed = distribution.read_text("top_level.txt")
-    if listed:
-        return set(listed.split())
+def _modules(distribution) -> set:
+    """The dotted names of the modules a distribution installed (from its RECORD), else its top-level
+    names (``top_level.txt``)."""
     names = set()
     for path in distribution.files or ():
-        first = path.parts[0] if path.parts else ""
-        if first.endswith(".py"):
-            names.add(first[:-3])
-        elif first and not first.endswith((".dist-info", ".egg-info", ".data", ".pth")) and first != "..":
-            names.add(first)
+        if path.suffix in (".py", ".so", ".pyd") and path.parts and path.parts[0] != "..":
+            parts = [*path.parts[:-1], path.name.split(".")[0]]  # lib.cpython-312-x86_64-linux-gnu.so: lib
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts:
+                names.add(".".join(parts))
+    if not names:
+        names = set((distribution.read_text("top_level.txt") or "").split())
     return names
 
 
