@@ -261,6 +261,16 @@ def test_an_install_that_did_not_take_is_an_error_naming_the_packages(monkeypatc
         installer.install(dependencies.plan(dependencies.IMAGE))
 
 
+def test_a_failed_torch_install_is_an_install_failure(monkeypatch):
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip"])
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    with pytest.raises(dependencies.SimilarPatientsError, match=r"Installing PyTorch .* failed \(pip exit code 1"):
+        dependencies.SlicerInstaller(testing=False).install_torch()
+
+
 def test_without_the_pytorch_extension_an_image_query_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
     with pytest.raises(dependencies.SimilarPatientsError, match="install the 'PyTorch' extension"):

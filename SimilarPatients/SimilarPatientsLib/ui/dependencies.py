@@ -248,9 +248,15 @@ class SlicerInstaller:
                 "Querying from an image needs PyTorch: install the 'PyTorch' extension from the Extensions "
                 "Manager, restart Slicer, and try again."
             ) from None
-        installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH}"
-        )
+        try:
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH}"
+            )
+        except subprocess.CalledProcessError as error:  # its pip failed: an install failure, not a bug
+            raise SimilarPatientsError(
+                f"Installing PyTorch through the PyTorch extension failed (pip exit code {error.returncode}; its "
+                f"output is in the Python console). Check the internet connection and try again."
+            ) from None
         if installed is None:
             raise SimilarPatientsError("PyTorch was not installed (see the Python console).")
 
