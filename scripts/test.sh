@@ -3,7 +3,8 @@
 # torch first (so nothing pulls the CUDA wheels), the package with all its extras, then ruff and pytest (the
 # full lane: nothing may be skipped for want of a package); then the Slicer-release lanes
 # (scripts/slicer_lanes.sh: Slicer 5.8's Python 3.9 with its packages and pyproject's lowest versions, 5.10's
-# and 5.12's Python 3.12 with theirs). Arguments go to the full lane's pytest, and then the lanes are skipped.
+# and 5.12's Python 3.12 with theirs, each also as the module's first-use install leaves it, and the text
+# columns on pandas 2.0 to 3.x). Arguments go to the full lane's pytest, and then the lanes are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! { command -v chromium && command -v chromedriver; } >/dev/null; then

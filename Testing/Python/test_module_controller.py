@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -51,12 +52,19 @@ class RecordingView:
 
 
 class RecordingInstaller:
-    """Stands in for Slicer's installers (see test_slicer_module.py for the real ones): records the plans."""
+    """Stands in for :class:`dependencies.SlicerInstaller` (pip in Slicer's Python): records the plans it
+    installs; its dry run finds ``replaces`` (imported distributions the install would change)."""
 
-    def __init__(self, after=None):
-        self.plans, self.after = [], after
+    def __init__(self, after=None, replaces=(), failure=None):
+        self.plans, self.after, self.replaces, self.failure = [], after, list(replaces), failure
+
+    def resolve(self, plan):
+        plan.replaces = list(self.replaces)
+        return plan
 
     def install(self, plan):
+        if self.failure:
+            raise self.failure
         self.plans.append(plan)
         if self.after:
             self.after()
@@ -149,6 +157,8 @@ def _pretend_installed(monkeypatch, versions: dict):
     monkeypatch.setattr(dependencies, "installed_version", lambda name: versions.get(name, real(name)))
 
 
+#: idc-index at its lowest version for this Python: installed (most tests' install questions are not its).
+IDC = {"idc-index": dependencies.DOWNLOAD[0].minimum}
 #: The image query's PyPI packages, installed (in the Slicer lanes they are not: no torch there).
 IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3"}
 
@@ -165,11 +175,9 @@ def test_versions_not_presence_decide_what_is_installed(monkeypatch):
     assert dependencies.plan(dependencies.SEARCH, torch=True).empty  # a local version suffix is fine
 
 
-@pytest.mark.parametrize("release", ["5.8", "5.12"])
-def test_the_installer_puts_torch_first_then_pip_with_torch_and_slicers_packages_pinned(monkeypatch, release):
-    """torch through PyTorchUtils (no second question), then pip: ``slicer.packaging.pip_install`` on Slicer
-    5.12 (never ``pip_ensure``: a second dialog, and no install under --testing), ``slicer.util.pip_install``
-    before; the constraints pin torch and numpy, SimpleITK, pydicom, requests, vtk as installed."""
+def test_the_installer_puts_torch_first_then_one_pip_call_with_slicers_and_imported_packages_pinned(monkeypatch):
+    """torch through PyTorchUtils (no second question), then one pip call in Slicer's Python whose
+    constraints pin torch, Slicer's packages and every distribution imported in this process (pandas here)."""
     calls, versions = [], {**IMAGE_INSTALLED, "torch": None, "monai": None}
     _pretend_installed(monkeypatch, versions)
 
@@ -179,42 +187,89 @@ def test_the_installer_puts_torch_first_then_pip_with_torch_and_slicers_packages
             versions["torch"] = "2.4.1"
             return types.ModuleType("torch")
 
-    def pip(requirements, constraints):
+    def run_pip(arguments, what):
+        constraints = arguments[arguments.index("--constraint") + 1]
         with open(constraints, encoding="utf-8") as stream:
-            calls.append(("pip", list(requirements), stream.read()))
+            calls.append(("pip", arguments[: arguments.index("--constraint")], stream.read()))
         versions["monai"] = "1.4.0"
 
-    slicer = types.ModuleType("slicer")
-    if release == "5.12":
-        packaging = types.ModuleType("slicer.packaging")
-        packaging.pip_install = lambda requirements, constraints, requester: pip(requirements, constraints)
-        packaging.pip_ensure = lambda *a, **k: pytest.fail("pip_ensure asks again and skips under --testing")
-        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
-    else:
-        monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.8 has no slicer.packaging
-
-        def util_pip_install(arguments):
-            assert arguments[-2] == "--constraint"
-            pip(arguments[:-2], arguments[-1])
-
-        slicer.util = types.SimpleNamespace(pip_install=util_pip_install)
-    monkeypatch.setitem(sys.modules, "slicer", slicer)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-
-    dependencies.SlicerInstaller().install(dependencies.plan(dependencies.IMAGE, torch=True))
+    installer = dependencies.SlicerInstaller(testing=False)
+    monkeypatch.setattr(installer, "run_pip", run_pip)
+    installer.install(dependencies.plan(dependencies.IMAGE, torch=True))
     assert [c[0] for c in calls] == ["torch", "pip"]
     assert calls[0] == ("torch", False, ">=2.1")
-    assert calls[1][1] == ["monai>=1.4"]
+    assert calls[1][1] == ["install", "monai>=1.4"]
     pinned = dict(line.split("==") for line in calls[1][2].split())
     assert pinned["torch"] == "2.4.1" and pinned["numpy"] == dependencies.installed_version("numpy")
+    assert pinned["pandas"] == pd.__version__  # imported here: held at its version
+
+
+def test_imported_distributions_are_those_whose_packages_are_imported():
+    held = dependencies.imported_distributions()
+    assert held["pandas"] == pd.__version__ and held["numpy"] == np.__version__
+    assert "ruff" not in held  # installed (a program), never imported
+
+
+def test_a_plan_that_cannot_keep_the_imported_versions_names_what_it_replaces(monkeypatch):
+    """The dry run with the imported versions held fails (idc-index 0.10 wants pandas <= 2.2.4 while 2.3.3 is
+    imported): the plan is resolved again without them, and says which imported distributions change."""
+    installer = dependencies.SlicerInstaller(testing=False)
+    tried = []
+
+    def dry_run(requirements, constraints):
+        tried.append(constraints)
+        if "pandas==" in constraints:
+            raise dependencies.SimilarPatientsError("ResolutionImpossible")
+        return {"pandas": "2.2.3", "idc-index": "0.10.2", "sphinx": "7.4.7"}
+
+    monkeypatch.setattr(installer, "dry_run", dry_run)
+    monkeypatch.setattr(dependencies, "imported_distributions", lambda: {"pandas": "2.3.3", "numpy": "1.26.4"})
+    plan = installer.resolve(dependencies.InstallPlan(None, list(dependencies.DOWNLOAD)))
+    assert plan.replaces == [("pandas", "2.3.3", "2.2.3")] and len(tried) == 2
+    assert "pandas 2.3.3 → 2.2.3" in plan.restart_question() and "restart" in plan.restart_question()
+    monkeypatch.setattr(installer, "dry_run", lambda requirements, constraints: {"idc-index": "0.13.4"})
+    assert installer.resolve(dependencies.InstallPlan(None, list(dependencies.DOWNLOAD))).replaces == []
+
+
+def test_a_pip_failure_is_one_message_with_pips_last_lines(tmp_path):
+    """Real pip, no network: a wheel that is not there. The error names what was installed and pip's words."""
+    installer = dependencies.SlicerInstaller(python=sys.executable, testing=False)
+    missing = tmp_path / "nowhere-1.0-py3-none-any.whl"
+    with pytest.raises(dependencies.SimilarPatientsError) as raised:
+        installer.pip([str(missing)], "")
+    message = str(raised.value)
+    assert message.startswith(f"Installing {missing} failed (pip exit code 1)")
+    assert "does not exist" in message and "internet connection" in message
+
+
+def test_in_testing_mode_nothing_is_installed_and_the_refusal_says_what_is_missing(monkeypatch):
+    """Slicer's --testing (the extensions build machine): no pip, no dry run; an empty plan is fine."""
+    _pretend_installed(monkeypatch, {"pandas": None})
+    installer = dependencies.SlicerInstaller(testing=True)
+    monkeypatch.setattr(installer, "run_pip", lambda *a: pytest.fail("pip ran under --testing"))
+    for step in (installer.resolve, installer.install):
+        with pytest.raises(dependencies.SimilarPatientsError, match=r"testing mode.*pandas>=2.0"):
+            step(dependencies.plan(dependencies.SEARCH))
+    installer.install(dependencies.plan(dependencies.IMAGE[:0]))
 
 
 def test_an_install_that_did_not_take_is_an_error_naming_the_packages(monkeypatch):
     _pretend_installed(monkeypatch, {**IMAGE_INSTALLED, "monai": None})
-    installer = dependencies.SlicerInstaller()
-    monkeypatch.setattr(installer, "pip_install", lambda requirements, constraints: None)
+    installer = dependencies.SlicerInstaller(testing=False)
+    monkeypatch.setattr(installer, "pip", lambda requirements, constraints: None)
     with pytest.raises(dependencies.SimilarPatientsError, match=r"Installing monai>=1.4 did not succeed"):
         installer.install(dependencies.plan(dependencies.IMAGE))
+
+
+def test_a_failed_torch_install_is_an_install_failure(monkeypatch):
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip"])
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    with pytest.raises(dependencies.SimilarPatientsError, match=r"Installing PyTorch .* failed \(pip exit code 1"):
+        dependencies.SlicerInstaller(testing=False).install_torch()
 
 
 def test_without_the_pytorch_extension_an_image_query_says_what_to_install(monkeypatch):
@@ -228,7 +283,7 @@ def test_one_click_asks_once_for_everything_it_installs_and_declining_installs_n
     controller, query_nodes, monkeypatch
 ):
     volume, points = query_nodes
-    versions = {**IMAGE_INSTALLED, "pandas": "1.5.3", "monai": None, "torch": None}
+    versions = {**IMAGE_INSTALLED, "pandas": "1.5.3", "monai": None, "torch": None, "idc-index": None}
     _pretend_installed(monkeypatch, versions)
     controller.view.answers = [False]
     controller.find_from_image(_inputs(model="CTFM", volume=volume, tumor=points))
@@ -236,7 +291,7 @@ def test_one_click_asks_once_for_everything_it_installs_and_declining_installs_n
     assert len(controller.view.of("ask")) == 1 and not controller.installer.plans
     assert "Nothing was installed" in controller.view.last("show_status")[0] and not controller.view.of("show_error")
 
-    controller.installer.after = lambda: versions.update(pandas="2.2.3", monai="1.4.0", torch="2.4.1")
+    controller.installer.after = lambda: versions.update(pandas="2.2.3", monai="1.4.0", torch="2.4.1", **IDC)
     controller.view.answers = [True, False]  # install: yes; download CT-FM's weights: not now
     controller.find_from_image(_inputs(model="CTFM", volume=volume, tumor=points))
     controller.wait()
@@ -244,7 +299,7 @@ def test_one_click_asks_once_for_everything_it_installs_and_declining_installs_n
     assert "PyTorch" in install and "pandas>=2.0" in install and "monai>=1.4" in install
     assert "These weights would be downloaded:\nCTFM: https://" in download
     (plan,) = controller.installer.plans
-    assert plan.torch == "not installed" and [r.name for r in plan.packages] == ["pandas", "monai"]
+    assert plan.torch == "not installed" and [r.name for r in plan.packages] == ["pandas", "monai", "idc-index"]
     assert controller.view.of("show_references")  # the first install lists the references
     assert controller.hits is None and not controller.view.of("show_error")  # nothing fetched, nothing asked twice
 
@@ -252,7 +307,7 @@ def test_one_click_asks_once_for_everything_it_installs_and_declining_installs_n
 @posix
 def test_the_weight_free_model_installs_no_torch(controller, query_nodes, monkeypatch):
     volume, points = query_nodes
-    versions = {"pandas": "1.5.3", "monai": None, "torch": None}
+    versions = {"pandas": "1.5.3", "monai": None, "torch": None, **IDC}
     _pretend_installed(monkeypatch, versions)
     controller.installer.after = lambda: versions.update(pandas="2.2.3")
     controller.find_from_image(_inputs(volume=volume, tumor=points))
@@ -260,6 +315,103 @@ def test_the_weight_free_model_installs_no_torch(controller, query_nodes, monkey
     (plan,) = controller.installer.plans
     assert plan.torch is None and [r.name for r in plan.packages] == ["pandas"]
     assert len(controller.hits) == 3
+
+
+def test_the_first_use_installs_search_downloads_and_bigquery_in_one_plan_with_one_consent(controller, monkeypatch):
+    """A search by patient on a fresh Slicer: one question and one pip plan with the search packages,
+    idc-index (the first Load needs it: pip resolves it with pandas now, not later against an imported
+    pandas) and, BigQuery being allowed, google-cloud-bigquery."""
+    versions = {"pandas": None, "idc-index": None, "google-cloud-bigquery": None}
+    _pretend_installed(monkeypatch, versions)
+    controller.logic.settings.bigquery_allowed = True
+    controller.installer.after = lambda: versions.update(pandas="2.2.3", **IDC, **{"google-cloud-bigquery": "3.17"})
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    (question,) = controller.view.of("ask")
+    assert "pandas>=2.0" in question[0] and "idc-index>=" in question[0] and "google-cloud-bigquery>=" in question[0]
+    (plan,) = controller.installer.plans
+    assert {"pandas", "idc-index", "google-cloud-bigquery"} <= {r.name for r in plan.packages}
+    assert len(controller.hits) == 3 and not controller.view.of("show_error")
+
+
+def test_without_idc_index_the_first_load_installs_it_before_any_download(controller, monkeypatch):
+    """Searches installed, idc-index not (a module from before the one plan): Load asks for it, and
+    declining downloads nothing."""
+    _pretend_installed(monkeypatch, {"idc-index": None})
+    controller.hits, controller.image_hits = pd.DataFrame({"PatientID": ["P1"], "SeriesInstanceUID": ["1.2"]}), True
+    monkeypatch.setattr(controller.logic, "download_size", lambda chosen: pytest.fail("sized before idc-index"))
+    controller.view.answers = [False]
+    controller.load_selected(_inputs())
+    controller.wait()
+    (question,) = controller.view.of("ask")
+    assert "idc-index>=" + dependencies.DOWNLOAD[0].minimum in question[0]
+    assert "Nothing was installed" in controller.view.last("show_status")[0] and not controller.installer.plans
+
+
+def test_an_install_that_would_replace_imported_packages_happens_only_with_a_restart(controller, monkeypatch):
+    """The dry run says pandas 2.3.3 (imported) would become 2.2.3: the module asks to install and restart;
+    declined, nothing is installed and nothing searched; accepted, it installs and restarts Slicer, and
+    does not go on with old and new versions mixed."""
+    versions = {"pandas": None, "idc-index": None}
+    _pretend_installed(monkeypatch, versions)
+    controller.installer.replaces = [("pandas", "2.3.3", "2.2.3")]
+    controller.view.answers = [True, False]
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    restart = controller.view.of("ask")[1][0]
+    assert "pandas 2.3.3 → 2.2.3" in restart and "restart" in restart.lower()
+    assert not controller.installer.plans and controller.hits is None and not controller.view.of("restart")
+    assert "packages in use were kept" in controller.view.last("show_status")[0]
+
+    controller.view.answers = [True, True]
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    assert len(controller.installer.plans) == 1 and controller.view.of("restart") == [()]
+    assert controller.hits is None and not controller.view.of("show_error")
+
+
+def test_a_failed_install_is_one_clear_error_and_bigquery_is_unticked(controller, monkeypatch):
+    """pip's failure reaches the user once, as an install failure with pip's words, not "Unexpected
+    error"; the BigQuery opt-in whose install failed is unticked."""
+    _pretend_installed(monkeypatch, {"pandas": None, "google-cloud-bigquery": None})
+    failure = dependencies.SimilarPatientsError("Installing pandas>=2.0 failed (pip exit code 1). ... pip said: x")
+    controller.installer.failure = failure
+    controller.find_by_patient(_inputs(patient="cavitary-0"))
+    controller.wait()
+    assert controller.view.of("show_error") == [(str(failure),)] and not controller.busy
+    controller.allow_bigquery(True, _inputs())
+    assert controller.view.of("show_error")[-1] == (str(failure),) and len(controller.view.of("show_error")) == 2
+    assert controller.view.last("show_bigquery_allowed") == (False,)
+    assert not controller.logic.settings.bigquery_allowed
+
+
+def test_a_search_in_the_controller_imports_no_torch_into_slicers_process(tmp_path):
+    """Only the query worker (its own process) needs torch and MONAI: the module's logic, controller and a
+    search by patient leave them out of Slicer's process (a fresh interpreter stands for it)."""
+    code = (
+        "import sys, numpy as np, pandas as pd\n"
+        "from SimilarPatientsLib.references import schema\n"
+        "from SimilarPatientsLib.references.store import ReferenceStore\n"
+        "from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings\n"
+        "home = sys.argv[1]\n"
+        "vectors = list(np.random.default_rng(0).standard_normal((12, 4)))\n"
+        "frame = pd.DataFrame({'model': 'M', 'PatientID': [f'P{i}' for i in range(12)], 'embedding': vectors})\n"
+        "ReferenceStore(home).write('r', schema.from_frame(frame), 'torch test')\n"
+        "class View:\n"
+        "    def ask(self, question, title): return True\n"
+        "    def __getattr__(self, name): return lambda *a: print(name, *a) if name == 'show_error' else None\n"
+        "logic = ModuleLogic(ModuleSettings(MemorySettings()), home, python=sys.executable)\n"
+        "controller = ModuleController(View(), logic)\n"
+        "inputs = Inputs(reference='r', model='M', k=3, patient='P1')\n"
+        "controller.entered(inputs)\n"
+        "controller.find_by_patient(inputs)\n"
+        "controller.wait()\n"
+        "assert len(controller.hits) == 3, controller.hits\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_before_the_first_install_the_module_opens_and_says_when_packages_come(controller, monkeypatch):
@@ -474,7 +626,7 @@ def test_loading_asks_the_download_size_every_time_even_once_downloads_are_allow
     controller, query_nodes, served, monkeypatch, tmp_path
 ):
     volume, points = query_nodes
-    _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})  # its install question is another test's
+    _pretend_installed(monkeypatch, IDC)  # its install question is another test's
     folders, index = served
     bucket = WorkerBucket(folders, tmp_path, monkeypatch)
     cache = SeriesCache(controller.logic.home / "series", index)
@@ -569,10 +721,11 @@ def test_bigquery_needs_its_opt_in_its_package_and_calls_no_service_on_entry(con
     assert "not" in controller.view.last("show_error")[0].lower()  # the bad name is refused, nothing kept
     controller.bigquery_references_edited("my-project.embeddings.nlst", _inputs())
     assert controller.logic.references() == ["tumors"]  # listed only after the opt-in
-    _pretend_installed(monkeypatch, {"google-cloud-bigquery": None})
+    _pretend_installed(monkeypatch, {"google-cloud-bigquery": None, **IDC})
     controller.view.answers = [False]
     controller.allow_bigquery(True, _inputs())
     assert not controller.logic.settings.bigquery_allowed  # declined its package: not allowed
+    assert controller.view.last("show_bigquery_allowed") == (False,)  # and the box unticked
     controller.view.answers = [True]
     controller.allow_bigquery(True, _inputs())
     assert [r.name for r in controller.installer.plans[-1].packages] == ["google-cloud-bigquery"]
@@ -774,7 +927,7 @@ def test_cancel_mid_download_ends_s5cmd_keeps_nothing_and_the_next_load_succeeds
     folder goes, nothing enters the cache; a Load at once downloads into a folder of its own and succeeds
     (it used to share the cancelled one's folder and fail with a false "cut short")."""
     volume, points = query_nodes
-    _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
+    _pretend_installed(monkeypatch, IDC)
     folders, index = served
     bucket = WorkerBucket(folders, tmp_path, monkeypatch, pause=0.3)  # 12 files: 3.6 s each
     cache = SeriesCache(tmp_path / "series", index)

@@ -16,7 +16,7 @@ from SimilarPatientsLib.idc.download import SeriesCache
 from SimilarPatientsLib.ui import Inputs, MemorySettings, ModuleController, ModuleLogic, ModuleSettings
 from SimilarPatientsLib.ui.sample import SAMPLE
 from synthetic_ct import tumor_ct, write_dicom_series
-from test_module_controller import RecordingInstaller, RecordingView, _pretend_installed
+from test_module_controller import IDC, RecordingInstaller, RecordingView, _pretend_installed
 
 
 def test_the_sample_is_the_references_own_lesion_record_of_a_series_idc_serves(nlst):
@@ -74,7 +74,7 @@ def test_the_sample_in_one_click_then_query_table_and_load_side_by_side(mrml_app
     logic = ModuleLogic(ModuleSettings(MemorySettings()), tmp_path / "home", python=sys.executable)
     cache = SeriesCache(tmp_path / "cache", IDCIndex(tmp_path / "index.parquet"))
     monkeypatch.setattr(logic, "series_cache", lambda: cache)
-    _pretend_installed(monkeypatch, {"idc-index": "0.9.0"})
+    _pretend_installed(monkeypatch, IDC)
     view = RecordingView()
     controller = ModuleController(view, logic, installer=RecordingInstaller())
     try:

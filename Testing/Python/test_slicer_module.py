@@ -22,6 +22,14 @@ MODULE_FILE = MODULE / "SimilarPatients.py"
 UI_FILE = MODULE / "Resources" / "UI" / "SimilarPatients.ui"
 
 
+def _for_this_python(specs: set) -> set:
+    """The requirements whose environment markers this Python meets, without their markers."""
+    from packaging.requirements import Requirement
+
+    kept = {Requirement(s) for s in specs}
+    return {f"{r.name}{r.specifier}" for r in kept if r.marker is None or r.marker.evaluate()}
+
+
 def _pyproject_list(text: str, start: str) -> set:
     return set(re.findall(r'"([^"]+)"', text.split(start, 1)[1].split("]", 1)[0]))
 
@@ -35,7 +43,7 @@ def test_first_use_requirements_are_pyprojects_with_their_minimum_versions():
     assert specs(dependencies.SEARCH) == _pyproject_list(text, "dependencies = [") - {"numpy>=1.26"}
     embed = {s for s in _pyproject_list(text, "embed = [") if not s.startswith(("torch", "SimpleITK", "pydicom"))}
     assert specs(dependencies.IMAGE) == {s for s in embed if not s.startswith("highdicom")}
-    assert specs(dependencies.DOWNLOAD) == _pyproject_list(text, "download = [")
+    assert specs(dependencies.DOWNLOAD) == _for_this_python(_pyproject_list(text, "download = ["))
     assert specs(dependencies.BIGQUERY) == _pyproject_list(text, "bigquery = [")
     assert "torch>=" + dependencies.MINIMUM_TORCH in _pyproject_list(text, "embed = [")
 
@@ -101,6 +109,17 @@ def test_the_module_file_is_wiring_only():
     code = "\n".join(lines)
     for decision in ("confirmOkCancelDisplay(", "errorDisplay(", "pip_install", "processEvents"):
         assert code.count(decision) <= 1, decision  # asked for by the controller only, never decided here
+
+
+def test_the_self_test_installs_nothing_in_testing_mode(slicer_module, monkeypatch):
+    """Under --testing (the extensions build machine) the self-test never changes Slicer's Python: it is
+    skipped, naming what is missing (as pip_ensure's skip_in_testing)."""
+    real = dependencies.installed_version
+    monkeypatch.setattr(dependencies, "installed_version", lambda name: None if name == "pandas" else real(name))
+    monkeypatch.setattr(dependencies.SlicerInstaller, "run_pip", lambda *a: pytest.fail("pip ran under --testing"))
+    monkeypatch.setattr(slicer_module.slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    with pytest.raises(unittest.SkipTest, match=r"--testing.*pandas>=2\.0"):
+        slicer_module.SimilarPatientsTest().setUp()
 
 
 def test_the_console_calls_are_the_librarys(slicer_module, nlst_home):

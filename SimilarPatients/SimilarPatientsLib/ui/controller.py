@@ -1,6 +1,7 @@
 """What the module's widget decides, without Qt: one method per user action, the order of each action's
-steps (packages installed with one consent per click, the licence, the download opt-in, the size question
-before loading), the progress stages and their log, cancel, which buttons are enabled, and one task at a time.
+steps (packages installed with one consent per click, as one plan, the licence, the download opt-in, the size
+question before loading), the progress stages and their log, cancel, which buttons are enabled, and one task at a
+time.
 
 Each action that waits is a *task*: a generator that yields requests to the worker process
 (``scene/worker.py``: it does the long work, so no thread of Slicer's process has to) and receives their
@@ -85,7 +86,12 @@ class View(Protocol):
     def show_sample(self, volume, tumor) -> None:
         """Select the sample patient's CT and tumor point as the query's."""
 
+    def show_bigquery_allowed(self, allowed: bool) -> None:
+        """Tick or untick "Allow BigQuery" without calling :meth:`ModuleController.allow_bigquery` again."""
+
     def open_url(self, url: str) -> None: ...
+    def restart(self) -> None:
+        """Restart Slicer (after an install that replaced packages it had imported)."""
 
 
 class ModuleController:
@@ -417,6 +423,7 @@ class ModuleController:
         """The opt-in to BigQuery searches; allowing them installs google-cloud-bigquery (with consent)."""
         if allowed and not self._guarded(lambda: self._install(BIGQUERY)):
             allowed = False
+            self.view.show_bigquery_allowed(False)  # declined or failed: the box says so
         self.logic.settings.bigquery_allowed = bool(allowed)
         if not dependencies.unmet(SEARCH):
             self.refresh_references(inputs.reference, inputs.model)
@@ -513,12 +520,24 @@ class ModuleController:
         return (BIGQUERY,) if is_bigquery(reference) else ()
 
     def _install(self, *needs, torch: bool = False) -> bool:
-        """Install what ``needs`` (and torch) call for, after one question; False when the user declined."""
-        plan: InstallPlan = dependencies.plan(*needs, torch=torch)
-        if plan.empty:
+        """Install what ``needs`` (and torch) call for, with what the module needs next (``companions``: one
+        pip resolution), after one question; False when the user declined or Slicer restarts. An install that
+        would replace packages Slicer has imported happens only with a restart (asked)."""
+        if dependencies.plan(*needs, torch=torch).empty:
             return True
+        bigquery = self.logic.settings.bigquery_allowed or BIGQUERY in needs
+        plan: InstallPlan = dependencies.plan(*needs, *dependencies.companions(bigquery), torch=torch)
         if not self.view.ask(plan.question(), "Install Python packages?"):
             self.view.show_status("Nothing was installed; the packages are asked for again at the next click.")
+            return False
+        self._progress(0, 0, "checking which versions to install")
+        self.installer.resolve(plan)
+        if plan.replaces:
+            if not self.view.ask(plan.restart_question(), "Restart Slicer after installing?"):
+                self.view.show_status("Nothing was installed: the packages in use were kept as they are.")
+                return False
+            self.installer.install(plan)
+            self.view.restart()
             return False
         first = bool(dependencies.unmet(SEARCH))
         self.installer.install(plan)
