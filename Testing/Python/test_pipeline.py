@@ -338,6 +338,31 @@ def test_a_gcs_build_folder_is_locked_while_a_build_writes_it(gcs):
     shards.BuildLock(folder, "three").release()
 
 
+def test_gzipped_files_on_gcs_are_gunzipped_once_a_csv_gz_manifest_read_and_plans_stored_as_one_gzip(gcs):
+    """Beam's file systems gunzip (and gzip) ``*.gz`` names by extension unless told not to: a gzipped
+    manifest put in the bucket by someone else reads as its rows, and a plan file's object is one gzip
+    stream any reader can open."""
+    import gzip
+    import json
+
+    from google.cloud import storage
+    from SimilarPatientsLib.pipeline import build
+
+    bucket = storage.Client.create_anonymous_client().bucket("bucket")
+    frame = pd.DataFrame(
+        [{"image": "gs://bucket/ct.nrrd", "PatientID": "P0", "seed_x": "1", "seed_y": "2", "seed_z": "3"}]
+    )
+    bucket.blob("gz/lesions.csv.gz").upload_from_string(gzip.compress(frame.to_csv(index=False).encode()))
+    lesions = read_manifest(f"{gcs}/gz/lesions.csv.gz")
+    assert [(lesion.patient, lesion.mark.values) for lesion in lesions] == [("P0", (1.0, 2.0, 3.0))]
+
+    lesion = lesions[0]
+    path = build.write_plan({lesion.source: [(lesion, ("TumorDescriptor",))]}, f"{gcs}/gz", "b1")
+    stored = bucket.blob(path[len("gs://bucket/") :]).download_as_bytes(raw_download=True)
+    line = json.loads(gzip.decompress(stored).decode())  # one gzip stream of JSON lines, not a gzip of a gzip
+    assert line["models"] == ["TumorDescriptor"] and [item[1][0].patient for item in build.read_plan(path)] == ["P0"]
+
+
 def test_a_local_build_folder_is_locked_and_a_second_build_refused_before_embedding(collection, tmp_path, home):
     root, patients = collection
     lesions = lesions_from_frame(_series_manifest([patients[0]]))
