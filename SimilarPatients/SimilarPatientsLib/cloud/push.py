@@ -38,7 +38,7 @@ from ..references import schema
 from ..references.reference import Reference
 from ..references.writer import PARQUET
 from . import client as bq
-from .sql import ADDED_COLUMNS, INDEX_NAME, index_statement
+from .sql import ADDED_COLUMNS, INDEX_NAME, drop_index_statement, index_statement
 from .tables import TableName, column
 
 #: BigQuery never populates a vector index on a table smaller than this.
@@ -188,6 +188,9 @@ def push(
         loaded = client.get_table(destination.path)
     result = PushResult(destination, int(loaded.num_rows or rows), int(loaded.num_bytes or 0), None)
     log.info("pushed '%s' to %s: %d rows, %d bytes", reference.name, destination.path, result.rows, result.bytes)
+    if not create_index or result.bytes < INDEX_MINIMUM_BYTES:
+        with bq.translated(destination):
+            client.query(drop_index_statement(destination).sql).result()
     if not create_index:
         return result
     if result.bytes < INDEX_MINIMUM_BYTES:
@@ -200,6 +203,7 @@ def push(
     report(progress, 1, 3, f"creating the {index_type} vector index")
     with bq.translated(destination):
         client.query(index_statement(destination, stored, index_type).sql).result()
+        loaded = client.get_table(destination.path)  # its etag now: the patch is refused against an older one
         loaded.description = description(
             reference, models, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
         )

@@ -187,6 +187,12 @@ def index_statement(table: TableName, stored: Sequence[str], index_type: str = "
     return Statement(sql)
 
 
+def drop_index_statement(table: TableName) -> Statement:
+    """``DROP VECTOR INDEX IF EXISTS``: whether ``CREATE OR REPLACE TABLE`` keeps a table's index is not
+    documented, so a push without an index drops any it may have kept (billed as storage, never used)."""
+    return Statement(f"DROP VECTOR INDEX IF EXISTS {column(INDEX_NAME)} ON {table.sql}")
+
+
 def _options(fraction_lists_to_search: float | None, brute_force: bool = False) -> str:
     """The ``options`` argument: a JSON literal of checked numbers only. ``use_brute_force`` takes no
     ``fraction_lists_to_search`` beside it (nothing is left to fraction)."""
