@@ -805,9 +805,10 @@ def _struct(table: pa.Table) -> pa.StructArray:
 
 def _distances(rows: np.ndarray, queries: np.ndarray, distance: str) -> np.ndarray:
     """(queries, rows) distances as BigQuery defines them: COSINE 1 - cos, EUCLIDEAN L2, DOT_PRODUCT -dot."""
-    if distance == "EUCLIDEAN":
-        return np.sqrt(np.maximum(((queries[:, None, :] - rows[None, :, :]) ** 2).sum(axis=2), 0.0))
     dot = queries @ rows.T
+    if distance == "EUCLIDEAN":  # |q|^2 + |r|^2 - 2 q.r, without a (queries, rows, length) array
+        squared = (queries**2).sum(axis=1)[:, None] + (rows**2).sum(axis=1)[None, :] - 2.0 * dot
+        return np.sqrt(np.maximum(squared, 0.0))
     if distance == "DOT_PRODUCT":
         return -dot
     norms = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(rows, axis=1)[None, :]
