@@ -363,6 +363,90 @@ def test_gzipped_files_on_gcs_are_gunzipped_once_a_csv_gz_manifest_read_and_plan
     assert line["models"] == ["TumorDescriptor"] and [item[1][0].patient for item in build.read_plan(path)] == ["P0"]
 
 
+def test_weights_on_gcs_are_copied_once_into_the_worker_cache(gcs, home, monkeypatch):
+    """``--weights MODEL=gs://…`` (a file, or a folder holding the upstream file name): what a Dataflow
+    worker's model handler resolves, a local copy in its cache (not ``Path("gs://…")``, i.e. ``gs:/…``)."""
+    from SimilarPatientsLib.models import weights
+    from SimilarPatientsLib.util import files
+
+    source = weights.WeightSource("https://example.org/w.pt", "w.pt", "CC-BY-4.0", False, size=3 * 2**20 + 5)
+    data = np.random.default_rng(0).bytes(source.size)
+    files.write(f"{gcs}/weights/w.pt", data)
+    local = weights.resolve("CTFM", source, f"{gcs}/weights/w.pt")
+    assert local.is_file() and str(home) in str(local) and local.read_bytes() == data
+    monkeypatch.setattr(files, "copy_to_local", lambda *a, **k: pytest.fail("copied twice"))
+    assert weights.resolve("CTFM", source, f"{gcs}/weights/w.pt") == local
+    monkeypatch.undo()
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(home / "another-worker"))
+    assert weights.resolve("CTFM", source, f"{gcs}/weights/").read_bytes() == data  # the folder form
+    with pytest.raises(SimilarPatientsError, match=r"The weights gs://bucket/weights/absent.pt do not exist"):
+        weights.resolve("CTFM", source, f"{gcs}/weights/absent.pt")
+
+
+@pytest.mark.slow
+def test_a_worker_loads_ct_fm_from_weights_on_gcs(gcs, ct_fm_weights, home):
+    from SimilarPatientsLib.pipeline import stages
+    from SimilarPatientsLib.util import files
+
+    url = f"{gcs}/weights/{Path(ct_fm_weights).name}"
+    files.write(url, Path(ct_fm_weights).read_bytes())
+    model = stages.EmbedderHandler("CTFM", registry.get("CTFM").recipe.name, url).load_model()
+    assert model.device == "cpu" and list((home / "weights" / "CTFM" / "from-bucket").glob("*/model.safetensors"))
+
+
+def test_a_dataflow_build_refuses_paths_its_workers_cannot_read_and_a_job_without_the_container(
+    collection, tmp_path, home, gcs, capsys
+):
+    """Before anything is submitted: an output folder, a DICOM folder, weights, images and masks on this
+    machine, and a job on Beam's default image (no torch, no extras)."""
+    root, patients = collection
+    manifest = tmp_path / "m.csv"
+    _series_manifest([patients[0]]).to_csv(manifest, index=False)
+    image = tmp_path / "ct.nrrd"
+    pd.DataFrame([{"image": str(image), "PatientID": "P0", "seed_x": 1, "seed_y": 2, "seed_z": 3}]).to_csv(
+        tmp_path / "images.csv", index=False
+    )
+    container = ["--sdk_container_image=us-docker.pkg.dev/p/r/similar-patients:1", "--project=p", "--region=r"]
+    base = ["index", "build", "--model", "TumorDescriptor", "--runner", "DataflowRunner"]
+    for extra, said in (
+        (["--manifest", str(manifest), "--out", str(tmp_path / "out"), *container], "the output folder"),
+        (["--manifest", str(manifest), "--dicom-folder", str(root), "--out", f"{gcs}/o", *container], "--dicom-folder"),
+        (["--manifest", str(tmp_path / "images.csv"), "--out", f"{gcs}/o", *container], f"e.g. {image}"),
+        (["--manifest", str(manifest), "--weights", f"CTFM={manifest}", "--out", f"{gcs}/o", *container], "weights"),
+        (["--manifest", str(manifest), "--out", f"{gcs}/o", "--project=p"], "needs --sdk_container_image"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not files_under(gcs)
+
+
+def files_under(bucket: str) -> list:
+    from SimilarPatientsLib.util import files
+
+    return files.listing(f"{bucket}/o")
+
+
+def test_gpu_workers_embed_on_cuda_or_fail_never_silently_on_the_cpu(ct_fm_weights):
+    """A ``worker_accelerator`` makes the device CUDA; asked for CUDA where it cannot run, the model handler
+    fails with the fix (the driver), not a CPU model while the GPU is billed."""
+    import torch
+    from SimilarPatientsLib.pipeline import build, stages
+
+    accelerated = [
+        "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver:5xx"
+    ]
+    assert build.worker_device(None, accelerated) == "cuda" and build.worker_device("cpu", accelerated) == "cpu"
+    assert build.worker_device(None, ["--direct_num_workers=2"]) is None
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for one without")
+    handler = stages.EmbedderHandler("CTFM", registry.get("CTFM").recipe.name, str(ct_fm_weights), device="cuda")
+    with pytest.raises(
+        SimilarPatientsError, match=r"--device cuda, but this machine has no usable CUDA.*install-nvidia-driver:5xx"
+    ):
+        handler.load_model()
+
+
 def test_a_local_build_folder_is_locked_and_a_second_build_refused_before_embedding(collection, tmp_path, home):
     root, patients = collection
     lesions = lesions_from_frame(_series_manifest([patients[0]]))
