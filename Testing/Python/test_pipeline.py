@@ -722,22 +722,30 @@ def test_a_build_prints_no_beam_import_noise(tmp_path):
 
 @pytest.mark.slow
 def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(collection, tmp_path):
-    """``--setup_file ./setup.py``: the sdist Beam's stager builds (its own function), installed into a new
-    virtual environment as a worker installs it (torch first, then the package with its embed and pipeline
-    extras), runs a bundle's worker-side code there: read a series, crop, embed with the weight-free model,
-    write a shard."""
+    """What a Dataflow worker has: the container of ``dataflow/Dockerfile`` (Beam's SDK, torch, the package
+    with its embed and download extras, installed here as its RUN lines do), then the sdist Beam's stager
+    builds for ``--setup_file``, installed as Beam's boot installs it (``pip install`` of the sdist, no extras:
+    boot.go, installSetupPackages); a bundle's worker-side code runs there: read a series, crop, embed with
+    the weight-free model, write a shard."""
+    import re
     import subprocess
     import sys
 
+    import apache_beam
     from apache_beam.runners.portability.stager import Stager
 
     repository = Path(__file__).resolve().parents[2]
+    dockerfile = (repository / "dataflow" / "Dockerfile").read_text()
+    extras = re.search(r'pip install --no-cache-dir "/tmp/similar-patients\[([\w,]+)\]"', dockerfile).group(1)
+    torch = re.search(r"pip install --no-cache-dir (torch==\S+)", dockerfile).group(1)
     sdist = Stager._build_setup_package(str(repository / "setup.py"), str(tmp_path / "dist"))
     venv = tmp_path / "worker"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
-    subprocess.run([*pip, f"{sdist}[embed,pipeline]"], check=True, timeout=1200)
+    subprocess.run([*pip, f"apache-beam[gcp]=={apache_beam.__version__}"], check=True, timeout=1200)  # the base image
+    subprocess.run([*pip, torch], check=True, timeout=900)  # a CPU machine gets PyPI's build: the same API
+    subprocess.run([*pip, f"{sdist}[{extras}]"], check=True, timeout=1200)  # the container's package
+    subprocess.run([*pip, sdist], check=True, timeout=600)  # boot.go: the staged sdist, no extras
     root, patients = collection
     bundle = f"""
 import os, sys
