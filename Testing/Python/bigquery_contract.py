@@ -467,7 +467,7 @@ class BigQueryContractServer:
         if sql.startswith("DROP VECTOR INDEX"):
             return self._drop_index(resource, sql, project)
         if sql.startswith("CREATE OR REPLACE TABLE"):
-            return self._replace_table(resource, sql, parameters, project)
+            return self._replace_table(resource, sql, parameters, project, limit)
         tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
         if not isinstance(tree, exp.Select):
             raise ContractError("a search statement must parse as a GoogleSQL SELECT")
@@ -556,7 +556,7 @@ class BigQueryContractServer:
                 return {"reason": "invalidQuery", "message": f"the base table query has {extra or type(base)}"}
         return None
 
-    def _replace_table(self, resource: dict, sql: str, parameters: dict, project: str) -> dict:
+    def _replace_table(self, resource: dict, sql: str, parameters: dict, project: str, limit=None) -> dict:
         """``CREATE OR REPLACE TABLE t [CLUSTER BY ...] OPTIONS(description=...) AS SELECT ...``, applied whole."""
         tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
         if not isinstance(tree, exp.Create) or not isinstance(tree.expression, exp.Select):
@@ -581,6 +581,13 @@ class BigQueryContractServer:
         if cluster is not None:
             clustering = [c.name for c in cluster.expressions]
         self._check_description(description)
+        # doc (BigQuery pricing): on-demand compute covers "certain ... data definition language (DDL)
+        # statements": CREATE TABLE ... AS SELECT is billed on what its SELECT reads (here the whole source).
+        (source,) = sources
+        billed = max(self.tables[source]["bytes"], _MINIMUM_BILLED)
+        if limit is not None and billed > int(limit):
+            error = {"reason": "bytesBilledLimitExceeded", "message": f"{billed} or higher required."}
+            return self._job(resource, "QUERY", None, error, project)
         select = sqlglot.transpile(tree.expression.sql(dialect="bigquery"), read="bigquery", write="duckdb")[0]
         project, dataset, _ = path.split(".")
         self.duck.execute(f'CREATE SCHEMA IF NOT EXISTS "{project}"."{dataset}"')
@@ -596,7 +603,8 @@ class BigQueryContractServer:
             bad = [c for c in clustering if c not in fields or fields[c]["mode"] == "REPEATED"]
             if bad or not 1 <= len(clustering) <= 4:
                 raise ContractError(f"CLUSTER BY needs 1-4 top-level, non-repeated columns; got {clustering}")
-        return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_TABLE_AS_SELECT"}}, project=project)
+        statistics = {"query": {"statementType": "CREATE_TABLE_AS_SELECT", "totalBytesBilled": str(billed)}}
+        return self._job(resource, "QUERY", statistics, project=project)
 
     def _parameters(self, query: dict) -> dict:
         values = {}

@@ -89,6 +89,16 @@ def test_contract_push_loads_a_staging_table_and_replaces_the_table_with_one_sta
     assert manifest["models"]["A"]["max_lesions"] >= 2 and manifest["created"].startswith("2031")
 
 
+def test_contract_the_push_table_replace_is_a_billed_query_with_a_byte_limit(nlst, server, pushed):
+    """CREATE TABLE … AS SELECT reads the staging table once, billed as a query: limited to that."""
+    replaces = [j["resource"] for j in server.jobs.values() if "CREATE OR REPLACE TABLE" in str(j["resource"])]
+    assert replaces
+    for job in replaces:
+        limit = int(job["configuration"]["query"]["maximumBytesBilled"])
+        billed = int(job["statistics"]["query"]["totalBytesBilled"])
+        assert billed == limit >= 10 * 2**20
+
+
 def test_contract_a_load_job_cannot_change_an_existing_tables_description(server, client, pushed):
     """The rule that made every re-push fail while pushes were load jobs with a description."""
     from google.api_core.exceptions import GoogleAPICallError
@@ -644,3 +654,15 @@ def test_the_notes_say_partially_used_as_bigquery_defines_it(large, server, clie
     notes = remote._notes(statement, result, 3, 3, None, approximate=True)
     assert any("used the vector index in some of the statement's searches, not all" in n for n in notes)
     assert not any("rows not yet indexed" in n for n in notes)
+
+
+def test_contract_a_refused_vector_search_is_not_sent_to_another_billing_project(large, server, client, pushed):
+    """Another billing project cannot run VECTOR_SEARCH: the advice for a refused one says what can."""
+    server.fail("POST jobs", 403, "quotaExceeded", "simulated quota")
+    with pytest.raises(SimilarPatientsError) as raised:
+        BigQueryReference(INDEXED, client).search(
+            "A", embeddings=large.space("A").vectors[0], k=3, method="approximate"
+        )
+    said = str(raised.value)
+    assert "runs only in the table's own project (my-project" in said and "bill another project with" not in said
+    assert "--method exact can be billed to another project with --billing-project" in said

@@ -21,6 +21,9 @@ from .tables import TableName, parse_project
 
 #: What a query may bill unless told otherwise (10 GiB: a brute-force scan of ~1.3 M 1024-long embeddings).
 DEFAULT_MAXIMUM_BYTES_BILLED = 10 * 2**30
+#: BigQuery on-demand pricing: "The minimum data processed per table referenced by the query is 10 MB, and
+#: the minimum data processed per query is 10 MB" (10 MB = 10,485,760 bytes there).
+MINIMUM_BILLED = 10 * 2**20
 #: Rows per getQueryResults page.
 PAGE_SIZE = 1000
 #: ``maximumBytesBilled`` is an int64 (BigQuery REST reference, JobConfigurationQuery).

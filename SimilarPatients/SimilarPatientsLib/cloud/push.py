@@ -180,7 +180,11 @@ def push(
             loaded = client.get_table(staging.path)
             loaded.expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=STAGING_HOURS)
             client.update_table(loaded, ["expires"])  # a killed push leaves nothing for long
-            client.query(replace_statement(destination, staging, description(reference, models))).result()
+            # a query job, billed on the staging table it reads (once per push): limited to exactly that
+            limit = max(int(loaded.num_bytes or 0), bq.MINIMUM_BILLED)
+            config = module.QueryJobConfig(maximum_bytes_billed=limit)
+            text = replace_statement(destination, staging, description(reference, models))
+            client.query(text, job_config=config).result()
     finally:
         with bq.translated(destination):
             client.delete_table(staging.path, not_found_ok=True)
