@@ -502,6 +502,54 @@ def test_the_manifest_travels_as_a_file_and_a_100k_lesion_job_graph_stays_small(
     assert sum(1 for _ in build.read_plan(plan_path)) == 100_000
 
 
+def test_the_dataflow_job_request_of_a_20k_lesion_build_is_far_under_dataflows_limits(tmp_path, gcs):
+    """What Dataflow counts: "The Dataflow service is currently limited to processing JSON job requests that
+    are 20 MB in size or smaller" and the job graph's 10 MB (Dataflow quotas and limits). Beam's
+    DataflowRunner builds the request (dry run, nothing submitted) and stages the pipeline on the Cloud
+    Storage emulator; the request is measured as the JSON it would send."""
+    from apache_beam.runners.dataflow.internal import apiclient
+    from SimilarPatientsLib.pipeline import build
+
+    count = 20_000  # beyond the 12,000 lesions a graph carrying them reached 10 MB at
+    frame = pd.DataFrame(
+        {
+            "SeriesInstanceUID": [f"1.2.826.0.1.3680043.8.498.{i // 3}" for i in range(count)],
+            "PatientID": [f"P{i // 3:06d}" for i in range(count)],
+            "lesion_id": [f"L{i % 3}" for i in range(count)],
+            "seed_x": 1.5,
+            "seed_y": -20.25,
+            "seed_z": -130.0,
+        }
+    )
+    lesions = lesions_from_frame(frame)
+    recipes = {"TumorDescriptor": registry.get("TumorDescriptor").recipe}
+    plan_path = build.write_plan(build.plan(lesions, recipes, f"{gcs}/job").todo, f"{gcs}/job", "b1")
+    options = ["--project=my-project", "--region=us-central1", f"--temp_location={gcs}/tmp", "--dry_run=True"]
+    options += ["--sdk_container_image=us-docker.pkg.dev/p/r/similar-patients:1", "--no_auth"]
+    graph = build.pipeline_graph(
+        plan_path,
+        count,
+        recipes,
+        f"{gcs}/job",
+        "b1",
+        SeriesSource(),
+        "DataflowRunner",
+        options,
+        {},
+        False,
+        "cuda",
+        8,
+        "fp32",
+        shards.row_schema(lesions),
+    )
+    job = graph.run().job  # the DataflowRunner's job, not submitted
+    apiclient.DataflowApplicationClient(graph._options, job.root_staging_location).create_job_description(job)
+    request = len(job.json().encode("utf-8"))
+    pipeline = len(job.proto_pipeline.SerializeToString())
+    print(f"Dataflow job request JSON: {request:,} bytes; staged pipeline proto: {pipeline:,} bytes")
+    assert request < 200_000 < 20 * 1000 * 1000 and pipeline < 200_000 < 10 * 1000 * 1000
+
+
 @pytest.mark.slow
 def test_a_rerun_after_correcting_the_manifest_follows_it_and_says_what_it_added_replaced_kept_and_removed(
     collection, tmp_path, home
