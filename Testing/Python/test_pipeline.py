@@ -671,6 +671,37 @@ def test_gpu_workers_share_one_model_across_processes():
     assert not stages.EmbedderHandler("TumorDescriptor", "r").share_model_across_processes()
 
 
+def test_a_model_shared_across_processes_embeds_as_one_per_process(collection, tmp_path, home, monkeypatch):
+    """GPU workers share one model across their SDK processes (Beam's MultiProcessShared: the model lives in
+    a server process and every worker reaches it through a proxy): run here on the DirectRunner with two
+    workers, the model served by that proxy, its rows equal an unshared build's."""
+    from apache_beam.utils import multi_process_shared
+    from SimilarPatientsLib.pipeline import stages
+
+    root, patients = collection
+    lesions = lesions_from_frame(_series_manifest(patients[:3]))
+    source = SeriesSource.local(root)
+    build_references(lesions, ["TumorDescriptor"], tmp_path / "alone", source)
+    handler = stages.inference_handler
+    monkeypatch.setattr(stages, "inference_handler", lambda *args: handler(*args[:7], True))
+    served = []
+    monkeypatch.setattr(
+        multi_process_shared.MultiProcessShared,
+        "acquire",
+        lambda self, original=multi_process_shared.MultiProcessShared.acquire: served.append(self) or original(self),
+    )
+    options = ["--direct_num_workers=2", "--direct_running_mode=in_memory"]
+    result = build_references(lesions, ["TumorDescriptor"], tmp_path / "shared", source, beam_args=options)
+    assert result.embedded == 3 and served  # the model came through Beam's cross-process proxy
+
+    def rows(folder):
+        table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(folder))]).sort_values("PatientID")
+        return table["PatientID"].tolist(), np.stack(table["embedding"])
+
+    (alone_ids, alone), (shared_ids, shared) = rows(tmp_path / "alone"), rows(tmp_path / "shared")
+    assert alone_ids == shared_ids and np.array_equal(alone, shared)
+
+
 def test_index_build_refusals_come_before_any_embedding(collection, tmp_path, home, capsys):
     root, patients = collection
     manifest = tmp_path / "m.csv"
