@@ -435,8 +435,8 @@ class BigQueryContractServer:
             raise ContractError(f"jobReference.projectId {reference.get('projectId')} is not the billed project")
         job = {
             "kind": "bigquery#job",
-            "id": f"{project}:US.{job_id}",
-            "jobReference": {"projectId": project, "jobId": job_id, "location": "US"},
+            "id": f"{project}:{reference.get('location', 'US')}.{job_id}",
+            "jobReference": {"projectId": project, "jobId": job_id, "location": reference.get("location", "US")},
             "configuration": {**resource.get("configuration", {}), "jobType": kind},
             "status": {"state": state},
             "statistics": {"creationTime": "1", "startTime": "2", "endTime": "3", **(statistics or {})},
@@ -453,6 +453,13 @@ class BigQueryContractServer:
         query = configuration.get("query")
         if query is None:
             raise ContractError("jobs.insert without a body upload must be a query job (configuration.query)")
+        # doc (BigQuery locations): "you can't query a dataset in one location and write the results to a table
+        # in another location", and a job runs in its datasets' location: every dataset here is in US, so a
+        # query job asked to run elsewhere finds none of them.
+        location = (resource.get("jobReference") or {}).get("location", "US")
+        if location != "US":
+            missing = {"reason": "notFound", "message": f"Not found: Dataset was not found in location {location}"}
+            return self._job(resource, "QUERY", None, missing, project)
         if query.get("useLegacySql") is not False:
             raise ContractError("queries must set useLegacySql: false (GoogleSQL)")
         limit = query.get("maximumBytesBilled")

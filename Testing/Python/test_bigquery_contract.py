@@ -645,6 +645,20 @@ def test_contract_jobs_are_pending_until_polled_and_found_only_in_their_location
     assert job.result().total_rows == 2 and job.state == "DONE"
     with pytest.raises(NotFound):
         client.get_job(job.job_id, location="EU")
+    with pytest.raises(NotFound, match="was not found in location EU"):  # the datasets are in US
+        client.query(statement.sql, job_config=bq.job_config(statement), location="EU").result()
+
+
+def test_contract_ivf_lists_are_trained_with_euclidean_distance_whatever_the_search_distance():
+    """Vectors of one direction and different lengths: one cosine cluster, two Euclidean ones."""
+    with BigQueryContractServer("p-stand-in") as stand_in:
+        stand_in.duck.execute('CREATE SCHEMA "p-stand-in"."d"')
+        stand_in.duck.execute(
+            'CREATE TABLE "p-stand-in"."d"."t" AS SELECT * FROM (VALUES ([1.0, 0.0]), ([1.1, 0.0]), ([10.0, 0.0]), '
+            "([11.0, 0.0])) AS v(embedding)"
+        )
+        centroids = stand_in._lists("p-stand-in.d.t", {"column": "embedding", "distance": "COSINE"})
+    np.testing.assert_allclose(sorted(centroids[:, 0]), [1.05, 10.5])
 
 
 def test_the_notes_say_partially_used_as_bigquery_defines_it(large, server, client, pushed):
