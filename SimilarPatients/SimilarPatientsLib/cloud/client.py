@@ -77,6 +77,7 @@ class QueryResult:
     index_usage: str | None = None  #: VECTOR_SEARCH: FULLY_USED, PARTIALLY_USED or UNUSED
     index_unused_reasons: list = field(default_factory=list)
     cache_hit: bool = False  #: answered from BigQuery's query cache (nothing billed)
+    index_unused_codes: list = field(default_factory=list)  #: IndexUnusedReason codes (BASE_TABLE_TOO_SMALL…)
     #: VECTOR_SEARCH's stored columns' usage (REST StoredColumnsUsage): why filters on them were not
     #: applied before the search, one text per reason; empty when they were
     stored_columns_unused: list = field(default_factory=list)
@@ -126,8 +127,9 @@ def run(client, table: TableName, statement: Statement, maximum_bytes_billed: in
         job.total_bytes_billed,
         vector.get("indexUsageMode"),
         [r.get("message") or r.get("code") for r in vector.get("indexUnusedReasons", [])],
-        bool(job.cache_hit),
-        [
+        cache_hit=bool(job.cache_hit),
+        index_unused_codes=[r.get("code") for r in vector.get("indexUnusedReasons", []) if r.get("code")],
+        stored_columns_unused=[
             r.get("message") or r.get("code") or "no reason given"
             for usage in vector.get("storedColumnsUsages", [])
             if not usage.get("isQueryAccelerated", True)

@@ -232,11 +232,23 @@ class BigQueryReference(ReferenceManifest):
         if "VECTOR_SEARCH(" in statement.sql:
             if result.index_usage in (None, "UNUSED"):
                 reasons = "; ".join(r for r in result.index_unused_reasons if r) or "no reason given"
+                codes = set(result.index_unused_codes)
+                if "NOT_SUPPORTED_IN_STANDARD_EDITION" in codes:
+                    fix = (
+                        "the project runs on BigQuery's Standard edition, which cannot use vector indexes: search from "
+                        "a project on another edition or on-demand pricing, or --method exact"
+                    )
+                elif "BASE_TABLE_TOO_SMALL" in codes:
+                    fix = "BigQuery never populates an index on a table under 10 MB; at that size exact search is cheap"
+                else:
+                    fix = (
+                        f"create it (`references push NAME --bigquery {self.table.path} --create-index`, on a table "
+                        f"of 10 MB or more), wait until it is populated, and search with the cosine metric it was "
+                        f"built for"
+                    )
                 notes.append(
                     f"the vector index was not used ({reasons}): the search compared every lesion (exact, but it "
-                    f"bills the whole table). Fix: create it (`references push NAME --bigquery {self.table.path} "
-                    f"--create-index`, on a table of 10 MB or more), wait until it is populated, and search with the "
-                    f"cosine metric it was built for"
+                    f"bills the whole table). Fix: {fix}"
                 )
             elif result.index_usage == "PARTIALLY_USED":  # BigQuery: "Some search functions in the query used
                 # vector indexes and some didn't" (the statement has one; said as it is if it ever occurs)
