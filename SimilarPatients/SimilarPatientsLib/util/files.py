@@ -62,11 +62,11 @@ def read(path: str) -> bytes:
         return stream.read()
 
 
-def copy_to_local(path: str, local: Path, chunk: int = 16 * 2**20) -> Path:
-    """The file ``path`` (local or ``gs://``) copied to ``local`` in chunks (weights may exceed memory),
-    whole or not at all."""
-    opened = open(path, "rb") if not is_url(path) else _systems().open(path, compression_type=_as_is())  # noqa: SIM115
-    with opened as source, replacing(Path(local)) as temporary, open(temporary, "wb") as sink:
+def copy_to_local(url: str, local: Path, chunk: int = 16 * 2**20) -> Path:
+    """The object ``url`` (``gs://…``) copied to the local file ``local`` in chunks (weights may exceed
+    memory), whole or not at all."""
+    source = _systems().open(url, compression_type=_as_is())
+    with source, replacing(Path(local)) as temporary, open(temporary, "wb") as sink:
         while True:
             block = source.read(chunk)
             if not block:
