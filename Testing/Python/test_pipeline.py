@@ -847,7 +847,10 @@ rows = [shards.row(lesion, "TumorDescriptor", recipe.name, r.example.seed, r.inf
 path = shards.write_shard(rows, {str(tmp_path / "out")!r}, shards.row_schema([lesion]), "worker")
 print(SimilarPatientsLib.__file__, pq.read_table(path).num_rows)
 """
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path)
+    worker = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a worker has no checkout on its path
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path, env=worker
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     installed, count = done.stdout.split()
     assert str(venv) in installed and count == "1"
