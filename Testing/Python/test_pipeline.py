@@ -414,6 +414,18 @@ def test_a_dataflow_build_refuses_paths_its_workers_cannot_read_and_a_job_withou
         (["--manifest", str(tmp_path / "images.csv"), "--out", f"{gcs}/o", *container], f"e.g. {image}"),
         (["--manifest", str(manifest), "--weights", f"CTFM={manifest}", "--out", f"{gcs}/o", *container], "weights"),
         (["--manifest", str(manifest), "--out", f"{gcs}/o", "--project=p"], "needs --sdk_container_image"),
+        (
+            [
+                "--manifest",
+                str(manifest),
+                "--out",
+                f"{gcs}/o",
+                *container,
+                "--setup_file=./setup.py",
+                "--no_use_public_ips",
+            ],
+            "fetches setuptools from PyPI",
+        ),
     ):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err

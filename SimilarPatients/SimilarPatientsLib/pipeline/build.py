@@ -267,7 +267,15 @@ def check_worker_paths(runner: str, beam_args, out: str, series, lesions=(), wei
             f"gs://BUCKET/… and name those (--out gs://…, --weights MODEL=gs://…, image/mask columns gs://…), fetch "
             f"the series from IDC (no --dicom-folder), or build here with --runner DirectRunner."
         )
-    if not any(a.split("=")[0] in ("--sdk_container_image", "--worker_harness_container_image") for a in beam_args):
+    names = {a.split("=")[0] for a in beam_args}
+    if "--setup_file" in names and "--no_use_public_ips" in names:
+        raise SimilarPatientsError(
+            "--setup_file with --no_use_public_ips: Beam's worker boot runs `pip install` on the staged sdist, which "
+            "builds it in an isolated environment that fetches setuptools from PyPI, and workers without public IPs "
+            "(and no Cloud NAT) reach no package index. The container (dataflow/Dockerfile) already holds the "
+            "package: drop --setup_file, or rebuild the container with your changes."
+        )
+    if not names & {"--sdk_container_image", "--worker_harness_container_image"}:
         raise SimilarPatientsError(
             "A Dataflow build needs --sdk_container_image: Beam's default worker image has no torch, MONAI, "
             "SimpleITK, pydicom or idc-index, and Beam installs a --setup_file package without its extras. Build "
