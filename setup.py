@@ -1,5 +1,7 @@
-"""For Dataflow's ``--setup_file ./setup.py``: Beam builds this project's sdist with it and installs it on
-every worker. The package itself is described in pyproject.toml."""
+"""For Dataflow's ``--setup_file ./setup.py`` on top of the worker container (``dataflow/Dockerfile``):
+Beam builds this project's sdist with it and each worker installs it as ``pip install`` of the sdist,
+without extras, so the worker dependencies must already be in the container. The package itself is
+described in pyproject.toml."""
 
 from setuptools import setup
 

@@ -17,6 +17,13 @@ before the search, so it can return fewer than ``top_k`` rows. ``vectorSearchSta
 index was used and why not. :meth:`populate_index` stands for BigQuery finishing its background build.
 Bytes are BigQuery's logical bytes (8 per FLOAT64/INT64 value, 2 + length per STRING) of the columns a
 statement reads. Errors are injected with :meth:`fail` as BigQuery's error bodies.
+
+Jobs run in the project their request names (the billing project), which need not be the tables' project
+(``project``, the one project whose datasets the server holds), except where the documentation says they
+must be the same. A job is PENDING when inserted and DONE once polled; identical queries are answered from
+the query cache unless ``useQueryCache`` is false; ``edition`` and ``replace_keeps_index`` stand for what
+a real project may differ in (the Standard edition; whether ``CREATE OR REPLACE TABLE`` keeps an index,
+which the documentation does not say).
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ _MINIMUM_BILLED = 10 * 2**20
 # doc (Manage vector indexes): "If you create a vector index on a table that's smaller than 10 MB, then the
 # index isn't populated."
 _INDEX_MINIMUM_BYTES = 10 * 1000 * 1000
+# doc (VECTOR_SEARCH, Limitations): "The project that runs the query containing VECTOR_SEARCH must match the
+# project that contains the base table."
+_SAME_PROJECT_RULE = (
+    "The project that runs the query containing VECTOR_SEARCH must match the project that contains the base table."
+)
 # doc (REST reference, Table.description, and the Cloud console's limit): a description holds at most 16,384
 # characters.
 _DESCRIPTION_LIMIT = 16384
@@ -114,6 +126,10 @@ class BigQueryContractServer:
         self.failures: list[tuple[str, int, str, str]] = []
         self.page_tokens: dict[str, int] = {}
         self.searches = 0
+        self.cache: dict[tuple, dict] = {}  #: the query cache: (project, statement, parameters, etag) -> job
+        self.edition = "ENTERPRISE"  #: "STANDARD": indexes exist but searches cannot use them
+        self.replace_keeps_index = False  #: undocumented either way: the tests run both
+        self.stored_columns_unused: dict | None = None  #: a storedColumnsUnusedReason to report once
         self.lock = threading.RLock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -214,13 +230,18 @@ class BigQueryContractServer:
                 return name, match.groups()
         return path, ()
 
-    def populate_index(self, path: str) -> None:
-        """BigQuery has finished building the table's vector index in the background: searches may use it."""
+    def populate_index(self, path: str, coverage: float = 1.0) -> None:
+        """BigQuery has built ``coverage`` of the table's vector index in the background (all of it: finished).
+        An index on a table under 10 MB is never populated."""
         with self.lock:
-            self.tables[path]["index"]["populated"] = True
+            index = self.tables[path]["index"]
+            if self.tables[path]["bytes"] >= _INDEX_MINIMUM_BYTES:
+                index["populated"], index["coverage"] = True, float(coverage)
 
     def _answer(self, method, route, groups, query, body, headers):
         if route == "tables" and method in ("GET", "PATCH", "DELETE"):
+            if groups[0] != self.project:
+                return 404, _error(404, "notFound", f"Not found: Project {groups[0]}"), None
             path = ".".join(groups)
             if path not in self.tables:
                 return 404, _error(404, "notFound", f"Not found: Table {groups[0]}:{groups[1]}.{groups[2]}"), None
@@ -229,6 +250,11 @@ class BigQueryContractServer:
                 self.duck.execute(f"DROP TABLE {self._duck_name(path)}")
                 return 204, None, None
             if method == "PATCH":
+                # doc (google-cloud-bigquery, Client.update_table): "If table.etag is not None, the update will
+                # only succeed if the table on the server has the same ETag." (sent as If-Match; HTTP 412 else)
+                expected = headers.get("If-Match")
+                if expected is not None and expected != self.tables[path]["etag"]:
+                    return 412, _error(412, "conditionNotMet", "Precondition check failed."), None
                 change = json.loads(body)
                 # doc (tables.patch): "This method supports RFC5789 patch semantics": only the fields sent change.
                 if set(change) - {"description", "expirationTime", "tableReference", "etag"}:
@@ -243,10 +269,21 @@ class BigQueryContractServer:
                 self.tables[path]["etag"] = uuid.uuid4().hex
             return 200, self._table_resource(path), None
         if route == "jobs" and method == "POST":
-            return 200, self._insert(json.loads(body)), None
-        if route == "job" and method == "GET":
-            return 200, self.jobs[groups[1]]["resource"], None
-        if route == "queries" and method == "GET":
+            return 200, self._insert(json.loads(body), groups[0]), None
+        if route in ("job", "queries") and method == "GET":
+            job = self.jobs.get(groups[1])
+            # doc (jobs.get, location): "The geographic location of the job. ... required except for US and EU";
+            # a job asked for in another location, or in another project, is not found.
+            if (
+                job is None
+                or job["resource"]["jobReference"]["projectId"] != groups[0]
+                or query.get("location", job["resource"]["jobReference"]["location"])
+                != job["resource"]["jobReference"]["location"]
+            ):
+                return 404, _error(404, "notFound", f"Not found: Job {groups[0]}:{groups[1]}"), None
+            job["resource"]["status"]["state"] = "DONE"  # polled: it has run
+            if route == "job":
+                return 200, job["resource"], None
             return 200, self._results(groups[1], query), None
         if route == "upload":
             return self._upload(method, query, body, headers)
@@ -378,30 +415,51 @@ class BigQueryContractServer:
         return sizes
 
     # ---- query jobs -----------------------------------------------------------------------------------
-    def _job(self, resource: dict, kind: str, statistics: dict | None = None, error: dict | None = None) -> dict:
+    def _job(
+        self,
+        resource: dict,
+        kind: str,
+        statistics: dict | None = None,
+        error: dict | None = None,
+        project: str | None = None,
+        state: str = "PENDING",
+    ) -> dict:
+        """A job run in ``project`` (the billing project its request named). It is PENDING until polled
+        (doc, JobStatus.state: "Running state of the job. Valid states include 'PENDING', 'RUNNING', and
+        'DONE'."), so a client must wait for it; a dry run is answered DONE at once."""
+        project = project or self.project
         reference = resource.get("jobReference") or {}
         job_id = reference.get("jobId") or uuid.uuid4().hex
-        if reference.get("projectId", self.project) != self.project:
+        # doc (jobs.insert, projectId): "Project ID of project that will be billed for the job."
+        if reference.get("projectId", project) != project:
             raise ContractError(f"jobReference.projectId {reference.get('projectId')} is not the billed project")
         job = {
             "kind": "bigquery#job",
-            "id": f"{self.project}:US.{job_id}",
-            "jobReference": {"projectId": self.project, "jobId": job_id, "location": "US"},
+            "id": f"{project}:{reference.get('location', 'US')}.{job_id}",
+            "jobReference": {"projectId": project, "jobId": job_id, "location": reference.get("location", "US")},
             "configuration": {**resource.get("configuration", {}), "jobType": kind},
-            "status": {"state": "DONE"},
+            "status": {"state": state},
             "statistics": {"creationTime": "1", "startTime": "2", "endTime": "3", **(statistics or {})},
         }
-        if error:
+        if error:  # a job that fails validation is DONE at once, with its error
+            job["status"]["state"] = "DONE"
             job["status"]["errorResult"] = error
             job["status"]["errors"] = [error]
         self.jobs[job_id] = {"resource": job}
         return job
 
-    def _insert(self, resource: dict) -> dict:
+    def _insert(self, resource: dict, project: str) -> dict:
         configuration = resource.get("configuration", {})
         query = configuration.get("query")
         if query is None:
             raise ContractError("jobs.insert without a body upload must be a query job (configuration.query)")
+        # doc (BigQuery locations): "you can't query a dataset in one location and write the results to a table
+        # in another location", and a job runs in its datasets' location: every dataset here is in US, so a
+        # query job asked to run elsewhere finds none of them.
+        location = (resource.get("jobReference") or {}).get("location", "US")
+        if location != "US":
+            missing = {"reason": "notFound", "message": f"Not found: Dataset was not found in location {location}"}
+            return self._job(resource, "QUERY", None, missing, project)
         if query.get("useLegacySql") is not False:
             raise ContractError("queries must set useLegacySql: false (GoogleSQL)")
         limit = query.get("maximumBytesBilled")
@@ -412,9 +470,11 @@ class BigQueryContractServer:
         sql = query["query"]
         parameters = self._parameters(query)
         if sql.startswith("CREATE OR REPLACE VECTOR INDEX"):
-            return self._create_index(resource, sql)
+            return self._create_index(resource, sql, project)
+        if sql.startswith("DROP VECTOR INDEX"):
+            return self._drop_index(resource, sql, project)
         if sql.startswith("CREATE OR REPLACE TABLE"):
-            return self._replace_table(resource, sql, parameters)
+            return self._replace_table(resource, sql, parameters, project, limit)
         tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
         if not isinstance(tree, exp.Select):
             raise ContractError("a search statement must parse as a GoogleSQL SELECT")
@@ -424,33 +484,86 @@ class BigQueryContractServer:
         path, read_bytes = self._bytes_read(tree)
         statistics = {"query": {"totalBytesProcessed": str(read_bytes), "statementType": "SELECT"}}
         statistics["totalBytesProcessed"] = str(read_bytes)
+        calls = list(_VECTOR_SEARCH.finditer(sql))
+        refused = self._check_vector_search(calls, path, project)
+        if refused:
+            return self._job(
+                resource, "QUERY", statistics, refused, project, "DONE" if configuration.get("dryRun") else "PENDING"
+            )
         if configuration.get("dryRun"):
-            return self._job(resource, "QUERY", statistics)
+            return self._job(resource, "QUERY", statistics, project=project, state="DONE")
+        # doc (Using cached query results): "When query results are retrieved from a cached results table, the job
+        # statistics property statistics.query.cacheHit returns as true, and you are not charged for the query";
+        # (JobConfigurationQuery.useQueryCache): "The default value is true." A changed table invalidates it.
+        key = (project, sql, json.dumps(query.get("queryParameters", []), sort_keys=True), self.tables[path]["etag"])
+        if query.get("useQueryCache", True) and key in self.cache:
+            cached = self.cache[key]
+            statistics["query"].update({"cacheHit": True, "totalBytesProcessed": "0", "totalBytesBilled": "0"})
+            statistics["totalBytesProcessed"] = "0"
+            if calls:  # doc (IndexUnusedReason): "QUERY_CACHE_HIT: Indicates that the query was cached, and thus
+                # the search index was not used."
+                statistics["query"]["vectorSearchStatistics"] = {
+                    "indexUsageMode": "UNUSED",
+                    "indexUnusedReasons": [{"code": "QUERY_CACHE_HIT", "message": "The query was cached."}],
+                }
+            job = self._job(resource, "QUERY", statistics, project=project)
+            self.jobs[job["jobReference"]["jobId"]]["result"] = cached
+            return job
+        # doc (BigQuery pricing, on-demand compute): "The minimum data processed per table referenced by the query
+        # is 10 MB, and the minimum data processed per query is 10 MB." (one table is referenced here)
         billed = max(read_bytes, _MINIMUM_BILLED)
         if limit is not None and billed > int(limit):
             error = {
                 "reason": "bytesBilledLimitExceeded",
                 "message": f"Query exceeded limit for bytes billed: {limit}. {billed} or higher required.",
             }
-            return self._job(resource, "QUERY", statistics, error)
-        calls = list(_VECTOR_SEARCH.finditer(sql))
+            return self._job(resource, "QUERY", statistics, error, project)
         if calls:
             usage = []
             for call in calls:
-                name, mode, reasons = self._vector_search(path, call, parameters)
+                name, mode, reasons, index_bytes, stored = self._vector_search(path, call, parameters)
                 sql = sql.replace(call.group(0), name)
-                usage.append((mode, reasons))
-            mode, reasons = usage[0]
+                usage.append((mode, reasons, stored))
+                # doc (Introduction to vector search, Pricing): "You are charged for the amount of bytes scanned in
+                # the base table, the index, and the search query." How much of the index a search scans is not
+                # said; the stand-in bills the share of its lists searched.
+                read_bytes += index_bytes
+            mode, reasons, stored = usage[0]
+            billed = max(read_bytes, _MINIMUM_BILLED)
+            statistics["query"]["totalBytesProcessed"] = statistics["totalBytesProcessed"] = str(read_bytes)
             statistics["query"]["vectorSearchStatistics"] = {"indexUsageMode": mode}
             if reasons:
                 statistics["query"]["vectorSearchStatistics"]["indexUnusedReasons"] = reasons
+            if stored:
+                statistics["query"]["vectorSearchStatistics"]["storedColumnsUsages"] = [stored]
         statistics["query"]["totalBytesBilled"] = str(billed)
+        statistics["query"]["cacheHit"] = False
         result = self._subquery(sql, parameters)
-        job = self._job(resource, "QUERY", statistics)
+        job = self._job(resource, "QUERY", statistics, project=project)
         self.jobs[job["jobReference"]["jobId"]]["result"] = result
+        self.cache[key] = result
         return job
 
-    def _replace_table(self, resource: dict, sql: str, parameters: dict) -> dict:
+    def _check_vector_search(self, calls: list, path: str, project: str) -> dict | None:
+        """The job error for a ``VECTOR_SEARCH`` BigQuery does not run (None: it runs)."""
+        for call in calls:
+            if project != path.split(".")[0]:
+                return {"reason": "invalidQuery", "message": f"{_SAME_PROJECT_RULE} (job: {project}; table: {path})"}
+            options = json.loads(call["options"] or "{}")
+            fraction = options.get("fraction_lists_to_search")
+            # doc (VECTOR_SEARCH, options): "The fraction_lists_to_search value must be in the range 0.0 to 1.0,
+            # exclusive."
+            if fraction is not None and not 0.0 < float(fraction) < 1.0:
+                return {"reason": "invalidQuery", "message": f"fraction_lists_to_search must be in (0, 1): {fraction}"}
+            # doc (VECTOR_SEARCH, base_table query statement): "Only SELECT, FROM, and WHERE clauses are allowed
+            # in this query."
+            base = sqlglot.parse_one(call["base"], read="bigquery")
+            extra = sorted(k for k, v in base.args.items() if v and k not in ("expressions", "from", "from_", "where"))
+            if not isinstance(base, exp.Select) or extra:
+                return {"reason": "invalidQuery", "message": f"the base table query has {extra or type(base)}"}
+        return None
+
+    def _replace_table(self, resource: dict, sql: str, parameters: dict, project: str, limit=None) -> dict:
         """``CREATE OR REPLACE TABLE t [CLUSTER BY ...] OPTIONS(description=...) AS SELECT ...``, applied whole."""
         tree = sqlglot.parse_one(sql, read="bigquery", error_level=sqlglot.ErrorLevel.RAISE)
         if not isinstance(tree, exp.Create) or not isinstance(tree.expression, exp.Select):
@@ -475,11 +588,20 @@ class BigQueryContractServer:
         if cluster is not None:
             clustering = [c.name for c in cluster.expressions]
         self._check_description(description)
+        # doc (BigQuery pricing): on-demand compute covers "certain ... data definition language (DDL)
+        # statements": CREATE TABLE ... AS SELECT is billed on what its SELECT reads (here the whole source).
+        (source,) = sources
+        billed = max(self.tables[source]["bytes"], _MINIMUM_BILLED)
+        if limit is not None and billed > int(limit):
+            error = {"reason": "bytesBilledLimitExceeded", "message": f"{billed} or higher required."}
+            return self._job(resource, "QUERY", None, error, project)
         select = sqlglot.transpile(tree.expression.sql(dialect="bigquery"), read="bigquery", write="duckdb")[0]
         project, dataset, _ = path.split(".")
         self.duck.execute(f'CREATE SCHEMA IF NOT EXISTS "{project}"."{dataset}"')
         self.duck.execute(f"CREATE OR REPLACE TABLE {self._duck_name(path)} AS {select}")
-        self._record(path, description, clustering)  # a replaced table starts without a vector index
+        kept = self.tables[path]["index"] if path in self.tables and self.replace_keeps_index else None
+        self._record(path, description, clustering)
+        self.tables[path]["index"] = kept
         if clustering is not None:
             fields = {f["name"]: f for f in self.tables[path]["fields"]}
             # doc (REST reference, Clustering.fields): "One or more fields on which data should be clustered. Only
@@ -488,7 +610,8 @@ class BigQueryContractServer:
             bad = [c for c in clustering if c not in fields or fields[c]["mode"] == "REPEATED"]
             if bad or not 1 <= len(clustering) <= 4:
                 raise ContractError(f"CLUSTER BY needs 1-4 top-level, non-repeated columns; got {clustering}")
-        return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_TABLE_AS_SELECT"}})
+        statistics = {"query": {"statementType": "CREATE_TABLE_AS_SELECT", "totalBytesBilled": str(billed)}}
+        return self._job(resource, "QUERY", statistics, project=project)
 
     def _parameters(self, query: dict) -> dict:
         values = {}
@@ -517,7 +640,17 @@ class BigQueryContractServer:
         named = {c.name for c in tree.find_all(exp.Column)}
         return path, sum(size for name, size in columns.items() if name in named)
 
-    def _create_index(self, resource: dict, sql: str) -> dict:
+    def _drop_index(self, resource: dict, sql: str, project: str) -> dict:
+        # doc (DDL, DROP VECTOR INDEX): "DROP VECTOR INDEX [ IF EXISTS ] index_name ON table_name"
+        match = re.fullmatch(r"DROP VECTOR INDEX IF EXISTS `(\w+)` ON `([\w.-]+)`", sql)
+        if match is None or match.group(2) not in self.tables:
+            raise ContractError(f"DROP VECTOR INDEX of another shape, or on an unknown table: {sql[:160]}")
+        index = self.tables[match.group(2)]["index"]
+        if index is not None and index["name"] == match.group(1):
+            self.tables[match.group(2)]["index"] = None
+        return self._job(resource, "QUERY", {"query": {"statementType": "DROP_VECTOR_INDEX"}}, project=project)
+
+    def _create_index(self, resource: dict, sql: str, project: str) -> dict:
         shape = (
             r"CREATE OR REPLACE VECTOR INDEX `(\w+)` ON `([\w.-]+)`\(`(\w+)`\)(?: STORING\(([^)]*)\))?\n"
             r"OPTIONS\(index_type = '(\w+)', distance_type = '(\w+)'\)$"
@@ -527,8 +660,6 @@ class BigQueryContractServer:
             raise ContractError(f"CREATE VECTOR INDEX on an unknown table, or of another shape: {sql[:160]}")
         name, path, indexed, storing, index_type, distance = match.groups()
         meta = self.tables[path]
-        if meta["bytes"] < _INDEX_MINIMUM_BYTES:
-            raise ContractError("an index on a table under 10 MB is never populated: it should not be created")
         # doc (CREATE VECTOR INDEX, column_name): "The column must have a type of ARRAY<FLOAT64> ... All elements in
         # the array must be non-NULL, and all values in the column must have the same array dimensions."
         field = next((f for f in meta["fields"] if f["name"] == indexed), None)
@@ -544,11 +675,13 @@ class BigQueryContractServer:
         if indexed in stored or not set(stored) <= {f["name"] for f in meta["fields"]}:
             raise ContractError(f"STORING names unknown or vector columns: {stored}")
         meta["index"] = {"name": name, "column": indexed, "stored": stored, "distance": distance, "populated": False}
-        return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_VECTOR_INDEX"}})
+        meta["etag"] = uuid.uuid4().hex  # not documented either way: a client must not patch with the older etag
+        return self._job(resource, "QUERY", {"query": {"statementType": "CREATE_VECTOR_INDEX"}}, project=project)
 
-    def _vector_search(self, path: str, call: re.Match, parameters: dict) -> tuple[str, str, list]:
+    def _vector_search(self, path: str, call: re.Match, parameters: dict) -> tuple:
         """Run one ``VECTOR_SEARCH`` call and register its output (``base``, ``query``, ``distance``) as a
-        table: the name to put in its place, the index usage mode and the reasons an index was not used."""
+        table: the name to put in its place, the index usage mode, the reasons an index was not used, the
+        index bytes scanned and the stored columns' usage (None without a used index)."""
         base = self._subquery(call["base"], parameters)
         query = self._subquery(call["query"], parameters)
         column, top_k = call["column"], int(call["top_k"])
@@ -563,6 +696,14 @@ class BigQueryContractServer:
             reasons.append({"code": "INDEX_CONFIG_NOT_AVAILABLE", "message": "There is no vector index on the table."})
         elif options.get("use_brute_force"):
             reasons.append({"code": "INDEX_SUPPRESSED_BY_FUNCTION_OPTION", "message": "use_brute_force is set."})
+        elif self.edition == "STANDARD":
+            # doc (Introduction to vector search): "Using an index isn't supported in Standard editions."
+            code = "NOT_SUPPORTED_IN_STANDARD_EDITION"
+            reasons.append({"code": code, "message": "Vector indexes are not supported in the Standard edition."})
+        elif self.tables[path]["bytes"] < _INDEX_MINIMUM_BYTES:
+            # doc (Manage vector indexes): "If you create a vector index on a table that's smaller than 10 MB, then
+            # the index isn't populated."; (INFORMATION_SCHEMA.VECTOR_INDEXES) BASE_TABLE_TOO_SMALL
+            reasons.append({"code": "BASE_TABLE_TOO_SMALL", "message": "The base table is smaller than 10 MB."})
         elif not index["populated"]:
             reasons.append({"code": "PENDING_INDEX_CREATION", "message": "The vector index is still being built."})
         elif index["distance"] != call["distance"] or index["column"] != column:
@@ -570,13 +711,26 @@ class BigQueryContractServer:
         vectors = np.asarray(base.column(column).to_pylist(), dtype=np.float64).reshape(base.num_rows, -1)
         queries = np.asarray(query.column(column).to_pylist(), dtype=np.float64).reshape(query.num_rows, -1)
         distances = _distances(vectors, queries, call["distance"])  # (queries, base rows)
+        index_bytes, stored = 0, None
         if not reasons:  # an IVF search: the lists nearest each query, filtered rows only (pre-filter)
+            # doc (Vector indexes, IVF): "The index creation itself always uses EUCLIDEAN distance for training but
+            # the distance used in your search function can be different": lists are Euclidean k-means clusters.
             centroids = self._lists(path, index)
-            member = np.argmin(_distances(centroids, vectors, index["distance"]), axis=1)
+            member = np.argmin(_distances(centroids, vectors, "EUCLIDEAN"), axis=1)
             probes = max(1, math.ceil(float(options.get("fraction_lists_to_search", 0.1)) * len(centroids)))
-            nearest_lists = np.argsort(_distances(centroids, queries, index["distance"]), axis=1)[:, :probes]
+            nearest_lists = np.argsort(_distances(centroids, queries, "EUCLIDEAN"), axis=1)[:, :probes]
+            # doc (Manage vector indexes): until the index is fully populated, searches "use the index for the
+            # indexed rows and brute force for the rest, and don't miss unindexed rows": the last rows are unindexed.
+            indexed = np.arange(base.num_rows) < round(index.get("coverage", 1.0) * base.num_rows)
             for row, lists in enumerate(nearest_lists):
-                distances[row, ~np.isin(member, lists)] = np.inf
+                distances[row, indexed & ~np.isin(member, lists)] = np.inf
+            sizes = self.tables[path]["column_bytes"]
+            whole = sum(sizes[c] for c in (index["column"], *index["stored"]))
+            index_bytes = math.ceil(whole * probes / len(centroids))
+            stored = {"isQueryAccelerated": self.stored_columns_unused is None, "baseTable": _reference(path)}
+            if self.stored_columns_unused is not None:
+                stored["storedColumnsUnusedReasons"] = [self.stored_columns_unused]
+                self.stored_columns_unused = None
         picked_query, picked_base, picked_distance = [], [], []
         for row in range(query.num_rows):
             order = [i for i in np.argsort(distances[row], kind="stable")[:top_k] if np.isfinite(distances[row, i])]
@@ -595,21 +749,21 @@ class BigQueryContractServer:
         self.searches += 1
         name = f"vector_search_{self.searches}"
         self.duck.register(name, found)
-        return name, "UNUSED" if reasons else "FULLY_USED", reasons
+        return name, "UNUSED" if reasons else "FULLY_USED", reasons, index_bytes, stored
 
     def _subquery(self, text: str, parameters: dict) -> pa.Table:
         used = {name: value for name, value in parameters.items() if re.search(rf"@{name}\b", text)}
         return self.duck.sql(sqlglot.transpile(text, read="bigquery", write="duckdb")[0], params=used).to_arrow_table()
 
     def _lists(self, path: str, index: dict) -> np.ndarray:
-        """The IVF index's list centroids: k-means (a few Lloyd steps) over the whole table's vectors."""
+        """The IVF index's list centroids: Euclidean k-means (a few Lloyd steps) over the table's vectors."""
         if "centroids" not in index:
             rows = self.duck.execute(f"SELECT {index['column']} FROM {self._duck_name(path)}").fetchall()
             vectors = np.asarray([r[0] for r in rows], dtype=np.float64)
             count = max(1, round(math.sqrt(len(vectors))))
             centroids = vectors[np.linspace(0, len(vectors) - 1, count).astype(int)]
             for _ in range(5):
-                member = np.argmin(_distances(centroids, vectors, index["distance"]), axis=1)
+                member = np.argmin(_distances(centroids, vectors, "EUCLIDEAN"), axis=1)
                 centroids = np.stack(
                     [vectors[member == i].mean(axis=0) if (member == i).any() else c for i, c in enumerate(centroids)]
                 )
@@ -655,15 +809,21 @@ class BigQueryContractServer:
         return answer
 
 
+def _reference(path: str) -> dict:
+    project, dataset, table = path.split(".")
+    return {"projectId": project, "datasetId": dataset, "tableId": table}
+
+
 def _struct(table: pa.Table) -> pa.StructArray:
     return pa.StructArray.from_arrays([c.chunk(0) for c in table.columns], table.column_names)
 
 
 def _distances(rows: np.ndarray, queries: np.ndarray, distance: str) -> np.ndarray:
     """(queries, rows) distances as BigQuery defines them: COSINE 1 - cos, EUCLIDEAN L2, DOT_PRODUCT -dot."""
-    if distance == "EUCLIDEAN":
-        return np.sqrt(np.maximum(((queries[:, None, :] - rows[None, :, :]) ** 2).sum(axis=2), 0.0))
     dot = queries @ rows.T
+    if distance == "EUCLIDEAN":  # |q|^2 + |r|^2 - 2 q.r, without a (queries, rows, length) array
+        squared = (queries**2).sum(axis=1)[:, None] + (rows**2).sum(axis=1)[None, :] - 2.0 * dot
+        return np.sqrt(np.maximum(squared, 0.0))
     if distance == "DOT_PRODUCT":
         return -dot
     norms = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(rows, axis=1)[None, :]

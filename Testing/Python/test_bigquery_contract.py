@@ -18,6 +18,7 @@ from bigquery_contract import BigQueryContractServer
 from SimilarPatientsLib import SimilarPatientsError
 from SimilarPatientsLib.cloud import client as bq
 from SimilarPatientsLib.cloud import open_reference, parse_table
+from SimilarPatientsLib.cloud import sql as bq_sql
 from SimilarPatientsLib.cloud.push import push
 from SimilarPatientsLib.cloud.remote import BigQueryReference
 
@@ -86,6 +87,16 @@ def test_contract_push_loads_a_staging_table_and_replaces_the_table_with_one_sta
     manifest = json.loads(server.tables[INDEXED.path]["description"])["similar_patients"]
     assert sorted(manifest["models"]) == ["A"] and manifest["index"]["type"] == "IVF"
     assert manifest["models"]["A"]["max_lesions"] >= 2 and manifest["created"].startswith("2031")
+
+
+def test_contract_the_push_table_replace_is_a_billed_query_with_a_byte_limit(nlst, server, pushed):
+    """CREATE TABLE … AS SELECT reads the staging table once, billed as a query: limited to that."""
+    replaces = [j["resource"] for j in server.jobs.values() if "CREATE OR REPLACE TABLE" in str(j["resource"])]
+    assert replaces
+    for job in replaces:
+        limit = int(job["configuration"]["query"]["maximumBytesBilled"])
+        billed = int(job["statistics"]["query"]["totalBytesBilled"])
+        assert billed == limit >= 10 * 2**20
 
 
 def test_contract_a_load_job_cannot_change_an_existing_tables_description(server, client, pushed):
@@ -432,3 +443,248 @@ def test_cli_refuses_k_0_and_bad_byte_limits_the_same_for_local_and_bigquery_ref
     argv = ["neighbors", "--reference", "bq://my-project.embeddings.nlst_sybil", "--model", "CTFM", "--patient", "1"]
     assert main([*argv, "--billing-project", "my-project/jobs/../../x"]) == 2
     assert "is not a Google Cloud project id" in capsys.readouterr().err
+
+
+@pytest.fixture
+def populated(server, pushed):
+    """INDEXED's index populated for one test (BigQuery has finished building it), then unpopulated again."""
+    server.populate_index(INDEXED.path)
+    yield server
+    server.tables[INDEXED.path]["index"].update(populated=False, coverage=1.0)
+    server.edition = "ENTERPRISE"
+
+
+def _billing(server, project: str):
+    from google.auth.credentials import AnonymousCredentials
+
+    return bigquery.Client(
+        project=project, credentials=AnonymousCredentials(), client_options={"api_endpoint": server.url}
+    )
+
+
+def test_contract_a_search_billed_to_another_project_is_exact_and_vector_search_is_refused_up_front(
+    large, populated, client
+):
+    """VECTOR_SEARCH runs only in the table's project: ``auto`` falls back to the exact statement (and says
+    why), ``approximate`` and ``--check-recall`` are refused before any job, with the fix."""
+    other = _billing(populated, "billing-project")
+    vector = large.space("A").vectors[3]
+    jobs = len(populated.jobs)
+    hits = BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5)
+    local = large.search("A", embeddings=vector, k=5, method="exact")
+    assert list(hits["PatientID"]) == list(local["PatientID"]) and set(hits["search"]) == {"exact"}
+    assert any("VECTOR_SEARCH only in the table's project (my-project)" in n for n in hits.attrs["notes"])
+    assert {job["resource"]["jobReference"]["projectId"] for job in list(populated.jobs.values())[jobs:]} == {
+        "billing-project"
+    }
+    jobs = len(populated.jobs)
+    fix = r"only in the project that holds the table \(my-project\).*--billing-project my-project.*--method exact"
+    with pytest.raises(SimilarPatientsError, match=fix):
+        BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5, method="approximate")
+    with pytest.raises(SimilarPatientsError, match=fix):
+        BigQueryReference(INDEXED, other, check_recall=True)
+    assert len(populated.jobs) == jobs  # nothing ran
+    # the same search in the table's project uses the index
+    assert set(BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=5)["search"]) == {"approximate"}
+    assert populated.violations == []
+
+
+def test_contract_the_server_refuses_vector_search_from_another_project_and_runs_exact_queries(
+    large, populated, client
+):
+    from google.api_core.exceptions import GoogleAPICallError
+
+    other = _billing(populated, "billing-project")
+    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[0], k=3)
+    with pytest.raises(GoogleAPICallError, match="must match the project that contains the base table"):
+        other.query(statement.sql, job_config=bq.job_config(statement)).result()
+    exact = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[0], k=3, method="exact")
+    assert other.query(exact.sql, job_config=bq.job_config(exact)).result().total_rows == 3
+
+
+def test_contract_a_repeated_approximate_search_is_never_a_cached_answer_labelled_exact(large, populated, client):
+    """BigQuery answers a repeated query from its cache, which says nothing of the index (QUERY_CACHE_HIT):
+    VECTOR_SEARCH asks for no cache; an exact search may be cached, and the notes say so."""
+    remote = BigQueryReference(INDEXED, client)
+    vector = large.space("A").vectors[7]
+    first, second = (remote.search("A", embeddings=vector, k=5) for _ in range(2))
+    assert set(first["search"]) == set(second["search"]) == {"approximate"}
+    asked = [job["resource"]["configuration"].get("query", {}) for job in populated.jobs.values()]
+    searches = [q for q in asked if "VECTOR_SEARCH(" in q.get("query", "")]
+    assert searches and all(q.get("useQueryCache") is False for q in searches)
+    again = [remote.search("A", embeddings=vector, k=5, method="exact") for _ in range(2)][1]
+    assert any("answered from its query cache" in note and "nothing billed" in note for note in again.attrs["notes"])
+    assert list(again["PatientID"]) == list(large.search("A", embeddings=vector, k=5, method="exact")["PatientID"])
+
+
+def test_contract_the_query_cache_says_cache_hit_and_that_the_index_was_not_used(large, populated, client):
+    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[1], k=3)
+    config = bq.job_config(statement)
+    config.use_query_cache = True  # what the library asked for before
+    first, second = (client.query(statement.sql, job_config=config) for _ in range(2))
+    first.result(), second.result()
+    assert (first.cache_hit, second.cache_hit, second.total_bytes_billed) == (False, True, 0)
+    reasons = second._properties["statistics"]["query"]["vectorSearchStatistics"]["indexUnusedReasons"]
+    assert [r["code"] for r in reasons] == ["QUERY_CACHE_HIT"]
+
+
+@pytest.mark.parametrize("fraction", [1, 1.0, 0, -0.5, float("nan"), "x"])
+def test_fraction_lists_to_search_is_checked_as_bigquery_checks_it(fraction):
+    with pytest.raises(SimilarPatientsError, match="between 0 and 1, both excluded"):
+        BigQueryReference(ALL_MODELS, client=object(), fraction_lists_to_search=fraction)
+
+
+def test_contract_the_server_holds_vector_searchs_option_range_and_base_table_query_rules(large, populated, client):
+    from google.api_core.exceptions import GoogleAPICallError
+
+    statement = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.5).statement(
+        "A", large.space("A").vectors[0]
+    )
+    for broken, said in (
+        (statement.sql.replace('"fraction_lists_to_search": 0.5', '"fraction_lists_to_search": 1.0'), "in \\(0, 1\\)"),
+        (statement.sql.replace("WHERE `model` = @model),", "WHERE `model` = @model ORDER BY `age`),"), "order"),
+    ):
+        assert broken != statement.sql
+        with pytest.raises(GoogleAPICallError, match=said):
+            client.query(broken, job_config=bq.job_config(statement)).result()
+
+
+def test_contract_a_table_patch_with_a_stale_etag_is_refused(server, client, pushed):
+    from google.api_core.exceptions import PreconditionFailed
+
+    stale = client.get_table(ALL_MODELS.path)
+    fresh = client.get_table(ALL_MODELS.path)
+    fresh.description = fresh.description  # a patch that changes nothing still gets a new etag here
+    client.update_table(fresh, ["description"])
+    with pytest.raises(PreconditionFailed):
+        client.update_table(stale, ["description"])
+
+
+def test_contract_a_re_push_without_an_index_leaves_none_whether_or_not_the_table_replace_kept_it(
+    large, server, client
+):
+    table = parse_table(f"{PROJECT}.embeddings.indexed_b")
+    try:
+        for keeps in (False, True):
+            server.replace_keeps_index = keeps
+            assert push(large, table, client, create_index=True).index == "IVF"
+            assert server.tables[table.path]["index"] is not None
+            assert push(_reimported(large), table, client).index is None
+            assert server.tables[table.path]["index"] is None
+            assert BigQueryReference(table, client).index is None
+    finally:
+        server.replace_keeps_index = False
+        del server.tables[table.path]
+    assert server.violations == []
+
+
+def test_contract_an_index_on_a_table_under_10_mb_is_created_but_never_populated(nlst, server, client, pushed):
+    """BigQuery accepts the DDL and leaves the index unpopulated; searches say BASE_TABLE_TOO_SMALL."""
+    small = parse_table(f"{PROJECT}.embeddings.small")
+    push(nlst, small, client, models=["CTFM"])
+    try:
+        client.query(bq_sql.index_statement(small, ["model", "PatientID"]).sql).result()
+        server.populate_index(small.path)
+        assert server.tables[small.path]["index"]["populated"] is False
+        hits = BigQueryReference(small, client).search(
+            "CTFM", embeddings=nlst.space("CTFM").vectors[0], k=3, method="approximate"
+        )
+        assert set(hits["search"]) == {"exact"}
+        notes = " ".join(hits.attrs["notes"])
+        assert "smaller than 10 MB" in notes and "never populates an index on a table under 10 MB" in notes
+    finally:
+        del server.tables[small.path]
+
+
+def test_contract_a_standard_edition_project_cannot_use_the_index_and_the_notes_say_so(large, populated, client):
+    populated.edition = "STANDARD"
+    hits = BigQueryReference(INDEXED, client).search("A", embeddings=large.space("A").vectors[2], k=5)
+    assert set(hits["search"]) == {"exact"}
+    notes = " ".join(hits.attrs["notes"])
+    assert "not supported in the Standard edition" in notes and "Standard edition, which cannot use" in notes
+    assert "--create-index" not in notes  # creating the index again would not help
+
+
+def test_contract_stored_column_filters_that_became_post_filters_are_said(large, populated, client):
+    populated.stored_columns_unused = {
+        "code": "UNSUPPORTED_PREFILTER",
+        "message": "The pre-filter is not supported.",
+        "uncoveredColumns": ["age"],
+    }
+    hits = BigQueryReference(INDEXED, client).search(
+        "A", embeddings=large.space("A").vectors[2], k=5, where=["age>=60"]
+    )
+    assert set(hits["search"]) == {"approximate"}
+    assert any(
+        "did not apply the filters on the index's stored columns before the search (The pre-filter is not supported.)"
+        in note
+        for note in hits.attrs["notes"]
+    )
+
+
+def test_contract_a_partly_built_index_still_compares_the_unindexed_rows(large, populated, client):
+    """BigQuery searches the rows not yet indexed by brute force: they are never missed."""
+    populated.populate_index(INDEXED.path, coverage=0.5)
+    vectors = large.space("A").vectors
+    remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.02)
+    for row in (len(vectors) - 1, len(vectors) - 40):  # lesions past the indexed half of the table
+        hits = remote.search("A", embeddings=vectors[row], k=1)
+        assert set(hits["search"]) == {"approximate"} and hits["distance"].iloc[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_contract_an_indexed_search_bills_the_base_table_and_the_index_it_scanned(large, populated, client):
+    remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.5)
+    statement = remote.statement("A", large.space("A").vectors[4], k=3)
+    base = remote.dry_run(statement)  # what the dry run can know: the base table
+    job = client.query(statement.sql, job_config=bq.job_config(statement))
+    job.result()
+    sizes = populated.tables[INDEXED.path]["column_bytes"]
+    assert job.total_bytes_processed > base + sizes["embedding"] / 3 and job.total_bytes_billed >= 10 * 2**20
+
+
+def test_contract_jobs_are_pending_until_polled_and_found_only_in_their_location(nlst, server, client, pushed):
+    from google.api_core.exceptions import NotFound
+
+    statement = BigQueryReference(ALL_MODELS, client).statement(
+        "CTFM", nlst.space("CTFM").vectors[0], k=2, method="exact"
+    )
+    job = client.query(statement.sql, job_config=bq.job_config(statement))
+    assert job.state == "PENDING"
+    assert job.result().total_rows == 2 and job.state == "DONE"
+    with pytest.raises(NotFound):
+        client.get_job(job.job_id, location="EU")
+    with pytest.raises(NotFound, match="was not found in location EU"):  # the datasets are in US
+        client.query(statement.sql, job_config=bq.job_config(statement), location="EU").result()
+
+
+def test_contract_ivf_lists_are_trained_with_euclidean_distance_whatever_the_search_distance():
+    """Vectors of one direction and different lengths: one cosine cluster, two Euclidean ones."""
+    with BigQueryContractServer("p-stand-in") as stand_in:
+        stand_in.duck.execute('CREATE SCHEMA "p-stand-in"."d"')
+        stand_in.duck.execute(
+            'CREATE TABLE "p-stand-in"."d"."t" AS SELECT * FROM (VALUES ([1.0, 0.0]), ([1.1, 0.0]), ([10.0, 0.0]), '
+            "([11.0, 0.0])) AS v(embedding)"
+        )
+        centroids = stand_in._lists("p-stand-in.d.t", {"column": "embedding", "distance": "COSINE"})
+    np.testing.assert_allclose(sorted(centroids[:, 0]), [1.05, 10.5])
+
+
+def test_the_notes_say_partially_used_as_bigquery_defines_it(large, server, client, pushed):
+    remote = BigQueryReference(INDEXED, client)
+    statement = remote.statement("A", large.space("A").vectors[0], k=3, method="approximate")
+    result = bq.QueryResult(None, 1, 1, "PARTIALLY_USED", ["The base table is being indexed."])
+    notes = remote._notes(statement, result, 3, 3, None, approximate=True)
+    assert any("used the vector index in some of the statement's searches, not all" in n for n in notes)
+    assert not any("rows not yet indexed" in n for n in notes)
+
+
+def test_contract_a_refused_vector_search_is_not_sent_to_another_billing_project(large, server, client, pushed):
+    """Another billing project cannot run VECTOR_SEARCH: the advice for a refused one says what can."""
+    server.fail("POST jobs", 403, "quotaExceeded", "simulated quota")
+    with pytest.raises(SimilarPatientsError) as raised:
+        BigQueryReference(INDEXED, client).search(
+            "A", embeddings=large.space("A").vectors[0], k=3, method="approximate"
+        )
+    said = str(raised.value)
+    assert "runs only in the table's own project (my-project" in said and "bill another project with" not in said
+    assert "--method exact can be billed to another project with --billing-project" in said

@@ -356,6 +356,127 @@ def test_a_gcs_build_folder_is_locked_while_a_build_writes_it(gcs):
     shards.BuildLock(folder, "three").release()
 
 
+def test_gzipped_files_on_gcs_are_gunzipped_once_a_csv_gz_manifest_read_and_plans_stored_as_one_gzip(gcs):
+    """Beam's file systems gunzip (and gzip) ``*.gz`` names by extension unless told not to: a gzipped
+    manifest put in the bucket by someone else reads as its rows, and a plan file's object is one gzip
+    stream any reader can open."""
+    import gzip
+    import json
+
+    from google.cloud import storage
+    from SimilarPatientsLib.pipeline import build
+
+    bucket = storage.Client.create_anonymous_client().bucket("bucket")
+    frame = pd.DataFrame(
+        [{"image": "gs://bucket/ct.nrrd", "PatientID": "P0", "seed_x": "1", "seed_y": "2", "seed_z": "3"}]
+    )
+    bucket.blob("gz/lesions.csv.gz").upload_from_string(gzip.compress(frame.to_csv(index=False).encode()))
+    lesions = read_manifest(f"{gcs}/gz/lesions.csv.gz")
+    assert [(lesion.patient, lesion.mark.values) for lesion in lesions] == [("P0", (1.0, 2.0, 3.0))]
+
+    lesion = lesions[0]
+    path = build.write_plan({lesion.source: [(lesion, ("TumorDescriptor",))]}, f"{gcs}/gz", "b1")
+    stored = bucket.blob(path[len("gs://bucket/") :]).download_as_bytes(raw_download=True)
+    line = json.loads(gzip.decompress(stored).decode())  # one gzip stream of JSON lines, not a gzip of a gzip
+    assert line["models"] == ["TumorDescriptor"] and [item[1][0].patient for item in build.read_plan(path)] == ["P0"]
+
+
+def test_weights_on_gcs_are_copied_once_into_the_worker_cache(gcs, home, monkeypatch):
+    """``--weights MODEL=gs://…`` (a file, or a folder holding the upstream file name): what a Dataflow
+    worker's model handler resolves, a local copy in its cache (not ``Path("gs://…")``, i.e. ``gs:/…``)."""
+    from SimilarPatientsLib.models import weights
+    from SimilarPatientsLib.util import files
+
+    source = weights.WeightSource("https://example.org/w.pt", "w.pt", "CC-BY-4.0", False, size=3 * 2**20 + 5)
+    data = np.random.default_rng(0).bytes(source.size)
+    files.write(f"{gcs}/weights/w.pt", data)
+    local = weights.resolve("CTFM", source, f"{gcs}/weights/w.pt")
+    assert local.is_file() and str(home) in str(local) and local.read_bytes() == data
+    monkeypatch.setattr(files, "copy_to_local", lambda *a, **k: pytest.fail("copied twice"))
+    assert weights.resolve("CTFM", source, f"{gcs}/weights/w.pt") == local
+    monkeypatch.undo()
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(home / "another-worker"))
+    assert weights.resolve("CTFM", source, f"{gcs}/weights/").read_bytes() == data  # the folder form
+    with pytest.raises(SimilarPatientsError, match=r"The weights gs://bucket/weights/absent.pt do not exist"):
+        weights.resolve("CTFM", source, f"{gcs}/weights/absent.pt")
+
+
+@pytest.mark.slow
+def test_a_worker_loads_ct_fm_from_weights_on_gcs(gcs, ct_fm_weights, home):
+    from SimilarPatientsLib.pipeline import stages
+    from SimilarPatientsLib.util import files
+
+    url = f"{gcs}/weights/{Path(ct_fm_weights).name}"
+    files.write(url, Path(ct_fm_weights).read_bytes())
+    model = stages.EmbedderHandler("CTFM", registry.get("CTFM").recipe.name, url).load_model()
+    assert model.device == "cpu" and list((home / "weights" / "CTFM" / "from-bucket").glob("*/model.safetensors"))
+
+
+def test_a_dataflow_build_refuses_paths_its_workers_cannot_read_and_a_job_without_the_container(
+    collection, tmp_path, home, gcs, capsys
+):
+    """Before anything is submitted: an output folder, a DICOM folder, weights, images and masks on this
+    machine, and a job on Beam's default image (no torch, no extras)."""
+    root, patients = collection
+    manifest = tmp_path / "m.csv"
+    _series_manifest([patients[0]]).to_csv(manifest, index=False)
+    image = tmp_path / "ct.nrrd"
+    pd.DataFrame([{"image": str(image), "PatientID": "P0", "seed_x": 1, "seed_y": 2, "seed_z": 3}]).to_csv(
+        tmp_path / "images.csv", index=False
+    )
+    container = ["--sdk_container_image=us-docker.pkg.dev/p/r/similar-patients:1", "--project=p", "--region=r"]
+    base = ["index", "build", "--model", "TumorDescriptor", "--runner", "DataflowRunner"]
+    for extra, said in (
+        (["--manifest", str(manifest), "--out", str(tmp_path / "out"), *container], "the output folder"),
+        (["--manifest", str(manifest), "--dicom-folder", str(root), "--out", f"{gcs}/o", *container], "--dicom-folder"),
+        (["--manifest", str(tmp_path / "images.csv"), "--out", f"{gcs}/o", *container], f"e.g. {image}"),
+        (["--manifest", str(manifest), "--weights", f"CTFM={manifest}", "--out", f"{gcs}/o", *container], "weights"),
+        (["--manifest", str(manifest), "--out", f"{gcs}/o", "--project=p"], "needs --sdk_container_image"),
+        (
+            [
+                "--manifest",
+                str(manifest),
+                "--out",
+                f"{gcs}/o",
+                *container,
+                "--setup_file=./setup.py",
+                "--no_use_public_ips",
+            ],
+            "fetches setuptools from PyPI",
+        ),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not files_under(gcs)
+
+
+def files_under(bucket: str) -> list:
+    from SimilarPatientsLib.util import files
+
+    return files.listing(f"{bucket}/o")
+
+
+def test_gpu_workers_embed_on_cuda_or_fail_never_silently_on_the_cpu(ct_fm_weights):
+    """A ``worker_accelerator`` makes the device CUDA; asked for CUDA where it cannot run, the model handler
+    fails with the fix (the driver), not a CPU model while the GPU is billed."""
+    import torch
+    from SimilarPatientsLib.pipeline import build, stages
+
+    accelerated = [
+        "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver:5xx"
+    ]
+    assert build.worker_device(None, accelerated) == "cuda" and build.worker_device("cpu", accelerated) == "cpu"
+    assert build.worker_device(None, ["--direct_num_workers=2"]) is None
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for one without")
+    handler = stages.EmbedderHandler("CTFM", registry.get("CTFM").recipe.name, str(ct_fm_weights), device="cuda")
+    with pytest.raises(
+        SimilarPatientsError, match=r"--device cuda, but this machine has no usable CUDA.*install-nvidia-driver:5xx"
+    ):
+        handler.load_model()
+
+
 def test_a_local_build_folder_is_locked_and_a_second_build_refused_before_embedding(collection, tmp_path, home):
     root, patients = collection
     lesions = lesions_from_frame(_series_manifest([patients[0]]))
@@ -409,6 +530,54 @@ def test_the_manifest_travels_as_a_file_and_a_100k_lesion_job_graph_stays_small(
     size = len(graph.to_runner_api().SerializeToString())
     assert size < 100_000 < 10 * 1000 * 1000  # bytes; the lesions (~800 B each) would be 80 MB
     assert sum(1 for _ in build.read_plan(plan_path)) == 100_000
+
+
+def test_the_dataflow_job_request_of_a_20k_lesion_build_is_far_under_dataflows_limits(tmp_path, gcs):
+    """What Dataflow counts: "The Dataflow service is currently limited to processing JSON job requests that
+    are 20 MB in size or smaller" and the job graph's 10 MB (Dataflow quotas and limits). Beam's
+    DataflowRunner builds the request (dry run, nothing submitted) and stages the pipeline on the Cloud
+    Storage emulator; the request is measured as the JSON it would send."""
+    from apache_beam.runners.dataflow.internal import apiclient
+    from SimilarPatientsLib.pipeline import build
+
+    count = 20_000  # beyond the 12,000 lesions a graph carrying them reached 10 MB at
+    frame = pd.DataFrame(
+        {
+            "SeriesInstanceUID": [f"1.2.826.0.1.3680043.8.498.{i // 3}" for i in range(count)],
+            "PatientID": [f"P{i // 3:06d}" for i in range(count)],
+            "lesion_id": [f"L{i % 3}" for i in range(count)],
+            "seed_x": 1.5,
+            "seed_y": -20.25,
+            "seed_z": -130.0,
+        }
+    )
+    lesions = lesions_from_frame(frame)
+    recipes = {"TumorDescriptor": registry.get("TumorDescriptor").recipe}
+    plan_path = build.write_plan(build.plan(lesions, recipes, f"{gcs}/job").todo, f"{gcs}/job", "b1")
+    options = ["--project=my-project", "--region=us-central1", f"--temp_location={gcs}/tmp", "--dry_run=True"]
+    options += ["--sdk_container_image=us-docker.pkg.dev/p/r/similar-patients:1", "--no_auth"]
+    graph = build.pipeline_graph(
+        plan_path,
+        count,
+        recipes,
+        f"{gcs}/job",
+        "b1",
+        SeriesSource(),
+        "DataflowRunner",
+        options,
+        {},
+        False,
+        "cuda",
+        8,
+        "fp32",
+        shards.row_schema(lesions),
+    )
+    job = graph.run().job  # the DataflowRunner's job, not submitted
+    apiclient.DataflowApplicationClient(graph._options, job.root_staging_location).create_job_description(job)
+    request = len(job.json().encode("utf-8"))
+    pipeline = len(job.proto_pipeline.SerializeToString())
+    print(f"Dataflow job request JSON: {request:,} bytes; staged pipeline proto: {pipeline:,} bytes")
+    assert request < 200_000 < 20 * 1000 * 1000 and pipeline < 200_000 < 10 * 1000 * 1000
 
 
 @pytest.mark.slow
@@ -532,6 +701,37 @@ def test_gpu_workers_share_one_model_across_processes():
     assert not stages.EmbedderHandler("TumorDescriptor", "r").share_model_across_processes()
 
 
+def test_a_model_shared_across_processes_embeds_as_one_per_process(collection, tmp_path, home, monkeypatch):
+    """GPU workers share one model across their SDK processes (Beam's MultiProcessShared: the model lives in
+    a server process and every worker reaches it through a proxy): run here on the DirectRunner with two
+    workers, the model served by that proxy, its rows equal an unshared build's."""
+    from apache_beam.utils import multi_process_shared
+    from SimilarPatientsLib.pipeline import stages
+
+    root, patients = collection
+    lesions = lesions_from_frame(_series_manifest(patients[:3]))
+    source = SeriesSource.local(root)
+    build_references(lesions, ["TumorDescriptor"], tmp_path / "alone", source)
+    handler = stages.inference_handler
+    monkeypatch.setattr(stages, "inference_handler", lambda *args: handler(*args[:7], True))
+    served = []
+    monkeypatch.setattr(
+        multi_process_shared.MultiProcessShared,
+        "acquire",
+        lambda self, original=multi_process_shared.MultiProcessShared.acquire: served.append(self) or original(self),
+    )
+    options = ["--direct_num_workers=2", "--direct_running_mode=in_memory"]
+    result = build_references(lesions, ["TumorDescriptor"], tmp_path / "shared", source, beam_args=options)
+    assert result.embedded == 3 and served  # the model came through Beam's cross-process proxy
+
+    def rows(folder):
+        table = pd.concat([pd.read_parquet(p) for p in shards.shard_files(str(folder))]).sort_values("PatientID")
+        return table["PatientID"].tolist(), np.stack(table["embedding"])
+
+    (alone_ids, alone), (shared_ids, shared) = rows(tmp_path / "alone"), rows(tmp_path / "shared")
+    assert alone_ids == shared_ids and np.array_equal(alone, shared)
+
+
 def test_index_build_refusals_come_before_any_embedding(collection, tmp_path, home, capsys):
     root, patients = collection
     manifest = tmp_path / "m.csv"
@@ -633,22 +833,30 @@ def test_a_build_prints_no_beam_import_noise(tmp_path):
 
 @pytest.mark.slow
 def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(collection, tmp_path):
-    """``--setup_file ./setup.py``: the sdist Beam's stager builds (its own function), installed into a new
-    virtual environment as a worker installs it (torch first, then the package with its embed and pipeline
-    extras), runs a bundle's worker-side code there: read a series, crop, embed with the weight-free model,
-    write a shard."""
+    """What a Dataflow worker has: the container of ``dataflow/Dockerfile`` (Beam's SDK, torch, the package
+    with its embed and download extras, installed here as its RUN lines do), then the sdist Beam's stager
+    builds for ``--setup_file``, installed as Beam's boot installs it (``pip install`` of the sdist, no extras:
+    boot.go, installSetupPackages); a bundle's worker-side code runs there: read a series, crop, embed with
+    the weight-free model, write a shard."""
+    import re
     import subprocess
     import sys
 
+    import apache_beam
     from apache_beam.runners.portability.stager import Stager
 
     repository = Path(__file__).resolve().parents[2]
+    dockerfile = (repository / "dataflow" / "Dockerfile").read_text()
+    extras = re.search(r'pip install --no-cache-dir "/tmp/similar-patients\[([\w,]+)\]"', dockerfile).group(1)
+    torch = re.search(r"pip install --no-cache-dir (torch==\S+)", dockerfile).group(1)
     sdist = Stager._build_setup_package(str(repository / "setup.py"), str(tmp_path / "dist"))
     venv = tmp_path / "worker"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
-    subprocess.run([*pip, f"{sdist}[embed,pipeline]"], check=True, timeout=1200)
+    subprocess.run([*pip, f"apache-beam[gcp]=={apache_beam.__version__}"], check=True, timeout=1200)  # the base image
+    subprocess.run([*pip, torch], check=True, timeout=900)  # a CPU machine gets PyPI's build: the same API
+    subprocess.run([*pip, f"{sdist}[{extras}]"], check=True, timeout=1200)  # the container's package
+    subprocess.run([*pip, sdist], check=True, timeout=600)  # boot.go: the staged sdist, no extras
     root, patients = collection
     bundle = f"""
 import os, sys
@@ -671,7 +879,10 @@ rows = [shards.row(lesion, "TumorDescriptor", recipe.name, r.example.seed, r.inf
 path = shards.write_shard(rows, {str(tmp_path / "out")!r}, shards.row_schema([lesion]), "worker")
 print(SimilarPatientsLib.__file__, pq.read_table(path).num_rows)
 """
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path)
+    worker = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a worker has no checkout on its path
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", bundle], capture_output=True, text=True, cwd=tmp_path, env=worker
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     installed, count = done.stdout.split()
     assert str(venv) in installed and count == "1"

@@ -79,6 +79,7 @@ def run(args, beam_args: list[str]) -> int:
         if not args.staging:
             raise SimilarPatientsError("--bigquery needs --staging DIR: the shards are written there, then loaded.")
         out, loader = args.staging, build.bigquery_loader(args.billing_project)
+    build.check_worker_paths(args.runner, beam_args, out, None, (), weights)  # before a local folder is made
     out = files.check_folder(out, "--staging" if args.bigquery else "--out")  # before anything is read or embedded
     source = fetch.SeriesSource(cache=args.cache, bucket=args.source_bucket)
     if args.idc:

@@ -45,8 +45,12 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help=f"refuse a search that would bill more (default {DEFAULT_MAXIMUM_BYTES_BILLED:,}, 10 GiB)",
     )
-    cloud.add_argument("--fraction-lists-to-search", type=float, metavar="F", help="VECTOR_SEARCH option (0 < F <= 1)")
-    cloud.add_argument("--billing-project", metavar="PROJECT", help="project that runs the query (default: ADC's)")
+    cloud.add_argument("--fraction-lists-to-search", type=float, metavar="F", help="VECTOR_SEARCH option (0 < F < 1)")
+    cloud.add_argument(
+        "--billing-project",
+        metavar="PROJECT",
+        help="project that runs and pays for the query (default: ADC's); approximate searches run in the table's only",
+    )
     cloud.add_argument(
         "--check-recall",
         action="store_true",

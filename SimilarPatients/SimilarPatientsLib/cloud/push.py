@@ -38,7 +38,7 @@ from ..references import schema
 from ..references.reference import Reference
 from ..references.writer import PARQUET
 from . import client as bq
-from .sql import ADDED_COLUMNS, INDEX_NAME, index_statement
+from .sql import ADDED_COLUMNS, INDEX_NAME, drop_index_statement, index_statement
 from .tables import TableName, column
 
 #: BigQuery never populates a vector index on a table smaller than this.
@@ -180,7 +180,11 @@ def push(
             loaded = client.get_table(staging.path)
             loaded.expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=STAGING_HOURS)
             client.update_table(loaded, ["expires"])  # a killed push leaves nothing for long
-            client.query(replace_statement(destination, staging, description(reference, models))).result()
+            # a query job, billed on the staging table it reads (once per push): limited to exactly that
+            limit = max(int(loaded.num_bytes or 0), bq.MINIMUM_BILLED)
+            config = module.QueryJobConfig(maximum_bytes_billed=limit)
+            text = replace_statement(destination, staging, description(reference, models))
+            client.query(text, job_config=config).result()
     finally:
         with bq.translated(destination):
             client.delete_table(staging.path, not_found_ok=True)
@@ -188,6 +192,9 @@ def push(
         loaded = client.get_table(destination.path)
     result = PushResult(destination, int(loaded.num_rows or rows), int(loaded.num_bytes or 0), None)
     log.info("pushed '%s' to %s: %d rows, %d bytes", reference.name, destination.path, result.rows, result.bytes)
+    if not create_index or result.bytes < INDEX_MINIMUM_BYTES:
+        with bq.translated(destination):
+            client.query(drop_index_statement(destination).sql).result()
     if not create_index:
         return result
     if result.bytes < INDEX_MINIMUM_BYTES:
@@ -200,6 +207,7 @@ def push(
     report(progress, 1, 3, f"creating the {index_type} vector index")
     with bq.translated(destination):
         client.query(index_statement(destination, stored, index_type).sql).result()
+        loaded = client.get_table(destination.path)  # its etag now: the patch is refused against an older one
         loaded.description = description(
             reference, models, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
         )

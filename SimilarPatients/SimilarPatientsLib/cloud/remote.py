@@ -8,6 +8,7 @@ is a metadata call that bills nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -36,7 +37,12 @@ class BigQueryReference(ReferenceManifest):
     ``maximum_bytes_billed`` stops any query that would bill more (None: no limit);
     ``fraction_lists_to_search`` is passed to ``VECTOR_SEARCH`` (None: BigQuery's default);
     ``check_recall``: when the index is used, run the same search comparing every row too (billed twice)
-    and report the share of its patients the index found, in ``index_recall``."""
+    and report the share of its patients the index found, in ``index_recall``.
+
+    ``VECTOR_SEARCH`` runs only in the table's own project (BigQuery: "The project that runs the query
+    containing VECTOR_SEARCH must match the project that contains the base table"): when the client bills
+    another project, ``auto`` searches exactly and says why, and ``approximate`` and ``check_recall`` are
+    refused before anything runs."""
 
     #: The most patients one search may ask for (a fused search asks each model for its depth).
     max_k = sql.MAX_K
@@ -55,7 +61,12 @@ class BigQueryReference(ReferenceManifest):
         self.table = parse_table(table) if isinstance(table, str) else table
         self.maximum_bytes_billed = bq.check_maximum_bytes_billed(maximum_bytes_billed)
         self.client = client or bq.connect(self.table, project)
+        sql.check_fraction_lists_to_search(fraction_lists_to_search)
         self.fraction_lists_to_search = fraction_lists_to_search
+        #: the project the client's jobs run in (and are billed to)
+        self.job_project = getattr(self.client, "project", None) or self.table.project
+        if check_recall and not self.in_table_project:
+            raise SimilarPatientsError(self._other_project("--check-recall measures the index's recall with two"))
         with bq.translated(self.table):
             found = self.client.get_table(self.table.path)
         self.column_types = {f.name: ("ARRAY" if f.mode == "REPEATED" else f.field_type) for f in found.schema}
@@ -64,6 +75,19 @@ class BigQueryReference(ReferenceManifest):
 
     def __repr__(self) -> str:
         return f"BigQueryReference({self.name!r}, models={self.models})"
+
+    @property
+    def in_table_project(self) -> bool:
+        """Whether searches run in the table's project, the only one where ``VECTOR_SEARCH`` runs."""
+        return self.job_project == self.table.project
+
+    def _other_project(self, what: str) -> str:
+        return (
+            f"{what} VECTOR_SEARCH statements, and BigQuery runs VECTOR_SEARCH only in the project that holds the "
+            f"table ({self.table.project}); these searches run in {self.job_project}. Run them in the table's "
+            f"project (--billing-project {self.table.project}, with BigQuery Job User there), or search with "
+            f"--method exact, which any project can run."
+        )
 
     @property
     def index(self) -> dict | None:
@@ -90,8 +114,18 @@ class BigQueryReference(ReferenceManifest):
         info = self.model_info(model)
         queries = None if embeddings is None else check_queries(info.dim, embeddings, metric)
         spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
+        if method == "approximate" and not self.in_table_project:
+            raise SimilarPatientsError(self._other_project("--method approximate searches with"))
         if method == "exact" or (method == "auto" and not self.index):
             return sql.exact_search(self.table, spec, self.column_types)
+        if method == "auto" and not self.in_table_project:
+            exact = sql.exact_search(self.table, spec, self.column_types)
+            why = (
+                f"search: exact, not with the table's vector index: this search runs in {self.job_project}, and "
+                f"BigQuery runs VECTOR_SEARCH only in the table's project ({self.table.project}); run it there "
+                f"(--billing-project {self.table.project}) to use the index"
+            )
+            return dataclasses.replace(exact, notes=(*exact.notes, why))
         # without an index VECTOR_SEARCH compares every row, so every filter applies before it
         stored = self.index["stored"] if self.index else list(self.column_types)
         max_lesions = int(self.manifest["models"][model].get("max_lesions", 1))
@@ -143,7 +177,7 @@ class BigQueryReference(ReferenceManifest):
             query_lesions = dict(zip(rows["query_row"].astype(int), rows["query_lesion"].astype(str)))
         else:
             query_lesions = query_lesion_names(embeddings, query_lesions)
-        approximate = "VECTOR_SEARCH(" in statement.sql and result.index_usage not in (None, "UNUSED")
+        approximate = bq.is_vector_search(statement) and result.index_usage not in (None, "UNUSED")
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
         exact_patients = None
         if approximate and self.check_recall:
@@ -180,6 +214,8 @@ class BigQueryReference(ReferenceManifest):
     ) -> list[str]:
         gib = (result.bytes_billed or 0) / 2**30
         notes = [f"BigQuery billed {gib:.3f} GiB ({result.bytes_processed or 0:,} bytes processed)"]
+        if result.cache_hit:
+            notes.append("BigQuery answered from its query cache (the same search, unchanged table): nothing billed")
         if approximate:
             measured = (
                 "recall not measured (--check-recall measures it against the same search comparing every row)"
@@ -199,14 +235,34 @@ class BigQueryReference(ReferenceManifest):
         if "VECTOR_SEARCH(" in statement.sql:
             if result.index_usage in (None, "UNUSED"):
                 reasons = "; ".join(r for r in result.index_unused_reasons if r) or "no reason given"
+                codes = set(result.index_unused_codes)
+                if "NOT_SUPPORTED_IN_STANDARD_EDITION" in codes:
+                    fix = (
+                        "the project runs on BigQuery's Standard edition, which cannot use vector indexes: search from "
+                        "a project on another edition or on-demand pricing, or --method exact"
+                    )
+                elif "BASE_TABLE_TOO_SMALL" in codes:
+                    fix = "BigQuery never populates an index on a table under 10 MB; at that size exact search is cheap"
+                else:
+                    fix = (
+                        f"create it (`references push NAME --bigquery {self.table.path} --create-index`, on a table "
+                        f"of 10 MB or more), wait until it is populated, and search with the cosine metric it was "
+                        f"built for"
+                    )
                 notes.append(
                     f"the vector index was not used ({reasons}): the search compared every lesion (exact, but it "
-                    f"bills the whole table). Fix: create it (`references push NAME --bigquery {self.table.path} "
-                    f"--create-index`, on a table of 10 MB or more), wait until it is populated, and search with the "
-                    f"cosine metric it was built for"
+                    f"bills the whole table). Fix: {fix}"
                 )
-            elif result.index_usage == "PARTIALLY_USED":
-                notes.append("the vector index was partly used: rows not yet indexed were compared exactly")
+            elif result.index_usage == "PARTIALLY_USED":  # BigQuery: "Some search functions in the query used
+                # vector indexes and some didn't" (the statement has one; said as it is if it ever occurs)
+                reasons = "; ".join(r for r in result.index_unused_reasons if r) or "no reason given"
+                notes.append(f"BigQuery used the vector index in some of the statement's searches, not all ({reasons})")
+            if result.stored_columns_unused:
+                notes.append(
+                    f"BigQuery did not apply the filters on the index's stored columns before the search "
+                    f"({'; '.join(result.stored_columns_unused)}): they became post-filters, so fewer than {k} "
+                    f"patients may come back; --method exact applies every filter to every lesion"
+                )
         notes += list(statement.notes)
         if found == 0 and patient is not None:
             notes.append(f"no hits: patient {patient} has no lesion of this model here, or none passed the filters")

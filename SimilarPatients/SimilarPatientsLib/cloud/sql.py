@@ -187,20 +187,39 @@ def index_statement(table: TableName, stored: Sequence[str], index_type: str = "
     return Statement(sql)
 
 
+def drop_index_statement(table: TableName) -> Statement:
+    """``DROP VECTOR INDEX IF EXISTS``: whether ``CREATE OR REPLACE TABLE`` keeps a table's index is not
+    documented, so a push without an index drops any it may have kept (billed as storage, never used)."""
+    return Statement(f"DROP VECTOR INDEX IF EXISTS {column(INDEX_NAME)} ON {table.sql}")
+
+
 def _options(fraction_lists_to_search: float | None, brute_force: bool = False) -> str:
     """The ``options`` argument: a JSON literal of checked numbers only. ``use_brute_force`` takes no
     ``fraction_lists_to_search`` beside it (nothing is left to fraction)."""
     if brute_force:
         return f",\n    options => '{json.dumps({'use_brute_force': True})}'"
-    if fraction_lists_to_search is None:
+    fraction = check_fraction_lists_to_search(fraction_lists_to_search)
+    if fraction is None:
         return ""
-    fraction = float(fraction_lists_to_search)
-    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-        raise SimilarPatientsError(
-            f"fraction_lists_to_search must be a number above 0 and at most 1 (the share of the index's lists "
-            f"searched); got {fraction_lists_to_search}."
-        )
     return f",\n    options => '{json.dumps({'fraction_lists_to_search': fraction})}'"
+
+
+def check_fraction_lists_to_search(value) -> float | None:
+    """The share of an IVF index's lists a search reads, as BigQuery checks it: "The
+    fraction_lists_to_search value must be in the range 0.0 to 1.0, exclusive" (1 would be every list:
+    ``--method exact``)."""
+    if value is None:
+        return None
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if isinstance(value, bool) or not (math.isfinite(fraction) and 0.0 < fraction < 1.0):
+        raise SimilarPatientsError(
+            f"fraction_lists_to_search must be a number between 0 and 1, both excluded (the share of the index's "
+            f"lists searched; BigQuery refuses 0 and 1); got {value!r}. To compare every lesion, search --method exact."
+        )
+    return fraction
 
 
 def _literal_int(value, what: str) -> str:

@@ -81,7 +81,10 @@ class NetworkEncoder:
         network = _skeleton(spec.build)
         state = checkpoints.encoder_state(checkpoints.read_tensors(weights), spec.checkpoint)
         checkpoints.load_strict(network, state, str(weights))
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SimilarPatientsError(cuda_missing(torch))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.required = device == "cuda"  #: asked for CUDA: never moved to the CPU silently
         self.network = network.eval().to(self.device)
         self.precision = precision
         self.batch_size = batch_size
@@ -137,6 +140,11 @@ class NetworkEncoder:
                 network = self._frozen if frozen else self.network
                 output = network(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
         except torch.cuda.OutOfMemoryError:
+            if self.required:
+                raise SimilarPatientsError(
+                    f"Out of GPU memory on a batch of {len(batch)} crops with --device cuda: lower --batch-size "
+                    f"(or leave --device out to let the CPU take over)."
+                ) from None
             log.warning("out of GPU memory on a batch of %d: moving the network to the CPU", len(batch))
             torch.cuda.empty_cache()
             self.network = self.network.to("cpu")
@@ -144,6 +152,17 @@ class NetworkEncoder:
             self._frozen = None
             return self.forward(batch)
         return output.float().cpu().numpy()
+
+
+def cuda_missing(torch) -> str:
+    """Why ``--device cuda`` cannot run here, and what fixes it (a GPU worker without a usable driver)."""
+    built = torch.version.cuda or "none (a CPU build of torch)"
+    return (
+        f"--device cuda, but this machine has no usable CUDA (torch {torch.__version__}, built for CUDA {built}; "
+        f"torch.cuda.is_available() is False). Install a CUDA build of torch and an NVIDIA driver that runs it (on "
+        f"Dataflow: --dataflow_service_options 'worker_accelerator=type:nvidia-tesla-t4;count:1;"
+        f"install-nvidia-driver:5xx'), or build with --device cpu."
+    )
 
 
 def _skeleton(build):

@@ -1,6 +1,7 @@
 """Model weights: where they come from, their licence, and one call that finds or fetches them.
 
-Weights are looked for, in order: a file or folder the caller gives (offline sites), the folder
+Weights are looked for, in order: a file or folder the caller gives (offline sites; a ``gs://`` one is
+copied once into the cache: how Dataflow workers get them), the folder
 ``$SIMILARPATIENTS_WEIGHTS_DIR``, the cache under the data home; only then downloaded (resumable, with
 progress, verified) from the publisher, or from the site's mirror ``$SIMILARPATIENTS_WEIGHTS_MIRROR`` (a
 hospital that reaches no model hub hosts the same files as ``<mirror>/<model>/<file name>``; their size and
@@ -10,6 +11,7 @@ user has acknowledged it once (``similar-patients models accept NAME``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
+from ..util import files
 from ..util.atomic import replacing
 from ..util.download import Digest, download
 from ..util.home import data_home, writing
@@ -132,6 +135,8 @@ def resolve(
     acknowledged."""
     if source is None:
         return None
+    if given is not None and files.is_url(str(given)):
+        return _from_bucket(model, source, str(given))
     if given is not None:
         path = Path(given)
         if path.is_dir():
@@ -167,6 +172,21 @@ def resolve(
     if expected is None:
         _record_sha256(model, source, Digest("sha256", "").of_file(path))
     return path
+
+
+def _from_bucket(model: str, source: WeightSource, url: str) -> Path:
+    """Weights given as ``gs://…/file`` (or a ``gs://…/`` folder holding the upstream file name): copied
+    once into this machine's cache (a Dataflow worker's), by the URL's digest, then used from there."""
+    if url.endswith("/"):
+        url += source.file_name
+    local = weights_dir() / model / "from-bucket" / hashlib.sha256(url.encode()).hexdigest()[:16] / files.name(url)
+    if not local.is_file():
+        if not files.exists(url):
+            raise SimilarPatientsError(f"The weights {url} do not exist (expected the file {source.file_name}).")
+        log.info("%s weights: copying %s to %s", model, url, local)
+        with writing(f"{model}'s weights from {url}"):
+            files.copy_to_local(url, local)
+    return _checked_size(local, source)
 
 
 def recorded_sha256(model: str, source: WeightSource) -> str | None:

@@ -234,9 +234,10 @@ def build_references(
     if not lesions:
         raise SimilarPatientsError("The manifest has no lesions: nothing to build.")
     recipes = {spec.name: spec.recipe for spec in specs}
-    weights = _weights(
-        specs, {registry.get(k).name: str(v) for k, v in (weights or {}).items()}, runner, accept_licence
-    )
+    given = {registry.get(k).name: str(v) for k, v in (weights or {}).items()}
+    check_worker_paths(runner, beam_args, str(out), series, lesions, given)
+    weights = _weights(specs, given, runner, accept_licence)
+    device = worker_device(device, beam_args)
     out = files.check_folder(str(out), "The output folder (--out)")
     start = time.perf_counter()
     build = shards.new_build_id()
@@ -282,6 +283,55 @@ def build_references(
     return result
 
 
+def check_worker_paths(runner: str, beam_args, out: str, series, lesions=(), weights: dict | None = None) -> None:
+    """Dataflow's workers read and write buckets, not this machine: local paths (the output folder, a DICOM
+    folder, weights, the manifest's images and masks) are refused before anything is submitted, and so is
+    a job without a container that carries the worker dependencies (Beam's own image has no torch, and
+    the sdist ``--setup_file`` stages is installed without extras)."""
+    if runner != "DataflowRunner":
+        return
+    local = []
+    if not files.is_url(out):
+        local.append(f"the output folder {out}")
+    if series is not None and series.local_files is not None:
+        local.append("the DICOM folder (--dicom-folder)")
+    local += [f"{model}'s weights {path}" for model, path in (weights or {}).items() if not files.is_url(path)]
+    paths = sorted(
+        {x.image for x in lesions if x.image and not files.is_url(x.image)}
+        | {x.mark.path for x in lesions if x.mark.path and not files.is_url(x.mark.path)}
+    )
+    if paths:
+        local.append(f"{len(paths)} image or mask file(s) of the manifest, e.g. {paths[0]}")
+    if local:
+        raise SimilarPatientsError(
+            f"Dataflow's workers cannot read or write files on this machine: {'; '.join(local)}. Copy them to "
+            f"gs://BUCKET/… and name those (--out gs://…, --weights MODEL=gs://…, image/mask columns gs://…), fetch "
+            f"the series from IDC (no --dicom-folder), or build here with --runner DirectRunner."
+        )
+    names = {a.split("=")[0] for a in beam_args}
+    if "--setup_file" in names and "--no_use_public_ips" in names:
+        raise SimilarPatientsError(
+            "--setup_file with --no_use_public_ips: Beam's worker boot runs `pip install` on the staged sdist, which "
+            "builds it in an isolated environment that fetches setuptools from PyPI, and workers without public IPs "
+            "(and no Cloud NAT) reach no package index. The container (dataflow/Dockerfile) already holds the "
+            "package: drop --setup_file, or rebuild the container with your changes."
+        )
+    if not names & {"--sdk_container_image", "--worker_harness_container_image"}:
+        raise SimilarPatientsError(
+            "A Dataflow build needs --sdk_container_image: Beam's default worker image has no torch, MONAI, "
+            "SimpleITK, pydicom or idc-index, and Beam installs a --setup_file package without its extras. Build "
+            "the container of docs/scale.md (dataflow/Dockerfile) and pass it."
+        )
+
+
+def worker_device(device: str | None, beam_args) -> str | None:
+    """GPU workers (a ``worker_accelerator`` in the options) embed on CUDA or fail: never silently on the
+    CPU while the GPU is billed (the worker's driver may not run the container's CUDA build)."""
+    if device is None and any("worker_accelerator" in a for a in beam_args):
+        return "cuda"
+    return device
+
+
 def _weights(specs, given: dict, runner: str, accept_licence: bool) -> dict:
     """Each model's weights checked before the build: here, resolved (a download once, verified, with a
     clear error offline); for Dataflow, whose workers fetch them, the licence accepted and a given file
@@ -290,7 +340,10 @@ def _weights(specs, given: dict, runner: str, accept_licence: bool) -> dict:
     for spec in specs:
         path = given.get(spec.name)
         if path and files.is_url(path):
-            resolved[spec.name] = path
+            named = path + spec.weights.file_name if path.endswith("/") and spec.weights else path
+            if not files.exists(named):
+                raise SimilarPatientsError(f"The weights file for {spec.name}, {path}, does not exist.")
+            resolved[spec.name] = path  # each worker copies it into its cache (models/weights.py)
             continue
         if path and not Path(path).exists():
             raise SimilarPatientsError(f"The weights file for {spec.name}, {path}, does not exist.")

@@ -2,8 +2,10 @@
 
 A local path is read and written with the standard library, each write beside its name then renamed
 (``util/atomic.py``). A URL goes through Apache Beam's file systems (the ``pipeline`` extra, which brings
-Google Cloud Storage): an object appears whole or not at all, so a write is one upload. Hidden names
-(``.x``) are temporaries and are never listed.
+Google Cloud Storage): an object appears whole or not at all, so a write is one upload. Bytes travel as
+they are: Beam's file systems would otherwise gunzip (and gzip) ``*.gz`` names by their extension
+(``CompressionTypes.AUTO``), and the readers here gunzip themselves, once. Hidden names (``.x``) are
+temporaries and are never listed.
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ def _systems():
     return optional_import("apache_beam.io.filesystems", "pipeline").FileSystems
 
 
+def _as_is():
+    """Beam's "no compression": bytes stored and read exactly as given, whatever the name's extension."""
+    return optional_import("apache_beam.io.filesystem", "pipeline").CompressionTypes.UNCOMPRESSED
+
+
 def write(path: str, data: bytes) -> str:
     """``data`` at ``path``, whole or not at all."""
     if not is_url(path):
         with replacing(Path(path)) as temporary:
             temporary.write_bytes(data)
         return path
-    with _systems().create(path) as stream:  # an object is visible only once its upload is complete
+    with _systems().create(
+        path, compression_type=_as_is()
+    ) as stream:  # an object is visible only once its upload is complete
         stream.write(data)
     return path
 
@@ -51,8 +60,21 @@ def write(path: str, data: bytes) -> str:
 def read(path: str) -> bytes:
     if not is_url(path):
         return Path(path).read_bytes()
-    with _systems().open(path) as stream:
+    with _systems().open(path, compression_type=_as_is()) as stream:
         return stream.read()
+
+
+def copy_to_local(url: str, local: Path, chunk: int = 16 * 2**20) -> Path:
+    """The object ``url`` (``gs://…``) copied to the local file ``local`` in chunks (weights may exceed
+    memory), whole or not at all."""
+    source = _systems().open(url, compression_type=_as_is())
+    with source, replacing(Path(local)) as temporary, open(temporary, "wb") as sink:
+        while True:
+            block = source.read(chunk)
+            if not block:
+                break
+            sink.write(block)
+    return Path(local)
 
 
 def exists(path: str) -> bool:
