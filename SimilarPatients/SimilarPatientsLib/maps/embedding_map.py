@@ -66,9 +66,7 @@ def build(
     if graph < 0 or neighbours < 1:
         raise SimilarPatientsError(f"--graph must be ≥ 0 and --neighbors ≥ 1 (got {graph} and {neighbours}).")
     require("analysis")
-    models = list(models or reference.models)
-    for model in models:
-        reference.model_info(model)
+    models = [reference.model_name(m) for m in models or reference.models]
     fields = list(reference.label_fields)
     color_by = color_by or next(iter(reference.display_fields), None)
     if color_by is not None and color_by not in fields:

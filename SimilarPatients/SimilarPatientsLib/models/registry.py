@@ -262,17 +262,50 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 
-#: Other names users know a model by.
-ALIASES = {"ct-clip": "CTClipVit", "ctclip": "CTClipVit"}
+#: The names the papers and the docs use, beside the registry's (which are those of the NLST-Sybil reference).
+ALIASES = {
+    "FMCIB": ("FM-CIB",),
+    "CTFM": ("CT-FM",),
+    "VISTA3D": ("VISTA-3D",),
+    "SUPREME": ("SuPreM",),
+    "ModelsGen": ("Models Genesis", "ModelsGenesis", "Genesis"),
+    "Voco": ("VoCo", "VoCo-H"),
+    "PASTA": (),
+    "Merlin": (),
+    "CTClipVit": ("CT-CLIP", "CTCLIP", "CT-CLIP ViT"),
+    "TumorDescriptor": ("descriptor",),
+}
+
+
+def _folded(name) -> str:
+    """A name as compared: any case, without spaces, hyphens or underscores (``CT-CLIP`` = ``ctclip``)."""
+    return "".join(c for c in str(name).lower() if c.isalnum())
+
+
+_BY_FOLDED = {_folded(alias): model for model, aliases in ALIASES.items() for alias in (model, *aliases)}
+
+
+def canonical(name: str, among=None) -> str | None:
+    """The model ``name`` means, in any case or by a documented alias (``CT-CLIP``, ``suprem``): the registry's
+    name, or with ``among`` (a reference's models) the one of those it means; None when it means none."""
+    folded = _folded(name)
+    if among is None:
+        return _BY_FOLDED.get(folded)
+    among = list(among)
+    for model in among:  # a reference's own spelling first (its models need not be the registry's)
+        if _folded(model) == folded:
+            return model
+    meant = _BY_FOLDED.get(folded)
+    return next((m for m in among if meant is not None and _BY_FOLDED.get(_folded(m)) == meant), None)
 
 
 def get(name: str) -> ModelSpec:
-    """The model called ``name`` (case-insensitive), or an error that lists what there is."""
-    wanted = ALIASES.get(str(name).lower(), str(name)).lower()
-    for key, spec in MODELS.items():
-        if key.lower() == wanted:
-            return spec
-    raise SimilarPatientsError(f"Unknown model '{name}'; available: {', '.join(MODELS)}.")
+    """The model called ``name`` (any case, or a documented alias), or an error that lists what there is."""
+    model = canonical(name)
+    if model is None:
+        known = ", ".join(f"{m} ({', '.join(a)})" if a else m for m, a in ALIASES.items())
+        raise SimilarPatientsError(f"Unknown model '{name}'; available: {known}.")
+    return MODELS[model]
 
 
 def summary() -> pd.DataFrame:
@@ -284,6 +317,7 @@ def summary() -> pd.DataFrame:
         rows.append(
             {
                 "model": spec.name,
+                "also": ", ".join(ALIASES[spec.name]),
                 "dim": spec.dimension,
                 "recipes": ", ".join(r.name for r in (spec.recipe, *spec.other_recipes)),
                 "licence": "none (no weights)" if source is None else source.licence,

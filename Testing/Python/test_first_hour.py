@@ -1,0 +1,47 @@
+"""A new user's first hour (issue 28, items 12-18): model names as the docs write them, hints for common
+mistakes, what the command line prints, and the install advice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from SimilarPatientsLib.cli import main
+from SimilarPatientsLib.models import registry
+
+
+@pytest.fixture
+def on_nlst(nlst_home, monkeypatch):
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
+
+
+@pytest.mark.parametrize("written", ["CT-CLIP", "ct-clip", "ctclipvit", "CTCLIPVIT"])
+def test_neighbors_accepts_the_documented_model_name_in_any_case(on_nlst, capsys, written):
+    assert main(["neighbors", "--reference", "nlst-sybil", "--model", written, "--patient", "100242", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["model"] == "CTClipVit"
+
+
+def test_fused_neighbors_accept_documented_names(on_nlst, capsys):
+    argv = ["neighbors", "--reference", "nlst-sybil", "--model", "CT-FM", "SuPreM", "--patient", "100242", "--json"]
+    assert main(argv) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits and {"rank_CTFM", "rank_SUPREME"} <= set(hits[0])
+
+
+@pytest.mark.parametrize(
+    ("written", "model"), [("CT-FM", "CTFM"), ("suprem", "SUPREME"), ("Models Genesis", "ModelsGen")]
+)
+def test_registry_resolves_the_papers_names(written, model):
+    assert registry.get(written).name == model
+
+
+def test_every_model_has_its_aliases_listed(capsys):
+    assert set(registry.ALIASES) == set(registry.MODELS)
+    assert main(["models", "list"]) == 0
+    table = capsys.readouterr().out
+    assert "CT-CLIP" in table and "SuPreM" in table and "CT-FM" in table
+
+
+def test_an_unknown_model_lists_the_documented_names():
+    with pytest.raises(Exception, match="CT-CLIP"):
+        registry.get("CLIP-CT")
