@@ -45,3 +45,27 @@ def test_every_model_has_its_aliases_listed(capsys):
 def test_an_unknown_model_lists_the_documented_names():
     with pytest.raises(Exception, match="CT-CLIP"):
         registry.get("CLIP-CT")
+
+
+@pytest.mark.parametrize("extra", ["embed", "analysis", "bigquery"])
+def test_a_missing_extra_gives_a_command_that_works_from_the_checkout(extra):
+    from SimilarPatientsLib.util.optional import missing_extra
+
+    message = str(missing_extra(extra, "x"))
+    assert f"pip install -e '.[{extra}]'" in message and "checkout" in message
+    assert "similar-patients[" not in message  # no such package on PyPI
+    if extra != "bigquery":  # torch first, the CPU build by PyTorch's own index
+        assert "--index-url https://download.pytorch.org/whl/cpu" in message
+
+
+def test_no_install_advice_promises_the_cpu_build_from_pypi():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [root / "README.md", root / "pyproject.toml", *sorted((root / "docs").glob("*.md"))]
+    for path in texts:
+        text = path.read_text(encoding="utf-8")
+        assert "similar-patients[" not in text, path
+        for line in text.splitlines():
+            if "pip install torch" in line and "cu1" not in line:  # PyPI's Linux torch is the CUDA build
+                assert "whl/cpu" in line or "CUDA" in line or "NVIDIA" in line, (path, line)

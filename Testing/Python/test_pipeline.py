@@ -627,7 +627,8 @@ def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(
     venv = tmp_path / "worker"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
+    cpu = ["--retries", "0", "--index-url", "https://download.pytorch.org/whl/cpu"]  # as scripts/test.sh
+    subprocess.run([*pip, "torch==2.13.0", *cpu], check=True, timeout=900)
     subprocess.run([*pip, f"{sdist}[embed,pipeline]"], check=True, timeout=1200)
     root, patients = collection
     bundle = f"""
