@@ -69,3 +69,41 @@ def test_no_install_advice_promises_the_cpu_build_from_pypi():
         for line in text.splitlines():
             if "pip install torch" in line and "cu1" not in line:  # PyPI's Linux torch is the CUDA build
                 assert "whl/cpu" in line or "CUDA" in line or "NVIDIA" in line, (path, line)
+
+
+@pytest.fixture
+def ct_and_mask(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    import numpy as np
+    from synthetic_ct import tumor_ct
+
+    image, mask, _ = tumor_ct("smooth", np.random.default_rng(0))
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    return tmp_path / "ct.nrrd", tmp_path / "mask.nrrd"
+
+
+def test_ct_and_mask_swapped_say_they_look_swapped(ct_and_mask, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    ct, mask = ct_and_mask
+    argv = ["embed", "--image", str(mask), "--mask", str(ct), "--model", "TumorDescriptor", "--out", "o.parquet"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "looks like a tumor mask, not a CT" in error and "swapped" in error
+    from SimilarPatientsLib.imaging.tumor import tumors_from
+
+    with pytest.raises(Exception, match=r"looks like a CT, not a tumor mask.*swapped"):
+        tumors_from(mask=str(ct))
+
+
+def test_a_negative_point_without_equals_gets_a_hint(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["query", "--image", "ct", "--point", "-1,2,3", "--model", "CTFM", "--reference", "r"])
+    assert stop.value.code == 2
+    assert "--point=-1,2,3" in capsys.readouterr().err
+
+
+def test_explore_refuses_an_out_that_is_not_html(on_nlst, tmp_path, capsys):
+    out = tmp_path / "map.pdf"
+    assert main(["explore", "--reference", "nlst-sybil", "--model", "CTFM", "--out", str(out)]) == 2
+    assert ".html" in capsys.readouterr().err and not out.exists()

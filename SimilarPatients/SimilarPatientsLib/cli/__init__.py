@@ -11,11 +11,12 @@ from .. import __version__
 from ..errors import SimilarPatientsError
 from ..references.store import ReferenceStore
 from . import demo, embed, evaluate, explore, index_build, models, neighbors, query, references
+from .options import Parser
 from .progress import Bars
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="similar-patients", description="Find the IDC patients whose tumor is most like a query tumor."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

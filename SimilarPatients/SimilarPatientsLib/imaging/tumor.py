@@ -17,6 +17,11 @@ from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
 from .ct_image import is_dicom_file, read_image_file
 
+#: A mask holding a value below this (a CT's air is about -1000 HU), or more distinct values than
+#: ``_MOST_LABELS``, is a CT given as the mask.
+_AIR_HU = -500
+_MOST_LABELS = 1000
+
 
 @dataclass
 class Tumor:
@@ -162,8 +167,14 @@ def _select_label(image, segment, where: str):
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise SimilarPatientsError(f"{where} has several values per voxel; give a labelmap or a .seg.nrrd.")
-    labels = np.unique(sitk.GetArrayViewFromImage(image))
-    labels = [int(v) for v in labels if v != 0]
+    values = np.unique(sitk.GetArrayViewFromImage(image))
+    if values.min() < _AIR_HU or len(values) > _MOST_LABELS:
+        raise SimilarPatientsError(
+            f"{where} holds {len(values):,} different values from {values.min():g} to {values.max():g}: it looks "
+            f"like a CT, not a tumor mask. Are the CT and the mask swapped (the CT goes to --image, the mask to "
+            f"--mask)?"
+        )
+    labels = [int(v) for v in values if v != 0]
     if segment is None:
         if len(labels) > 1:
             raise SimilarPatientsError(f"{where} holds labels {labels}; choose the tumor's label value.")

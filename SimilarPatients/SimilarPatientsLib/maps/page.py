@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import SimilarPatientsError
 from ..references import schema
 from ..util import atomic
 from ..util.optional import optional_import
@@ -29,11 +30,22 @@ PALETTE = [
 _MAX_CATEGORIES = len(PALETTE) - 1  # the rest are drawn as "other"
 
 
+def check_out(out: Path) -> Path:
+    """``out`` if it names an HTML file (the map is a web page), else a clear error."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise SimilarPatientsError(
+            f"The map is a web page: name --out .html, not '{out.name}' (--png writes a static figure: .png, .pdf "
+            f"or .svg)."
+        )
+    return out
+
+
 def write(embedding_map: EmbeddingMap, out: Path) -> Path:
     """Write the page to ``out`` atomically; returns ``out``."""
     get_plotlyjs = optional_import("plotly.offline", "analysis").get_plotlyjs
 
-    out = Path(out)
+    out = check_out(out)
     payload = json.dumps(page_data(embedding_map), separators=(",", ":"), allow_nan=False)
     title = f"{embedding_map.reference}: {embedding_map.method.upper()} map of tumor embeddings"
     text = (
