@@ -149,7 +149,7 @@ def _pretend_installed(monkeypatch, versions: dict):
 
 
 #: The image query's PyPI packages, installed (in the Slicer lanes they are not: no torch there).
-IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3"}
+IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3", "huggingface-hub": "0.36.0"}
 
 
 def test_versions_not_presence_decide_what_is_installed(monkeypatch):

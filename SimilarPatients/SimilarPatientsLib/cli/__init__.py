@@ -35,7 +35,7 @@ def _run(args, beam_args: list[str], store: ReferenceStore, progress: Bars) -> i
     if args.verb == "embed":
         embed.run(args, progress)
     elif args.verb == "models":
-        models.run(args)
+        models.run(args, progress)
     else:
         groups = (references, neighbors, explore, evaluate, query, demo)  # each run with the store and the bars
         {group.__name__.rsplit(".", 1)[-1]: group for group in groups}[args.verb].run(args, store, progress)

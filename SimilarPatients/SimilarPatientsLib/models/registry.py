@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from ..errors import SimilarPatientsError
 from ..imaging import recipes
 from ..imaging.recipes import Recipe
+from ..util.model_names import ALIASES, canonical
 from . import descriptor, weights
 from .checkpoints import CheckpointFormat
 from .encoders import NetworkEncoder
@@ -81,9 +81,14 @@ def _hugging_face(
     repo: str, file: str, licence: str, needs_acknowledgement: bool, revision: str = "main", **verified
 ) -> WeightSource:
     """A weights file in a Hugging Face repository (``datasets/<repo>`` for a dataset), at ``revision``: a
-    commit pins the file; ``main`` is the branch head. ``verified``: ``size`` and ``sha256`` where listed."""
-    url = f"https://huggingface.co/{repo}/resolve/{revision}/{quote(file)}"
-    return WeightSource(url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, **verified)
+    commit pins the file; ``main`` is the branch head, whose commit the first download records and later
+    downloads ask for. No commit of these repositories could be read here (no hub is reachable, and the
+    copies of upstream code at hand all name ``main``), so none is pinned yet: pin each by its commit
+    (``huggingface-cli download REPO FILE`` prints it) once a machine reaches the hub.
+    ``verified``: ``size`` and ``sha256`` where listed."""
+    dataset = repo.startswith("datasets/")
+    hub = weights.HubFile(repo.split("/", 1)[1] if dataset else repo, file, "dataset" if dataset else "model", revision)
+    return WeightSource(hub.url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, hub=hub, **verified)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -261,42 +266,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
-
-#: The names the papers and the docs use, beside the registry's (which are those of the NLST-Sybil reference).
-ALIASES = {
-    "FMCIB": ("FM-CIB",),
-    "CTFM": ("CT-FM",),
-    "VISTA3D": ("VISTA-3D",),
-    "SUPREME": ("SuPreM",),
-    "ModelsGen": ("Models Genesis", "ModelsGenesis", "Genesis"),
-    "Voco": ("VoCo", "VoCo-H"),
-    "PASTA": (),
-    "Merlin": (),
-    "CTClipVit": ("CT-CLIP", "CTCLIP", "CT-CLIP ViT"),
-    "TumorDescriptor": ("descriptor",),
-}
-
-
-def _folded(name) -> str:
-    """A name as compared: any case, without spaces, hyphens or underscores (``CT-CLIP`` = ``ctclip``)."""
-    return "".join(c for c in str(name).lower() if c.isalnum())
-
-
-_BY_FOLDED = {_folded(alias): model for model, aliases in ALIASES.items() for alias in (model, *aliases)}
-
-
-def canonical(name: str, among=None) -> str | None:
-    """The model ``name`` means, in any case or by a documented alias (``CT-CLIP``, ``suprem``): the registry's
-    name, or with ``among`` (a reference's models) the one of those it means; None when it means none."""
-    folded = _folded(name)
-    if among is None:
-        return _BY_FOLDED.get(folded)
-    among = list(among)
-    for model in among:  # a reference's own spelling first (its models need not be the registry's)
-        if _folded(model) == folded:
-            return model
-    meant = _BY_FOLDED.get(folded)
-    return next((m for m in among if meant is not None and _BY_FOLDED.get(_folded(m)) == meant), None)
 
 
 def get(name: str) -> ModelSpec:

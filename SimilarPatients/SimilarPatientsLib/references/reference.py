@@ -30,13 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
-from ..models.registry import canonical
 from ..progress import ProgressCallback
 from ..search import approximate, filters
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
 from ..util.locks import FileLock
+from ..util.model_names import canonical
 from . import closeness, manifest, schema
 from .fused import search_fused
 from .hits import hit_table

@@ -54,6 +54,7 @@ IMAGE = (
     Requirement("monai", "1.4", "monai"),
     Requirement("einops", "0.7", "einops"),
     Requirement("safetensors", "0.4", "safetensors"),
+    Requirement("huggingface-hub", "0.36", "huggingface_hub"),  # weights on the Hugging Face hub
 )
 #: Loading matches from IDC's public buckets.
 DOWNLOAD = (Requirement("idc-index", "0.9", "idc_index"),)

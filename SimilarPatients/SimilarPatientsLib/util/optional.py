@@ -29,6 +29,7 @@ EXTRAS = {
             "pydicom": "pydicom",
             "highdicom": "highdicom",
             "safetensors": "safetensors",
+            "huggingface-hub": "huggingface_hub",
         },
     ),
     "download": ("downloading matched series from IDC", {"idc-index": "idc_index"}),
