@@ -107,3 +107,57 @@ def test_explore_refuses_an_out_that_is_not_html(on_nlst, tmp_path, capsys):
     out = tmp_path / "map.pdf"
     assert main(["explore", "--reference", "nlst-sybil", "--model", "CTFM", "--out", str(out)]) == 2
     assert ".html" in capsys.readouterr().err and not out.exists()
+
+
+def test_hit_tables_are_compact_and_show_closer_than(on_nlst, capsys, nlst):
+    argv = ["neighbors", "--reference", "nlst-sybil", "--model", "SUPREME", "--patient", "100242"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:4] == ["rank", "PatientID", "closer", "than"]
+    assert max(len(line) for line in lines[1:7]) < 160 and "https://" not in "\n".join(lines)
+    from SimilarPatientsLib.references.fused import hit_closeness
+
+    hits = nlst.search("SUPREME", patient="100242", exclude=["100242"])
+    expected = hit_closeness(nlst, hits, "cosine")  # what the Slicer module shows as Similarity
+    assert [line.split()[2] for line in lines[2:7]] == [f"{v:.0f}%" for v in expected]
+    assert main([*argv, "--urls"]) == 0
+    assert "https://viewer.imaging.datacommons.cancer.gov" in capsys.readouterr().out
+
+
+def test_fused_tables_show_closer_than_too(on_nlst, capsys):
+    assert main(["neighbors", "--reference", "nlst-sybil", "--model", "all", "--patient", "100242", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert all(0 <= h["closer_than"] <= 100 for h in hits)
+
+
+def test_csv_and_out_write_every_column_to_a_file(on_nlst, capsys, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "hits.csv"
+    argv = ["neighbors", "--reference", "nlst-sybil", "--model", "CTFM", "--patient", "100242", "--csv"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    table = pd.read_csv(out)
+    assert len(table) == 5 and {"viewer_url", "closer_than", "histology", "distance"} <= set(table.columns)
+    assert main([*argv[:-1], "--out", str(tmp_path / "hits.txt")]) == 0
+    assert (tmp_path / "hits.txt").read_text(encoding="utf-8").startswith("Nearest 5 patients")
+
+
+def test_the_nlst_import_says_a_repeated_note_once(nlst_dir):
+    from SimilarPatientsLib.references import nlst_sybil
+
+    files = {p.name.split("_")[0]: p for p in sorted((nlst_dir / "upstream" / "embeddings").glob("*.pkl"))}
+    notes = nlst_sybil.read_reference(files).notes
+    assert len(notes) == 1 and all(model in notes[0] for model in files), notes
+
+
+def test_verbose_shows_the_librarys_log(tmp_path, capsys, monkeypatch, nlst_dir):
+    import logging
+
+    monkeypatch.setenv("SIMILARPATIENTS_HOME", str(tmp_path / "home"))
+    library = logging.getLogger("SimilarPatientsLib")
+    monkeypatch.setattr(library, "handlers", [])
+    monkeypatch.setattr(library, "level", logging.NOTSET)
+    source = str(nlst_dir / "upstream")
+    assert main(["references", "import", "x", "--source", source, "--verbose"]) == 0
+    assert "INFO SimilarPatientsLib.references.store: stored reference 'x'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ models, explore, evaluate, index build, demo), with the options, output and prog
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -23,7 +24,31 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     for group in (references, neighbors, explore, evaluate, embed, query, models, index_build, demo):
         group.add(verbs)
+    _add_verbose(parser)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--verbose`` anywhere on the line (before or after the command): the library's log on stderr."""
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="show what the library logs (downloads, caches, indexes, weights)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child, top=False)
+
+
+def _show_logs() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    library = logging.getLogger("SimilarPatientsLib")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
 
 
 def _run(args, beam_args: list[str], store: ReferenceStore, progress: Bars) -> int:
@@ -47,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_args = parser.parse_known_args(argv)
     if beam_args and (args.verb, getattr(args, "action", None)) != ("index", "build"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    if args.verbose:
+        _show_logs()
     store = ReferenceStore()
     progress = Bars()
     try:
