@@ -161,3 +161,19 @@ def test_verbose_shows_the_librarys_log(tmp_path, capsys, monkeypatch, nlst_dir)
     source = str(nlst_dir / "upstream")
     assert main(["references", "import", "x", "--source", source, "--verbose"]) == 0
     assert "INFO SimilarPatientsLib.references.store: stored reference 'x'" in capsys.readouterr().err
+
+
+def test_the_data_home_is_the_platforms_data_folder_and_an_old_cache_home_moves_there(tmp_path, monkeypatch):
+    from SimilarPatientsLib.util import home
+
+    monkeypatch.delenv(home.HOME_ENV, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    old = tmp_path / "cache" / "similarpatients" / "references" / "mine"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text("{}", encoding="utf-8")
+    assert home.data_home() == tmp_path / "data" / "similarpatients"  # not the folder cache cleaners wipe
+    assert (home.data_home() / "references" / "mine" / "manifest.json").read_text(encoding="utf-8") == "{}"
+    assert not (tmp_path / "cache" / "similarpatients").exists()
+    platformdirs = pytest.importorskip("platformdirs")
+    assert home.data_home() == __import__("pathlib").Path(platformdirs.user_data_dir("similarpatients", False))
