@@ -177,3 +177,29 @@ def test_the_data_home_is_the_platforms_data_folder_and_an_old_cache_home_moves_
     assert not (tmp_path / "cache" / "similarpatients").exists()
     platformdirs = pytest.importorskip("platformdirs")
     assert home.data_home() == __import__("pathlib").Path(platformdirs.user_data_dir("similarpatients", False))
+
+
+def test_the_nlst_download_size_said_is_the_files_size(nlst_dir):
+    from SimilarPatientsLib.ui.controller import NLST_DOWNLOAD
+
+    files = sorted((nlst_dir / "upstream" / "embeddings").glob("*.pkl"))
+    assert len(files) == 6 and f"{sum(p.stat().st_size for p in files) / 1e6:.1f} MB" in NLST_DOWNLOAD
+
+
+def test_the_user_guides_plain_python_example_runs(on_nlst, capsys):
+    """Every code block the docs mark as run by this file runs as written (on the NLST-Sybil reference)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    marker = "<!-- run by Testing/Python/test_first_hour.py -->"
+    blocks = [
+        block
+        for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+        for block in re.findall(re.escape(marker) + r"\n```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+    ]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs example", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "closer_than" in printed and "denocarcinoma" in printed

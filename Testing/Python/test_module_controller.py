@@ -372,7 +372,7 @@ def test_importing_nlst_sybil_without_a_local_copy_asks_before_downloading(empty
     controller.import_nlst()
     controller.wait()
     (question,) = controller.view.of("ask")
-    assert "downloaded (about 20 MB)" in question[0] and "GitHub" in question[0]
+    assert "13.6 MB for six models' files" in question[0] and "GitHub" in question[0]
     assert controller.logic.references() == [] and not controller.view.of("show_error")
 
 
