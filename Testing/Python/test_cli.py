@@ -44,9 +44,9 @@ def test_neighbors_table_filters_and_metric(on_nlst, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Nearest 3 patients to 100242") and "euclidean" in out[0]
-    assert out[1].split()[:4] == ["rank", "PatientID", "distance", "lesions"]
-    assert len(out) == 6 and all("  F  " in line for line in out[2:5])
-    assert out[5] == "search: exact (every lesion compared)"
+    assert out[1].split()[:6] == ["rank", "PatientID", "closer", "than", "distance", "lesions"]
+    assert len(out) == 7 and all("  F  " in line for line in out[2:5])
+    assert out[5].startswith("closer than N%") and out[6] == "search: exact (every lesion compared)"
 
 
 def test_include_self(on_nlst, capsys):

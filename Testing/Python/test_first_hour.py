@@ -203,3 +203,17 @@ def test_the_user_guides_plain_python_example_runs(on_nlst, capsys):
         exec(compile(block, "docs example", "exec"), {})
     printed = capsys.readouterr().out
     assert "closer_than" in printed and "denocarcinoma" in printed
+
+
+def test_umaps_compilation_is_cached_in_the_data_home_where_the_package_folder_is_read_only(home, monkeypatch):
+    pytest.importorskip("umap")
+    import os
+
+    from SimilarPatientsLib.maps import projection
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    assert projection.cache_compilation() is None and "NUMBA_CACHE_DIR" not in os.environ  # numba's own cache
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: "umap" not in str(path) and writable(path, mode))
+    assert projection.cache_compilation() == home / "numba"
+    assert os.environ["NUMBA_CACHE_DIR"] == str(home / "numba")
