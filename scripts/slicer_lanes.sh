@@ -13,11 +13,16 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do lanes+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 [ ${#lanes[@]} -gt 0 ] || lanes=(slicer-5.8 slicer-5.10 slicer-5.12)
 
-interpreter() {  # the newest installed Python X.Y: pyenv's, else one on PATH
-    local wanted=$1 root found
+interpreter() {  # Python X.Y: pyenv's newest, else one on PATH, else uv's (uv from PyPI into .lanes/uv; `uv python
+    # install` fetches a standalone build from GitHub the first time, so a machine without pyenv's X.Y needs that access)
+    local wanted=$1 root found uv=.lanes/uv/bin/uv
     root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
     found=$(ls -d "$root"/versions/"$wanted".*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)
     [ -n "$found" ] || found=$(command -v "python$wanted" || true)
+    if [ -z "$found" ]; then
+        { [ -x "$uv" ] || { python3 -m venv .lanes/uv && .lanes/uv/bin/python -m pip install -q uv; }; } >&2 || true
+        { [ -x "$uv" ] && "$uv" python install "$wanted" >&2 && found=$("$uv" python find "$wanted"); } || true
+    fi
     echo "$found"
 }
 
@@ -28,7 +33,8 @@ for lane in "${lanes[@]}"; do
     version=$(sed -n 's/^# python: //p' "$pins")
     python=$(interpreter "$version")
     if [ -z "$python" ]; then
-        echo "Lane $lane needs Python $version, and none is installed here (pyenv install $version)." >&2
+        echo "Lane $lane needs Python $version: none here, and uv could not fetch one (offline?). Install it" \
+            "with \`pyenv install $version\` or \`uv python install $version\` where GitHub is reachable." >&2
         exit 1
     fi
     echo "== lane $lane: $("$python" --version) with $pins"
