@@ -217,3 +217,11 @@ def test_umaps_compilation_is_cached_in_the_data_home_where_the_package_folder_i
     monkeypatch.setattr(os, "access", lambda path, mode: "umap" not in str(path) and writable(path, mode))
     assert projection.cache_compilation() == home / "numba"
     assert os.environ["NUMBA_CACHE_DIR"] == str(home / "numba")
+
+
+def test_the_retrieval_charts_axis_starts_near_chance_not_at_zero():
+    from SimilarPatientsLib.evaluation.report import near_chance
+
+    bottom, top = near_chance(0.611, [0.543, 0.60], [0.66, 0.64])  # NLST-Sybil stage, precision@10
+    assert 0.5 < bottom < 0.543 and 0.66 < top < 0.7  # the differences fill the chart
+    assert near_chance(0.5, [0.45], [0.52])[0] < 0.45 < 0.5 < near_chance(0.5, [0.45], [0.52])[1]

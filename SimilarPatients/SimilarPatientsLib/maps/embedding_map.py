@@ -46,6 +46,17 @@ class EmbeddingMap:
     layers: list  # ModelMap per model
 
 
+def is_continuous(name: str, values: pd.Series, most_categories: int) -> bool:
+    """Whether a label is drawn on a colour scale: a number that measures (age, size) and has more values
+    than there are colours. A code (ICD-O ``histology_code``, an id) names categories whatever its values:
+    8140 is not "more" than 8070."""
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return False
+    if name.lower().endswith(("code", "id")):
+        return False
+    return values.nunique() > most_categories
+
+
 def build(
     reference,
     models: list | None = None,

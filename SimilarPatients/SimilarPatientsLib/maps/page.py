@@ -20,7 +20,7 @@ from ..errors import SimilarPatientsError
 from ..references import schema
 from ..util import atomic
 from ..util.optional import optional_import
-from .embedding_map import EmbeddingMap
+from .embedding_map import EmbeddingMap, is_continuous
 
 #: Colours of categorical labels (colour-blind-safe first, then more).
 PALETTE = [
@@ -64,7 +64,7 @@ def page_data(embedding_map: EmbeddingMap) -> dict:
     labels, numeric = {}, {}
     for name in embedding_map.label_fields:
         column = points[name]
-        is_number = pd.api.types.is_numeric_dtype(column) and column.nunique() > _MAX_CATEGORIES
+        is_number = is_continuous(name, column, _MAX_CATEGORIES)
         numeric[name] = bool(is_number)
         labels[name] = [_json_value(v, is_number) for v in column]
     return {
@@ -140,7 +140,7 @@ _TEMPLATE = """<!DOCTYPE html>
 const data = JSON.parse(document.getElementById("map-data").textContent);
 const plot = document.getElementById("map");
 const statusLine = document.getElementById("status");
-const state = { model: 0, color: data.colorBy, edges: false, highlight: null };
+const state = { model: 0, color: data.colorBy, edges: false, highlight: null, searched: null };
 
 function option(select, value, text) {
   const o = document.createElement("option");
@@ -217,9 +217,13 @@ function traces() {
 }
 function layout() {
   const m = data.models[state.model];
+  // beside a colour bar the legend (unknown values, the highlighted patient) goes below the plot, not over it
+  const scale = Boolean(state.color && data.numeric[state.color]);
+  const legend = scale ? { itemsizing: "constant", orientation: "h", x: 0, y: -0.02, yanchor: "top" }
+                       : { itemsizing: "constant" };
   return { title: { text: m.name + " — " + data.method.toUpperCase() + " of " + m.rows.length + " lesions",
                     font: { size: 14 } },
-           hovermode: "closest", margin: { l: 20, r: 20, t: 40, b: 20 }, legend: { itemsizing: "constant" },
+           hovermode: "closest", margin: { l: 20, r: 20, t: 40, b: 20 }, legend: legend,
            xaxis: { showticklabels: false, zeroline: false, showgrid: false },
            yaxis: { showticklabels: false, zeroline: false, showgrid: false } };
 }
@@ -228,6 +232,7 @@ function search(patient) {
   patient = patient.trim();
   const m = data.models[state.model];
   if (!patient) return;
+  state.searched = patient;
   if (!m.rows.some(r => data.points.patient[r] === patient)) {
     state.highlight = null;
     statusLine.textContent = "No patient " + patient + " in model " + m.name + ".";
@@ -242,7 +247,9 @@ function search(patient) {
 
 document.getElementById("model").addEventListener("change", e => {
   state.model = Number(e.target.value);
-  if (state.highlight) return search(state.highlight.patient);
+  // the status line speaks of the model shown: the patient searched for is looked up again in this one
+  if (state.searched) return search(state.searched);
+  statusLine.textContent = "";
   return draw();
 });
 document.getElementById("color").addEventListener("change", e => { state.color = e.target.value; draw(); });
@@ -252,7 +259,7 @@ document.getElementById("search").addEventListener("keydown", e => {
   if (e.key === "Enter") search(e.target.value);
 });
 document.getElementById("clear").addEventListener("click", () => {
-  state.highlight = null; statusLine.textContent = ""; draw();
+  state.highlight = null; state.searched = null; statusLine.textContent = ""; draw();
 });
 Plotly.newPlot(plot, traces(), layout(), { displaylogo: false, responsive: true }).then(() => {
   plot.on("plotly_click", event => {
