@@ -225,3 +225,13 @@ def test_the_retrieval_charts_axis_starts_near_chance_not_at_zero():
     bottom, top = near_chance(0.611, [0.543, 0.60], [0.66, 0.64])  # NLST-Sybil stage, precision@10
     assert 0.5 < bottom < 0.543 and 0.66 < top < 0.7  # the differences fill the chart
     assert near_chance(0.5, [0.45], [0.52])[0] < 0.45 < 0.5 < near_chance(0.5, [0.45], [0.52])[1]
+
+
+def test_codes_are_coloured_as_categories_and_measures_on_a_scale(nlst):
+    from SimilarPatientsLib.maps.embedding_map import is_continuous
+
+    lesions = nlst.lesions("CTFM")
+    assert lesions["histology_code"].nunique() > 16  # more codes than colours, still categories
+    assert not is_continuous("histology_code", lesions["histology_code"], 15)
+    assert is_continuous("age", lesions["age"], 15)
+    assert not is_continuous("stage", lesions["stage"], 15)
