@@ -606,16 +606,18 @@ def test_a_fused_search_by_patient_shows_each_models_rank(nlst_home):
     assert all(row[2].startswith("closer than") for row in table.rows) and not view.of("show_error")
 
 
-def test_a_fused_image_query_asks_each_models_licence_and_one_download_question(controller, home, monkeypatch):
-    """The fused choice runs every model: each licence is asked, and one question lists every download."""
+def test_a_fused_image_query_asks_one_licence_question_and_one_download_question(controller, home, monkeypatch):
+    """The fused choice runs every model: one question lists every licence to accept, one every download."""
     logic = controller.logic
-    monkeypatch.setattr(logic, "models_of", lambda reference, choice: ["CTFM", "VISTA3D"])
+    monkeypatch.setattr(logic, "models_of", lambda reference, choice: ["CTFM", "VISTA3D", "SUPREME"])
     monkeypatch.setattr(logic, "needs_torch", lambda models: False)
     _pretend_installed(monkeypatch, {"pandas": "2.2.3"})
-    controller.view.answers = [True, False]  # VISTA3D's licence: yes; the downloads: not now
+    controller.view.answers = [True, False]  # VISTA3D's and SuPreM's licences: yes; the downloads: not now
     controller.find_from_image(_inputs(model="All models (fused)", volume=object(), tumor=object()))
     controller.wait()
     licence, download = (question for (question,) in controller.view.of("ask"))
-    assert licence.startswith("VISTA3D's weights are published under")
+    assert licence.startswith("These models' weights are published under:\nVISTA3D: NVIDIA")
+    assert "\nSUPREME: SuPreM weights" in licence and "CTFM" not in licence  # Apache-2.0: nothing to accept
+    assert logic.licence_to_accept("VISTA3D") is None and logic.licence_to_accept("SUPREME") is None
     assert "CTFM: https://" in download and "VISTA3D: https://" in download
     assert controller.hits is None

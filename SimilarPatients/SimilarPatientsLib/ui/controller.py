@@ -261,13 +261,17 @@ class ModuleController:
         if not self._install(SEARCH, IMAGE if network else (), *self._service_needs(inputs.reference), torch=network):
             return
         models = self.logic.models_of(inputs.reference, model)
-        for name in models:
-            licence = self.logic.licence_to_accept(name)
-            if licence:
-                if not self.view.ask(
-                    f"{name}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
-                ):
-                    return
+        pending = {name: licence for name in models if (licence := self.logic.licence_to_accept(name))}
+        if pending:  # one question for every model of a fused query
+            if len(pending) == 1:
+                [(name, licence)] = pending.items()
+                question = f"{name}'s weights are published under: {licence}.\n\nDo you accept this licence?"
+            else:
+                listed = "\n".join(f"{name}: {licence}" for name, licence in pending.items())
+                question = f"These models' weights are published under:\n{listed}\n\nDo you accept these licences?"
+            if not self.view.ask(question, "Weight licence"):
+                return
+            for name in pending:
                 self.logic.accept_licence(name)
         sources = [f"{name}: {url}" for name in models if (url := self.logic.weights_to_download(name))]
         if sources and not self._downloads_opt_in("These weights would be downloaded:\n" + "\n".join(sources)):
