@@ -235,3 +235,14 @@ def test_codes_are_coloured_as_categories_and_measures_on_a_scale(nlst):
     assert not is_continuous("histology_code", lesions["histology_code"], 15)
     assert is_continuous("age", lesions["age"], 15)
     assert not is_continuous("stage", lesions["stage"], 15)
+
+
+def test_a_fused_image_query_asks_one_licence_question_for_every_model_before_reading_the_image(home, nlst, tmp_path):
+    from SimilarPatientsLib import query_image
+    from SimilarPatientsLib.errors import SimilarPatientsError
+
+    pending = [m for m in nlst.models if registry.get(m).weights.needs_acknowledgement]
+    assert len(pending) >= 2
+    with pytest.raises(SimilarPatientsError) as asked:
+        query_image(tmp_path / "not-read.nrrd", [], "all", nlst)
+    assert f"similar-patients models accept {' '.join(pending)}" in str(asked.value)
