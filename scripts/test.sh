@@ -14,7 +14,9 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" torch==2.13.0
+# PyTorch's CPU index (PyPI's Linux torch is the CUDA build); --retries 0: where only a local mirror answers,
+# pip finds the +cpu wheel there at once instead of retrying the unreachable index
+"${pip[@]}" --retries 0 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 "${pip[@]}" -e ".[analysis,embed,bigquery,pipeline,download,test]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -26,6 +26,8 @@ from .imaging.ct_image import read_ct
 from .imaging.tumor import Tumor
 from .models import registry
 from .models.embedder import Embedder, Embedding
+from .models.weights import require_acceptance
+from .models.weights import status as weight_status
 from .progress import ProgressCallback, report
 from .references.fused import FUSED_MODEL, fused_models, is_fused
 from .references.reference import Reference
@@ -180,6 +182,8 @@ def _query_fused(
         spec = given[name].spec if name in given else _known(name, reference)
         chosen[name] = given[name].recipe if name in given else spec.with_recipe(recipes.get(name))
         check_compatible(reference, spec.name, chosen[name].name, spec.dimension)
+    fetched = [name for name in names if name not in given and name not in paths]  # one licence question for all
+    require_acceptance([weight_status(n, registry.get(n).weights) for n in fetched], accept_licence)
     seconds = Timings()
     steps = 2 + 2 * len(names)
     report(progress, 0, steps, "reading the CT")

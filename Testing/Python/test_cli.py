@@ -44,9 +44,9 @@ def test_neighbors_table_filters_and_metric(on_nlst, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Nearest 3 patients to 100242") and "euclidean" in out[0]
-    assert out[1].split()[:4] == ["rank", "PatientID", "distance", "lesions"]
-    assert len(out) == 6 and all("  F  " in line for line in out[2:5])
-    assert out[5] == "search: exact (every lesion compared)"
+    assert out[1].split()[:6] == ["rank", "PatientID", "closer", "than", "distance", "lesions"]
+    assert len(out) == 7 and all("  F  " in line for line in out[2:5])
+    assert out[5].startswith("closer than N%") and out[6] == "search: exact (every lesion compared)"
 
 
 def test_include_self(on_nlst, capsys):
@@ -202,7 +202,7 @@ def test_a_control_character_in_an_id_or_label_cannot_split_the_human_table(home
     argv = ["neighbors", "--reference", "odd", "--model", "A", "--patient", "P000", "-k", "5"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 + 1 + 5 + 1  # the heading, the columns, one line per hit, how it searched
+    assert len(lines) == 1 + 1 + 5 + 2  # the heading, the columns, one line per hit, 'closer than', how it searched
     assert any("P001\\n2  0.000001  1" in line for line in lines)
     assert any("adeno\\rsquamous\\x1b[2J" in line for line in lines) and not any("\x1b" in line for line in lines)
     assert main([*argv, "--json"]) == 0

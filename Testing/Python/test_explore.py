@@ -141,6 +141,12 @@ def test_page_opens_clicks_and_searches_in_chromium(reference, tmp_path, browser
     search.send_keys("nobody\n")
     time.sleep(0.2)
     assert browser.find_element(By.ID, "status").text == "No patient nobody in model B."
+    # beside age's colour bar the legend lies below the plot, not over the bar
+    assert browser.execute_script("return document.getElementById('map').layout.legend.orientation") == "h"
+    # the status line speaks of the model shown, after a model change too
+    browser.find_element(By.CSS_SELECTOR, "#model option[value='0']").click()
+    time.sleep(0.3)
+    assert browser.find_element(By.ID, "status").text == "No patient nobody in model A."
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []
 

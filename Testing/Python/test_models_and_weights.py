@@ -200,7 +200,7 @@ def test_offline_without_weights_says_how_to_supply_them(home, monkeypatch):
 def _with_url(spec, url, size=None):
     import dataclasses
 
-    source = dataclasses.replace(spec.weights, url=url, size=size)
+    source = dataclasses.replace(spec.weights, url=url, size=size, hub=None)  # a plain URL, not the hub
     return dataclasses.replace(spec, weights=source)
 
 
@@ -296,7 +296,7 @@ def test_a_pinned_source_with_a_published_hash_says_so():
 
     source = dataclasses.replace(
         registry.get("CTFM").weights,
-        url="https://huggingface.co/o/r/resolve/" + "a" * 40 + "/model.safetensors",
+        hub=weights.HubFile("o/r", "model.safetensors", revision="a" * 40),
         sha256="0" * 64,
     )
     assert source.pinned and registry._sha256_check("CTFM", source) == "published"

@@ -160,7 +160,7 @@ def _pretend_installed(monkeypatch, versions: dict):
 #: idc-index at its lowest version for this Python: installed (most tests' install questions are not its).
 IDC = {"idc-index": dependencies.DOWNLOAD[0].minimum}
 #: The image query's PyPI packages, installed (in the Slicer lanes they are not: no torch there).
-IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3"}
+IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3", "huggingface-hub": "0.36.0"}
 
 
 def test_versions_not_presence_decide_what_is_installed(monkeypatch):
@@ -194,6 +194,8 @@ def test_the_installer_puts_torch_first_then_one_pip_call_with_slicers_and_impor
         versions["monai"] = "1.4.0"
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    held = {name: version for name, version in dependencies.imported_distributions().items() if name != "torch"}
+    monkeypatch.setattr(dependencies, "imported_distributions", lambda: held)  # torch: not yet, as pretended
     installer = dependencies.SlicerInstaller(testing=False)
     monkeypatch.setattr(installer, "run_pip", run_pip)
     installer.install(dependencies.plan(dependencies.IMAGE, torch=True))
@@ -559,7 +561,7 @@ def test_importing_nlst_sybil_without_a_local_copy_asks_before_downloading(empty
     controller.import_nlst()
     controller.wait()
     (question,) = controller.view.of("ask")
-    assert "downloaded (about 20 MB)" in question[0] and "GitHub" in question[0]
+    assert "13.6 MB for six models' files" in question[0] and "GitHub" in question[0]
     assert controller.logic.references() == [] and not controller.view.of("show_error")
 
 
@@ -804,17 +806,19 @@ def test_a_fused_search_by_patient_shows_each_models_rank(nlst_home):
     assert all(row[2].startswith("closer than") for row in table.rows) and not view.of("show_error")
 
 
-def test_a_fused_image_query_asks_each_models_licence_and_one_download_question(controller, home, monkeypatch):
-    """The fused choice runs every model: each licence is asked, and one question lists every download."""
+def test_a_fused_image_query_asks_one_licence_question_and_one_download_question(controller, home, monkeypatch):
+    """The fused choice runs every model: one question lists every licence to accept, one every download."""
     logic = controller.logic
-    monkeypatch.setattr(logic, "models_of", lambda reference, choice: ["CTFM", "VISTA3D"])
+    monkeypatch.setattr(logic, "models_of", lambda reference, choice: ["CTFM", "VISTA3D", "SUPREME"])
     monkeypatch.setattr(logic, "needs_torch", lambda models: False)
     _pretend_installed(monkeypatch, {"pandas": "2.2.3"})
-    controller.view.answers = [True, False]  # VISTA3D's licence: yes; the downloads: not now
+    controller.view.answers = [True, False]  # VISTA3D's and SuPreM's licences: yes; the downloads: not now
     controller.find_from_image(_inputs(model="All models (fused)", volume=object(), tumor=object()))
     controller.wait()
     licence, download = (question for (question,) in controller.view.of("ask"))
-    assert licence.startswith("VISTA3D's weights are published under")
+    assert licence.startswith("These models' weights are published under:\nVISTA3D: NVIDIA")
+    assert "\nSUPREME: SuPreM weights" in licence and "CTFM" not in licence  # Apache-2.0: nothing to accept
+    assert logic.licence_to_accept("VISTA3D") is None and logic.licence_to_accept("SUPREME") is None
     assert "CTFM: https://" in download and "VISTA3D: https://" in download
     assert controller.hits is None
 

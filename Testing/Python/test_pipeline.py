@@ -853,8 +853,9 @@ def test_the_package_dataflow_workers_install_runs_one_bundle_from_a_clean_venv(
     venv = tmp_path / "worker"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    cpu = ["--retries", "0", "--index-url", "https://download.pytorch.org/whl/cpu"]  # as scripts/test.sh
     subprocess.run([*pip, f"apache-beam[gcp]=={apache_beam.__version__}"], check=True, timeout=1200)  # the base image
-    subprocess.run([*pip, torch], check=True, timeout=900)  # a CPU machine gets PyPI's build: the same API
+    subprocess.run([*pip, torch, *cpu], check=True, timeout=900)  # a CPU machine gets the CPU build: the same API
     subprocess.run([*pip, f"{sdist}[{extras}]"], check=True, timeout=1200)  # the container's package
     subprocess.run([*pip, sdist], check=True, timeout=600)  # boot.go: the staged sdist, no extras
     root, patients = collection

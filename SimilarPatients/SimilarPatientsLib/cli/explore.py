@@ -37,8 +37,9 @@ def add(verbs) -> None:
 def run(args, store: ReferenceStore, progress: Bars) -> None:
     from ..maps import embedding_map, figure, page
 
+    page.check_out(Path(args.out))  # before minutes of projection, not after
     if args.png:
-        figure.check_format(Path(args.png))  # before minutes of projection, not after
+        figure.check_format(Path(args.png))
     reference = store.open(args.reference)
     the_map = embedding_map.build(
         reference,

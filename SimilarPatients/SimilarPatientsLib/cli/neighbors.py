@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..references import fused
 from ..references.store import ReferenceStore
 from .options import add_model_option, model_argument
-from .output import as_json, fusion_words, print_hits
+from .output import emit, fusion_words, print_hits, with_closeness
 from .progress import Bars
 from .searching import add_search_options, open_searched, statement_only
 
@@ -34,9 +34,11 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     else:
         hits = reference.search(model, patient=args.patient, progress=progress, **options)
         what = f"model {model}"
+    hits = with_closeness(hits, reference, args.metric)
     progress.close()
-    if args.json:
-        print(as_json(hits))
-        return
-    print(f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance:")
-    print_hits(hits, reference, model, args.metric, max(args.depth, args.k))
+
+    def human():
+        print(f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance:")
+        print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)
+
+    emit(args, hits, human)

@@ -8,6 +8,22 @@ import argparse
 from ..errors import SimilarPatientsError
 from ..search.fusion import FUSION_DEPTH, FUSIONS
 
+#: Options whose values may start with a minus sign (LPS coordinates), with an example value.
+_NEGATIVE_EXAMPLES = {"--point": "-1,2,3", "--box": "-10,-10,-10,10,10,10"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose bare "expected at least one argument" after --point or --box says why: a
+    negative coordinate reads as an option unless it is joined with '='."""
+
+    def error(self, message: str):
+        for option, example in _NEGATIVE_EXAMPLES.items():
+            if f"argument {option}" in message and "expected" in message:
+                message += (
+                    f" (a value that starts with '-' reads as an option: join it with '=', e.g. {option}={example})"
+                )
+        super().error(message)
+
 
 def whole(low: int, high: int | None = None):
     """An argparse type: a whole number from ``low`` (to ``high``), refused at parsing with the range."""

@@ -8,7 +8,7 @@ from ..errors import SimilarPatientsError
 from ..references import fused
 from ..references.store import ReferenceStore
 from .options import add_image_options, add_model_option, model_argument, tumors
-from .output import as_json, fusion_words, print_hits
+from .output import emit, fusion_words, print_hits, with_closeness
 from .progress import Bars
 from .searching import add_search_options, open_searched, statement_only
 
@@ -64,14 +64,16 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         fusion=args.fusion,
         depth=args.depth,
     )
+    hits = with_closeness(result.hits, reference, args.metric)
     progress.close()
-    if args.json:
-        print(as_json(result.hits))
-        return
+    emit(args, hits, lambda: _print_table(args, result, hits, reference, model, several))
+
+
+def _print_table(args, result, hits, reference, model, several: bool) -> None:
     queried = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]
     seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in queried)
     what = "the tumor" if len(queried) == 1 else f"the {len(queried)} tumors"
     how = fusion_words(args, list(result.models)) if several else f"model {result.model} ({result.recipe})"
-    print(f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
+    print(f"Nearest {len(hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
           f"{args.metric} distance:")  # fmt: skip
-    print_hits(result.hits, reference, model, args.metric, max(args.depth, args.k))
+    print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)

@@ -14,6 +14,7 @@ from ..references.reference import METHODS
 from ..references.store import ReferenceStore
 from ..search.distances import METRICS
 from .options import whole
+from .output import add_output_options
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", choices=METHODS, default="auto", help="exact scan, approximate index, or auto (by reference size)"
     )
-    parser.add_argument("--json", action="store_true", help="print a JSON array of hits")
+    add_output_options(parser)
     cloud = parser.add_argument_group("BigQuery references (--reference bq://PROJECT.DATASET.TABLE)")
     cloud.add_argument("--print-sql", action="store_true", help="print the SQL and its parameters; run nothing")
     cloud.add_argument("--dry-run", action="store_true", help="print the bytes the search would bill; run nothing")

@@ -111,6 +111,7 @@ class BigQueryReference(ReferenceManifest):
         ``brute_force``: the same ``VECTOR_SEARCH`` comparing every row (what an approximate one is measured
         against)."""
         check_search(embeddings, patient, method)
+        model = self.model_name(model)
         info = self.model_info(model)
         queries = None if embeddings is None else check_queries(info.dim, embeddings, metric)
         spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
@@ -162,6 +163,7 @@ class BigQueryReference(ReferenceManifest):
         table, not two), after a check that bills two text columns: an unknown patient is refused before
         the embeddings are billed. With ``check_recall`` the index's recall is measured against the same
         search with ``use_brute_force``."""
+        model = self.model_name(model)
         statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
         report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
         if patient is not None:

@@ -142,8 +142,10 @@ def _figures(evaluation: Evaluation, task, folder: Path) -> list:
     table = _rows(evaluation.retrieval, task=task.name, aggregation=primary, k=k, measure="precision")
     models = list(dict.fromkeys(table["model"]))  # the fused rankings too
     figure, axes = plt.subplots(figsize=(1.1 * len(models) + 2.5, 3.5))
-    _grouped_bars(axes, table, models, "distance", "value", "low", "high", {})
-    axes.axhline(table["chance"].iloc[0], color="grey", linestyle="--", linewidth=1, label="chance")
+    chance = float(table["chance"].iloc[0])
+    _grouped_bars(axes, table, models, "distance", "value", "low", "high", {}, bottom=chance)
+    axes.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_ylim(*near_chance(chance, table["low"], table["high"]))
     axes.set_ylabel(f"precision@{k} (95% CI)")
     axes.set_title(f"{task.name}: do the {k} nearest patients share the label?", fontsize=9)
     axes.legend(fontsize=7)
@@ -151,8 +153,19 @@ def _figures(evaluation: Evaluation, task, folder: Path) -> list:
     return [auc_file, retrieval_file]
 
 
-def _grouped_bars(axes, table: pd.DataFrame, models: list, group: str, value: str, low: str, high: str, names: dict):
-    """One bar per (model, ``group`` value) with its interval as whiskers; models on the x axis."""
+def near_chance(chance: float, lows, highs) -> tuple[float, float]:
+    """The value axis of a chart compared with chance: from a little below chance (or the lowest interval)
+    to a little above the highest; an axis from 0 would squeeze the differences that matter into a sliver."""
+    low, high = min(chance, float(np.min(lows))), max(chance, float(np.max(highs)))
+    margin = 0.1 * max(high - low, 0.02)
+    return max(0.0, low - margin), min(1.0, high + margin)
+
+
+def _grouped_bars(
+    axes, table: pd.DataFrame, models: list, group: str, value: str, low: str, high: str, names: dict, bottom=0.0
+):
+    """One bar per (model, ``group`` value) with its interval as whiskers; models on the x axis. Bars rise
+    from ``bottom`` (chance, for a measure compared with it), so one below it points down."""
     groups = list(dict.fromkeys(table[group]))
     width = 0.8 / len(groups)
     x = np.arange(len(models))
@@ -160,7 +173,9 @@ def _grouped_bars(axes, table: pd.DataFrame, models: list, group: str, value: st
         rows = table[table[group] == name].set_index("model").loc[models]
         errors = [rows[value] - rows[low], rows[high] - rows[value]]
         offset = (i - (len(groups) - 1) / 2) * width
-        axes.bar(x + offset, rows[value], width, yerr=errors, capsize=2, label=names.get(name, name))
+        axes.bar(
+            x + offset, rows[value] - bottom, width, bottom=bottom, yerr=errors, capsize=2, label=names.get(name, name)
+        )
     axes.set_xticks(x, models)
 
 

@@ -118,9 +118,7 @@ def evaluate(
     require("analysis")
     settings = settings or Settings()
     settings.check()
-    models = list(models or reference.models)
-    for model in models:
-        reference.model_info(model)
+    models = [reference.model_name(m) for m in models or reference.models]
     started = time.perf_counter()
     jobs = []
     for task in tasks:

@@ -18,6 +18,8 @@ _MOST_AIR_HU = -300.0
 SPACING_RANGE_MM = (0.01, 20.0)
 #: Direction cosines of two slices of one series differ by less (DICOM writes them rounded; 1e-3 is 0.06 degrees).
 _ORIENTATION_TOLERANCE = 1e-3
+#: At most this many distinct values in an image without air: a labelmap (a mask), not a CT.
+_MASK_VALUES = 16
 
 
 def read_ct(source, check_hounsfield: bool = True):
@@ -91,6 +93,12 @@ def validate_ct(image, where: str = "the image", check_hounsfield: bool = True) 
         statistics = sitk.MinimumMaximumImageFilter()
         statistics.Execute(image)
         if statistics.GetMinimum() > _MOST_AIR_HU:
+            values = np.unique(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4])
+            if len(values) <= _MASK_VALUES and statistics.GetMinimum() >= 0:
+                raise SimilarPatientsError(
+                    f"{where} holds only the values {', '.join(f'{v:g}' for v in values)}: it looks like a tumor "
+                    f"mask, not a CT. Are the CT and the mask swapped (the CT goes to --image, the mask to --mask)?"
+                )
             raise SimilarPatientsError(
                 f"{where} does not look like a CT in Hounsfield units: its darkest voxel is "
                 f"{statistics.GetMinimum():.0f}, but a CT holds air at about -1000 HU. Is it an MR or a "

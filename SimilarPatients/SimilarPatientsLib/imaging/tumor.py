@@ -17,6 +17,11 @@ from ..errors import SimilarPatientsError
 from ..util.optional import optional_import
 from .ct_image import is_dicom_file, read_image_file, snap_geometry
 
+#: A mask holding a value below this (a CT's air is about -1000 HU), or more distinct values than
+#: ``_MOST_LABELS``, is a CT given as the mask.
+_AIR_HU = -500
+_MOST_LABELS = 1000
+
 
 @dataclass
 class Tumor:
@@ -164,6 +169,14 @@ def _select_label(image, segment, where: str):
         raise SimilarPatientsError(f"{where} has several values per voxel; give a labelmap or a .seg.nrrd.")
     values = np.unique(sitk.GetArrayViewFromImage(image))
     fractions = values[values != np.round(values)]
+    # a soft (probability) mask, however many values it holds: fractions spanning about 0 to 1 (a CT spans thousands)
+    probabilities = len(fractions) and values.max() - values.min() <= 2
+    if not probabilities and (values.min() < _AIR_HU or len(values) > _MOST_LABELS):
+        raise SimilarPatientsError(
+            f"{where} holds {len(values):,} different values from {values.min():g} to {values.max():g}: it looks "
+            f"like a CT, not a tumor mask. Are the CT and the mask swapped (the CT goes to --image, the mask to "
+            f"--mask)?"
+        )
     if len(fractions):
         raise SimilarPatientsError(
             f"{where} holds {len(fractions)} fractional values (from {values.min():g} to {values.max():g}): it is a "

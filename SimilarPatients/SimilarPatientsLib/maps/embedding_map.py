@@ -46,6 +46,17 @@ class EmbeddingMap:
     layers: list  # ModelMap per model
 
 
+def is_continuous(name: str, values: pd.Series, most_categories: int) -> bool:
+    """Whether a label is drawn on a colour scale: a number that measures (age, size) and has more values
+    than there are colours. A code (ICD-O ``histology_code``, an id) names categories whatever its values:
+    8140 is not "more" than 8070."""
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return False
+    if name.lower().endswith(("code", "id")):
+        return False
+    return values.nunique() > most_categories
+
+
 def build(
     reference,
     models: list | None = None,
@@ -66,9 +77,7 @@ def build(
     if graph < 0 or neighbours < 1:
         raise SimilarPatientsError(f"--graph must be ≥ 0 and --neighbors ≥ 1 (got {graph} and {neighbours}).")
     require("analysis")
-    models = list(models or reference.models)
-    for model in models:
-        reference.model_info(model)
+    models = [reference.model_name(m) for m in models or reference.models]
     fields = list(reference.label_fields)
     color_by = color_by or next(iter(reference.display_fields), None)
     if color_by is not None and color_by not in fields:

@@ -12,7 +12,7 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..util import atomic
 from ..util.optional import pyplot
-from .embedding_map import EmbeddingMap
+from .embedding_map import EmbeddingMap, is_continuous
 from .page import PALETTE
 
 FORMATS = ("png", "pdf", "svg")
@@ -41,7 +41,7 @@ def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
     )
     field = embedding_map.color_by
     values = embedding_map.points[field] if field else pd.Series([None] * len(embedding_map.points))
-    numeric = pd.api.types.is_numeric_dtype(values) and values.nunique() > len(PALETTE) - 1
+    numeric = is_continuous(field or "", values, len(PALETTE) - 1)
     categories = values.astype("string").fillna("unknown").value_counts().index.tolist()
     shown = categories[: len(PALETTE) - 1]
     for axis, layer in zip(axes.flat, layers):

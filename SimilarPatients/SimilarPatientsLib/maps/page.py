@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import SimilarPatientsError
 from ..references import schema
 from ..util import atomic
 from ..util.optional import optional_import
-from .embedding_map import EmbeddingMap
+from .embedding_map import EmbeddingMap, is_continuous
 
 #: Colours of categorical labels (colour-blind-safe first, then more).
 PALETTE = [
@@ -29,11 +30,22 @@ PALETTE = [
 _MAX_CATEGORIES = len(PALETTE) - 1  # the rest are drawn as "other"
 
 
+def check_out(out: Path) -> Path:
+    """``out`` if it names an HTML file (the map is a web page), else a clear error."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise SimilarPatientsError(
+            f"The map is a web page: name --out .html, not '{out.name}' (--png writes a static figure: .png, .pdf "
+            f"or .svg)."
+        )
+    return out
+
+
 def write(embedding_map: EmbeddingMap, out: Path) -> Path:
     """Write the page to ``out`` atomically; returns ``out``."""
     get_plotlyjs = optional_import("plotly.offline", "analysis").get_plotlyjs
 
-    out = Path(out)
+    out = check_out(out)
     payload = json.dumps(page_data(embedding_map), separators=(",", ":"), allow_nan=False)
     title = f"{embedding_map.reference}: {embedding_map.method.upper()} map of tumor embeddings"
     text = (
@@ -52,7 +64,7 @@ def page_data(embedding_map: EmbeddingMap) -> dict:
     labels, numeric = {}, {}
     for name in embedding_map.label_fields:
         column = points[name]
-        is_number = pd.api.types.is_numeric_dtype(column) and column.nunique() > _MAX_CATEGORIES
+        is_number = is_continuous(name, column, _MAX_CATEGORIES)
         numeric[name] = bool(is_number)
         labels[name] = [_json_value(v, is_number) for v in column]
     return {
@@ -128,7 +140,7 @@ _TEMPLATE = """<!DOCTYPE html>
 const data = JSON.parse(document.getElementById("map-data").textContent);
 const plot = document.getElementById("map");
 const statusLine = document.getElementById("status");
-const state = { model: 0, color: data.colorBy, edges: false, highlight: null };
+const state = { model: 0, color: data.colorBy, edges: false, highlight: null, searched: null };
 
 function option(select, value, text) {
   const o = document.createElement("option");
@@ -205,9 +217,13 @@ function traces() {
 }
 function layout() {
   const m = data.models[state.model];
+  // beside a colour bar the legend (unknown values, the highlighted patient) goes below the plot, not over it
+  const scale = Boolean(state.color && data.numeric[state.color]);
+  const legend = scale ? { itemsizing: "constant", orientation: "h", x: 0, y: -0.02, yanchor: "top" }
+                       : { itemsizing: "constant" };
   return { title: { text: m.name + " — " + data.method.toUpperCase() + " of " + m.rows.length + " lesions",
                     font: { size: 14 } },
-           hovermode: "closest", margin: { l: 20, r: 20, t: 40, b: 20 }, legend: { itemsizing: "constant" },
+           hovermode: "closest", margin: { l: 20, r: 20, t: 40, b: 20 }, legend: legend,
            xaxis: { showticklabels: false, zeroline: false, showgrid: false },
            yaxis: { showticklabels: false, zeroline: false, showgrid: false } };
 }
@@ -216,6 +232,7 @@ function search(patient) {
   patient = patient.trim();
   const m = data.models[state.model];
   if (!patient) return;
+  state.searched = patient;
   if (!m.rows.some(r => data.points.patient[r] === patient)) {
     state.highlight = null;
     statusLine.textContent = "No patient " + patient + " in model " + m.name + ".";
@@ -230,7 +247,9 @@ function search(patient) {
 
 document.getElementById("model").addEventListener("change", e => {
   state.model = Number(e.target.value);
-  if (state.highlight) return search(state.highlight.patient);
+  // the status line speaks of the model shown: the patient searched for is looked up again in this one
+  if (state.searched) return search(state.searched);
+  statusLine.textContent = "";
   return draw();
 });
 document.getElementById("color").addEventListener("change", e => { state.color = e.target.value; draw(); });
@@ -240,7 +259,7 @@ document.getElementById("search").addEventListener("keydown", e => {
   if (e.key === "Enter") search(e.target.value);
 });
 document.getElementById("clear").addEventListener("click", () => {
-  state.highlight = null; statusLine.textContent = ""; draw();
+  state.highlight = null; state.searched = null; statusLine.textContent = ""; draw();
 });
 Plotly.newPlot(plot, traces(), layout(), { displaylogo: false, responsive: true }).then(() => {
   plot.on("plotly_click", event => {

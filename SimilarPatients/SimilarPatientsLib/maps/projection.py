@@ -6,13 +6,32 @@ geometry the search does.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..search.distances import unit_rows
+from ..util.home import data_home
 from ..util.optional import optional_import
 
 METHODS = ("umap", "tsne", "pca")
+
+
+def cache_compilation() -> Path | None:
+    """UMAP's first use compiles its numba functions (about 50 s on 2 cores, the progress bar at 0 meanwhile);
+    numba caches them beside the package, where later maps find them, unless that folder is read-only (a
+    system or Slicer install): then the cache goes to the data home. Returns the folder it set, if any."""
+    found = importlib.util.find_spec("umap")
+    if "NUMBA_CACHE_DIR" in os.environ or found is None or found.origin is None:
+        return None
+    if os.access(Path(found.origin).parent, os.W_OK):
+        return None
+    folder = data_home() / "numba"
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)  # read when numba is first imported
+    return folder
 
 
 def project(vectors: np.ndarray, method: str = "umap", metric: str = "cosine", seed: int = 0) -> np.ndarray:
@@ -35,6 +54,7 @@ def project(vectors: np.ndarray, method: str = "umap", metric: str = "cosine", s
         ).fit_transform(x)
     import warnings
 
+    cache_compilation()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")  # a seed makes UMAP single-threaded
         umap = optional_import("umap", "analysis")

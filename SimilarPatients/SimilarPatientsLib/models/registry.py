@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from ..errors import SimilarPatientsError
 from ..imaging import recipes
 from ..imaging.recipes import Recipe
+from ..util.model_names import ALIASES, canonical
 from . import descriptor, weights
 from .checkpoints import CheckpointFormat
 from .encoders import NetworkEncoder
@@ -81,9 +81,14 @@ def _hugging_face(
     repo: str, file: str, licence: str, needs_acknowledgement: bool, revision: str = "main", **verified
 ) -> WeightSource:
     """A weights file in a Hugging Face repository (``datasets/<repo>`` for a dataset), at ``revision``: a
-    commit pins the file; ``main`` is the branch head. ``verified``: ``size`` and ``sha256`` where listed."""
-    url = f"https://huggingface.co/{repo}/resolve/{revision}/{quote(file)}"
-    return WeightSource(url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, **verified)
+    commit pins the file; ``main`` is the branch head, whose commit the first download records and later
+    downloads ask for. No commit of these repositories could be read here (no hub is reachable, and the
+    copies of upstream code at hand all name ``main``), so none is pinned yet: pin each by its commit
+    (``huggingface-cli download REPO FILE`` prints it) once a machine reaches the hub.
+    ``verified``: ``size`` and ``sha256`` where listed."""
+    dataset = repo.startswith("datasets/")
+    hub = weights.HubFile(repo.split("/", 1)[1] if dataset else repo, file, "dataset" if dataset else "model", revision)
+    return WeightSource(hub.url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, hub=hub, **verified)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -262,17 +267,14 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 
-#: Other names users know a model by.
-ALIASES = {"ct-clip": "CTClipVit", "ctclip": "CTClipVit"}
-
 
 def get(name: str) -> ModelSpec:
-    """The model called ``name`` (case-insensitive), or an error that lists what there is."""
-    wanted = ALIASES.get(str(name).lower(), str(name)).lower()
-    for key, spec in MODELS.items():
-        if key.lower() == wanted:
-            return spec
-    raise SimilarPatientsError(f"Unknown model '{name}'; available: {', '.join(MODELS)}.")
+    """The model called ``name`` (any case, or a documented alias), or an error that lists what there is."""
+    model = canonical(name)
+    if model is None:
+        known = ", ".join(f"{m} ({', '.join(a)})" if a else m for m, a in ALIASES.items())
+        raise SimilarPatientsError(f"Unknown model '{name}'; available: {known}.")
+    return MODELS[model]
 
 
 def summary() -> pd.DataFrame:
@@ -284,6 +286,7 @@ def summary() -> pd.DataFrame:
         rows.append(
             {
                 "model": spec.name,
+                "also": ", ".join(ALIASES[spec.name]),
                 "dim": spec.dimension,
                 "recipes": ", ".join(r.name for r in (spec.recipe, *spec.other_recipes)),
                 "licence": "none (no weights)" if source is None else source.licence,

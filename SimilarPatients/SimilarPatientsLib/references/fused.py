@@ -51,8 +51,7 @@ def fused_models(reference, models: str | Sequence[str] | None) -> list[str]:
     names = [models] if isinstance(models, str) else list(models)
     if any(str(m).strip().lower() in (ALL, FUSED_CHOICE.lower()) for m in names):
         raise SimilarPatientsError(f"Name models to fuse, or '{ALL}' alone, not both.")
-    for model in names:
-        reference.model_info(model)
+    names = [reference.model_name(m) for m in names]
     if len(set(names)) != len(names):
         raise SimilarPatientsError(f"A model is named twice among {', '.join(names)}.")
     if not names:

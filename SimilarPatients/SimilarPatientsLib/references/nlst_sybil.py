@@ -118,7 +118,7 @@ def read_reference(
     progress: ProgressCallback | None = None,
 ) -> UpstreamReference:
     """Convert upstream files (model -> path) to the canonical table, with notes for the user."""
-    parts, notes = [], []
+    parts, repeats = [], {}
     clinical_table = _read_clinical(clinical) if clinical is not None and Path(clinical).exists() else None
     for i, (model, path) in enumerate(sorted(files.items())):
         report(progress, i, len(files), f"reading {path.name}")
@@ -126,11 +126,16 @@ def read_reference(
             verify(path, Digest("git-blob-sha1", UPSTREAM_FILES[model]))
         frame, dropped = _read_model_file(path, model)
         if dropped:
-            notes.append(f"{model}: dropped {dropped} upstream row(s) repeating a lesion with the same embedding")
+            repeats.setdefault(dropped, []).append(model)
         if clinical_table is not None:
             frame = frame.merge(clinical_table, on=schema.PATIENT, how="left")
         parts.append(schema.from_frame(frame))
     report(progress, len(files), len(files), "read upstream files")
+    notes = [  # one note for the models that dropped as many rows (all six do: the same lesions repeat)
+        f"{', '.join(models)}: dropped {dropped} upstream row(s) {'each ' if len(models) > 1 else ''}repeating a "
+        f"lesion with the same embedding"
+        for dropped, models in repeats.items()
+    ]
     return UpstreamReference(schema.concat(parts), notes)
 
 

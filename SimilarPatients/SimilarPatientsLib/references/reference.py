@@ -36,6 +36,7 @@ from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
 from ..util.locks import FileLock
+from ..util.model_names import canonical
 from . import closeness, manifest, schema
 from .fused import search_fused
 from .hits import hit_table
@@ -90,11 +91,18 @@ class ReferenceManifest:
         declared them at import; all label fields when it declared none."""
         return list(self.manifest.get("display_fields") or self.label_fields)
 
-    def model_info(self, model: str) -> ModelInfo:
-        if model not in self.manifest["models"]:
+    def model_name(self, model: str) -> str:
+        """This reference's name for ``model``, named in any case or by a documented alias (``CT-CLIP`` for
+        ``CTClipVit``), or an error that lists its models."""
+        found = canonical(model, self.models)
+        if found is None:
             raise SimilarPatientsError(
                 f"Reference '{self.name}' has no model '{model}'; it has: {', '.join(self.models)}."
             )
+        return found
+
+    def model_info(self, model: str) -> ModelInfo:
+        model = self.model_name(model)
         info = self.manifest["models"][model]
         return ModelInfo(
             model, int(info["dim"]), int(info["lesions"]), int(info["patients"]), info["recipe"], info.get("folder", "")
@@ -397,6 +405,7 @@ class Reference(ReferenceManifest):
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
         ``search`` and ``index_recall`` columns say which answered."""
         check_search(embeddings, patient, method)
+        model = self.model_name(model)
         space = self.space(model, progress)
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))

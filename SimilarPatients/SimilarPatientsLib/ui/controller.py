@@ -31,6 +31,10 @@ from .dependencies import BIGQUERY, DOWNLOAD, IMAGE, SEARCH, InstallPlan
 from .logic import NLST, ModuleLogic, tumor_marks
 from .results import ResultsTable, filter_terms, results_table
 
+#: What importing NLST-Sybil downloads: the six files measured (CT-CLIP, CT-FM, Merlin, PASTA, SuPreM,
+#: VISTA3D: 13,604,676 bytes), the three not at hand estimated by their embedding lengths.
+NLST_DOWNLOAD = "13.6 MB for six models' files, about 40 MB more for FMCIB, Models Genesis and VoCo"
+
 log = logging.getLogger(__name__)
 #: The actions the widget enables or disables as :meth:`ModuleController.actions` says.
 ACTIONS = ("import", "find", "find_image", "load", "clear_cache")
@@ -272,8 +276,8 @@ class ModuleController:
         if not self._install(SEARCH):
             return
         if not self.logic.nlst_local_copy() and not self._downloads_opt_in(
-            "No local copy of the NLST-Sybil embeddings was found: they would be downloaded (about 20 MB) from "
-            "GitHub (ImagingDataCommons/nlst-sybil-connectome)."
+            "No local copy of the NLST-Sybil embeddings was found: they would be downloaded from GitHub "
+            f"(ImagingDataCommons/nlst-sybil-connectome): {NLST_DOWNLOAD}."
         ):
             return
         name = (yield self.logic.start_import_nlst(self._progress))["name"]
@@ -319,13 +323,17 @@ class ModuleController:
         if not self._install(SEARCH, IMAGE if network else (), *self._service_needs(inputs.reference), torch=network):
             return
         models = self.logic.models_of(inputs.reference, model)
-        for name in models:
-            licence = self.logic.licence_to_accept(name)
-            if licence:
-                if not self.view.ask(
-                    f"{name}'s weights are published under: {licence}.\n\nDo you accept this licence?", "Weight licence"
-                ):
-                    return
+        pending = {name: licence for name in models if (licence := self.logic.licence_to_accept(name))}
+        if pending:  # one question for every model of a fused query
+            if len(pending) == 1:
+                [(name, licence)] = pending.items()
+                question = f"{name}'s weights are published under: {licence}.\n\nDo you accept this licence?"
+            else:
+                listed = "\n".join(f"{name}: {licence}" for name, licence in pending.items())
+                question = f"These models' weights are published under:\n{listed}\n\nDo you accept these licences?"
+            if not self.view.ask(question, "Weight licence"):
+                return
+            for name in pending:
                 self.logic.accept_licence(name)
         sources = [f"{name}: {url}" for name in models if (url := self.logic.weights_to_download(name))]
         if sources and not self._downloads_opt_in("These weights would be downloaded:\n" + "\n".join(sources)):

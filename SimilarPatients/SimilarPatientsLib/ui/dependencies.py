@@ -71,6 +71,7 @@ IMAGE = (
     Requirement("monai", "1.4", "monai"),
     Requirement("einops", "0.7", "einops"),
     Requirement("safetensors", "0.4", "safetensors"),
+    Requirement("huggingface-hub", "0.36", "huggingface_hub"),  # weights on the Hugging Face hub
 )
 #: Loading matches from IDC's public buckets. Every idc-index below 0.13 pins ``pandas<=2.2.4`` (and 0.9-0.11
 #: ``duckdb<=1.2.1`` and Sphinx): on Python >= 3.10 the floor 0.13 keeps pip from ever reaching back to one

@@ -57,7 +57,7 @@ class ModuleLogic:
 
     Args:
         settings: the application settings (:class:`ModuleSettings`).
-        home: the data home (default ``$SIMILARPATIENTS_HOME`` or the per-user cache).
+        home: the data home (default ``$SIMILARPATIENTS_HOME`` or the per-user data folder).
         python: the worker's interpreter (default: Slicer's ``PythonSlicer``).
     """
 

@@ -4,6 +4,12 @@ holds open is never deleted under it.
 POSIX ``flock``: shared locks for readers, exclusive for writers and for whoever wants to delete. On
 Windows (no shared locks in the standard library) readers take none and ``try_exclusive`` always
 reports the file busy, so old versions are kept rather than risk deleting one in use.
+
+Not the ``filelock`` package: its ``FileLock`` is exclusive only (readers would queue behind each other);
+its ``ReadWriteLock`` is an SQLite transaction that needs a writable folder (a reader of a read-only data
+home takes its shared lock read-only here) and is per thread; its soft locks are marker files that a
+crashed process leaves behind. ``flock`` is shared or exclusive, and the kernel drops it when its holder
+dies.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ EXTRAS = {
             "pydicom": "pydicom",
             "highdicom": "highdicom",
             "safetensors": "safetensors",
+            "huggingface-hub": "huggingface_hub",
         },
     ),
     "download": ("downloading matched series from IDC", {"idc-index": "idc_index"}),
@@ -77,18 +78,29 @@ def require(extra: str, modules: Sequence[str] | None = None) -> None:
             raise missing_extra(extra, module)
 
 
+#: PyTorch's CPU build: plain ``pip install torch`` on Linux gives the CUDA build (about 15 NVIDIA wheels and
+#: triton, several GB), which only a machine with an NVIDIA GPU uses.
+TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def install_command(extra: str) -> str:
+    """What installs ``extra``: the package is not on PyPI, so from the SimilarPatients checkout folder."""
+    return f"pip install -e '.[{extra}]'"
+
+
 def missing_extra(extra: str, module: str) -> SimilarPatientsError:
     """The error for a missing package of ``extra``: what it is needed for and the install command."""
     purpose, packages = EXTRAS[extra]
     if "torch" in packages:
         how = (
-            f"Install torch first (the build for this machine: a CPU-only build where there is no GPU), then "
-            f"`pip install 'similar-patients[{extra}]'`. In 3D Slicer, the module installs it on first use."
+            f"Install torch first: the CPU build with `{TORCH_CPU}`, or `pip install torch` on a Linux machine "
+            f"with an NVIDIA GPU (the CUDA build); then, in the SimilarPatients checkout folder, "
+            f"`{install_command(extra)}`. In 3D Slicer, the module installs it on first use."
         )
     else:
         how = (
-            f"Install it with `pip install 'similar-patients[{extra}]'`; in 3D Slicer's Python console, "
-            f"`slicer.util.pip_install('{' '.join(packages)}')`."
+            f"Install it in the SimilarPatients checkout folder with `{install_command(extra)}`; in 3D Slicer's "
+            f"Python console, `slicer.util.pip_install('{' '.join(packages)}')`."
         )
     return SimilarPatientsError(
         f"{purpose[0].upper()}{purpose[1:]} needs the '{extra}' extra, and the package '{module}' is not installed. "
