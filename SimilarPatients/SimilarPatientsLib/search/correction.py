@@ -1,0 +1,82 @@
+"""The corrected space: similarity measured so that no reference patient is near everyone (hub-free).
+
+Foundation-model embeddings of tumor crops share one dominant direction (SuPreM: 99.8% of its unit vectors'
+energy), so by plain cosine a few patients are the nearest neighbour of nearly every query (hubs) and many
+are never anyone's. The corrected space removes both, with two of the reference's own statistics:
+
+1. **centring**: vectors minus the reference's mean, per model (computed when the reference is written);
+2. **local scaling** (Schnitzer et al., JMLR 2012): a distance divided by ``sqrt(r_q · r_p)``, where ``r`` is a
+   patient's distance to its ``NEIGHBOURS``-th nearest other patient in the centred space. A reference
+   patient's radius is computed when the reference is written; a new query's from its own search.
+
+A patient's distance stays that of its nearest lesion pair. Chosen by evaluation (``benchmarks/hubness.py``,
+docs/search.md): centring alone leaves SuPreM's top hub in 17% of all top-10 lists; centring with local
+scaling brings every model's to about 5%, with no patient never listed. ``raw`` is plain distance on the
+stored vectors, exactly as the published lists were made.
+
+Both statistics are applied without a second copy of the matrix: ``(v − μ)·c = v·c − μ·c`` for a centred
+query ``c``, so a scan costs one product per row, as before, plus a per-row factor ``1/sqrt(r_p)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SimilarPatientsError
+
+CORRECTED = "corrected"
+RAW = "raw"
+SPACES = (CORRECTED, RAW)
+#: The neighbour whose distance is a patient's radius (Schnitzer et al. use 10 for the same purpose).
+NEIGHBOURS = 10
+#: Metrics a corrected space is defined for (the dot score is not a distance to scale).
+METRICS = ("cosine", "euclidean")
+
+
+def check_space(space: str, metric: str) -> str:
+    """The space a search in ``space`` with ``metric`` runs in: ``space``, or a clear error."""
+    if space not in SPACES:
+        raise SimilarPatientsError(f"Unknown space '{space}'; choose one of {', '.join(SPACES)}.")
+    if space == CORRECTED and metric not in METRICS:
+        raise SimilarPatientsError(
+            f"The corrected space measures {' or '.join(METRICS)} distance, not '{metric}': "
+            f"search with space='raw' (CLI: --space raw) for the {metric} score."
+        )
+    return space
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A model's corrected space: the reference mean ``centre`` (D,), and per patient (in the space's sorted
+    patient order) the ``radii`` of local scaling, or None for the centred space alone (what the radii are
+    measured in)."""
+
+    centre: np.ndarray
+    radii: np.ndarray | None = None
+    neighbours: int = NEIGHBOURS
+
+    def centred(self, x: np.ndarray) -> np.ndarray:
+        """Float64 rows minus the centre."""
+        return np.asarray(x, dtype=np.float64) - self.centre
+
+    def without_radii(self) -> Correction:
+        return Correction(self.centre, None, self.neighbours)
+
+
+def radius_of(distances: np.ndarray, neighbours: int = NEIGHBOURS) -> float:
+    """A patient's radius from its sorted distances to other patients: the ``neighbours``-th (the last one
+    where there are fewer); kept above zero so that a duplicate cannot divide by it."""
+    if len(distances) == 0:
+        return 1.0
+    radius = float(distances[min(neighbours, len(distances)) - 1])
+    return max(radius, 1e-12)
+
+
+def floor_radii(radii: np.ndarray) -> np.ndarray:
+    """Radii with none below a millionth of their median (duplicated patients would otherwise have a zero
+    radius, and every distance to them would be infinite)."""
+    radii = np.asarray(radii, dtype=np.float64)
+    floor = max(float(np.median(radii)) * 1e-6, 1e-12) if len(radii) else 1e-12
+    return np.maximum(radii, floor)
