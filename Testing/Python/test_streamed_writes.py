@@ -89,7 +89,10 @@ def test_a_streamed_import_refuses_what_a_whole_one_refuses(home, tmp_path):
 
 def test_the_first_closeness_reads_what_the_write_measured(home, monkeypatch):
     reference = ReferenceStore().write("mine", schema.from_frame(synthetic_frame(n_patients=50)), "test")
-    assert reference.manifest["models"]["A"]["closeness"] == {"cosine": {"patients": 50, "search": "exact"}}
+    assert reference.manifest["models"]["A"]["closeness"] == {"corrected-cosine": {"patients": 50, "search": "exact"}}
+    assert reference.manifest["models"]["A"]["correction"] == {
+        "cosine": {"patients": 50, "neighbours": 10, "search": "exact"}
+    }
 
     def no_search(*args, **kwargs):
         raise AssertionError("the distribution was measured again")
@@ -108,9 +111,11 @@ def test_a_large_reference_gets_its_index_and_distribution_at_write(home, monkey
     monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 100)
     frame = synthetic_frame(n_patients=120, lesions=(1, 2), dim=16)
     reference = ReferenceStore().write("large", schema.from_frame(frame), "test")
-    assert {"models/0/hnsw-cosine.faiss", "models/0/hnsw-cosine.json"} <= set(reference.manifest["files"])
-    how = reference.manifest["models"]["A"]["closeness"]["cosine"]
-    calibration = reference.approximate_index("A", "cosine").calibration
+    assert {"models/0/hnsw-corrected-cosine.faiss", "models/0/hnsw-corrected-cosine.json"} <= set(
+        reference.manifest["files"]
+    )
+    how = reference.manifest["models"]["A"]["closeness"]["corrected-cosine"]
+    calibration = reference.approximate_index("A", "cosine", None, "corrected").calibration
     if calibration.reached:
         assert how == {"patients": 120, "search": "approximate", "index_recall": calibration.recall}
     else:  # no effort reached the target: measured exactly, as `auto` searches it

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..search import approximate, filters
-from ..search.correction import CORRECTED, RAW, check_space
+from ..search.correction import CORRECTED, RAW, check_space, resolved_space
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
@@ -120,11 +120,6 @@ def check_search(embeddings, patient, method: str) -> None:
         )
     if method not in METHODS:
         raise SimilarPatientsError(f"Unknown search method '{method}'; choose one of {', '.join(METHODS)}.")
-
-
-def resolved_space(space: str, metric: str) -> str:
-    """The space a search runs in: ``space``, except that the dot score (no distance to correct) is raw."""
-    return RAW if metric == "dot" and space == CORRECTED else check_space(space, metric)
 
 
 def query_lesion_names(embeddings, given: Sequence[str] | None) -> Sequence[str] | None:
@@ -352,7 +347,7 @@ class Reference(ReferenceManifest):
         return PatientEmbeddings(np.asarray(space.vectors[rows]), list(ids))
 
     def closeness(
-        self, model: str, metric: str, distances, progress: ProgressCallback | None = None, space: str = RAW
+        self, model: str, metric: str, distances, progress: ProgressCallback | None = None, space: str = CORRECTED
     ) -> np.ndarray:
         """Each distance placed on this reference's own distribution of nearest-match distances (each
         reference patient's distance to its nearest other patient, in the same ``space``): the percentage of
@@ -360,7 +355,7 @@ class Reference(ReferenceManifest):
         distribution (see :mod:`.closeness`) is made when the reference is written for cosine; for another
         metric, or a reference written before, on first use (in one pass over the matrix, with progress),
         and kept."""
-        nearest = self._nearest_match_distances(model, metric, progress, space)
+        nearest = self._nearest_match_distances(model, metric, progress, resolved_space(space, metric))
         return closeness.percent_farther(nearest, distances)
 
     def _nearest_match_distances(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SimilarPatientsError
+from .distances import check_metric
 
 CORRECTED = "corrected"
 RAW = "raw"
@@ -37,6 +38,7 @@ METRICS = ("cosine", "euclidean")
 
 def check_space(space: str, metric: str) -> str:
     """The space a search in ``space`` with ``metric`` runs in: ``space``, or a clear error."""
+    check_metric(metric)
     if space not in SPACES:
         raise SimilarPatientsError(f"Unknown space '{space}'; choose one of {', '.join(SPACES)}.")
     if space == CORRECTED and metric not in METRICS:
@@ -45,6 +47,11 @@ def check_space(space: str, metric: str) -> str:
             f"search with space='raw' (CLI: --space raw) for the {metric} score."
         )
     return space
+
+
+def resolved_space(space: str, metric: str) -> str:
+    """The space a search runs in: ``space``, except that the dot score (no distance to correct) is raw."""
+    return RAW if metric == "dot" and space == CORRECTED else check_space(space, metric)
 
 
 @dataclass(frozen=True)
