@@ -31,16 +31,17 @@ def brute_force(vectors, patients, queries, metric, allowed=None):
 
 
 def brute_force_corrected(vectors, patients, queries, metric, allowed, own):
-    """The corrected space from its definition: centred on the mean of all rows; every patient's radius its
-    distance to its 10th nearest other patient there; a patient's distance its nearest pair over the
-    square root of the two radii (the query's own radius: that of the reference patient ``own``)."""
+    """The corrected space from its definition: z-scored by the mean and standard deviation of all rows;
+    every patient's radius its distance to its 10th nearest other patient there; a patient's distance its
+    nearest pair over the square root of the two radii (the query's own radius: the reference patient's)."""
     x = np.asarray(vectors, dtype=np.float64)
-    centre = x.mean(axis=0)
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    z = (x - mean) / sd
     radii = {}
     for patient in pd.unique(patients):
         mine = (patients == patient).to_numpy()
-        radii[patient] = brute_force(x - centre, patients, x[mine] - centre, metric, ~mine).iloc[9]
-    plain = brute_force(x - centre, patients, np.asarray(queries) - centre, metric, allowed)
+        radii[patient] = brute_force(z, patients, z[mine], metric, ~mine).iloc[9]
+    plain = brute_force(z, patients, (np.asarray(queries) - mean) / sd, metric, allowed)
     scaled = plain / np.sqrt(plain.index.map(radii).to_numpy() * radii[own])
     frame = scaled.rename("d").reset_index()
     return frame.sort_values(["d", "PatientID"]).set_index("PatientID")["d"]
@@ -65,7 +66,7 @@ def test_matches_float64_brute_force_on_every_model(nlst, model, metric):
 @pytest.mark.parametrize("model", ["CTFM", "SUPREME", "PASTA"])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_the_corrected_space_matches_its_definition(nlst, model, metric):
-    """Centring and local scaling applied through the stored matrix (and the float32 bound widened for
+    """Z-scoring and local scaling applied through the stored matrix (and the float32 bound widened for
     them) rank and measure exactly as the definition computed in float64 from scratch."""
     lesions = nlst.lesions(model)
     vectors = np.asarray(nlst.space(model).vectors)
@@ -218,10 +219,10 @@ def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
             )
     monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 500)
     reference = _store_with(pd.DataFrame(rows), tmp_path)
-    assert (reference.path / "models" / "0" / "hnsw-cosine.faiss").exists()  # built at write, above the size
-    for metric in METRICS:
+    assert (reference.path / "models" / "0" / "hnsw-corrected-cosine.faiss").exists()  # built at write
+    for metric, space in [(m, "raw") for m in METRICS] + [("cosine", "corrected"), ("euclidean", "corrected")]:
         for patient in ["P0001", "P0100", "P0555"]:
-            kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"])
+            kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"], space=space)
             approximated = reference.search("A", method="approximate", **kwargs)
             exact = reference.search("A", method="exact", **kwargs)
             assert approximated.PatientID.tolist() == exact.PatientID.tolist()

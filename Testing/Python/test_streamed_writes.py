@@ -49,7 +49,19 @@ def test_a_chunked_write_equals_a_whole_write(home, tmp_path, monkeypatch):
     files = {name: _files(reference) for name, reference in written.items()}
     assert files["memory"].keys() == {
         "reference.parquet",
-        *(f"models/{i}/{f}" for i in (0, 1) for f in ("vectors.npy", "norms.npy", "nearest-cosine.npy")),
+        *(
+            f"models/{i}/{f}"
+            for i in (0, 1)
+            for f in (
+                "vectors.npy",
+                "norms.npy",
+                "centre.npy",
+                "scale.npy",
+                "corrected-norms.npy",
+                "radii-cosine.npy",
+                "nearest-corrected-cosine.npy",
+            )
+        ),
     }
     assert files["file"] == files["memory"] and files["shards"] == files["memory"]
     records = {name: reference.manifest["files"] for name, reference in written.items()}
@@ -139,12 +151,12 @@ def _closeness_before(reference, model: str, metric: str, distances) -> np.ndarr
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_closeness_gives_the_percentages_it_gave_before_on_nlst(nlst, metric):
     for model in nlst.models:
-        hits = nlst.search(model, patient="100242", k=30, exclude=["100242"], metric=metric)
-        others = nlst.search(model, patient="212718", k=30, metric=metric)  # 9 lesions; its own distance 0 too
+        hits = nlst.search(model, patient="100242", k=30, exclude=["100242"], metric=metric, space="raw")
+        others = nlst.search(model, patient="212718", k=30, metric=metric, space="raw")  # 9 lesions; its own 0 too
         spread = np.quantile(hits.distance, np.linspace(0, 1, 41))
         distances = np.concatenate([hits.distance, others.distance, spread])
         before = _closeness_before(nlst, model, metric, distances)
-        np.testing.assert_array_equal(nlst.closeness(model, metric, distances), before)
+        np.testing.assert_array_equal(nlst.closeness(model, metric, distances, space="raw"), before)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])

@@ -29,8 +29,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         "--space",
         choices=SPACES,
         default=CORRECTED,
-        help="corrected (default: centred on the reference mean and locally scaled, so that no patient is near "
-        "every query), or raw (plain distance on the stored vectors, as published neighbour lists were made)",
+        help="corrected (default: z-scored by the reference's statistics and locally scaled, so that no patient "
+        "is near every query), or raw (plain distance on the stored vectors, as published neighbour lists were made)",
     )
     parser.add_argument(
         "--where",

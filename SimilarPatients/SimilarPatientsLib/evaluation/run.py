@@ -71,7 +71,7 @@ class Settings:
     fusions: tuple = FUSIONS
     fusion_depth: int = FUSION_DEPTH
     #: The space distances are measured in: ``raw`` (the stored vectors; the committed report's), or
-    #: ``corrected`` (centred on the reference mean, retrieval locally scaled: see search/correction.py).
+    #: ``corrected`` (z-scored by the reference's statistics, retrieval locally scaled: search/correction.py).
     space: str = RAW
 
     def check(self) -> None:
@@ -228,7 +228,7 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
         reference = Reference(reference)
     vectors = reference.space(model).vectors
     if settings.space == CORRECTED:
-        vectors = reference.space(model, space=CORRECTED).correction.centred(vectors)
+        vectors = reference.space(model, space=CORRECTED).correction.transformed(vectors)
     cohort = Cohort.build(reference.lesions(model), vectors, plan.labels)
     retrieval, classification, replicates, nulls = [], [], {}, {}
     for aggregation in settings.aggregations:

@@ -10,7 +10,7 @@ distribution for another metric may be added beside a model's matrix, and record
     models/<i>/norms.npy       their float64 L2 norms
     models/<i>/nearest-<metric>.npy  the nearest-match distribution :meth:`Reference.closeness` reads
     models/<i>/hnsw-<metric>.faiss   approximate index (+ its calibration, .json), built for large references
-    models/<i>/centre.npy, centred-norms.npy, radii-<metric>.npy   the corrected space's statistics
+    models/<i>/centre.npy, scale.npy, corrected-norms.npy, radii-<metric>.npy   the corrected space's statistics
                                      (:mod:`.spaces`); its index and distribution are named
                                      ``hnsw-corrected-<metric>.faiss`` and ``nearest-corrected-<metric>.npy``
 
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..search import approximate, filters
-from ..search.correction import CORRECTED, RAW, check_space, resolved_space
+from ..search.correction import CORRECTED, RAW, Correction, check_space, resolved_space
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
@@ -284,7 +284,7 @@ class Reference(ReferenceManifest):
         if check_space(space, metric) == CORRECTED:
             key = (model, space, metric)
             if key not in self._spaces:
-                self._spaces[key] = spaces.with_radii(self._centred(model, progress), self._radii(model, metric))
+                self._spaces[key] = spaces.with_radii(self._unscaled(model, progress), self._radii(model, metric))
             return self._spaces[key]
         if model not in self._spaces:
             folder = f"models/{self.model_info(model).folder}"
@@ -298,25 +298,28 @@ class Reference(ReferenceManifest):
             )
         return self._spaces[model]
 
-    def _centred(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
-        """The model's centred space (no local scaling): its mean and centred norms, read or measured."""
-        key = (model, "centred")
+    def _unscaled(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
+        """The model's z-scored space (no local scaling): its mean, scale and row norms, read or measured."""
+        key = (model, "unscaled")
         if key not in self._spaces:
             raw = self.space(model, progress)
             folder = f"models/{self.model_info(model).folder}"
-            centre_file, norms_file = f"{folder}/{spaces.CENTRE}", f"{folder}/{spaces.NORMS}"
-            if centre_file in self._files and norms_file in self._files:
-                centre = np.load(self.verified(centre_file, progress))
-                norms = np.load(self.verified(norms_file, progress))
+            names = [f"{folder}/{name}" for name in (spaces.CENTRE, spaces.SCALE, spaces.NORMS)]
+            if all(name in self._files for name in names):
+                centre, scale, norms = (np.load(self.verified(name, progress)) for name in names)
+                correction = Correction(centre, scale)
             else:
-                centre = spaces.centre_of(raw.vectors, progress)
-                norms = spaces.centred_norms(raw.vectors, centre, progress)
+                correction = spaces.moments_of(raw.vectors, progress)
+                norms = spaces.corrected_norms(raw.vectors, correction, progress)
 
                 def save() -> dict:
-                    return {**save_array(self.path, centre_file, centre), **save_array(self.path, norms_file, norms)}
+                    saved = {}
+                    for name, array in zip(names, (correction.centre, correction.scale, norms)):
+                        saved.update(save_array(self.path, name, array))
+                    return saved
 
-                self._record([centre_file, norms_file], save)
-            self._spaces[key] = spaces.centred_space(raw, centre, norms)
+                self._record(names, save)
+            self._spaces[key] = spaces.unscaled_space(raw, correction, norms)
         return self._spaces[key]
 
     def _radii(self, model: str, metric: str, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -325,7 +328,7 @@ class Reference(ReferenceManifest):
         relative = f"{folder}/{spaces.radii_file(metric)}"
         if relative in self._files:
             return np.load(self.verified(relative, progress))
-        radii, how, _ = spaces.patient_radii(self._centred(model, progress), metric, progress)
+        radii, how, _ = spaces.patient_radii(self._unscaled(model, progress), metric, progress)
 
         def describe(content: dict) -> None:
             content["models"][model].setdefault("correction", {})[metric] = how
@@ -404,7 +407,6 @@ class Reference(ReferenceManifest):
         key = (model, metric, space)
         if key not in self._indexes:
             searched = self.space(model, progress, space, metric)
-            centre = searched.correction.centre if searched.correction is not None else None
             folder = f"models/{self.model_info(model).folder}"
             relative = f"{folder}/{approximate.file_name(metric, space)}"
             sidecar = approximate.calibration_path(Path(relative)).as_posix()
@@ -417,7 +419,7 @@ class Reference(ReferenceManifest):
                 for part in (relative, sidecar):
                     if part in self._files:
                         self.verified(part, progress)
-                index = approximate.ApproximateIndex.load(self.path / relative, metric, centre)
+                index = approximate.ApproximateIndex.load(self.path / relative, metric, searched.correction)
                 if index.calibration is None:  # built before indexes checked themselves: check it now
                     index.calibrate(searched, progress=progress)
                     self._record([relative, sidecar], save, replace=True)
@@ -451,7 +453,7 @@ class Reference(ReferenceManifest):
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
         ``search`` and ``index_recall`` columns say which answered.
 
-        ``space``: ``corrected`` (hub-free: centred and locally scaled, see :mod:`..search.correction`), or
+        ``space``: ``corrected`` (hub-free: z-scored and locally scaled, see :mod:`..search.correction`), or
         ``raw`` (plain distance on the stored vectors, as published lists were made); the ``space`` column
         says which answered. The dot score has no corrected space: it answers in ``raw``."""
         check_search(embeddings, patient, method)

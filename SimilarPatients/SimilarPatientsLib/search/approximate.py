@@ -23,6 +23,7 @@ import numpy as np
 from ..progress import ProgressCallback, report
 from ..util.atomic import replacing
 from ..util.digests import HashingWriter
+from .correction import Correction
 from .distances import unit_rows
 from .nearest import EmbeddingSpace, RowMask, nearest_patients, nearest_patients_many
 
@@ -46,11 +47,11 @@ def _faiss():
     return faiss
 
 
-def _prepared(vectors: np.ndarray, metric: str, centre: np.ndarray | None = None) -> np.ndarray:
-    """Rows as the graph holds them: centred in a corrected space, unit length for cosine."""
+def _prepared(vectors: np.ndarray, metric: str, correction: Correction | None = None) -> np.ndarray:
+    """Rows as the graph holds them: z-scored in a corrected space, unit length for cosine."""
+    if correction is not None:
+        vectors = correction.transformed(vectors)
     block = np.ascontiguousarray(vectors, dtype=np.float32)
-    if centre is not None:
-        block = block - centre.astype(np.float32)
     return unit_rows(block) if metric == "cosine" else block
 
 
@@ -79,15 +80,17 @@ class Calibration:
 
 class ApproximateIndex:
     """An HNSW graph over one model's vectors for one metric, with its measured recall. In a corrected space
-    the graph holds the centred vectors (``centre``: the reference mean) and proposes candidates by centred
-    distance; the exact stage ranks them by the locally scaled one, and the calibration measures the
-    recall of that ranking."""
+    the graph holds the z-scored vectors (``correction``: the reference's statistics) and proposes
+    candidates by z-scored distance; the exact stage ranks them by the locally scaled one, and the
+    calibration measures the recall of that ranking."""
 
-    def __init__(self, index, metric: str, calibration: Calibration | None = None, centre: np.ndarray | None = None):
+    def __init__(
+        self, index, metric: str, calibration: Calibration | None = None, correction: Correction | None = None
+    ):
         self.index = index
         self.metric = metric
         self.calibration = calibration
-        self.centre = centre
+        self.correction = correction
         #: the search effort (HNSW efSearch) every query uses: the one the calibration settled on
         self.breadth = calibration.breadth if calibration else SEARCH_BREADTHS[0]
 
@@ -109,17 +112,17 @@ class ApproximateIndex:
         """The graph over ``space``'s vectors, not yet checked (what building the index alone costs)."""
         faiss = _faiss()
         kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-        centre = space.correction.centre if space.correction is not None else None
+        correction = space.correction
         index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
         index.hnsw.efConstruction = BUILD_BREADTH
         n = space.vectors.shape[0]
         sample = np.random.default_rng(0).choice(n, size=min(n, _TRAIN_ROWS), replace=False)
-        index.train(_prepared(space.vectors[np.sort(sample)], metric, centre))
+        index.train(_prepared(space.vectors[np.sort(sample)], metric, correction))
         for start in range(0, n, _ADD_CHUNK):
             report(progress, start, n, "building the approximate index")
-            index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric, centre))
+            index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric, correction))
         report(progress, n, n, "building the approximate index")
-        return cls(index, metric, centre=centre)
+        return cls(index, metric, correction=correction)
 
     def calibrate(
         self, space: EmbeddingSpace, target: float = TARGET_RECALL, progress: ProgressCallback | None = None
@@ -156,11 +159,11 @@ class ApproximateIndex:
         return self.calibration
 
     @classmethod
-    def load(cls, path: Path, metric: str, centre: np.ndarray | None = None) -> ApproximateIndex:
-        """The index saved at ``path``; ``centre``: the reference mean it was built on (corrected space)."""
+    def load(cls, path: Path, metric: str, correction: Correction | None = None) -> ApproximateIndex:
+        """The index saved at ``path``; ``correction``: the statistics it was built with (corrected space)."""
         sidecar = calibration_path(path)
         calibration = Calibration(**json.loads(sidecar.read_text(encoding="utf-8"))) if sidecar.is_file() else None
-        return cls(_faiss().read_index(str(path)), metric, calibration, centre)
+        return cls(_faiss().read_index(str(path)), metric, calibration, correction)
 
     def save(self, path: Path) -> dict:
         """Write the index and its calibration atomically under names of their own (a crash, or another
@@ -186,7 +189,7 @@ class ApproximateIndex:
         params.efSearch = max(self.breadth, m)
         if allowed is not None:  # the bitmap is packed once per filter (RowMask), not per query
             params.sel = faiss.IDSelectorBitmap(len(allowed.mask), faiss.swig_ptr(allowed.bits))
-        prepared = _prepared(queries32, self.metric, self.centre)
+        prepared = _prepared(queries32, self.metric, self.correction)
         _, rows = self.index.search(prepared, min(m, self.index.ntotal), params=params)
         return rows.reshape(-1)
 

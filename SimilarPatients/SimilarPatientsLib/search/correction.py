@@ -4,18 +4,21 @@ Foundation-model embeddings of tumor crops share one dominant direction (SuPreM:
 energy), so by plain cosine a few patients are the nearest neighbour of nearly every query (hubs) and many
 are never anyone's. The corrected space removes both, with two of the reference's own statistics:
 
-1. **centring**: vectors minus the reference's mean, per model (computed when the reference is written);
+1. **z-scoring**: vectors minus the reference's mean, divided by each dimension's standard deviation, per
+   model (computed when the reference is written);
 2. **local scaling** (Schnitzer et al., JMLR 2012): a distance divided by ``sqrt(r_q · r_p)``, where ``r`` is a
-   patient's distance to its ``NEIGHBOURS``-th nearest other patient in the centred space. A reference
+   patient's distance to its ``NEIGHBOURS``-th nearest other patient in the z-scored space. A reference
    patient's radius is computed when the reference is written; a new query's from its own search.
 
 A patient's distance stays that of its nearest lesion pair. Chosen by evaluation (``benchmarks/hubness.py``,
-docs/search.md): centring alone leaves SuPreM's top hub in 17% of all top-10 lists; centring with local
-scaling brings every model's to about 5%, with no patient never listed. ``raw`` is plain distance on the
-stored vectors, exactly as the published lists were made.
+docs/search.md): centring or z-scoring alone leaves SuPreM's top hub in 17% of all top-10 lists; with local
+scaling every model's is about 5%, with no patient never listed; z-scoring rather than centring keeps the
+same-tumor re-identification of CT-CLIP (centring cost it 0.04 R@1). ``raw`` is plain distance on the stored
+vectors, exactly as the published lists were made.
 
-Both statistics are applied without a second copy of the matrix: ``(v − μ)·c = v·c − μ·c`` for a centred
-query ``c``, so a scan costs one product per row, as before, plus a per-row factor ``1/sqrt(r_p)``.
+The statistics are applied without a second copy of the matrix: with ``t = (q − μ)/σ`` and ``w = t/σ``,
+``((v − μ)/σ)·t = v·w − μ·w``, so a scan costs one product per row, as before, plus a per-row factor
+``1/sqrt(r_p)``.
 """
 
 from __future__ import annotations
@@ -56,20 +59,27 @@ def resolved_space(space: str, metric: str) -> str:
 
 @dataclass(frozen=True)
 class Correction:
-    """A model's corrected space: the reference mean ``centre`` (D,), and per patient (in the space's sorted
-    patient order) the ``radii`` of local scaling, or None for the centred space alone (what the radii are
-    measured in)."""
+    """A model's corrected space: the reference mean ``centre`` and standard deviation ``scale`` (D,) per
+    dimension, and per patient (in the space's sorted patient order) the ``radii`` of local scaling, or None
+    for the z-scored space alone (what the radii are measured in)."""
 
     centre: np.ndarray
+    scale: np.ndarray
     radii: np.ndarray | None = None
     neighbours: int = NEIGHBOURS
 
-    def centred(self, x: np.ndarray) -> np.ndarray:
-        """Float64 rows minus the centre."""
-        return np.asarray(x, dtype=np.float64) - self.centre
+    def transformed(self, x: np.ndarray) -> np.ndarray:
+        """Float64 rows z-scored: minus the centre, over the scale."""
+        return (np.asarray(x, dtype=np.float64) - self.centre) / self.scale
 
     def without_radii(self) -> Correction:
-        return Correction(self.centre, None, self.neighbours)
+        return Correction(self.centre, self.scale, None, self.neighbours)
+
+
+def scale_of(variance: np.ndarray) -> np.ndarray:
+    """Standard deviations from variances, a constant dimension given 1 (it is zero once centred anyway)."""
+    sd = np.sqrt(np.maximum(np.asarray(variance, dtype=np.float64), 0.0))
+    return np.where(sd > 1e-12 * max(float(sd.max(initial=0.0)), 1e-300), sd, 1.0)
 
 
 def radius_of(distances: np.ndarray, neighbours: int = NEIGHBOURS) -> float:

@@ -5,8 +5,8 @@ nearest patients, given a bound on float32 rounding, is then re-scored in float6
 therefore float64 distances, and the order is decided in float64 with ties broken by PatientID.
 A patient's distance is that of their nearest pair of (query lesion, reference lesion).
 
-A space may carry a :class:`~.correction.Correction` (the corrected space): the scan then scores centred
-vectors through the stored matrix (``v·c − μ·c``) and multiplies each row's score by its patient's local-scaling
+A space may carry a :class:`~.correction.Correction` (the corrected space): the scan then scores z-scored
+vectors through the stored matrix (``v·w − μ·w``) and multiplies each row's score by its patient's local-scaling
 factor, with the rounding bound widened to match; the float64 stage ranks by the corrected distance.
 """
 
@@ -37,7 +37,7 @@ class EmbeddingSpace:
     ``correction``, the corrected space over the same stored vectors."""
 
     vectors: np.ndarray  # (n, D) float32
-    norms: np.ndarray  # (n,) float64 L2 norms of the rows (of the centred rows, with a correction)
+    norms: np.ndarray  # (n,) float64 L2 norms of the rows (of the z-scored rows, with a correction)
     patient_codes: np.ndarray  # (n,) int, index into ``patient_ids``
     patient_ids: np.ndarray  # (p,) str, sorted
     correction: Correction | None = None
@@ -62,7 +62,7 @@ class EmbeddingSpace:
         """Whether distances are divided by the patients' radii (local scaling)."""
         return self.correction is not None and self.correction.radii is not None
 
-    def centred_only(self) -> EmbeddingSpace:
+    def unscaled(self) -> EmbeddingSpace:
         """The same space without local scaling (where radii are measured)."""
         if not self.scaled:
             return self
@@ -87,12 +87,14 @@ class EmbeddingSpace:
 
     @cached_property
     def centring_factor(self) -> float:
-        """How much larger a raw row can be than its centred self (``|v| <= |v − μ| + |μ|``): the factor by
-        which float32 rounding of ``v·c`` grows against the centred product."""
+        """The factor by which float32 rounding of ``v·w`` grows against the z-scored product
+        ``|T(v)| |T(q)|``: ``|v| <= σmax |T(v)| + |μ|`` and ``|w| <= |T(q)| / σmin``."""
         if self.correction is None:
             return 1.0
         smallest = float(self.norms.min()) if len(self.norms) else 1.0
-        return 1.0 + float(np.linalg.norm(self.correction.centre)) / max(smallest, 1e-30)
+        scale = self.correction.scale
+        shift = float(np.linalg.norm(self.correction.centre)) / max(smallest, 1e-30)
+        return (float(scale.max()) + shift) / float(scale.min())
 
     def patient_code(self, patient: str) -> int | None:
         """The code of ``patient`` (``patient_ids`` is sorted), or None when the space has no such patient."""
@@ -162,18 +164,18 @@ def check_queries(dim: int, queries: np.ndarray, metric: str) -> np.ndarray:
 
 
 def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
-    """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries`` (centred, in a
-    corrected space; not yet scaled)."""
+    """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries`` (z-scored, in a
+    corrected space; not yet locally scaled)."""
     vectors = np.asarray(space.vectors[rows], dtype=np.float64)
     if space.correction is not None:
-        vectors, queries = space.correction.centred(vectors), space.correction.centred(queries)
+        vectors, queries = space.correction.transformed(vectors), space.correction.transformed(queries)
     return pairwise_distances(vectors, queries, metric)
 
 
 @dataclass
 class _Queries:
     """Queries as the float32 stage scores them: ``vectors @ weights.T - offsets`` are the products (of
-    centred rows and centred queries, in a corrected space), ``norms`` the queries' norms there."""
+    z-scored rows and z-scored queries, in a corrected space), ``norms`` the queries' norms there."""
 
     weights: np.ndarray  # (q, D) float32
     offsets: np.ndarray | None  # (q,) float32, or None
@@ -183,9 +185,10 @@ class _Queries:
 def _prepare(space: EmbeddingSpace, queries: np.ndarray) -> _Queries:
     if space.correction is None:
         return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1))
-    centred = space.correction.centred(queries)
-    offsets = (centred @ space.correction.centre).astype(np.float32)
-    return _Queries(centred.astype(np.float32), offsets, np.linalg.norm(centred, axis=1))
+    transformed = space.correction.transformed(queries)
+    weights = transformed / space.correction.scale
+    offsets = (weights @ space.correction.centre).astype(np.float32)
+    return _Queries(weights.astype(np.float32), offsets, np.linalg.norm(transformed, axis=1))
 
 
 def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: str) -> np.ndarray:
@@ -290,8 +293,8 @@ def own_radius(
     progress: ProgressCallback | None = None,
 ) -> float:
     """A query's radius in a space with local scaling: its distance to its ``neighbours``-th nearest
-    patient in the centred space, over the whole reference."""
-    plain = space.centred_only()
+    patient in the z-scored space, over the whole reference."""
+    plain = space.unscaled()
     matches = nearest_patients(plain, queries, space.correction.neighbours, metric, None, candidates, progress)
     return radius_of(np.array([m.distance for m in matches]), space.correction.neighbours)
 
@@ -327,7 +330,7 @@ def _scan_candidates(
 ) -> np.ndarray:
     """Rows that can hold the k nearest patients: within the rounding bound of the k-th patient's score
     (with local scaling, of the scaled scores; ``radius_too``: and the rows that can hold the query's
-    ``neighbours`` nearest patients in the centred space, from which its radius is measured)."""
+    ``neighbours`` nearest patients in the z-scored space, from which its radius is measured)."""
     subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
     scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None, progress)
     row_ids = allowed_rows if subset else np.arange(len(scores))
