@@ -143,7 +143,7 @@ def test_each_file_is_read_in_full_once_per_process(two, monkeypatch):
         reference.closeness("A", "cosine", [0.5])
         reference.close()
     # the default search reads the corrected space's statistics, not the raw norms
-    written = ["reference.parquet", "vectors.npy", "centre.npy", "centred-norms.npy", "radii-cosine.npy"]
+    written = ["reference.parquet", "vectors.npy", "centre.npy", "scale.npy", "corrected-norms.npy", "radii-cosine.npy"]
     assert sorted(read) == sorted([*written, "nearest-corrected-cosine.npy"])
     # a later change of the same file, even of the same size, is found (its modification time moved)
     _flip(two / "models" / "0" / "vectors.npy", -3)
