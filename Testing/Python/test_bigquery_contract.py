@@ -141,7 +141,7 @@ def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and
     pages = len([q for q in server.asked("GET", "queries") if q.get("pageToken")])
     for model in nlst.models:
         patient = nlst.lesions(model)["PatientID"].iloc[100]
-        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient])
+        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient], space="raw")
         hits = remote.search(model, patient=patient, k=10, where=where, exclude=[patient], method="exact")
         assert list(hits["PatientID"]) == list(local["PatientID"])
         np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
@@ -158,7 +158,7 @@ def test_contract_vector_search_reports_an_unused_index_with_its_fix(large, serv
     remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.1)
     vector = large.space("A").vectors[3]
     hits = remote.search("A", embeddings=vector, k=5)  # auto: the table has an index, not yet populated
-    local = large.search("A", embeddings=vector, k=5, method="exact")
+    local = large.search("A", embeddings=vector, k=5, method="exact", space="raw")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
     notes = " ".join(hits.attrs["notes"])
@@ -187,7 +187,7 @@ def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_m
             vector = large.space("A").vectors[row] + 0.5 * rng.standard_normal(512)
             checked = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.05, check_recall=True)
             hits = checked.search("A", embeddings=vector, k=10)
-            exact = large.search("A", embeddings=vector, k=10, method="exact")
+            exact = large.search("A", embeddings=vector, k=10, method="exact", space="raw")
             assert set(hits["search"]) == {"approximate"} and hits["index_recall"].nunique() == 1
             recall = len(set(hits["PatientID"]) & set(exact["PatientID"])) / 10
             assert hits["index_recall"].iloc[0] == pytest.approx(recall)  # measured against use_brute_force
