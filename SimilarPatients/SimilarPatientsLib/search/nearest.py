@@ -299,10 +299,12 @@ def own_radius(
     return radius_of(np.array([m.distance for m in matches]), space.correction.neighbours)
 
 
-def _kth_candidates(space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarray, k: int, bound: float):
-    """Rows (positions in ``scores``) within ``bound`` of the k-th patient's best score."""
-    finite = np.isfinite(scores)
-    n = int(finite.sum())
+def _kth_candidates(
+    space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarray, k: int, bound: float, masked: bool = True
+):
+    """Rows (positions in ``scores``) within ``bound`` of the k-th patient's best score (``masked``: some
+    scores are infinite, rows a filter leaves out)."""
+    n = int(np.isfinite(scores).sum()) if masked else len(scores)
     m = min(n, max(8 * k, 64))
     while True:
         top = np.argpartition(scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
@@ -311,12 +313,14 @@ def _kth_candidates(space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarr
         if len(np.unique(codes)) >= k or m >= n:
             break
         m = min(n, m * 4)
-    per_patient = {}
-    for score, code in zip(scores[top], codes):
-        if score < per_patient.get(code, np.inf):
-            per_patient[code] = score
-    kth = np.sort(np.fromiter(per_patient.values(), dtype=np.float64))[:k][-1]
-    return np.flatnonzero(scores <= kth + bound)
+    return np.flatnonzero(scores <= _kth_best(scores[top], codes, k) + bound)
+
+
+def _kth_best(scores: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """The k-th smallest of each patient's best score (the largest there is, with fewer patients)."""
+    order = np.argsort(scores, kind="stable")
+    first = np.unique(codes[order], return_index=True)[1]
+    return float(np.sort(scores[order][first])[:k][-1])
 
 
 def _scan_candidates(
@@ -334,19 +338,24 @@ def _scan_candidates(
     subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
     scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None, progress)
     row_ids = allowed_rows if subset else np.arange(len(scores))
-    if allowed_rows is not None and not subset:
+    masked = allowed_rows is not None and not subset
+    if masked:
         mask = np.zeros(len(scores), dtype=bool)
         mask[allowed_rows] = True
         scores = np.where(mask, scores, np.inf)
     if not space.scaled:
-        return row_ids[_kth_candidates(space, scores, row_ids, k, bound)]
+        return row_ids[_kth_candidates(space, scores, row_ids, k, bound, masked)]
     factors = space.row_factors(metric)
     scaled = scores * (factors if not subset else factors[row_ids])
-    found = _kth_candidates(space, scaled, row_ids, k, bound * float(factors.max()))
-    if radius_too:
-        near = _kth_candidates(space, scores, row_ids, space.correction.neighbours, bound)
-        found = np.union1d(found, near)
-    return row_ids[found]
+    if not radius_too:
+        return row_ids[_kth_candidates(space, scaled, row_ids, k, bound * float(factors.max()), masked)]
+    # the first max(k, neighbours) patients by scaled score are some of the query's patients, so the
+    # neighbours-th of them, unscaled, is at least as far as the true neighbours-th nearest: every row of
+    # the true ones scores below it (one comparison over the scores, not a second partition)
+    neighbours = space.correction.neighbours
+    found = _kth_candidates(space, scaled, row_ids, max(k, neighbours), bound * float(factors.max()), masked)
+    farthest = _kth_best(scores[found], space.patient_codes[row_ids[found]], neighbours)
+    return row_ids[np.union1d(found, np.flatnonzero(scores <= farthest + bound))]
 
 
 def _index_candidates(
