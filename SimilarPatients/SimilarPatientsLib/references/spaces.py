@@ -24,6 +24,11 @@ SCALE = "scale.npy"
 NORMS = "corrected-norms.npy"
 
 
+#: From this many rows the radii are measured with a graph over the z-scored vectors: exactly, every patient
+#: against every row is quadratic (20,000 rows took 200 s on the 2-core build machine; docs/benchmarks.md).
+RADII_APPROXIMATE_FROM = 10_000
+
+
 def radii_file(metric: str) -> str:
     return f"radii-{metric}.npy"
 
@@ -90,7 +95,7 @@ def patient_radii(
     groups = [unscaled.vectors[unscaled.rows_of(code)] for code in range(patients)]
     message = "measuring each patient's neighbourhood radius"
     graph = None
-    if len(unscaled.norms) < approximate.APPROXIMATE_FROM:
+    if len(unscaled.norms) < RADII_APPROXIMATE_FROM:
         answers = nearest_patients_many(unscaled, groups, k, metric, progress)
         how = {"patients": patients, "neighbours": NEIGHBOURS, "search": "exact"}
     else:
