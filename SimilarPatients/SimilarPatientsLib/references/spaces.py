@@ -75,13 +75,18 @@ def corrected_norms(matrix: np.ndarray, correction: Correction, progress: Progre
 
 def unscaled_space(space: EmbeddingSpace, correction: Correction, norms: np.ndarray) -> EmbeddingSpace:
     """The z-scored space over the raw ``space``'s stored vectors (no local scaling yet)."""
-    return EmbeddingSpace(space.vectors, norms, space.patient_codes, space.patient_ids, correction.without_radii())
+    shift = float(np.linalg.norm(correction.centre))  # the float32 stage subtracts μ·w too
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(norms > 0, (space.norms + shift) / norms, 1.0)
+    ratio = float(ratios.max()) if len(ratios) else 1.0
+    plain = Correction(correction.centre, correction.scale, None, NEIGHBOURS, ratio)
+    return EmbeddingSpace(space.vectors, norms, space.patient_codes, space.patient_ids, plain)
 
 
 def with_radii(unscaled: EmbeddingSpace, radii: np.ndarray) -> EmbeddingSpace:
     """The corrected space: ``unscaled`` with local scaling by ``radii``."""
     given = unscaled.correction
-    correction = Correction(given.centre, given.scale, radii, NEIGHBOURS)
+    correction = Correction(given.centre, given.scale, radii, NEIGHBOURS, given.norm_ratio)
     return EmbeddingSpace(unscaled.vectors, unscaled.norms, unscaled.patient_codes, unscaled.patient_ids, correction)
 
 

@@ -85,17 +85,6 @@ class EmbeddingSpace:
             self.__dict__[key] = factors.astype(np.float32)
         return self.__dict__[key]
 
-    @cached_property
-    def centring_factor(self) -> float:
-        """The factor by which float32 rounding of ``v·w`` grows against the z-scored product
-        ``|T(v)| |T(q)|``: ``|v| <= σmax |T(v)| + |μ|`` and ``|w| <= |T(q)| / σmin``."""
-        if self.correction is None:
-            return 1.0
-        smallest = float(self.norms.min()) if len(self.norms) else 1.0
-        scale = self.correction.scale
-        shift = float(np.linalg.norm(self.correction.centre)) / max(smallest, 1e-30)
-        return (float(scale.max()) + shift) / float(scale.min())
-
     def patient_code(self, patient: str) -> int | None:
         """The code of ``patient`` (``patient_ids`` is sorted), or None when the space has no such patient."""
         at = int(np.searchsorted(self.patient_ids, patient))
@@ -180,15 +169,27 @@ class _Queries:
     weights: np.ndarray  # (q, D) float32
     offsets: np.ndarray | None  # (q,) float32, or None
     norms: np.ndarray  # (q,) float64
+    #: (q,) how much float32 rounding of ``v·w − μ·w`` grows against ``|T(v)| |T(q)|``: the reference's
+    #: largest ``(|v| + |μ|) / |T(v)|`` times the query's ``|w| / |T(q)|`` (1 in the raw space)
+    amplification: np.ndarray
+
+    def part(self, begin: int, end: int) -> _Queries:
+        """Queries ``begin:end`` (one group's)."""
+        offsets = None if self.offsets is None else self.offsets[begin:end]
+        return _Queries(self.weights[begin:end], offsets, self.norms[begin:end], self.amplification[begin:end])
 
 
 def _prepare(space: EmbeddingSpace, queries: np.ndarray) -> _Queries:
     if space.correction is None:
-        return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1))
+        return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1), np.ones(len(queries)))
     transformed = space.correction.transformed(queries)
     weights = transformed / space.correction.scale
     offsets = (weights @ space.correction.centre).astype(np.float32)
-    return _Queries(weights.astype(np.float32), offsets, np.linalg.norm(transformed, axis=1))
+    norms = np.linalg.norm(transformed, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amplification = space.correction.norm_ratio * np.linalg.norm(weights, axis=1) / norms
+    amplification = np.where(np.isfinite(amplification), amplification, 1.0)
+    return _Queries(weights.astype(np.float32), offsets, norms, amplification)
 
 
 def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: str) -> np.ndarray:
@@ -208,16 +209,17 @@ def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: s
     return scores
 
 
-def _bound(space: EmbeddingSpace, max_norm: float, query_norms: np.ndarray, metric: str) -> float:
+def _bound(space: EmbeddingSpace, max_norm: float, queries: _Queries, metric: str) -> float:
     """How far float32 rounding can move a score of :func:`_scores` (a scaled score: this times the
     largest row factor)."""
-    slack = 4.0 * space.dim * _EPS32 * space.centring_factor
+    query_norms, amplification = queries.norms, float(queries.amplification.max())
+    slack = 4.0 * space.dim * _EPS32 * amplification
     if metric == "dot":
         bound = slack * max_norm * float(query_norms.max())
     elif metric == "cosine":
         bound = 2.0 * slack
     else:
-        bound = slack * (max_norm * space.centring_factor + float(query_norms.max())) ** 2
+        bound = slack * (max_norm + float(query_norms.max())) ** 2
     return bound
 
 
@@ -234,7 +236,7 @@ def _scan_scores(
     in memory is then read from disk as it is scanned)."""
     prepared = _prepare(space, queries)
     norms = space.norms if rows is None else space.norms[rows]
-    bound = _bound(space, float(norms.max()) if len(norms) else 0.0, prepared.norms, metric)
+    bound = _bound(space, float(norms.max()) if len(norms) else 0.0, prepared, metric)
     n = len(norms)
     best = np.empty(n, dtype=np.float32)
     for begin in range(0, n, SCAN_ROWS):
@@ -435,7 +437,7 @@ def nearest_patients_many(
     factors = space.row_factors(metric) if space.scaled else None
     widest = float(factors.max()) if factors is not None else 1.0
     spans = zip(starts[:-1], starts[1:])
-    bounds = widest * np.array([_bound(space, max_norm, prepared.norms[a:b], metric) for a, b in spans])
+    bounds = widest * np.array([_bound(space, max_norm, prepared.part(a, b), metric) for a, b in spans])
     kept = _BestRows(len(checked), m)
     block = max(4 * m, _BATCH_CELLS // len(queries))
     for begin in range(0, n, block):
