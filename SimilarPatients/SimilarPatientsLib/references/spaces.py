@@ -2,8 +2,9 @@
 itself: its mean and per-dimension standard deviation, each row's norm once z-scored, and each patient's
 radius (its distance to its ``NEIGHBOURS``-th nearest other patient in the z-scored space).
 
-They are measured when a reference is written (mean and deviation in the pass that writes the vectors, the
-norms in the pass that writes the table, the radii for cosine like the nearest-match distribution), and, for a
+They are measured when a reference is written (mean and deviation in the pass that writes the table, in the
+stored order so that the bytes do not depend on the source's; the norms in one more pass; the radii for
+cosine like the nearest-match distribution), and, for a
 reference written before or another metric, on first use, then recorded in the version like every other file.
 No label is used: the statistics are unsupervised, so measuring them on the whole reference leaks nothing
 into an evaluation.
