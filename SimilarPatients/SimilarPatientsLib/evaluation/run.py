@@ -202,6 +202,15 @@ class _TaskPlan:
         )
 
 
+def _vectors(reference, model: str, settings: Settings) -> np.ndarray:
+    """The model's lesion vectors in the settings' space: as stored, or z-scored by the reference's
+    corrected space (local scaling then applies to the cohort's distances, :func:`locally_scaled`)."""
+    vectors = reference.space(model).vectors
+    if settings.space == CORRECTED:
+        return reference.space(model, space=CORRECTED).correction.transformed(vectors)
+    return vectors
+
+
 def locally_scaled(matrix: np.ndarray) -> np.ndarray:
     """A cohort's patient distance matrix under local scaling: each distance over the square root of the two
     patients' distances to their ``NEIGHBOURS``-th nearest other patient in the cohort (the search's rule,
@@ -226,10 +235,7 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
         from ..references.reference import Reference
 
         reference = Reference(reference)
-    vectors = reference.space(model).vectors
-    if settings.space == CORRECTED:
-        vectors = reference.space(model, space=CORRECTED).correction.transformed(vectors)
-    cohort = Cohort.build(reference.lesions(model), vectors, plan.labels)
+    cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), plan.labels)
     retrieval, classification, replicates, nulls = [], [], {}, {}
     for aggregation in settings.aggregations:
         distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
@@ -339,12 +345,14 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
         from ..references.reference import Reference
 
         reference = Reference(reference)
-    cohorts = [Cohort.build(reference.lesions(m), reference.space(m).vectors, plan.labels) for m in models]
+    cohorts = [Cohort.build(reference.lesions(m), _vectors(reference, m, settings), plan.labels) for m in models]
     labels, top = cohorts[0].labels, max(settings.ks)
     retrieval, comparisons = [], []
     for aggregation in settings.aggregations:
         for distance in settings.distances:
             matrices = [cohort.distances(aggregation, distance) for cohort in cohorts]
+            if settings.space == CORRECTED:
+                matrices = [locally_scaled(matrix) for matrix in matrices]
             orders = [np.argsort(matrix, axis=1, kind="stable") for matrix in matrices]
             singles = [metrics.retrieval_at_k(order[:, :top], labels, settings.ks) for order in orders]
             ranks = np.stack([_ranks(order) for order in orders])
