@@ -200,10 +200,11 @@ def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: s
     query_norms = queries.norms
     if metric == "dot":
         return -products
-    if metric == "cosine":
+    if metric == "cosine":  # a zero row, or a query at the reference mean (corrected), is at distance 1
         with np.errstate(invalid="ignore", divide="ignore"):
             inverse = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
-        return 1.0 - products * inverse[:, None] * (1.0 / query_norms).astype(np.float32)[None, :]
+            query_inverse = np.where(query_norms > 0, 1.0 / query_norms, 0.0).astype(np.float32)
+        return 1.0 - products * inverse[:, None] * query_inverse[None, :]
     scores = (norms * norms).astype(np.float32)[:, None] + (query_norms**2).astype(np.float32)[None, :]
     scores -= 2.0 * products
     return scores
