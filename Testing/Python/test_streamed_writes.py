@@ -188,3 +188,23 @@ def test_a_large_scan_reports_its_progress_and_answers_the_same(monkeypatch):
     blocks = nearest_patients(space, vectors[3], 5, progress=lambda *a: reports.append(a))
     assert [(m.patient, m.distance) for m in blocks] == [(m.patient, m.distance) for m in whole]
     assert [r[0] for r in reports] == [*range(128, 1000, 128), 1000]
+
+
+def test_radii_from_the_graph_are_the_exact_ones_where_it_finds_every_neighbour(tmp_path, monkeypatch):
+    """From RADII_APPROXIMATE_FROM rows each patient's radius comes from the graph's proposals (blocks of
+    patients per call) re-ranked exactly; on a reference small enough for the graph to miss nothing they
+    are the exact radii, and the manifest says how they were measured."""
+    from SimilarPatientsLib.references import spaces
+
+    frame = synthetic_frame(n_patients=300, lesions=(1, 2), dim=16)
+    exact = ReferenceStore(tmp_path / "exact").write("r", schema.from_frame(frame), "test")
+    monkeypatch.setattr(spaces, "RADII_APPROXIMATE_FROM", 100)
+    monkeypatch.setattr(spaces, "RADII_BLOCK", 64)  # several graph calls
+    graph = ReferenceStore(tmp_path / "graph").write("r", schema.from_frame(frame), "test")
+    assert exact.manifest["models"]["A"]["correction"]["cosine"]["search"] == "exact"
+    assert graph.manifest["models"]["A"]["correction"]["cosine"]["search"] == "approximate"
+    np.testing.assert_allclose(  # the same float64 distances, up to the last bit of a product's summation
+        graph.space("A", space="corrected").correction.radii,
+        exact.space("A", space="corrected").correction.radii,
+        rtol=1e-12,
+    )

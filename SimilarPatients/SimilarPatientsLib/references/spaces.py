@@ -17,7 +17,7 @@ import numpy as np
 from ..progress import ProgressCallback, report
 from ..search import approximate
 from ..search.correction import NEIGHBOURS, Correction, floor_radii, scale_of
-from ..search.nearest import EmbeddingSpace, nearest_patients, nearest_patients_many
+from ..search.nearest import EmbeddingSpace, nearest_patients, nearest_patients_many, rank_exactly
 from . import schema
 
 CENTRE = "centre.npy"
@@ -28,6 +28,8 @@ NORMS = "corrected-norms.npy"
 #: From this many rows the radii are measured with a graph over the z-scored vectors: exactly, every patient
 #: against every row is quadratic (20,000 rows took 200 s on the 2-core build machine; docs/benchmarks.md).
 RADII_APPROXIMATE_FROM = 10_000
+#: Patients whose lesions one graph call proposes neighbours for.
+RADII_BLOCK = 4096
 
 
 def radii_file(metric: str) -> str:
@@ -104,13 +106,24 @@ def patient_radii(
     if len(unscaled.norms) < RADII_APPROXIMATE_FROM:
         answers = nearest_patients_many(unscaled, groups, k, metric, progress)
         how = {"patients": patients, "neighbours": NEIGHBOURS, "search": "exact"}
-    else:
+    else:  # the graph proposes each lesion's neighbours, a block of patients per call; exact re-ranking
         graph = approximate.ApproximateIndex.graph(unscaled, metric, progress)
         answers = []
-        for code, group in enumerate(groups):
-            if code % 1000 == 0:
-                report(progress, code, patients, message)
-            answers.append(nearest_patients(unscaled, group, k, metric, None, graph.candidates))
+        for first in range(0, patients, RADII_BLOCK):
+            codes = range(first, min(patients, first + RADII_BLOCK))
+            rows = [unscaled.rows_of(code) for code in codes]
+            proposed = graph.proposals(np.asarray(unscaled.vectors[np.concatenate(rows)]), max(4 * k, 40))
+            start = 0
+            for code, own in zip(codes, rows):
+                found = np.unique(proposed[start : start + len(own)])
+                found = found[found >= 0]
+                start += len(own)
+                group = np.asarray(groups[code], dtype=np.float64)
+                if len(np.unique(unscaled.patient_codes[found])) >= k:
+                    answers.append(rank_exactly(unscaled, found, group, k, metric))
+                else:  # too few patients proposed: ask again, as a search does
+                    answers.append(nearest_patients(unscaled, group, k, metric, None, graph.candidates))
+            report(progress, codes[-1] + 1, patients, message)
         how = {"patients": patients, "neighbours": NEIGHBOURS, "search": "approximate"}
     report(progress, 1, 1, message)
     radii = np.ones(patients)

@@ -184,6 +184,11 @@ class ApproximateIndex:
 
     def candidates(self, queries32: np.ndarray, m: int, allowed: RowMask | None) -> np.ndarray:
         """Up to ``m`` proposed rows per query (``allowed`` restricts them), merged."""
+        return self.proposals(queries32, m, allowed).reshape(-1)
+
+    def proposals(self, queries32: np.ndarray, m: int, allowed: RowMask | None = None) -> np.ndarray:
+        """Up to ``m`` proposed rows for each query, (q, m), -1 where the graph has fewer: many queries in
+        one call, which FAISS answers on all cores."""
         faiss = _faiss()
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(self.breadth, m)
@@ -191,7 +196,7 @@ class ApproximateIndex:
             params.sel = faiss.IDSelectorBitmap(len(allowed.mask), faiss.swig_ptr(allowed.bits))
         prepared = _prepared(queries32, self.metric, self.correction)
         _, rows = self.index.search(prepared, min(m, self.index.ntotal), params=params)
-        return rows.reshape(-1)
+        return rows
 
 
 def file_name(metric: str, space: str = "raw") -> str:

@@ -285,7 +285,7 @@ def nearest_patients(
     else:
         neighbours = max(k, space.correction.neighbours) if radius_too else k
         rows = _index_candidates(space, queries, neighbours, allowed, candidates)
-    return _rank_exactly(space, rows, queries, k, metric, query_radius)
+    return rank_exactly(space, rows, queries, k, metric, query_radius)
 
 
 def own_radius(
@@ -376,7 +376,7 @@ def _index_candidates(
         m = min(total, m * 4)
 
 
-def _rank_exactly(
+def rank_exactly(
     space: EmbeddingSpace,
     rows: np.ndarray,
     queries: np.ndarray,
@@ -459,7 +459,7 @@ def nearest_patients_many(
             answers.append(nearest_patients(space, checked[group], k, metric, query_radius=radii[group]))
             continue
         chosen = np.sort(rows[scores <= best[k - 1] + bounds[group]])
-        answers.append(_rank_exactly(space, chosen, checked[group], k, metric, radii[group]))
+        answers.append(rank_exactly(space, chosen, checked[group], k, metric, radii[group]))
     return answers
 
 
