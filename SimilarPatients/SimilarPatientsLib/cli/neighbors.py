@@ -26,6 +26,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     if statement_only(args, reference, model, patient=args.patient, exclude=exclude):
         return
     options = {"k": args.k, "metric": args.metric, "where": args.where, "exclude": exclude, "method": args.method}
+    options["space"] = args.space
     if fused.is_fused(model):
         hits = reference.search_fused(
             patient=args.patient, models=model, fusion=args.fusion, depth=args.depth, progress=progress, **options
@@ -38,7 +39,11 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     progress.close()
 
     def human():
-        print(f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance:")
+        space = hits["space"].iloc[0] if len(hits) else args.space
+        print(
+            f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance "
+            f"({space} space):"
+        )
         print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)
 
     emit(args, hits, human)

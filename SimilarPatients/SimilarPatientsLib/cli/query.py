@@ -63,6 +63,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         progress=progress,
         fusion=args.fusion,
         depth=args.depth,
+        space=args.space,
     )
     hits = with_closeness(result.hits, reference, args.metric)
     progress.close()
@@ -75,5 +76,5 @@ def _print_table(args, result, hits, reference, model, several: bool) -> None:
     what = "the tumor" if len(queried) == 1 else f"the {len(queried)} tumors"
     how = fusion_words(args, list(result.models)) if several else f"model {result.model} ({result.recipe})"
     print(f"Nearest {len(hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
-          f"{args.metric} distance:")  # fmt: skip
+          f"{args.metric} distance ({args.space} space):")  # fmt: skip
     print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..references.fusion_verdict import identity
+from ..search.correction import CORRECTED, NEIGHBOURS, RAW, check_space, floor_radii
 from ..search.fusion import FUSION_DEPTH, FUSIONS, closeness_percent, fuse
 from ..util.optional import optional_import, require
 from . import classifiers as classifier_module
@@ -69,8 +70,12 @@ class Settings:
     #: How the models' rankings are fused into one more "model" (none: no fused rows).
     fusions: tuple = FUSIONS
     fusion_depth: int = FUSION_DEPTH
+    #: The space distances are measured in: ``raw`` (the stored vectors; the committed report's), or
+    #: ``corrected`` (z-scored by the reference's statistics, retrieval locally scaled: search/correction.py).
+    space: str = RAW
 
     def check(self) -> None:
+        check_space(self.space, "cosine")
         unknown = set(self.classifiers) - set(classifier_module.CLASSIFIERS)
         if unknown:
             raise SimilarPatientsError(
@@ -109,14 +114,17 @@ def evaluate(
     settings: Settings | None = None,
     progress: ProgressCallback | None = None,
     workers: int = 1,
+    space: str | None = None,
 ) -> Evaluation:
     """Evaluate ``models`` (default: all) of an opened :class:`~SimilarPatientsLib.reference.Reference`.
 
     ``workers`` > 1 evaluates (task, model) pairs in that many processes, each single-threaded; the result
-    does not depend on it.
+    does not depend on it. ``space``: ``raw`` or ``corrected`` (default: the settings', raw).
     """
     require("analysis")
     settings = settings or Settings()
+    if space is not None:
+        settings = replace(settings, space=space)
     settings.check()
     models = [reference.model_name(m) for m in models or reference.models]
     started = time.perf_counter()
@@ -192,6 +200,25 @@ class _TaskPlan:
         )
 
 
+def _vectors(reference, model: str, settings: Settings) -> np.ndarray:
+    """The model's lesion vectors in the settings' space: as stored, or z-scored by the reference's
+    corrected space (local scaling then applies to the cohort's distances, :func:`locally_scaled`)."""
+    vectors = reference.space(model).vectors
+    if settings.space == CORRECTED:
+        return reference.space(model, space=CORRECTED).correction.transformed(vectors)
+    return vectors
+
+
+def locally_scaled(matrix: np.ndarray) -> np.ndarray:
+    """A cohort's patient distance matrix under local scaling: each distance over the square root of the two
+    patients' distances to their ``NEIGHBOURS``-th nearest other patient in the cohort (the search's rule,
+    with the cohort as the reference)."""
+    others = np.where(np.eye(len(matrix), dtype=bool), np.inf, matrix)
+    radii = floor_radii(np.sort(others, axis=1)[:, min(NEIGHBOURS, len(matrix) - 1) - 1])
+    scaled = matrix / np.sqrt(np.outer(radii, radii))
+    return np.where(np.eye(len(matrix), dtype=bool), matrix, scaled)
+
+
 def _single_threaded() -> None:
     torch = optional_import("torch", "analysis")
     threadpool_limits = optional_import("threadpoolctl", "analysis").threadpool_limits
@@ -206,10 +233,12 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
         from ..references.reference import Reference
 
         reference = Reference(reference)
-    cohort = Cohort.build(reference.lesions(model), reference.space(model).vectors, plan.labels)
+    cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), plan.labels)
     retrieval, classification, replicates, nulls = [], [], {}, {}
     for aggregation in settings.aggregations:
         distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
+        if settings.space == CORRECTED:
+            distances = {d: locally_scaled(matrix) for d, matrix in distances.items()}
         for distance, matrix in distances.items():
             order = np.argsort(matrix, axis=1, kind="stable")[:, : max(settings.ks)]
             retrieval += _retrieval(task, model, aggregation, distance, order, cohort.labels, settings, plan)
@@ -314,12 +343,14 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
         from ..references.reference import Reference
 
         reference = Reference(reference)
-    cohorts = [Cohort.build(reference.lesions(m), reference.space(m).vectors, plan.labels) for m in models]
+    cohorts = [Cohort.build(reference.lesions(m), _vectors(reference, m, settings), plan.labels) for m in models]
     labels, top = cohorts[0].labels, max(settings.ks)
     retrieval, comparisons = [], []
     for aggregation in settings.aggregations:
         for distance in settings.distances:
             matrices = [cohort.distances(aggregation, distance) for cohort in cohorts]
+            if settings.space == CORRECTED:
+                matrices = [locally_scaled(matrix) for matrix in matrices]
             orders = [np.argsort(matrix, axis=1, kind="stable") for matrix in matrices]
             singles = [metrics.retrieval_at_k(order[:, :top], labels, settings.ks) for order in orders]
             ranks = np.stack([_ranks(order) for order in orders])
