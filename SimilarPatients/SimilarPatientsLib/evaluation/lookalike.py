@@ -103,7 +103,7 @@ def figures(order: np.ndarray, relevant: np.ndarray, allowed: np.ndarray | None 
     for k in KS:
         out[f"R@{k}"] = (match & (place <= k)).any(1).astype(np.float64)
     hits = np.cumsum(match, axis=1)
-    out["mAP"] = np.where(match, hits / place, 0).sum(1) / match.sum(1)
+    out["mAP"] = np.where(match, hits / np.maximum(place, 1), 0).sum(1) / match.sum(1)
     return out
 
 
@@ -112,7 +112,7 @@ def chance_recall(relevant: np.ndarray, allowed: np.ndarray | None, k: int) -> f
     values = []
     for q in np.flatnonzero(relevant.any(1)):
         matches = int(relevant[q].sum())
-        gallery = (len(relevant) - 1) if allowed is None else int((allowed[q] | relevant[q]).sum() - allowed[q, q])
+        gallery = (relevant.shape[1] - 1) if allowed is None else int((allowed[q] | relevant[q]).sum() - allowed[q, q])
         values.append(1.0 - comb(gallery - matches, k) / comb(gallery, k) if gallery >= k else 1.0)
     return float(np.mean(values))
 

@@ -454,7 +454,12 @@ def _retrieval_table(evaluation: Evaluation, task) -> str:
     table = _rows(evaluation.retrieval, task=task.name, aggregation=s.primary_aggregation).set_index(
         ["model", "distance", "measure"]
     )
-    keys = list(dict.fromkeys(zip(table.index.get_level_values(0), table.index.get_level_values(1))))
+    order_of = {
+        key: i
+        for i, key in enumerate(dict.fromkeys(zip(table.index.get_level_values(0), table.index.get_level_values(1))))
+    }
+    table = table.sort_index()
+    keys = list(order_of)
     others = [m for m in ("nDCG@" + str(k), "mAP@R", "R-precision") if m in set(table.index.get_level_values(2))]
     lines, random_row = [], None
     for model, distance in keys:

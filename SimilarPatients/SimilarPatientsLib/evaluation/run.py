@@ -152,6 +152,11 @@ def evaluate(
     models = list(models or reference.models)
     for model in models:
         reference.model_info(model)
+    if settings.size_field and settings.size_field not in reference.lesions(models[0]).columns:
+        raise SimilarPatientsError(
+            f"The size field '{settings.size_field}' is not in '{reference.name}'; "
+            f"its fields are: {', '.join(reference.label_fields)}."
+        )
     started = time.perf_counter()
     jobs = []
     for task in tasks:
