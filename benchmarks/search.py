@@ -149,7 +149,7 @@ def build(home: str, n: int, dim: int, data: str, source: str) -> dict:
     spent: dict = {}
     for (at, message), until in zip(stages, [s[0] for s in stages[1:]] + [started + seconds]):
         spent[message] = spent.get(message, 0.0) + until - at
-    index = reference.path / "models" / "0" / "hnsw-cosine.faiss"
+    index = reference.path / "models" / "0" / "hnsw-corrected-cosine.faiss"
     return {
         "write_s": seconds,
         "index_in_write_s": spent.get("building the approximate index", 0.0),
@@ -159,7 +159,7 @@ def build(home: str, n: int, dim: int, data: str, source: str) -> dict:
         "matrix_mb": n * dim * 4 / 1e6,
         "index_mb": index.stat().st_size / 1e6 if index.exists() else 0.0,
         "index_built_at_write": index.exists(),
-        "closeness_at_write": reference.manifest["models"]["M"]["closeness"]["cosine"]["search"],
+        "closeness_at_write": reference.manifest["models"]["M"]["closeness"]["corrected-cosine"]["search"],
     }
 
 
@@ -277,7 +277,7 @@ def measure(home: str, dim: int, approximate: bool, data: str, warm: bool) -> di
     from SimilarPatientsLib.search.nearest import nearest_patients, nearest_patients_many
 
     reference = ReferenceStore(Path(home)).open("bench")
-    space = reference.space("M")
+    space = reference.space("M", space="corrected")  # the default search's space (benchmarks/space_cost.py: vs raw)
     queries = DATA[data](QUERIES, dim, seed=1)
     result = {}
     n = len(space.norms)
@@ -298,11 +298,11 @@ def measure(home: str, dim: int, approximate: bool, data: str, warm: bool) -> di
         result["exact_p50_s"] = p50(lambda q: reference.search("M", embeddings=q, k=K, method="exact"), queries)
         result["exact_bare_p50_s"] = p50(lambda q: nearest_patients(space, q, K, "cosine"), queries)
     else:  # the exact answers from one pass over the matrix for all queries
-        truths = nearest_patients_many(space, list(queries), K, "cosine")
+        truths = nearest_patients_many(space, list(queries), K, "cosine", None, np.ones(len(queries)))
         exact_hits = [{m.patient for m in truth} for truth in truths]
     if approximate:
         started = time.perf_counter()
-        index = reference.approximate_index("M", "cosine")
+        index = reference.approximate_index("M", "cosine", None, "corrected")
         result["index_load_or_build_s"] = time.perf_counter() - started
         recalls = [
             len(truth & set(reference.search("M", embeddings=q, k=K, method="approximate").PatientID)) / K
@@ -313,7 +313,7 @@ def measure(home: str, dim: int, approximate: bool, data: str, warm: bool) -> di
             lambda q: nearest_patients(space, q, K, "cosine", None, index.candidates), queries
         )
         result["recall_at_10"] = float(np.mean(recalls))
-        calibration = reference.approximate_index("M", "cosine").calibration
+        calibration = index.calibration
         result["self_check_recall"] = calibration.recall
         result["effort"] = calibration.breadth
         methods = {m for q in queries for m in reference.search("M", embeddings=q, k=K).search}
@@ -321,7 +321,9 @@ def measure(home: str, dim: int, approximate: bool, data: str, warm: bool) -> di
         result["auto_search"] = "/".join(sorted(methods))
     result["search_peak_rss_mb"] = _peak_mb()
     if approximate and n <= 1_000_000:  # after the peak memory of searching is read: its own index is another copy
-        result.update(usearch_row(space, queries, exact_hits))
+        raw = reference.space("M")  # usearch knows plain cosine only: compared in the raw space
+        raw_hits = [{m.patient for m in truth} for truth in nearest_patients_many(raw, list(queries), K, "cosine")]
+        result.update(usearch_row(raw, queries, raw_hits))
     return result
 
 

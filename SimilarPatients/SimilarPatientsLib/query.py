@@ -30,6 +30,7 @@ from .progress import ProgressCallback, report
 from .references.fused import FUSED_MODEL, fused_models, is_fused
 from .references.reference import Reference
 from .references.store import ReferenceStore
+from .search.correction import CORRECTED
 from .search.filters import Filters
 from .search.fusion import FUSION_DEPTH
 from .util.optional import IMAGING, require
@@ -108,6 +109,7 @@ def query_image(
     progress: ProgressCallback | None = None,
     fusion: str = "rrf",
     depth: int = FUSION_DEPTH,
+    space: str = CORRECTED,
 ) -> ImageQuery:
     """The ``k`` reference patients nearest to the query patient's tumor(s) in ``image``.
 
@@ -124,13 +126,14 @@ def query_image(
             fused, ``recipe`` and ``weights`` are mappings model → value (each model's reference recipe and
             its cached weights where a model is not in them).
         fusion, depth: how several models are fused (:func:`references.fused.search_fused`).
+        space: ``corrected`` (hub-free, the default) or ``raw``, as :meth:`Reference.search`.
     """
     require("embed", IMAGING)
     reference = open_reference(reference, store)
     if is_fused(model):
         return _query_fused(
             image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device,
-            progress, fusion, depth,
+            progress, fusion, depth, space,
         )  # fmt: skip
     if isinstance(model, Embedder):
         spec, chosen = model.spec, model.recipe
@@ -159,7 +162,7 @@ def query_image(
     report(progress, 3, 4, "searching")
     started = time.perf_counter()
     vectors = np.stack([e.vector for e in embeddings])
-    hits = reference.search(spec.name, embeddings=vectors, k=k, metric=metric, where=where, method=method)
+    hits = reference.search(spec.name, embeddings=vectors, k=k, metric=metric, where=where, method=method, space=space)
     seconds.search = _lap(started)
     report(progress, 4, 4, "searching")
     return ImageQuery(hits, embeddings, crops, reference.name, spec.name, chosen.name, metric, seconds)
@@ -167,7 +170,7 @@ def query_image(
 
 def _query_fused(
     image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device, progress,
-    fusion, depth,
+    fusion, depth, space,
 ) -> ImageQuery:  # fmt: skip
     """Crop once per recipe, embed with each model, fuse the models' rankings."""
     given = {} if isinstance(model, str) else {e.spec.name: e for e in model if isinstance(e, Embedder)}
@@ -208,7 +211,9 @@ def _query_fused(
         vectors[name] = np.stack([e.vector for e in made])
     report(progress, steps - 1, steps, "searching with each model")
     started = time.perf_counter()
-    hits = reference.search_fused(vectors, k=k, metric=metric, where=where, method=method, fusion=fusion, depth=depth)
+    hits = reference.search_fused(
+        vectors, k=k, metric=metric, where=where, method=method, fusion=fusion, depth=depth, space=space
+    )
     seconds.search = _lap(started)
     report(progress, steps, steps, "searching with each model")
     recipe_names = ", ".join(f"{name}: {chosen[name].name}" for name in names)

@@ -30,6 +30,23 @@ def brute_force(vectors, patients, queries, metric, allowed=None):
     return best.sort_values(["d", "PatientID"]).set_index("PatientID")["d"]
 
 
+def brute_force_corrected(vectors, patients, queries, metric, allowed, own):
+    """The corrected space from its definition: z-scored by the mean and standard deviation of all rows;
+    every patient's radius its distance to its 10th nearest other patient there; a patient's distance its
+    nearest pair over the square root of the two radii (the query's own radius: the reference patient's)."""
+    x = np.asarray(vectors, dtype=np.float64)
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    z = (x - mean) / sd
+    radii = {}
+    for patient in pd.unique(patients):
+        mine = (patients == patient).to_numpy()
+        radii[patient] = brute_force(z, patients, z[mine], metric, ~mine).iloc[9]
+    plain = brute_force(z, patients, (np.asarray(queries) - mean) / sd, metric, allowed)
+    scaled = plain / np.sqrt(plain.index.map(radii).to_numpy() * radii[own])
+    frame = scaled.rename("d").reset_index()
+    return frame.sort_values(["d", "PatientID"]).set_index("PatientID")["d"]
+
+
 @pytest.mark.parametrize("model", ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_brute_force_on_every_model(nlst, model, metric):
@@ -38,12 +55,45 @@ def test_matches_float64_brute_force_on_every_model(nlst, model, metric):
     counts = lesions.PatientID.value_counts()
     queries = [counts.index[0], counts[counts == 1].index[0], counts[counts == 2].index[0]]  # 9, 1 and 2 lesions
     for patient in queries:
-        hits = nlst.search(model, patient=patient, k=10, metric=metric, exclude=[patient])
+        hits = nlst.search(model, patient=patient, k=10, metric=metric, exclude=[patient], space="raw")
         mine = lesions.PatientID == patient
         expected = brute_force(vectors, lesions.PatientID, vectors[mine.to_numpy()], metric, ~mine.to_numpy())
         assert hits.PatientID.tolist() == expected.index[:10].tolist()
         np.testing.assert_allclose(hits.distance, expected.iloc[:10], rtol=0, atol=1e-6)
         assert hits["rank"].tolist() == list(range(1, 11))
+
+
+@pytest.mark.parametrize("model", ["CTFM", "SUPREME", "PASTA"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_the_corrected_space_matches_its_definition(nlst, model, metric):
+    """Z-scoring and local scaling applied through the stored matrix (and the float32 bound widened for
+    them) rank and measure exactly as the definition computed in float64 from scratch."""
+    lesions = nlst.lesions(model)
+    vectors = np.asarray(nlst.space(model).vectors)
+    counts = lesions.PatientID.value_counts()
+    for patient in [counts.index[0], counts[counts == 1].index[0]]:
+        hits = nlst.search(model, patient=patient, k=10, metric=metric, exclude=[patient])
+        assert set(hits.space) == {"corrected"}
+        mine = (lesions.PatientID == patient).to_numpy()
+        expected = brute_force_corrected(vectors, lesions.PatientID, vectors[mine], metric, ~mine, patient)
+        assert hits.PatientID.tolist() == expected.index[:10].tolist()
+        np.testing.assert_allclose(hits.distance, expected.iloc[:10], rtol=1e-9, atol=1e-9)
+
+
+def test_an_outside_query_measures_its_own_radius(nlst):
+    """A query that is not a reference patient gets its radius from its own search: the same answer and
+    distances as the reference patient it copies (whose radius is stored)."""
+    own = nlst.patient_embeddings("SUPREME", "100242")
+    by_patient = nlst.search("SUPREME", patient="100242", k=10, exclude=["100242"])
+    by_vectors = nlst.search("SUPREME", embeddings=own.vectors, k=10, exclude=["100242"])
+    assert by_vectors.PatientID.tolist() == by_patient.PatientID.tolist()
+    # the copy's 10th patient is the reference patient itself at distance 0: one place nearer than its own
+    assert (by_vectors.distance >= by_patient.distance - 1e-12).all()
+    filtered = nlst.search("SUPREME", embeddings=own.vectors, k=5, exclude=["100242"], where=["stage=IA"])
+    unfiltered = nlst.search("SUPREME", embeddings=own.vectors, k=200, exclude=["100242"])
+    expected = unfiltered[unfiltered.stage == "IA"].head(5)
+    assert filtered.PatientID.tolist() == expected.PatientID.tolist()
+    np.testing.assert_allclose(filtered.distance, expected.distance, rtol=1e-9)
 
 
 def test_external_embedding_query_and_self_match(nlst):
@@ -52,7 +102,7 @@ def test_external_embedding_query_and_self_match(nlst):
     hits = nlst.search("CTFM", embeddings=vectors[0], k=3)
     assert hits.PatientID.iloc[0] == "100242" and abs(hits.distance.iloc[0]) < 1e-6
     assert hits.query_lesion.isna().all()  # an external query has no lesion ids
-    by_patient = nlst.search("CTFM", patient="100242", k=1, exclude=[])
+    by_patient = nlst.search("CTFM", patient="100242", k=1, exclude=[], space="raw")
     assert by_patient.query_lesion.iloc[0] == lesion_ids[0]
 
 
@@ -60,9 +110,10 @@ def test_multi_lesion_query_rolls_up_to_nearest_pair(nlst):
     lesions = nlst.lesions("VISTA3D")
     patient = lesions.PatientID.value_counts().index[0]
     vectors = nlst.patient_embeddings("VISTA3D", patient).vectors
-    together = nlst.search("VISTA3D", patient=patient, k=5, exclude=[patient])
-    # each hit's distance is the best over the query patient's single-lesion searches
-    singles = [nlst.search("VISTA3D", embeddings=v, k=len(lesions), exclude=[patient]) for v in vectors]
+    together = nlst.search("VISTA3D", patient=patient, k=5, exclude=[patient], space="raw")
+    # each hit's distance is the best over the query patient's single-lesion searches (in the raw space: in
+    # the corrected one a single lesion has a radius of its own)
+    singles = [nlst.search("VISTA3D", embeddings=v, k=len(lesions), exclude=[patient], space="raw") for v in vectors]
     for _, hit in together.iterrows():
         best = min(s.set_index("PatientID").distance[hit.PatientID] for s in singles)
         assert hit.distance == pytest.approx(best, abs=1e-12)
@@ -111,7 +162,7 @@ def test_ties_are_ordered_by_patient_id(tmp_path):
         }
     )
     reference = _store_with(frame, tmp_path)
-    hits = reference.search("A", patient="Q", k=4, exclude=["Q"])
+    hits = reference.search("A", patient="Q", k=4, exclude=["Q"], space="raw")
     assert hits.PatientID.tolist() == ["P1", "P2", "P5", "P9"]
     assert hits.distance.iloc[1:].tolist() == [1.0, 1.0, 1.0]
 
@@ -153,10 +204,10 @@ def test_approximate_index_path_agrees_with_exact(tmp_path, monkeypatch):
             )
     monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 500)
     reference = _store_with(pd.DataFrame(rows), tmp_path)
-    assert (reference.path / "models" / "0" / "hnsw-cosine.faiss").exists()  # built at write, above the size
-    for metric in METRICS:
+    assert (reference.path / "models" / "0" / "hnsw-corrected-cosine.faiss").exists()  # built at write
+    for metric, space in [(m, "raw") for m in METRICS] + [("cosine", "corrected"), ("euclidean", "corrected")]:
         for patient in ["P0001", "P0100", "P0555"]:
-            kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"])
+            kwargs = dict(patient=patient, k=10, metric=metric, exclude=[patient], where=["group=0,1"], space=space)
             approximated = reference.search("A", method="approximate", **kwargs)
             exact = reference.search("A", method="exact", **kwargs)
             assert approximated.PatientID.tolist() == exact.PatientID.tolist()
@@ -242,7 +293,7 @@ def test_an_index_that_cannot_reach_the_target_falls_back_to_exact(tmp_path, mon
     monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 1000)
     monkeypatch.setattr(approximate, "SEARCH_BREADTHS", (4,))  # no effort that can reach 0.99 here
     reference = _store_with(_unstructured(6000, 128), tmp_path)
-    calibration = reference.approximate_index("A", "cosine").calibration
+    calibration = reference.approximate_index("A", "cosine", None, "corrected").calibration
     assert not calibration.reached and calibration.recall < 0.99
     auto = reference.search("A", patient="P00001", k=10)
     exact = reference.search("A", patient="P00001", k=10, method="exact")
@@ -264,11 +315,15 @@ def test_closeness_places_a_distance_on_the_references_nearest_matches(nlst, tmp
     hits = nlst.search("CTFM", patient="100242", k=20, exclude=["100242"])
     closeness = nlst.closeness("CTFM", "cosine", hits.distance)
     assert np.all(np.diff(closeness) <= 0) and closeness[0] > closeness[-1]  # farther is less similar
-    assert nlst.closeness("CTFM", "cosine", [0.0])[0] == 100.0 and nlst.closeness("CTFM", "cosine", [2.0])[0] == 0.0
-    nearest = np.load(nlst.path / "models" / "1" / "nearest-cosine.npy")  # kept with the version
-    assert len(nearest) == 464 and np.all(np.diff(nearest) >= 0)
-    # by hand: each patient's nearest other patient, the median of those is "closer than about half"
-    assert nlst.closeness("CTFM", "cosine", [np.median(nearest)])[0] == pytest.approx(50, abs=0.5)
+    assert nlst.closeness("CTFM", "cosine", [0.0])[0] == 100.0 and nlst.closeness("CTFM", "cosine", [1e9])[0] == 0.0
+    for space, name in (("corrected", "nearest-corrected-cosine.npy"), ("raw", "nearest-cosine.npy")):
+        nearest_of = nlst.closeness("CTFM", "cosine", [0.5], space=space)  # the raw one is measured on first use
+        assert 0 <= nearest_of[0] <= 100
+        nearest = np.load(nlst.path / "models" / "1" / name)  # kept with the version
+        assert len(nearest) == 464 and np.all(np.diff(nearest) >= 0)
+        # by hand: each patient's nearest other patient, the median of those is "closer than about half"
+        assert nlst.closeness("CTFM", "cosine", [np.median(nearest)], space=space)[0] == pytest.approx(50, abs=0.5)
+    assert nlst.closeness("CTFM", "cosine", [2.0], space="raw")[0] == 0.0
 
 
 def test_series_that_idc_does_not_hold_have_no_viewer_link_and_search_works(tmp_path):

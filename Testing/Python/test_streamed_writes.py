@@ -49,7 +49,19 @@ def test_a_chunked_write_equals_a_whole_write(home, tmp_path, monkeypatch):
     files = {name: _files(reference) for name, reference in written.items()}
     assert files["memory"].keys() == {
         "reference.parquet",
-        *(f"models/{i}/{f}" for i in (0, 1) for f in ("vectors.npy", "norms.npy", "nearest-cosine.npy")),
+        *(
+            f"models/{i}/{f}"
+            for i in (0, 1)
+            for f in (
+                "vectors.npy",
+                "norms.npy",
+                "centre.npy",
+                "scale.npy",
+                "corrected-norms.npy",
+                "radii-cosine.npy",
+                "nearest-corrected-cosine.npy",
+            )
+        ),
     }
     assert files["file"] == files["memory"] and files["shards"] == files["memory"]
     records = {name: reference.manifest["files"] for name, reference in written.items()}
@@ -89,7 +101,10 @@ def test_a_streamed_import_refuses_what_a_whole_one_refuses(home, tmp_path):
 
 def test_the_first_closeness_reads_what_the_write_measured(home, monkeypatch):
     reference = ReferenceStore().write("mine", schema.from_frame(synthetic_frame(n_patients=50)), "test")
-    assert reference.manifest["models"]["A"]["closeness"] == {"cosine": {"patients": 50, "search": "exact"}}
+    assert reference.manifest["models"]["A"]["closeness"] == {"corrected-cosine": {"patients": 50, "search": "exact"}}
+    assert reference.manifest["models"]["A"]["correction"] == {
+        "cosine": {"patients": 50, "neighbours": 10, "search": "exact"}
+    }
 
     def no_search(*args, **kwargs):
         raise AssertionError("the distribution was measured again")
@@ -108,9 +123,11 @@ def test_a_large_reference_gets_its_index_and_distribution_at_write(home, monkey
     monkeypatch.setattr(approximate, "APPROXIMATE_FROM", 100)
     frame = synthetic_frame(n_patients=120, lesions=(1, 2), dim=16)
     reference = ReferenceStore().write("large", schema.from_frame(frame), "test")
-    assert {"models/0/hnsw-cosine.faiss", "models/0/hnsw-cosine.json"} <= set(reference.manifest["files"])
-    how = reference.manifest["models"]["A"]["closeness"]["cosine"]
-    calibration = reference.approximate_index("A", "cosine").calibration
+    assert {"models/0/hnsw-corrected-cosine.faiss", "models/0/hnsw-corrected-cosine.json"} <= set(
+        reference.manifest["files"]
+    )
+    how = reference.manifest["models"]["A"]["closeness"]["corrected-cosine"]
+    calibration = reference.approximate_index("A", "cosine", None, "corrected").calibration
     if calibration.reached:
         assert how == {"patients": 120, "search": "approximate", "index_recall": calibration.recall}
     else:  # no effort reached the target: measured exactly, as `auto` searches it
@@ -134,12 +151,12 @@ def _closeness_before(reference, model: str, metric: str, distances) -> np.ndarr
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_closeness_gives_the_percentages_it_gave_before_on_nlst(nlst, metric):
     for model in nlst.models:
-        hits = nlst.search(model, patient="100242", k=30, exclude=["100242"], metric=metric)
-        others = nlst.search(model, patient="212718", k=30, metric=metric)  # 9 lesions; its own distance 0 too
+        hits = nlst.search(model, patient="100242", k=30, exclude=["100242"], metric=metric, space="raw")
+        others = nlst.search(model, patient="212718", k=30, metric=metric, space="raw")  # 9 lesions; its own 0 too
         spread = np.quantile(hits.distance, np.linspace(0, 1, 41))
         distances = np.concatenate([hits.distance, others.distance, spread])
         before = _closeness_before(nlst, model, metric, distances)
-        np.testing.assert_array_equal(nlst.closeness(model, metric, distances), before)
+        np.testing.assert_array_equal(nlst.closeness(model, metric, distances, space="raw"), before)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])

@@ -78,10 +78,11 @@ def test_another_models_index_in_place_is_found(two, capsys):
     for model in ("A", "B"):  # indexes built and recorded on first use
         reference.search(model, patient="P001", method="approximate")
     recorded = ReferenceStore().open("damaged").manifest["files"]
-    assert {"models/0/hnsw-cosine.faiss", "models/1/hnsw-cosine.json"} <= set(recorded)
-    (two / "models" / "0" / "hnsw-cosine.faiss").write_bytes((two / "models" / "1" / "hnsw-cosine.faiss").read_bytes())
+    assert {"models/0/hnsw-corrected-cosine.faiss", "models/1/hnsw-corrected-cosine.json"} <= set(recorded)
+    index = "hnsw-corrected-cosine.faiss"
+    (two / "models" / "0" / index).write_bytes((two / "models" / "1" / index).read_bytes())
     argv = ["neighbors", "--reference", "damaged", "--model", "A", "--patient", "P001", "--method", "approximate"]
-    _refused(capsys, "models/0/hnsw-cosine.faiss (model A)", argv)
+    _refused(capsys, f"models/0/{index} (model A)", argv)
 
 
 @pytest.mark.parametrize("file", ["models/0/vectors.npy", "models/1/norms.npy", "reference.parquet"])
@@ -96,11 +97,11 @@ def test_a_cut_file_is_found_when_the_reference_is_opened(two, capsys, file):
 def test_a_damaged_index_file_is_found(two, capsys):
     reference = ReferenceStore().open("damaged")
     reference.search("A", patient="P001", method="approximate")
-    path = two / "models" / "0" / "hnsw-cosine.faiss"
+    path = two / "models" / "0" / "hnsw-corrected-cosine.faiss"
     with open(path, "r+b") as stream:
         stream.truncate(100)
     argv = ["neighbors", "--reference", "damaged", "--model", "A", "--patient", "P001", "--method", "approximate"]
-    _refused(capsys, "models/0/hnsw-cosine.faiss", argv, listed=True)
+    _refused(capsys, "models/0/hnsw-corrected-cosine.faiss", argv, listed=True)
 
 
 @pytest.mark.parametrize(
@@ -141,7 +142,9 @@ def test_each_file_is_read_in_full_once_per_process(two, monkeypatch):
         reference.search("A", patient="P001")
         reference.closeness("A", "cosine", [0.5])
         reference.close()
-    assert sorted(read) == sorted(["reference.parquet", "vectors.npy", "norms.npy", "nearest-cosine.npy"])
+    # the default search reads the corrected space's statistics, not the raw norms
+    written = ["reference.parquet", "vectors.npy", "centre.npy", "scale.npy", "corrected-norms.npy", "radii-cosine.npy"]
+    assert sorted(read) == sorted([*written, "nearest-corrected-cosine.npy"])
     # a later change of the same file, even of the same size, is found (its modification time moved)
     _flip(two / "models" / "0" / "vectors.npy", -3)
     with pytest.raises(SimilarPatientsError, match=r"models/0/vectors.npy .* has changed"):

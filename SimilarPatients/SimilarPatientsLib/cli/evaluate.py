@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import SimilarPatientsError
 from ..evaluation import tasks
 from ..references.store import ReferenceStore
+from ..search.correction import CORRECTED, SPACES
 from .progress import Bars
 
 
@@ -28,6 +29,12 @@ def add(verbs) -> None:
     )
     evaluate.add_argument(
         "--negative", nargs="+", metavar="VALUE", help="values of the negative class (default: the rest)"
+    )
+    evaluate.add_argument(
+        "--space",
+        choices=SPACES,
+        default=CORRECTED,
+        help="corrected (default: the search's hub-free space), or raw (plain distance on the stored vectors)",
     )
     evaluate.add_argument("--out", required=True, help="folder to write report.md, CSV tables and PNG charts to")
     evaluate.add_argument("--folds", type=int, default=5)
@@ -81,6 +88,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         bootstrap=args.bootstrap,
         seed=args.seed,
         size_field=args.size_field,
+        space=args.space,
     )
     result = run.evaluate(reference, chosen, args.models, settings, progress, workers=args.workers)
     progress.close()

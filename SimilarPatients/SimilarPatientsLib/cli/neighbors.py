@@ -26,6 +26,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     if statement_only(args, reference, model, patient=args.patient, exclude=exclude):
         return
     options = {"k": args.k, "metric": args.metric, "where": args.where, "exclude": exclude, "method": args.method}
+    options["space"] = args.space
     if fused.is_fused(model):
         hits = reference.search_fused(
             patient=args.patient, models=model, fusion=args.fusion, depth=args.depth, progress=progress, **options
@@ -38,5 +39,9 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     if args.json:
         print(as_json(hits))
         return
-    print(f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance:")
+    space = hits["space"].iloc[0] if len(hits) else args.space
+    print(
+        f"Nearest {len(hits)} patients to {args.patient} in '{reference.name}', {what}, {args.metric} distance "
+        f"({space} space):"
+    )
     print_hits(hits, reference, model, args.metric, max(args.depth, args.k))

@@ -63,6 +63,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         progress=progress,
         fusion=args.fusion,
         depth=args.depth,
+        space=args.space,
     )
     progress.close()
     if args.json:
@@ -73,5 +74,5 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     what = "the tumor" if len(queried) == 1 else f"the {len(queried)} tumors"
     how = fusion_words(args, list(result.models)) if several else f"model {result.model} ({result.recipe})"
     print(f"Nearest {len(result.hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
-          f"{args.metric} distance:")  # fmt: skip
+          f"{args.metric} distance ({args.space} space):")  # fmt: skip
     print_hits(result.hits, reference, model, args.metric, max(args.depth, args.k))

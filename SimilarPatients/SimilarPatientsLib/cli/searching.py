@@ -12,6 +12,7 @@ from ..errors import SimilarPatientsError
 from ..references import fused
 from ..references.reference import METHODS
 from ..references.store import ReferenceStore
+from ..search.correction import CORRECTED, SPACES
 from ..search.distances import METRICS
 from .options import whole
 
@@ -23,6 +24,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         choices=METRICS,
         default="cosine",
         help="cosine (1 - cosine similarity, default), euclidean, or dot (negative inner product)",
+    )
+    parser.add_argument(
+        "--space",
+        choices=SPACES,
+        default=CORRECTED,
+        help="corrected (default: z-scored by the reference's statistics and locally scaled, so that no patient "
+        "is near every query), or raw (plain distance on the stored vectors, as published neighbour lists were made)",
     )
     parser.add_argument(
         "--where",

@@ -21,6 +21,7 @@ from ..references import schema
 from ..references.hits import hit_table
 from ..references.reference import ReferenceManifest, check_search, query_lesion_names
 from ..search import filters
+from ..search.correction import CORRECTED, RAW, check_space
 from ..search.nearest import LesionMatch, check_queries
 from . import client as bq
 from . import sql
@@ -118,13 +119,16 @@ class BigQueryReference(ReferenceManifest):
         method: str = "auto",
         progress: ProgressCallback | None = None,
         query_lesions: Sequence[str] | None = None,
+        space: str = CORRECTED,
     ) -> pd.DataFrame:
-        """As :meth:`Reference.search`; the hits' ``attrs["notes"]`` say what BigQuery billed, whether the
-        index was used (the hits' ``search`` column then says ``approximate``), and what post-filters or the
-        index may have cut. A ``patient``'s lesions are read by the search statement itself (one scan of the
-        table, not two), after a check that bills two text columns: an unknown patient is refused before
-        the embeddings are billed. With ``check_recall`` the index's recall is measured against the same
-        search with ``use_brute_force``."""
+        """As :meth:`Reference.search`, in the raw space (the ``space`` column and a note say so: a pushed
+        table does not carry the corrected space's statistics yet). The hits' ``attrs["notes"]`` say what
+        BigQuery billed, whether the index was used (the hits' ``search`` column then says ``approximate``),
+        and what post-filters or the index may have cut. A ``patient``'s lesions are read by the search
+        statement itself (one scan of the table, not two), after a check that bills two text columns: an
+        unknown patient is refused before the embeddings are billed. With ``check_recall`` the index's recall
+        is measured against the same search with ``use_brute_force``."""
+        check_space(space, "cosine" if metric == "dot" else metric)
         statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
         report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
         if patient is not None:
@@ -149,9 +153,14 @@ class BigQueryReference(ReferenceManifest):
             exact_patients = list(exact.rows[schema.PATIENT])
             found = set(rows[schema.PATIENT].astype(str))
             recall = len(found & {str(p) for p in exact_patients}) / max(1, len(exact_patients))
-        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
+        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, RAW)
         measured = recall if exact_patients is not None else None
         hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient, approximate, measured)
+        if space != RAW:
+            hits.attrs["notes"].append(
+                "searched in the raw space (plain distance on the stored vectors): a BigQuery table does not carry "
+                "the corrected space yet, so a few patients may be near every query (see docs/search.md)"
+            )
         report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
         return hits
 

@@ -75,9 +75,12 @@ class Pairs:
         return self.relevant | (others & close)
 
 
-def lesion_order(vectors: np.ndarray, metric: str = "cosine") -> np.ndarray:
-    """(m, m - 1): each lesion's ranking of every other lesion, nearest first."""
+def lesion_order(vectors: np.ndarray, metric: str = "cosine", radii: np.ndarray | None = None) -> np.ndarray:
+    """(m, m - 1): each lesion's ranking of every other lesion, nearest first; with ``radii`` (m,), each
+    gallery lesion's distance divided by the square root of its radius (local scaling)."""
     distances = pairwise_distances(vectors, vectors, metric)
+    if radii is not None:
+        distances = distances / np.sqrt(radii)[None, :]
     np.fill_diagonal(distances, np.inf)
     return np.argsort(distances, axis=1, kind="stable")[:, :-1]
 

@@ -69,7 +69,8 @@ def fusion_verdict(evaluation: Evaluation) -> dict | None:
         short = group[group["difference"] < -1e-12]
         what = (
             f"On {evaluation.reference}, reciprocal rank fusion of its {len(evaluation.models)} models (each "
-            f"model's first {s.fusion_depth} patients, by their nearest lesion pair, {distance} distance)"
+            f"model's first {s.fusion_depth} patients, by their nearest lesion pair, {distance} distance, "
+            f"{s.space} space)"
         )
         if len(short):
             failures = "; ".join(
@@ -98,6 +99,7 @@ def fusion_verdict(evaluation: Evaluation) -> dict | None:
         "reference": evaluation.reference,
         **evaluation.identity,
         "models": list(evaluation.models),
+        "space": s.space,
         "fusion": "rrf",
         "depth": s.fusion_depth,
         "rrf_constant": RRF_CONSTANT,
@@ -378,6 +380,14 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
     out = [
         f"# What the embeddings of `{evaluation.reference}` know",
         "",
+        f"Space: **{s.space}** ("
+        + (
+            "the search's default: each model's vectors z-scored by the reference's mean and per-dimension "
+            "SD, patient distances locally scaled by the two patients' 10th-neighbour distances within the cohort"
+            if s.space == "corrected"
+            else "plain distance on the stored vectors, as the published neighbour lists were made"
+        )
+        + "). "
         f"Models: {', '.join(dict.fromkeys(evaluation.cohorts['model']))}. "
         f"Classification: {s.repeats}× repeated, stratified {s.folds}-fold cross-validation over patients "
         f"(a patient's lesions never straddle folds); AUC and balanced accuracy with {s.bootstrap}-sample "

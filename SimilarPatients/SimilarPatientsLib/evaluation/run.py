@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..references import schema
 from ..references.fusion_verdict import SEARCH_AGGREGATION, identity
+from ..search.correction import CORRECTED, NEIGHBOURS, RAW, check_space, floor_radii
 from ..search.fusion import FUSION_DEPTH, FUSIONS, closeness_percent, fuse
 from ..util.optional import optional_import, require
 from . import anchors as anchor_module
@@ -84,8 +85,12 @@ class Settings:
     size_field: str | None = None
     #: Same-tumor re-identification across series (needs SeriesInstanceUID).
     lookalike: bool = True
+    #: The space distances are measured in: ``raw`` (the stored vectors; the committed report's), or
+    #: ``corrected`` (z-scored by the reference's statistics, retrieval locally scaled: search/correction.py).
+    space: str = RAW
 
     def check(self) -> None:
+        check_space(self.space, "cosine")
         unknown = set(self.classifiers) - set(classifier_module.CLASSIFIERS)
         if unknown:
             raise SimilarPatientsError(
@@ -140,14 +145,17 @@ def evaluate(
     settings: Settings | None = None,
     progress: ProgressCallback | None = None,
     workers: int = 1,
+    space: str | None = None,
 ) -> Evaluation:
     """Evaluate ``models`` (default: all) of an opened :class:`~SimilarPatientsLib.reference.Reference`.
 
     ``workers`` > 1 evaluates (task, model) pairs in that many processes, each single-threaded; the result
-    does not depend on it.
+    does not depend on it. ``space``: ``raw`` or ``corrected`` (default: the settings', raw).
     """
     require("analysis")
     settings = settings or Settings()
+    if space is not None:
+        settings = replace(settings, space=space)
     settings.check()
     models = list(models or reference.models)
     for model in models:
@@ -247,6 +255,40 @@ class _TaskPlan:
         )
 
 
+def locally_scaled(matrix: np.ndarray) -> np.ndarray:
+    """A cohort's patient distance matrix under local scaling: each distance over the square root of the two
+    patients' distances to their ``NEIGHBOURS``-th nearest other patient in the cohort (the search's rule,
+    with the cohort as the reference)."""
+    others = np.where(np.eye(len(matrix), dtype=bool), np.inf, matrix)
+    radii = floor_radii(np.sort(others, axis=1)[:, min(NEIGHBOURS, len(matrix) - 1) - 1])
+    scaled = matrix / np.sqrt(np.outer(radii, radii))
+    return np.where(np.eye(len(matrix), dtype=bool), matrix, scaled)
+
+
+def _vectors(reference, model: str, settings: Settings) -> np.ndarray:
+    """A model's lesion vectors in the evaluated space (z-scored by the reference's statistics if corrected)."""
+    vectors = reference.space(model).vectors
+    if settings.space == CORRECTED:
+        vectors = reference.space(model, space=CORRECTED).correction.transformed(vectors)
+    return vectors
+
+
+def _distances(cohort: Cohort, aggregation: str, distance: str, settings: Settings) -> np.ndarray:
+    """A cohort's patient distances in the evaluated space (locally scaled within the cohort if corrected)."""
+    matrix = cohort.distances(aggregation, distance)
+    return locally_scaled(matrix) if settings.space == CORRECTED else matrix
+
+
+def _lesion_order(reference, model: str, settings: Settings) -> np.ndarray:
+    """Each lesion's ranking of every other lesion as the search ranks lesions in the evaluated space
+    (corrected: z-scored, each gallery lesion's distance over the square root of its patient's radius; the
+    query's own radius changes no order)."""
+    if settings.space != CORRECTED:
+        return lookalike.lesion_order(np.asarray(reference.space(model).vectors, dtype=np.float64))
+    searched = reference.space(model, space=CORRECTED)
+    return lookalike.lesion_order(_vectors(reference, model, settings), radii=np.asarray(searched.row_radii))
+
+
 def _single_threaded() -> None:
     torch = optional_import("torch", "analysis")
     threadpool_limits = optional_import("threadpoolctl", "analysis").threadpool_limits
@@ -258,16 +300,16 @@ def _single_threaded() -> None:
 def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings: Settings) -> dict:
     """Retrieval and classification rows of one model on one task, under every aggregation."""
     reference = _opened(reference)
-    cohort = Cohort.build(reference.lesions(model), reference.space(model).vectors, plan.labels)
+    cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), plan.labels)
     retrieval, classification, replicates, nulls = [], [], {}, {}
     for aggregation in settings.aggregations:
-        distances = {d: cohort.distances(aggregation, d) for d in settings.distances}
+        distances = {d: _distances(cohort, aggregation, d, settings) for d in settings.distances}
         for distance, matrix in distances.items():
             order = _full_order(matrix)
             retrieval += _retrieval(task, model, aggregation, distance, order, settings, plan)[0]
         instances = cohort.instances(aggregation)
         rows, row_patient = instances.rows, instances.row_patient
-        cosine = distances["cosine"] if "cosine" in distances else cohort.distances(aggregation, "cosine")
+        cosine = distances["cosine"] if "cosine" in distances else _distances(cohort, aggregation, "cosine", settings)
         names = [
             c
             for c in settings.classifiers
@@ -400,12 +442,12 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
     ranking of the other patients, its first ``fusion_depth`` counted), under every aggregation and
     distance; and each fused figure against the best single model's, paired over the same queries."""
     reference = _opened(reference)
-    cohorts = [Cohort.build(reference.lesions(m), reference.space(m).vectors, plan.labels) for m in models]
+    cohorts = [Cohort.build(reference.lesions(m), _vectors(reference, m, settings), plan.labels) for m in models]
     labels = cohorts[0].labels
     retrieval, comparisons = [], []
     for aggregation in settings.aggregations:
         for distance in settings.distances:
-            matrices = [cohort.distances(aggregation, distance) for cohort in cohorts]
+            matrices = [_distances(cohort, aggregation, distance, settings) for cohort in cohorts]
             orders = [_full_order(matrix) for matrix in matrices]
             singles = [metrics.label_figures(order, labels, settings.ks, plan.grades) for order in orders]
             ranks = np.stack([metrics.ranks_of(order) for order in orders])
@@ -463,8 +505,8 @@ def _evaluate_hubness(reference, models: tuple, settings: Settings) -> dict:
         for aggregation in (settings.primary_aggregation, SEARCH_AGGREGATION):
             orders = []
             for model in models:
-                cohort = Cohort.build(reference.lesions(model), reference.space(model).vectors, patients)
-                orders.append(_full_order(cohort.distances(aggregation, distance)))
+                cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), patients)
+                orders.append(_full_order(_distances(cohort, aggregation, distance, settings)))
             named = list(zip(models, orders))
             if len(models) > 1 and "rrf" in settings.fusions:
                 ranks = np.stack([metrics.ranks_of(order) for order in orders])
@@ -510,9 +552,9 @@ def _evaluate_anchors(reference, task: Task, models: tuple, plan: _TaskPlan, set
         base = _anchor_measures(anchor.distances, anchor.features, np.arange(len(subset)), draws, settings)
         found = {anchor.name: base}
         for model in models:
-            cohort = Cohort.build(reference.lesions(model), reference.space(model).vectors, labels)
+            cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), labels)
             instances = cohort.instances(settings.primary_aggregation)
-            distances = cohort.distances(settings.primary_aggregation, "cosine")
+            distances = _distances(cohort, settings.primary_aggregation, "cosine", settings)
             found[model] = _anchor_measures(distances, instances.rows, instances.row_patient, draws, settings)
         for name, (auc, boot, precision, null) in found.items():
             common = {"task": task.name, "anchor": anchor.name, "model": name, "patients": len(subset)}
@@ -559,7 +601,7 @@ def _evaluate_lookalike(reference, models: tuple, settings: Settings) -> dict:
         return {"lookalike": pd.DataFrame(columns=lookalike.COLUMNS)}
     rows, orders = [], []
     for model in models:
-        order = lookalike.lesion_order(np.asarray(reference.space(model).vectors, dtype=np.float64))
+        order = _lesion_order(reference, model, settings)
         orders.append(order)
         rows += lookalike.rows(model, {"all": order}, pairs, settings.bootstrap, settings.seed)
     if len(models) > 1 and "rrf" in settings.fusions:

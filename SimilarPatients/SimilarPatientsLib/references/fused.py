@@ -26,8 +26,9 @@ import pandas as pd
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..search import filters
+from ..search.correction import CORRECTED, resolved_space
 from ..search.fusion import FUSION_DEPTH, check_fusion, fuse
-from ..search.nearest import check_queries, exact_distances
+from ..search.nearest import check_queries, exact_distances, own_radius
 from . import schema
 from .hits import HIT_COLUMNS
 
@@ -81,6 +82,7 @@ def search_fused(
     depth: int = FUSION_DEPTH,
     progress: ProgressCallback | None = None,
     query_lesions: Sequence[str] | None = None,
+    space: str = CORRECTED,
 ) -> pd.DataFrame:
     """The ``k`` patients nearest by several models fused (see the module's docstring).
 
@@ -110,7 +112,7 @@ def search_fused(
         report(progress, i, len(models), f"searching with {model}")
         query = None if embeddings is None else embeddings[model]
         lists[model] = reference.search(
-            model, query, patient, depth, metric, where, exclude, method, query_lesions=query_lesions
+            model, query, patient, depth, metric, where, exclude, method, query_lesions=query_lesions, space=space
         )
     report(progress, len(models), len(models), "fusing the models' rankings")
     candidates = np.array(sorted({str(p) for hits in lists.values() for p in hits[schema.PATIENT]}), dtype=object)
@@ -125,8 +127,15 @@ def search_fused(
         for m, model in enumerate(models):
             unlisted = np.flatnonzero(ranks[m] == 0)
             queries = _queries(reference, model, embeddings, patient)
-            distances[m, unlisted] = _distances_of(reference, model, queries, candidates[unlisted], metric, where)
-        closeness = np.stack([_closeness(reference, model, metric, distances[m]) for m, model in enumerate(models)])
+            searched = reference.space(model, None, resolved_space(space, metric), metric)
+            radius = _query_radius(searched, queries, patient, metric) if len(unlisted) else None
+            unlisted_patients = candidates[unlisted]
+            distances[m, unlisted] = _distances_of(
+                reference, model, searched, queries, unlisted_patients, metric, where, radius
+            )
+        closeness = np.stack(
+            [_closeness(reference, model, metric, distances[m], space) for m, model in enumerate(models)]
+        )
     fused = fuse(ranks, closeness, fusion, depth)
     chosen = [i for i in fused.order[:k] if fused.listed[i] > 0]
     return _hit_table(reference, models, lists, candidates, chosen, ranks, distances, closeness, fused, fusion)
@@ -138,11 +147,21 @@ def _queries(reference, model: str, embeddings, patient) -> np.ndarray:
     return reference.patient_embeddings(model, str(patient)).vectors
 
 
-def _distances_of(reference, model: str, queries, patients: np.ndarray, metric: str, where) -> np.ndarray:
-    """Each patient's nearest-lesion-pair distance to the queries in ``model`` (float64, as the search
-    measures it), NaN where the model lacks the patient or ``where`` drops all its lesions."""
+def _query_radius(space, queries, patient, metric: str) -> float | None:
+    """The query's own radius in a locally scaled space, as the search took it: a reference patient's
+    stored one, else measured."""
+    if not space.scaled:
+        return None
+    if patient is not None:
+        return float(space.correction.radii[space.patient_code(str(patient))])
+    return own_radius(space, check_queries(space.dim, queries, metric), metric)
+
+
+def _distances_of(reference, model: str, space, queries, patients, metric: str, where, radius) -> np.ndarray:
+    """Each patient's nearest-lesion-pair distance to the queries in the model's searched ``space`` (float64,
+    as the search measures it: locally scaled with the query's ``radius`` there), NaN where the model lacks
+    the patient or ``where`` drops all its lesions."""
     out = np.full(len(patients), np.inf)
-    space = reference.space(model)
     allowed = reference.row_mask(model, where).mask if where else None
     rows, owners = [], []
     for i, patient in enumerate(patients):
@@ -158,15 +177,17 @@ def _distances_of(reference, model: str, queries, patients: np.ndarray, metric: 
         rows, owners = np.concatenate(rows), np.concatenate(owners)
         if len(rows):
             nearest = exact_distances(space, rows, check_queries(space.dim, queries, metric), metric).min(axis=1)
+            if space.scaled:
+                nearest = nearest / np.sqrt(space.row_radii[rows] * radius)
             np.minimum.at(out, owners, nearest)
     return np.where(np.isfinite(out), out, np.nan)
 
 
-def _closeness(reference, model: str, metric: str, distances: np.ndarray) -> np.ndarray:
+def _closeness(reference, model: str, metric: str, distances: np.ndarray, space: str) -> np.ndarray:
     out = np.full(len(distances), np.nan)
     known = np.isfinite(distances)
     if known.any():
-        out[known] = reference.closeness(model, metric, distances[known])
+        out[known] = reference.closeness(model, metric, distances[known], space=space)
     return out
 
 
@@ -247,4 +268,6 @@ def hit_closeness(reference, hits: pd.DataFrame, metric: str) -> np.ndarray:
     if models:
         columns = [CLOSENESS_PREFIX + m for m in models]
         return np.nan_to_num(hits[columns].to_numpy(dtype=np.float64), nan=0.0).mean(axis=1)
-    return reference.closeness(str(hits[schema.MODEL].iloc[0]), metric, hits["distance"].to_numpy(dtype=np.float64))
+    space = str(hits["space"].iloc[0]) if "space" in hits.columns else CORRECTED
+    distances = hits["distance"].to_numpy(dtype=np.float64)
+    return reference.closeness(str(hits[schema.MODEL].iloc[0]), metric, distances, space=space)

@@ -32,6 +32,7 @@ HIT_COLUMNS = (
     "distance",
     schema.MODEL,
     "metric",
+    "space",
     schema.LESION,
     "query_lesion",
     "lesions",
@@ -50,11 +51,13 @@ def hit_table(
     query_lesions: Sequence[str] | None = None,
     label_fields: Sequence[str] = (),
     index_recall: float | None = None,
+    space: str = "raw",
 ) -> pd.DataFrame:
     """Rank, distance, the matched lesion's metadata and labels (``rows``: column → the matched lesions'
     values, in match order), and the IDC viewer URL per hit; and on every row how the hits were found:
     ``search`` "exact", or "approximate" with the index's measured ``index_recall`` (given for approximate
-    searches only). A label never replaces a computed column (imports refuse such names, see
+    searches only); and the ``space`` the distances were measured in. A label never replaces a computed
+    column (imports refuse such names, see
     ``schema.RESERVED``; a reference stored before that keeps the computed value and loses the label here)."""
     missing = np.full(len(matches), None, dtype=object)
     columns = {
@@ -63,6 +66,7 @@ def hit_table(
         "distance": np.array([m.distance for m in matches], dtype=np.float64),
         schema.MODEL: rows.get(schema.MODEL, missing),
         "metric": text_array([metric] * len(matches)),
+        "space": text_array([space] * len(matches)),
         schema.LESION: rows.get(schema.LESION, missing),
         "query_lesion": text_array([query_lesions[m.query_row] for m in matches]) if query_lesions else missing,
         "lesions": np.array([lesion_counts[m.patient] for m in matches], dtype=np.int64),

@@ -10,6 +10,9 @@ distribution for another metric may be added beside a model's matrix, and record
     models/<i>/norms.npy       their float64 L2 norms
     models/<i>/nearest-<metric>.npy  the nearest-match distribution :meth:`Reference.closeness` reads
     models/<i>/hnsw-<metric>.faiss   approximate index (+ its calibration, .json), built for large references
+    models/<i>/centre.npy, scale.npy, corrected-norms.npy, radii-<metric>.npy   the corrected space's statistics
+                                     (:mod:`.spaces`); its index and distribution are named
+                                     ``hnsw-corrected-<metric>.faiss`` and ``nearest-corrected-<metric>.npy``
 
 Every file is checked against its digest before anything is read from it (once per process; later opens
 compare sizes only), so a changed byte is an error that names the file and says how to repair it, never an
@@ -32,11 +35,12 @@ import pyarrow.parquet as pq
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
 from ..search import approximate, filters
+from ..search.correction import CORRECTED, RAW, Correction, check_space, resolved_space
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
 from ..util.locks import FileLock
-from . import closeness, manifest, schema
+from . import closeness, manifest, schema, spaces
 from .fused import search_fused
 from .hits import hit_table
 from .manifest import DamagedFile
@@ -272,8 +276,16 @@ class Reference(ReferenceManifest):
                 self._row_masks.popitem(last=False)
         return self._row_masks[key]
 
-    def space(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
-        """The model's vectors, memory-mapped read-only, with norms and patient codes."""
+    def space(
+        self, model: str, progress: ProgressCallback | None = None, space: str = RAW, metric: str = "cosine"
+    ) -> EmbeddingSpace:
+        """The model's vectors, memory-mapped read-only, with norms and patient codes: as stored (``raw``), or
+        the ``corrected`` space for ``metric`` (its statistics read, or measured and recorded on first use)."""
+        if check_space(space, metric) == CORRECTED:
+            key = (model, space, metric)
+            if key not in self._spaces:
+                self._spaces[key] = spaces.with_radii(self._unscaled(model, progress), self._radii(model, metric))
+            return self._spaces[key]
         if model not in self._spaces:
             folder = f"models/{self.model_info(model).folder}"
             lesions = self.lesions(model, progress)
@@ -285,6 +297,44 @@ class Reference(ReferenceManifest):
                 patient_ids=np.asarray(patients, dtype=object),
             )
         return self._spaces[model]
+
+    def _unscaled(self, model: str, progress: ProgressCallback | None = None) -> EmbeddingSpace:
+        """The model's z-scored space (no local scaling): its mean, scale and row norms, read or measured."""
+        key = (model, "unscaled")
+        if key not in self._spaces:
+            raw = self.space(model, progress)
+            folder = f"models/{self.model_info(model).folder}"
+            names = [f"{folder}/{name}" for name in (spaces.CENTRE, spaces.SCALE, spaces.NORMS)]
+            if all(name in self._files for name in names):
+                centre, scale, norms = (np.load(self.verified(name, progress)) for name in names)
+                correction = Correction(centre, scale)
+            else:
+                correction = spaces.moments_of(raw.vectors, progress)
+                norms = spaces.corrected_norms(raw.vectors, correction, progress)
+
+                def save() -> dict:
+                    saved = {}
+                    for name, array in zip(names, (correction.centre, correction.scale, norms)):
+                        saved.update(save_array(self.path, name, array))
+                    return saved
+
+                self._record(names, save)
+            self._spaces[key] = spaces.unscaled_space(raw, correction, norms)
+        return self._spaces[key]
+
+    def _radii(self, model: str, metric: str, progress: ProgressCallback | None = None) -> np.ndarray:
+        """Each patient's local-scaling radius for ``metric``, read or measured (and recorded)."""
+        folder = f"models/{self.model_info(model).folder}"
+        relative = f"{folder}/{spaces.radii_file(metric)}"
+        if relative in self._files:
+            return np.load(self.verified(relative, progress))
+        radii, how, _ = spaces.patient_radii(self._unscaled(model, progress), metric, progress)
+
+        def describe(content: dict) -> None:
+            content["models"][model].setdefault("correction", {})[metric] = how
+
+        self._record([relative], lambda: save_array(self.path, relative, radii), describe)
+        return radii
 
     def patient_embeddings(self, model: str, patient: str) -> PatientEmbeddings:
         """One reference patient's lesion vectors and lesion ids in ``model``."""
@@ -299,58 +349,66 @@ class Reference(ReferenceManifest):
         ids = self.lesion_rows(model, rows, [schema.LESION])[schema.LESION]
         return PatientEmbeddings(np.asarray(space.vectors[rows]), list(ids))
 
-    def closeness(self, model: str, metric: str, distances, progress: ProgressCallback | None = None) -> np.ndarray:
+    def closeness(
+        self, model: str, metric: str, distances, progress: ProgressCallback | None = None, space: str = CORRECTED
+    ) -> np.ndarray:
         """Each distance placed on this reference's own distribution of nearest-match distances (each
-        reference patient's distance to its nearest other patient): the percentage of those that are
-        larger, so 97 reads "closer than 97% of nearest matches in this reference". The distribution (see
-        :mod:`.closeness`) is made when the reference is written for cosine; for another metric, or a
-        reference written before, on first use (in one pass over the matrix, with progress), and kept."""
-        return closeness.percent_farther(self._nearest_match_distances(model, metric, progress), distances)
+        reference patient's distance to its nearest other patient, in the same ``space``): the percentage of
+        those that are larger, so 97 reads "closer than 97% of nearest matches in this reference". The
+        distribution (see :mod:`.closeness`) is made when the reference is written for cosine; for another
+        metric, or a reference written before, on first use (in one pass over the matrix, with progress),
+        and kept."""
+        nearest = self._nearest_match_distances(model, metric, progress, resolved_space(space, metric))
+        return closeness.percent_farther(nearest, distances)
 
-    def _nearest_match_distances(self, model: str, metric: str, progress: ProgressCallback | None) -> np.ndarray:
-        key = (model, metric)
+    def _nearest_match_distances(
+        self, model: str, metric: str, progress: ProgressCallback | None, space: str = RAW
+    ) -> np.ndarray:
+        key = (model, metric, space)
         if key in self._nearest:
             return self._nearest[key]
-        relative = f"models/{self.model_info(model).folder}/{closeness.file_name(metric)}"
+        relative = f"models/{self.model_info(model).folder}/{closeness.file_name(metric, space)}"
         if relative in self._files:
             nearest = np.load(self.verified(relative, progress))
         else:
-            index = self._auto_index(model, metric, progress)  # measured as ``auto`` searches answer
-            nearest, how = closeness.nearest_match_distances(
-                self.space(model), metric, index, progress, f"Reference '{self.name}' ({model})"
-            )
+            index = self._auto_index(model, metric, progress, space)  # measured as ``auto`` searches answer
+            searched = self.space(model, progress, space, metric)
+            name = f"Reference '{self.name}' ({model})"
+            nearest, how = closeness.nearest_match_distances(searched, metric, index, progress, name)
 
             def save() -> dict:
                 return save_array(self.path, relative, nearest)
 
             def describe(content: dict) -> None:
-                content["models"][model].setdefault("closeness", {})[metric] = how
+                name = metric if space == RAW else f"{space}-{metric}"
+                content["models"][model].setdefault("closeness", {})[name] = how
 
             self._record([relative], save, describe)
         self._nearest[key] = nearest
         return nearest
 
     def _auto_index(
-        self, model: str, metric: str, progress: ProgressCallback | None
+        self, model: str, metric: str, progress: ProgressCallback | None, space: str = RAW
     ) -> approximate.ApproximateIndex | None:
         """The index ``auto`` answers from: the model's, from ``APPROXIMATE_FROM`` rows, where its self-check
         reached its target recall; None where the exact scan answers."""
         if len(self.space(model).norms) < approximate.APPROXIMATE_FROM:
             return None
-        index = self.approximate_index(model, metric, progress)
+        index = self.approximate_index(model, metric, progress, space)
         if not index.calibration.reached:
             log.info("'%s' %s: %s; scanning exactly", self.name, model, index.calibration.describe())
             return None
         return index
 
     def approximate_index(
-        self, model: str, metric: str, progress: ProgressCallback | None = None
+        self, model: str, metric: str, progress: ProgressCallback | None = None, space: str = RAW
     ) -> approximate.ApproximateIndex:
-        """The model's HNSW index for ``metric``: loaded if built, else built now and saved."""
-        key = (model, metric)
+        """The model's HNSW index for ``metric`` in ``space``: loaded if built, else built now and saved."""
+        key = (model, metric, space)
         if key not in self._indexes:
+            searched = self.space(model, progress, space, metric)
             folder = f"models/{self.model_info(model).folder}"
-            relative = f"{folder}/hnsw-{metric}.faiss"
+            relative = f"{folder}/{approximate.file_name(metric, space)}"
             sidecar = approximate.calibration_path(Path(relative)).as_posix()
 
             def save() -> dict:
@@ -361,13 +419,13 @@ class Reference(ReferenceManifest):
                 for part in (relative, sidecar):
                     if part in self._files:
                         self.verified(part, progress)
-                index = approximate.ApproximateIndex.load(self.path / relative, metric)
+                index = approximate.ApproximateIndex.load(self.path / relative, metric, searched.correction)
                 if index.calibration is None:  # built before indexes checked themselves: check it now
-                    index.calibrate(self.space(model), progress=progress)
+                    index.calibrate(searched, progress=progress)
                     self._record([relative, sidecar], save, replace=True)
             else:
-                log.info("building the approximate %s index of %s in '%s'", metric, model, self.name)
-                index = approximate.ApproximateIndex.build(self.space(model), metric, progress)
+                log.info("building the approximate %s index of %s in '%s' (%s)", metric, model, self.name, space)
+                index = approximate.ApproximateIndex.build(searched, metric, progress)
                 self._record([relative, sidecar], save)
             self._indexes[key] = index
         return self._indexes[key]
@@ -384,6 +442,7 @@ class Reference(ReferenceManifest):
         method: str = "auto",
         progress: ProgressCallback | None = None,
         query_lesions: Sequence[str] | None = None,
+        space: str = CORRECTED,
     ) -> pd.DataFrame:
         """The ``k`` nearest patients to ``embeddings`` (one or several lesions of one patient) or to a
         reference ``patient``'s lesions; ``where`` filters reference lesions (expressions, one expression,
@@ -392,28 +451,37 @@ class Reference(ReferenceManifest):
 
         ``method``: ``exact`` scans; ``approximate`` asks the reference's index; ``auto`` uses the index
         above ``APPROXIMATE_FROM`` rows when its self-check reached the target recall, else scans. The
-        ``search`` and ``index_recall`` columns say which answered."""
+        ``search`` and ``index_recall`` columns say which answered.
+
+        ``space``: ``corrected`` (hub-free: z-scored and locally scaled, see :mod:`..search.correction`), or
+        ``raw`` (plain distance on the stored vectors, as published lists were made); the ``space`` column
+        says which answered. The dot score has no corrected space: it answers in ``raw``."""
         check_search(embeddings, patient, method)
-        space = self.space(model, progress)
+        space = resolved_space(space, metric)
+        searched = self.space(model, progress, space, metric)
+        query_radius = None
         if patient is not None:
             own = self.patient_embeddings(model, str(patient))
             embeddings, query_lesions = own.vectors, own.lesion_ids
+            if searched.scaled:
+                query_radius = float(searched.correction.radii[searched.patient_code(str(patient))])
         else:
             query_lesions = query_lesion_names(embeddings, query_lesions)
         allowed = self.row_mask(model, where) if where else None
         # excluded patients are dropped from the answer, not masked: a mask per query would cost the whole
         # reference; asking for as many more patients as are excluded gives the same k
-        excluded = {str(p) for p in exclude if space.patient_code(str(p)) is not None}
+        excluded = {str(p) for p in exclude if searched.patient_code(str(p)) is not None}
         index = None
         if method == "approximate":
-            index = self.approximate_index(model, metric, progress)
+            index = self.approximate_index(model, metric, progress, space)
         elif method == "auto":
-            index = self._auto_index(model, metric, progress)
+            index = self._auto_index(model, metric, progress, space)
+        candidates = index.candidates if index else None
         matches = nearest_patients(
-            space, embeddings, k + len(excluded), metric, allowed, index.candidates if index else None, progress
+            searched, embeddings, k + len(excluded), metric, allowed, candidates, progress, query_radius
         )
         matches = [m for m in matches if m.patient not in excluded][:k]
-        counts = {m.patient: int(space.lesion_counts[space.patient_codes[m.row]]) for m in matches}
+        counts = {m.patient: int(searched.lesion_counts[searched.patient_codes[m.row]]) for m in matches}
         recall = index.calibration.recall if index is not None else None
         rows = self.lesion_rows(model, [m.row for m in matches])
-        return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall)
+        return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, space)

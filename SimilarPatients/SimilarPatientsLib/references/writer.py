@@ -7,10 +7,12 @@ the rows came out of order, the matrix's digest. Peak memory is therefore one bl
 index needs, beside the matrix itself: the caller's, when it holds the table in memory anyway, or the stored
 file's pages, memory-mapped (they count in the resident size, and the kernel takes them back when it needs).
 
-What a first query would otherwise wait for is made here too: the approximate index (from
+What a first query would otherwise wait for is made here too, for the default search (cosine, in the
+corrected space): the corrected space's statistics (mean and deviation, summed in the pass that writes the
+vectors; the z-scored norms, in the pass that writes the table; each patient's radius), the approximate index (from
 ``APPROXIMATE_FROM`` rows, with its recall self-check) and the nearest-match distribution that
-:meth:`~.reference.Reference.closeness` reads, both for the cosine metric. The manifest comes last and
-records every file's size and digest: a version is whole when its manifest is there.
+:meth:`~.reference.Reference.closeness` reads. The raw space's index and distribution are made on first
+use. The manifest comes last and records every file's size and digest: a version is whole when its manifest is there.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import pyarrow.parquet as pq
 
 from ..progress import ProgressCallback, report
 from ..search import approximate
+from ..search.correction import CORRECTED, Correction
 from ..search.nearest import EmbeddingSpace
 from ..util.atomic import replacing
 from ..util.digests import ALGORITHM, BlockDigest, FileRecord, HashingWriter
-from . import closeness, manifest, schema
+from . import closeness, manifest, schema, spaces
 from .schema import EMBEDDING, MODEL, PATIENT, RECIPE
 
 #: The metric whose index and nearest-match distribution are made at write (the default of every search).
@@ -119,10 +122,12 @@ def write_version(
     counts = lesions[MODEL].value_counts()
     folders = {model: f"models/{i}" for i, model in enumerate(models)}
     matrices = {m: MatrixFile(staging / folders[m] / "vectors.npy", int(counts[m])) for m in models}
+    moments = {m: spaces.Moments() for m in models}
     try:
         done, total = 0, len(lesions)
         for model, positions, block in table.vector_chunks():
             matrices[model].put(positions, block)
+            moments[model].add(block)
             done += len(block)
             report(progress, done, total, "writing the vectors")
     finally:
@@ -145,11 +150,17 @@ def write_version(
                 if matrix is None:
                     matrix = np.load(matrices[model].path, mmap_mode="r")
                 header = matrices[model].header if records[model] is None else None
-                norms, record = _store_rows(matrix, arrow.slice(first, n), parquet, header, progress)
+                correction = moments[model].correction()
+                meta = arrow.slice(first, n)
+                norms, corrected, record = _store_rows(matrix, meta, parquet, header, correction, progress)
                 files[f"{folders[model]}/vectors.npy"] = records[model] or record
                 files.update(save_array(staging, f"{folders[model]}/norms.npy", norms))
+                files.update(save_array(staging, f"{folders[model]}/{spaces.CENTRE}", correction.centre))
+                files.update(save_array(staging, f"{folders[model]}/{spaces.SCALE}", correction.scale))
+                files.update(save_array(staging, f"{folders[model]}/{spaces.NORMS}", corrected))
                 codes, patients = pd.factorize(rows[PATIENT], sort=True)
                 space = EmbeddingSpace(matrix, norms, codes, np.asarray(patients, dtype=object))
+                space = spaces.unscaled_space(space, correction, corrected)
                 infos[model] = {
                     "folder": folders[model].split("/")[1],
                     "dim": int(space.dim),
@@ -171,12 +182,19 @@ def write_version(
 
 
 def _store_rows(
-    matrix: np.ndarray, meta: pa.Table, parquet: pq.ParquetWriter, header: bytes | None, progress
-) -> tuple[np.ndarray, FileRecord | None]:
-    """One pass over a model's stored matrix: its Parquet rows and norms, and, given the ``header`` of a
-    matrix file whose rows were not written in order, that file's digest."""
+    matrix: np.ndarray,
+    meta: pa.Table,
+    parquet: pq.ParquetWriter,
+    header: bytes | None,
+    correction: Correction,
+    progress,
+) -> tuple[np.ndarray, np.ndarray, FileRecord | None]:
+    """One pass over a model's stored matrix: its Parquet rows, its norms and its norms once z-scored by
+    ``correction``, and, given the ``header`` of a matrix file whose rows were not written in order, that
+    file's digest."""
     n = len(matrix)
     norms = np.empty(n)
+    corrected = np.empty(n)
     digest = None
     if header is not None:
         digest = BlockDigest()
@@ -189,28 +207,34 @@ def _store_rows(
             pa.array(np.arange(end - begin + 1, dtype=np.int32) * dim), pa.array(block.reshape(-1))
         )
         parquet.write_table(meta.slice(begin, end - begin).append_column(EMBEDDING, embedding), schema.CHUNK_ROWS)
-        norms[begin:end] = np.linalg.norm(block.astype(np.float64), axis=1)
+        wide = block.astype(np.float64)
+        norms[begin:end] = np.linalg.norm(wide, axis=1)
+        corrected[begin:end] = np.linalg.norm(correction.transformed(wide), axis=1)
         if digest is not None:
             digest.update(block)
         report(progress, end, n, "writing the table and the norms")
-    return norms, digest.record() if digest is not None else None
+    return norms, corrected, digest.record() if digest is not None else None
 
 
-def _first_answers(staging: Path, folder: str, space: EmbeddingSpace, files: dict, progress) -> dict:
-    """The approximate index (for a large model) and the nearest-match distribution, saved and recorded in
-    ``files``; what the manifest says of them."""
+def _first_answers(staging: Path, folder: str, unscaled: EmbeddingSpace, files: dict, progress) -> dict:
+    """The corrected space's radii, its approximate index (for a large model) and its nearest-match
+    distribution, saved and recorded in ``files``; what the manifest says of them."""
+    if len(unscaled.patient_ids) < 2:
+        return {}
+    radii, how_radii, graph = spaces.patient_radii(unscaled, METRIC, progress)
+    files.update(save_array(staging, f"{folder}/{spaces.radii_file(METRIC)}", radii))
+    space = spaces.with_radii(unscaled, radii)
     index = None
     if len(space.norms) >= approximate.APPROXIMATE_FROM:
-        index = approximate.ApproximateIndex.build(space, METRIC, progress)
-        saved = index.save(staging / folder / f"hnsw-{METRIC}.faiss")
+        index = graph
+        index.calibrate(space, progress=progress)
+        saved = index.save(staging / folder / approximate.file_name(METRIC, CORRECTED))
         files.update({f"{folder}/{name}": record for name, record in saved.items()})
         if not index.calibration.reached:
             index = None
-    if len(space.patient_ids) < 2:
-        return {}
     nearest, how = closeness.nearest_match_distances(space, METRIC, index, progress)
-    files.update(save_array(staging, f"{folder}/{closeness.file_name(METRIC)}", nearest))
-    return {"closeness": {METRIC: how}}
+    files.update(save_array(staging, f"{folder}/{closeness.file_name(METRIC, CORRECTED)}", nearest))
+    return {"correction": {METRIC: how_radii}, "closeness": {f"{CORRECTED}-{METRIC}": how}}
 
 
 def save_array(folder: Path, relative: str, array: np.ndarray) -> dict:

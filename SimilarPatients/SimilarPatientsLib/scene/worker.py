@@ -8,7 +8,7 @@ The protocol is JSON lines. The client writes one request per line on the worker
 
 (``tumors`` may instead hold ``masks``, one file per tumor, ``points`` or ``boxes`` in LPS mm.) A fused
 query names several models (``"model": ["CTFM", "Merlin"]``, ``"all"`` or ``"All models (fused)"``), with
-``"fusion"`` and ``"depth"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
+``"fusion"``, ``"depth"`` and ``"space"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
 model → value; each model stays loaded (``prepare`` loads them all). Every hit carries ``closer_than``
 (blank for a BigQuery table; for a fused hit the mean over the models).
 
@@ -396,18 +396,22 @@ class _Worker:
 
     def prepare(self, request: dict, ident) -> dict:
         """Load the model(s) and measure the reference's nearest-match distributions before the first query."""
+        from ..search.correction import CORRECTED
+
         progress = self._progress(ident)
         reference, specs = self._opened(request)
         loads = [self._embedder(request, spec, progress)[1] for spec in specs]
         if hasattr(reference, "closeness"):  # a local reference: its similarity column is ready too
             for spec in specs:
-                reference.closeness(spec.name, request.get("metric", "cosine"), [], progress)
+                metric = request.get("metric", "cosine")
+                reference.closeness(spec.name, metric, [], progress, request.get("space", CORRECTED))
         return {"loaded": all(load is None for load in loads), "load_seconds": sum(load or 0.0 for load in loads)}
 
     def query(self, request: dict, ident) -> dict:
         from ..imaging.tumor import tumors_from
         from ..query import query_image
         from ..references.fused import hit_closeness, is_fused
+        from ..search.correction import CORRECTED
         from ..search.fusion import FUSION_DEPTH
 
         progress = self._progress(ident)
@@ -436,6 +440,7 @@ class _Worker:
             progress=progress,
             fusion=request.get("fusion", "rrf"),
             depth=int(request.get("depth", FUSION_DEPTH)),
+            space=request.get("space", CORRECTED),
         )
         seconds = dict(vars(result.seconds), load=sum(load or 0.0 for load in loads))
         tumors_embedded = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]

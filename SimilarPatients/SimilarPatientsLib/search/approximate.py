@@ -23,6 +23,7 @@ import numpy as np
 from ..progress import ProgressCallback, report
 from ..util.atomic import replacing
 from ..util.digests import HashingWriter
+from .correction import Correction
 from .distances import unit_rows
 from .nearest import EmbeddingSpace, RowMask, nearest_patients, nearest_patients_many
 
@@ -46,7 +47,10 @@ def _faiss():
     return faiss
 
 
-def _prepared(vectors: np.ndarray, metric: str) -> np.ndarray:
+def _prepared(vectors: np.ndarray, metric: str, correction: Correction | None = None) -> np.ndarray:
+    """Rows as the graph holds them: z-scored in a corrected space, unit length for cosine."""
+    if correction is not None:
+        vectors = correction.transformed(vectors)
     block = np.ascontiguousarray(vectors, dtype=np.float32)
     return unit_rows(block) if metric == "cosine" else block
 
@@ -75,12 +79,18 @@ class Calibration:
 
 
 class ApproximateIndex:
-    """An HNSW graph over one model's vectors for one metric, with its measured recall."""
+    """An HNSW graph over one model's vectors for one metric, with its measured recall. In a corrected space
+    the graph holds the z-scored vectors (``correction``: the reference's statistics) and proposes
+    candidates by z-scored distance; the exact stage ranks them by the locally scaled one, and the
+    calibration measures the recall of that ranking."""
 
-    def __init__(self, index, metric: str, calibration: Calibration | None = None):
+    def __init__(
+        self, index, metric: str, calibration: Calibration | None = None, correction: Correction | None = None
+    ):
         self.index = index
         self.metric = metric
         self.calibration = calibration
+        self.correction = correction
         #: the search effort (HNSW efSearch) every query uses: the one the calibration settled on
         self.breadth = calibration.breadth if calibration else SEARCH_BREADTHS[0]
 
@@ -102,16 +112,17 @@ class ApproximateIndex:
         """The graph over ``space``'s vectors, not yet checked (what building the index alone costs)."""
         faiss = _faiss()
         kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
+        correction = space.correction
         index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
         index.hnsw.efConstruction = BUILD_BREADTH
         n = space.vectors.shape[0]
         sample = np.random.default_rng(0).choice(n, size=min(n, _TRAIN_ROWS), replace=False)
-        index.train(_prepared(space.vectors[np.sort(sample)], metric))
+        index.train(_prepared(space.vectors[np.sort(sample)], metric, correction))
         for start in range(0, n, _ADD_CHUNK):
             report(progress, start, n, "building the approximate index")
-            index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric))
+            index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric, correction))
         report(progress, n, n, "building the approximate index")
-        return cls(index, metric)
+        return cls(index, metric, correction=correction)
 
     def calibrate(
         self, space: EmbeddingSpace, target: float = TARGET_RECALL, progress: ProgressCallback | None = None
@@ -122,13 +133,15 @@ class ApproximateIndex:
         rows = np.sort(np.random.default_rng(1).choice(n, size=min(n, CHECK_QUERIES), replace=False))
         k = min(CHECK_K, max(len(space.patient_ids) - 1, 1))
         report(progress, 0, 1, "checking the approximate index against exact search")
-        truths = nearest_patients_many(space, [space.vectors[row] for row in rows], k + 1, self.metric, progress)
+        radii = np.ones(len(rows))  # a query's own radius sets its distances, not its order
+        queries = [space.vectors[row] for row in rows]
+        truths = nearest_patients_many(space, queries, k + 1, self.metric, progress, radii if space.scaled else None)
         exact = [_others(truth, space, row, k) for truth, row in zip(truths, rows)]
         for breadth in SEARCH_BREADTHS:
             self.breadth = breadth
             found = [
                 _others(
-                    nearest_patients(space, space.vectors[row], k + 1, self.metric, None, self.candidates),
+                    nearest_patients(space, space.vectors[row], k + 1, self.metric, None, self.candidates, None, 1.0),
                     space,
                     row,
                     k,
@@ -146,10 +159,11 @@ class ApproximateIndex:
         return self.calibration
 
     @classmethod
-    def load(cls, path: Path, metric: str) -> ApproximateIndex:
+    def load(cls, path: Path, metric: str, correction: Correction | None = None) -> ApproximateIndex:
+        """The index saved at ``path``; ``correction``: the statistics it was built with (corrected space)."""
         sidecar = calibration_path(path)
         calibration = Calibration(**json.loads(sidecar.read_text(encoding="utf-8"))) if sidecar.is_file() else None
-        return cls(_faiss().read_index(str(path)), metric, calibration)
+        return cls(_faiss().read_index(str(path)), metric, calibration, correction)
 
     def save(self, path: Path) -> dict:
         """Write the index and its calibration atomically under names of their own (a crash, or another
@@ -175,8 +189,14 @@ class ApproximateIndex:
         params.efSearch = max(self.breadth, m)
         if allowed is not None:  # the bitmap is packed once per filter (RowMask), not per query
             params.sel = faiss.IDSelectorBitmap(len(allowed.mask), faiss.swig_ptr(allowed.bits))
-        _, rows = self.index.search(_prepared(queries32, self.metric), min(m, self.index.ntotal), params=params)
+        prepared = _prepared(queries32, self.metric, self.correction)
+        _, rows = self.index.search(prepared, min(m, self.index.ntotal), params=params)
         return rows.reshape(-1)
+
+
+def file_name(metric: str, space: str = "raw") -> str:
+    """The index's file in a model's folder (one per metric and space)."""
+    return f"hnsw-{metric}.faiss" if space == "raw" else f"hnsw-{space}-{metric}.faiss"
 
 
 def calibration_path(path: Path) -> Path:

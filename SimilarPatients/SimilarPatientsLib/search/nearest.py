@@ -4,10 +4,15 @@ A scan (or the approximate index) ranks lesions in float32; every lesion that co
 nearest patients, given a bound on float32 rounding, is then re-scored in float64. Reported distances are
 therefore float64 distances, and the order is decided in float64 with ties broken by PatientID.
 A patient's distance is that of their nearest pair of (query lesion, reference lesion).
+
+A space may carry a :class:`~.correction.Correction` (the corrected space): the scan then scores z-scored
+vectors through the stored matrix (``v·w − μ·w``) and multiplies each row's score by its patient's local-scaling
+factor, with the rounding bound widened to match; the float64 stage ranks by the corrected distance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Optional
@@ -16,6 +21,7 @@ import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
+from .correction import Correction, radius_of
 from .distances import check_metric, pairwise_distances
 
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -27,12 +33,14 @@ _BATCH_CELLS = 1 << 23
 
 @dataclass
 class EmbeddingSpace:
-    """One model's lesion vectors (rows may be a read-only memory map) and their patients."""
+    """One model's lesion vectors (rows may be a read-only memory map) and their patients; with a
+    ``correction``, the corrected space over the same stored vectors."""
 
     vectors: np.ndarray  # (n, D) float32
-    norms: np.ndarray  # (n,) float64 L2 norms of the rows
+    norms: np.ndarray  # (n,) float64 L2 norms of the rows (of the z-scored rows, with a correction)
     patient_codes: np.ndarray  # (n,) int, index into ``patient_ids``
     patient_ids: np.ndarray  # (p,) str, sorted
+    correction: Correction | None = None
 
     lesion_counts: np.ndarray = field(init=False)  # (p,) lesions per patient
 
@@ -48,6 +56,45 @@ class EmbeddingSpace:
         """Rows grouped by patient code (stable, so in table order) and where each patient's group starts."""
         starts = np.concatenate([[0], np.cumsum(self.lesion_counts)])
         return np.argsort(self.patient_codes, kind="stable"), starts
+
+    @property
+    def scaled(self) -> bool:
+        """Whether distances are divided by the patients' radii (local scaling)."""
+        return self.correction is not None and self.correction.radii is not None
+
+    def unscaled(self) -> EmbeddingSpace:
+        """The same space without local scaling (where radii are measured)."""
+        if not self.scaled:
+            return self
+        plain = EmbeddingSpace(self.vectors, self.norms, self.patient_codes, self.patient_ids)
+        plain.correction = self.correction.without_radii()
+        return plain
+
+    @cached_property
+    def row_radii(self) -> np.ndarray:
+        """Each row's patient's radius (float64), with local scaling."""
+        return self.correction.radii[self.patient_codes]
+
+    def row_factors(self, metric: str) -> np.ndarray:
+        """What each row's float32 score is multiplied by under local scaling: ``1/sqrt(r)`` for a cosine
+        distance, ``1/r`` for a squared euclidean one (the scan scores squares)."""
+        key = f"_factors_{metric}"
+        if key not in self.__dict__:
+            radii = self.row_radii
+            factors = 1.0 / radii if metric == "euclidean" else 1.0 / np.sqrt(radii)
+            self.__dict__[key] = factors.astype(np.float32)
+        return self.__dict__[key]
+
+    @cached_property
+    def centring_factor(self) -> float:
+        """The factor by which float32 rounding of ``v·w`` grows against the z-scored product
+        ``|T(v)| |T(q)|``: ``|v| <= σmax |T(v)| + |μ|`` and ``|w| <= |T(q)| / σmin``."""
+        if self.correction is None:
+            return 1.0
+        smallest = float(self.norms.min()) if len(self.norms) else 1.0
+        scale = self.correction.scale
+        shift = float(np.linalg.norm(self.correction.centre)) / max(smallest, 1e-30)
+        return (float(scale.max()) + shift) / float(scale.min())
 
     def patient_code(self, patient: str) -> int | None:
         """The code of ``patient`` (``patient_ids`` is sorted), or None when the space has no such patient."""
@@ -117,15 +164,39 @@ def check_queries(dim: int, queries: np.ndarray, metric: str) -> np.ndarray:
 
 
 def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
-    """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries``."""
-    return pairwise_distances(np.asarray(space.vectors[rows], dtype=np.float64), queries, metric)
+    """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries`` (z-scored, in a
+    corrected space; not yet locally scaled)."""
+    vectors = np.asarray(space.vectors[rows], dtype=np.float64)
+    if space.correction is not None:
+        vectors, queries = space.correction.transformed(vectors), space.correction.transformed(queries)
+    return pairwise_distances(vectors, queries, metric)
 
 
-def _scores(
-    vectors: np.ndarray, norms: np.ndarray, q32: np.ndarray, query_norms: np.ndarray, metric: str
-) -> np.ndarray:
-    """Float32 scores (len(vectors), q), monotone in distance, of ``vectors`` to each float32 query."""
-    products = vectors @ q32.T
+@dataclass
+class _Queries:
+    """Queries as the float32 stage scores them: ``vectors @ weights.T - offsets`` are the products (of
+    z-scored rows and z-scored queries, in a corrected space), ``norms`` the queries' norms there."""
+
+    weights: np.ndarray  # (q, D) float32
+    offsets: np.ndarray | None  # (q,) float32, or None
+    norms: np.ndarray  # (q,) float64
+
+
+def _prepare(space: EmbeddingSpace, queries: np.ndarray) -> _Queries:
+    if space.correction is None:
+        return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1))
+    transformed = space.correction.transformed(queries)
+    weights = transformed / space.correction.scale
+    offsets = (weights @ space.correction.centre).astype(np.float32)
+    return _Queries(weights.astype(np.float32), offsets, np.linalg.norm(transformed, axis=1))
+
+
+def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: str) -> np.ndarray:
+    """Float32 scores (len(vectors), q), monotone in distance, of ``vectors`` to each query."""
+    products = vectors @ queries.weights.T
+    if queries.offsets is not None:
+        products -= queries.offsets[None, :]
+    query_norms = queries.norms
     if metric == "dot":
         return -products
     if metric == "cosine":
@@ -137,14 +208,17 @@ def _scores(
     return scores
 
 
-def _bound(max_norm: float, query_norms: np.ndarray, dim: int, metric: str) -> float:
-    """How far float32 rounding can move a score of :func:`_scores`."""
-    slack = 4.0 * dim * _EPS32
+def _bound(space: EmbeddingSpace, max_norm: float, query_norms: np.ndarray, metric: str) -> float:
+    """How far float32 rounding can move a score of :func:`_scores` (a scaled score: this times the
+    largest row factor)."""
+    slack = 4.0 * space.dim * _EPS32 * space.centring_factor
     if metric == "dot":
-        return slack * max_norm * float(query_norms.max())
-    if metric == "cosine":
-        return 2.0 * slack
-    return slack * (max_norm + float(query_norms.max())) ** 2
+        bound = slack * max_norm * float(query_norms.max())
+    elif metric == "cosine":
+        bound = 2.0 * slack
+    else:
+        bound = slack * (max_norm * space.centring_factor + float(query_norms.max())) ** 2
+    return bound
 
 
 def _scan_scores(
@@ -154,19 +228,19 @@ def _scan_scores(
     rows: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Float32 scores (monotone in distance) of all rows, or of ``rows``, to the nearest query, and the
-    bound on their rounding error. A large matrix is read in blocks of ``SCAN_ROWS`` with a progress report
-    after each (a memory-mapped matrix that is not in memory is then read from disk as it is scanned)."""
-    q32 = queries.astype(np.float32)
+    """Float32 scores (monotone in distance, not yet scaled) of all rows, or of ``rows``, to the nearest
+    query, and the bound on their rounding error. A large matrix
+    is read in blocks of ``SCAN_ROWS`` with a progress report after each (a memory-mapped matrix that is not
+    in memory is then read from disk as it is scanned)."""
+    prepared = _prepare(space, queries)
     norms = space.norms if rows is None else space.norms[rows]
-    query_norms = np.linalg.norm(queries, axis=1)
-    bound = _bound(float(norms.max()) if len(norms) else 0.0, query_norms, space.dim, metric)
+    bound = _bound(space, float(norms.max()) if len(norms) else 0.0, prepared.norms, metric)
     n = len(norms)
     best = np.empty(n, dtype=np.float32)
     for begin in range(0, n, SCAN_ROWS):
         end = min(n, begin + SCAN_ROWS)
         vectors = space.vectors[begin:end] if rows is None else space.vectors[rows[begin:end]]
-        scores = _scores(vectors, norms[begin:end], q32, query_norms, metric)
+        scores = _scores(vectors, norms[begin:end], prepared, metric)
         best[begin:end] = scores.min(axis=1) if scores.shape[1] > 1 else scores[:, 0]
         if n > SCAN_ROWS:
             report(progress, end, n, "scanning the reference")
@@ -181,12 +255,16 @@ def nearest_patients(
     allowed: np.ndarray | RowMask | None = None,
     candidates: CandidateSource | None = None,
     progress: ProgressCallback | None = None,
+    query_radius: float | None = None,
 ) -> list:
     """The ``k`` nearest patients as :class:`LesionMatch`, nearest first, ties by PatientID.
 
     ``allowed`` is a boolean row mask (filters, excluded patients), or a :class:`RowMask` kept between
     queries. ``candidates`` switches the float32 stage from a full scan to an approximate index.
-    ``progress`` hears how far a scan of a large matrix is.
+    ``progress`` hears how far a scan of a large matrix is. With local scaling, ``query_radius`` is the
+    query's own radius (a reference patient's is stored); None: measured in this search, over the whole
+    reference (a second search where ``allowed`` restricts this one). It sets the distances reported, not
+    the order.
     """
     if k < 1:
         raise SimilarPatientsError("k must be at least 1.")
@@ -196,29 +274,33 @@ def nearest_patients(
     allowed_rows = allowed.rows if allowed is not None else None
     if allowed_rows is not None and len(allowed_rows) == 0:
         return []
+    if space.scaled and query_radius is None and allowed is not None:
+        query_radius = own_radius(space, queries, metric, candidates, progress)
+    radius_too = space.scaled and query_radius is None
     if candidates is None:
-        rows = _scan_candidates(space, queries, k, metric, allowed_rows, progress)
+        rows = _scan_candidates(space, queries, k, metric, allowed_rows, progress, radius_too)
     else:
-        rows = _index_candidates(space, queries, k, allowed, candidates)
-    return _rank_exactly(space, rows, queries, k, metric)
+        neighbours = max(k, space.correction.neighbours) if radius_too else k
+        rows = _index_candidates(space, queries, neighbours, allowed, candidates)
+    return _rank_exactly(space, rows, queries, k, metric, query_radius)
 
 
-def _scan_candidates(
+def own_radius(
     space: EmbeddingSpace,
     queries: np.ndarray,
-    k: int,
     metric: str,
-    allowed_rows: np.ndarray | None,
+    candidates: CandidateSource | None = None,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
-    """Rows that can hold the k nearest patients: within the rounding bound of the k-th patient's score."""
-    subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
-    scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None, progress)
-    row_ids = allowed_rows if subset else np.arange(len(scores))
-    if allowed_rows is not None and not subset:
-        mask = np.zeros(len(scores), dtype=bool)
-        mask[allowed_rows] = True
-        scores = np.where(mask, scores, np.inf)
+) -> float:
+    """A query's radius in a space with local scaling: its distance to its ``neighbours``-th nearest
+    patient in the z-scored space, over the whole reference."""
+    plain = space.unscaled()
+    matches = nearest_patients(plain, queries, space.correction.neighbours, metric, None, candidates, progress)
+    return radius_of(np.array([m.distance for m in matches]), space.correction.neighbours)
+
+
+def _kth_candidates(space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarray, k: int, bound: float):
+    """Rows (positions in ``scores``) within ``bound`` of the k-th patient's best score."""
     finite = np.isfinite(scores)
     n = int(finite.sum())
     m = min(n, max(8 * k, 64))
@@ -234,7 +316,37 @@ def _scan_candidates(
         if score < per_patient.get(code, np.inf):
             per_patient[code] = score
     kth = np.sort(np.fromiter(per_patient.values(), dtype=np.float64))[:k][-1]
-    return row_ids[np.flatnonzero(scores <= kth + bound)]
+    return np.flatnonzero(scores <= kth + bound)
+
+
+def _scan_candidates(
+    space: EmbeddingSpace,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+    allowed_rows: np.ndarray | None,
+    progress: ProgressCallback | None = None,
+    radius_too: bool = False,
+) -> np.ndarray:
+    """Rows that can hold the k nearest patients: within the rounding bound of the k-th patient's score
+    (with local scaling, of the scaled scores; ``radius_too``: and the rows that can hold the query's
+    ``neighbours`` nearest patients in the z-scored space, from which its radius is measured)."""
+    subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
+    scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None, progress)
+    row_ids = allowed_rows if subset else np.arange(len(scores))
+    if allowed_rows is not None and not subset:
+        mask = np.zeros(len(scores), dtype=bool)
+        mask[allowed_rows] = True
+        scores = np.where(mask, scores, np.inf)
+    if not space.scaled:
+        return row_ids[_kth_candidates(space, scores, row_ids, k, bound)]
+    factors = space.row_factors(metric)
+    scaled = scores * (factors if not subset else factors[row_ids])
+    found = _kth_candidates(space, scaled, row_ids, k, bound * float(factors.max()))
+    if radius_too:
+        near = _kth_candidates(space, scores, row_ids, space.correction.neighbours, bound)
+        found = np.union1d(found, near)
+    return row_ids[found]
 
 
 def _index_candidates(
@@ -252,7 +364,14 @@ def _index_candidates(
         m = min(total, m * 4)
 
 
-def _rank_exactly(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, k: int, metric: str) -> list:
+def _rank_exactly(
+    space: EmbeddingSpace,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+    query_radius: float | None = None,
+) -> list:
     distances = exact_distances(space, rows, queries, metric)
     best_query = distances.argmin(axis=1)
     best = distances[np.arange(len(rows)), best_query]
@@ -262,6 +381,10 @@ def _rank_exactly(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, 
     first = np.ones(len(order), dtype=bool)
     first[1:] = codes[order][1:] != codes[order][:-1]
     keep = order[first]
+    if space.scaled:  # local scaling: each patient's nearest pair over the two radii
+        if query_radius is None:
+            query_radius = radius_of(np.sort(best[keep]), space.correction.neighbours)
+        best = best / np.sqrt(space.row_radii[rows] * query_radius)
     names = space.patient_ids[codes[keep]]
     ranked = keep[np.lexsort((names, best[keep]))][:k]
     return [
@@ -275,6 +398,7 @@ def nearest_patients_many(
     k: int,
     metric: str = "cosine",
     progress: ProgressCallback | None = None,
+    query_radii: Sequence[float] | None = None,
 ) -> list:
     """What :func:`nearest_patients` answers for each group of queries (one patient's lesions, or one lesion),
     from one pass over the matrix: the groups are scored together block by block, each keeps every row that
@@ -283,27 +407,35 @@ def nearest_patients_many(
     the matrix once instead of a thousand times is what makes them take seconds instead of minutes.
 
     A group whose kept rows cannot prove its answer (too few patients among them, or its k-th patient
-    within rounding of the last row kept) is answered by its own scan; so are all when the matrix is tiny."""
+    within rounding of the last row kept) is answered by its own scan; so are all when the matrix is tiny.
+    With local scaling, ``query_radii`` (one per group) are the groups' own radii; required there."""
     if k < 1:
         raise SimilarPatientsError("k must be at least 1.")
+    if space.scaled and query_radii is None:
+        raise ValueError("a space with local scaling needs the groups' own radii")
+    radii = list(query_radii) if query_radii is not None else [None] * len(groups)
     checked = [check_queries(space.dim, group, metric) for group in groups]
     n = len(space.norms)
     m = max(8 * k, 64)
     if n < 4 * m or len(space.patient_ids) <= k:
-        return [nearest_patients(space, queries, k, metric) for queries in checked]
+        return [nearest_patients(space, q, k, metric, query_radius=r) for q, r in zip(checked, radii)]
     starts = np.concatenate([[0], np.cumsum([len(q) for q in checked])])
     queries = np.concatenate(checked)
-    q32 = queries.astype(np.float32)
-    query_norms = np.linalg.norm(queries, axis=1)
+    prepared = _prepare(space, queries)
     max_norm = float(space.norms.max())
-    bounds = np.array([_bound(max_norm, query_norms[a:b], space.dim, metric) for a, b in zip(starts, starts[1:])])
+    factors = space.row_factors(metric) if space.scaled else None
+    widest = float(factors.max()) if factors is not None else 1.0
+    spans = zip(starts[:-1], starts[1:])
+    bounds = widest * np.array([_bound(space, max_norm, prepared.norms[a:b], metric) for a, b in spans])
     kept = _BestRows(len(checked), m)
     block = max(4 * m, _BATCH_CELLS // len(queries))
     for begin in range(0, n, block):
         end = min(n, begin + block)
-        scores = _scores(space.vectors[begin:end], space.norms[begin:end], q32, query_norms, metric)
+        scores = _scores(space.vectors[begin:end], space.norms[begin:end], prepared, metric)
         if len(checked) < len(queries):  # a group scores a row by its nearest query
             scores = np.minimum.reduceat(scores, starts[:-1], axis=1)
+        if factors is not None:
+            scores *= factors[begin:end, None]
         kept.add(begin, scores)
         report(progress, end, n, "scanning the reference once for all queries")
     answers = []
@@ -312,10 +444,10 @@ def nearest_patients_many(
         first = np.unique(space.patient_codes[rows[order]], return_index=True)[1]
         best = np.sort(scores[order][first])  # each patient's best score, ascending
         if len(best) < k or best[k - 1] + bounds[group] >= kept.threshold[group]:
-            answers.append(nearest_patients(space, checked[group], k, metric))
+            answers.append(nearest_patients(space, checked[group], k, metric, query_radius=radii[group]))
             continue
         chosen = np.sort(rows[scores <= best[k - 1] + bounds[group]])
-        answers.append(_rank_exactly(space, chosen, checked[group], k, metric))
+        answers.append(_rank_exactly(space, chosen, checked[group], k, metric, radii[group]))
     return answers
 
 
