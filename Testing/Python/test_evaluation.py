@@ -233,7 +233,7 @@ def test_report_is_written_whole(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["report.md", "classification.csv", "retrieval.csv", "cohorts.csv", "comparisons.csv",
-         "fusion.csv", "fusion.json", "auc-group.png", "retrieval-group.png"]
+         "fusion.csv", "fusion.json", "auc-group.png", "retrieval-group.png", "hubness.csv", "lookalike.csv"]
     )  # fmt: skip
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     text = path.read_text(encoding="utf-8")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..references import schema
+from ..search.correction import CORRECTED, RAW
 from ..search.distances import pairwise_distances
 from ..search.fusion import fuse
 from . import metrics
@@ -83,6 +84,17 @@ def lesion_order(vectors: np.ndarray, metric: str = "cosine", radii: np.ndarray 
         distances = distances / np.sqrt(radii)[None, :]
     np.fill_diagonal(distances, np.inf)
     return np.argsort(distances, axis=1, kind="stable")[:, :-1]
+
+
+def reference_order(reference, model: str, space: str = RAW) -> np.ndarray:
+    """Each lesion's ranking of every other lesion of ``reference`` as the search ranks lesions in ``space``
+    (corrected: z-scored, each gallery lesion's cosine distance over the square root of its patient's
+    radius; the query's own radius changes no order)."""
+    vectors = reference.space(model).vectors
+    if space != CORRECTED:
+        return lesion_order(np.asarray(vectors, dtype=np.float64))
+    searched = reference.space(model, space=CORRECTED)
+    return lesion_order(searched.correction.transformed(vectors), radii=np.asarray(searched.row_radii))
 
 
 def fused_order(orders: list, depth: int) -> np.ndarray:

@@ -279,16 +279,6 @@ def _distances(cohort: Cohort, aggregation: str, distance: str, settings: Settin
     return locally_scaled(matrix) if settings.space == CORRECTED else matrix
 
 
-def _lesion_order(reference, model: str, settings: Settings) -> np.ndarray:
-    """Each lesion's ranking of every other lesion as the search ranks lesions in the evaluated space
-    (corrected: z-scored, each gallery lesion's distance over the square root of its patient's radius; the
-    query's own radius changes no order)."""
-    if settings.space != CORRECTED:
-        return lookalike.lesion_order(np.asarray(reference.space(model).vectors, dtype=np.float64))
-    searched = reference.space(model, space=CORRECTED)
-    return lookalike.lesion_order(_vectors(reference, model, settings), radii=np.asarray(searched.row_radii))
-
-
 def _single_threaded() -> None:
     torch = optional_import("torch", "analysis")
     threadpool_limits = optional_import("threadpoolctl", "analysis").threadpool_limits
@@ -601,7 +591,7 @@ def _evaluate_lookalike(reference, models: tuple, settings: Settings) -> dict:
         return {"lookalike": pd.DataFrame(columns=lookalike.COLUMNS)}
     rows, orders = [], []
     for model in models:
-        order = _lesion_order(reference, model, settings)
+        order = lookalike.reference_order(reference, model, settings.space)
         orders.append(order)
         rows += lookalike.rows(model, {"all": order}, pairs, settings.bootstrap, settings.seed)
     if len(models) > 1 and "rrf" in settings.fusions:

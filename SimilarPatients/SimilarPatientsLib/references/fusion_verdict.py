@@ -9,10 +9,11 @@ NLST-Sybil upstream's blob ids are, and kept equal to ``docs/evaluation/*/fusion
 by the reference's content (:func:`fingerprint`), never by its name. No verdict means no default.
 
 The rule (applied by ``evaluation/report.py``): fusion is the default for a metric only if, at what the
-search does (patients ranked by their nearest lesion pair, reciprocal rank fusion of every model, each
-model's first ``FUSION_DEPTH`` patients), its precision at the report's largest k is at least the best
-single model's on every task evaluated (point estimates; the best model is picked after the fact, which
-favours it).
+search does (patients ranked by their nearest lesion pair in the evaluated space, the corrected one by
+default, reciprocal rank fusion of every model, each model's first ``FUSION_DEPTH`` patients), its
+class-balanced precision at the report's largest k is at least the best single model's on every task
+evaluated (point estimates; the best model is picked after the fact, which favours it). Class-balanced,
+because plain precision rewards returning the majority class, or one hub patient, to every query.
 """
 
 from __future__ import annotations
