@@ -30,7 +30,7 @@ CROSS_EXAM_MM = 20.0
 #: "Similar size": within this fraction of the query's size.
 SIZE_TOLERANCE = 0.25
 KS = (1, 10)
-COLUMNS = ["model", "gallery", "queries", "count", "patients", "measure", "value", "low", "high", "chance"]
+COLUMNS = ["model", "space", "gallery", "queries", "count", "patients", "measure", "value", "low", "high", "chance"]
 GALLERIES = {"all": "every other lesion", "size": "the matches + other patients' lesions of similar size"}
 QUERIES = {"all": "all", "cross-exam": f"cross-exam (centres ≥ {CROSS_EXAM_MM:g} mm apart)"}
 
@@ -132,9 +132,8 @@ def chance_recall(relevant: np.ndarray, allowed: np.ndarray | None, k: int) -> f
     return float(np.mean(values))
 
 
-def rows(model: str, orders: dict, pairs: Pairs, bootstrap: int, seed: int) -> list:
-    """Table rows (:data:`COLUMNS`) of one model's (or the fused) lesion ranking, ``orders`` = {"all": order}."""
-    order = orders["all"]
+def rows(model: str, space: str, order: np.ndarray, pairs: Pairs, bootstrap: int, seed: int) -> list:
+    """Table rows (:data:`COLUMNS`) of one model's (or the fused) lesion ranking in ``space``."""
     out = []
     galleries = {"all": None, "size": pairs.similar_size()}
     for gallery, allowed in galleries.items():
@@ -150,6 +149,17 @@ def rows(model: str, orders: dict, pairs: Pairs, bootstrap: int, seed: int) -> l
             for measure in (*(f"R@{k}" for k in KS), "mAP"):
                 value = metrics.mean_estimate(found[measure], counts)
                 chance = chance_recall(relevant, allowed, int(measure[2:])) if measure.startswith("R@") else np.nan
-                row = (model, gallery, queries, len(patient), len(codes), measure, value.value, value.low, value.high)
+                row = (
+                    model,
+                    space,
+                    gallery,
+                    queries,
+                    len(patient),
+                    len(codes),
+                    measure,
+                    value.value,
+                    value.low,
+                    value.high,
+                )
                 out.append(dict(zip(COLUMNS, (*row, chance))))
     return out

@@ -40,7 +40,7 @@ def write(evaluation: Evaluation, out: Path) -> Path:
         evaluation.classification.to_csv(staging / "classification.csv", index=False, float_format="%.4f")
         evaluation.retrieval.to_csv(staging / "retrieval.csv", index=False, float_format="%.4f")
         evaluation.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.4f")
-        for name in ("hubness", "anchors", "lookalike"):
+        for name in ("hubness", "anchors", "lookalike", "spaces"):
             table = getattr(evaluation, name)
             if len(table):
                 table.to_csv(staging / f"{name}.csv", index=False, float_format="%.4f")
@@ -419,6 +419,7 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
         out += [_md_table(grid.reset_index()), ""]
     out += _lookalike_section(evaluation)
     out += _hubness_section(evaluation)
+    out += _space_section(evaluation)
     out += _fusion_summary(evaluation)
     for task in evaluation.tasks:
         cohort = _rows(evaluation.cohorts, task=task.name).iloc[0]
@@ -478,13 +479,17 @@ def _retrieval_table(evaluation: Evaluation, task) -> str:
         gallery = f"[{bp.gallery_low:.3f}–{bp.gallery_high:.3f}]" if np.isfinite(bp.gallery_low) else ""
         cells = [model, distance, _ci(bp.value, bp.low, bp.high), gallery]
         cells += [f"{row.loc[f'P@{k} {sign}'].value:.3f}" for sign in ("+", "-")]
-        cells += [f"{row.loc[f'P@{k}'].value:.3f}"] + [f"{row.loc[m].value:.3f}" for m in others]
+        cells += [f"{row.loc[f'P@{k}'].value:.3f}"] + [
+            f"{row.loc[m].value:.3f}" if m in row.index else "" for m in others
+        ]
         cells += [f"{bp['null']:.3f}", _p(bp.p)]
         lines.append(cells)
         if random_row is None:
             random_row = ["random ranking", "", f"{bp.chance:.3f}", ""]
             random_row += [f"{row.loc[f'P@{k} {sign}'].chance:.3f}" for sign in ("+", "-")]
-            random_row += [f"{row.loc[f'P@{k}'].chance:.3f}"] + [f"{row.loc[m].chance:.3f}" for m in others]
+            random_row += [f"{row.loc[f'P@{k}'].chance:.3f}"] + [
+                f"{row.loc[m].chance:.3f}" if m in row.index else "" for m in others
+            ]
             random_row += ["", ""]
     columns = ["model", "distance", f"BP@{k} [95% CI, queries]", "[95% CI, queries and gallery]"]
     columns += [f"P@{k} positive queries", f"P@{k} negative queries", f"P@{k}", *others]
@@ -511,12 +516,15 @@ def _hubness_section(evaluation: Evaluation) -> list:
     k = int(table["k"].iloc[0])
     rows = table[table.distance == "cosine"]
     cells = rows.assign(cell=[f"{r.largest:.0%} ({r.hub}) / {r.never:.0%}" for r in rows.itertuples()])
-    grid = cells.pivot(index="model", columns="aggregation", values="cell")
-    grid = grid.reindex(list(dict.fromkeys(rows["model"])))
-    grid.columns = [
-        "nearest lesion pair (the search)" if c == SEARCH_AGGREGATION else f"{c} of the lesion vectors"
-        for c in grid.columns
-    ]
+    cells = cells.assign(
+        column=[
+            f"{r.space}: "
+            + ("nearest lesion pair (the search)" if r.aggregation == SEARCH_AGGREGATION else r.aggregation)
+            for r in cells.itertuples()
+        ]
+    )
+    grid = cells.pivot(index="model", columns="column", values="cell")
+    grid = grid.reindex(index=list(dict.fromkeys(rows["model"])), columns=list(dict.fromkeys(cells["column"])))
     return [
         "## Hubs",
         "",
@@ -594,7 +602,7 @@ def _lookalike_section(evaluation: Evaluation) -> list:
         "95% intervals resample patients.",
         "",
     ]
-    for gallery, by_gallery in table.groupby("gallery", sort=False):
+    for (space, gallery), by_gallery in table.groupby(["space", "gallery"], sort=False):
         for queries, group in by_gallery.groupby("queries", sort=False):
             indexed = group.set_index(["model", "measure"])
             models = list(dict.fromkeys(group["model"]))
@@ -610,7 +618,7 @@ def _lookalike_section(evaluation: Evaluation) -> list:
             first = group.iloc[0]
             chance = [indexed.loc[(models[0], m), "chance"] for m in ("R@1", "R@10")]
             out += [
-                f"**{lookalike.QUERIES[queries]} queries, gallery: {lookalike.GALLERIES[gallery]}** — "
+                f"**{space} space, {lookalike.QUERIES[queries]} queries, gallery: {lookalike.GALLERIES[gallery]}** — "
                 f"{int(first['count'])} queries of {int(first.patients)} patients; a random ranking gives R@1 "
                 f"{chance[0]:.3f} and R@10 {chance[1]:.3f}.",
                 "",
@@ -618,6 +626,42 @@ def _lookalike_section(evaluation: Evaluation) -> list:
                 "",
             ]
     return out
+
+
+def _space_section(evaluation: Evaluation) -> list:
+    """The evaluated space against raw, as the search ranks patients: class-balanced and per-class precision."""
+    table = evaluation.spaces
+    if not len(table):
+        return []
+    k = max(evaluation.settings.ks)
+    space = table["space"].iloc[0]
+    lines = [
+        f"## The {space} space against raw",
+        "",
+        f"Patients ranked as the search ranks them (nearest lesion pair, cosine), in the {space} space and on the "
+        f"stored vectors (raw); the difference is paired over the same queries and bootstrap draws. (Hubs and "
+        f"look-alikes in both spaces: the sections above.)",
+        "",
+    ]
+    for task, group in table.groupby("task", sort=False):
+        indexed = group.set_index(["model", "measure"])
+        models = list(dict.fromkeys(group["model"]))
+
+        frame = pd.DataFrame(
+            {
+                "model": models,
+                f"BP@{k} raw → {space} (difference [paired CI])": [_space_cell(indexed, m, f"BP@{k}") for m in models],
+                f"P@{k} positive queries": [_space_cell(indexed, m, f"P@{k} +") for m in models],
+                f"P@{k} negative queries": [_space_cell(indexed, m, f"P@{k} -") for m in models],
+            }
+        )
+        lines += [f"**{task}**", "", _md_table(frame), ""]
+    return lines
+
+
+def _space_cell(indexed: pd.DataFrame, model: str, measure: str) -> str:
+    r = indexed.loc[(model, measure)]
+    return f"{r.raw:.3f} → {r.value:.3f} ({r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}])"
 
 
 def _fusion_summary(evaluation: Evaluation) -> list:

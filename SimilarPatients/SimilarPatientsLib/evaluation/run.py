@@ -130,10 +130,12 @@ class Evaluation:
     fusion: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FUSION_COLUMNS))
     models: list = field(default_factory=list)  #: the single models evaluated
     identity: dict = field(default_factory=dict)  #: the reference's content digest (``references.fusion_verdict``)
-    #: model, aggregation, distance, k, largest (share of top-k lists), hub, never (share in none): all patients
+    #: model, space, aggregation, distance, k, largest (share of top-k lists), hub, never (share in none): all patients
     hubness: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: task, anchor, model, patients, measure, value, low, high, difference, difference_low/high, p
     anchors: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: task, model, space, measure, value, raw, difference, low, high: the evaluated space against raw
+    spaces: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: same-tumor re-identification (``lookalike.COLUMNS``)
     lookalike: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -195,7 +197,7 @@ def evaluate(
         for done, (job, arguments) in enumerate(jobs, 1):
             results.append(job(reference, *arguments, settings))
             report(progress, done, len(jobs), "evaluating")
-    extras = {kind: [r[kind] for r in results if kind in r] for kind in ("hubness", "anchors", "lookalike")}
+    extras = {kind: [r[kind] for r in results if kind in r] for kind in ("hubness", "anchors", "lookalike", "spaces")}
     fused = [result for result in results if "fusion" in result]
     results = [result for result in results if "cohort" in result]
     classification = pd.DataFrame([row for result in results for row in result["classification"]])
@@ -222,6 +224,7 @@ def evaluate(
         identity=identity(reference),
         hubness=pd.DataFrame([row for rows in extras["hubness"] for row in rows]),
         anchors=pd.DataFrame([row for rows in extras["anchors"] for row in rows]),
+        spaces=pd.DataFrame([row for rows in extras["spaces"] for row in rows]),
         lookalike=pd.concat(extras["lookalike"], ignore_index=True) if extras["lookalike"] else pd.DataFrame(),
     )
 
@@ -265,18 +268,41 @@ def locally_scaled(matrix: np.ndarray) -> np.ndarray:
     return np.where(np.eye(len(matrix), dtype=bool), matrix, scaled)
 
 
-def _vectors(reference, model: str, settings: Settings) -> np.ndarray:
-    """A model's lesion vectors in the evaluated space (z-scored by the reference's statistics if corrected)."""
+def _vectors(reference, model: str, space: str) -> np.ndarray:
+    """A model's lesion vectors in ``space`` (z-scored by the reference's statistics if corrected)."""
     vectors = reference.space(model).vectors
-    if settings.space == CORRECTED:
+    if space == CORRECTED:
         vectors = reference.space(model, space=CORRECTED).correction.transformed(vectors)
     return vectors
 
 
-def _distances(cohort: Cohort, aggregation: str, distance: str, settings: Settings) -> np.ndarray:
-    """A cohort's patient distances in the evaluated space (locally scaled within the cohort if corrected)."""
+def _distances(cohort: Cohort, aggregation: str, distance: str, space: str) -> np.ndarray:
+    """A cohort's patient distances in ``space`` (locally scaled within the cohort if corrected)."""
     matrix = cohort.distances(aggregation, distance)
-    return locally_scaled(matrix) if settings.space == CORRECTED else matrix
+    return locally_scaled(matrix) if space == CORRECTED else matrix
+
+
+def _spaces(settings: Settings) -> tuple:
+    """The evaluated space, and raw beside it where the evaluated one is not raw (hubs, look-alikes)."""
+    return (settings.space,) if settings.space == RAW else (settings.space, RAW)
+
+
+def _space_rows(task, model: str, evaluated: dict, raw: dict, plan, settings: Settings) -> list:
+    """The evaluated space against raw at what the search does (nearest lesion pair, cosine): BP@k and the
+    per-class precision, paired over the same queries and bootstrap draws."""
+    labels = plan.labels.to_numpy()
+    k = max(settings.ks)
+    here, there = metrics.summarise(evaluated, labels), metrics.summarise(raw, labels)
+    gap = metrics.summarise({f"P@{k}": evaluated[f"P@{k}"] - raw[f"P@{k}"]}, labels, plan.counts)
+    rows = []
+    for measure in (f"BP@{k}", f"P@{k} +", f"P@{k} -"):
+        paired = metrics.estimate(float(here[measure] - there[measure]), gap[measure])
+        rows.append(
+            {"task": task.name, "model": model, "space": settings.space, "measure": measure}
+            | {"value": float(here[measure]), "raw": float(there[measure]), "difference": paired.value}
+            | {"low": paired.low, "high": paired.high}
+        )
+    return rows
 
 
 def _single_threaded() -> None:
@@ -290,16 +316,23 @@ def _single_threaded() -> None:
 def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings: Settings) -> dict:
     """Retrieval and classification rows of one model on one task, under every aggregation."""
     reference = _opened(reference)
-    cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), plan.labels)
-    retrieval, classification, replicates, nulls = [], [], {}, {}
+    cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings.space), plan.labels)
+    retrieval, classification, replicates, nulls, spaces = [], [], {}, {}, []
     for aggregation in settings.aggregations:
-        distances = {d: _distances(cohort, aggregation, d, settings) for d in settings.distances}
+        distances = {d: _distances(cohort, aggregation, d, settings.space) for d in settings.distances}
         for distance, matrix in distances.items():
-            order = _full_order(matrix)
-            retrieval += _retrieval(task, model, aggregation, distance, order, settings, plan)[0]
+            rows, found = _retrieval(task, model, aggregation, distance, _full_order(matrix), settings, plan)
+            retrieval += rows
+            if settings.space != RAW and (aggregation, distance) == (SEARCH_AGGREGATION, "cosine"):
+                raw = Cohort.build(reference.lesions(model), _vectors(reference, model, RAW), plan.labels)
+                order = _full_order(_distances(raw, aggregation, distance, RAW))
+                raw_found = metrics.label_figures(order, raw.labels, settings.ks, plan.grades, ranked=False)
+                spaces += _space_rows(task, model, found, raw_found, plan, settings)
         instances = cohort.instances(aggregation)
         rows, row_patient = instances.rows, instances.row_patient
-        cosine = distances["cosine"] if "cosine" in distances else _distances(cohort, aggregation, "cosine", settings)
+        cosine = (
+            distances["cosine"] if "cosine" in distances else _distances(cohort, aggregation, "cosine", settings.space)
+        )
         names = [
             c
             for c in settings.classifiers
@@ -327,6 +360,7 @@ def _evaluate_model(reference, task: Task, model: str, plan: _TaskPlan, settings
         "classification": classification,
         "replicates": replicates,
         "nulls": nulls,
+        "spaces": spaces,
     }
 
 
@@ -352,9 +386,11 @@ def _full_order(distances: np.ndarray) -> np.ndarray:
     return np.argsort(distances, axis=1, kind="stable")[:, :-1]
 
 
-def _gallery_resampled(aggregation: str, distance: str, settings: Settings) -> bool:
-    """Whether a ranking also gets the (costlier) gallery-resampled interval: the product's cosine, at the
-    primary aggregation and at the search's nearest lesion pair."""
+def _headline(aggregation: str, distance: str, settings: Settings) -> bool:
+    """Whether a ranking gets the measures that cost most (mAP@R and R-precision, which need whole rankings
+    under every shuffle; the gallery-resampled interval): the product's cosine, at the primary aggregation
+    and at the search's nearest lesion pair. The other rankings get precision, class-balanced precision and
+    nDCG with the query bootstrap and the full permutation null."""
     return distance == "cosine" and aggregation in (settings.primary_aggregation, SEARCH_AGGREGATION)
 
 
@@ -362,16 +398,17 @@ def _retrieval(task, model, aggregation, distance, order, settings, plan) -> tup
     """Retrieval rows of one ranking (``order``: each query's ranking of the other patients, best first),
     and its per-query figures (for paired comparisons)."""
     labels = plan.labels.to_numpy()
-    figures = metrics.label_figures(order, labels, settings.ks, plan.grades)
+    full = _headline(aggregation, distance, settings)
+    figures = metrics.label_figures(order, labels, settings.ks, plan.grades, ranked=full)
     point = metrics.summarise(figures, labels)
     replicates = metrics.summarise(figures, labels, plan.counts)
     chance = [
-        metrics.summarise(metrics.label_figures(o, labels, settings.ks, plan.grades), labels)
+        metrics.summarise(metrics.label_figures(o, labels, settings.ks, plan.grades, ranked=full), labels)
         for o in plan.chance_orders
     ]
-    null = _retrieval_null(order, plan, settings)
+    null = _retrieval_null(order, plan, settings, full)
     gallery = {}
-    if _gallery_resampled(aggregation, distance, settings):
+    if full:
         gallery = metrics.gallery_bootstrap(order, labels, plan.counts, max(settings.ks))
     rows = []
     for measure, value in point.items():
@@ -405,7 +442,7 @@ def _retrieval(task, model, aggregation, distance, order, settings, plan) -> tup
 _NULL_CHUNK = 50
 
 
-def _retrieval_null(order, plan, settings) -> dict:
+def _retrieval_null(order, plan, settings, full: bool = True) -> dict:
     """Retrieval figures with the labels (and grades) shuffled across patients and the rankings kept: what a
     ranking with these very hubs scores when it knows nothing of the label. ``plan.shuffles`` is the same
     for every model (and the fused rankings) of a task. The figures that need whole rankings (mAP@R,
@@ -414,7 +451,7 @@ def _retrieval_null(order, plan, settings) -> dict:
     null: dict = {}
     for start in range(0, len(plan.shuffles), _NULL_CHUNK):
         chunk = plan.shuffles[start : start + _NULL_CHUNK]
-        ranked = chunk[: max(0, settings.permutations - start)]
+        ranked = chunk[: max(0, settings.permutations - start)] if full else chunk[:0]
         for part, whole in ((chunk[len(ranked) :], False), (ranked, True)):
             if not len(part):
                 continue
@@ -432,14 +469,15 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
     ranking of the other patients, its first ``fusion_depth`` counted), under every aggregation and
     distance; and each fused figure against the best single model's, paired over the same queries."""
     reference = _opened(reference)
-    cohorts = [Cohort.build(reference.lesions(m), _vectors(reference, m, settings), plan.labels) for m in models]
+    cohorts = [Cohort.build(reference.lesions(m), _vectors(reference, m, settings.space), plan.labels) for m in models]
     labels = cohorts[0].labels
-    retrieval, comparisons = [], []
+    retrieval, comparisons, spaces = [], [], []
     for aggregation in settings.aggregations:
         for distance in settings.distances:
-            matrices = [_distances(cohort, aggregation, distance, settings) for cohort in cohorts]
+            matrices = [_distances(cohort, aggregation, distance, settings.space) for cohort in cohorts]
             orders = [_full_order(matrix) for matrix in matrices]
-            singles = [metrics.label_figures(order, labels, settings.ks, plan.grades) for order in orders]
+            full = _headline(aggregation, distance, settings)
+            singles = [metrics.label_figures(o, labels, settings.ks, plan.grades, ranked=full) for o in orders]
             ranks = np.stack([metrics.ranks_of(order) for order in orders])
             for fusion in settings.fusions:
                 closeness = None
@@ -449,6 +487,14 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
                 name = FUSED_NAMES[fusion]
                 rows, found = _retrieval(task, name, aggregation, distance, order, settings, plan)
                 retrieval += rows
+                if (
+                    fusion == "rrf"
+                    and settings.space != RAW
+                    and (aggregation, distance) == (SEARCH_AGGREGATION, "cosine")
+                ):
+                    spaces += _space_rows(
+                        task, name, found, _raw_fused(reference, models, plan, settings), plan, settings
+                    )
                 fused_point = metrics.summarise(found, labels)
                 single_points = [metrics.summarise(single, labels) for single in singles]
                 for measure, value in fused_point.items():
@@ -461,7 +507,18 @@ def _evaluate_fused(reference, task: Task, models: tuple, plan: _TaskPlan, setti
                     row = (task.name, name, aggregation, distance, measure, float(value), models[best])
                     row += (float(means[best]), paired.value, paired.low, paired.high)
                     comparisons.append(dict(zip(FUSION_COLUMNS, row)))
-    return {"retrieval": retrieval, "fusion": comparisons}
+    return {"retrieval": retrieval, "fusion": comparisons, "spaces": spaces}
+
+
+def _raw_fused(reference, models: tuple, plan, settings: Settings) -> dict:
+    """Per-query figures of the RRF-fused ranking in the raw space, as the search ranks patients."""
+    orders = []
+    for model in models:
+        cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, RAW), plan.labels)
+        orders.append(_full_order(_distances(cohort, SEARCH_AGGREGATION, "cosine", RAW)))
+    ranks = np.stack([metrics.ranks_of(order) for order in orders])
+    order = _without_self(fuse(ranks, None, "rrf", settings.fusion_depth).order)
+    return metrics.label_figures(order, plan.labels.to_numpy(), settings.ks, plan.grades, ranked=False)
 
 
 def _source(measure: str) -> str:
@@ -491,23 +548,28 @@ def _evaluate_hubness(reference, models: tuple, settings: Settings) -> dict:
     k = max(settings.ks)
     rows = []
     patients = pd.Series(0, index=np.unique(reference.lesions(models[0])[schema.PATIENT].astype(str)))
-    for distance in settings.distances:
-        for aggregation in (settings.primary_aggregation, SEARCH_AGGREGATION):
-            orders = []
-            for model in models:
-                cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), patients)
-                orders.append(_full_order(_distances(cohort, aggregation, distance, settings)))
-            named = list(zip(models, orders))
-            if len(models) > 1 and "rrf" in settings.fusions:
-                ranks = np.stack([metrics.ranks_of(order) for order in orders])
-                named.append((FUSED_NAMES["rrf"], _without_self(fuse(ranks, None, "rrf", settings.fusion_depth).order)))
-            for model, order in named:
-                largest, never = metrics.hubness(order, k)
-                hub = patients.index[np.bincount(order[:, :k].ravel(), minlength=len(order)).argmax()]
-                rows.append(
-                    {"model": model, "aggregation": aggregation, "distance": distance, "k": k, "patients": len(order)}
-                    | {"largest": largest, "hub": hub, "never": never}
-                )
+    for space, distance, aggregation in (
+        (space, distance, aggregation)
+        for space in _spaces(settings)
+        for distance in settings.distances
+        for aggregation in (settings.primary_aggregation, SEARCH_AGGREGATION)
+    ):
+        orders = []
+        for model in models:
+            cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, space), patients)
+            orders.append(_full_order(_distances(cohort, aggregation, distance, space)))
+        named = list(zip(models, orders))
+        if len(models) > 1 and "rrf" in settings.fusions:
+            ranks = np.stack([metrics.ranks_of(order) for order in orders])
+            named.append((FUSED_NAMES["rrf"], _without_self(fuse(ranks, None, "rrf", settings.fusion_depth).order)))
+        for model, order in named:
+            largest, never = metrics.hubness(order, k)
+            hub = patients.index[np.bincount(order[:, :k].ravel(), minlength=len(order)).argmax()]
+            rows.append(
+                {"model": model, "space": space, "aggregation": aggregation, "distance": distance}
+                | {"k": k, "patients": len(order)}
+                | {"largest": largest, "hub": hub, "never": never}
+            )
     return {"hubness": rows}
 
 
@@ -542,9 +604,9 @@ def _evaluate_anchors(reference, task: Task, models: tuple, plan: _TaskPlan, set
         base = _anchor_measures(anchor.distances, anchor.features, np.arange(len(subset)), draws, settings)
         found = {anchor.name: base}
         for model in models:
-            cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings), labels)
+            cohort = Cohort.build(reference.lesions(model), _vectors(reference, model, settings.space), labels)
             instances = cohort.instances(settings.primary_aggregation)
-            distances = _distances(cohort, settings.primary_aggregation, "cosine", settings)
+            distances = _distances(cohort, settings.primary_aggregation, "cosine", settings.space)
             found[model] = _anchor_measures(distances, instances.rows, instances.row_patient, draws, settings)
         for name, (auc, boot, precision, null) in found.items():
             common = {"task": task.name, "anchor": anchor.name, "model": name, "patients": len(subset)}
@@ -589,14 +651,16 @@ def _evaluate_lookalike(reference, models: tuple, settings: Settings) -> dict:
     pairs = lookalike.Pairs.build(reference.lesions(models[0]), settings.size_field)
     if pairs is None:
         return {"lookalike": pd.DataFrame(columns=lookalike.COLUMNS)}
-    rows, orders = [], []
-    for model in models:
-        order = lookalike.reference_order(reference, model, settings.space)
-        orders.append(order)
-        rows += lookalike.rows(model, {"all": order}, pairs, settings.bootstrap, settings.seed)
-    if len(models) > 1 and "rrf" in settings.fusions:
-        fused = lookalike.fused_order(orders, settings.fusion_depth)
-        rows += lookalike.rows(FUSED_NAMES["rrf"], {"all": fused}, pairs, settings.bootstrap, settings.seed)
+    rows = []
+    for space in _spaces(settings):
+        orders = []
+        for model in models:
+            order = lookalike.reference_order(reference, model, space)
+            orders.append(order)
+            rows += lookalike.rows(model, space, order, pairs, settings.bootstrap, settings.seed)
+        if len(models) > 1 and "rrf" in settings.fusions:
+            fused = lookalike.fused_order(orders, settings.fusion_depth)
+            rows += lookalike.rows(FUSED_NAMES["rrf"], space, fused, pairs, settings.bootstrap, settings.seed)
     return {"lookalike": pd.DataFrame(rows, columns=lookalike.COLUMNS)}
 
 
