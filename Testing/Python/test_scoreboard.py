@@ -135,6 +135,35 @@ def test_anchor_that_knows_the_label_beats_the_images(tmp_path):
     assert (table.xs("AUC", level="measure").drop(index="age, sex, smoking").difference_high < 0).all()
 
 
+def test_corrected_evaluation_reports_raw_beside_it_and_refuses_an_unknown_size_field(tmp_path):
+    """In the corrected space, hubs and look-alikes come in both spaces and, as the search ranks, each
+    model's (and the fused) BP@10 against raw, paired; the fusion verdict says which space it judged."""
+    from conftest import planted_frame, store_frame
+    from SimilarPatientsLib import SimilarPatientsError, evaluation
+    from SimilarPatientsLib.evaluation import report
+    from SimilarPatientsLib.evaluation.tasks import Task
+
+    reference = store_frame(planted_frame(n_patients=40, signal=1.0), tmp_path)
+    task = Task("group", "group", ("pos",), ("neg",))
+    settings = evaluation.Settings(
+        repeats=1, permutations=0, retrieval_permutations=20, bootstrap=50, chance_draws=2, classifiers=("centroid",)
+    )
+    settings.secondary_classifiers = ("centroid",)
+    with pytest.raises(SimilarPatientsError, match="size field 'nope'"):
+        evaluation.evaluate(reference, [task], settings=evaluation.Settings(size_field="nope"))
+    result = evaluation.evaluate(reference, [task], settings=settings, space="corrected")
+    assert set(result.hubness.space) == {"corrected", "raw"} and set(result.lookalike.space) == {"corrected", "raw"}
+    spaces = result.spaces.set_index(["model", "measure"])
+    assert set(spaces.index.get_level_values(0)) == {"A", "B", "fused (RRF)"}
+    row = spaces.loc[("A", "BP@10")]
+    assert row.low <= row.difference <= row.high and row.difference == pytest.approx(row.value - row.raw)
+    raw = evaluation.evaluate(reference, [task], settings=settings, space="raw")
+    searched = raw.retrieval.query("model == 'A' and aggregation == 'lesions' and distance == 'cosine'")
+    assert row.raw == pytest.approx(searched.set_index("measure").loc["BP@10", "value"])
+    assert raw.spaces.empty and set(raw.hubness.space) == {"raw"}
+    assert report.fusion_verdict(result)["space"] == "corrected"
+
+
 # --- look-alike ------------------------------------------------------------------------------------
 
 

@@ -646,22 +646,37 @@ def _anchor_measures(distances, rows, row_patient, draws, settings: Settings) ->
 
 
 def _evaluate_lookalike(reference, models: tuple, settings: Settings) -> dict:
-    """Same-tumor re-identification (:mod:`lookalike`), per model and fused, cosine."""
+    """Same-tumor re-identification (:mod:`lookalike`), per model and fused, cosine, in the evaluated space
+    and raw. Each model is measured on its own lesions; the fused ranking only where every model has the
+    same lesions in the same order (otherwise their rankings do not rank the same things)."""
     reference = _opened(reference)
-    pairs = lookalike.Pairs.build(reference.lesions(models[0]), settings.size_field)
-    if pairs is None:
-        return {"lookalike": pd.DataFrame(columns=lookalike.COLUMNS)}
+    lesions = {model: reference.lesions(model) for model in models}
+    pairs = {model: lookalike.Pairs.build(lesions[model], settings.size_field) for model in models}
+    shared = all(pairs.values()) and _same_lesions(list(lesions.values()))
     rows = []
     for space in _spaces(settings):
         orders = []
         for model in models:
+            if pairs[model] is None:
+                continue
             order = lookalike.reference_order(reference, model, space)
             orders.append(order)
-            rows += lookalike.rows(model, space, order, pairs, settings.bootstrap, settings.seed)
-        if len(models) > 1 and "rrf" in settings.fusions:
+            rows += lookalike.rows(model, space, order, pairs[model], settings.bootstrap, settings.seed)
+        if shared and len(models) > 1 and "rrf" in settings.fusions:
             fused = lookalike.fused_order(orders, settings.fusion_depth)
-            rows += lookalike.rows(FUSED_NAMES["rrf"], space, fused, pairs, settings.bootstrap, settings.seed)
+            rows += lookalike.rows(
+                FUSED_NAMES["rrf"], space, fused, pairs[models[0]], settings.bootstrap, settings.seed
+            )
     return {"lookalike": pd.DataFrame(rows, columns=lookalike.COLUMNS)}
+
+
+def _same_lesions(tables: list) -> bool:
+    """Whether every model's lesion table lists the same lesions (patient, series, centre) in the same order."""
+    keys = [schema.PATIENT, schema.SERIES, *schema.CENTER]
+    if not set(keys) <= set(tables[0].columns):
+        return False
+    first = tables[0][keys].reset_index(drop=True)
+    return all(table[keys].reset_index(drop=True).equals(first) for table in tables[1:])
 
 
 def _cross_validate(classifier, distances, rows, row_patient, labels, folds, seed) -> tuple:
