@@ -320,7 +320,7 @@ def test_the_verdict_is_kept_with_the_evaluated_reference_and_read_for_it(tmp_pa
     assert advice.default is written["metrics"]["cosine"]["default"] and advice.reason.startswith("On synthetic")
     assert "did not measure the dot distance" in fusion_default(reference, "dot").reason
     assert "## All models at once (fusion)" in text and "#### All models at once, against the best single model" in text
-    assert "fused (RRF)" in text and "p (P@10)" in text
+    assert "fused (RRF)" in text and "p (BP@10)" in text
 
 
 def test_a_published_verdict_is_matched_by_content_not_by_name(tmp_path, monkeypatch):
