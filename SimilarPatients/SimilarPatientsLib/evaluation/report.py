@@ -284,12 +284,15 @@ def _retrieval_sentences(evaluation: Evaluation, task) -> list:
     for (model, distance), group in table.groupby(["model", "distance"], sort=False):
         for sign, side in (("+", "positive"), ("-", "negative")):
             row = group[group.measure == f"P@{k} {sign}"]
-            if len(row) and row.iloc[0].value < row.iloc[0].chance:
+            if len(row) and row.iloc[0].high < row.iloc[0].chance:  # the whole query interval below
                 below.append(
                     f"{model} ({distance}) for {side} queries, {row.iloc[0].value:.3f} against {row.iloc[0].chance:.3f}"
                 )
     if below:
-        sentences.append(f"Below a random ranking for one class (precision@{k}): {'; '.join(below)}.")
+        sentences.append(
+            f"Resolvably below a random ranking for one class (precision@{k}, the interval over queries below it): "
+            f"{'; '.join(below)}."
+        )
     return sentences
 
 
