@@ -14,7 +14,7 @@ patients in none, the Spearman correlation of list count with lesion count (the 
 class-balanced P@10 for stage III–IV vs I–II and adeno vs squamous (each task's patients are the gallery)
 with the paired 95% bootstrap interval of the difference against raw, and same-tumor R@1 (a lesion's
 nearest other lesion is the same patient's in another CT series; 376 queries). The library's corrected
-space is checked to give the ``centred+LS`` lists exactly.
+space is checked to give the ``z+LS`` lists exactly.
 
     PYTHONPATH=SimilarPatients python benchmarks/hubness.py      # about 3 minutes on 2 cores
 """
@@ -120,10 +120,10 @@ def main() -> None:
                 + " ".join(cells)
                 + f" {recall:15.3f}"
             )
-            if name == "centred+LS":
+            if name == "z+LS":
                 library = neighbourhoods.rankings(reference, model, "corrected")
                 if not np.array_equal(library.order[:, :K], order[:, :K]):
-                    sys.exit(f"{model}: the library's corrected lists differ from centred+LS")
+                    sys.exit(f"{model}: the library's corrected lists differ from z+LS")
         print()
 
 

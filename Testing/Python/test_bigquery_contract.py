@@ -141,7 +141,7 @@ def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and
     pages = len([q for q in server.asked("GET", "queries") if q.get("pageToken")])
     for model in nlst.models:
         patient = nlst.lesions(model)["PatientID"].iloc[100]
-        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient])
+        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient], space="raw")
         hits = remote.search(model, patient=patient, k=10, where=where, exclude=[patient], method="exact")
         assert list(hits["PatientID"]) == list(local["PatientID"])
         np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
@@ -158,7 +158,7 @@ def test_contract_vector_search_reports_an_unused_index_with_its_fix(large, serv
     remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.1)
     vector = large.space("A").vectors[3]
     hits = remote.search("A", embeddings=vector, k=5)  # auto: the table has an index, not yet populated
-    local = large.search("A", embeddings=vector, k=5, method="exact")
+    local = large.search("A", embeddings=vector, k=5, method="exact", space="raw")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
     notes = " ".join(hits.attrs["notes"])
@@ -187,7 +187,7 @@ def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_m
             vector = large.space("A").vectors[row] + 0.5 * rng.standard_normal(512)
             checked = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.05, check_recall=True)
             hits = checked.search("A", embeddings=vector, k=10)
-            exact = large.search("A", embeddings=vector, k=10, method="exact")
+            exact = large.search("A", embeddings=vector, k=10, method="exact", space="raw")
             assert set(hits["search"]) == {"approximate"} and hits["index_recall"].nunique() == 1
             recall = len(set(hits["PatientID"]) & set(exact["PatientID"])) / 10
             assert hits["index_recall"].iloc[0] == pytest.approx(recall)  # measured against use_brute_force
@@ -278,7 +278,7 @@ def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_ho
     pushed = capsys.readouterr().out
     assert "never populates an index" in pushed and f"--reference bq://{table}" in pushed
     search = ["neighbors", "--model", "CTFM", "--patient", "100012", "-k", "6", "--where", "stage=IA,IB", "--json"]
-    assert main([*search, "--reference", "nlst-sybil"]) == 0
+    assert main([*search, "--reference", "nlst-sybil", "--space", "raw"]) == 0  # what a pushed table answers in
     local = json.loads(capsys.readouterr().out)
     assert main([*search, "--reference", f"bq://{table}"]) == 0
     remote = json.loads(capsys.readouterr().out)
@@ -304,7 +304,7 @@ def test_contract_post_filters_apply_to_what_vector_search_returned(large, serve
     remote.manifest["index"] = {**remote.index, "stored": ["model", "PatientID", "lesion_id"]}  # an older index
     vector = large.space("A").vectors[10]
     hits = remote.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
-    local = large.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="exact")
+    local = large.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="exact", space="raw")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     assert any("post-filter" in note and "histology" in note for note in hits.attrs["notes"])
     # a filter too narrow for the over-fetch returns fewer than k patients, and says so
@@ -328,7 +328,9 @@ def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path
     table = parse_table(f"{PROJECT}.embeddings.tumors")
     push(stored, table, bq.connect(table))
     image, mask, _ = tumor_ct("spiculated", rng)
-    local = query_image(image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"])
+    local = query_image(
+        image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"], space="raw"
+    )
     remote = query_image(image, from_binary_mask(mask), "TumorDescriptor", table.url, k=4, where=["kind!=cavitary"])
     assert list(remote.hits["PatientID"]) == list(local.hits["PatientID"]) and len(local.hits) == 4
     np.testing.assert_allclose(remote.hits["distance"], local.hits["distance"], atol=1e-6)
@@ -355,7 +357,7 @@ def test_contract_a_fused_search_of_a_bq_reference_fuses_as_the_local_one(nlst, 
     remote = BigQueryReference(ALL_MODELS, client)
     patient = nlst.lesions("CTFM")["PatientID"].iloc[50]
     options = dict(patient=patient, models=["CTFM", "Merlin", "PASTA"], k=8, exclude=[patient], depth=20)
-    local = nlst.search_fused(**options)
+    local = nlst.search_fused(**options, space="raw")
     hits = remote.search_fused(**options, method="exact")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["fused_score"], local["fused_score"])

@@ -77,7 +77,9 @@ def test_exact_mode_on_duckdb_returns_the_local_hits_for_every_model(nlst, bigqu
         patients = nlst.lesions(model)["PatientID"].unique()
         for where in FILTERS:
             patient = str(rng.choice(patients))
-            local = nlst.search(model, patient=patient, k=10, metric=metric, where=where, exclude=[patient])
+            local = nlst.search(
+                model, patient=patient, k=10, metric=metric, where=where, exclude=[patient], space="raw"
+            )
             # the patient's own lesions are read by the statement; a query vector is a parameter
             by_patient = sql.SearchSpec(model, None, 10, metric, where, (patient,), patient=patient)
             own = nlst.patient_embeddings(model, patient)
@@ -101,7 +103,7 @@ def test_a_single_query_vector_is_the_batch_query_table_of_one_parameter(nlst, b
     statement = sql.exact_search(TABLE, sql.SearchSpec("CTFM", vector, 5), types)
     assert "(SELECT 0 AS query_row, @query AS `embedding`)" in statement.sql
     assert [p.type for p in statement.parameters if p.name == "query"] == ["ARRAY<FLOAT64>"]
-    local = nlst.search("CTFM", embeddings=vector, k=5)
+    local = nlst.search("CTFM", embeddings=vector, k=5, space="raw")
     remote = _run_on_duckdb(connection, statement)
     assert list(remote["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(remote["distance"], local["distance"], atol=1e-6)

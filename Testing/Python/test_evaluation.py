@@ -305,3 +305,26 @@ def test_one_model_is_evaluated_and_reported(tmp_path, monkeypatch, capsys):
     argv += [str(tmp_path / "cli"), "--repeats", "2", "--permutations", "9", "--bootstrap", "100", "--workers", "1"]
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "cli" / "report.md").is_file() and "Report:" in capsys.readouterr().out
+
+
+def test_the_corrected_space_is_evaluated_as_the_search_measures_it(tmp_path):
+    """``evaluate(space="corrected")`` measures retrieval in the reference's corrected space (z-scored, a
+    patient distance over the square root of the two 10th-neighbour distances in the cohort), the raw
+    default as before; the classifiers see the z-scored vectors."""
+    from SimilarPatientsLib.evaluation.run import locally_scaled
+
+    matrix = np.array([[np.inf, 1.0, 2.0], [1.0, np.inf, 4.0], [2.0, 4.0, np.inf]])
+    radii = np.array([2.0, 4.0, 4.0])  # each row's largest (its 10th, capped at the other patients)
+    expected = matrix / np.sqrt(np.outer(radii, radii))
+    np.fill_diagonal(expected, np.inf)
+    np.testing.assert_allclose(locally_scaled(matrix), expected)
+    reference = store_frame(planted_frame(n_patients=45, signal=1.0), tmp_path)
+    settings = evaluation.Settings(repeats=2, permutations=0, bootstrap=100, chance_draws=2, classifiers=("knn",))
+    raw = evaluation.evaluate(reference, [GROUP], settings=settings)
+    corrected = evaluation.evaluate(reference, [GROUP], settings=settings, space="corrected")
+    assert raw.settings.space == "raw" and corrected.settings.space == "corrected"
+    for model in ("A", "B", "fused (RRF)"):  # the fused rankings too
+        mine = [r.retrieval[r.retrieval.model == model].value.to_numpy() for r in (raw, corrected)]
+        assert len(mine[0]) and not np.array_equal(*mine), model
+    with pytest.raises(SimilarPatientsError, match="Unknown space"):
+        evaluation.evaluate(reference, [GROUP], settings=settings, space="hubless")

@@ -399,3 +399,14 @@ def test_a_filter_that_would_match_nothing_or_everything_is_refused_before_the_s
         nlst.search("CTFM", patient="100242", where=[field + term])
     with pytest.raises(SimilarPatientsError, match=message):  # the terms an evaluation task is made of
         filters.value_mask(nlst.lesions("CTFM")[field], [term])
+
+
+def test_a_query_at_the_reference_mean_is_answered_not_nan(tmp_path):
+    """In the corrected space a query equal to the reference mean has no direction: its cosine distance to
+    every row is 1 (as a zero row's is), scaled, never NaN (the write's radii ask exactly that of the middle
+    patient here)."""
+    frame = pd.DataFrame({"model": ["A"] * 3, "PatientID": ["1", "2", "3"], "lesion_id": ["a", "b", "c"]})
+    frame["embedding"] = [np.ones(4, np.float32) * i for i in (1, 2, 3)]
+    reference = _store_with(frame, tmp_path)
+    hits = reference.search("A", embeddings=np.full(4, 2.0), k=3)
+    assert np.isfinite(hits.distance).all() and len(hits) == 3

@@ -142,8 +142,9 @@ def test_each_file_is_read_in_full_once_per_process(two, monkeypatch):
         reference.search("A", patient="P001")
         reference.closeness("A", "cosine", [0.5])
         reference.close()
-    # the default search reads the corrected space's statistics, not the raw norms
-    written = ["reference.parquet", "vectors.npy", "centre.npy", "scale.npy", "corrected-norms.npy", "radii-cosine.npy"]
+    # the default search reads the corrected space's statistics (and the raw norms, for its rounding bound)
+    written = ["reference.parquet", "vectors.npy", "norms.npy", "centre.npy", "scale.npy", "corrected-norms.npy"]
+    written.append("radii-cosine.npy")
     assert sorted(read) == sorted([*written, "nearest-corrected-cosine.npy"])
     # a later change of the same file, even of the same size, is found (its modification time moved)
     _flip(two / "models" / "0" / "vectors.npy", -3)

@@ -29,7 +29,8 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
     )
     print(f"Query patient {result.patient} (NLST-Sybil): {labels}\n")
     for model, hits in result.hits.items():
-        print(f"== {model}: {len(hits)} nearest patients ({args.metric} distance)")
+        space = hits["space"].iloc[0] if len(hits) else "corrected"
+        print(f"== {model}: {len(hits)} nearest patients ({args.metric} distance, {space} space)")
         columns = ["rank", schema.PATIENT, *result.display_fields[:2], "distance", "viewer_url"]
         print(table(hits[columns], digits=4) + "\n")
     print(result.reading())

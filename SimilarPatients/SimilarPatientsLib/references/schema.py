@@ -44,6 +44,7 @@ RESERVED = (
     "rank",
     "distance",
     "metric",
+    "space",
     "query_lesion",
     "lesions",
     "viewer_url",

@@ -2,8 +2,9 @@
 itself: its mean and per-dimension standard deviation, each row's norm once z-scored, and each patient's
 radius (its distance to its ``NEIGHBOURS``-th nearest other patient in the z-scored space).
 
-They are measured when a reference is written (mean and deviation in the pass that writes the vectors, the
-norms in the pass that writes the table, the radii for cosine like the nearest-match distribution), and, for a
+They are measured when a reference is written (mean and deviation in the pass that writes the table, in the
+stored order so that the bytes do not depend on the source's; the norms in one more pass; the radii for
+cosine like the nearest-match distribution), and, for a
 reference written before or another metric, on first use, then recorded in the version like every other file.
 No label is used: the statistics are unsupervised, so measuring them on the whole reference leaks nothing
 into an evaluation.
@@ -22,6 +23,11 @@ from . import schema
 CENTRE = "centre.npy"
 SCALE = "scale.npy"
 NORMS = "corrected-norms.npy"
+
+
+#: From this many rows the radii are measured with a graph over the z-scored vectors: exactly, every patient
+#: against every row is quadratic (20,000 rows took 200 s on the 2-core build machine; docs/benchmarks.md).
+RADII_APPROXIMATE_FROM = 10_000
 
 
 def radii_file(metric: str) -> str:
@@ -70,13 +76,18 @@ def corrected_norms(matrix: np.ndarray, correction: Correction, progress: Progre
 
 def unscaled_space(space: EmbeddingSpace, correction: Correction, norms: np.ndarray) -> EmbeddingSpace:
     """The z-scored space over the raw ``space``'s stored vectors (no local scaling yet)."""
-    return EmbeddingSpace(space.vectors, norms, space.patient_codes, space.patient_ids, correction.without_radii())
+    shift = float(np.linalg.norm(correction.centre))  # the float32 stage subtracts μ·w too
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(norms > 0, (space.norms + shift) / norms, 1.0)
+    ratio = float(ratios.max()) if len(ratios) else 1.0
+    plain = Correction(correction.centre, correction.scale, None, NEIGHBOURS, ratio)
+    return EmbeddingSpace(space.vectors, norms, space.patient_codes, space.patient_ids, plain)
 
 
 def with_radii(unscaled: EmbeddingSpace, radii: np.ndarray) -> EmbeddingSpace:
     """The corrected space: ``unscaled`` with local scaling by ``radii``."""
     given = unscaled.correction
-    correction = Correction(given.centre, given.scale, radii, NEIGHBOURS)
+    correction = Correction(given.centre, given.scale, radii, NEIGHBOURS, given.norm_ratio)
     return EmbeddingSpace(unscaled.vectors, unscaled.norms, unscaled.patient_codes, unscaled.patient_ids, correction)
 
 
@@ -90,7 +101,7 @@ def patient_radii(
     groups = [unscaled.vectors[unscaled.rows_of(code)] for code in range(patients)]
     message = "measuring each patient's neighbourhood radius"
     graph = None
-    if len(unscaled.norms) < approximate.APPROXIMATE_FROM:
+    if len(unscaled.norms) < RADII_APPROXIMATE_FROM:
         answers = nearest_patients_many(unscaled, groups, k, metric, progress)
         how = {"patients": patients, "neighbours": NEIGHBOURS, "search": "exact"}
     else:

@@ -9,7 +9,7 @@ file's pages, memory-mapped (they count in the resident size, and the kernel tak
 
 What a first query would otherwise wait for is made here too, for the default search (cosine, in the
 corrected space): the corrected space's statistics (mean and deviation, summed in the pass that writes the
-vectors; the z-scored norms, in the pass that writes the table; each patient's radius), the approximate index (from
+table; the z-scored norms, in one more pass; each patient's radius), the approximate index (from
 ``APPROXIMATE_FROM`` rows, with its recall self-check) and the nearest-match distribution that
 :meth:`~.reference.Reference.closeness` reads. The raw space's index and distribution are made on first
 use. The manifest comes last and records every file's size and digest: a version is whole when its manifest is there.
@@ -122,12 +122,10 @@ def write_version(
     counts = lesions[MODEL].value_counts()
     folders = {model: f"models/{i}" for i, model in enumerate(models)}
     matrices = {m: MatrixFile(staging / folders[m] / "vectors.npy", int(counts[m])) for m in models}
-    moments = {m: spaces.Moments() for m in models}
     try:
         done, total = 0, len(lesions)
         for model, positions, block in table.vector_chunks():
             matrices[model].put(positions, block)
-            moments[model].add(block)
             done += len(block)
             report(progress, done, total, "writing the vectors")
     finally:
@@ -150,9 +148,9 @@ def write_version(
                 if matrix is None:
                     matrix = np.load(matrices[model].path, mmap_mode="r")
                 header = matrices[model].header if records[model] is None else None
-                correction = moments[model].correction()
                 meta = arrow.slice(first, n)
-                norms, corrected, record = _store_rows(matrix, meta, parquet, header, correction, progress)
+                norms, correction, record = _store_rows(matrix, meta, parquet, header, progress)
+                corrected = spaces.corrected_norms(matrix, correction, progress)
                 files[f"{folders[model]}/vectors.npy"] = records[model] or record
                 files.update(save_array(staging, f"{folders[model]}/norms.npy", norms))
                 files.update(save_array(staging, f"{folders[model]}/{spaces.CENTRE}", correction.centre))
@@ -186,15 +184,14 @@ def _store_rows(
     meta: pa.Table,
     parquet: pq.ParquetWriter,
     header: bytes | None,
-    correction: Correction,
     progress,
-) -> tuple[np.ndarray, np.ndarray, FileRecord | None]:
-    """One pass over a model's stored matrix: its Parquet rows, its norms and its norms once z-scored by
-    ``correction``, and, given the ``header`` of a matrix file whose rows were not written in order, that
-    file's digest."""
+) -> tuple[np.ndarray, Correction, FileRecord | None]:
+    """One pass over a model's stored matrix: its Parquet rows, its norms, its mean and deviation (summed
+    here, in the stored order, so that they are the same bytes whatever order the source had), and, given
+    the ``header`` of a matrix file whose rows were not written in order, that file's digest."""
     n = len(matrix)
     norms = np.empty(n)
-    corrected = np.empty(n)
+    moments = spaces.Moments()
     digest = None
     if header is not None:
         digest = BlockDigest()
@@ -209,11 +206,11 @@ def _store_rows(
         parquet.write_table(meta.slice(begin, end - begin).append_column(EMBEDDING, embedding), schema.CHUNK_ROWS)
         wide = block.astype(np.float64)
         norms[begin:end] = np.linalg.norm(wide, axis=1)
-        corrected[begin:end] = np.linalg.norm(correction.transformed(wide), axis=1)
+        moments.add(wide)
         if digest is not None:
             digest.update(block)
         report(progress, end, n, "writing the table and the norms")
-    return norms, corrected, digest.record() if digest is not None else None
+    return norms, moments.correction(), digest.record() if digest is not None else None
 
 
 def _first_answers(staging: Path, folder: str, unscaled: EmbeddingSpace, files: dict, progress) -> dict:
@@ -226,7 +223,8 @@ def _first_answers(staging: Path, folder: str, unscaled: EmbeddingSpace, files: 
     space = spaces.with_radii(unscaled, radii)
     index = None
     if len(space.norms) >= approximate.APPROXIMATE_FROM:
-        index = graph
+        # the graph that measured the radii holds the same vectors; below its size they were measured exactly
+        index = graph if graph is not None else approximate.ApproximateIndex.graph(unscaled, METRIC, progress)
         index.calibrate(space, progress=progress)
         saved = index.save(staging / folder / approximate.file_name(METRIC, CORRECTED))
         files.update({f"{folder}/{name}": record for name, record in saved.items()})

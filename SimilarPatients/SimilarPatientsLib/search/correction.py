@@ -61,19 +61,22 @@ def resolved_space(space: str, metric: str) -> str:
 class Correction:
     """A model's corrected space: the reference mean ``centre`` and standard deviation ``scale`` (D,) per
     dimension, and per patient (in the space's sorted patient order) the ``radii`` of local scaling, or None
-    for the z-scored space alone (what the radii are measured in)."""
+    for the z-scored space alone (what the radii are measured in). ``norm_ratio``: the largest
+    ``(|v| + |μ|) / |T(v)|`` over the reference's rows (how much the float32 stage's rounding grows, see
+    :mod:`.nearest`)."""
 
     centre: np.ndarray
     scale: np.ndarray
     radii: np.ndarray | None = None
     neighbours: int = NEIGHBOURS
+    norm_ratio: float = 1.0
 
     def transformed(self, x: np.ndarray) -> np.ndarray:
         """Float64 rows z-scored: minus the centre, over the scale."""
         return (np.asarray(x, dtype=np.float64) - self.centre) / self.scale
 
     def without_radii(self) -> Correction:
-        return Correction(self.centre, self.scale, None, self.neighbours)
+        return Correction(self.centre, self.scale, None, self.neighbours, self.norm_ratio)
 
 
 def scale_of(variance: np.ndarray) -> np.ndarray:

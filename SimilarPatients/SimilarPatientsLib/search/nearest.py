@@ -85,17 +85,6 @@ class EmbeddingSpace:
             self.__dict__[key] = factors.astype(np.float32)
         return self.__dict__[key]
 
-    @cached_property
-    def centring_factor(self) -> float:
-        """The factor by which float32 rounding of ``v·w`` grows against the z-scored product
-        ``|T(v)| |T(q)|``: ``|v| <= σmax |T(v)| + |μ|`` and ``|w| <= |T(q)| / σmin``."""
-        if self.correction is None:
-            return 1.0
-        smallest = float(self.norms.min()) if len(self.norms) else 1.0
-        scale = self.correction.scale
-        shift = float(np.linalg.norm(self.correction.centre)) / max(smallest, 1e-30)
-        return (float(scale.max()) + shift) / float(scale.min())
-
     def patient_code(self, patient: str) -> int | None:
         """The code of ``patient`` (``patient_ids`` is sorted), or None when the space has no such patient."""
         at = int(np.searchsorted(self.patient_ids, patient))
@@ -180,15 +169,27 @@ class _Queries:
     weights: np.ndarray  # (q, D) float32
     offsets: np.ndarray | None  # (q,) float32, or None
     norms: np.ndarray  # (q,) float64
+    #: (q,) how much float32 rounding of ``v·w − μ·w`` grows against ``|T(v)| |T(q)|``: the reference's
+    #: largest ``(|v| + |μ|) / |T(v)|`` times the query's ``|w| / |T(q)|`` (1 in the raw space)
+    amplification: np.ndarray
+
+    def part(self, begin: int, end: int) -> _Queries:
+        """Queries ``begin:end`` (one group's)."""
+        offsets = None if self.offsets is None else self.offsets[begin:end]
+        return _Queries(self.weights[begin:end], offsets, self.norms[begin:end], self.amplification[begin:end])
 
 
 def _prepare(space: EmbeddingSpace, queries: np.ndarray) -> _Queries:
     if space.correction is None:
-        return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1))
+        return _Queries(queries.astype(np.float32), None, np.linalg.norm(queries, axis=1), np.ones(len(queries)))
     transformed = space.correction.transformed(queries)
     weights = transformed / space.correction.scale
     offsets = (weights @ space.correction.centre).astype(np.float32)
-    return _Queries(weights.astype(np.float32), offsets, np.linalg.norm(transformed, axis=1))
+    norms = np.linalg.norm(transformed, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amplification = space.correction.norm_ratio * np.linalg.norm(weights, axis=1) / norms
+    amplification = np.where(np.isfinite(amplification), amplification, 1.0)
+    return _Queries(weights.astype(np.float32), offsets, norms, amplification)
 
 
 def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: str) -> np.ndarray:
@@ -199,25 +200,27 @@ def _scores(vectors: np.ndarray, norms: np.ndarray, queries: _Queries, metric: s
     query_norms = queries.norms
     if metric == "dot":
         return -products
-    if metric == "cosine":
+    if metric == "cosine":  # a zero row, or a query at the reference mean (corrected), is at distance 1
         with np.errstate(invalid="ignore", divide="ignore"):
             inverse = np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
-        return 1.0 - products * inverse[:, None] * (1.0 / query_norms).astype(np.float32)[None, :]
+            query_inverse = np.where(query_norms > 0, 1.0 / query_norms, 0.0).astype(np.float32)
+        return 1.0 - products * inverse[:, None] * query_inverse[None, :]
     scores = (norms * norms).astype(np.float32)[:, None] + (query_norms**2).astype(np.float32)[None, :]
     scores -= 2.0 * products
     return scores
 
 
-def _bound(space: EmbeddingSpace, max_norm: float, query_norms: np.ndarray, metric: str) -> float:
+def _bound(space: EmbeddingSpace, max_norm: float, queries: _Queries, metric: str) -> float:
     """How far float32 rounding can move a score of :func:`_scores` (a scaled score: this times the
     largest row factor)."""
-    slack = 4.0 * space.dim * _EPS32 * space.centring_factor
+    query_norms, amplification = queries.norms, float(queries.amplification.max())
+    slack = 4.0 * space.dim * _EPS32 * amplification
     if metric == "dot":
         bound = slack * max_norm * float(query_norms.max())
     elif metric == "cosine":
         bound = 2.0 * slack
     else:
-        bound = slack * (max_norm * space.centring_factor + float(query_norms.max())) ** 2
+        bound = slack * (max_norm + float(query_norms.max())) ** 2
     return bound
 
 
@@ -234,7 +237,7 @@ def _scan_scores(
     in memory is then read from disk as it is scanned)."""
     prepared = _prepare(space, queries)
     norms = space.norms if rows is None else space.norms[rows]
-    bound = _bound(space, float(norms.max()) if len(norms) else 0.0, prepared.norms, metric)
+    bound = _bound(space, float(norms.max()) if len(norms) else 0.0, prepared, metric)
     n = len(norms)
     best = np.empty(n, dtype=np.float32)
     for begin in range(0, n, SCAN_ROWS):
@@ -299,10 +302,12 @@ def own_radius(
     return radius_of(np.array([m.distance for m in matches]), space.correction.neighbours)
 
 
-def _kth_candidates(space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarray, k: int, bound: float):
-    """Rows (positions in ``scores``) within ``bound`` of the k-th patient's best score."""
-    finite = np.isfinite(scores)
-    n = int(finite.sum())
+def _kth_candidates(
+    space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarray, k: int, bound: float, masked: bool = True
+):
+    """Rows (positions in ``scores``) within ``bound`` of the k-th patient's best score (``masked``: some
+    scores are infinite, rows a filter leaves out)."""
+    n = int(np.isfinite(scores).sum()) if masked else len(scores)
     m = min(n, max(8 * k, 64))
     while True:
         top = np.argpartition(scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
@@ -311,12 +316,14 @@ def _kth_candidates(space: EmbeddingSpace, scores: np.ndarray, row_ids: np.ndarr
         if len(np.unique(codes)) >= k or m >= n:
             break
         m = min(n, m * 4)
-    per_patient = {}
-    for score, code in zip(scores[top], codes):
-        if score < per_patient.get(code, np.inf):
-            per_patient[code] = score
-    kth = np.sort(np.fromiter(per_patient.values(), dtype=np.float64))[:k][-1]
-    return np.flatnonzero(scores <= kth + bound)
+    return np.flatnonzero(scores <= _kth_best(scores[top], codes, k) + bound)
+
+
+def _kth_best(scores: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """The k-th smallest of each patient's best score (the largest there is, with fewer patients)."""
+    order = np.argsort(scores, kind="stable")
+    first = np.unique(codes[order], return_index=True)[1]
+    return float(np.sort(scores[order][first])[:k][-1])
 
 
 def _scan_candidates(
@@ -334,19 +341,24 @@ def _scan_candidates(
     subset = allowed_rows is not None and len(allowed_rows) < 0.5 * len(space.norms)
     scores, bound = _scan_scores(space, queries, metric, allowed_rows if subset else None, progress)
     row_ids = allowed_rows if subset else np.arange(len(scores))
-    if allowed_rows is not None and not subset:
+    masked = allowed_rows is not None and not subset
+    if masked:
         mask = np.zeros(len(scores), dtype=bool)
         mask[allowed_rows] = True
         scores = np.where(mask, scores, np.inf)
     if not space.scaled:
-        return row_ids[_kth_candidates(space, scores, row_ids, k, bound)]
+        return row_ids[_kth_candidates(space, scores, row_ids, k, bound, masked)]
     factors = space.row_factors(metric)
     scaled = scores * (factors if not subset else factors[row_ids])
-    found = _kth_candidates(space, scaled, row_ids, k, bound * float(factors.max()))
-    if radius_too:
-        near = _kth_candidates(space, scores, row_ids, space.correction.neighbours, bound)
-        found = np.union1d(found, near)
-    return row_ids[found]
+    if not radius_too:
+        return row_ids[_kth_candidates(space, scaled, row_ids, k, bound * float(factors.max()), masked)]
+    # the first max(k, neighbours) patients by scaled score are some of the query's patients, so the
+    # neighbours-th of them, unscaled, is at least as far as the true neighbours-th nearest: every row of
+    # the true ones scores below it (one comparison over the scores, not a second partition)
+    neighbours = space.correction.neighbours
+    found = _kth_candidates(space, scaled, row_ids, max(k, neighbours), bound * float(factors.max()), masked)
+    farthest = _kth_best(scores[found], space.patient_codes[row_ids[found]], neighbours)
+    return row_ids[np.union1d(found, np.flatnonzero(scores <= farthest + bound))]
 
 
 def _index_candidates(
@@ -426,7 +438,7 @@ def nearest_patients_many(
     factors = space.row_factors(metric) if space.scaled else None
     widest = float(factors.max()) if factors is not None else 1.0
     spans = zip(starts[:-1], starts[1:])
-    bounds = widest * np.array([_bound(space, max_norm, prepared.norms[a:b], metric) for a, b in spans])
+    bounds = widest * np.array([_bound(space, max_norm, prepared.part(a, b), metric) for a, b in spans])
     kept = _BestRows(len(checked), m)
     block = max(4 * m, _BATCH_CELLS // len(queries))
     for begin in range(0, n, block):
