@@ -17,7 +17,7 @@ from SimilarPatientsLib.evaluation.tasks import Task
 pytestmark = pytest.mark.torch  # the analysis extra (scikit-learn, torch)
 roc_auc_score = pytest.importorskip("sklearn.metrics", reason="the analysis extra").roc_auc_score
 
-FAST = evaluation.Settings(repeats=2, permutations=19, bootstrap=200, chance_draws=5)
+FAST = evaluation.Settings(repeats=2, permutations=19, retrieval_permutations=99, bootstrap=200, chance_draws=5)
 GROUP = Task("group", "group", positive=("pos",), negative=("neg",), description="planted group")
 
 # --- metrics, by hand ---------------------------------------------------------------------------
@@ -54,26 +54,12 @@ def test_balanced_accuracy_by_hand():
     assert value == pytest.approx((2 / 3 + 1 / 2) / 2)
 
 
-def test_retrieval_by_hand():
-    labels = np.array([0, 0, 1, 1, 0])
-    # query 0 (label 0) ranks: 2 (no), 1 (yes), 4 (yes)
-    order = np.array([[2, 1, 4], [0, 4, 2], [3, 0, 1], [2, 4, 0], [1, 0, 3]])
-    result = metrics.retrieval_at_k(order, labels, ks=(2,))[2]
-    assert result["precision"][0] == pytest.approx(0.5)
-    # AP@2 of query 0: relevant at rank 2 -> precision 1/2, divided by min(2, 2 relevant) -> 0.25
-    assert result["ap"][0] == pytest.approx(0.25)
-    # query 2 (label 1): one relevant patient in the collection, found at rank 1 -> AP 1
-    assert result["ap"][2] == pytest.approx(1.0)
-    assert result["recall"].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
-    assert result["precision"][3] == pytest.approx(0.5)
-
-
 def test_random_rankings_never_return_the_query_and_match_the_base_rate():
     rng = np.random.default_rng(3)
-    orders = metrics.random_rankings(20, 5, 50, rng)
+    orders = metrics.random_rankings(20, 19, 50, rng)
     assert not (orders == np.arange(20)[None, :, None]).any()
     labels = np.array([1] * 5 + [0] * 15)
-    precision = np.mean([metrics.retrieval_at_k(o, labels, (5,))[5]["precision"].mean() for o in orders])
+    precision = np.mean([metrics.label_figures(o, labels, (5,))["P@5"].mean() for o in orders])
     expected = np.mean([(labels == label).sum() - 1 for label in labels]) / 19
     assert precision == pytest.approx(expected, abs=0.02)
 
@@ -210,8 +196,8 @@ def test_planted_signal_is_found_and_ranked(tmp_path):
     assert primary.loc[("A", "linear"), "auc_p_adjusted"] == pytest.approx(1 / 20)  # beats every shuffle
     assert primary.loc[("A", "linear"), "auc"] > primary.loc[("B", "linear"), "auc"]
     assert (primary.auc_low <= primary.auc).all() and (primary.auc <= primary.auc_high).all()
-    precision = result.retrieval.query("model == 'A' and aggregation == 'mean' and measure == 'precision' and k == 5")
-    assert (precision.value > precision.chance + 0.1).all()
+    precision = result.retrieval.query("model == 'A' and aggregation == 'mean' and measure == 'BP@5'")
+    assert (precision.value > precision["null"] + 0.1).all() and np.allclose(precision.p, 1 / 100)
     comparison = result.comparisons.set_index("classifier").loc["linear"]
     assert comparison.best == "A" and comparison.runner_up == "B"
     assert set(result.classification.aggregation) == {"mean", "max", "lesions"}
@@ -220,7 +206,7 @@ def test_planted_signal_is_found_and_ranked(tmp_path):
 
 def test_evaluation_is_deterministic_with_a_seed_and_workers(tmp_path):
     reference = store_frame(planted_frame(n_patients=45, signal=1.0), tmp_path)
-    settings = evaluation.Settings(repeats=2, permutations=5, bootstrap=100, chance_draws=2)
+    settings = evaluation.Settings(repeats=2, permutations=5, retrieval_permutations=20, bootstrap=100, chance_draws=2)
     first = evaluation.evaluate(reference, [GROUP], settings=settings)
     second = evaluation.evaluate(reference, [GROUP], settings=settings, workers=2)
     pd.testing.assert_frame_equal(first.classification, second.classification)
@@ -247,7 +233,7 @@ def test_report_is_written_whole(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["report.md", "classification.csv", "retrieval.csv", "cohorts.csv", "comparisons.csv",
-         "fusion.csv", "fusion.json", "auc-group.png", "retrieval-group.png"]
+         "fusion.csv", "fusion.json", "auc-group.png", "retrieval-group.png", "hubness.csv", "lookalike.csv"]
     )  # fmt: skip
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     text = path.read_text(encoding="utf-8")
@@ -262,7 +248,12 @@ def test_report_is_written_whole(tmp_path):
 def test_nlst_stage_task_end_to_end(nlst, tmp_path):
     """Two models, a short run: the published comparison is made and the figures are sane."""
     settings = evaluation.Settings(
-        repeats=2, permutations=9, bootstrap=200, chance_draws=3, classifiers=("centroid", "linear")
+        repeats=2,
+        permutations=9,
+        retrieval_permutations=49,
+        bootstrap=200,
+        chance_draws=3,
+        classifiers=("centroid", "linear"),
     )
     task = tasks.PRESETS["stage-iii-iv-vs-i-ii"]
     result = evaluation.evaluate(nlst, [task], models=["CTFM", "Merlin"], settings=settings)
@@ -281,7 +272,8 @@ def test_evaluate_command(tmp_path, monkeypatch, capsys):
     reference = store_frame(planted_frame(n_patients=45, signal=2.0), tmp_path / "home")
     out = tmp_path / "out"
     arguments = ["evaluate", "--reference", "synthetic", "--out", str(out), "--repeats", "1", "--bootstrap", "50"]
-    code = main([*arguments, "--label", "group", "--positive", "pos", "--permutations", "9", "--workers", "1"])
+    labelled = ["--label", "group", "--positive", "pos", "--permutations", "9", "--retrieval-permutations", "20"]
+    code = main([*arguments, *labelled, "--workers", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "group:pos-vs-rest: With the linear probe" in printed and f"Report: {out / 'report.md'}" in printed

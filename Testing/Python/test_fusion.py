@@ -22,7 +22,13 @@ from SimilarPatientsLib.search.fusion import RRF_CONSTANT, closeness_percent, fu
 GROUP = Task("group", "group", positive=("pos",), negative=("neg",), description="planted group")
 CENTROID = ("centroid",)
 QUICK = evaluation.Settings(
-    repeats=1, permutations=9, bootstrap=100, chance_draws=3, classifiers=CENTROID, secondary_classifiers=CENTROID
+    repeats=1,
+    permutations=9,
+    retrieval_permutations=99,
+    bootstrap=100,
+    chance_draws=3,
+    classifiers=CENTROID,
+    secondary_classifiers=CENTROID,
 )
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "evaluation" / "nlst-sybil" / "fusion.json"
 
@@ -266,17 +272,19 @@ def test_evaluation_reports_the_fused_rankings_as_one_more_model(planted):
     retrieval = result.retrieval
     for name in ("fused (RRF)", "fused (percentile)"):
         rows = retrieval[retrieval.model == name]
-        assert len(rows) == 3 * 2 * 2 * 3  # aggregations × distances × ks × measures, like any model
+        # like any model: per k, P@k, BP@k and the two classes' P@k; mAP@R and R-precision for the headline
+        # rankings (cosine at the mean and nearest-lesion-pair roll-ups)
+        assert len(rows) == 6 * 2 * 4 + 2 * 2
         assert rows.p.between(0, 1).all() and (rows.low <= rows.value).all() and (rows.value <= rows.high).all()
     fusion = result.fusion
-    assert len(fusion) == 2 * 3 * 2 * 2 * 3
+    assert len(fusion) == 2 * (6 * 2 * 4 + 2 * 2)
     assert (fusion.low <= fusion.difference + 1e-12).all() and (fusion.difference <= fusion.high + 1e-12).all()
     np.testing.assert_allclose(fusion.difference, fusion.fused - fusion.best)
     single = retrieval[~retrieval.model.str.startswith("fused")].set_index(
-        ["model", "aggregation", "distance", "k", "measure"]
+        ["model", "aggregation", "distance", "measure"]
     )["value"]
     for row in fusion.itertuples():
-        same = single.xs((row.aggregation, row.distance, row.k, row.measure), level=[1, 2, 3, 4])
+        same = single.xs((row.aggregation, row.distance, row.measure), level=[1, 2, 3])
         assert row.best == pytest.approx(same.max()) and row.best_model == same.idxmax()
 
 
@@ -332,7 +340,7 @@ def test_the_verdict_is_kept_with_the_evaluated_reference_and_read_for_it(tmp_pa
     assert advice.default is written["metrics"]["cosine"]["default"] and advice.reason.startswith("On synthetic")
     assert "did not measure the dot distance" in fusion_default(reference, "dot").reason
     assert "## All models at once (fusion)" in text and "#### All models at once, against the best single model" in text
-    assert "fused (RRF)" in text and "p (P@10)" in text
+    assert "fused (RRF)" in text and "p (BP@10)" in text
 
 
 def test_a_published_verdict_is_matched_by_content_not_by_name(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import SimilarPatientsError
 from ..evaluation import tasks
 from ..references.store import ReferenceStore
+from ..search.correction import CORRECTED, SPACES
 from .progress import Bars
 
 
@@ -29,10 +30,32 @@ def add(verbs) -> None:
     evaluate.add_argument(
         "--negative", nargs="+", metavar="VALUE", help="values of the negative class (default: the rest)"
     )
+    evaluate.add_argument(
+        "--space",
+        choices=SPACES,
+        default=CORRECTED,
+        help="corrected (default: the search's hub-free space), or raw (plain distance on the stored vectors)",
+    )
     evaluate.add_argument("--out", required=True, help="folder to write report.md, CSV tables and PNG charts to")
     evaluate.add_argument("--folds", type=int, default=5)
     evaluate.add_argument("--repeats", type=int, default=5)
-    evaluate.add_argument("--permutations", type=int, default=100, help="label shuffles of the permutation test")
+    evaluate.add_argument(
+        "--permutations",
+        type=int,
+        default=100,
+        help="label shuffles of the classifiers' permutation test (each re-runs the cross-validation) and of mAP@R",
+    )
+    evaluate.add_argument(
+        "--retrieval-permutations",
+        type=int,
+        default=1000,
+        help="label shuffles of the retrieval null (rankings kept), for P@k, class-balanced P@k and nDCG",
+    )
+    evaluate.add_argument(
+        "--size-field",
+        metavar="FIELD",
+        help="a numeric lesion field with the lesion's size (mm): the size anchor, a similar-size look-alike gallery",
+    )
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument(
@@ -58,7 +81,14 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
                 f"Name a task: --label FIELD --positive VALUE ... (fields: {', '.join(reference.label_fields)})."
             )
     settings = run.Settings(
-        folds=args.folds, repeats=args.repeats, permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed
+        folds=args.folds,
+        repeats=args.repeats,
+        permutations=args.permutations,
+        retrieval_permutations=max(args.retrieval_permutations, args.permutations),
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        size_field=args.size_field,
+        space=args.space,
     )
     result = run.evaluate(reference, chosen, args.models, settings, progress, workers=args.workers)
     progress.close()

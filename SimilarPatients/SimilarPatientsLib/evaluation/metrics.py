@@ -1,4 +1,5 @@
-"""Metrics of evaluation: AUC, balanced accuracy, retrieval at k, bootstrap intervals, permutation p-values.
+"""Metrics of evaluation: AUC, balanced accuracy, label retrieval (P@k, class-balanced P@k, mAP@R, R-precision,
+nDCG), hubness, bootstrap intervals (queries, or queries and gallery), permutation p-values.
 
 Every function takes replicates along the first axis where that makes the bootstrap and the permutation
 test one array operation instead of a Python loop.
@@ -100,30 +101,159 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= observed)) / (1 + len(null)))
 
 
-def retrieval_at_k(order: np.ndarray, labels: np.ndarray, ks) -> dict:
-    """Per-query precision@k, AP@k and Recall@k from ranked neighbour indices ``order`` (queries, ≥ max k).
+def relevance(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Whether each ranked neighbour shares its query's label: ``order`` (queries, depth) of patient indices,
+    ``labels`` (n,) or (shuffles, n) -> (queries, depth) or (shuffles, queries, depth)."""
+    labels = np.asarray(labels)
+    return labels[..., order] == labels[..., :, None]
 
-    ``labels[q]`` is the query's own label; a neighbour is relevant when it shares it. AP@k divides by
-    min(k, relevant patients in the collection) (so a perfect top k scores 1); Recall@k is the
-    metric-learning one: 1 when at least one of the top k is relevant.
+
+def label_figures(
+    order: np.ndarray, labels: np.ndarray, ks, grades: np.ndarray | None = None, ranked: bool = True
+) -> dict:
+    """Per-query figures of a label ranking, ``{name: (..., queries)}``; ``labels`` (n,) or (shuffles, n).
+
+    ``order`` holds each query's ranking of the other patients (queries, n - 1 with ``ranked``), best first.
+
+    - ``P@k``: share of the first k that share the query's label;
+    - with ``ranked``, ``mAP@R`` and ``R-precision`` (Musgrave et al. 2020): R = the query's own class size
+      minus itself; mAP@R averages the precision at each relevant rank among the first R, R-precision is
+      the share relevant among the first R (they need the whole ranking, so they cost most per shuffle);
+    - ``nDCG@k`` when ``grades`` (n,) places each patient on an ordinal scale (0 .. levels - 1, e.g. AJCC
+      stage): the gain of a neighbour is 1 - |grade difference| / (levels - 1), so a IIIA neighbour of a
+      IIIB query counts more than a IA one. With ``labels`` shuffled, pass ``grades`` shuffled the same way.
     """
     labels = np.asarray(labels)
-    relevant = labels[order] == labels[:, None]  # (q, K)
-    _, label_code, label_counts = np.unique(labels, return_inverse=True, return_counts=True)
-    in_collection = label_counts[label_code.ravel()] - 1
-    out = {}
+    figures = {}
+    top = relevance(order[:, : max(ks)], labels)
     for k in ks:
-        top = relevant[:, :k]
-        hits = np.cumsum(top, axis=1)
-        precision_at_i = hits / np.arange(1, k + 1)
+        figures[f"P@{k}"] = top[..., :k].mean(axis=-1)
+    if ranked:
+        values, counts = np.unique(labels.reshape(-1, labels.shape[-1])[0], return_counts=True)  # a shuffle keeps them
+        within = (counts[np.searchsorted(values, labels)] - 1).astype(np.float32)  # R per query
+        depth = int(within.max())
+        relevant = relevance(order[:, :depth], labels)
+        first_r = np.arange(1, depth + 1, dtype=np.float32) <= within[..., None]
+        relevant &= first_r
+        precision_at = np.cumsum(relevant, axis=-1, dtype=np.float32) / np.arange(1, depth + 1, dtype=np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            average_precision = (precision_at_i * top).sum(axis=1) / np.minimum(k, in_collection)
-        out[k] = {
-            "precision": top.mean(axis=1),
-            "ap": np.nan_to_num(average_precision),
-            "recall": top.any(axis=1).astype(np.float64),
-        }
+            figures["mAP@R"] = np.nan_to_num(np.where(relevant, precision_at, 0).sum(-1) / within).astype(np.float64)
+            figures["R-precision"] = np.nan_to_num(relevant.sum(-1) / within).astype(np.float64)
+    if grades is not None:
+        figures[f"nDCG@{max(ks)}"] = ndcg(order, np.asarray(grades, dtype=np.float64), max(ks))
+    return figures
+
+
+def ndcg(order: np.ndarray, grades: np.ndarray, k: int) -> np.ndarray:
+    """nDCG@k with graded gains 1 - |grade difference| / (levels - 1); ``grades`` (n,) or (shuffles, n).
+
+    The ideal ranking of a query depends only on its own grade (the gallery is every other patient), so it
+    is computed once per level, and a shuffle costs one gather of k neighbours per query.
+    """
+    levels = np.unique(grades)
+    span = max(levels.max() - levels.min(), 1.0)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    gain = 1.0 - np.abs(grades[..., order[:, :k]] - grades[..., :, None]) / span
+    ideal = {}
+    values, counts = np.unique(grades, return_counts=True)  # the same multiset under any shuffle
+    for level in values:
+        others = np.repeat(values, counts - (values == level))
+        best = np.sort(1.0 - np.abs(others - level) / span)[::-1][:k]
+        ideal[level] = float(best @ discount[: len(best)])
+    ideal_per_query = np.vectorize(ideal.get)(grades)
+    return (gain @ discount) / ideal_per_query
+
+
+def summarise(figures: dict, labels: np.ndarray, weights: np.ndarray | None = None, positive: int = 1) -> dict:
+    """Query means of :func:`label_figures`, plus per class and class-balanced precision.
+
+    ``BP@k`` is the mean over the two classes of the class's mean P@k (each class counts alike, so a
+    majority class and a hub cannot carry it); ``P@k +`` / ``P@k -`` are the positive and negative
+    queries' own means. ``weights`` (B, queries), e.g. bootstrap counts, gives (B,) replicates of each.
+    """
+    labels = np.asarray(labels)
+    out = {}
+    everyone = np.ones(labels.shape, dtype=bool)
+    for name, values in figures.items():
+        out[name] = _mean(values, everyone, weights)
+        if name.startswith("P@"):
+            k = name[2:]
+            positives = _mean(values, labels == positive, weights)
+            negatives = _mean(values, labels != positive, weights)
+            out[f"BP@{k}"] = (positives + negatives) / 2
+            out[f"P@{k} +"], out[f"P@{k} -"] = positives, negatives
     return out
+
+
+def _mean(values: np.ndarray, mask: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    chosen = values * mask
+    if weights is None:
+        return chosen.sum(-1) / mask.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ chosen) / (weights @ mask)
+
+
+def gallery_bootstrap(order: np.ndarray, labels: np.ndarray, counts: np.ndarray, k: int, positive: int = 1) -> dict:
+    """(B,) replicates of P@k, BP@k and the per-class P@k with the gallery resampled as well as the queries.
+
+    ``counts`` (B, n) are the patient bootstrap draws. In resample b a patient drawn c times is c queries
+    and c tied entries of every other query's list; a query never meets its own copies. Walking each query's
+    ``order`` (queries, n - 1) with the multiplicities gives the resampled top k without re-ranking: the
+    claim "a new cohort, queried against itself", not "this reference". The walk looks at the first
+    ``_GALLERY_DEPTH`` neighbours and goes on through the whole list only for the rare query whose first
+    ones were too seldom drawn to fill k places.
+    """
+    labels = np.asarray(labels)
+    counts = np.asarray(counts)
+    relevant = relevance(order, labels)
+    depth = min(order.shape[1], max(_GALLERY_DEPTH, 4 * k))
+    replicates = {name: np.empty(len(counts)) for name in (f"P@{k}", f"BP@{k}", f"P@{k} +", f"P@{k} -")}
+    for start in range(0, len(counts), _GALLERY_CHUNK):
+        drawn = counts[start : start + _GALLERY_CHUNK].astype(np.int32)
+        precision = _resampled_precision(drawn, order[:, :depth], relevant[:, :depth], k)
+        short = np.argwhere(np.isnan(precision))
+        for b, q in short:  # a query whose first neighbours were too seldom drawn: its whole list
+            precision[b, q] = _resampled_precision(drawn[b : b + 1], order[q : q + 1], relevant[q : q + 1], k)[0, 0]
+        weights = drawn.astype(np.float64)
+        positives = (weights * (labels == positive) * precision).sum(1) / (weights * (labels == positive)).sum(1)
+        negatives = (weights * (labels != positive) * precision).sum(1) / (weights * (labels != positive)).sum(1)
+        chunk = slice(start, start + len(drawn))
+        replicates[f"P@{k}"][chunk] = (weights * precision).sum(1) / weights.sum(1)
+        replicates[f"P@{k} +"][chunk], replicates[f"P@{k} -"][chunk] = positives, negatives
+        replicates[f"BP@{k}"][chunk] = (positives + negatives) / 2
+    return replicates
+
+
+#: Neighbours the gallery bootstrap walks before falling back to a query's whole list, and resamples at a time.
+_GALLERY_DEPTH = 64
+_GALLERY_CHUNK = 50
+
+
+def _resampled_precision(drawn: np.ndarray, order: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
+    """(resamples, queries) precision@k over the resampled lists; NaN where ``order`` held fewer than k
+    drawn neighbours but the full list was not given (the caller walks further), 0/0 where it was."""
+    copies = drawn[:, order]  # (resamples, queries, depth)
+    before = np.cumsum(copies, axis=2) - copies
+    taken = np.clip(k - before, 0, copies)
+    filled = taken.sum(2)
+    complete = order.shape[1] == len(drawn[0]) - 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = (taken * relevant[None]).sum(2) / (k if not complete else np.maximum(filled, 1))
+    return np.where((filled < k) & (not complete), np.nan, precision)
+
+
+def hubness(order: np.ndarray, k: int) -> tuple:
+    """(largest share of the top-k lists one patient appears in, share of patients in no top-k list)."""
+    appearances = np.bincount(order[:, :k].ravel(), minlength=len(order))
+    return float(appearances.max() / len(order)), float(np.mean(appearances == 0))
+
+
+def ranks_of(order: np.ndarray) -> np.ndarray:
+    """(queries, n) 1-based rank of each item in each query's ``order`` (queries, n - 1, the query left
+    out); 0 for the query itself, i.e. unlisted, as :func:`~SimilarPatientsLib.search.fusion.fuse` reads it."""
+    ranks = np.zeros((len(order), order.shape[1] + 1), dtype=np.int64)
+    ranks[np.arange(len(order))[:, None], order] = np.arange(1, order.shape[1] + 1)[None, :]
+    return ranks
 
 
 def random_rankings(n: int, depth: int, draws: int, rng: np.random.Generator) -> np.ndarray:

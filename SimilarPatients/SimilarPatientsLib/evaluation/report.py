@@ -18,6 +18,7 @@ from ..references.fusion_verdict import SEARCH_AGGREGATION, VERDICT_FILE
 from ..search.fusion import RRF_CONSTANT
 from ..util import atomic
 from ..util.optional import pyplot
+from . import lookalike
 from .run import FUSED_NAMES, PERMUTED, Evaluation
 
 CLASSIFIER_NAMES = {
@@ -26,7 +27,6 @@ CLASSIFIER_NAMES = {
     "linear": "linear probe",
     "mlp": "MLP",
 }
-MEASURE_NAMES = {"precision": "P", "ap": "mAP", "recall": "R"}
 PRIMARY_CLASSIFIER = "linear"
 ALPHA = 0.05
 _VERDICT_COLUMNS = ["task", "fused", "best_model", "best", "difference", "low", "high"]
@@ -40,6 +40,10 @@ def write(evaluation: Evaluation, out: Path) -> Path:
         evaluation.classification.to_csv(staging / "classification.csv", index=False, float_format="%.4f")
         evaluation.retrieval.to_csv(staging / "retrieval.csv", index=False, float_format="%.4f")
         evaluation.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.4f")
+        for name in ("hubness", "anchors", "lookalike", "spaces"):
+            table = getattr(evaluation, name)
+            if len(table):
+                table.to_csv(staging / f"{name}.csv", index=False, float_format="%.4f")
         decision = fusion_verdict(evaluation)
         if decision is not None:
             evaluation.fusion.to_csv(staging / "fusion.csv", index=False, float_format="%.4f")
@@ -51,12 +55,13 @@ def write(evaluation: Evaluation, out: Path) -> Path:
 
 def fusion_verdict(evaluation: Evaluation) -> dict | None:
     """Whether the fused search (reciprocal rank fusion of every evaluated model, patients by their nearest
-    lesion pair, as the search ranks them) is at least as good as the best single model in precision at
-    the largest k on every task, per distance; with the figures and a reason in words. None when no fused
-    rankings were evaluated."""
+    lesion pair, as the search ranks them) is at least as good as the best single model in class-balanced
+    precision at the largest k on every task, per distance; with the figures and a reason in words. None
+    when no fused rankings were evaluated. (Class-balanced: plain precision rewards a ranking that returns
+    the majority class, or one hub, to everyone.)"""
     s = evaluation.settings
     k = max(s.ks)
-    rows = _rows(evaluation.fusion, fusion=FUSED_NAMES["rrf"], aggregation=SEARCH_AGGREGATION, k=k, measure="precision")
+    rows = _rows(evaluation.fusion, fusion=FUSED_NAMES["rrf"], aggregation=SEARCH_AGGREGATION, measure=f"BP@{k}")
     if not len(rows):
         return None
     metrics = {}
@@ -64,7 +69,8 @@ def fusion_verdict(evaluation: Evaluation) -> dict | None:
         short = group[group["difference"] < -1e-12]
         what = (
             f"On {evaluation.reference}, reciprocal rank fusion of its {len(evaluation.models)} models (each "
-            f"model's first {s.fusion_depth} patients, by their nearest lesion pair, {distance} distance)"
+            f"model's first {s.fusion_depth} patients, by their nearest lesion pair, {distance} distance, "
+            f"{s.space} space)"
         )
         if len(short):
             failures = "; ".join(
@@ -72,13 +78,14 @@ def fusion_verdict(evaluation: Evaluation) -> dict | None:
                 for r in short.itertuples()
             )
             reason = (
-                f"{what} fell short of the best single model in precision@{k} on {len(short)} of {len(group)} "
-                f"tasks ({failures}), so it is offered but not preselected."
+                f"{what} fell short of the best single model in class-balanced precision@{k} on {len(short)} of "
+                f"{len(group)} tasks ({failures}), so it is offered but not preselected."
             )
         else:
             reason = (
-                f"{what} was at least as good as the best single model in precision@{k} on every task evaluated "
-                f"({'; '.join(f'{r.task}: {_difference(r)}' for r in group.itertuples())}), so it is preselected."
+                f"{what} was at least as good as the best single model in class-balanced precision@{k} on every task "
+                f"evaluated ({'; '.join(f'{r.task}: {_difference(r)}' for r in group.itertuples())}), so it is "
+                "preselected."
             )
         metrics[distance] = {
             "default": not len(short),
@@ -92,11 +99,12 @@ def fusion_verdict(evaluation: Evaluation) -> dict | None:
         "reference": evaluation.reference,
         **evaluation.identity,
         "models": list(evaluation.models),
+        "space": s.space,
         "fusion": "rrf",
         "depth": s.fusion_depth,
         "rrf_constant": RRF_CONSTANT,
         "aggregation": SEARCH_AGGREGATION,
-        "measure": "precision",
+        "measure": "balanced precision",
         "k": k,
         "metrics": metrics,
     }
@@ -139,14 +147,14 @@ def _figures(evaluation: Evaluation, task, folder: Path) -> list:
     auc_file = _save(figure, folder / f"auc-{task.name}.png")
 
     k = max(evaluation.settings.ks)
-    table = _rows(evaluation.retrieval, task=task.name, aggregation=primary, k=k, measure="precision")
+    table = _rows(evaluation.retrieval, task=task.name, aggregation=primary, measure=f"BP@{k}")
     models = list(dict.fromkeys(table["model"]))  # the fused rankings too
     figure, axes = plt.subplots(figsize=(1.1 * len(models) + 2.5, 3.5))
     chance = float(table["chance"].iloc[0])
     _grouped_bars(axes, table, models, "distance", "value", "low", "high", {}, bottom=chance)
-    axes.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.axhline(chance, color="grey", linestyle="--", linewidth=1, label="random ranking")
     axes.set_ylim(*near_chance(chance, table["low"], table["high"]))
-    axes.set_ylabel(f"precision@{k} (95% CI)")
+    axes.set_ylabel(f"class-balanced precision@{k} (95% CI)")
     axes.set_title(f"{task.name}: do the {k} nearest patients share the label?", fontsize=9)
     axes.legend(fontsize=7)
     retrieval_file = _save(figure, folder / f"retrieval-{task.name}.png")
@@ -251,31 +259,56 @@ def verdict(evaluation: Evaluation, task) -> str:
         f"{CLASSIFIER_NAMES.get(overall.classifier, overall.classifier)} (AUC "
         f"{_ci(overall.auc, overall.auc_low, overall.auc_high)}; picked after the fact, so optimistic)."
     )
-    k = max(settings.ks)
-    retrieval = _rows(
-        evaluation.retrieval,
-        task=task.name,
-        aggregation=settings.primary_aggregation,
-        k=k,
-        measure="precision",
-        model=list(evaluation.cohorts["model"].unique()),
-    ).sort_values("value", ascending=False)
-    if len(retrieval):
-        r = retrieval.iloc[0]
-        above = r.low > r.chance
-        sentences.append(
-            f"In retrieval, {r.model} ({r.distance}) gives the highest precision@{k}, "
-            f"{_ci(r.value, r.low, r.high)} against {r.chance:.3f} by chance: "
-            + (
-                "its neighbours share the label more often than chance, but by little."
-                if above and r.value - r.chance < 0.1
-                else "its neighbours share the label clearly more often than chance."
-                if above
-                else "not distinguishable from chance."
-            )
-        )
+    sentences += _retrieval_sentences(evaluation, task)
     sentences += _fusion_sentences(evaluation, task)
     return " ".join(sentences)
+
+
+def _retrieval_sentences(evaluation: Evaluation, task) -> list:
+    """The best single model's class-balanced precision, judged against the permutation null (labels
+    shuffled, rankings kept: a ranking with the same hubs that knows nothing of the label), and every
+    model whose neighbours fall below a random ranking for one class."""
+    settings = evaluation.settings
+    k = max(settings.ks)
+    single = list(evaluation.cohorts["model"].unique())
+    table = _rows(evaluation.retrieval, task=task.name, aggregation=settings.primary_aggregation, model=single)
+    balanced = table[table.measure == f"BP@{k}"].sort_values("value", ascending=False)
+    if not len(balanced):
+        return []
+    r = balanced.iloc[0]
+    significant = np.isfinite(r.p) and r.p <= ALPHA
+    sentences = [
+        f"In retrieval, {r.model} ({r.distance}) gives the highest class-balanced precision@{k} (the mean of the "
+        f"two classes' own precision), {_ci(r.value, r.low, r.high)} over queries"
+        + (
+            f", [{r.gallery_low:.3f}–{r.gallery_high:.3f}] with the gallery resampled too"
+            if np.isfinite(r.gallery_low)
+            else ""
+        )
+        + f", against {r['null']:.3f} under the permutation null ({r.shuffles} label shuffles, rankings kept; "
+        f"p {_p(r.p)}): "
+        + (
+            "its neighbours share the label more often than its own hubs alone would give, but by little."
+            if significant and r.value - r["null"] < 0.05
+            else "its neighbours share the label clearly more often than its hubs alone would give."
+            if significant
+            else "not distinguishable from what its hubs alone give."
+        )
+    ]
+    below = []
+    for (model, distance), group in table.groupby(["model", "distance"], sort=False):
+        for sign, side in (("+", "positive"), ("-", "negative")):
+            row = group[group.measure == f"P@{k} {sign}"]
+            if len(row) and row.iloc[0].high < row.iloc[0].chance:  # the whole query interval below
+                below.append(
+                    f"{model} ({distance}) for {side} queries, {row.iloc[0].value:.3f} against {row.iloc[0].chance:.3f}"
+                )
+    if below:
+        sentences.append(
+            f"Resolvably below a random ranking for one class (precision@{k}, the interval over queries below it): "
+            f"{'; '.join(below)}."
+        )
+    return sentences
 
 
 def _fusion_sentences(evaluation: Evaluation, task) -> list:
@@ -291,8 +324,7 @@ def _fusion_sentences(evaluation: Evaluation, task) -> list:
             fusion=FUSED_NAMES["rrf"],
             aggregation=aggregation,
             distance="cosine",
-            k=k,
-            measure="precision",
+            measure=f"BP@{k}",
         )
         if not len(rows):
             continue
@@ -302,8 +334,8 @@ def _fusion_sentences(evaluation: Evaluation, task) -> list:
         beats = "beats" if r.low > 0 else "does not beat"
         sentences.append(
             f"Fusing all {len(evaluation.models)} models (reciprocal rank fusion; {where}; cosine) {beats} the best "
-            f"single model, {r.best_model}: precision@{k} {r.fused:.3f} against {r.best:.3f}, a difference of "
-            f"{_difference(r)} ({_fusion_word(r)})."
+            f"single model, {r.best_model}: class-balanced precision@{k} {r.fused:.3f} against {r.best:.3f}, a "
+            f"difference of {_difference(r)} ({_fusion_word(r)})."
         )
     return sentences
 
@@ -366,14 +398,29 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
     out = [
         f"# What the embeddings of `{evaluation.reference}` know",
         "",
+        f"Space: **{s.space}** ("
+        + (
+            "the search's default: each model's vectors z-scored by the reference's mean and per-dimension "
+            "SD, patient distances locally scaled by the two patients' 10th-neighbour distances within the cohort"
+            if s.space == "corrected"
+            else "plain distance on the stored vectors, as the published neighbour lists were made"
+        )
+        + "). "
         f"Models: {', '.join(dict.fromkeys(evaluation.cohorts['model']))}. "
         f"Classification: {s.repeats}× repeated, stratified {s.folds}-fold cross-validation over patients "
         f"(a patient's lesions never straddle folds); AUC and balanced accuracy with {s.bootstrap}-sample "
         f"patient-bootstrap 95% intervals; permutation test ({s.permutations} label shuffles, the whole "
         f"cross-validation re-run) for {', '.join(CLASSIFIER_NAMES[c] for c in PERMUTED)}, with p-values "
         f"adjusted over the models of a task by the Westfall–Young max-statistic method. Retrieval: leave one "
-        f"patient out, k = {', '.join(map(str, s.ks))}, against random rankings. Patient aggregation of several "
-        f"lesions: **{s.primary_aggregation}** unless said. Seed {s.seed}; {evaluation.seconds:.0f} s.",
+        f"patient out, k = {', '.join(map(str, s.ks))}; class-balanced precision (BP@k: the mean of the two classes' "
+        f"own precision, so neither the majority class nor a hub can carry it) with a row per class, mAP@R and "
+        f"R-precision, and nDCG@{max(s.ks)} with graded gains for an ordinal label; 95% intervals over the queries "
+        f"(what this reference answers) and, for BP@{max(s.ks)} and P@{max(s.ks)} (cosine), with the gallery "
+        f"resampled as well (what a new cohort of the same size would show: wider); verdicts against the "
+        f"permutation null ({s.retrieval_permutations} label shuffles across patients with the rankings kept, "
+        f"{s.permutations} for mAP@R and R-precision), not against random rankings, which have no hubs. Patient "
+        f"aggregation of several lesions: **{s.primary_aggregation}** unless said. Seed {s.seed}; "
+        f"{evaluation.seconds:.0f} s.",
         "",
         "Classifiers: k-NN = fraction of positives among the "
         f"{s.knn_k} nearest patients (cosine); class mean = cosine similarity to the positive minus the negative "
@@ -388,6 +435,9 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
         grid = probe.assign(cell=[_ci(r.auc, r.auc_low, r.auc_high) for r in probe.itertuples()])
         grid = grid.pivot(index="model", columns="task", values="cell")[[t.name for t in evaluation.tasks]]
         out += [_md_table(grid.reset_index()), ""]
+    out += _lookalike_section(evaluation)
+    out += _hubness_section(evaluation)
+    out += _space_section(evaluation)
     out += _fusion_summary(evaluation)
     for task in evaluation.tasks:
         cohort = _rows(evaluation.cohorts, task=task.name).iloc[0]
@@ -417,29 +467,219 @@ def _markdown(evaluation: Evaluation, figures: dict) -> str:
             }
         )
         out += [_md_table(table), "", _published(evaluation, task), "#### Retrieval", ""]
-        retrieval = _rows(evaluation.retrieval, task=task.name, aggregation=s.primary_aggregation)
-        retrieval = retrieval.assign(column=[f"{MEASURE_NAMES[m]}@{k}" for m, k in zip(retrieval.measure, retrieval.k)])
-        cells = retrieval.assign(cell=retrieval["value"].map("{:.3f}".format))
-        grid = cells.pivot(index=["model", "distance"], columns="column", values="cell")
-        chance = retrieval.drop_duplicates("column").set_index("column")["chance"].map("{:.3f}".format)
-        grid.loc[("chance", "random ranking"), :] = chance
-        grid = grid[list(dict.fromkeys(retrieval["column"]))]
-        k = max(s.ks)
-        if "p" in retrieval and retrieval["p"].notna().any():
-            precision = retrieval[(retrieval.measure == "precision") & (retrieval.k == k)]
-            grid[f"p (P@{k})"] = precision.set_index(["model", "distance"])["p"].map(_p).reindex(grid.index).fillna("")
-        out += [_md_table(grid.reset_index()), ""]
-        if "p" in retrieval and retrieval["p"].notna().any():
-            out += [
-                f"p: permutation test of P@{k} against chance ({s.permutations} label shuffles across patients, the "
-                f"rankings kept; not adjusted over models). The fused rows rank by all models at once "
-                f"(`search.fusion`: each model's first {s.fusion_depth} patients; RRF constant {RRF_CONSTANT}).",
-                "",
-            ]
+        out += [_retrieval_table(evaluation, task), ""]
         out += [f"![precision at k]({figures[task.name][1]})", ""]
         out += [_fusion_section(evaluation, task), ""]
         out += [_aggregation_section(evaluation, task), ""]
+        out += [_anchor_section(evaluation, task), ""]
     return "\n".join(out)
+
+
+def _retrieval_table(evaluation: Evaluation, task) -> str:
+    """Per model and distance (primary aggregation): BP@k with both intervals, per class, the other measures,
+    the permutation null and p; and a random-ranking row."""
+    s = evaluation.settings
+    k = max(s.ks)
+    table = _rows(evaluation.retrieval, task=task.name, aggregation=s.primary_aggregation).set_index(
+        ["model", "distance", "measure"]
+    )
+    order_of = {
+        key: i
+        for i, key in enumerate(dict.fromkeys(zip(table.index.get_level_values(0), table.index.get_level_values(1))))
+    }
+    table = table.sort_index()
+    keys = list(order_of)
+    others = [m for m in ("nDCG@" + str(k), "mAP@R", "R-precision") if m in set(table.index.get_level_values(2))]
+    lines, random_row = [], None
+    for model, distance in keys:
+        row = table.loc[(model, distance)]
+        bp = row.loc[f"BP@{k}"]
+        gallery = f"[{bp.gallery_low:.3f}–{bp.gallery_high:.3f}]" if np.isfinite(bp.gallery_low) else ""
+        cells = [model, distance, _ci(bp.value, bp.low, bp.high), gallery]
+        cells += [f"{row.loc[f'P@{k} {sign}'].value:.3f}" for sign in ("+", "-")]
+        cells += [f"{row.loc[f'P@{k}'].value:.3f}"] + [
+            f"{row.loc[m].value:.3f}" if m in row.index else "" for m in others
+        ]
+        cells += [f"{bp['null']:.3f}", _p(bp.p)]
+        lines.append(cells)
+        if random_row is None:
+            random_row = ["random ranking", "", f"{bp.chance:.3f}", ""]
+            random_row += [f"{row.loc[f'P@{k} {sign}'].chance:.3f}" for sign in ("+", "-")]
+            random_row += [f"{row.loc[f'P@{k}'].chance:.3f}"] + [
+                f"{row.loc[m].chance:.3f}" if m in row.index else "" for m in others
+            ]
+            random_row += ["", ""]
+    columns = ["model", "distance", f"BP@{k} [95% CI, queries]", "[95% CI, queries and gallery]"]
+    columns += [f"P@{k} positive queries", f"P@{k} negative queries", f"P@{k}", *others]
+    columns += [f"BP@{k} null (mean)", f"p (BP@{k})"]
+    frame = pd.DataFrame([*lines, random_row], columns=columns)
+    return "\n".join(
+        [
+            _md_table(frame),
+            "",
+            f"BP@{k}: class-balanced precision@{k}. The null is the mean BP@{k} of the same rankings with the labels "
+            f"shuffled across patients ({s.retrieval_permutations} shuffles); p is one-sided, not adjusted over "
+            f"models. A random ranking (last row) has no hubs, so it is no verdict's reference. The fused rows "
+            f"rank by all models at once (`search.fusion`: each model's first {s.fusion_depth} patients; RRF "
+            f"constant {RRF_CONSTANT}). Every figure, P@5 and BP@5 too, is in `retrieval.csv`.",
+        ]
+    )
+
+
+def _hubness_section(evaluation: Evaluation) -> list:
+    """How often the commonest patient is returned, and how many patients never are, per model."""
+    table = evaluation.hubness
+    if not len(table):
+        return []
+    k = int(table["k"].iloc[0])
+    rows = table[table.distance == "cosine"]
+    cells = rows.assign(cell=[f"{r.largest:.0%} ({r.hub}) / {r.never:.0%}" for r in rows.itertuples()])
+    cells = cells.assign(
+        column=[
+            f"{r.space}: "
+            + ("nearest lesion pair (the search)" if r.aggregation == SEARCH_AGGREGATION else r.aggregation)
+            for r in cells.itertuples()
+        ]
+    )
+    grid = cells.pivot(index="model", columns="column", values="cell")
+    grid = grid.reindex(index=list(dict.fromkeys(rows["model"])), columns=list(dict.fromkeys(cells["column"])))
+    return [
+        "## Hubs",
+        "",
+        f"Every one of the {int(rows['patients'].iloc[0])} patients queries all the others (cosine). Each cell: the "
+        f"largest share of the {k}-nearest lists one patient is in (that patient), and the share of patients that "
+        f"are in no list at all. A good space returns every patient to someone and no patient to most; a hub "
+        f"answers every query alike, which a random ranking never does.",
+        "",
+        _md_table(grid.reset_index(names="model")),
+        "",
+    ]
+
+
+def _anchor_section(evaluation: Evaluation, task) -> str:
+    """Per anchor: the anchor's own figures and each model's paired difference against it, same patients."""
+    table = _rows(evaluation.anchors, task=task.name) if len(evaluation.anchors) else evaluation.anchors
+    k = max(evaluation.settings.ks)
+    if not len(table):
+        return ""
+    out = []
+    for anchor, group in table.groupby("anchor", sort=False):
+        auc = group[group.measure == "AUC"].set_index("model")
+        bp = group[group.measure == f"BP@{k}"].set_index("model")
+        frame = pd.DataFrame(
+            {
+                "model": auc.index,
+                "linear-probe AUC [95% CI]": [_ci(r.value, r.low, r.high) for r in auc.itertuples()],
+                "AUC − anchor [paired CI]": [
+                    "" if m == anchor else f"{r.difference:+.3f} [{r.difference_low:+.3f}, {r.difference_high:+.3f}]"
+                    for m, r in zip(auc.index, auc.itertuples())
+                ],
+                f"BP@{k} [95% CI]": [_ci(r.value, r.low, r.high) for r in bp.itertuples()],
+                "p (null)": bp["p"].map(_p).to_numpy(),
+                f"BP@{k} − anchor [paired CI]": [
+                    "" if m == anchor else f"{r.difference:+.3f} [{r.difference_low:+.3f}, {r.difference_high:+.3f}]"
+                    for m, r in zip(bp.index, bp.itertuples())
+                ],
+            }
+        )
+        models = auc.drop(index=anchor)
+        beaten = models[models.difference_low > 0].index.tolist()
+        behind = models[models.difference_high < 0].index.tolist()
+        out += [
+            f"#### Against a non-image anchor: {anchor}",
+            "",
+            f"The {int(group['patients'].iloc[0])} patients of this task that have {anchor}; the same folds (each "
+            f"fold's patients that have it), the same linear probe, and retrieval by {anchor} against each "
+            f"model's cosine ranking of the same patients. Differences are paired over the same bootstrap draws. "
+            + (
+                f"Resolvably better than the anchor (AUC): {', '.join(beaten)}. "
+                if beaten
+                else "No model's AUC is resolvably above the anchor's. "
+            )
+            + (f"Resolvably worse: {', '.join(behind)}." if behind else ""),
+            "",
+            _md_table(frame),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def _lookalike_section(evaluation: Evaluation) -> list:
+    """Same-tumor re-identification: per model and fused, all queries and the cross-exam pairs."""
+    table = evaluation.lookalike
+    if not len(table):
+        return []
+    out = [
+        "## Look-alike benchmark: the same tumor on another CT series",
+        "",
+        "Each lesion of a patient with lesions in more than one CT series queries every other lesion of the "
+        "reference (cosine, lesion level); its matches are the same patient's lesions in another series (the "
+        "same tumor at another screening round, nearly always). R@1: a match ranks first; R@10: one is in the "
+        "first 10; mAP over the matches. Cross-exam: only matches whose centres are at least "
+        f"{lookalike.CROSS_EXAM_MM:g} mm apart in the scanner frame (another exam, not another reconstruction). "
+        "95% intervals resample patients.",
+        "",
+    ]
+    for (space, gallery), by_gallery in table.groupby(["space", "gallery"], sort=False):
+        for queries, group in by_gallery.groupby("queries", sort=False):
+            indexed = group.set_index(["model", "measure"])
+            models = list(dict.fromkeys(group["model"]))
+            frame = pd.DataFrame(
+                {
+                    "model": models,
+                    **{
+                        f"{m} [95% CI]": [_ci(*indexed.loc[(model, m), ["value", "low", "high"]]) for model in models]
+                        for m in ("R@1", "R@10", "mAP")
+                    },
+                }
+            )
+            first = group.iloc[0]
+            chance = [indexed.loc[(models[0], m), "chance"] for m in ("R@1", "R@10")]
+            out += [
+                f"**{space} space, {lookalike.QUERIES[queries]} queries, gallery: {lookalike.GALLERIES[gallery]}** — "
+                f"{int(first['count'])} queries of {int(first.patients)} patients; a random ranking gives R@1 "
+                f"{chance[0]:.3f} and R@10 {chance[1]:.3f}.",
+                "",
+                _md_table(frame),
+                "",
+            ]
+    return out
+
+
+def _space_section(evaluation: Evaluation) -> list:
+    """The evaluated space against raw, as the search ranks patients: class-balanced and per-class precision."""
+    table = evaluation.spaces
+    if not len(table):
+        return []
+    k = max(evaluation.settings.ks)
+    space = table["space"].iloc[0]
+    lines = [
+        f"## The {space} space against raw",
+        "",
+        f"Patients ranked as the search ranks them (nearest lesion pair, cosine), in the {space} space and on the "
+        f"stored vectors (raw); the difference is paired over the same queries and bootstrap draws. (Hubs and "
+        f"look-alikes in both spaces: the sections above.)",
+        "",
+    ]
+    for task, group in table.groupby("task", sort=False):
+        indexed = group.set_index(["model", "measure"])
+        models = list(dict.fromkeys(group["model"]))
+
+        frame = pd.DataFrame(
+            {
+                "model": models,
+                f"BP@{k} raw → {space} (difference [paired CI])": [_space_cell(indexed, m, f"BP@{k}") for m in models],
+                f"P@{k} positive queries": [_space_cell(indexed, m, f"P@{k} +") for m in models],
+                f"P@{k} negative queries": [_space_cell(indexed, m, f"P@{k} -") for m in models],
+            }
+        )
+        lines += [f"**{task}**", "", _md_table(frame), ""]
+    return lines
+
+
+def _space_cell(indexed: pd.DataFrame, model: str, measure: str) -> str:
+    r = indexed.loc[(model, measure)]
+    return f"{r.raw:.3f} → {r.value:.3f} ({r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}])"
 
 
 def _fusion_summary(evaluation: Evaluation) -> list:
@@ -459,13 +699,13 @@ def _fusion_summary(evaluation: Evaluation) -> list:
         f"per-query difference. Precision@{k}, as the search ranks patients (nearest lesion pair):",
         "",
     ]
-    rows = _rows(evaluation.fusion, aggregation=SEARCH_AGGREGATION, k=k, measure="precision")
+    rows = _rows(evaluation.fusion, aggregation=SEARCH_AGGREGATION, measure=f"BP@{k}")
     table = pd.DataFrame(
         {
             "task": rows["task"],
             "fusion": rows["fusion"],
             "distance": rows["distance"],
-            f"fused P@{k}": rows["fused"].map("{:.3f}".format),
+            f"fused BP@{k}": rows["fused"].map("{:.3f}".format),
             "best single model": [f"{r.best_model} {r.best:.3f}" for r in rows.itertuples()],
             "difference [paired 95% CI]": [_signed_ci(r) for r in rows.itertuples()],
             "verdict": [_fusion_word(r) for r in rows.itertuples()],
@@ -481,14 +721,14 @@ def _fusion_summary(evaluation: Evaluation) -> list:
 def _fusion_section(evaluation: Evaluation, task) -> str:
     """Per task: each fusion against the best single model, per aggregation and distance, at the largest k."""
     k = max(evaluation.settings.ks)
-    rows = _rows(evaluation.fusion, task=task.name, k=k)
+    measures = [f"BP@{k}", f"P@{k}", "mAP@R"]
+    rows = _rows(evaluation.fusion, task=task.name, measure=measures)
     if not len(rows):
         return ""
     cells = [f"{r.fused:.3f} vs {r.best_model} {r.best:.3f}: {_signed_ci(r)}" for r in rows.itertuples()]
     cells = rows.assign(cell=cells)
-    cells = cells.assign(column=cells["measure"].map(lambda m: f"{MEASURE_NAMES[m]}@{k}"))
-    grid = cells.pivot(index=["fusion", "aggregation", "distance"], columns="column", values="cell")
-    grid = grid[[f"{MEASURE_NAMES[m]}@{k}" for m in ("precision", "ap", "recall")]]
+    grid = cells.pivot(index=["fusion", "aggregation", "distance"], columns="measure", values="cell")
+    grid = grid[measures]
     levels = [list(dict.fromkeys(rows[c])) for c in ("fusion", "aggregation", "distance")]
     levels[1] = [a for a in evaluation.settings.aggregations if a in levels[1]]
     grid = grid.reindex(pd.MultiIndex.from_product(levels, names=["fusion", "aggregation", "distance"]))
@@ -512,10 +752,10 @@ def _aggregation_section(evaluation: Evaluation, task) -> str:
     rows = _rows(evaluation.classification, task=task.name, classifier=list(s.secondary_classifiers))
     auc = rows.assign(column=rows["classifier"].map(lambda c: f"{CLASSIFIER_NAMES[c]} AUC"))
     auc = auc.pivot(index=["model", "aggregation"], columns="column", values="auc")
-    retrieval = _rows(evaluation.retrieval, task=task.name, distance="cosine", k=k, measure="precision").set_index(
+    retrieval = _rows(evaluation.retrieval, task=task.name, distance="cosine", measure=f"BP@{k}").set_index(
         ["model", "aggregation"]
     )["value"]
-    table = auc.assign(**{f"P@{k} (cosine)": retrieval}).reindex(
+    table = auc.assign(**{f"BP@{k} (cosine)": retrieval}).reindex(
         pd.MultiIndex.from_product([list(dict.fromkeys(rows["model"])), list(s.aggregations)])
     )
     means = table.groupby(level=1).mean().mean(axis=1).reindex(list(s.aggregations))

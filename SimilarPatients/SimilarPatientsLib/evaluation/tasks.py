@@ -40,6 +40,22 @@ class Task:
     #: Published AUCs to compare with: model -> AUC, or a note for the whole task.
     published: dict = field(default_factory=dict)
     published_note: str = ""
+    #: The field's values in their clinical order where the label is ordinal (AJCC stage): retrieval then
+    #: also reports nDCG with graded gains (a IIIA neighbour of a IIIB query counts more than a IA one).
+    ordinal: tuple | None = None
+
+    def patient_grades(self, lesions: pd.DataFrame, patients) -> np.ndarray | None:
+        """Each of ``patients``' place (0 .. levels - 1) on :attr:`ordinal`; None when the task has no order."""
+        if self.ordinal is None:
+            return None
+        place = {value: i for i, value in enumerate(self.ordinal)}
+        first = lesions.groupby(schema.PATIENT, sort=False)[self.field].first()
+        grades = first.reindex(pd.Index(patients)).map(place).to_numpy(dtype=np.float64)
+        if np.isnan(grades).any():
+            raise SimilarPatientsError(
+                f"Task '{self.name}': some patients' {self.field} is none of {', '.join(self.ordinal)}."
+            )
+        return grades
 
     def patient_labels(self, lesions: pd.DataFrame) -> pd.Series:
         """1 (positive) / 0 (negative) per PatientID, sorted, for the patients the task covers."""
@@ -112,6 +128,7 @@ PRESETS = {
             description="stage III–IV vs stage I–II (AJCC, NLST)",
             published=_published_stage(),
             published_note=_PUBLISHED_SOURCE,
+            ordinal=("IA", "IB", "IIA", "IIB", "IIIA", "IIIB", "IV"),
         ),
     )
 }
