@@ -26,10 +26,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from SimilarPatientsLib.evaluation import neighbourhoods
+from SimilarPatientsLib.evaluation import lookalike, neighbourhoods
 from SimilarPatientsLib.evaluation.tasks import PRESETS
-from SimilarPatientsLib.references import schema
 from SimilarPatientsLib.references.store import ReferenceStore
 from SimilarPatientsLib.search.distances import pairwise_distances
 
@@ -92,10 +90,7 @@ def main() -> None:
         patients = space.patient_ids
         vectors = np.asarray(space.vectors, dtype=np.float64)
         matrices = candidates(vectors, space.patient_codes, len(patients))
-        series = lesions[schema.SERIES].to_numpy(dtype=object)
-        owners = space.patient_codes
-        several = pd.Series(series).groupby(owners).nunique()
-        queries = np.flatnonzero(np.isin(owners, several[several > 1].index.to_numpy()))
+        pairs = lookalike.Pairs.build(lesions)
         labels = {t: task.patient_labels(lesions) for t, task in TASKS.items()}
         precision = {}
         for name, (by_patient, lesion) in matrices.items():
@@ -113,8 +108,7 @@ def main() -> None:
                         precision[name, task], precision["raw", task], label
                     )
                     cells.append(f"{value:.3f} [{point:+.3f}, {low:+.3f} … {high:+.3f}]".rjust(34))
-            nearest = np.argmin(lesion[queries], axis=1)
-            recall = np.mean((owners[nearest] == owners[queries]) & (series[nearest] != series[queries]))
+            recall = lookalike.figures(np.argsort(lesion, axis=1, kind="stable")[:, :-1], pairs.relevant)["R@1"].mean()
             print(
                 f"{model:10s} {name:13s} {hub.largest:8.3f} {hub.never:6.3f} {hub.lesion_bias:8.2f} "
                 + " ".join(cells)

@@ -242,10 +242,15 @@ def _resampled_precision(drawn: np.ndarray, order: np.ndarray, relevant: np.ndar
     return np.where((filled < k) & (not complete), np.nan, precision)
 
 
+def appearances(order: np.ndarray, k: int) -> np.ndarray:
+    """(n,) how many of the n patients' top-k lists each patient is in (``order``: every patient's ranking)."""
+    return np.bincount(order[:, :k].ravel(), minlength=len(order))
+
+
 def hubness(order: np.ndarray, k: int) -> tuple:
     """(largest share of the top-k lists one patient appears in, share of patients in no top-k list)."""
-    appearances = np.bincount(order[:, :k].ravel(), minlength=len(order))
-    return float(appearances.max() / len(order)), float(np.mean(appearances == 0))
+    counts = appearances(order, k)
+    return float(counts.max() / len(order)), float(np.mean(counts == 0))
 
 
 def ranks_of(order: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What a space does to the product's own answers: the top-k lists ``neighbors`` returns for every reference
-patient, how often each patient appears in them (hubness), class-balanced precision of those lists for a
-task, and whether a lesion's nearest other lesion is the same tumor on another CT series (re-identification).
+patient, read with the scoreboard's measures (:mod:`metrics`: hubness, class-balanced precision), so the
+bounds and the report count alike; same-tumor re-identification is :mod:`lookalike`'s.
 
 This is how the corrected space was chosen and how its bounds are checked (``benchmarks/hubness.py``, the
 tests on NLST-Sybil): on the ranking a user gets, nearest lesion pair and all, not on a pooled stand-in.
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..references import schema
-from ..search.nearest import exact_distances
+from . import metrics
 
 K = 10
 
@@ -52,29 +52,29 @@ class Hubness:
 
 
 def hubness(ranked: Rankings, k: int = K) -> Hubness:
-    counts = np.bincount(ranked.order[:, :k].ravel(), minlength=len(ranked.patients))
-    top = int(np.argmax(counts))
+    largest, never = metrics.hubness(ranked.order, k)
+    counts = metrics.appearances(ranked.order, k)
     bias = pd.Series(counts).corr(pd.Series(ranked.lesion_counts), method="spearman")
-    return Hubness(counts[top] / len(ranked.patients), str(ranked.patients[top]), float(np.mean(counts == 0)), bias)
+    return Hubness(largest, str(ranked.patients[int(np.argmax(counts))]), never, bias)
 
 
 def precision_per_query(ranked: Rankings, labels: pd.Series, k: int = K) -> pd.Series:
     """For each labelled patient, the share of its first ``k`` labelled neighbours with its label (the task's
     cohort is the gallery: unlabelled patients are skipped in the ranking)."""
     label_of = labels.reindex(ranked.patients).to_numpy(dtype=float)
-    out = {}
-    for i, patient in enumerate(ranked.patients):
-        if np.isnan(label_of[i]):
-            continue
-        listed = label_of[ranked.order[i]]
-        listed = listed[~np.isnan(listed)][:k]
-        out[patient] = float(np.mean(listed == label_of[i]))
-    return pd.Series(out)
+    labelled = ~np.isnan(label_of)
+    place = np.cumsum(labelled) - 1  # a labelled patient's position in the cohort
+    order = ranked.order[labelled]
+    order = place[order[labelled[order]].reshape(len(order), -1)]  # each query's ranking of the cohort
+    precision = metrics.label_figures(order, label_of[labelled], (k,), ranked=False)[f"P@{k}"]
+    return pd.Series(precision, index=ranked.patients[labelled])
 
 
-def balanced(precisions: pd.Series, labels: pd.Series) -> float:
-    """Class-balanced precision: the mean over classes of each class's mean per-query precision."""
-    return float(precisions.groupby(labels.reindex(precisions.index)).mean().mean())
+def balanced(precisions: pd.Series, labels: pd.Series, k: int = K) -> float:
+    """Class-balanced precision of a binary task (:func:`precision_per_query`'s): the mean of the two classes'
+    mean per-query precision."""
+    figures = {f"P@{k}": precisions.to_numpy()}
+    return float(metrics.summarise(figures, labels.reindex(precisions.index).to_numpy())[f"BP@{k}"])
 
 
 def paired_difference(
@@ -94,26 +94,3 @@ def paired_difference(
     point = np.mean([a[g].mean() - b[g].mean() for g in groups])
     low, high = np.percentile(differences, [2.5, 97.5])
     return float(point), float(low), float(high)
-
-
-def same_tumor_recall(reference, model: str, space: str, metric: str = "cosine") -> float:
-    """R@1 of same-tumor re-identification: each lesion of a patient with lesions in more than one CT series
-    is a query; a hit is relevant when it is the same patient's lesion in another series; the gallery is
-    every other lesion, ranked as the search ranks lesions in ``space`` (locally scaled by each lesion's
-    patient's radius there; the query's own radius changes no order)."""
-    searched = reference.space(model, space=space, metric=metric)
-    lesions = reference.lesions(model)
-    patients = lesions[schema.PATIENT].to_numpy(dtype=object)
-    series = lesions[schema.SERIES].to_numpy(dtype=object)
-    several = pd.Series(series).groupby(patients).nunique()
-    queries = np.flatnonzero(np.isin(patients, several[several > 1].index.to_numpy()))
-    everything = np.arange(len(lesions))
-    found = []
-    for row in queries:
-        distances = exact_distances(searched, everything, np.asarray(searched.vectors[row])[None, :], metric)[:, 0]
-        if searched.scaled:
-            distances = distances / np.sqrt(searched.row_radii)
-        distances[row] = np.inf
-        nearest = int(np.argmin(distances))
-        found.append(patients[nearest] == patients[row] and series[nearest] != series[row])
-    return float(np.mean(found))

@@ -562,7 +562,7 @@ def _evaluate_hubness(reference, models: tuple, settings: Settings) -> dict:
             named.append((FUSED_NAMES["rrf"], _without_self(fuse(ranks, None, "rrf", settings.fusion_depth).order)))
         for model, order in named:
             largest, never = metrics.hubness(order, k)
-            hub = patients.index[np.bincount(order[:, :k].ravel(), minlength=len(order)).argmax()]
+            hub = patients.index[metrics.appearances(order, k).argmax()]
             rows.append(
                 {"model": model, "space": space, "aggregation": aggregation, "distance": distance}
                 | {"k": k, "patients": len(order)}
