@@ -10,12 +10,16 @@ interleave the two spaces query by query, so load on a shared machine falls on b
 Synthetic clustered vectors as in ``benchmarks/search.py`` (2 lesions a patient).
 
     PYTHONPATH=SimilarPatients python benchmarks/space_cost.py --rows 200000
+    PYTHONPATH=SimilarPatients python benchmarks/space_cost.py --rows 200000 --profile   # where the time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -45,6 +49,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--profile", action="store_true", help="also profile the approximate searches")
     args = parser.parse_args()
 
     from SimilarPatientsLib import ReferenceStore
@@ -94,19 +99,46 @@ def main() -> None:
     raw_index = reference.approximate_index("M", "cosine")
     raw_index_s = time.perf_counter() - started
     corrected_index = reference.approximate_index("M", "cosine", None, "corrected")
-    approximate = interleaved(
-        {
-            "raw": lambda q: nearest_patients(raw, q, K, "cosine", None, raw_index.candidates),
-            "corrected": lambda q: nearest_patients(corrected, q, K, "cosine", None, corrected_index.candidates),
-        },
-        queries,
-    )
+    searches = {
+        "raw": lambda q: nearest_patients(raw, q, K, "cosine", None, raw_index.candidates),
+        "corrected": lambda q: nearest_patients(corrected, q, K, "cosine", None, corrected_index.candidates),
+    }
+    approximate = interleaved(searches, queries)
     print(
         f"approximate p50: raw {1e3 * approximate['raw']:.2f} ms (index built on first use in {raw_index_s:.0f} s, "
         f"recall {raw_index.calibration.recall:.3f}), corrected {1e3 * approximate['corrected']:.2f} ms "
         f"(recall {corrected_index.calibration.recall:.3f} at effort {corrected_index.calibration.breadth})"
     )
     print(f"  corrected / raw: {approximate['corrected'] / approximate['raw']:.3f}")
+    if args.profile:
+        for name, call in searches.items():
+            profiled(name, call, queries)
+        corrected_rows = np.asarray(matrix[: 4 * K])  # as many rows as the re-ranking gets from the graph
+        parts = interleaved(
+            {
+                "raw graph": lambda q: raw_index.candidates(q[None, :].astype(np.float32), 4 * K, None),
+                "corrected graph": lambda q: corrected_index.candidates(q[None, :].astype(np.float32), 4 * K, None),
+                "z-scoring 40 rows and the query": lambda q: (
+                    corrected.correction.transformed(corrected_rows),
+                    corrected.correction.transformed(q[None, :]),
+                ),
+            },
+            np.repeat(queries, 10, axis=0),
+        )
+        print("parts p50: " + ", ".join(f"{name} {1e6 * value:.0f} µs" for name, value in parts.items()))
+
+
+def profiled(name: str, call, queries, rounds: int = 20) -> None:
+    """The functions that took longest over ``rounds`` passes of ``call`` on every query."""
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(rounds):
+        for q in queries:
+            call(q)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(8)
+    print(f"{name}, {rounds * len(queries)} approximate searches:\n{out.getvalue()}")
 
 
 if __name__ == "__main__":
