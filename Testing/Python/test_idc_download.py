@@ -152,7 +152,8 @@ def test_idc_index_starts_s5cmd_without_a_console_window_on_windows(monkeypatch)
     import re
     import types
 
-    import idc_index.index
+    idc_index = pytest.importorskip("idc_index", reason="the download extra")
+    pytest.importorskip("idc_index.index")
     from SimilarPatientsLib.idc import download
 
     started = []

@@ -113,6 +113,7 @@ def test_demographic_anchor_ranks_sex_then_smoking_then_age():
     assert anchors.size(lesions, ["a", "b"], None) is None
 
 
+@pytest.mark.torch  # the analysis extra (scikit-learn, torch)
 def test_anchor_that_knows_the_label_beats_the_images(tmp_path):
     """A reference whose label follows sex: the anchor's AUC is high and every model's paired difference
     is resolvably negative."""
@@ -135,6 +136,7 @@ def test_anchor_that_knows_the_label_beats_the_images(tmp_path):
     assert (table.xs("AUC", level="measure").drop(index="age, sex, smoking").difference_high < 0).all()
 
 
+@pytest.mark.torch  # the analysis extra (scikit-learn, torch)
 def test_corrected_evaluation_reports_raw_beside_it_and_refuses_an_unknown_size_field(tmp_path):
     """In the corrected space, hubs and look-alikes come in both spaces and, as the search ranks, each
     model's (and the fused) BP@10 against raw, paired; the fusion verdict says which space it judged."""
