@@ -10,7 +10,7 @@ import qt
 import slicer
 from SimilarPatientsLib.scene.watch import SceneWatch
 from SimilarPatientsLib.ui import Inputs, ModuleController, ModuleLogic, ModuleSettings, dependencies, self_test
-from SimilarPatientsLib.ui.controller import K_RANGE
+from SimilarPatientsLib.ui.controller import K_RANGE, similar_by_choice
 from SimilarPatientsLib.ui.sample import SAMPLE
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -28,6 +28,9 @@ ACTION_WIDGETS = {
     "find_image": "imageFindButton",
     "load": "loadButton",
     "clear_cache": "clearCacheButton",
+    "like": "likeButton",
+    "unlike": "unlikeButton",
+    "more": "moreButton",
 }
 
 
@@ -124,6 +127,9 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.findButton.clicked.connect(lambda: controller.find_by_patient(self.inputs()))
         ui.imageFindButton.clicked.connect(lambda: controller.find_from_image(self.inputs()))
         ui.loadButton.clicked.connect(lambda: controller.load_selected(self.inputs()))
+        ui.likeButton.clicked.connect(lambda: controller.mark(self.inputs().selected_rows, "like"))
+        ui.unlikeButton.clicked.connect(lambda: controller.mark(self.inputs().selected_rows, "unlike"))
+        ui.moreButton.clicked.connect(controller.more_like_these)
         ui.resultsTable.cellDoubleClicked.connect(lambda row, _column: controller.open_viewer(row))
         ui.allowDownloadsCheckBox.checked = settings.downloads_allowed
         ui.allowDownloadsCheckBox.toggled.connect(controller.allow_downloads)
@@ -199,6 +205,7 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             k=ui.kSpinBox.value,
             metric=ui.metricComboBox.currentText,
             filters=ui.filterLineEdit.text,
+            similar_by=similar_by_choice(ui.similarByComboBox.currentText),
             patient=ui.patientLineEdit.text,
             volume=ui.volumeSelector.currentNode(),
             tumor=ui.segmentSelector.currentNode() if segment else ui.pointSelector.currentNode(),
@@ -275,6 +282,10 @@ class SimilarPatientsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def show_models(self, names, current, tooltips):
         self.refill(self.ui.modelComboBox, names, current, tooltips)
         self.onModelChosen(self.ui.modelComboBox.currentText)
+
+    def show_similar_by(self, names, tooltips):
+        """The "Similar with respect to" choices of the reference: appearance first, then its labels."""
+        self.refill(self.ui.similarByComboBox, names, self.ui.similarByComboBox.currentText, tooltips)
 
     def refill(self, comboBox, items, current, tooltips):
         """Replace ``comboBox``'s items (the signals this emits are not the user's choice)."""

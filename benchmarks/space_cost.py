@@ -5,7 +5,12 @@ every patient's radius, its index and nearest-match distribution).
 A search in the corrected space scores the stored matrix as the raw one does (one product per row; the
 z-scoring is folded into the query), then multiplies each row's score by its patient's radius factor and,
 for a query from outside the reference, finds its own radius among the rows it already scored. The timings
-interleave the two spaces query by query, so load on a shared machine falls on both alike.
+interleave the two spaces query by query, so load on a shared machine falls on both alike; the load average
+is printed with each measurement.
+
+The approximate searches are also checked against the exact ones on the same outside queries: the share of
+identical top-k lists, and how far the query's own radius (measured among the patients the index proposes)
+is from the exact one (it scales the reported distances, not their order).
 
 Synthetic clustered vectors as in ``benchmarks/search.py`` (2 lesions a patient).
 
@@ -20,6 +25,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -31,6 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import _lesions, synthetic  # the same synthetic reference as the search benchmark
 
 K = 10
+
+
+def load() -> str:
+    """The 1-minute load average (a shared machine's other work)."""
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 def interleaved(calls: dict, queries) -> dict:
@@ -54,7 +65,7 @@ def main() -> None:
 
     from SimilarPatientsLib import ReferenceStore
     from SimilarPatientsLib.references import schema, spaces
-    from SimilarPatientsLib.search.nearest import nearest_patients
+    from SimilarPatientsLib.search.nearest import exact_distances, nearest_patients
 
     home = tempfile.mkdtemp()
     stages: list = []
@@ -78,7 +89,9 @@ def main() -> None:
     started = time.perf_counter()
     spaces.corrected_norms(matrix, correction)
     norms_s = time.perf_counter() - started
-    print(f"{args.rows:,} × {args.dim}, {os.cpu_count()} CPUs (shared), {args.queries} outside queries, k = {K}")
+    print(
+        f"{args.rows:,} × {args.dim}, {os.cpu_count()} CPUs (shared), {args.queries} outside queries, k = {K}; {load()}"
+    )
     print(f"write {written:.1f} s; its stages (s): " + ", ".join(f"{m}: {v:.1f}" for m, v in spent.items()))
     print(f"the statistics alone: mean and deviation {moments_s:.2f} s, z-scored norms {norms_s:.2f} s")
 
@@ -93,7 +106,9 @@ def main() -> None:
         },
         queries,
     )
-    print("exact scan p50: " + ", ".join(f"{name} {1e3 * value:.1f} ms" for name, value in exact.items()))
+    print(
+        "exact scan p50: " + ", ".join(f"{name} {1e3 * value:.1f} ms" for name, value in exact.items()) + f"; {load()}"
+    )
     print(f"  corrected / raw: {exact['corrected'] / exact['raw']:.3f}")
     started = time.perf_counter()
     raw_index = reference.approximate_index("M", "cosine")
@@ -109,23 +124,45 @@ def main() -> None:
         f"recall {raw_index.calibration.recall:.3f}), corrected {1e3 * approximate['corrected']:.2f} ms "
         f"(recall {corrected_index.calibration.recall:.3f} at effort {corrected_index.calibration.breadth})"
     )
-    print(f"  corrected / raw: {approximate['corrected'] / approximate['raw']:.3f}")
+    print(f"  corrected / raw: {approximate['corrected'] / approximate['raw']:.3f}; {load()}")
+    agreement(corrected, corrected_index, queries)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.profile:
         for name, call in searches.items():
             profiled(name, call, queries)
-        corrected_rows = np.asarray(matrix[: 4 * K])  # as many rows as the re-ranking gets from the graph
+        raw_rows = np.arange(4 * K)  # as many rows as the re-ranking gets from the graph
         parts = interleaved(
             {
                 "raw graph": lambda q: raw_index.candidates(q[None, :].astype(np.float32), 4 * K, None),
                 "corrected graph": lambda q: corrected_index.candidates(q[None, :].astype(np.float32), 4 * K, None),
-                "z-scoring 40 rows and the query": lambda q: (
-                    corrected.correction.transformed(corrected_rows),
-                    corrected.correction.transformed(q[None, :]),
-                ),
+                "re-ranking 40 rows, raw": lambda q: exact_distances(raw, raw_rows, q[None, :], "cosine"),
+                "re-ranking 40 rows, corrected": lambda q: exact_distances(corrected, raw_rows, q[None, :], "cosine"),
             },
             np.repeat(queries, 10, axis=0),
         )
         print("parts p50: " + ", ".join(f"{name} {1e6 * value:.0f} µs" for name, value in parts.items()))
+
+
+def agreement(corrected, index, queries) -> None:
+    """How the approximate corrected answers compare with the exact ones on the outside queries: identical
+    top-k lists, and the query radius's ratio to the exact one (from a patient both answers hold)."""
+    from SimilarPatientsLib.search.nearest import nearest_patients
+
+    same, ratios = 0, []
+    for q in queries:
+        exact = nearest_patients(corrected, q, K, "cosine")
+        approximated = nearest_patients(corrected, q, K, "cosine", None, index.candidates)
+        same += [m.patient for m in exact] == [m.patient for m in approximated]
+        by_patient = {m.patient: m.distance for m in exact}
+        common = [m for m in approximated if m.patient in by_patient and m.distance > 0]
+        if common:  # distance = d / sqrt(r_q r_p): the ratio of the two distances is sqrt of the radii's
+            ratios.append((by_patient[common[0].patient] / common[0].distance) ** 2)
+    ratios = np.array(ratios)
+    print(
+        f"approximate vs exact (corrected, {len(queries)} outside queries): identical top-{K} lists {same}; "
+        f"query radius / exact: equal (1e-9) in {int((np.abs(ratios - 1) < 1e-9).sum())}, "
+        f"median {np.median(ratios):.4f}, max {ratios.max():.4f}"
+    )
 
 
 def profiled(name: str, call, queries, rounds: int = 20) -> None:

@@ -112,6 +112,9 @@ def query_image(
     fusion: str = "rrf",
     depth: int = FUSION_DEPTH,
     space: str = CORRECTED,
+    like: Sequence[str] = (),
+    unlike: Sequence[str] = (),
+    similar_by: str | None = None,
 ) -> ImageQuery:
     """The ``k`` reference patients nearest to the query patient's tumor(s) in ``image``.
 
@@ -129,13 +132,25 @@ def query_image(
             its cached weights where a model is not in them).
         fusion, depth: how several models are fused (:func:`references.fused.search_fused`).
         space: ``corrected`` (hub-free, the default) or ``raw``, as :meth:`Reference.search`.
+        like, unlike: hit patients marked ("more like these"), as :meth:`Reference.search`.
+        similar_by: a label to be similar with respect to, as :meth:`Reference.search` (one model).
     """
     require("embed", IMAGING)
     reference = open_reference(reference, store)
+    if (like or unlike) and not hasattr(reference, "feedback_query"):
+        raise SimilarPatientsError(
+            f"More like these (like / unlike) reads the marked patients' vectors from a stored reference; "
+            f"'{reference.name}' is a BigQuery table: give feedback on a stored reference."
+        )
+    label_aware = {"similar_by": similar_by} if similar_by is not None else {}
+    if is_fused(model) and label_aware:
+        raise SimilarPatientsError("similar_by searches with one model; name one model, not several or 'all'.")
+    if label_aware and not isinstance(reference, Reference):
+        raise SimilarPatientsError("similar_by needs a stored reference (its label fit is kept there), not BigQuery.")
     if is_fused(model):
         return _query_fused(
             image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device,
-            progress, fusion, depth, space,
+            progress, fusion, depth, space, like, unlike,
         )  # fmt: skip
     if isinstance(model, Embedder):
         spec, chosen = model.spec, model.recipe
@@ -164,7 +179,8 @@ def query_image(
     report(progress, 3, 4, "searching")
     started = time.perf_counter()
     vectors = np.stack([e.vector for e in embeddings])
-    hits = reference.search(spec.name, embeddings=vectors, k=k, metric=metric, where=where, method=method, space=space)
+    options = {"metric": metric, "where": where, "method": method, "space": space, **label_aware}
+    hits = reference.search(spec.name, embeddings=vectors, k=k, **options, **_marks(like, unlike))
     seconds.search = _lap(started)
     report(progress, 4, 4, "searching")
     return ImageQuery(hits, embeddings, crops, reference.name, spec.name, chosen.name, metric, seconds)
@@ -172,7 +188,7 @@ def query_image(
 
 def _query_fused(
     image, tumors, model, reference, k, metric, where, method, recipe, weights, accept_licence, device, progress,
-    fusion, depth, space,
+    fusion, depth, space, like=(), unlike=(),
 ) -> ImageQuery:  # fmt: skip
     """Crop once per recipe, embed with each model, fuse the models' rankings."""
     given = {} if isinstance(model, str) else {e.spec.name: e for e in model if isinstance(e, Embedder)}
@@ -216,8 +232,9 @@ def _query_fused(
     report(progress, steps - 1, steps, "searching with each model")
     started = time.perf_counter()
     hits = reference.search_fused(
-        vectors, k=k, metric=metric, where=where, method=method, fusion=fusion, depth=depth, space=space
-    )
+        vectors, k=k, metric=metric, where=where, method=method, fusion=fusion, depth=depth, space=space,
+        **_marks(like, unlike),
+    )  # fmt: skip
     seconds.search = _lap(started)
     report(progress, steps, steps, "searching with each model")
     recipe_names = ", ".join(f"{name}: {chosen[name].name}" for name in names)
@@ -225,6 +242,11 @@ def _query_fused(
     return ImageQuery(
         hits, embeddings, all_crops, reference.name, FUSED_MODEL, recipe_names, metric, seconds, tuple(names), fusion
     )
+
+
+def _marks(like, unlike) -> dict:
+    """The feedback arguments, only where given (a BigQuery reference's search takes none)."""
+    return {"like": like, "unlike": unlike} if like or unlike else {}
 
 
 def _spelled(name: str, reference) -> str:

@@ -629,16 +629,26 @@ class BigQueryContractServer:
         return values
 
     def _bytes_read(self, tree: exp.Expression) -> tuple[str, int]:
-        tables = {".".join(p for p in (t.catalog, t.db, t.name) if p) for t in tree.find_all(exp.Table)}
+        tables = {_path(t) for t in tree.find_all(exp.Table)}
         known = [t for t in tables if t in self.tables]
         if len(known) != 1:
             raise ContractError(f"a statement reads one reference table; found {sorted(tables)}")
         path = known[0]
         columns = self.tables[path]["column_bytes"]
-        if any(not isinstance(star.parent, exp.Count) for star in tree.find_all(exp.Star)):  # COUNT(*) reads none
-            return path, sum(columns.values())
-        named = {c.name for c in tree.find_all(exp.Column)}
-        return path, sum(size for name, size in columns.items() if name in named)
+        # doc (Best practices for controlling costs): "Control projection by querying only the columns that you
+        # need"; "Use SELECT * EXCEPT to exclude one or more columns from the results": a star over the table
+        # reads its columns but those excepted; a star over a subquery, a CTE or VECTOR_SEARCH's output reads
+        # what they read. COUNT(*) reads none.
+        read = set()
+        for star in tree.find_all(exp.Star):
+            select = star.find_ancestor(exp.Select)
+            source = select.args.get("from") or select.args.get("from_") if select is not None else None
+            over = source.this if source is not None else None
+            if isinstance(star.parent, exp.Count) or not isinstance(over, exp.Table) or _path(over) != path:
+                continue
+            read |= set(columns) - {c.name for c in star.args.get("except_") or star.args.get("except") or []}
+        read |= {c.name for c in tree.find_all(exp.Column) if not isinstance(c.parent, exp.Star)}
+        return path, sum(size for name, size in columns.items() if name in read)
 
     def _drop_index(self, resource: dict, sql: str, project: str) -> dict:
         # doc (DDL, DROP VECTOR INDEX): "DROP VECTOR INDEX [ IF EXISTS ] index_name ON table_name"
@@ -807,6 +817,10 @@ class BigQueryContractServer:
             self.page_tokens[token] = start + size
             answer["pageToken"] = token
         return answer
+
+
+def _path(table: exp.Table) -> str:
+    return ".".join(p for p in (table.catalog, table.db, table.name) if p)
 
 
 def _reference(path: str) -> dict:

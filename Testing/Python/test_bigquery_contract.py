@@ -51,6 +51,11 @@ def large(tmp_path_factory):
     return store_frame(synthetic_frame(1400, dim=512, seed=3), tmp_path_factory.mktemp("large"), "large")
 
 
+def _references(server) -> list:
+    """The reference tables the server holds (not the statistics tables beside them)."""
+    return [path for path in server.tables if "__space_" not in path]
+
+
 def _reimported(reference):
     """The same reference as a later import makes it: another ``created`` in its manifest."""
     again = copy.copy(reference)
@@ -64,8 +69,8 @@ def pushed(nlst, large, server, client):
     an index, then again (the description then names the index)."""
     first = push(nlst, ALL_MODELS, client)
     again = push(_reimported(nlst), ALL_MODELS, client)
-    indexed = push(large, INDEXED, client, create_index=True)
-    indexed_again = push(_reimported(large), INDEXED, client, create_index=True)
+    indexed = push(large, INDEXED, client, create_index=True, index_space="raw")
+    indexed_again = push(_reimported(large), INDEXED, client, create_index=True, index_space="raw")
     return first, again, indexed, indexed_again
 
 
@@ -73,9 +78,9 @@ def test_contract_push_loads_a_staging_table_and_replaces_the_table_with_one_sta
     first, again, indexed, indexed_again = pushed
     assert server.violations == []
     assert first.rows == again.rows == len(nlst.lesions()) and first.bytes == again.bytes > 20e6
-    # over 5 MB the client uploads resumably; each push loaded its own staging table, which is gone now
-    assert len(server.asked("POST", "upload")) == 4 and len(server.asked("PUT", "upload")) == 4
-    assert sorted(server.tables) == sorted([ALL_MODELS.path, INDEXED.path])
+    # the client uploads resumably; each push loaded its statistics table and its own staging table, gone now
+    assert len(server.asked("POST", "upload")) == 8 and len(server.asked("PUT", "upload")) == 8
+    assert sorted(_references(server)) == sorted([ALL_MODELS.path, INDEXED.path])
     assert server.tables[ALL_MODELS.path]["clustering"] == ["model", "PatientID"]
     assert server.tables[ALL_MODELS.path]["index"] is None
     manifest = json.loads(server.tables[ALL_MODELS.path]["description"])["similar_patients"]
@@ -125,7 +130,7 @@ def test_contract_a_failed_push_leaves_the_previous_table_and_no_staging_table(n
     with pytest.raises(SimilarPatientsError, match="quota exceeded"):
         push(_reimported(nlst), ALL_MODELS, client)
     assert server.tables[ALL_MODELS.path]["etag"] == before["etag"] and not server.failures
-    assert sorted(server.tables) == sorted([ALL_MODELS.path, INDEXED.path])
+    assert sorted(_references(server)) == sorted([ALL_MODELS.path, INDEXED.path])
 
 
 def test_contract_small_table_gets_no_index_and_says_why(nlst, server, client):
@@ -143,20 +148,21 @@ def test_contract_a_push_refuses_one_index_over_several_models_before_loading(nl
     assert len(server.asked("POST", "upload")) == uploads
 
 
+@pytest.mark.parametrize("space", ["corrected", "raw"])
 @pytest.mark.parametrize("where", [[], ["histology~adeno"], ["stage=IA,IB", "age>=60"], ["sex!=M"]])
 def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and_paging(
-    nlst, server, client, pushed, where
+    nlst, server, client, pushed, where, space
 ):
     remote = BigQueryReference(ALL_MODELS, client)
     assert remote.models == nlst.models and remote.label_fields == nlst.label_fields
     pages = len([q for q in server.asked("GET", "queries") if q.get("pageToken")])
     for model in nlst.models:
         patient = nlst.lesions(model)["PatientID"].iloc[100]
-        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient], space="raw")
-        hits = remote.search(model, patient=patient, k=10, where=where, exclude=[patient], method="exact")
+        local = nlst.search(model, patient=patient, k=10, where=where, exclude=[patient], space=space)
+        hits = remote.search(model, patient=patient, k=10, where=where, exclude=[patient], method="exact", space=space)
         assert list(hits["PatientID"]) == list(local["PatientID"])
         np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
-        for column in ("lesion_id", "query_lesion", "lesions", "SeriesInstanceUID", "viewer_url", "search"):
+        for column in ("lesion_id", "query_lesion", "lesions", "SeriesInstanceUID", "viewer_url", "search", "space"):
             assert list(hits[column]) == list(local[column]), column
         assert list(hits.columns) == list(local.columns)
         assert "BigQuery billed" in hits.attrs["notes"][0]
@@ -168,7 +174,7 @@ def test_contract_exact_search_gives_the_local_hits_through_typed_parameters_and
 def test_contract_vector_search_reports_an_unused_index_with_its_fix(large, server, client, pushed):
     remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.1)
     vector = large.space("A").vectors[3]
-    hits = remote.search("A", embeddings=vector, k=5)  # auto: the table has an index, not yet populated
+    hits = remote.search("A", embeddings=vector, k=5, space="raw")  # auto: the table has an index, not yet populated
     local = large.search("A", embeddings=vector, k=5, method="exact", space="raw")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["distance"], local["distance"], atol=1e-6)
@@ -180,11 +186,12 @@ def test_contract_vector_search_reports_an_unused_index_with_its_fix(large, serv
 
 def test_contract_an_indexed_search_uses_vector_searchs_own_distance_and_stored_columns(large, client, pushed):
     remote = BigQueryReference(INDEXED, client)
-    statement = remote.statement("A", patient="P007", k=5)
+    statement = remote.statement("A", patient="P007", k=5, space="raw")
     found = statement.sql.split("nearest AS")[0]
     assert "VECTOR_SEARCH(" in found and "COSINE_DISTANCE" not in found and "EUCLIDEAN_DISTANCE" not in found
     assert "SELECT base.* EXCEPT (`embedding`), query.* EXCEPT (`embedding`), distance" in found
-    assert set(remote.index["stored"]) == set(remote.column_types) - {"embedding"}  # base.* is all stored
+    vectors = {"embedding", "corrected_embedding", "corrected_radius"}  # a raw index stores no corrected column
+    assert set(remote.index["stored"]) == set(remote.column_types) - vectors  # base.* is all stored
 
 
 def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_measured_recall(
@@ -197,7 +204,7 @@ def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_m
         for row in rng.choice(len(large.space("A").vectors), 8, replace=False):
             vector = large.space("A").vectors[row] + 0.5 * rng.standard_normal(512)
             checked = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.05, check_recall=True)
-            hits = checked.search("A", embeddings=vector, k=10)
+            hits = checked.search("A", embeddings=vector, k=10, space="raw")
             exact = large.search("A", embeddings=vector, k=10, method="exact", space="raw")
             assert set(hits["search"]) == {"approximate"} and hits["index_recall"].nunique() == 1
             recall = len(set(hits["PatientID"]) & set(exact["PatientID"])) / 10
@@ -205,12 +212,12 @@ def test_contract_a_populated_index_answers_approximately_and_says_so_with_its_m
             assert any(n.startswith("search: approximate") and f"recall {recall:.3f}" in n for n in hits.attrs["notes"])
             recalls.append(recall)
         assert min(recalls) < 1.0  # an IVF search on 5% of its lists misses neighbours, and it is said
-        unmeasured = BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=10)
+        unmeasured = BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=10, space="raw")
         assert np.isnan(unmeasured["index_recall"]).all()
         assert any("recall not measured (--check-recall" in n for n in unmeasured.attrs["notes"])
         # a pre-filter leaves the probed lists too few lesions: fewer than k come back, and the notes say so
         few = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.02).search(
-            "A", embeddings=vector, k=10, where=["age<60"]
+            "A", embeddings=vector, k=10, where=["age<60"], space="raw"
         )
         assert len(few) < 10 and any("came back: an approximate search with filters" in n for n in few.attrs["notes"])
         assert len(large.search("A", embeddings=vector, k=10, where=["age<60"], method="exact")) == 10
@@ -224,7 +231,8 @@ def test_contract_dry_run_reports_the_bytes_and_runs_nothing(nlst, server, clien
     statement = remote.statement("CTFM", nlst.space("CTFM").vectors[0], k=5, method="exact")
     jobs = len(server.jobs)
     scanned = remote.dry_run(statement)
-    assert scanned == server.tables[ALL_MODELS.path]["bytes"] > 20e6
+    columns = server.tables[ALL_MODELS.path]["column_bytes"]  # every column but the raw embedding's
+    assert scanned == server.tables[ALL_MODELS.path]["bytes"] - columns["embedding"] > 20e6
     assert len(server.jobs) == jobs + 1 and "result" not in list(server.jobs.values())[-1]
     inserted = server.asked("POST", "jobs")
     assert inserted and server.violations == []
@@ -232,7 +240,7 @@ def test_contract_dry_run_reports_the_bytes_and_runs_nothing(nlst, server, clien
 
 def test_contract_maximum_bytes_billed_stops_the_query_with_what_to_do(nlst, server, client, pushed):
     remote = BigQueryReference(ALL_MODELS, client, maximum_bytes_billed=1_000_000)
-    needed = server.tables[ALL_MODELS.path]["bytes"]
+    needed = server.tables[ALL_MODELS.path]["bytes"] - server.tables[ALL_MODELS.path]["column_bytes"]["embedding"]
     expected = rf"would bill more than 1,000,000 bytes.*{needed} or higher.*--dry-run.*--maximum-bytes-billed"
     with pytest.raises(SimilarPatientsError, match=expected):
         remote.search("CTFM", embeddings=nlst.space("CTFM").vectors[0], k=5, method="exact")
@@ -289,7 +297,7 @@ def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_ho
     pushed = capsys.readouterr().out
     assert "never populates an index" in pushed and f"--reference bq://{table}" in pushed
     search = ["neighbors", "--model", "CTFM", "--patient", "100012", "-k", "6", "--where", "stage=IA,IB", "--json"]
-    assert main([*search, "--reference", "nlst-sybil", "--space", "raw"]) == 0  # what a pushed table answers in
+    assert main([*search, "--reference", "nlst-sybil"]) == 0  # both in the corrected space
     local = json.loads(capsys.readouterr().out)
     assert main([*search, "--reference", f"bq://{table}"]) == 0
     remote = json.loads(capsys.readouterr().out)
@@ -298,11 +306,12 @@ def test_contract_cli_pushes_and_searches_a_bq_reference_as_a_stored_one(nlst_ho
     assert main([*search[:-1], "--reference", f"bq://{table}"]) == 0
     assert "note: BigQuery billed" in capsys.readouterr().out
     jobs = len(server.jobs)
-    assert main([*search[:-1], "--reference", f"bq://{table}", "--print-sql"]) == 0
+    assert main([*search[:-1], "--reference", f"bq://{table}", "--print-sql", "--space", "raw"]) == 0
     printed = capsys.readouterr().out
     assert "COSINE_DISTANCE(" in printed and "--   @patient STRING = 100012" in printed and len(server.jobs) == jobs
     assert main([*search[:-1], "--reference", f"bq://{table}", "--dry-run"]) == 0
-    assert f"would process {server.tables[table]['bytes']:,} bytes" in capsys.readouterr().out
+    columns = server.tables[table]["column_bytes"]  # the corrected search reads no raw embedding
+    assert f"would process {server.tables[table]['bytes'] - columns['embedding']:,} bytes" in capsys.readouterr().out
     assert main([*search[:-1], "--reference", "nlst-sybil", "--print-sql"]) == 2
     assert "for BigQuery references" in capsys.readouterr().err
     assert main([*search[:-1], "--reference", "bq://my-project.embeddings.absent"]) == 2
@@ -314,13 +323,13 @@ def test_contract_post_filters_apply_to_what_vector_search_returned(large, serve
     remote = BigQueryReference(INDEXED, client)
     remote.manifest["index"] = {**remote.index, "stored": ["model", "PatientID", "lesion_id"]}  # an older index
     vector = large.space("A").vectors[10]
-    hits = remote.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="approximate")
+    hits = remote.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="approximate", space="raw")
     local = large.search("A", embeddings=vector, k=5, where=["histology~adeno"], method="exact", space="raw")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     assert any("post-filter" in note and "histology" in note for note in hits.attrs["notes"])
     # a filter too narrow for the over-fetch returns fewer than k patients, and says so
-    few = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="approximate")
-    exact = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="exact")
+    few = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="approximate", space="raw")
+    exact = remote.search("A", embeddings=vector, k=5, where=["age<53"], method="exact", space="raw")
     assert len(few) < len(exact) == 3
     assert any("passed the post-filters; --method exact finds all" in note for note in few.attrs["notes"])
     assert server.violations == []
@@ -340,8 +349,8 @@ def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path
     push(stored, table, bq.connect(table))
     image, mask, _ = tumor_ct("spiculated", rng)
     local = query_image(
-        image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"], space="raw"
-    )
+        image, from_binary_mask(mask), "TumorDescriptor", stored, k=4, where=["kind!=cavitary"]
+    )  # both in the corrected space: the query z-scored with the statistics table's centre and scale
     remote = query_image(image, from_binary_mask(mask), "TumorDescriptor", table.url, k=4, where=["kind!=cavitary"])
     assert list(remote.hits["PatientID"]) == list(local.hits["PatientID"]) and len(local.hits) == 4
     np.testing.assert_allclose(remote.hits["distance"], local.hits["distance"], atol=1e-6)
@@ -354,7 +363,18 @@ def test_contract_an_image_query_of_a_bq_reference_gives_the_local_hits(tmp_path
     sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
     sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
     argv = ["query", "--image", str(tmp_path / "ct.nrrd"), "--mask", str(tmp_path / "mask.nrrd")]
-    argv += ["--model", "TumorDescriptor", "--reference", table.url, "-k", "4", "--print-sql", "--dry-run"]
+    argv += [
+        "--model",
+        "TumorDescriptor",
+        "--reference",
+        table.url,
+        "-k",
+        "4",
+        "--print-sql",
+        "--dry-run",
+        "--space",
+        "raw",
+    ]
     jobs = len(server.jobs)
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -368,7 +388,7 @@ def test_contract_a_fused_search_of_a_bq_reference_fuses_as_the_local_one(nlst, 
     remote = BigQueryReference(ALL_MODELS, client)
     patient = nlst.lesions("CTFM")["PatientID"].iloc[50]
     options = dict(patient=patient, models=["CTFM", "Merlin", "PASTA"], k=8, exclude=[patient], depth=20)
-    local = nlst.search_fused(**options, space="raw")
+    local = nlst.search_fused(**options)  # both in the corrected space
     hits = remote.search_fused(**options, method="exact")
     assert list(hits["PatientID"]) == list(local["PatientID"])
     np.testing.assert_allclose(hits["fused_score"], local["fused_score"])
@@ -392,7 +412,19 @@ def test_contract_cli_prints_each_models_statement_of_a_fused_search(nlst_home, 
     monkeypatch.setenv("SIMILARPATIENTS_HOME", str(nlst_home))
     monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", server.url)
     jobs = len(server.jobs)
-    argv = ["neighbors", "--reference", ALL_MODELS.url, "--model", "CTFM", "Merlin", "--patient", "100012"]
+    # raw: in the corrected space a patient's lesions are read first, so --print-sql runs that read
+    argv = [
+        "neighbors",
+        "--reference",
+        ALL_MODELS.url,
+        "--model",
+        "CTFM",
+        "Merlin",
+        "--patient",
+        "100012",
+        "--space",
+        "raw",
+    ]
     assert main([*argv, "--print-sql", "--depth", "30"]) == 0
     printed = capsys.readouterr().out
     assert "-- CTFM" in printed and "-- Merlin" in printed and printed.count("LIMIT 30") == 2
@@ -408,11 +440,17 @@ def test_contract_an_unknown_patient_is_refused_before_the_embeddings_are_billed
     remote = BigQueryReference(ALL_MODELS, client)
     jobs = len(server.jobs)
     with pytest.raises(SimilarPatientsError, match=r"Patient 999999 is not in reference 'bq://my-project.*CTFM"):
-        remote.search("CTFM", patient="999999", k=5, method="exact")
+        remote.search("CTFM", patient="999999", k=5, method="exact", space="raw")
     (job,) = [j["resource"] for j in list(server.jobs.values())[jobs:]]  # one query, of two text columns
     read = int(job["statistics"]["query"]["totalBytesProcessed"])
     columns = server.tables[ALL_MODELS.path]["column_bytes"]
     assert read == columns["model"] + columns["PatientID"] < columns["embedding"] / 50
+    # in the corrected space the patient's lesions are read first (its clustered blocks), and that is the check
+    jobs = len(server.jobs)
+    with pytest.raises(SimilarPatientsError, match=r"Patient 999999 is not in reference 'bq://my-project.*CTFM"):
+        remote.search("CTFM", patient="999999", k=5, method="exact")
+    (job,) = [j["resource"] for j in list(server.jobs.values())[jobs:]]
+    assert "corrected_embedding" in job["configuration"]["query"]["query"]
     assert len(remote.search("CTFM", patient=str(nlst.lesions("CTFM")["PatientID"].iloc[0]), k=3)) == 3
 
 
@@ -472,7 +510,7 @@ def test_contract_a_search_billed_to_another_project_is_exact_and_vector_search_
     other = _billing(populated, "billing-project")
     vector = large.space("A").vectors[3]
     jobs = len(populated.jobs)
-    hits = BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5)
+    hits = BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5, space="raw")
     local = large.search("A", embeddings=vector, k=5, method="exact", space="raw")  # BigQuery searches the raw space
     assert list(hits["PatientID"]) == list(local["PatientID"]) and set(hits["search"]) == {"exact"}
     assert any("VECTOR_SEARCH only in the table's project (my-project)" in n for n in hits.attrs["notes"])
@@ -482,12 +520,14 @@ def test_contract_a_search_billed_to_another_project_is_exact_and_vector_search_
     jobs = len(populated.jobs)
     fix = r"only in the project that holds the table \(my-project\).*--billing-project my-project.*--method exact"
     with pytest.raises(SimilarPatientsError, match=fix):
-        BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5, method="approximate")
+        BigQueryReference(INDEXED, other).search("A", embeddings=vector, k=5, method="approximate", space="raw")
     with pytest.raises(SimilarPatientsError, match=fix):
         BigQueryReference(INDEXED, other, check_recall=True)
     assert len(populated.jobs) == jobs  # nothing ran
     # the same search in the table's project uses the index
-    assert set(BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=5)["search"]) == {"approximate"}
+    assert set(BigQueryReference(INDEXED, client).search("A", embeddings=vector, k=5, space="raw")["search"]) == {
+        "approximate"
+    }
     assert populated.violations == []
 
 
@@ -497,10 +537,12 @@ def test_contract_the_server_refuses_vector_search_from_another_project_and_runs
     from google.api_core.exceptions import GoogleAPICallError
 
     other = _billing(populated, "billing-project")
-    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[0], k=3)
+    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[0], k=3, space="raw")
     with pytest.raises(GoogleAPICallError, match="must match the project that contains the base table"):
         other.query(statement.sql, job_config=bq.job_config(statement)).result()
-    exact = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[0], k=3, method="exact")
+    exact = BigQueryReference(INDEXED, client).statement(
+        "A", large.space("A").vectors[0], k=3, method="exact", space="raw"
+    )
     assert other.query(exact.sql, job_config=bq.job_config(exact)).result().total_rows == 3
 
 
@@ -509,19 +551,19 @@ def test_contract_a_repeated_approximate_search_is_never_a_cached_answer_labelle
     VECTOR_SEARCH asks for no cache; an exact search may be cached, and the notes say so."""
     remote = BigQueryReference(INDEXED, client)
     vector = large.space("A").vectors[7]
-    first, second = (remote.search("A", embeddings=vector, k=5) for _ in range(2))
+    first, second = (remote.search("A", embeddings=vector, k=5, space="raw") for _ in range(2))
     assert set(first["search"]) == set(second["search"]) == {"approximate"}
     asked = [job["resource"]["configuration"].get("query", {}) for job in populated.jobs.values()]
     searches = [q for q in asked if "VECTOR_SEARCH(" in q.get("query", "")]
     assert searches and all(q.get("useQueryCache") is False for q in searches)
-    again = [remote.search("A", embeddings=vector, k=5, method="exact") for _ in range(2)][1]
+    again = [remote.search("A", embeddings=vector, k=5, method="exact", space="raw") for _ in range(2)][1]
     assert any("answered from its query cache" in note and "nothing billed" in note for note in again.attrs["notes"])
     local = large.search("A", embeddings=vector, k=5, method="exact", space="raw")  # BigQuery's raw space
     assert list(again["PatientID"]) == list(local["PatientID"])
 
 
 def test_contract_the_query_cache_says_cache_hit_and_that_the_index_was_not_used(large, populated, client):
-    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[1], k=3)
+    statement = BigQueryReference(INDEXED, client).statement("A", large.space("A").vectors[1], k=3, space="raw")
     config = bq.job_config(statement)
     config.use_query_cache = True  # what the library asked for before
     first, second = (client.query(statement.sql, job_config=config) for _ in range(2))
@@ -541,7 +583,7 @@ def test_contract_the_server_holds_vector_searchs_option_range_and_base_table_qu
     from google.api_core.exceptions import GoogleAPICallError
 
     statement = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.5).statement(
-        "A", large.space("A").vectors[0]
+        "A", large.space("A").vectors[0], space="raw"
     )
     for broken, said in (
         (statement.sql.replace('"fraction_lists_to_search": 0.5', '"fraction_lists_to_search": 1.0'), "in \\(0, 1\\)"),
@@ -570,7 +612,7 @@ def test_contract_a_re_push_without_an_index_leaves_none_whether_or_not_the_tabl
     try:
         for keeps in (False, True):
             server.replace_keeps_index = keeps
-            assert push(large, table, client, create_index=True).index == "IVF"
+            assert push(large, table, client, create_index=True, index_space="raw").index == "IVF"
             assert server.tables[table.path]["index"] is not None
             assert push(_reimported(large), table, client).index is None
             assert server.tables[table.path]["index"] is None
@@ -601,7 +643,7 @@ def test_contract_an_index_on_a_table_under_10_mb_is_created_but_never_populated
 
 def test_contract_a_standard_edition_project_cannot_use_the_index_and_the_notes_say_so(large, populated, client):
     populated.edition = "STANDARD"
-    hits = BigQueryReference(INDEXED, client).search("A", embeddings=large.space("A").vectors[2], k=5)
+    hits = BigQueryReference(INDEXED, client).search("A", embeddings=large.space("A").vectors[2], k=5, space="raw")
     assert set(hits["search"]) == {"exact"}
     notes = " ".join(hits.attrs["notes"])
     assert "not supported in the Standard edition" in notes and "Standard edition, which cannot use" in notes
@@ -615,7 +657,7 @@ def test_contract_stored_column_filters_that_became_post_filters_are_said(large,
         "uncoveredColumns": ["age"],
     }
     hits = BigQueryReference(INDEXED, client).search(
-        "A", embeddings=large.space("A").vectors[2], k=5, where=["age>=60"]
+        "A", embeddings=large.space("A").vectors[2], k=5, where=["age>=60"], space="raw"
     )
     assert set(hits["search"]) == {"approximate"}
     assert any(
@@ -631,13 +673,13 @@ def test_contract_a_partly_built_index_still_compares_the_unindexed_rows(large, 
     vectors = large.space("A").vectors
     remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.02)
     for row in (len(vectors) - 1, len(vectors) - 40):  # lesions past the indexed half of the table
-        hits = remote.search("A", embeddings=vectors[row], k=1)
+        hits = remote.search("A", embeddings=vectors[row], k=1, space="raw")
         assert set(hits["search"]) == {"approximate"} and hits["distance"].iloc[0] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_contract_an_indexed_search_bills_the_base_table_and_the_index_it_scanned(large, populated, client):
     remote = BigQueryReference(INDEXED, client, fraction_lists_to_search=0.5)
-    statement = remote.statement("A", large.space("A").vectors[4], k=3)
+    statement = remote.statement("A", large.space("A").vectors[4], k=3, space="raw")
     base = remote.dry_run(statement)  # what the dry run can know: the base table
     job = client.query(statement.sql, job_config=bq.job_config(statement))
     job.result()
@@ -674,7 +716,7 @@ def test_contract_ivf_lists_are_trained_with_euclidean_distance_whatever_the_sea
 
 def test_the_notes_say_partially_used_as_bigquery_defines_it(large, server, client, pushed):
     remote = BigQueryReference(INDEXED, client)
-    statement = remote.statement("A", large.space("A").vectors[0], k=3, method="approximate")
+    statement = remote.statement("A", large.space("A").vectors[0], k=3, method="approximate", space="raw")
     result = bq.QueryResult(None, 1, 1, "PARTIALLY_USED", ["The base table is being indexed."])
     notes = remote._notes(statement, result, 3, 3, None, approximate=True)
     assert any("used the vector index in some of the statement's searches, not all" in n for n in notes)
@@ -686,8 +728,130 @@ def test_contract_a_refused_vector_search_is_not_sent_to_another_billing_project
     server.fail("POST jobs", 403, "quotaExceeded", "simulated quota")
     with pytest.raises(SimilarPatientsError) as raised:
         BigQueryReference(INDEXED, client).search(
-            "A", embeddings=large.space("A").vectors[0], k=3, method="approximate"
+            "A", embeddings=large.space("A").vectors[0], k=3, method="approximate", space="raw"
         )
     said = str(raised.value)
     assert "runs only in the table's own project (my-project" in said and "bill another project with" not in said
     assert "--method exact can be billed to another project with --billing-project" in said
+
+
+@pytest.mark.parametrize("query", ["patient", "embedding"])
+def test_contract_vector_search_in_the_corrected_space_gives_the_local_corrected_hits(
+    nlst, server, client, pushed, query
+):
+    """VECTOR_SEARCH with DOT_PRODUCT on the augmented column (brute force: the table is under 10 MB a model)
+    ranks by the corrected distance itself; with the query's radius the hits are the local ones. Failed
+    before: a bq:// reference answered in the raw space whatever was asked."""
+    remote = BigQueryReference(ALL_MODELS, client)
+    for model in ("CTFM", "SUPREME"):
+        patient = nlst.lesions(model)["PatientID"].iloc[70]
+        if query == "patient":
+            ask = dict(patient=patient, exclude=[patient])
+        else:
+            vectors = np.asarray(nlst.space(model).vectors[[3, 40]], dtype=np.float64)  # two lesions, moved off
+            noise = np.random.default_rng(1).standard_normal(vectors.shape) * vectors.std()  # the reference's own
+            ask = dict(embeddings=vectors + 0.3 * noise, query_lesions=["a", "b"])  # (ties at 0 order by rounding)
+        local = nlst.search(model, k=10, where=["stage=IA,IB"], **ask)
+        hits = remote.search(model, k=10, where=["stage=IA,IB"], method="approximate", **ask)
+        assert (
+            "DOT_PRODUCT"
+            in remote.statement(
+                model, k=10, method="approximate", **{k: v for k, v in ask.items() if k != "query_lesions"}
+            ).sql
+        )
+        assert list(hits["PatientID"]) == list(local["PatientID"]) and set(hits["space"]) == {"corrected"}
+        np.testing.assert_allclose(hits["distance"], local["distance"], rtol=1e-9, atol=1e-9)
+        assert list(hits["query_lesion"]) == list(local["query_lesion"])
+    fused = dict(patient=patient, models=["CTFM", "Merlin", "SUPREME"], k=8, exclude=[patient], depth=20)
+    local = nlst.search_fused(**fused)
+    hits = remote.search_fused(**fused, method="approximate")
+    assert list(hits["PatientID"]) == list(local["PatientID"])
+    np.testing.assert_allclose(hits["fused_score"], local["fused_score"])
+    assert server.violations == []
+
+
+def test_contract_a_table_pushed_before_the_corrected_space_is_searched_raw_with_a_note(nlst, server, client, pushed):
+    """A table whose description has no corrected space (pushed before) answers in raw, and says so."""
+    remote = BigQueryReference(ALL_MODELS, client)
+    remote.manifest = {**remote.manifest, "corrected": None}
+    patient = nlst.lesions("CTFM")["PatientID"].iloc[10]
+    hits = remote.search("CTFM", patient=patient, k=5, exclude=[patient], method="exact")
+    local = nlst.search("CTFM", patient=patient, k=5, exclude=[patient], space="raw")
+    assert list(hits["PatientID"]) == list(local["PatientID"]) and set(hits["space"]) == {"raw"}
+    assert any("pushed before BigQuery tables carried the corrected space" in n for n in hits.attrs["notes"])
+    euclidean = BigQueryReference(ALL_MODELS, client).search("CTFM", patient=patient, k=5, metric="euclidean")
+    assert set(euclidean["space"]) == {"raw"} and any("cosine metric only" in n for n in euclidean.attrs["notes"])
+
+
+def test_contract_the_corrected_space_costs_one_column_more_than_raw(nlst, server, client, pushed):
+    """The dry runs of the same exact search in both spaces: the corrected one reads the augmented column
+    (one value longer than the embedding) and the radius column instead of the embedding."""
+    remote = BigQueryReference(ALL_MODELS, client)
+    vector = nlst.space("CTFM").vectors[0]
+    raw = remote.dry_run(remote.statement("CTFM", vector, k=5, method="exact", space="raw"))
+    hub_free = remote.dry_run(remote.statement("CTFM", vector, k=5, method="exact"))
+    columns = server.tables[ALL_MODELS.path]["column_bytes"]
+    rows = server.tables[ALL_MODELS.path]["rows"]
+    assert hub_free - raw == columns["corrected_embedding"] - columns["embedding"] + columns["corrected_radius"]
+    assert hub_free - raw == 2 * 8 * rows  # one more value per vector and one radius per row
+
+
+def test_contract_the_default_index_is_on_the_corrected_space_and_answers_approximately(large, server, client, pushed):
+    """``--create-index`` indexes the augmented column with DOT_PRODUCT: a corrected search uses it (its
+    recall measured against the same search with use_brute_force, which gives the local exact hits); a raw
+    search on that table compares every row, and says why. Failed before: the index was on the raw embedding."""
+    table = parse_table(f"{PROJECT}.embeddings.indexed_corrected")
+    assert push(large, table, client, create_index=True).index == "IVF"
+    manifest = json.loads(server.tables[table.path]["description"])["similar_patients"]
+    assert manifest["index"]["column"] == "corrected_embedding" and manifest["index"]["distance"] == "DOT_PRODUCT"
+    assert server.tables[table.path]["index"]["distance"] == "DOT_PRODUCT"
+    server.populate_index(table.path)
+    try:
+        rng = np.random.default_rng(5)
+        vector = large.space("A").vectors[11] + 0.5 * rng.standard_normal(512)
+        checked = BigQueryReference(table, client, fraction_lists_to_search=0.3, check_recall=True)
+        hits = checked.search("A", embeddings=vector, k=10)
+        exact = large.search("A", embeddings=vector, k=10, method="exact")
+        assert set(hits["search"]) == {"approximate"} and set(hits["space"]) == {"corrected"}
+        recall = len(set(hits["PatientID"]) & set(exact["PatientID"])) / 10
+        assert hits["index_recall"].iloc[0] == pytest.approx(recall)
+        brute = checked.statement("A", vector, k=10, method="approximate", brute_force=True)
+        rows = bq.run(client, table, brute, None).rows
+        assert list(rows["PatientID"]) == list(exact["PatientID"])
+        np.testing.assert_allclose(rows["distance"], exact["distance"], rtol=1e-9, atol=1e-9)
+        raw = BigQueryReference(table, client).search("A", embeddings=vector, k=5, space="raw")
+        assert set(raw["search"]) == {"exact"} and set(raw["space"]) == {"raw"}
+        assert any("index is on the corrected space's vectors" in n for n in raw.attrs["notes"])
+        assert server.violations == []
+    finally:
+        for path in [p for p in server.tables if p.startswith(table.path)]:
+            del server.tables[path]
+
+
+def test_contract_the_statistics_a_search_reads_must_be_the_ones_the_description_records(nlst, server, client, pushed):
+    """A query embedding is z-scored with the statistics table's mean and deviation only when their digest is
+    the one the table's description records (a push under way, or a changed table, is refused, not used)."""
+    remote = BigQueryReference(ALL_MODELS, client)
+    entry = remote.manifest["corrected"]["models"]["CTFM"]
+    remote.manifest["corrected"]["models"]["CTFM"] = {**entry, "digest": "0" * 64}
+    with pytest.raises(
+        SimilarPatientsError, match=r"statistics of .*corrected space .* are not the ones its description"
+    ):
+        remote.search("CTFM", embeddings=nlst.space("CTFM").vectors[0], k=3)
+    assert len(remote.search("CTFM", embeddings=nlst.space("CTFM").vectors[0], k=3, space="raw")) == 3
+
+
+def test_contract_a_re_push_with_other_statistics_replaces_the_statistics_table(nlst, server, client):
+    """The statistics table is named by its digest: a push of other models writes another and deletes the one
+    the replaced table's description named."""
+    table = parse_table(f"{PROJECT}.embeddings.restatistics")
+    push(nlst, table, client, models=["CTFM"])
+    first = [p for p in server.tables if p.startswith(f"{table.path}__space_")]
+    push(nlst, table, client, models=["CTFM", "PASTA"])
+    second = [p for p in server.tables if p.startswith(f"{table.path}__space_")]
+    assert len(first) == len(second) == 1 and first != second
+    manifest = json.loads(server.tables[table.path]["description"])["similar_patients"]
+    assert second == [f"{PROJECT}.embeddings.{manifest['corrected']['table']}"]
+    assert sorted(manifest["corrected"]["models"]) == ["CTFM", "PASTA"] and server.violations == []
+    for path in [table.path, *second]:
+        del server.tables[path]

@@ -59,7 +59,7 @@ def _run_on_duckdb(connection, statement: sql.Statement):
 
 
 def test_the_upload_holds_float64_embeddings_of_the_float32_values(nlst, tmp_path):
-    assert write_upload(nlst, tmp_path / "ctfm.parquet", ["CTFM"]) == nlst.model_info("CTFM").lesions
+    assert write_upload(nlst, tmp_path / "ctfm.parquet", ["CTFM"])[0] == nlst.model_info("CTFM").lesions
     table = pq.read_table(tmp_path / "ctfm.parquet")
     assert set(table.column("model").to_pylist()) == {"CTFM"}
     assert table.schema.field("embedding").type == pa.list_(pa.float64())
@@ -67,6 +67,26 @@ def test_the_upload_holds_float64_embeddings_of_the_float32_values(nlst, tmp_pat
     model_rows = nlst.lesions(first["model"])
     row = int(np.flatnonzero((model_rows["lesion_id"] == first["lesion_id"]).to_numpy())[0])
     assert first["embedding"] == nlst.space(first["model"]).vectors[row].astype(np.float64).tolist()
+
+
+def test_the_upload_holds_each_rows_corrected_space_from_the_references_statistics(nlst, tmp_path):
+    """Each row's augmented vector is its unit z-scored vector over the square root of its patient's radius,
+    with −1/√r appended, in the model's matrix order across models interleaved in the Parquet."""
+    from SimilarPatientsLib.cloud import corrected
+
+    rows, statistics = write_upload(nlst, tmp_path / "two.parquet", ["CTFM", "PASTA"])
+    table = pq.read_table(tmp_path / "two.parquet").to_pandas()
+    for model in ("CTFM", "PASTA"):
+        space = nlst.space(model, space="corrected", metric="cosine")
+        mine = table[table["model"] == model]
+        augmented = np.stack(mine["corrected_embedding"].to_numpy())
+        z = space.correction.transformed(np.asarray(space.vectors))
+        np.testing.assert_allclose(corrected.unit_from_augmented(augmented), z / np.linalg.norm(z, axis=1)[:, None])
+        np.testing.assert_allclose(mine["corrected_radius"], space.row_radii)
+        np.testing.assert_allclose((augmented**2).sum(axis=1), 2 / space.row_radii)
+        assert statistics[model]["digest"] == corrected.digest(space.correction.centre, space.correction.scale)
+        assert set(statistics[model]["files"]) == {"centre.npy", "scale.npy", "radii-cosine.npy"}
+    assert rows == len(table)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])

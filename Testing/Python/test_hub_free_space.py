@@ -15,9 +15,10 @@ from SimilarPatientsLib.evaluation.tasks import PRESETS
 
 MODELS = ["CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"]
 TASKS = {"stage": PRESETS["stage-iii-iv-vs-i-ii"], "histology": PRESETS["adeno-vs-squamous"]}
-#: Measured by benchmarks/hubness.py (docs/search.md): with about 180 minority-class queries the paired 95%
-#: interval of a class-balanced P@10 difference is ±0.012 wide, so the −0.01 non-inferiority margin cannot
-#: be shown unless the point estimate is positive; these pairs miss it (point estimates −0.012 to +0.004).
+#: Measured by benchmarks/hubness.py (docs/search.md, docs/benchmarks.md): with 99–122 minority-class queries
+#: the paired 95% interval of a class-balanced P@10 difference is ±0.011–0.018 wide, so the −0.01
+#: non-inferiority margin cannot be shown unless the point estimate is positive; these pairs miss it (point
+#: estimates −0.012 to +0.004). None of 50 transforms from the literature shows it for all 12 pairs either.
 MARGIN_NOT_SHOWN = {
     ("CTClipVit", "stage"),
     ("CTClipVit", "histology"),

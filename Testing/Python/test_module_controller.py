@@ -160,7 +160,13 @@ def _pretend_installed(monkeypatch, versions: dict):
 #: idc-index at its lowest version for this Python: installed (most tests' install questions are not its).
 IDC = {"idc-index": dependencies.DOWNLOAD[0].minimum}
 #: The image query's PyPI packages, installed (in the Slicer lanes they are not: no torch there).
-IMAGE_INSTALLED = {"monai": "1.4.0", "einops": "0.8.1", "safetensors": "0.5.3", "huggingface-hub": "0.36.0"}
+IMAGE_INSTALLED = {
+    "monai": "1.4.0",
+    "einops": "0.8.1",
+    "safetensors": "0.5.3",
+    "huggingface-hub": "0.36.0",
+    "pooch": "1.8.2",
+}
 
 
 def test_versions_not_presence_decide_what_is_installed(monkeypatch):

@@ -297,10 +297,12 @@ def test_a_build_into_bigquery_loads_the_shards_as_a_push_does(collection, tmp_p
         remote = open_reference("bq://my-project.embeddings.built")
         local = ReferenceStore().import_reference("built", str(staging))
         for patient in ("P0", "P1"):
-            got = remote.search("TumorDescriptor", patient=patient, k=2, method="exact")
-            want = local.search("TumorDescriptor", patient=patient, k=2, method="exact", space="raw")
-            assert list(got.PatientID) == list(want.PatientID)
-            np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6, atol=1e-12)
+            for space in ("corrected", "raw"):
+                got = remote.search("TumorDescriptor", patient=patient, k=2, method="exact", space=space)
+                want = local.search("TumorDescriptor", patient=patient, k=2, method="exact", space=space)
+                assert set(got.space) == {space}
+                assert list(got.PatientID) == list(want.PatientID)
+                np.testing.assert_allclose(got.distance, want.distance, rtol=1e-6, atol=1e-12)
         assert server.violations == []
 
 

@@ -18,6 +18,11 @@ def add(verbs) -> None:
     download = model_actions.add_parser("download", help="fetch weights now (for offline use later)")
     download.add_argument("name", nargs="+", metavar="MODEL", help="models, or 'all' (every model with weights)")
     download.add_argument("--accept-licence", action="store_true", help="accept the licences it asks for")
+    download.add_argument(
+        "--revision",
+        metavar="REV",
+        help="an unpinned hub model's commit, tag or branch: fetched, then recorded as the one later downloads ask for",
+    )
     imported = model_actions.add_parser("import", help="use a weights file fetched elsewhere (checked, copied)")
     imported.add_argument("name", metavar="MODEL")
     imported.add_argument("file", metavar="FILE")
@@ -42,12 +47,17 @@ def run(args, progress: Bars) -> None:
         return
     if args.action == "download":
         specs = [spec for spec in _specs(args.name) if spec.weights is not None]
+        if args.revision and len(args.name) != 1:
+            raise SimilarPatientsError("--revision pins one model: name it alone.")
         states = [weights.status(spec.name, spec.weights) for spec in specs]
         weights.require_acceptance(states, args.accept_licence)  # one question, before any download
         for spec in specs:
-            path = weights.resolve(spec.name, spec.weights, progress=progress)
+            if args.revision:
+                path = weights.pin_revision(spec.name, spec.weights, args.revision, args.accept_licence, progress)
+            else:
+                path = weights.resolve(spec.name, spec.weights, progress=progress)
             progress.close()
-            print(f"{spec.name}: {path}")
+            print(f"{spec.name}: {path} ({weights.revision(spec.name, spec.weights)})")
         return
     if args.action == "import":
         spec = registry.get(args.name)

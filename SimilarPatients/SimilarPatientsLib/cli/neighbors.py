@@ -7,7 +7,7 @@ from ..references.store import ReferenceStore
 from .options import add_model_option, model_argument
 from .output import emit, fusion_words, print_hits, with_closeness
 from .progress import Bars
-from .searching import add_search_options, open_searched, statement_only
+from .searching import add_search_options, open_searched, print_similar_by_note, similar_by_options, statement_only
 
 
 def add(verbs) -> None:
@@ -20,13 +20,17 @@ def add(verbs) -> None:
 
 
 def run(args, store: ReferenceStore, progress: Bars) -> None:
-    reference = open_searched(args, store)
     model = model_argument(args)
+    label = similar_by_options(args, model)
+    reference = open_searched(args, store)
     exclude = [] if args.include_self else [args.patient]
     if statement_only(args, reference, model, patient=args.patient, exclude=exclude):
         return
     options = {"k": args.k, "metric": args.metric, "where": args.where, "exclude": exclude, "method": args.method}
     options["space"] = args.space
+    if args.like or args.unlike:  # "more like these"
+        options.update(like=args.like, unlike=args.unlike)
+    options.update(label)
     if fused.is_fused(model):
         hits = reference.search_fused(
             patient=args.patient, models=model, fusion=args.fusion, depth=args.depth, progress=progress, **options
@@ -34,7 +38,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         what = fusion_words(args, fused.fused_models(reference, model))
     else:
         hits = reference.search(model, patient=args.patient, progress=progress, **options)
-        what = f"model {model}"
+        what = f"model {model}" + (f", similar by {args.similar_by}" if args.similar_by else "")
     hits = with_closeness(hits, reference, args.metric)
     progress.close()
 
@@ -45,5 +49,6 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
             f"({space} space):"
         )
         print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)
+        print_similar_by_note(args)
 
     emit(args, hits, human)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import SimilarPatientsError
 from ..references import fused, schema
+from ..search import feedback
 from ..search.fusion import FUSION_DEPTH
 from ..util import atomic
 
@@ -104,6 +105,7 @@ def print_hits(
     shown = [*HUMAN_HIT_COLUMNS, "viewer_url"]
     labels = [f for f in reference.display_fields if f in hits.columns and f not in shown]
     link = ["viewer_url"] if urls else []
+    link = ([feedback.COLUMN] if feedback.COLUMN in hits.columns else []) + link
     hits = hits.rename(columns={"closer_than": "closer than"})
     if fused.is_fused(model):  # the fused score, then each model's rank: which models agree
         ranks = fused.rank_labels(hits, depth).add_prefix("rank ")
@@ -114,6 +116,8 @@ def print_hits(
         print(f"rank MODEL: the patient's rank in that model; >{depth}: farther than its first {depth}; –: not listed")
     else:
         print(table(hits[[*HUMAN_HIT_COLUMNS, *labels, *link]]))
+    if feedback.COLUMN in hits.columns:
+        print("feedback: the query moved towards the liked patients (marked like) and away from the unliked (left out)")
     if len(hits) and hits["closer than"].notna().any():
         print("closer than N%: nearer than N% of this reference's nearest matches (comparable across models)")
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched

@@ -10,7 +10,7 @@ from ..references.store import ReferenceStore
 from .options import add_image_options, add_model_option, model_argument, tumors
 from .output import emit, fusion_words, print_hits, with_closeness
 from .progress import Bars
-from .searching import add_search_options, open_searched, statement_only
+from .searching import add_search_options, open_searched, print_similar_by_note, similar_by_options, statement_only
 
 
 def add(verbs) -> None:
@@ -24,8 +24,9 @@ def add(verbs) -> None:
 def run(args, store: ReferenceStore, progress: Bars) -> None:
     from ..query import check_compatible, query_image
 
-    reference = open_searched(args, store)
     model = model_argument(args)
+    similar_by = similar_by_options(args, model)
+    reference = open_searched(args, store)
     several = fused.is_fused(model)
     if several and (args.recipe or args.weights):
         raise SimilarPatientsError(
@@ -64,6 +65,9 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         fusion=args.fusion,
         depth=args.depth,
         space=args.space,
+        like=args.like,
+        unlike=args.unlike,
+        **similar_by,
     )
     hits = with_closeness(result.hits, reference, args.metric)
     progress.close()
@@ -75,6 +79,8 @@ def _print_table(args, result, hits, reference, model, several: bool) -> None:
     seeds = "; ".join(", ".join(f"{v:.1f}" for v in e.seed) for e in queried)
     what = "the tumor" if len(queried) == 1 else f"the {len(queried)} tumors"
     how = fusion_words(args, list(result.models)) if several else f"model {result.model} ({result.recipe})"
+    how += f", similar by {args.similar_by}" if args.similar_by else ""
     print(f"Nearest {len(hits)} patients to {what} at LPS ({seeds}) mm in '{reference.name}', {how}, "
           f"{args.metric} distance ({args.space} space):")  # fmt: skip
     print_hits(hits, reference, model, args.metric, max(args.depth, args.k), args.urls)
+    print_similar_by_note(args)

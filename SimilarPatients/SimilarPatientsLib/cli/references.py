@@ -39,6 +39,12 @@ def add(verbs) -> None:
         help="create a cosine vector index storing the filter columns (tables of 10 MB or more, one embedding length)",
     )
     pushing.add_argument("--index-type", choices=("IVF", "TREE_AH"), default="IVF", help="default IVF")
+    pushing.add_argument(
+        "--index-space",
+        choices=("corrected", "raw"),
+        default="corrected",
+        help="the space the index serves: corrected (default, what searches ask for) or raw (--space raw searches)",
+    )
     pushing.add_argument("--billing-project", metavar="PROJECT", help="project that runs the jobs (default: ADC's)")
 
 
@@ -85,6 +91,7 @@ def _push(args, store: ReferenceStore, progress: Bars) -> None:
         models=args.model,
         create_index=args.create_index,
         index_type=args.index_type,
+        index_space=args.index_space,
         progress=progress,
     )
     progress.close()

@@ -34,6 +34,14 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         "is near every query), or raw (plain distance on the stored vectors, as published neighbour lists were made)",
     )
     parser.add_argument(
+        "--similar-by",
+        metavar="LABEL",
+        help="similar with respect to a label of the reference (stage, histology, or any label field): the corrected "
+        "visual distance scaled by closeness on a direction fitted on the reference's own labels (one model, a "
+        "stored reference; the hits' similar_by column says so). On NLST-Sybil it helps stage a little (CT-FM, "
+        "Merlin); for histology it does not beat age, sex and smoking (docs/search.md)",
+    )
+    parser.add_argument(
         "--where",
         action="append",
         default=[],
@@ -42,6 +50,22 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method", choices=METHODS, default="auto", help="exact scan, approximate index, or auto (by reference size)"
+    )
+    parser.add_argument(
+        "--like",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="more like these: a patient of an earlier answer that is like the query; the query moves towards it "
+        "(repeatable; corrected space, cosine)",
+    )
+    parser.add_argument(
+        "--unlike",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a patient of an earlier answer that is not like the query; the query moves away from it and it is "
+        "left out of the answer (repeatable)",
     )
     add_output_options(parser)
     cloud = parser.add_argument_group("BigQuery references (--reference bq://PROJECT.DATASET.TABLE)")
@@ -67,8 +91,34 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def similar_by_options(args, model) -> dict:
+    """``{"similar_by": LABEL}`` when ``--similar-by`` is given (refused with several models or a BigQuery
+    reference), else nothing: the ordinary search's call stays as it was."""
+    if not args.similar_by:
+        return {}
+    if fused.is_fused(model) or is_bigquery(args.reference):
+        raise SimilarPatientsError(
+            "--similar-by searches one model of a stored reference: name one --model, and a reference imported "
+            "here (its label fit is kept with it), not bq://."
+        )
+    return {"similar_by": args.similar_by}
+
+
+def print_similar_by_note(args) -> None:
+    """Under a label-aware table: what the mode is and what it was measured to be worth."""
+    if args.similar_by:
+        from ..references.label_aware import describe
+
+        print(f"similar by {args.similar_by}: {describe(args.similar_by)}")
+
+
 def open_searched(args, store: ReferenceStore):
     """The reference ``--reference`` names: a stored one, or ``bq://PROJECT.DATASET.TABLE``."""
+    if is_bigquery(args.reference) and (args.like or args.unlike):
+        raise SimilarPatientsError(
+            "--like / --unlike read the marked patients' vectors from a stored reference, not from a BigQuery "
+            "table: give feedback on a stored reference."
+        )
     if not is_bigquery(args.reference):
         if args.print_sql or args.dry_run or args.check_recall:
             raise SimilarPatientsError(
@@ -95,7 +145,9 @@ def statement_only(args, reference, model: str, **query) -> bool:
     for name in fused.fused_models(reference, model) if fused.is_fused(model) else [model]:
         if embeddings is not None:
             query["embeddings"] = embeddings[name] if isinstance(embeddings, dict) else embeddings
-        statement = reference.statement(name, k=k, metric=args.metric, where=args.where, method=args.method, **query)
+        statement = reference.statement(
+            name, k=k, metric=args.metric, where=args.where, method=args.method, space=args.space, **query
+        )
         if fused.is_fused(model):
             print(f"-- {name}")
         if args.print_sql:

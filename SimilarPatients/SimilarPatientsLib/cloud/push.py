@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,7 +38,9 @@ from ..progress import ProgressCallback, report
 from ..references import schema
 from ..references.reference import Reference
 from ..references.writer import PARQUET
+from ..search.correction import CORRECTED, RAW, SPACES
 from . import client as bq
+from . import corrected
 from .sql import ADDED_COLUMNS, INDEX_NAME, drop_index_statement, index_statement
 from .tables import TableName, column
 
@@ -63,12 +66,14 @@ class PushResult:
     notes: list = field(default_factory=list)
 
 
-def write_upload(reference: Reference, path: Path, models: Sequence[str] | None = None) -> int:
+def write_upload(reference: Reference, path: Path, models: Sequence[str] | None = None) -> tuple[int, dict]:
     """Write the Parquet a push loads: the reference's canonical table (``models``: a subset, default all)
-    with float64 embeddings, converted batch by batch so that memory stays bounded. Returns its rows."""
+    with float64 embeddings, converted batch by batch so that memory stays bounded, and each row's corrected
+    space (:mod:`.corrected`: its augmented vector and radius, from the reference's recorded statistics).
+    Returns its rows and, per model, the statistics (centre, scale, digest, the reference's file records)."""
     source = pq.ParquetFile(reference.verified(PARQUET))  # checked against its digest first
     names = source.schema_arrow.names
-    clashing = [c for c in names if c in ADDED_COLUMNS]
+    clashing = [c for c in names if c in (*ADDED_COLUMNS, corrected.COLUMN, corrected.RADIUS)]
     if clashing:
         raise SimilarPatientsError(
             f"Reference '{reference.name}' has column(s) {clashing}, which BigQuery searches add to their results; "
@@ -77,19 +82,67 @@ def write_upload(reference: Reference, path: Path, models: Sequence[str] | None 
     for name in names:
         column(name)  # every name must be usable in SQL
     wanted = pa.array(sorted(models or reference.models), type=pa.string())
+    spaces = {}
     for model in wanted.to_pylist():
         reference.model_info(model)  # a clear error for a model it lacks
+        spaces[model] = reference.space(model, space=CORRECTED, metric=corrected.METRIC)
     position = names.index(schema.EMBEDDING)
     target = source.schema_arrow.set(position, pa.field(schema.EMBEDDING, pa.list_(pa.float64())))
+    target = target.append(pa.field(corrected.COLUMN, pa.list_(pa.float64()))).append(
+        pa.field(corrected.RADIUS, pa.float64())
+    )
     rows = 0
+    seen = dict.fromkeys(spaces, 0)  # rows of each model written so far: its matrix row of the next one
     with pq.ParquetWriter(path, target) as writer:
         for batch in source.iter_batches(batch_size=_BATCH_ROWS):
             table = pa.Table.from_batches([batch])
             table = table.filter(pc.is_in(table.column(schema.MODEL).cast(pa.string()), value_set=wanted))
             embedding = table.column(schema.EMBEDDING).cast(pa.list_(pa.float64()))
-            writer.write_table(table.set_column(position, schema.EMBEDDING, embedding))
+            table = table.set_column(position, schema.EMBEDDING, embedding)
+            which = table.column(schema.MODEL).cast(pa.string()).to_numpy(zero_copy_only=False)
+            lengths = np.array([spaces[m].dim + 1 for m in which], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            values, radii = np.empty(int(offsets[-1])), np.empty(len(which))
+            for model in np.unique(which):  # each row's vector written in place in one flat array
+                at = np.flatnonzero(which == model)
+                found, radii[at] = corrected.augmented(spaces[model], np.arange(seen[model], seen[model] + len(at)))
+                values[offsets[at][:, None] + np.arange(found.shape[1])] = found
+                seen[model] += len(at)
+            vectors = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+            table = table.append_column(corrected.COLUMN, vectors)
+            writer.write_table(table.append_column(corrected.RADIUS, pa.array(radii, type=pa.float64())))
             rows += table.num_rows
-    return rows
+    statistics = {}
+    for model, space in spaces.items():
+        folder = f"models/{reference.model_info(model).folder}"
+        files = reference.manifest.get("files", {})
+        records = {
+            name: files[f"{folder}/{name}"]
+            for name in ("centre.npy", "scale.npy", f"radii-{corrected.METRIC}.npy")
+            if f"{folder}/{name}" in files
+        }
+        centre, scale = space.correction.centre, space.correction.scale
+        statistics[model] = {
+            "centre": centre,
+            "scale": scale,
+            "digest": corrected.digest(centre, scale),
+            "files": records,
+            "radius_range": [float(space.correction.radii.min()), float(space.correction.radii.max())],
+        }
+    return rows, statistics
+
+
+def write_statistics(path: Path, statistics: Mapping[str, dict]) -> None:
+    """The statistics table's Parquet: per model its centre and scale (float64)."""
+    models = sorted(statistics)
+    table = pa.table(
+        {
+            "model": pa.array(models, pa.string()),
+            "centre": pa.array([statistics[m]["centre"] for m in models], pa.list_(pa.float64())),
+            "scale": pa.array([statistics[m]["scale"] for m in models], pa.list_(pa.float64())),
+        }
+    )
+    pq.write_table(table, path)
 
 
 def bigquery_types(arrow_schema: pa.Schema) -> dict[str, str]:
@@ -111,8 +164,11 @@ def bigquery_types(arrow_schema: pa.Schema) -> dict[str, str]:
     return types
 
 
-def description(reference: Reference, models: Sequence[str], index: Mapping | None = None) -> str:
-    """The manifest kept in the table's description: what a search needs before it runs."""
+def description(
+    reference: Reference, models: Sequence[str], index: Mapping | None = None, space: Mapping | None = None
+) -> str:
+    """The manifest kept in the table's description: what a search needs before it runs (``space``: the
+    corrected space's entry, :func:`.corrected.description`)."""
     most = {m: int(reference.lesions(m)[schema.PATIENT].value_counts().max()) for m in models}
     manifest = {
         "name": reference.name,
@@ -122,6 +178,7 @@ def description(reference: Reference, models: Sequence[str], index: Mapping | No
         "label_fields": reference.label_fields,
         "display_fields": reference.display_fields,
         "index": dict(index) if index else None,
+        "corrected": dict(space) if space else None,
     }
     text = json.dumps({DESCRIPTION_KEY: manifest}, separators=(",", ":"))
     if len(text) > _DESCRIPTION_LIMIT:
@@ -133,8 +190,9 @@ def description(reference: Reference, models: Sequence[str], index: Mapping | No
 
 
 def index_columns(reference: Reference) -> list[str]:
-    """What the index stores: every column but the embedding, so that every filter is a pre-filter."""
-    return [c for c in pq.read_schema(reference.verified(PARQUET)).names if c != schema.EMBEDDING]
+    """What the index stores: every column but the vectors, so that every filter is a pre-filter."""
+    vectors = (schema.EMBEDDING, corrected.COLUMN)
+    return [c for c in pq.read_schema(reference.verified(PARQUET)).names if c not in vectors] + [corrected.RADIUS]
 
 
 def push(
@@ -145,14 +203,22 @@ def push(
     models: Sequence[str] | None = None,
     create_index: bool = False,
     index_type: str = "IVF",
+    index_space: str = CORRECTED,
     progress: ProgressCallback | None = None,
 ) -> PushResult:
-    """Load the reference into ``destination`` (replacing it atomically), then create its vector index."""
+    """Load the reference into ``destination`` (replacing it atomically), with its corrected space and the
+    statistics table beside it, then create its vector index: on the corrected space's vectors
+    (``DOT_PRODUCT``, what the default search asks) or, ``index_space="raw"``, on the stored embeddings (cosine)."""
     module = bq.bigquery()
     models = sorted(models or reference.models)
     stored = index_columns(reference)
+    if index_space not in SPACES:
+        raise SimilarPatientsError(f"Unknown index space '{index_space}'; choose {' or '.join(SPACES)}.")
+    indexed, distance = (corrected.COLUMN, "DOT_PRODUCT") if index_space == CORRECTED else (schema.EMBEDDING, "COSINE")
+    if index_space == RAW:
+        stored = stored[:-1]  # the radius column is read by corrected searches only
     if create_index:
-        index_statement(destination, stored, index_type)  # refuse a bad type before loading
+        index_statement(destination, stored, index_type, indexed, distance)  # refuse a bad type before loading
         if len(models) > 1:
             lengths = ", ".join(f"{m} ({reference.model_info(m).dim})" for m in models)
             raise SimilarPatientsError(
@@ -160,6 +226,7 @@ def push(
                 f"these models' spaces would be mixed ({lengths}). Push each model to its own table: --model M "
                 f"--bigquery PROJECT.DATASET.TABLE_M --create-index."
             )
+    previous = _previous_statistics(client, destination)
     staging = destination.beside(f"{destination.table}__staging_{uuid.uuid4().hex[:12]}")
     config = module.LoadJobConfig(
         source_format=module.SourceFormat.PARQUET,
@@ -172,8 +239,24 @@ def push(
     try:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "reference.parquet"
-            rows = write_upload(reference, path, models)
+            rows, statistics = write_upload(reference, path, models)
+            space = corrected.description(
+                destination,
+                {m: {k: v for k, v in s.items() if k not in ("centre", "scale")} for m, s in statistics.items()},
+            )
+            # the statistics first, under a name of their own: the old table's readers keep theirs
+            write_statistics(Path(folder) / "statistics.parquet", statistics)
             report(progress, 0, 3, f"loading {rows} lesions into {destination.path}")
+            with bq.translated(destination), open(Path(folder) / "statistics.parquet", "rb") as stream:
+                overwrite = module.LoadJobConfig(
+                    source_format=module.SourceFormat.PARQUET,
+                    write_disposition=module.WriteDisposition.WRITE_TRUNCATE,  # the same statistics: same content
+                    create_disposition=module.CreateDisposition.CREATE_IF_NEEDED,
+                    parquet_options=parquet,
+                )
+                client.load_table_from_file(
+                    stream, destination.beside(space["table"]).path, job_config=overwrite
+                ).result()
             with bq.translated(destination), open(path, "rb") as stream:
                 client.load_table_from_file(stream, staging.path, job_config=config).result()
         with bq.translated(destination):
@@ -183,11 +266,14 @@ def push(
             # a query job, billed on the staging table it reads (once per push): limited to exactly that
             limit = max(int(loaded.num_bytes or 0), bq.MINIMUM_BILLED)
             config = module.QueryJobConfig(maximum_bytes_billed=limit)
-            text = replace_statement(destination, staging, description(reference, models))
+            text = replace_statement(destination, staging, description(reference, models, space=space))
             client.query(text, job_config=config).result()
     finally:
         with bq.translated(destination):
             client.delete_table(staging.path, not_found_ok=True)
+    if previous is not None and previous != space["table"]:
+        with bq.translated(destination):
+            client.delete_table(destination.beside(previous).path, not_found_ok=True)
     with bq.translated(destination):
         loaded = client.get_table(destination.path)
     result = PushResult(destination, int(loaded.num_rows or rows), int(loaded.num_bytes or 0), None)
@@ -206,19 +292,32 @@ def push(
         return result
     report(progress, 1, 3, f"creating the {index_type} vector index")
     with bq.translated(destination):
-        client.query(index_statement(destination, stored, index_type).sql).result()
+        client.query(index_statement(destination, stored, index_type, indexed, distance).sql).result()
         loaded = client.get_table(destination.path)  # its etag now: the patch is refused against an older one
-        loaded.description = description(
-            reference, models, {"name": INDEX_NAME, "type": index_type, "distance": "COSINE", "stored": stored}
-        )
+        index = {"name": INDEX_NAME, "type": index_type, "distance": distance, "column": indexed, "stored": stored}
+        loaded.description = description(reference, models, index, space)
         client.update_table(loaded, ["description"])  # tables.patch may change a description; a load may not
     result.index = index_type
     result.notes.append(
-        f"{index_type} vector index '{INDEX_NAME}' created (cosine, storing {len(stored)} columns); BigQuery builds "
-        f"it in the background: until it is populated, searches scan exactly and say that the index was not used"
+        f"{index_type} vector index '{INDEX_NAME}' created on {indexed} ({distance.lower()}, the {index_space} space; "
+        f"storing {len(stored)} columns); BigQuery builds it in the background: until it is populated, searches "
+        f"scan exactly and say that the index was not used"
     )
     report(progress, 3, 3, "pushed")
     return result
+
+
+def _previous_statistics(client, destination: TableName) -> str | None:
+    """The statistics table the destination's current description names (deleted once it is replaced)."""
+    try:
+        with bq.translated(destination):
+            text = client.get_table(destination.path).description
+    except SimilarPatientsError:  # none yet (or unreadable: the push says why when it loads)
+        return None
+    try:
+        return (json.loads(text or "")[DESCRIPTION_KEY].get("corrected") or {}).get("table")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def replace_statement(destination: TableName, staging: TableName, text: str) -> str:

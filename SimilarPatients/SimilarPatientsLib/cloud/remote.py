@@ -22,10 +22,10 @@ from ..references import schema
 from ..references.hits import hit_table
 from ..references.reference import ReferenceManifest, check_search, query_lesion_names
 from ..search import filters
-from ..search.correction import CORRECTED, RAW, check_space
+from ..search.correction import CORRECTED, RAW, resolved_space
 from ..search.nearest import LesionMatch, check_queries
 from . import client as bq
-from . import sql
+from . import corrected, sql
 from .push import DESCRIPTION_KEY
 from .tables import TableName, parse_table
 
@@ -73,6 +73,8 @@ class BigQueryReference(ReferenceManifest):
         self.column_types = {f.name: ("ARRAY" if f.mode == "REPEATED" else f.field_type) for f in found.schema}
         self.manifest = _manifest(found.description, self.table)
         self.name = self.table.url
+        self._statistics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._patients: dict[tuple, tuple[np.ndarray, list, float]] = {}
 
     def __repr__(self) -> str:
         return f"BigQueryReference({self.name!r}, models={self.models})"
@@ -95,6 +97,27 @@ class BigQueryReference(ReferenceManifest):
         """The vector index the push created (name, type, distance, stored columns), or None."""
         return self.manifest.get("index")
 
+    def space_of(self, model: str, space: str = CORRECTED, metric: str = "cosine") -> tuple[str, str | None]:
+        """The space a search of ``model`` asking for ``space`` runs in here, and why it is not the one asked
+        (None when it is): a table pushed before tables carried the corrected space, or another metric than
+        the one whose corrected space a push stores, is searched in ``raw``."""
+        if resolved_space(space, "cosine" if metric == "dot" else metric) == RAW:
+            return RAW, None
+        if corrected.space_of(self.manifest, model) is None:
+            return RAW, (
+                "searched in the raw space (plain distance on the stored vectors): this table was pushed before "
+                "BigQuery tables carried the corrected space, so a few patients may be near every query (see "
+                f"docs/search.md); push the reference again (`references push NAME --bigquery {self.table.path}`) "
+                "to search it hub-free"
+            )
+        if metric != corrected.METRIC:
+            return RAW, (
+                f"searched in the raw space: a BigQuery table carries the corrected space for the "
+                f"{corrected.METRIC} metric only, not {metric}; search with --metric {corrected.METRIC}, or a local "
+                "copy of the reference, for the corrected space"
+            )
+        return CORRECTED, None
+
     def statement(
         self,
         model: str,
@@ -106,20 +129,44 @@ class BigQueryReference(ReferenceManifest):
         exclude: Sequence[str] = (),
         method: str = "auto",
         brute_force: bool = False,
+        space: str = CORRECTED,
     ) -> sql.Statement:
         """The statement :meth:`search` runs (``--print-sql`` prints it, a dry run prices it): nearest to
         ``embeddings``, or to a reference ``patient``'s lesions, read by the statement itself.
         ``brute_force``: the same ``VECTOR_SEARCH`` comparing every row (what an approximate one is measured
-        against)."""
+        against). In the corrected space the query is stated in it (:mod:`.corrected`): embeddings z-scored
+        with the table's statistics (read once from the statistics table), a patient's lesions and radius
+        read first by a short query (the table is clustered by patient: a few blocks)."""
         check_search(embeddings, patient, method)
         model = self.model_name(model)
         info = self.model_info(model)
+        searched, why = self.space_of(model, space, metric)
         queries = None if embeddings is None else check_queries(info.dim, embeddings, metric)
         spec = sql.SearchSpec(model, queries, k, metric, where, tuple(str(p) for p in exclude), patient)
+        if searched == CORRECTED:
+            radius = None
+            if patient is not None:
+                unit, _, radius = self._patient_vectors(model, str(patient))
+            else:
+                unit = corrected.unit_queries(*self._space_statistics(model), queries)
+            spec = dataclasses.replace(
+                spec, queries=corrected.query_vectors(unit), patient=None, corrected=True, query_radius=radius
+            )
+        statement = self._statement(model, spec, method, brute_force)
+        return dataclasses.replace(statement, notes=(*statement.notes, why)) if why else statement
+
+    def _statement(self, model: str, spec: sql.SearchSpec, method: str, brute_force: bool) -> sql.Statement:
         if method == "approximate" and not self.in_table_project:
             raise SimilarPatientsError(self._other_project("--method approximate searches with"))
-        if method == "exact" or (method == "auto" and not self.index):
-            return sql.exact_search(self.table, spec, self.column_types)
+        indexed = (self.index or {}).get("column", schema.EMBEDDING)
+        serves = self.index is not None and indexed == (corrected.COLUMN if spec.corrected else schema.EMBEDDING)
+        if method == "exact" or (method == "auto" and not serves):
+            exact = sql.exact_search(self.table, spec, self.column_types)
+            if method == "auto" and self.index is not None:
+                other = RAW if spec.corrected else CORRECTED
+                why = f"search: exact: the table's vector index is on the {other} space's vectors, not this search's"
+                exact = dataclasses.replace(exact, notes=(*exact.notes, why))
+            return exact
         if method == "auto" and not self.in_table_project:
             exact = sql.exact_search(self.table, spec, self.column_types)
             why = (
@@ -129,7 +176,7 @@ class BigQueryReference(ReferenceManifest):
             )
             return dataclasses.replace(exact, notes=(*exact.notes, why))
         # without an index VECTOR_SEARCH compares every row, so every filter applies before it
-        stored = self.index["stored"] if self.index else list(self.column_types)
+        stored = self.index["stored"] if serves else list(self.column_types)
         max_lesions = int(self.manifest["models"][model].get("max_lesions", 1))
         return sql.vector_search(
             self.table,
@@ -140,6 +187,44 @@ class BigQueryReference(ReferenceManifest):
             fraction_lists_to_search=self.fraction_lists_to_search,
             brute_force=brute_force,
         )
+
+    def _space_statistics(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """The centre and scale that z-score a query in ``model``'s corrected space, read once from the
+        statistics table and checked against the digest the table's description records."""
+        if model not in self._statistics:
+            entry = self.manifest["corrected"]
+            beside = self.table.beside(entry["table"])
+            result = bq.run(self.client, self.table, sql.statistics(beside, model), self.maximum_bytes_billed)
+            rows = result.rows
+            found = None
+            if len(rows) == 1:
+                centre, scale = (np.asarray(rows[c].iloc[0], dtype=np.float64) for c in ("centre", "scale"))
+                if corrected.digest(centre, scale) == entry["models"][model]["digest"]:
+                    found = centre, scale
+            if found is None:
+                raise SimilarPatientsError(
+                    f"The statistics of {self.table.path}'s corrected space ({beside.path}, model {model}) are not "
+                    f"the ones its description records: the table is being pushed again, or its statistics table was "
+                    f"changed. Search again once the push is done, or push the reference again; --space raw searches "
+                    f"without them."
+                )
+            self._statistics[model] = found
+        return self._statistics[model]
+
+    def _patient_vectors(self, model: str, patient: str) -> tuple[np.ndarray, list, float]:
+        """A reference patient's unit z-scored vectors, lesion ids and radius (refused when it has none here)."""
+        key = (model, patient)
+        if key not in self._patients:
+            statement = sql.patient_vectors(self.table, model, patient)
+            rows = bq.run(self.client, self.table, statement, self.maximum_bytes_billed).rows
+            if not len(rows):
+                self._refuse_patient(model, patient)
+            augmented = np.asarray([np.asarray(v, dtype=np.float64) for v in rows[corrected.COLUMN]])
+            radius = float(rows[corrected.RADIUS].iloc[0])
+            self._patients = {
+                key: (corrected.unit_from_augmented(augmented), list(rows[schema.LESION].astype(str)), radius)
+            }
+        return self._patients[key]
 
     def dry_run(self, statement: sql.Statement) -> int:
         """The bytes ``statement`` would scan; nothing is run or billed."""
@@ -159,19 +244,20 @@ class BigQueryReference(ReferenceManifest):
         query_lesions: Sequence[str] | None = None,
         space: str = CORRECTED,
     ) -> pd.DataFrame:
-        """As :meth:`Reference.search`, in the raw space (the ``space`` column and a note say so: a pushed
-        table does not carry the corrected space's statistics yet). The hits' ``attrs["notes"]`` say what
-        BigQuery billed, whether the index was used (the hits' ``search`` column then says ``approximate``),
-        and what post-filters or the index may have cut. A ``patient``'s lesions are read by the search
-        statement itself (one scan of the table, not two), after a check that bills two text columns: an
-        unknown patient is refused before the embeddings are billed. With ``check_recall`` the index's recall
-        is measured against the same search with ``use_brute_force``."""
-        check_space(space, "cosine" if metric == "dot" else metric)
+        """As :meth:`Reference.search`: in the ``corrected`` space (hub-free, :mod:`.corrected`) where the table
+        carries it, else in ``raw`` with a note saying why (the ``space`` column says which answered). The
+        hits' ``attrs["notes"]`` say what BigQuery billed, whether the index was used (the hits' ``search``
+        column then says ``approximate``), and what post-filters or the index may have cut. In the raw space a
+        ``patient``'s lesions are read by the search statement itself (one scan of the table, not two), after
+        a check that bills two text columns: an unknown patient is refused before the embeddings are billed;
+        in the corrected space they are read first, which is that check. With ``check_recall`` the index's
+        recall is measured against the same search with ``use_brute_force``."""
         model = self.model_name(model)
-        statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method)
-        report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
-        if patient is not None:
+        searched, _ = self.space_of(model, space, metric)
+        if patient is not None and searched == RAW:
             self._check_patient(model, str(patient))
+        statement = self.statement(model, embeddings, patient, k, metric, where, exclude, method, space=space)
+        report(progress, 0, 1, f"searching {self.table.path} in BigQuery")
         result = bq.run(self.client, self.table, statement, self.maximum_bytes_billed)
         rows = result.rows
         matches = [
@@ -179,7 +265,9 @@ class BigQueryReference(ReferenceManifest):
             for i, (p, d, q) in enumerate(zip(rows[schema.PATIENT], rows["distance"], rows["query_row"]))
         ]
         counts = dict(zip(rows[schema.PATIENT].astype(str), rows["patient_lesions"].astype(int)))
-        if patient is not None:  # the patient's lesion ids came back with the hits, by query row
+        if patient is not None and searched == CORRECTED:  # read before the search, in query row order
+            query_lesions = dict(enumerate(self._patient_vectors(model, str(patient))[1]))
+        elif patient is not None:  # the patient's lesion ids came back with the hits, by query row
             query_lesions = dict(zip(rows["query_row"].astype(int), rows["query_lesion"].astype(str)))
         else:
             query_lesions = query_lesion_names(embeddings, query_lesions)
@@ -187,19 +275,16 @@ class BigQueryReference(ReferenceManifest):
         recall = float("nan") if approximate else None  # BigQuery does not measure an index's recall
         exact_patients = None
         if approximate and self.check_recall:
-            brute = self.statement(model, embeddings, patient, k, metric, where, exclude, method, brute_force=True)
+            brute = self.statement(
+                model, embeddings, patient, k, metric, where, exclude, method, brute_force=True, space=space
+            )
             exact = bq.run(self.client, self.table, brute, self.maximum_bytes_billed)
             exact_patients = list(exact.rows[schema.PATIENT])
             found = set(rows[schema.PATIENT].astype(str))
             recall = len(found & {str(p) for p in exact_patients}) / max(1, len(exact_patients))
-        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, RAW)
+        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, searched)
         measured = recall if exact_patients is not None else None
         hits.attrs["notes"] = self._notes(statement, result, k, len(hits), patient, approximate, measured)
-        if space != RAW:
-            hits.attrs["notes"].append(
-                "searched in the raw space (plain distance on the stored vectors): a BigQuery table does not carry "
-                "the corrected space yet, so a few patients may be near every query (see docs/search.md)"
-            )
         report(progress, 1, 1, f"searching {self.table.path} in BigQuery")
         return hits
 
@@ -207,11 +292,14 @@ class BigQueryReference(ReferenceManifest):
         """Refuse a patient without lesions of ``model`` here, as the local store does (a cheap query)."""
         counted = bq.run(self.client, self.table, sql.patient_lesions(self.table, model, patient), None)
         if int(counted.rows["lesions"].iloc[0]) == 0:
-            info = self.manifest["models"][model]
-            raise SimilarPatientsError(
-                f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
-                f"({info.get('patients', 'its')} patients there)."
-            )
+            self._refuse_patient(model, patient)
+
+    def _refuse_patient(self, model: str, patient: str) -> None:
+        info = self.manifest["models"][model]
+        raise SimilarPatientsError(
+            f"Patient {patient} is not in reference '{self.name}' for model '{model}' "
+            f"({info.get('patients', 'its')} patients there)."
+        )
 
     def _notes(
         self,

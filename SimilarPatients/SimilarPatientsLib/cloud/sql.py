@@ -26,7 +26,9 @@ import numpy as np
 from ..errors import SimilarPatientsError
 from ..references import schema
 from ..search import filters
+from ..search.correction import NEIGHBOURS
 from ..search.distances import check_metric
+from . import corrected
 from .tables import TableName, column
 
 #: local metric -> (VECTOR_SEARCH distance_type, exact distance function). BigQuery's default is EUCLIDEAN,
@@ -35,7 +37,17 @@ DISTANCES = {"cosine": ("COSINE", "COSINE_DISTANCE"), "euclidean": ("EUCLIDEAN",
 INDEX_TYPES = ("IVF", "TREE_AH")
 INDEX_NAME = "similar_patients_embedding"
 #: Columns a statement adds to the reference's own (a pushed table must not have them).
-ADDED_COLUMNS = ("query_row", "query_lesion", "distance", "patient_lesions", "nearest_rank")
+ADDED_COLUMNS = (
+    "query_row",
+    "query_lesion",
+    "distance",
+    "patient_lesions",
+    "nearest_rank",
+    "unscaled",
+    "passes",
+    "patient_radius",
+    "query_radius",
+)
 #: How many more lesions VECTOR_SEARCH returns when a filter can only be applied after it (post-filter).
 POST_FILTER_OVERFETCH = 10
 MAX_K = 10_000
@@ -82,6 +94,10 @@ class SearchSpec:
     where: filters.Filters = None
     exclude: tuple = ()
     patient: str | None = None  #: search with this reference patient's lesions, read in the same statement
+    #: the corrected space (:mod:`.corrected`): ``queries`` are then ``[t̂, 1]`` rows, ``patient`` None
+    corrected: bool = False
+    #: the query's radius in the corrected space (a reference patient's); None: measured by the statement
+    query_radius: float | None = None
 
 
 def distance_of(metric: str) -> tuple[str, str]:
@@ -98,15 +114,44 @@ def distance_of(metric: str) -> tuple[str, str]:
 def exact_search(table: TableName, spec: SearchSpec, column_types: Mapping[str, str]) -> Statement:
     """Every lesion of the model compared (no index): the answer the local exact scan gives."""
     builder = _Builder(spec, column_types, table)
+    if spec.corrected:
+        return _exact_corrected(table, builder)
     conditions = builder.conditions(builder.terms)
     _, function = distance_of(spec.metric)
-    candidates = f"SELECT * FROM {table.sql} WHERE {' AND '.join([builder.model_condition, *conditions])}"
+    candidates = f"{builder.rows()} WHERE {' AND '.join([builder.model_condition, *conditions])}"
     pairs = (
         f"SELECT c.* EXCEPT ({column(schema.EMBEDDING)}), q.* EXCEPT ({column(schema.EMBEDDING)}), "
         f"{function}(c.{column(schema.EMBEDDING)}, q.{column(schema.EMBEDDING)}) AS distance\n"
         f"  FROM ({candidates}) AS c\n  CROSS JOIN ({builder.query_table()}) AS q"
     )
     return builder.statement(table, pairs)
+
+
+def _unscaled(base: str, query: str) -> str:
+    """The z-scored cosine distance ``d`` of an augmented row and a ``[t̂, 1]`` query (:mod:`.corrected`)."""
+    return f"2 * COSINE_DISTANCE({base}, {query}) - 2"
+
+
+def _exact_corrected(table: TableName, builder: _Builder) -> Statement:
+    """The exact scan in the corrected space: every lesion of the model paired with the query lesions once;
+    the filters mark the pairs (the query's radius is measured over all of them, as locally) and the
+    corrected distance divides ``d`` by ``sqrt(r_p · r_q)``."""
+    vector, radius = column(corrected.COLUMN), column(corrected.RADIUS)
+    passes = " AND ".join(builder.conditions(builder.terms, qualifier="c.")) or "TRUE"
+    pairs = (
+        f"SELECT c.* EXCEPT ({vector}, {radius}), q.* EXCEPT ({vector}), "
+        f"c.{radius} AS patient_radius,\n    {_unscaled(f'c.{vector}', f'q.{vector}')} AS unscaled, "
+        f"{passes} AS passes\n"
+        f"  FROM ({builder.rows()} WHERE {builder.model_condition}) AS c\n"
+        f"  CROSS JOIN ({builder.query_table()}) AS q"
+    )
+    prefix = [("pairs", pairs), ("radius", builder.radius("pairs"))]
+    found = (
+        "SELECT * EXCEPT (unscaled, passes, patient_radius),\n"
+        "    unscaled / SQRT(patient_radius * (SELECT query_radius FROM radius)) AS distance\n"
+        "  FROM pairs WHERE passes"
+    )
+    return builder.statement(table, found, prefix=prefix)
 
 
 def vector_search(
@@ -128,9 +173,16 @@ def vector_search(
     Filters on ``stored`` columns (those the index stores) go into the base table query and are applied
     before the search; others can only be applied to what the search returned (post-filters), so the
     search over-fetches and the statement says that fewer than k patients may come back. ``max_lesions``
-    (the most lesions one patient has) sizes ``top_k`` so that k patients are reached."""
+    (the most lesions one patient has) sizes ``top_k`` so that k patients are reached.
+
+    In the corrected space it searches the augmented column with ``DOT_PRODUCT``, whose distance is the
+    corrected one but for the query's radius, by which it is divided; a new query's radius is measured by
+    the same statement over every lesion of the model (one scan of that column)."""
     builder = _Builder(spec, column_types, table)
-    distance_type, _ = distance_of(spec.metric)
+    if spec.corrected:
+        distance_type, searched = "DOT_PRODUCT", corrected.COLUMN
+    else:
+        (distance_type, _), searched = distance_of(spec.metric), schema.EMBEDDING
     stored = set(stored)
     before = [t for t in builder.terms if t.field in stored]
     after = [t for t in builder.terms if t.field not in stored]
@@ -148,20 +200,25 @@ def vector_search(
             f"{spec.k} patients; store the columns in the index (push with --create-index) or search --method exact"
         )
     options = _options(fraction_lists_to_search, brute_force)
-    embedding = column(schema.EMBEDDING)
+    vectors = ", ".join(column(c) for c in ((searched, corrected.RADIUS) if spec.corrected else (searched,)))
+    prefix = []
+    distance = "distance"
+    if spec.corrected:
+        prefix.append(("radius", builder.radius()))
+        distance = "distance / SQRT((SELECT query_radius FROM radius)) AS distance"
     found = (
-        f"SELECT base.* EXCEPT ({embedding}), query.* EXCEPT ({embedding}), distance\n"
+        f"SELECT base.* EXCEPT ({vectors}), query.* EXCEPT ({column(searched)}), {distance}\n"
         f"  FROM VECTOR_SEARCH(\n"
-        f"    (SELECT * FROM {table.sql} WHERE {' AND '.join(base_conditions)}),\n"
-        f"    '{schema.EMBEDDING}',\n"
+        f"    ({builder.rows()} WHERE {' AND '.join(base_conditions)}),\n"
+        f"    '{searched}',\n"
         f"    ({builder.query_table()}),\n"
-        f"    '{schema.EMBEDDING}',\n"
+        f"    '{searched}',\n"
         f"    top_k => {_literal_int(top_k, 'top_k')},\n"
         f"    distance_type => '{distance_type}'{options})"
     )
     if post_conditions:
         found += f"\n  WHERE {' AND '.join(post_conditions)}"
-    return builder.statement(table, found, tuple(notes))
+    return builder.statement(table, found, tuple(notes), prefix)
 
 
 def patient_lesions(table: TableName, model: str, patient: str) -> Statement:
@@ -175,14 +232,39 @@ def patient_lesions(table: TableName, model: str, patient: str) -> Statement:
     return Statement(sql, (Parameter("model", "STRING", str(model)), Parameter("patient", "STRING", str(patient))))
 
 
-def index_statement(table: TableName, stored: Sequence[str], index_type: str = "IVF") -> Statement:
-    """``CREATE OR REPLACE VECTOR INDEX`` on the embedding, cosine, ``STORING`` the columns filters use."""
+def patient_vectors(table: TableName, model: str, patient: str) -> Statement:
+    """A reference patient's lesions in the corrected space (lesion id, augmented vector, radius), in lesion
+    order: the table being clustered by (model, PatientID), BigQuery reads that patient's blocks only."""
+    sql = (
+        f"SELECT {column(schema.LESION)}, {column(corrected.COLUMN)}, {column(corrected.RADIUS)} FROM {table.sql}\n"
+        f"WHERE {column(schema.MODEL)} = @model AND {column(schema.PATIENT)} = @patient\n"
+        f"ORDER BY {column(schema.LESION)}"
+    )
+    return Statement(sql, (Parameter("model", "STRING", str(model)), Parameter("patient", "STRING", str(patient))))
+
+
+def statistics(table: TableName, model: str) -> Statement:
+    """One model's centre and scale from the statistics table beside a pushed one (:mod:`.corrected`)."""
+    centre, scale = (column(c) for c in corrected.STATISTICS_COLUMNS[1:])
+    sql = f"SELECT {centre}, {scale} FROM {table.sql} WHERE {column('model')} = @model"
+    return Statement(sql, (Parameter("model", "STRING", str(model)),))
+
+
+def index_statement(
+    table: TableName,
+    stored: Sequence[str],
+    index_type: str = "IVF",
+    indexed: str = schema.EMBEDDING,
+    distance: str = "COSINE",
+) -> Statement:
+    """``CREATE OR REPLACE VECTOR INDEX`` on ``indexed`` (the embedding, cosine; or the corrected space's
+    column, ``DOT_PRODUCT``), ``STORING`` the columns filters use."""
     if index_type not in INDEX_TYPES:
         raise SimilarPatientsError(f"Unknown vector index type '{index_type}'; choose {' or '.join(INDEX_TYPES)}.")
     storing = f" STORING({', '.join(column(c) for c in stored)})" if stored else ""
     sql = (
-        f"CREATE OR REPLACE VECTOR INDEX {column(INDEX_NAME)} ON {table.sql}({column(schema.EMBEDDING)}){storing}\n"
-        f"OPTIONS(index_type = '{index_type}', distance_type = '{DISTANCES['cosine'][0]}')"
+        f"CREATE OR REPLACE VECTOR INDEX {column(INDEX_NAME)} ON {table.sql}({column(indexed)}){storing}\n"
+        f"OPTIONS(index_type = '{index_type}', distance_type = '{distance}')"
     )
     return Statement(sql)
 
@@ -244,13 +326,26 @@ class _Builder:
             if term.field not in self.types or term.field == schema.EMBEDDING:
                 fields = ", ".join(c for c in self.types if c != schema.EMBEDDING)
                 raise SimilarPatientsError(f"No field '{term.field}' to filter on; this reference has: {fields}.")
+        self.vector = corrected.COLUMN if spec.corrected else schema.EMBEDDING
+        self._query_table: str | None = None
         self.exclude_condition = None
         if spec.exclude:
             self.parameters.append(Parameter("exclude", "ARRAY<STRING>", [str(p) for p in spec.exclude]))
             self.exclude_condition = f"{column(schema.PATIENT)} NOT IN UNNEST(@exclude)"
 
-    def add(self, type_: str, value) -> str:
-        name = f"filter_{sum(p.name.startswith('filter_') for p in self.parameters)}"
+    def rows(self) -> str:
+        """``SELECT * FROM`` the table, but the vector columns of the other space: BigQuery bills the columns
+        a query reads, and a search reads one space's vectors."""
+        other = (schema.EMBEDDING,) if self.spec.corrected else (corrected.COLUMN, corrected.RADIUS)
+        unread = [column(c) for c in other if c in self.types]
+        return (
+            f"SELECT * EXCEPT ({', '.join(unread)}) FROM {self.table.sql}"
+            if unread
+            else f"SELECT * FROM {self.table.sql}"
+        )
+
+    def add(self, type_: str, value, name: str | None = None) -> str:
+        name = name or f"filter_{sum(p.name.startswith('filter_') for p in self.parameters)}"
         self.parameters.append(Parameter(name, type_, value))
         return f"@{name}"
 
@@ -291,7 +386,33 @@ class _Builder:
     def query_table(self) -> str:
         """The query lesions as a one-row-per-vector table: ``(SELECT 0 AS query_row, @query AS embedding)``,
         or a reference patient's lesions read from the table (with their ``query_lesion`` ids), which spares
-        a second scan of the table to fetch them."""
+        a second scan of the table to fetch them. Written once (its parameters too), however often used."""
+        if self._query_table is None:
+            self._query_table = self._write_query_table()
+        return self._query_table
+
+    def radius(self, pairs: str | None = None) -> str:
+        """The ``radius`` CTE: the query's radius in the corrected space, a reference patient's (a parameter),
+        or its distance to its ``NEIGHBOURS``-th nearest patient in the z-scored space over every lesion of
+        the model (``pairs``: a CTE holding them with ``unscaled``; else the table and the query table),
+        one where the model has fewer patients, kept above zero, 1 where there are none (as locally)."""
+        if self.spec.query_radius is not None:
+            return f"SELECT {self.add('FLOAT64', float(self.spec.query_radius), 'query_radius')} AS query_radius"
+        patient = column(schema.PATIENT)
+        if pairs is None:
+            vector = column(corrected.COLUMN)
+            pairs = (
+                f"(SELECT c.{patient}, {_unscaled(f'c.{vector}', f'q.{vector}')} AS unscaled\n"
+                f"      FROM (SELECT {patient}, {vector} FROM {self.table.sql} WHERE {self.model_condition}) AS c\n"
+                f"      CROSS JOIN ({self.query_table()}) AS q)"
+            )
+        return (
+            f"SELECT GREATEST(COALESCE(MAX(unscaled), 1.0), 1e-12) AS query_radius FROM (\n"
+            f"    SELECT MIN(unscaled) AS unscaled FROM {pairs}\n"
+            f"    GROUP BY {patient} ORDER BY unscaled LIMIT {NEIGHBOURS}\n  )"
+        )
+
+    def _write_query_table(self) -> str:
         if self.spec.patient is not None:
             self.parameters.append(Parameter("patient", "STRING", str(self.spec.patient)))
             lesion, patient = column(schema.LESION), column(schema.PATIENT)
@@ -309,17 +430,19 @@ class _Builder:
         for i, vector in enumerate(queries):
             name = "query" if len(queries) == 1 else f"query_{i}"
             self.parameters.append(Parameter(name, "ARRAY<FLOAT64>", [float(v) for v in vector]))
-            rows.append(f"SELECT {i} AS query_row, @{name} AS {column(schema.EMBEDDING)}")
+            rows.append(f"SELECT {i} AS query_row, @{name} AS {column(self.vector)}")
         return " UNION ALL ".join(rows)
 
-    def statement(self, table: TableName, found: str, notes: tuple = ()) -> Statement:
+    def statement(self, table: TableName, found: str, notes: tuple = (), prefix: Sequence = ()) -> Statement:
         """Lesion matches (``found``: lesion columns, ``query_row``, ``distance``) rolled up to patients:
         each patient's nearest pair, the k nearest patients, and each one's lesion count in the model. Each
-        CTE is read once (BigQuery may evaluate a CTE once per reference); the counts read two small columns."""
+        CTE is read once (BigQuery may evaluate a CTE once per reference), but ``prefix``'s (name, query)
+        CTEs, which come first; the counts read two small columns."""
         patient, lesion = column(schema.PATIENT), column(schema.LESION)
         exclude = f"\n  WHERE {self.exclude_condition}" if self.exclude_condition else ""
+        first = "".join(f"{name} AS (\n  {query}\n),\n" for name, query in prefix)
         sql = (
-            f"WITH found AS (\n  {found}\n),\n"
+            f"WITH {first}found AS (\n  {found}\n),\n"
             f"nearest AS (\n"
             f"  SELECT * EXCEPT (nearest_rank) FROM (\n"
             f"    SELECT *, ROW_NUMBER() OVER (PARTITION BY {patient} ORDER BY distance, {lesion}, query_row) "

@@ -81,11 +81,10 @@ def _hugging_face(
     repo: str, file: str, licence: str, needs_acknowledgement: bool, revision: str = "main", **verified
 ) -> WeightSource:
     """A weights file in a Hugging Face repository (``datasets/<repo>`` for a dataset), at ``revision``: a
-    commit pins the file; ``main`` is the branch head, whose commit the first download records and later
-    downloads ask for. No commit of these repositories could be read here (no hub is reachable, and the
-    copies of upstream code at hand all name ``main``), so none is pinned yet: pin each by its commit
-    (``huggingface-cli download REPO FILE`` prints it) once a machine reaches the hub.
-    ``verified``: ``size`` and ``sha256`` where listed."""
+    commit pins the file (each pin below names the public page that shows it); ``main`` leaves it unpinned:
+    the first download's commit is recorded and later downloads ask for it (``models list`` says which,
+    ``models download MODEL --revision REV`` pins another). ``verified``: ``size`` and ``known_hash`` where the
+    hub lists them (its Git LFS pointer's ``oid sha256``)."""
     dataset = repo.startswith("datasets/")
     hub = weights.HubFile(repo.split("/", 1)[1] if dataset else repo, file, "dataset" if dataset else "model", revision)
     return WeightSource(hub.url, file.rsplit("/", 1)[-1], licence, needs_acknowledgement, hub=hub, **verified)
@@ -100,6 +99,8 @@ MODELS: dict[str, ModelSpec] = {
             4096,
             _network("fmcib_resnet"),
             CheckpointFormat(containers=("trunk_state_dict", "state_dict"), prefixes=("model.trunk.", "")),
+            # A Zenodo record's file (a record's files cannot be replaced); no hash found published beside it:
+            # the first download's sha256 is recorded.
             WeightSource(
                 "https://zenodo.org/records/10528450/files/model_weights.torch?download=1",
                 "model_weights.torch",
@@ -121,6 +122,8 @@ MODELS: dict[str, ModelSpec] = {
                 "model.safetensors",
                 "Apache-2.0",
                 needs_acknowledgement=False,
+                # Unpinned: the stored pages of the repository show only the short commit 527b0d1 (its tree,
+                # "Update README.md (#1)"), no full commit or the file's sha256.
             ),
             "CT-FM: MONAI SegResEncoder, self-supervised on 148k CT scans",
             311,
@@ -136,6 +139,9 @@ MODELS: dict[str, ModelSpec] = {
                 "model_vista3d.pt",
                 "NVIDIA OneWay Noncommercial License",
                 _NONCOMMERCIAL,
+                # The md5 MONAI's model zoo lists for this URL: Project-MONAI/model-zoo, models/vista3d/
+                # large_files.yml (commit 7c83ec039fc853d6bfe5f5ff0d3a3e48812e22eb, 2024-09-23, and later).
+                known_hash="md5:6ce45a8edde4400c5d28d5e74d7b61d5",
             ),
             "VISTA3D image encoder (MONAI SegResEncoder, 48 filters), segmentation foundation model",
             700,
@@ -153,6 +159,8 @@ MODELS: dict[str, ModelSpec] = {
                 "supervised_suprem_unet_2100.pth",
                 "SuPreM weights: non-commercial research use (see the source page)",
                 _NONCOMMERCIAL,
+                # Unpinned: the stored pages show commits d578cce (Upload 3 files) and 1620408 (Upload 9 files,
+                # not this one), but none shows which commit holds this file, nor its sha256.
             ),
             "SuPreM: 3D U-Net encoder, supervised on AbdomenAtlas (2,100 CTs)",
             28,
@@ -168,6 +176,12 @@ MODELS: dict[str, ModelSpec] = {
                 "Genesis_Chest_CT.pt",
                 "Models Genesis: non-commercial research use (see the source page)",
                 _NONCOMMERCIAL,
+                # The commit that added the file, and its Git LFS pointer: huggingface.co/MrGiovanni/
+                # ModelsGenesis/commit/4f4e9cbe3a7b8ef5c7813e2d1ac38d23561e1993 ("Upload 3 files"); the file's
+                # page on main (blob/main/Genesis_Chest_CT.pt) shows the same commit and SHA256.
+                revision="4f4e9cbe3a7b8ef5c7813e2d1ac38d23561e1993",
+                size=152639120,
+                known_hash="sha256:62de21a05236d6a8d8d5b03ec740f6ac6b818d15d3e86eed4f38a2a17d63cc08",
             ),
             "Models Genesis: 3D U-Net encoder, self-supervised on chest CT",
             28,
@@ -185,6 +199,11 @@ MODELS: dict[str, ModelSpec] = {
                 "VoCo_H_SSL_head.pt",
                 "not confirmed offline: read the source page before use",
                 needs_acknowledgement=True,
+                # The commit that uploaded the file: huggingface.co/Luffy503/VoCo/tree/
+                # c7746ed0a315832f33edcf38c58af10d5bacb120 ("Upload VoCo_H_SSL_head.pt"); its Git LFS SHA256
+                # from the file's page (blob/main/VoCo_H_SSL_head.pt, last changed in c7746ed).
+                revision="c7746ed0a315832f33edcf38c58af10d5bacb120",
+                known_hash="sha256:a88216d079191bf7c81319ab468e0f45a0c2e7d3eb46f5964f34a3e1e6a6f4a3",
             ),
             "VoCo-H: MONAI Swin transformer (SwinUNETR v2, 192 features), self-supervised on 160k CTs",
             1187,
@@ -204,6 +223,7 @@ MODELS: dict[str, ModelSpec] = {
                 "PASTA final.pth",
                 "MIT per the authors' code (LWHYC/PASTA); weights card unconfirmed",
                 needs_acknowledgement=True,
+                # Unpinned: no stored page or code names a commit of surajpaib/PASTA-Model.
             ),
             "PASTA: nnU-Net-style 3D U-Net encoder (1024 channels), pretrained on synthetic CT lesions",
             453,
@@ -219,6 +239,7 @@ MODELS: dict[str, ModelSpec] = {
                 "i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
                 "MIT per the authors' code (merlin-vlm); weights card unconfirmed",
                 needs_acknowledgement=True,
+                # Unpinned: Merlin's own code (merlin/utils) downloads from main; no stored page names a commit.
             ),
             "Merlin: I3D ResNet-152 image encoder and contrastive head, CT-report-EHR pretraining",
             474,
@@ -250,6 +271,7 @@ MODELS: dict[str, ModelSpec] = {
                 "models/CT-CLIP-Related/CT-CLIP_v2.pt",
                 "CC BY-NC-SA 4.0 (CT-RATE; gated: accept its terms)",
                 _NONCOMMERCIAL,
+                # Unpinned: a gated dataset whose pages (and CT-CLIP's code) name only main.
             ),
             "CT-CLIP: CTViT image encoder (factorised spatial/temporal transformer), CT-report contrastive",
             111,
@@ -301,8 +323,8 @@ def summary() -> pd.DataFrame:
                 if source.size is None
                 else f"{source.size / 1e6:.0f}",
                 "weights": "not needed" if source is None else "yes" if state.present else "no",
-                "sha256": "" if source is None else _sha256_check(spec.name, source),
-                "revision": "" if source is None else "pinned" if source.pinned else "branch head",
+                "hash": "" if source is None else _hash_check(spec.name, source),
+                "revision": "" if source is None else weights.revision(spec.name, source),
             }
         )
     import pandas as pd  # the registry itself needs only numpy (the Slicer module asks it before any install)
@@ -310,10 +332,10 @@ def summary() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _sha256_check(model: str, source: WeightSource) -> str:
-    """What a download is checked against: the publisher's sha256, or (none published) the first download's,
-    recorded then."""
-    if source.sha256:
-        return "published"
+def _hash_check(model: str, source: WeightSource) -> str:
+    """What a download is checked against: the publisher's hash, or (none published) the first download's
+    sha256, recorded then."""
+    if source.known_hash:
+        return f"published {source.known_hash.split(':')[0]}"
     recorded = weights.recorded_sha256(model, source)
     return f"recorded {recorded[:10]}…" if recorded else "none published: recorded at first download"

@@ -203,8 +203,9 @@ class WriteShard(beam.DoFn):
         yield path, len(rows)
 
 
-def keyed_by_lesion(row: dict, groups: int) -> tuple:
-    """A row keyed by its shard group: a stable hash of its lesion, the same on every worker and retry."""
+def keyed_by_lesion(row: dict, groups: int) -> tuple[int, dict]:
+    """A row keyed by its shard group: a stable hash of its lesion, the same on every worker and retry. The
+    return hint is a (key, value) pair: Beam 2.78 checks it against ``GroupByKey`` (a bare ``tuple`` is refused)."""
     text = f"{row['PatientID']}\t{row['lesion_id']}".encode()
     return zlib.crc32(text) % groups, row
 

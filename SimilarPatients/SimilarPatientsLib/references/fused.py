@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
-from ..search import filters
+from ..search import feedback, filters
 from ..search.correction import CORRECTED, resolved_space
 from ..search.fusion import FUSION_DEPTH, check_fusion, fuse, mean_closeness
 from ..search.nearest import check_queries, exact_distances, own_radius
@@ -82,14 +82,17 @@ def search_fused(
     progress: ProgressCallback | None = None,
     query_lesions: Sequence[str] | None = None,
     space: str = CORRECTED,
+    like: Sequence[str] = (),
+    unlike: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The ``k`` patients nearest by several models fused (see the module's docstring).
 
     ``embeddings`` maps each model to the query's embedding(s) in that model (its keys are the models
     when ``models`` is None); or ``patient`` names a reference patient, searched with its own lesions in
     each model. The other arguments are :meth:`Reference.search`'s; ``depth`` is how many patients each
-    model contributes (at least ``k``)."""
+    model contributes (at least ``k``). ``like`` / ``unlike`` move each model's query (:mod:`..search.feedback`)."""
     check_fusion(fusion, depth)
+    marks = feedback.judged(like, unlike, patient)
     if (embeddings is None) == (patient is None):
         raise SimilarPatientsError("A fused search takes embeddings per model (embeddings={model: ...}) or a patient.")
     if embeddings is not None:
@@ -105,14 +108,23 @@ def search_fused(
             f"Percentile fusion needs each model's distribution of nearest-match distances, which "
             f"'{reference.name}' does not measure (a BigQuery table); fuse with --fusion rrf instead."
         )
+    if marks:
+        if not local:
+            raise SimilarPatientsError(
+                f"More like these (like / unlike) reads the marked patients' vectors from a stored reference; "
+                f"'{reference.name}' is a BigQuery table: give feedback on a stored reference."
+            )
+        feedback.check_space(resolved_space(space, metric), metric)
     depth = checked_depth(reference, depth, k)
     lists = {}
+    judged = {"like": marks.like, "unlike": marks.unlike} if marks else {}
     for i, model in enumerate(models):
         report(progress, i, len(models), f"searching with {model}")
         query = None if embeddings is None else embeddings[model]
         lists[model] = reference.search(
-            model, query, patient, depth, metric, where, exclude, method, query_lesions=query_lesions, space=space
-        )
+            model, query, patient, depth, metric, where, exclude, method, query_lesions=query_lesions, space=space,
+            **judged,
+        )  # fmt: skip
     report(progress, len(models), len(models), "fusing the models' rankings")
     candidates = np.array(sorted({str(p) for hits in lists.values() for p in hits[schema.PATIENT]}), dtype=object)
     ranks = np.zeros((len(models), len(candidates)), dtype=np.int64)
@@ -126,8 +138,11 @@ def search_fused(
         for m, model in enumerate(models):
             unlisted = np.flatnonzero(ranks[m] == 0)
             queries = _queries(reference, model, embeddings, patient)
+            if marks:  # the moved query, a new one: its radius measured
+                queries = reference.feedback_query(model, queries, marks)
             searched = reference.space(model, None, resolved_space(space, metric), metric)
-            radius = _query_radius(searched, queries, patient, metric) if len(unlisted) else None
+            own = None if marks else patient
+            radius = _query_radius(searched, queries, own, metric) if len(unlisted) else None
             unlisted_patients = candidates[unlisted]
             distances[m, unlisted] = _distances_of(
                 reference, model, searched, queries, unlisted_patients, metric, where, radius
@@ -137,7 +152,8 @@ def search_fused(
         )
     fused = fuse(ranks, closeness, fusion, depth)
     chosen = [i for i in fused.order[:k] if fused.listed[i] > 0]
-    return _hit_table(reference, models, lists, candidates, chosen, ranks, distances, closeness, fused, fusion)
+    hits = _hit_table(reference, models, lists, candidates, chosen, ranks, distances, closeness, fused, fusion)
+    return feedback.marked(hits.drop(columns=feedback.COLUMN, errors="ignore"), marks) if marks else hits
 
 
 def checked_depth(reference, depth: int, k: int) -> int:

@@ -11,7 +11,8 @@ distribution for another metric may be added beside a model's matrix, and record
     models/<i>/nearest-<metric>.npy  the nearest-match distribution :meth:`Reference.closeness` reads
     models/<i>/hnsw-<metric>.faiss   approximate index (+ its calibration, .json), built for large references
     models/<i>/centre.npy, scale.npy, corrected-norms.npy, radii-<metric>.npy   the corrected space's statistics
-                                     (:mod:`.spaces`); its index and distribution are named
+                                     (:mod:`.spaces`); its index (rows augmented with the radii, see
+                                     :mod:`..search.approximate`) and distribution are named
                                      ``hnsw-corrected-<metric>.faiss`` and ``nearest-corrected-<metric>.npy``
 
 Every file is checked against its digest before anything is read from it (once per process; later opens
@@ -34,14 +35,14 @@ import pyarrow.parquet as pq
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback
-from ..search import approximate, filters
+from ..search import approximate, feedback, filters
 from ..search.correction import CORRECTED, RAW, Correction, check_space, resolved_space
 from ..search.nearest import EmbeddingSpace, RowMask, nearest_patients
 from ..util import digests
 from ..util.columns import pandas_array
 from ..util.locks import FileLock
 from ..util.model_names import canonical
-from . import closeness, manifest, schema, spaces
+from . import closeness, label_aware, manifest, schema, spaces
 from .fused import search_fused
 from .hits import hit_table
 from .manifest import DamagedFile
@@ -116,6 +117,8 @@ class ReferenceManifest:
         """Several models at once: each ranks the patients, the rankings are fused (reciprocal rank fusion,
         or ``fusion="percentile"``). ``embeddings``: model → the query's embedding(s) in it; or a reference
         ``patient``; ``models``: None or "all" for every model. See :func:`.fused.search_fused`."""
+        if options.get("similar_by") is not None:
+            raise SimilarPatientsError("similar_by searches with one model: use search(model, ..., similar_by=...).")
         return search_fused(self, embeddings, patient, models, **options)
 
 
@@ -175,6 +178,7 @@ class Reference(ReferenceManifest):
         self._spaces: dict[str, EmbeddingSpace] = {}
         self._indexes: dict[tuple, approximate.ApproximateIndex] = {}
         self._nearest: dict[tuple, np.ndarray] = {}
+        self._label_fits: dict[tuple, label_aware.LabelFit] = {}  #: (model, label, metric) -> its fit, once read
 
     def __repr__(self) -> str:
         return f"Reference({self.name!r}, models={self.models})"
@@ -425,15 +429,22 @@ class Reference(ReferenceManifest):
                 saved = index.save(self.path / relative)
                 return {f"{folder}/{name}": record for name, record in saved.items()}
 
+            index = None
             if relative in self._files:
                 for part in (relative, sidecar):
                     if part in self._files:
                         self.verified(part, progress)
-                index = approximate.ApproximateIndex.load(self.path / relative, metric, searched.correction)
-                if index.calibration is None:  # built before indexes checked themselves: check it now
-                    index.calibrate(searched, progress=progress)
+                try:
+                    index = approximate.ApproximateIndex.load(self.path / relative, metric, searched.correction)
+                except approximate.StaleIndex as stale:  # an older version's graph: rebuilt, never searched
+                    log.warning("'%s' %s: %s (written by an older version); rebuilding it", self.name, model, stale)
+                    index = approximate.ApproximateIndex.build(searched, metric, progress)
                     self._record([relative, sidecar], save, replace=True)
-            else:
+                else:
+                    if index.calibration is None:  # built before indexes checked themselves: check it now
+                        index.calibrate(searched, progress=progress)
+                        self._record([relative, sidecar], save, replace=True)
+            if index is None:
                 log.info("building the approximate %s index of %s in '%s' (%s)", metric, model, self.name, space)
                 index = approximate.ApproximateIndex.build(searched, metric, progress)
                 self._record([relative, sidecar], save)
@@ -453,6 +464,9 @@ class Reference(ReferenceManifest):
         progress: ProgressCallback | None = None,
         query_lesions: Sequence[str] | None = None,
         space: str = CORRECTED,
+        like: Sequence[str] = (),
+        unlike: Sequence[str] = (),
+        similar_by: str | None = None,
     ) -> pd.DataFrame:
         """The ``k`` nearest patients to ``embeddings`` (one or several lesions of one patient) or to a
         reference ``patient``'s lesions; ``where`` filters reference lesions (expressions, one expression,
@@ -465,10 +479,30 @@ class Reference(ReferenceManifest):
 
         ``space``: ``corrected`` (hub-free: z-scored and locally scaled, see :mod:`..search.correction`), or
         ``raw`` (plain distance on the stored vectors, as published lists were made); the ``space`` column
-        says which answered. The dot score has no corrected space: it answers in ``raw``."""
+        says which answered. The dot score has no corrected space: it answers in ``raw``.
+
+        ``like`` / ``unlike``: hit patients the user marked ("more like these", :mod:`..search.feedback`): the
+        query moves towards the liked and away from the unliked; unliked patients are left out of the answer,
+        liked ones marked ``like`` in its ``feedback`` column.
+
+        ``similar_by``: a label of the reference (``stage``, ``histology``, or a label field): the visual
+        ranking blended with closeness on a direction fitted on the reference's own labels (see
+        :mod:`.label_aware`); the ``similar_by`` column says so. It is not combined with ``like`` / ``unlike``."""
         check_search(embeddings, patient, method)
+        marks = feedback.judged(like, unlike, patient)
         model = self.model_name(model)
         space = resolved_space(space, metric)
+        if similar_by is not None:
+            if marks:
+                raise SimilarPatientsError(
+                    "Search similar by a label or with like / unlike marks, not both at once: the label-aware "
+                    "ranking was measured for the query as given (clear the marks, or choose 'appearance')."
+                )
+            options = {"metric": metric, "where": where, "exclude": exclude, "method": method, "space": space}
+            options.update(progress=progress, query_lesions=query_lesions)
+            return label_aware.search(self, model, similar_by, embeddings, patient, k, **options)
+        if marks:
+            feedback.check_space(space, metric)
         searched = self.space(model, progress, space, metric)
         query_radius = None
         if patient is not None:
@@ -478,6 +512,9 @@ class Reference(ReferenceManifest):
                 query_radius = float(searched.correction.radii[searched.patient_code(str(patient))])
         else:
             query_lesions = query_lesion_names(embeddings, query_lesions)
+        if marks:  # a new query: its radius is measured in its own search
+            embeddings, query_radius = self.feedback_query(model, embeddings, marks), None
+            exclude = [*exclude, *marks.unlike]
         allowed = self.row_mask(model, where) if where else None
         # excluded patients are dropped from the answer, not masked: a mask per query would cost the whole
         # reference; asking for as many more patients as are excluded gives the same k
@@ -495,4 +532,22 @@ class Reference(ReferenceManifest):
         counts = {m.patient: int(searched.lesion_counts[searched.patient_codes[m.row]]) for m in matches}
         recall = index.calibration.recall if index is not None else None
         rows = self.lesion_rows(model, [m.row for m in matches])
-        return hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, space)
+        hits = hit_table(matches, rows, counts, metric, query_lesions, self.label_fields, recall, space)
+        return feedback.marked(hits, marks) if marks else hits
+
+    def feedback_query(self, model: str, embeddings: np.ndarray, marks: feedback.Judged) -> np.ndarray:
+        """``embeddings`` moved by the marked patients (:func:`..search.feedback.moved_query`), in the stored
+        space; a marked patient the model lacks is refused by name."""
+        searched = self.space(model, space=CORRECTED)
+
+        def lesions(patient: str, side: str) -> np.ndarray:
+            if searched.patient_code(patient) is None:
+                raise SimilarPatientsError(
+                    f"Patient {patient} (marked {side}) is not in reference '{self.name}' for model '{model}': "
+                    f"mark patients of this reference's hits."
+                )
+            return self.patient_embeddings(model, patient).vectors
+
+        liked = [lesions(p, "like") for p in marks.like]
+        unliked = [lesions(p, "unlike") for p in marks.unlike]
+        return feedback.moved_query(searched.correction, embeddings, liked, unliked)

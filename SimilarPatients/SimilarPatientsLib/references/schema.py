@@ -37,7 +37,8 @@ UNKNOWN_RECIPE = "unspecified"
 #: Names a search computes for every hit: the hit table's own columns (``references/hits.py``), the closeness
 #: the Slicer module and worker add (``closer_than``), the fused search's columns (``references/fused.py``;
 #: its per-model ``rank_<model>``... are not reserved: a label so named gives way to them, with a warning)
-#: and the working columns of BigQuery's statements (``cloud/sql.py``). A label called so would be read as
+#: the working columns of BigQuery's statements (``cloud/sql.py``) and the corrected space's columns of a
+#: pushed table (``cloud/corrected.py``). A label called so would be read as
 #: the computed value (a wrong distance, rank or viewer link), so none may take one; compared without case,
 #: as BigQuery compares column names.
 RESERVED = (
@@ -58,6 +59,12 @@ RESERVED = (
     "query_row",
     "patient_lesions",
     "nearest_rank",
+    "unscaled",
+    "passes",
+    "patient_radius",
+    "query_radius",
+    "corrected_embedding",
+    "corrected_radius",
 )
 #: Model names a search reads as a fused search of every model (``all``, the Slicer module's choice) or
 #: writes for fused hits (``fused``), in any case (``references/fused.py``): a model so named could not be

@@ -97,7 +97,7 @@ def patient_radii(
     unscaled: EmbeddingSpace, metric: str, progress: ProgressCallback | None = None
 ) -> tuple[np.ndarray, dict, approximate.ApproximateIndex | None]:
     """Every patient's radius in ``unscaled`` (z-scored), how it was measured, and, for a large reference,
-    the graph over the z-scored vectors that measured it (the corrected space's index, once calibrated on it)."""
+    the graph over the z-scored vectors that measured it (whose links the corrected space's index reuses)."""
     patients = len(unscaled.patient_ids)
     k = min(NEIGHBOURS, patients - 1) + 1  # the patient itself comes first
     groups = [unscaled.vectors[unscaled.rows_of(code)] for code in range(patients)]

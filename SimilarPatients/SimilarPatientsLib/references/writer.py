@@ -223,8 +223,8 @@ def _first_answers(staging: Path, folder: str, unscaled: EmbeddingSpace, files: 
     space = spaces.with_radii(unscaled, radii)
     index = None
     if len(space.norms) >= approximate.APPROXIMATE_FROM:
-        # the graph that measured the radii holds the same vectors; below its size they were measured exactly
-        index = graph if graph is not None else approximate.ApproximateIndex.graph(unscaled, METRIC, progress)
+        # the links of the graph that measured the radii, over the rows augmented with them
+        index = approximate.ApproximateIndex.graph(space, METRIC, progress, links=graph)
         index.calibrate(space, progress=progress)
         saved = index.save(staging / folder / approximate.file_name(METRIC, CORRECTED))
         files.update({f"{folder}/{name}": record for name, record in saved.items()})

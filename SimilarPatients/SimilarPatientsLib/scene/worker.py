@@ -11,7 +11,8 @@ The protocol is JSON lines. The client writes one request per line on the worker
 query names several models (``"model": ["CTFM", "Merlin"]``, ``"all"`` or ``"All models (fused)"``), with
 ``"fusion"``, ``"depth"`` and ``"space"`` as :func:`query_image` takes them and ``recipe`` / ``weights`` as mappings
 model → value; each model stays loaded (``prepare`` loads them all). Every hit carries ``closer_than``
-(blank for a BigQuery table; for a fused hit the mean over the models).
+(blank for a BigQuery table; for a fused hit the mean over the models). ``"like"`` / ``"unlike"`` (PatientID
+lists, in a query or a ``neighbors`` request) ask for "more like these" (:mod:`..search.feedback`).
 
 and reads events from its stdout, ending with exactly one ``result`` or ``error`` per request::
 
@@ -33,7 +34,8 @@ idle event loop holds the GIL: such a thread would run only while the GUI's time
 similarity scale ahead of the first search by patient; ``{"op": "import", "name": ..., "source": ...}``
 stores a reference (answer: its ``name``);
 ``{"op": "neighbors", "reference": ..., "model": ..., "patient": ..., "k": ..., "metric": ..., "where": [...]}``
-searches by a reference patient (the fused choice too; answer: ``hits`` with ``closer_than``);
+searches by a reference patient (the fused choice too; answer: ``hits`` with ``closer_than``); with
+``"similar_by": LABEL`` (here and in ``query``), similar with respect to a label of the reference;
 ``{"op": "fetch", "uids": [...], "local_folder": ...}`` or ``{..., "cache_root": ..., "index": ..., "bucket":
 ...}`` puts the series on this machine (the site's DICOM folder, else the verified download cache; answer:
 ``files``, UID → paths). Each streams progress events; a download's are bytes done of the series' size.
@@ -491,6 +493,9 @@ class _Worker:
             fusion=request.get("fusion", "rrf"),
             depth=int(request.get("depth", FUSION_DEPTH)),
             space=request.get("space", CORRECTED),
+            like=request.get("like") or (),
+            unlike=request.get("unlike") or (),
+            similar_by=request.get("similar_by") or None,
         )
         seconds = dict(vars(result.seconds), load=sum(load or 0.0 for load in loads))
         tumors_embedded = result.embeddings[: len(result.embeddings) // max(len(result.models), 1)]
@@ -566,6 +571,10 @@ class _Worker:
         opened = open_reference(request["reference"], ReferenceStore(request.get("home")))
         model, patient, metric = request["model"], request["patient"], request.get("metric", "cosine")
         search = dict(k=int(request.get("k", 5)), metric=metric, where=request.get("where") or None, exclude=[patient])
+        if request.get("like") or request.get("unlike"):  # "more like these"
+            search.update(like=request.get("like") or (), unlike=request.get("unlike") or ())
+        if request.get("similar_by"):
+            search["similar_by"] = request["similar_by"]
         if is_fused(model):
             hits = search_fused(opened, patient=patient, models=model, **search)
             hits = hits.assign(closer_than=hit_closeness(opened, hits, metric))

@@ -9,6 +9,13 @@ is built: a sample of the reference's own lesions is searched both ways, the sea
 recall@k reaches the target, and if no effort does, the index says so and ``auto`` search scans exactly.
 The measured recall is stored beside the index and reported with every approximate result.
 Why FAISS: see docs/search.md.
+
+In the corrected space the graph holds each row augmented with its patient's local-scaling radius
+(:func:`~.correction.local_scaling_rows`) and is searched by inner product, so it proposes candidates in
+the corrected order itself: a graph over the z-scored rows alone proposed them by z-scored distance, and
+missed wide-radius patients whatever its effort (recall 0.987 at 1M rows, docs/benchmarks.md). The
+sidecar names the index's ``geometry``; one built before (a z-scored graph, no geometry named) is never
+searched as a corrected index: :meth:`ApproximateIndex.load` refuses it and the reference rebuilds it.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
 from ..util.atomic import replacing
 from ..util.digests import HashingWriter
-from .correction import Correction
+from .correction import Correction, local_scaling_queries, local_scaling_rows
 from .distances import unit_rows
 from .nearest import EmbeddingSpace, RowMask, nearest_patients, nearest_patients_many
 
@@ -47,12 +55,30 @@ def _faiss():
     return faiss
 
 
-def _prepared(vectors: np.ndarray, metric: str, correction: Correction | None = None) -> np.ndarray:
-    """Rows as the graph holds them: z-scored in a corrected space, unit length for cosine."""
+#: What the graph holds: the stored (or z-scored) vectors, or in a corrected space with local scaling those
+#: vectors augmented with their patient's radius (an inner-product graph in the corrected order).
+PLAIN = "plain"
+LOCAL_SCALING = "local-scaling-inner-product"
+
+
+def _prepared(
+    vectors: np.ndarray, metric: str, correction: Correction | None = None, radii: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows (or, without ``radii``, queries) as the graph holds them: z-scored in a corrected space, unit
+    length for cosine; with local scaling (a ``correction`` with radii) augmented for the inner product."""
     if correction is not None:
         vectors = correction.transformed(vectors)
-    block = np.ascontiguousarray(vectors, dtype=np.float32)
-    return unit_rows(block) if metric == "cosine" else block
+    if metric == "cosine":
+        vectors = unit_rows(np.asarray(vectors, dtype=np.float64 if correction is not None else np.float32))
+    if correction is not None and correction.radii is not None:
+        dim = vectors.shape[1]
+        vectors = (
+            local_scaling_rows(vectors, radii, metric) if radii is not None else local_scaling_queries(vectors, metric)
+        )
+        padded = np.zeros((len(vectors), _graph_dim(dim, metric, True)), dtype=np.float32)
+        padded[:, : vectors.shape[1]] = vectors
+        return padded
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,8 @@ class Calibration:
     queries: int
     breadth: int
     target: float
+    #: what the graph holds (``PLAIN``, ``LOCAL_SCALING``); a sidecar written before it was named is PLAIN
+    geometry: str = PLAIN
 
     @property
     def reached(self) -> bool:
@@ -80,9 +108,9 @@ class Calibration:
 
 class ApproximateIndex:
     """An HNSW graph over one model's vectors for one metric, with its measured recall. In a corrected space
-    the graph holds the z-scored vectors (``correction``: the reference's statistics) and proposes
-    candidates by z-scored distance; the exact stage ranks them by the locally scaled one, and the
-    calibration measures the recall of that ranking."""
+    (``correction``: the reference's statistics) the graph holds the z-scored vectors, augmented with the
+    patients' radii where the space is locally scaled: it then proposes candidates by inner product in the
+    corrected order, and the exact stage ranks them by the locally scaled distance."""
 
     def __init__(
         self, index, metric: str, calibration: Calibration | None = None, correction: Correction | None = None
@@ -91,6 +119,7 @@ class ApproximateIndex:
         self.metric = metric
         self.calibration = calibration
         self.correction = correction
+        self.geometry = LOCAL_SCALING if correction is not None and correction.radii is not None else PLAIN
         #: the search effort (HNSW efSearch) every query uses: the one the calibration settled on
         self.breadth = calibration.breadth if calibration else SEARCH_BREADTHS[0]
 
@@ -108,21 +137,34 @@ class ApproximateIndex:
         return built
 
     @classmethod
-    def graph(cls, space: EmbeddingSpace, metric: str, progress: ProgressCallback | None = None) -> ApproximateIndex:
-        """The graph over ``space``'s vectors, not yet checked (what building the index alone costs)."""
+    def graph(
+        cls,
+        space: EmbeddingSpace,
+        metric: str,
+        progress: ProgressCallback | None = None,
+        links: ApproximateIndex | None = None,
+    ) -> ApproximateIndex:
+        """The graph over ``space``'s vectors, not yet checked (what building the index alone costs). With
+        local scaling, the links are those of a graph over the z-scored vectors (``links``, where one was
+        built to measure the radii, else built now) and the rows it scores are the augmented ones: a graph
+        linked by its own inner product would link every row to the tightest patients (the largest
+        augmented rows) and strand the wide ones."""
         faiss = _faiss()
-        kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-        correction = space.correction
-        index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
-        index.hnsw.efConstruction = BUILD_BREADTH
-        n = space.vectors.shape[0]
-        sample = np.random.default_rng(0).choice(n, size=min(n, _TRAIN_ROWS), replace=False)
-        index.train(_prepared(space.vectors[np.sort(sample)], metric, correction))
-        for start in range(0, n, _ADD_CHUNK):
-            report(progress, start, n, "building the approximate index")
-            index.add(_prepared(space.vectors[start : start + _ADD_CHUNK], metric, correction))
-        report(progress, n, n, "building the approximate index")
-        return cls(index, metric, correction=correction)
+        if not space.scaled:
+            kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
+            index = faiss.IndexHNSWSQ(space.dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, kind)
+            index.hnsw.efConstruction = BUILD_BREADTH
+            _fill(index, space, metric, progress)
+            return cls(index, metric, correction=space.correction)
+        if links is None:
+            links = cls.graph(space.unscaled(), metric, progress)
+        dim = _graph_dim(space.dim, metric, True)
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, GRAPH_DEGREE, faiss.METRIC_INNER_PRODUCT)
+        _fill(index.storage, space, metric, progress)  # the rows alone: no links are made from them
+        index.hnsw = links.index.hnsw  # a copy of the z-scored graph's links and levels
+        index.hnsw.is_similarity = True  # searched by inner product, whatever the links were made with
+        index.ntotal, index.is_trained = index.storage.ntotal, True
+        return cls(index, metric, correction=space.correction)
 
     def calibrate(
         self, space: EmbeddingSpace, target: float = TARGET_RECALL, progress: ProgressCallback | None = None
@@ -149,7 +191,7 @@ class ApproximateIndex:
                 for row in rows
             ]
             recall = float(np.mean([len(a & e) / max(len(e), 1) for a, e in zip(found, exact)]))
-            self.calibration = Calibration(recall, k, len(rows), breadth, target)
+            self.calibration = Calibration(recall, k, len(rows), breadth, target, self.geometry)
             log.info("approximate %s index: recall@%d %.4f at effort %d", self.metric, k, recall, breadth)
             if recall >= target:
                 break
@@ -160,10 +202,24 @@ class ApproximateIndex:
 
     @classmethod
     def load(cls, path: Path, metric: str, correction: Correction | None = None) -> ApproximateIndex:
-        """The index saved at ``path``; ``correction``: the statistics it was built with (corrected space)."""
+        """The index saved at ``path``; ``correction``: the statistics it was built with (corrected space).
+        An index of another geometry than the space's (a corrected index built before the graph held the
+        radii) is refused with :class:`StaleIndex`, never searched."""
         sidecar = calibration_path(path)
         calibration = Calibration(**json.loads(sidecar.read_text(encoding="utf-8"))) if sidecar.is_file() else None
-        return cls(_faiss().read_index(str(path)), metric, calibration, correction)
+        loaded = cls(None, metric, calibration, correction)
+        held = calibration.geometry if calibration is not None else PLAIN
+        if held != loaded.geometry:
+            raise StaleIndex(f"{path.name} holds a graph of geometry '{held}', not '{loaded.geometry}'")
+        loaded.index = _faiss().read_index(str(path))
+        expected = _graph_dim(
+            len(correction.centre) if correction is not None else loaded.index.d,
+            metric,
+            loaded.geometry == LOCAL_SCALING,
+        )
+        if loaded.index.d != expected:
+            raise StaleIndex(f"{path.name} holds vectors of {loaded.index.d} values, not {expected}")
+        return loaded
 
     def save(self, path: Path) -> dict:
         """Write the index and its calibration atomically under names of their own (a crash, or another
@@ -197,6 +253,34 @@ class ApproximateIndex:
         prepared = _prepared(queries32, self.metric, self.correction)
         _, rows = self.index.search(prepared, min(m, self.index.ntotal), params=params)
         return rows
+
+
+def _fill(index, space: EmbeddingSpace, metric: str, progress: ProgressCallback | None) -> None:
+    """Train ``index`` on a seeded sample of ``space``'s rows, then add them all, prepared as the graph
+    holds them."""
+    n = space.vectors.shape[0]
+    radii = space.row_radii if space.scaled else None
+
+    def rows(at) -> np.ndarray:
+        return _prepared(space.vectors[at], metric, space.correction, radii[at] if radii is not None else None)
+
+    sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, _TRAIN_ROWS), replace=False))
+    index.train(rows(sample))
+    for start in range(0, n, _ADD_CHUNK):
+        report(progress, start, n, "building the approximate index")
+        index.add(rows(slice(start, min(n, start + _ADD_CHUNK))))
+    report(progress, n, n, "building the approximate index")
+
+
+class StaleIndex(SimilarPatientsError):
+    """An index file whose geometry is not the one its space searches with (written by an older version)."""
+
+
+def _graph_dim(dim: int, metric: str, scaled: bool) -> int:
+    """How many values a graph row holds: the vector's; with local scaling, plus the radius terms and zeros
+    up to a multiple of 8 (FAISS scores 8-bit codes with SIMD only for such lengths: 513 values searched
+    14 times slower than 520)."""
+    return -(-(dim + (1 if metric == "cosine" else 2)) // 8) * 8 if scaled else dim
 
 
 def file_name(metric: str, space: str = "raw") -> str:

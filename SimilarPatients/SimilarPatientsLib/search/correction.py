@@ -18,7 +18,12 @@ vectors, exactly as the published lists were made.
 
 The statistics are applied without a second copy of the matrix: with ``t = (q − μ)/σ`` and ``w = t/σ``,
 ``((v − μ)/σ)·t = v·w − μ·w``, so a scan costs one product per row, as before, plus a per-row factor
-``1/sqrt(r_p)``.
+``1/sqrt(r_p)``; the float64 re-ranking uses the same products and the stored z-scored norms
+(:func:`corrected_distances`).
+
+For a fixed query ``r_q`` is common to every patient, so the ranking is by ``d(q, p)/sqrt(r_p)`` alone, and
+that is an inner product: :func:`local_scaling_rows` and :func:`local_scaling_queries` make the vectors an
+approximate index holds and asks with, so that its graph proposes candidates in the corrected order itself.
 """
 
 from __future__ import annotations
@@ -77,6 +82,54 @@ class Correction:
 
     def without_radii(self) -> Correction:
         return Correction(self.centre, self.scale, None, self.neighbours, self.norm_ratio)
+
+
+def corrected_distances(
+    correction: Correction, vectors: np.ndarray, norms: np.ndarray, queries: np.ndarray, metric: str
+) -> np.ndarray:
+    """Float64 z-scored distances (len(vectors), q) of stored ``vectors`` (raw rows, with their stored
+    z-scored ``norms``) to raw ``queries``, not yet locally scaled: the products ``v·w − μ·w`` as the scan
+    forms them, so no row is z-scored; euclidean near-duplicates, where the expansion cancels, are
+    recomputed directly."""
+    transformed = correction.transformed(queries)
+    weights = transformed / correction.scale
+    products = np.asarray(vectors, dtype=np.float64) @ weights.T - (weights @ correction.centre)[None, :]
+    query_norms = np.linalg.norm(transformed, axis=1)
+    if metric == "cosine":  # a zero row, or a query at the reference mean, is at distance 1
+        denominator = norms[:, None] * query_norms[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return 1.0 - np.where(denominator > 0, products / denominator, 0.0)
+    squares = (norms * norms)[:, None]
+    squared = squares + (query_norms * query_norms)[None, :] - 2.0 * products
+    for i, j in zip(*np.nonzero(squared < 1e-6 * (squares + 1.0))):
+        squared[i, j] = float(((correction.transformed(vectors[i : i + 1])[0] - transformed[j]) ** 2).sum())
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def local_scaling_rows(transformed: np.ndarray, radii: np.ndarray, metric: str) -> np.ndarray:
+    """Z-scored rows (unit length for cosine) as an inner-product index holds them, given each row's
+    patient's radius: their product with :func:`local_scaling_queries` falls as the locally scaled distance
+    grows, so the largest products are the nearest patients in the corrected space (the query's own radius
+    is common to all rows and changes no order).
+
+    cosine: ``[v̂, −1]/sqrt(r)`` (product ``(t̂·v̂ − 1)/sqrt(r) = −d/sqrt(r)``); euclidean:
+    ``[−1, 2v, −|v|²]/r`` (product ``−|t − v|²/r``)."""
+    x = np.asarray(transformed, dtype=np.float64)
+    radii = np.asarray(radii, dtype=np.float64)[:, None]
+    ones = np.ones((len(x), 1))
+    if metric == "cosine":
+        return np.hstack([x, -ones]) / np.sqrt(radii)
+    return np.hstack([-ones, 2.0 * x, -(x * x).sum(axis=1, keepdims=True)]) / radii
+
+
+def local_scaling_queries(transformed: np.ndarray, metric: str) -> np.ndarray:
+    """Z-scored queries (unit length for cosine) as an index over :func:`local_scaling_rows` is asked:
+    cosine ``[t̂, 1]``, euclidean ``[|t|², t, 1]``."""
+    t = np.asarray(transformed, dtype=np.float64)
+    ones = np.ones((len(t), 1))
+    if metric == "cosine":
+        return np.hstack([t, ones])
+    return np.hstack([(t * t).sum(axis=1, keepdims=True), t, ones])
 
 
 def scale_of(variance: np.ndarray) -> np.ndarray:

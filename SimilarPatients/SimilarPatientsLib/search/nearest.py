@@ -7,7 +7,8 @@ A patient's distance is that of their nearest pair of (query lesion, reference l
 
 A space may carry a :class:`~.correction.Correction` (the corrected space): the scan then scores z-scored
 vectors through the stored matrix (``v·w − μ·w``) and multiplies each row's score by its patient's local-scaling
-factor, with the rounding bound widened to match; the float64 stage ranks by the corrected distance.
+factor, with the rounding bound widened to match; the float64 stage ranks by the corrected distance, from
+the same products and the stored z-scored norms.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import SimilarPatientsError
 from ..progress import ProgressCallback, report
-from .correction import Correction, radius_of
+from .correction import Correction, corrected_distances, radius_of
 from .distances import check_metric, pairwise_distances
 
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -154,10 +155,11 @@ def check_queries(dim: int, queries: np.ndarray, metric: str) -> np.ndarray:
 
 def exact_distances(space: EmbeddingSpace, rows: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
     """Float64 distances (len(rows), q) between reference ``rows`` and float64 ``queries`` (z-scored, in a
-    corrected space; not yet locally scaled)."""
+    corrected space, from the stored rows and z-scored norms as the scan scores them; not yet locally
+    scaled)."""
     vectors = np.asarray(space.vectors[rows], dtype=np.float64)
     if space.correction is not None:
-        vectors, queries = space.correction.transformed(vectors), space.correction.transformed(queries)
+        return corrected_distances(space.correction, vectors, space.norms[rows], queries, metric)
     return pairwise_distances(vectors, queries, metric)
 
 
@@ -296,7 +298,8 @@ def own_radius(
     progress: ProgressCallback | None = None,
 ) -> float:
     """A query's radius in a space with local scaling: its distance to its ``neighbours``-th nearest
-    patient in the z-scored space, over the whole reference."""
+    patient in the z-scored space, over the whole reference (with an index, among the patients it
+    proposes in the corrected order: at least the exact radius, and on most queries equal to it)."""
     plain = space.unscaled()
     matches = nearest_patients(plain, queries, space.correction.neighbours, metric, None, candidates, progress)
     return radius_of(np.array([m.distance for m in matches]), space.correction.neighbours)

@@ -37,7 +37,7 @@ NLST_DOWNLOAD = "13.6 MB for six models' files, about 40 MB more for FMCIB, Mode
 
 log = logging.getLogger(__name__)
 #: The actions the widget enables or disables as :meth:`ModuleController.actions` says.
-ACTIONS = ("import", "find", "find_image", "load", "clear_cache")
+ACTIONS = ("import", "find", "find_image", "load", "clear_cache", "like", "unlike", "more")
 #: Matches shown beside the query at most (the layout's limit).
 MAX_LOADED = 8
 K_RANGE = (1, 100)
@@ -52,11 +52,21 @@ class Inputs:
     k: int = 5
     metric: str = "cosine"
     filters: str = ""
+    similar_by: str = ""  #: a label to be similar with respect to; "" for appearance alone
     patient: str = ""
     volume: object = None  #: the CT volume node
     tumor: object = None  #: a segmentation, point list or ROI node
     segment: str | None = None  #: the segment of ``tumor`` (a segmentation), or None for each of its segments
     selected_rows: Sequence[int] = field(default_factory=list)
+
+
+#: The "Similar with respect to" choice that blends in no label.
+APPEARANCE = "appearance"
+
+
+def similar_by_choice(text: str) -> str:
+    """The ``similar_by`` of the choice shown as ``text`` ("" for appearance alone)."""
+    return "" if text in ("", APPEARANCE) else text
 
 
 class View(Protocol):
@@ -109,6 +119,10 @@ class ModuleController:
         self.hits = None  #: the last search's hit table
         self.image_hits = False  #: whether those hits answer an image query (only those can be loaded beside it)
         self.reference = ""  #: the reference those hits come from
+        #: "more like these": PatientID -> "like" / "unlike", the marks given since the last new search (an
+        #: unliked patient stays marked, so that no later round shows it again)
+        self.marks: dict = {}
+        self._searched: Inputs | None = None  # what the last new search was asked with
         self._task: Generator | None = None
         self._task_on_scene = False  # whether the running task reads or adds scene nodes
         self._running: str | None = None  # the action whose task runs (its button is the Cancel)
@@ -131,7 +145,10 @@ class ModuleController:
         if self.busy:
             return {action: action == self._running and not self._cancel_asked for action in ACTIONS}
         enabled = dict.fromkeys(ACTIONS, True)
-        enabled["load"] = self.image_hits and self.hits is not None and len(self.hits) > 0
+        shown = self.hits is not None and len(self.hits) > 0
+        enabled["load"] = self.image_hits and shown
+        enabled["like"] = enabled["unlike"] = shown
+        enabled["more"] = shown and bool(self.marks)
         return enabled
 
     def poll(self, timeout: float = 0.0) -> None:
@@ -222,6 +239,7 @@ class ModuleController:
             self.view.show_error(str(error))
             return
         self.view.show_models(choices.names, model if model in choices.names else choices.preferred, choices.tooltips)
+        self.view.show_similar_by(*self.logic.similar_by_choices(reference))
 
     def reference_chosen(self, inputs: Inputs) -> None:
         self.refresh_models(inputs.reference, inputs.model, chosen=True, metric=inputs.metric)
@@ -285,9 +303,41 @@ class ModuleController:
         self.view.show_status("NLST-Sybil imported: choose a model and search.")
 
     def find_by_patient(self, inputs: Inputs) -> None:
+        if not self.busy:  # a new search: its marks start empty
+            self.marks, self._searched = {}, inputs
         self._run("find", "Searching", self._find_by_patient, inputs)
 
-    def _find_by_patient(self, inputs: Inputs):
+    def mark(self, rows: Sequence[int], side: str | None) -> None:
+        """Mark result rows ``like`` or ``unlike`` (None clears their marks) for "more like these"."""
+        if side not in ("like", "unlike", None) or self.hits is None or self.busy:
+            return
+        for row in rows:
+            if 0 <= row < len(self.hits):
+                patient = str(self.hits["PatientID"].iloc[row])
+                if side is None:
+                    self.marks.pop(patient, None)
+                else:
+                    self.marks[patient] = side
+        self._show_table()
+        self._enable()
+
+    def more_like_these(self) -> None:
+        """Search again from the last search's query, moved towards the liked results and away from the unliked
+        (all marks since that search); the unliked are not shown again."""
+        on_scene = self.image_hits
+        self._run("more", "Searching for more like these", self._more_like_these, on_scene=on_scene)
+
+    def _more_like_these(self):
+        like = [p for p, side in self.marks.items() if side == "like"]
+        unlike = [p for p, side in self.marks.items() if side == "unlike"]
+        if self._searched is None or not (like or unlike):
+            raise SimilarPatientsError("Mark results as like or unlike first (select rows, then Like or Unlike).")
+        if self.image_hits:
+            yield from self._find_from_image(self._searched, like, unlike)
+        else:
+            yield from self._find_by_patient(self._searched, like, unlike)
+
+    def _find_by_patient(self, inputs: Inputs, like=(), unlike=()):
         self._check_search(inputs)
         if not inputs.patient.strip():
             raise SimilarPatientsError("Type the ID of a patient of the reference to search by patient.")
@@ -301,13 +351,32 @@ class ModuleController:
             inputs.metric,
             filter_terms(inputs.filters),
             self._progress,
+            like,
+            unlike,
+            **self._similar_by(inputs),
         )
         self._show_hits(self.logic.hit_table(answer), inputs.reference, from_image=False)
 
+    @staticmethod
+    def _similar_by(inputs: Inputs) -> dict:
+        """``{"similar_by": label}`` for a label-aware search (refused with several models), else nothing."""
+        from ..references.fused import is_fused
+
+        if not inputs.similar_by:
+            return {}
+        if is_fused(inputs.model):
+            raise SimilarPatientsError(
+                f"Similar with respect to {inputs.similar_by} searches with one model: choose one model, or "
+                f"'{APPEARANCE}' to search with all of them."
+            )
+        return {"similar_by": inputs.similar_by}
+
     def find_from_image(self, inputs: Inputs) -> None:
+        if not self.busy:
+            self.marks, self._searched = {}, inputs
         self._run("find_image", "Finding similar patients", self._find_from_image, inputs, on_scene=True)
 
-    def _find_from_image(self, inputs: Inputs):
+    def _find_from_image(self, inputs: Inputs, like=(), unlike=()):
         from ..scene.worker import ImageNotHeld
 
         self._check_search(inputs)
@@ -341,11 +410,13 @@ class ModuleController:
         self._progress(0, 0, f"starting the query worker and loading {model}")
         files = self.logic.write_query(inputs.volume, **tumor_marks(inputs.tumor, inputs.segment))
         search = (inputs.reference, model, inputs.k, inputs.metric, filter_terms(inputs.filters), self._progress)
+        search += (like, unlike)
+        label = self._similar_by(inputs)
         try:
             try:
-                result = yield self.logic.start_query(files, *search)
+                result = yield self.logic.start_query(files, *search, **label)
             except ImageNotHeld:  # a new worker, or another CT since: send the voxels
-                result = yield self.logic.start_query(self.logic.with_image(files), *search)
+                result = yield self.logic.start_query(self.logic.with_image(files), *search, **label)
         finally:
             files.remove()
         self._warmed = (inputs.reference, model, inputs.metric)
@@ -576,12 +647,18 @@ class ModuleController:
 
     def _show_hits(self, hits, reference: str, from_image: bool) -> None:
         self.hits, self.image_hits, self.reference = hits, from_image, reference
-        self.view.show_results(results_table(hits, self.logic.display_fields(reference)))
+        self._show_table()
         if len(hits):
-            self.view.show_status(f"{len(hits)} patients. Double-click a row to open it in the IDC viewer.")
+            self.view.show_status(
+                f"{len(hits)} patients. Double-click a row to open it in the IDC viewer; mark rows Like / Unlike "
+                f"and press More like these to search again."
+            )
         else:
             self.view.show_status("No patient of the reference passes the filters.")
         self._enable()
+
+    def _show_table(self) -> None:
+        self.view.show_results(results_table(self.hits, self.logic.display_fields(self.reference), self.marks))
 
     def _guarded(self, call):
         """``call()``'s value, or None after showing its error (settings edits, not tasks)."""

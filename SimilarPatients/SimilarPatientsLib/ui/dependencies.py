@@ -72,6 +72,7 @@ IMAGE = (
     Requirement("einops", "0.7", "einops"),
     Requirement("safetensors", "0.4", "safetensors"),
     Requirement("huggingface-hub", "0.36", "huggingface_hub"),  # weights on the Hugging Face hub
+    Requirement("pooch", "1.8", "pooch"),  # weights at plain URLs (Zenodo, NVIDIA)
 )
 #: Loading matches from IDC's public buckets. Every idc-index below 0.13 pins ``pandas<=2.2.4`` (and 0.9-0.11
 #: ``duckdb<=1.2.1`` and Sphinx): on Python >= 3.10 the floor 0.13 keeps pip from ever reaching back to one

@@ -122,6 +122,22 @@ class ModuleLogic:
             preferred = FUSED_CHOICE if advice.default else preferred
         return ModelChoices(names, tooltips, preferred)
 
+    def similar_by_choices(self, reference: str) -> tuple[list, dict]:
+        """The "Similar with respect to" choices of ``reference`` and a tooltip each: appearance, then the
+        labels a label-aware search accepts there (none for a BigQuery reference: the fit is kept with a
+        stored one)."""
+        from ..cloud import is_bigquery
+        from ..references import label_aware
+        from .controller import APPEARANCE
+
+        tooltips = {APPEARANCE: "How the tumors look, alone (the corrected visual distance)."}
+        if not reference or is_bigquery(reference):
+            return [APPEARANCE], tooltips
+        labels = label_aware.offered_labels(self.open(reference))
+        for name in labels:
+            tooltips[name] = label_aware.describe(name)
+        return [APPEARANCE, *labels], tooltips
+
     def models_of(self, reference: str, choice: str) -> list:
         """The models a choice of the model list runs: every model of the reference for the fused choice."""
         from ..references.fused import fused_models, is_fused
@@ -181,20 +197,39 @@ class ModuleLogic:
         """Import the NLST-Sybil reference (a local copy, or a verified download), in the worker."""
         return self.worker("jobs").submit("import", progress, name=NLST, source=NLST)
 
-    def start_neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None):
+    def start_neighbors(
+        self,
+        reference,
+        model,
+        patient,
+        k=5,
+        metric="cosine",
+        where=None,
+        progress=None,
+        like=(),
+        unlike=(),
+        similar_by=None,
+    ):
         """A reference patient's nearest patients, each with its similarity (closeness percentile), searched by
         the worker; for the fused choice, ranked by every model together, with each model's rank. A BigQuery
-        reference is refused unless BigQuery searches are allowed."""
+        reference is refused unless BigQuery searches are allowed. ``like`` / ``unlike``: hits marked ("more
+        like these"); ``similar_by``: a label for a label-aware search."""
         from ..cloud import is_bigquery
 
         if is_bigquery(reference) and not self.settings.bigquery_allowed:
             self.open(reference)  # refused, with the reason
         fields = dict(reference=reference, model=model, patient=patient, k=int(k), metric=metric)
+        fields.update(like=list(like), unlike=list(unlike))
+        if similar_by:
+            fields["similar_by"] = similar_by
         return self.worker("jobs").submit("neighbors", progress, where=list(where or []), **fields)
 
-    def neighbors(self, reference, model, patient, k=5, metric="cosine", where=None, progress=None, cancelled=None):
-        """The Python console's call: :meth:`start_neighbors`, waited for, as the library's hit table."""
-        job = self.start_neighbors(reference, model, patient, k, metric, where, progress)
+    def neighbors(
+        self, reference, model, patient, k=5, metric="cosine", where=None, progress=None, cancelled=None, **options
+    ):
+        """The Python console's call: :meth:`start_neighbors`, waited for, as the library's hit table
+        (``options``: ``like`` / ``unlike`` marks, ``similar_by=LABEL`` for a label-aware search)."""
+        job = self.start_neighbors(reference, model, patient, k, metric, where, progress, **options)
         return self.hit_table(job.wait(cancelled))
 
     @staticmethod
@@ -324,8 +359,22 @@ class ModuleLogic:
         sitk.WriteImage(nodes.volume_image(volume), path, False)
         return path
 
-    def start_query(self, files: QueryFiles, reference, model, k=5, metric="cosine", where=None, progress=None):
-        """Send the image query to the worker (the worker downloads missing weights, with progress)."""
+    def start_query(
+        self,
+        files: QueryFiles,
+        reference,
+        model,
+        k=5,
+        metric="cosine",
+        where=None,
+        progress=None,
+        like=(),
+        unlike=(),
+        similar_by=None,
+    ):
+        """Send the image query to the worker (the worker downloads missing weights, with progress); ``like`` /
+        ``unlike``: hits marked ("more like these"); ``similar_by``: a label for a label-aware search."""
+        label = {"similar_by": similar_by} if similar_by else {}
         return self.worker().submit(
             "query",
             progress,
@@ -339,6 +388,9 @@ class ModuleLogic:
             where=list(where or []),
             weights=self._weights(reference, model),
             thumbnail_folder=str(self.thumbnail_folder()),
+            like=list(like),
+            unlike=list(unlike),
+            **label,
         )
 
     def query_answered(self, files: QueryFiles, result: dict):

@@ -13,6 +13,7 @@ HEADERS = {
     "distance": "Distance",
     "collection_id": "Collection",
     "series_size_MB": "Series MB",
+    "mark": "Mark",
 }
 
 
@@ -24,14 +25,17 @@ class ResultsTable:
     rows: list
 
 
-def results_table(hits, display_fields) -> ResultsTable:
-    """The hit table's rank, patient, similarity, each model's rank for a fused search (so a clinician sees
-    which models agree), distance, the reference's display fields, collection and series size, as text."""
+def results_table(hits, display_fields, marks=None) -> ResultsTable:
+    """The hit table's rank, patient, the user's like / unlike mark (``marks``: PatientID -> mark; the
+    column only where something is marked), similarity, each model's rank for a fused search (so a clinician
+    sees which models agree), distance, the reference's display fields, collection and series size, as text."""
     from ..references.fused import rank_labels
 
     ranks = rank_labels(hits)
     shown = hits.assign(**{f"{model} rank": ranks[model] for model in ranks.columns})
-    wanted = ["rank", "PatientID", "closer_than", *(f"{m} rank" for m in ranks.columns), "distance"]
+    if marks:
+        shown = shown.assign(mark=[marks.get(str(p)) for p in shown["PatientID"]])
+    wanted = ["rank", "PatientID", "mark", "closer_than", *(f"{m} rank" for m in ranks.columns), "distance"]
     wanted += [*display_fields, "collection_id", "series_size_MB"]
     columns = [c for c in dict.fromkeys(wanted) if c in shown.columns]
     rows = [[cell_text(name, record[name]) for name in columns] for record in shown.to_dict("records")]

@@ -30,6 +30,7 @@ EXTRAS = {
             "highdicom": "highdicom",
             "safetensors": "safetensors",
             "huggingface-hub": "huggingface_hub",
+            "pooch": "pooch",
         },
     ),
     "download": ("downloading matched series from IDC", {"idc-index": "idc_index"}),
