@@ -855,3 +855,19 @@ def test_contract_a_re_push_with_other_statistics_replaces_the_statistics_table(
     assert sorted(manifest["corrected"]["models"]) == ["CTFM", "PASTA"] and server.violations == []
     for path in [table.path, *second]:
         del server.tables[path]
+
+
+def test_contract_a_failed_push_leaves_no_statistics_table_that_no_table_names(nlst, server, client):
+    """The statistics load before the replace: when the replace fails, the statistics it wrote go too, and the
+    table that stays keeps its own."""
+    table = parse_table(f"{PROJECT}.embeddings.failedstatistics")
+    push(nlst, table, client, models=["CTFM"])
+    kept = [p for p in server.tables if p.startswith(f"{table.path}__space_")]
+    server.fail("POST jobs", 403, "quotaExceeded", "simulated quota during CREATE OR REPLACE TABLE")
+    with pytest.raises(SimilarPatientsError, match="quota exceeded"):
+        push(nlst, table, client, models=["CTFM", "PASTA"])
+    assert [p for p in server.tables if p.startswith(f"{table.path}__space_")] == kept and not server.failures
+    manifest = json.loads(server.tables[table.path]["description"])["similar_patients"]
+    assert kept == [f"{PROJECT}.embeddings.{manifest['corrected']['table']}"] and server.violations == []
+    for path in [table.path, *kept]:
+        del server.tables[path]

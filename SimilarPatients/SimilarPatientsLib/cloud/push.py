@@ -236,6 +236,7 @@ def push(
     parquet = module.ParquetOptions()
     parquet.enable_list_inference = True
     config.parquet_options = parquet
+    space, replaced = None, False
     try:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "reference.parquet"
@@ -268,9 +269,13 @@ def push(
             config = module.QueryJobConfig(maximum_bytes_billed=limit)
             text = replace_statement(destination, staging, description(reference, models, space=space))
             client.query(text, job_config=config).result()
+            replaced = True
     finally:
         with bq.translated(destination):
             client.delete_table(staging.path, not_found_ok=True)
+            if space is not None and not replaced and space["table"] != previous:
+                # statistics no table names: a failed push leaves none behind (the old table keeps its own)
+                client.delete_table(destination.beside(space["table"]).path, not_found_ok=True)
     if previous is not None and previous != space["table"]:
         with bq.translated(destination):
             client.delete_table(destination.beside(previous).path, not_found_ok=True)
