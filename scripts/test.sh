@@ -42,7 +42,7 @@ pending=(full-lane slicer-5.8-installed slicer-5.8 slicer-5.10-installed slicer-
     slicer-5.12 pandas-versions)
 jobs=${SIMILARPATIENTS_JOBS:-$(nproc)}
 mkdir -p .lanes/logs
-declare -A name_of started_at
+declare -A name_of=() started_at=()
 failed=()
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 while [ ${#pending[@]} -gt 0 ] || [ ${#name_of[@]} -gt 0 ]; do
