@@ -59,7 +59,7 @@ def _page_data(path) -> dict:
 
 
 def test_map_layers_hold_every_lesion_and_real_nearest_edges(reference):
-    the_map = embedding_map.build(reference, method="pca", graph=3, neighbours=4)
+    the_map = embedding_map.build(reference, method="pca", graph=3, neighbours=4, space="raw")
     assert [layer.model for layer in the_map.layers] == ["A", "B"]
     for layer in the_map.layers:
         lesions = reference.lesions(layer.model)
@@ -73,8 +73,34 @@ def test_map_layers_hold_every_lesion_and_real_nearest_edges(reference):
         got = layer.edges.reshape(len(lesions), 3, 2)
         assert (got[:, :, 0] == np.arange(len(lesions))[:, None]).all()
         assert np.array_equal(got[:, :, 1], expected)  # the high-dimensional neighbours, not the 2-D ones
-        hits = reference.search(layer.model, patient="P007", k=4, exclude=["P007"])
+        hits = reference.search(layer.model, patient="P007", k=4, exclude=["P007"], space="raw")
         assert layer.neighbours["P007"] == hits.PatientID.tolist()
+
+
+def test_the_default_map_is_drawn_in_the_space_the_search_ranks_in(reference):
+    """Layout of the z-scored vectors; each lesion's edges in the locally scaled order, so that a patient's
+    nearest edge leads to the patient the default search ranks first; the search box's neighbours are the
+    default search's."""
+    the_map = embedding_map.build(reference, method="pca", graph=3, neighbours=4)
+    assert the_map.space == "corrected" and page.page_data(the_map)["space"] == "corrected"
+    for layer in the_map.layers:
+        lesions = reference.lesions(layer.model)
+        space = reference.space(layer.model, space="corrected")
+        vectors = space.correction.transformed(space.vectors)
+        patients = lesions.PatientID.to_numpy()
+        scaled = pairwise_distances(vectors, vectors, "cosine") / np.sqrt(space.row_radii)[None, :]
+        scaled[patients[:, None] == patients[None, :]] = np.inf
+        expected = np.argsort(scaled, axis=1, kind="stable")[:, :3]
+        assert np.array_equal(layer.edges.reshape(len(lesions), 3, 2)[:, :, 1], expected)
+        assert not np.array_equal(
+            layer.xy, embedding_map.build(reference, [layer.model], "pca", space="raw").layers[0].xy
+        )
+        for patient in np.unique(patients):
+            own = np.flatnonzero(patients == patient)
+            nearest = expected[own, 0][np.argmin(scaled[own, expected[own, 0]])]
+            hits = reference.search(layer.model, patient=patient, k=4, exclude=[patient])
+            assert patients[nearest] == hits.PatientID.iloc[0]
+            assert layer.neighbours[str(patient)] == hits.PatientID.tolist()
 
 
 def test_page_holds_every_point_and_url_and_needs_no_network(reference, tmp_path):
@@ -191,5 +217,9 @@ def test_explore_command(reference, tmp_path, monkeypatch, capsys):
     assert code == 0
     assert "Map of 1 model(s)" in capsys.readouterr().out
     assert _page_data(out)["colorBy"] == "group" and (tmp_path / "maps" / "map.png").exists()
+    assert _page_data(out)["space"] == "corrected"
+    assert main(["explore", "--reference", "synthetic", "--model", "B", "--method", "pca", "--space", "raw",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert _page_data(out)["space"] == "raw"
     assert main(["explore", "--reference", "synthetic", "--color-by", "nope", "--out", str(out)]) == 2
     assert "Cannot colour by 'nope'" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..maps import projection
 from ..references.store import ReferenceStore
+from ..search.correction import CORRECTED, SPACES
 from .progress import Bars
 
 
@@ -15,6 +16,13 @@ def add(verbs) -> None:
     explore.add_argument("--model", nargs="+", metavar="MODEL", help="models to map (default: all)")
     explore.add_argument("--method", choices=projection.METHODS, default="umap", help="2-D projection (default umap)")
     explore.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    explore.add_argument(
+        "--space",
+        choices=SPACES,
+        default=CORRECTED,
+        help="corrected (default: the z-scored vectors laid out, edges and neighbours by the search's hub-free "
+        "distance), or raw (the stored vectors and plain distances)",
+    )
     explore.add_argument(
         "--color-by", metavar="FIELD", help="label field to colour by (default: the reference's first display field)"
     )
@@ -46,6 +54,7 @@ def run(args, store: ReferenceStore, progress: Bars) -> None:
         args.model,
         method=args.method,
         metric=args.metric,
+        space=args.space,
         color_by=args.color_by,
         graph=args.graph,
         neighbours=args.neighbors,

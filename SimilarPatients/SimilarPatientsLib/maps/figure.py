@@ -70,7 +70,7 @@ def write(embedding_map: EmbeddingMap, out: Path, dpi: int = 200) -> Path:
             handles.append(plt.Line2D([], [], marker="o", linestyle="", color=PALETTE[-1], label="other"))
         figure.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
     figure.suptitle(
-        f"{embedding_map.reference}: {embedding_map.method.upper()} of lesion embeddings"
+        f"{embedding_map.reference}: {embedding_map.method.upper()} of lesion embeddings ({embedding_map.space} space)"
         + (f", coloured by {field}" if field else ""),
         fontsize=11,
     )

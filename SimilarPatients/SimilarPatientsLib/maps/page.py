@@ -71,6 +71,7 @@ def page_data(embedding_map: EmbeddingMap) -> dict:
         "reference": embedding_map.reference,
         "method": embedding_map.method,
         "metric": embedding_map.metric,
+        "space": embedding_map.space,
         "colorBy": embedding_map.color_by,
         "fields": embedding_map.label_fields,
         "numeric": numeric,
@@ -177,7 +178,8 @@ function traces() {
   if (state.edges && m.edges.length) {
     const x = [], y = [];
     m.edges.forEach(([a, b]) => { x.push(m.x[a], m.x[b], null); y.push(m.y[a], m.y[b], null); });
-    out.push({ type: "scatter", mode: "lines", name: "nearest lesions (" + data.metric + ")", x: x, y: y,
+    out.push({ type: "scatter", mode: "lines", name: "nearest lesions (" + data.metric + ", " + data.space + ")",
+               x: x, y: y,
                hoverinfo: "skip", line: { color: "rgba(90,90,90,0.25)", width: 0.7 } });
   }
   const all = m.rows.map((_, i) => i);
@@ -221,7 +223,8 @@ function layout() {
   const scale = Boolean(state.color && data.numeric[state.color]);
   const legend = scale ? { itemsizing: "constant", orientation: "h", x: 0, y: -0.02, yanchor: "top" }
                        : { itemsizing: "constant" };
-  return { title: { text: m.name + " — " + data.method.toUpperCase() + " of " + m.rows.length + " lesions",
+  return { title: { text: m.name + " — " + data.method.toUpperCase() + " of " + m.rows.length + " lesions (" +
+                            data.space + " space)",
                     font: { size: 14 } },
            hovermode: "closest", margin: { l: 20, r: 20, t: 40, b: 20 }, legend: legend,
            xaxis: { showticklabels: false, zeroline: false, showgrid: false },
@@ -240,7 +243,7 @@ function search(patient) {
     const neighbours = m.neighbours[patient] || [];
     state.highlight = { patient: patient, neighbours: neighbours };
     statusLine.textContent = "Patient " + patient + " — nearest patients in " + m.name + " (" + data.metric +
-      "): " + (neighbours.join(", ") || "none");
+      ", " + data.space + " space): " + (neighbours.join(", ") || "none");
   }
   return draw();
 }
