@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -92,10 +93,14 @@ def test_demo_prints_every_model_and_a_reading(on_nlst, capsys):
     assert out.startswith("Query patient 100158 (NLST-Sybil): histology Adenocarcinoma, NOS, stage IA")
     for model in ("CTClipVit", "CTFM", "Merlin", "PASTA", "SUPREME", "VISTA3D"):
         assert f"== {model}: 5 nearest patients" in out
-    assert out.count("https://viewer.imaging.datacommons.cancer.gov/v3/viewer/") == 30
+    assert "viewer.imaging.datacommons" not in out  # compact: the 200-character links only with --urls
     for block in out.split("== ")[1:]:  # distances with enough digits to tell the neighbours apart
-        distances = [line.split()[-2] for line in block.splitlines()[2:7]]
+        assert block.splitlines()[1].split()[:5] == ["rank", "PatientID", "closer", "than", "distance"], block
+        rows = [line.split() for line in block.splitlines()[2:7]]
+        assert all(re.fullmatch(r"\d+%", row[2]) for row in rows), block  # comparable across models
+        distances = [row[3] for row in rows]
         assert len(set(distances)) == len(set(map(float, distances))), block
+    assert "closer than N%: nearer than N% of this reference's nearest matches" in out
     assert out.count("(cosine distance, corrected space)") == 6  # the default, hub-free space (search.md)
     reading = out.strip().splitlines()[-1]
     assert reading.startswith("Across 6 models, the top-5 lists for patient 100158 share on average")
@@ -103,6 +108,8 @@ def test_demo_prints_every_model_and_a_reading(on_nlst, capsys):
     # the correlation is of this patient's distances to the others, and says so (not "over all patients")
     assert "Ranking every other patient by distance to patient 100158, the models agree at a mean Spearman" in reading
     assert "over all patients" not in reading.lower()
+    assert main(["demo", "--urls"]) == 0
+    assert capsys.readouterr().out.count("https://viewer.imaging.datacommons.cancer.gov/v3/viewer/") == 30
 
 
 def test_module_entry_point_runs_without_network_at_import(on_nlst):

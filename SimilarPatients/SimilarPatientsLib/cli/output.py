@@ -25,6 +25,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: Columns a person reads in a hit table; the rest are in --json and --csv. "closer than" is the distance
 #: placed among the reference's nearest matches, comparable across models (their distances are not).
 HUMAN_HIT_COLUMNS = ["rank", schema.PATIENT, "closer than", "distance", "lesions", schema.COLLECTION]
+#: What the "closer than" column means, printed under the tables that show it.
+CLOSENESS_LEGEND = "closer than N%: nearer than N% of this reference's nearest matches (comparable across models)"
 
 
 def add_output_options(parser) -> None:
@@ -119,7 +121,7 @@ def print_hits(
     if feedback.COLUMN in hits.columns:
         print("feedback: the query moved towards the liked patients (marked like) and away from the unliked (left out)")
     if len(hits) and hits["closer than"].notna().any():
-        print("closer than N%: nearer than N% of this reference's nearest matches (comparable across models)")
+        print(CLOSENESS_LEGEND)
     if "notes" in hits.attrs:  # a BigQuery search: what it billed, how it searched
         for note in hits.attrs["notes"]:
             print(f"note: {note}")
